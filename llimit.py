@@ -1,0 +1,3566 @@
+#!/usr/bin/env python3
+"""llimit: an LLM cost gateway in one file.
+
+llimit hands out its own API keys, forwards OpenAI-compatible, Azure OpenAI and
+Anthropic calls (streaming included) to the right upstream with the real
+upstream key, meters every call's tokens and cost into SQLite, and enforces
+budgets, quotas and rate limits per project, user and key.
+
+Run it with ``python llimit.py`` (the same as ``python llimit.py serve``): it
+serves on 127.0.0.1:8000 with ./llimit.db. Every setting is an environment
+variable ``LLIMIT_*`` with a matching flag (``python llimit.py serve --help``);
+README.md documents them all, and the public surface is in CONTRACT.md.
+
+Prompts and completions pass through; they are never stored or logged.
+"""
+
+__version__ = "0.1.0"
+
+import argparse
+import base64
+import csv
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import io
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import signal
+import sqlite3
+import sys
+import threading
+import time
+import urllib.parse
+
+import bottle
+import requests
+import sseclient
+import waitress
+
+log = logging.getLogger("llimit")
+
+UTC = dt.timezone.utc
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# Ahead of the sections because every one of them raises it: the one error
+# type of llimit, which make_app turns into OpenAI's error shape (or a page).
+class LlimitError(Exception):
+    """An error llimit answers itself: HTTP status, OpenAI error type, message."""
+
+    def __init__(self, status, error_type, message, code=None, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.code = code or error_type
+        self.headers = headers or {}
+
+    def body(self):
+        """The OpenAI-shaped JSON error object."""
+        return {"error": {"message": self.message, "type": self.error_type,
+                          "param": None, "code": self.code}}
+
+
+# =============================================================================
+# 1. Config
+#    Every setting: its environment variable, its flag, its default, in one
+#    table. `load_config` turns argv and environ into one frozen `Config`.
+#    Reads nothing else; validates values so a typo fails at start, not later.
+# =============================================================================
+
+def _csv_list(value):
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _bool(value):
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+# (field, environment variable, flag or None, default, parser, help)
+SETTINGS = [
+    ("host", "LLIMIT_HOST", "--host", "127.0.0.1", str, "listen address"),
+    ("port", "LLIMIT_PORT", "--port", 8000, int, "listen port"),
+    ("db_path", "LLIMIT_DB", "--db", "./llimit.db", str, "SQLite file"),
+    ("threads", "LLIMIT_THREADS", "--threads", 64, int,
+     "worker threads (one per open stream)"),
+    ("admin_token", "LLIMIT_ADMIN_TOKEN", None, None, str,
+     "admin API token; generated and printed once when unset"),
+    ("upstream_url", "LLIMIT_UPSTREAM_URL", "--upstream-url",
+     "https://api.openai.com/v1", str, "base URL of the default project's upstream"),
+    ("upstream_key", "LLIMIT_UPSTREAM_KEY", None, None, str,
+     "key sent to the default upstream (default: $OPENAI_API_KEY)"),
+    ("upstream_api_version", "LLIMIT_UPSTREAM_API_VERSION", None, None, str,
+     "api-version added to default-upstream calls that lack it"),
+    ("pricing_path", "LLIMIT_PRICING", "--pricing",
+     os.path.join(HERE, "pricing.json"), str, "prices file"),
+    ("auth", "LLIMIT_AUTH", "--auth", "open", str, "page sign-in: open, header or oidc"),
+    ("public_url", "LLIMIT_PUBLIC_URL", None, None, str,
+     "external base URL (default http://HOST:PORT)"),
+    ("chartjs", "LLIMIT_CHARTJS", "--chartjs", None, str,
+     "path of a local chart.umd.js to serve; a CDN URL when unset"),
+    ("grace_seconds", "LLIMIT_GRACE_SECONDS", None, 30.0, float,
+     "on SIGTERM, how long open streams may finish"),
+    ("metrics_token", "LLIMIT_METRICS_TOKEN", None, None, str,
+     "Bearer token /metrics asks for; open when unset"),
+    ("user_headers", "LLIMIT_USER_HEADERS", None, (), _csv_list,
+     "further headers naming the end user of a project key"),
+    ("max_body_bytes", "LLIMIT_MAX_BODY_BYTES", None, 32 * 1024 * 1024, int,
+     "largest request body accepted (413 above)"),
+    ("upstream_timeout", "LLIMIT_UPSTREAM_TIMEOUT", None, 600.0, float,
+     "seconds to wait for upstream bytes before 504"),
+    ("connect_timeout", "LLIMIT_CONNECT_TIMEOUT", None, 10.0, float,
+     "seconds to wait for an upstream connection"),
+    ("default_max_tokens", "LLIMIT_DEFAULT_MAX_TOKENS", None, 4096, int,
+     "output tokens reserved for a call that sets no max_tokens"),
+    ("drain_seconds", "LLIMIT_DRAIN_SECONDS", None, 0.0, float,
+     "after a client leaves mid-stream, keep reading the upstream this long for exact usage"),
+    ("alert_webhook", "LLIMIT_ALERT_WEBHOOK", None, None, str,
+     "URL that limit alerts are POSTed to (Slack/Teams compatible)"),
+    ("admin_users", "LLIMIT_ADMIN_USERS", None, (), _csv_list,
+     "signed-in users who are admins"),
+    ("auth_header", "LLIMIT_AUTH_HEADER", None, "X-Forwarded-Email", str,
+     "header carrying the user with --auth header"),
+    ("trusted_proxies", "LLIMIT_TRUSTED_PROXIES", None, ("127.0.0.1", "::1"), _csv_list,
+     "addresses trusted to set the auth header"),
+    ("oidc_issuer", "LLIMIT_OIDC_ISSUER", None, None, str, "OpenID Connect issuer URL"),
+    ("oidc_client_id", "LLIMIT_OIDC_CLIENT_ID", None, None, str, "OIDC client id"),
+    ("oidc_client_secret", "LLIMIT_OIDC_CLIENT_SECRET", None, None, str, "OIDC client secret"),
+    ("oidc_allowed_domains", "LLIMIT_OIDC_ALLOWED_DOMAINS", None, (), _csv_list,
+     "e-mail domains allowed to sign in with OIDC"),
+    ("reports_public", "LLIMIT_REPORTS_PUBLIC", None, False, _bool,
+     "open /reports to every signed-in user"),
+    ("log_format", "LLIMIT_LOG_FORMAT", None, "text", str, "text or json"),
+    ("log_level", "LLIMIT_LOG_LEVEL", None, "INFO", str, "logging level"),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of one llimit process; built once by `load_config`."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db_path: str = "./llimit.db"
+    threads: int = 64
+    admin_token: str | None = dataclasses.field(default=None, repr=False)
+    upstream_url: str = "https://api.openai.com/v1"
+    upstream_key: str | None = dataclasses.field(default=None, repr=False)
+    upstream_api_version: str | None = None
+    pricing_path: str = os.path.join(HERE, "pricing.json")
+    auth: str = "open"
+    public_url: str | None = None
+    chartjs: str | None = None
+    grace_seconds: float = 30.0
+    metrics_token: str | None = dataclasses.field(default=None, repr=False)
+    user_headers: tuple = ()
+    max_body_bytes: int = 32 * 1024 * 1024
+    upstream_timeout: float = 600.0
+    connect_timeout: float = 10.0
+    default_max_tokens: int = 4096
+    drain_seconds: float = 0.0
+    alert_webhook: str | None = None
+    admin_users: tuple = ()
+    auth_header: str = "X-Forwarded-Email"
+    trusted_proxies: tuple = ("127.0.0.1", "::1")
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = dataclasses.field(default=None, repr=False)
+    oidc_allowed_domains: tuple = ()
+    reports_public: bool = False
+    log_format: str = "text"
+    log_level: str = "INFO"
+    clock: object = time.time  # seconds since the epoch; tests pass their own
+
+    @property
+    def base_url(self):
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+def config_flags():
+    """An argparse parent parser holding every setting that has a flag."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for field, env, flag, default, parse, help_text in SETTINGS:
+        if flag:
+            parser.add_argument(flag, dest=field, default=None,
+                                help=f"{help_text} (${env}, default {default})")
+    return parser
+
+
+def load_config(argv=(), environ=None):
+    """Build the Config from flags (which win) and LLIMIT_* variables."""
+    environ = os.environ if environ is None else environ
+    flags, _ = config_flags().parse_known_args(list(argv))
+    values = {}
+    for field, env, flag, default, parse, _help in SETTINGS:
+        raw = getattr(flags, field, None) if flag else None
+        if raw is None:
+            raw = environ.get(env)
+        if raw is None or raw == "":
+            values[field] = default
+            continue
+        try:
+            values[field] = parse(raw)
+        except ValueError:
+            raise SystemExit(f"llimit: {env} has a bad value: {raw!r}") from None
+    if values["upstream_key"] is None:
+        values["upstream_key"] = environ.get("OPENAI_API_KEY")
+    _apply_entra_shortcut(values, environ)
+    if values["auth"] not in ("open", "header", "oidc"):
+        raise SystemExit("llimit: LLIMIT_AUTH must be open, header or oidc")
+    if values["log_format"] not in ("text", "json"):
+        raise SystemExit("llimit: LLIMIT_LOG_FORMAT must be text or json")
+    return Config(**values)
+
+
+def _apply_entra_shortcut(values, environ):
+    # compat: the .NET predecessor's AZURE_AD_* variables configure Entra ID sign-in.
+    tenant = environ.get("AZURE_AD_TENANT_ID")
+    if not tenant or values["oidc_issuer"]:
+        return
+    values["oidc_issuer"] = f"https://login.microsoftonline.com/{tenant}/v2.0"
+    values["oidc_client_id"] = values["oidc_client_id"] or environ.get("AZURE_AD_CLIENT_ID")
+    values["oidc_client_secret"] = (values["oidc_client_secret"]
+                                    or environ.get("AZURE_AD_CLIENT_SECRET"))
+    domain = environ.get("AZURE_AD_CORPORATE_DOMAIN")
+    if domain and not values["oidc_allowed_domains"]:
+        values["oidc_allowed_domains"] = (domain,)
+    if values["auth"] == "open" and not environ.get("LLIMIT_AUTH"):
+        values["auth"] = "oidc"
+
+
+# =============================================================================
+# 2. Storage
+#    The SQLite schema, its migrations and every SQL statement llimit runs.
+#    One connection per thread (WAL, busy_timeout). Other sections call the
+#    named functions here and never hold SQL of their own. Money is stored as
+#    integer nano-dollars (`*_nusd`) so sums are exact.
+# =============================================================================
+
+BUSY_TIMEOUT_MS = 5000
+
+MIGRATIONS = [
+    ("0001 keys, projects, prices and usage", """
+begin;
+create table settings (name text primary key, value text not null);
+create table projects (
+    id text primary key,
+    name text not null,
+    upstream_kind text not null default 'openai',
+    upstream_url text,              -- null: the LLIMIT_UPSTREAM_* upstream
+    upstream_key text,              -- 'env:NAME' or the key itself; never shown
+    api_version text,
+    allow_user_keys integer not null default 1,
+    limit_message text,
+    model_map text,                 -- JSON {deployment: model} for pricing
+    created_at text not null
+);
+insert into projects (id, name, created_at)
+    values ('default', 'Default', strftime('%Y-%m-%dT%H:%M:%SZ', 'now'));
+create table api_keys (
+    id text primary key,
+    key_hash text not null unique,  -- SHA-256 hex of the raw key
+    masked_key text not null,
+    project_id text not null,
+    user_name text,                 -- null: a project key
+    note text,
+    models text,                    -- JSON list of allowed models; null: all
+    created_at text not null,
+    expires_at text,
+    revoked_at text,
+    last_used_at text
+);
+create index api_keys_user on api_keys (user_name);
+create index api_keys_project on api_keys (project_id);
+create table model_prices (         -- admin overrides on top of pricing.json
+    model text primary key,
+    input real not null,
+    cached_input real,
+    output real not null,
+    cache_write real,
+    updated_at text not null
+);
+create table price_snapshots (      -- the USD/1M prices an event was costed with
+    id integer primary key,
+    model text not null,
+    input real not null,
+    cached_input real not null,
+    output real not null,
+    cache_write real not null,
+    unique (model, input, cached_input, output, cache_write)
+);
+create table usage_events (
+    id integer primary key,
+    created_ms integer not null,    -- unix time in milliseconds, UTC
+    key_id text,
+    user_name text,
+    project_id text,
+    model text,
+    endpoint text not null,
+    status_code integer not null,
+    stream integer not null,
+    prompt_tokens integer not null,  -- every input token, cached included
+    cached_tokens integer not null,
+    cache_write_tokens integer not null,
+    completion_tokens integer not null,  -- every output token, reasoning included
+    reasoning_tokens integer not null,
+    cost_nusd integer,              -- null: no price
+    price_id integer,
+    pricing text not null,          -- priced | unpriced | estimated
+    latency_ms real not null,
+    overhead_ms real not null
+);
+create index usage_events_created on usage_events (created_ms);
+create table usage_daily (          -- rollup that reports read; '' for none
+    day text not null,
+    project_id text not null,
+    user_name text not null,
+    key_id text not null,
+    model text not null,
+    requests integer not null,
+    prompt_tokens integer not null,
+    cached_tokens integer not null,
+    cache_write_tokens integer not null,
+    completion_tokens integer not null,
+    cost_nusd integer not null,
+    unpriced integer not null,
+    primary key (day, project_id, user_name, key_id, model)
+) without rowid;
+commit;
+"""),
+    ("0002 limits, running totals and alerts", """
+begin;
+create table limits (
+    id text primary key,
+    scope text not null,            -- global | project | user | key
+    target text,
+    each text,                      -- null | user | key
+    metric text not null,           -- usd | tokens | requests
+    window text not null,           -- minute | day | week | month | total
+    amount real not null,
+    action text not null default 'block',
+    alert_at text,                  -- JSON list of percentages
+    note text,
+    created_at text not null
+);
+create index limits_target on limits (scope, target);
+-- Running totals per subject ('*', 'p:P', 'u:U', 'k:K', 'pu:P<US>U') and UTC
+-- day; day 'total' holds the lifetime total. Week and month sum <= 31 days.
+create table usage_counters (
+    subject text not null,
+    day text not null,
+    requests integer not null,
+    tokens integer not null,
+    cost_nusd integer not null,
+    primary key (subject, day)
+) without rowid;
+create table alerts_sent (
+    limit_id text not null,
+    subject text not null,
+    window_start text not null,
+    threshold real not null,
+    created_at text not null,
+    text text not null,
+    delivered_at text,
+    primary key (limit_id, subject, window_start, threshold)
+) without rowid;
+commit;
+"""),
+]
+
+
+def connect(path):
+    """A new connection with llimit's pragmas; autocommit, rows by name."""
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                         check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    db.execute(f"pragma busy_timeout = {BUSY_TIMEOUT_MS}")
+    db.execute("pragma journal_mode = wal")
+    db.execute("pragma synchronous = normal")
+    db.execute("pragma foreign_keys = on")
+    return db
+
+
+class Database:
+    """Hands each thread its own connection to one SQLite file."""
+
+    def __init__(self, path):
+        self.path = path
+        self._local = threading.local()
+
+    def __call__(self):
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = connect(self.path)
+        return db
+
+
+class transaction:
+    """`with transaction(db):` runs BEGIN IMMEDIATE ... COMMIT, or ROLLBACK."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("begin immediate")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("rollback" if exc_type else "commit")
+        return False
+
+
+def migrate(db):
+    """Apply the migrations this database lacks, in order; returns their names."""
+    db.execute("create table if not exists _migrations"
+               " (name text primary key, applied_at text not null)")
+    done = {row[0] for row in db.execute("select name from _migrations")}
+    applied = []
+    for name, script in MIGRATIONS:
+        if name in done:
+            continue
+        # executescript commits first, so the script carries begin/commit; the
+        # _migrations row goes in before its commit.
+        body = script.rstrip().removesuffix("commit;")
+        db.executescript(body + "\ninsert into _migrations values ("
+                         + _sql_quote(name) + ", strftime('%Y-%m-%dT%H:%M:%SZ', 'now'));\ncommit;")
+        applied.append(name)
+    return applied
+
+
+def _sql_quote(text):
+    # Only for migration names, which are constants of this module.
+    return "'" + text.replace("'", "''") + "'"
+
+
+# --- settings -----------------------------------------------------------------
+
+def get_setting(db, name):
+    """A stored setting's value, or None."""
+    row = db.execute("select value from settings where name = ?", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def set_setting(db, name, value):
+    """Store a setting."""
+    db.execute("insert into settings (name, value) values (?, ?)"
+               " on conflict (name) do update set value = excluded.value", (name, value))
+
+
+# --- projects -------------------------------------------------------------------
+
+PROJECT_COLUMNS = ("id", "name", "upstream_kind", "upstream_url", "upstream_key",
+                   "api_version", "allow_user_keys", "limit_message", "model_map", "created_at")
+
+
+def get_project(db, project_id):
+    """The project row, or None."""
+    return db.execute("select * from projects where id = ?", (project_id,)).fetchone()
+
+
+def list_projects(db):
+    """Every project, by id."""
+    return db.execute("select * from projects order by id").fetchall()
+
+
+def insert_project(db, project):
+    """Insert a project from a dict holding every PROJECT_COLUMNS field."""
+    db.execute("insert into projects (id, name, upstream_kind, upstream_url, upstream_key,"
+               " api_version, allow_user_keys, limit_message, model_map, created_at)"
+               " values (:id, :name, :upstream_kind, :upstream_url, :upstream_key,"
+               " :api_version, :allow_user_keys, :limit_message, :model_map, :created_at)",
+               project)
+
+
+def update_project(db, project):
+    """Write back every field of a project dict."""
+    db.execute("update projects set name = :name, upstream_kind = :upstream_kind,"
+               " upstream_url = :upstream_url, upstream_key = :upstream_key,"
+               " api_version = :api_version, allow_user_keys = :allow_user_keys,"
+               " limit_message = :limit_message, model_map = :model_map where id = :id",
+               project)
+
+
+def delete_project(db, project_id, revoked_at):
+    """Delete a project and its limits; its keys are revoked, its usage stays."""
+    db.execute("update api_keys set revoked_at = ? where project_id = ? and revoked_at is null",
+               (revoked_at, project_id))
+    db.execute("delete from limits where scope = 'project' and target = ?", (project_id,))
+    db.execute("delete from projects where id = ?", (project_id,))
+
+
+# --- keys -----------------------------------------------------------------------
+
+def get_key_by_hash(db, key_hash):
+    """The key row joined with its project's upstream fields, or None."""
+    return db.execute(
+        "select k.id, k.key_hash, k.masked_key, k.project_id, k.user_name, k.models,"
+        " k.expires_at, k.revoked_at, p.id as project_exists, p.upstream_kind,"
+        " p.upstream_url, p.upstream_key, p.api_version, p.limit_message, p.model_map"
+        " from api_keys k left join projects p on p.id = k.project_id"
+        " where k.key_hash = ?", (key_hash,)).fetchone()
+
+
+def get_key(db, key_id):
+    """The key row by id, or None."""
+    return db.execute("select * from api_keys where id = ?", (key_id,)).fetchone()
+
+
+def list_keys(db, user_name=None, project_id=None, active_at=None):
+    """Keys, newest first, filtered by user, project, and active at a time."""
+    return db.execute(
+        "select * from api_keys where (:user is null or user_name = :user)"
+        " and (:project is null or project_id = :project)"
+        " and (:active is null or (revoked_at is null"
+        "      and (expires_at is null or expires_at > :active)))"
+        " order by created_at desc, id",
+        {"user": user_name, "project": project_id, "active": active_at}).fetchall()
+
+
+def insert_key(db, key):
+    """Insert a key row from a dict."""
+    db.execute("insert into api_keys (id, key_hash, masked_key, project_id, user_name, note,"
+               " models, created_at, expires_at) values (:id, :key_hash, :masked_key,"
+               " :project_id, :user_name, :note, :models, :created_at, :expires_at)", key)
+
+
+def update_key(db, key):
+    """Write back a key's editable fields."""
+    db.execute("update api_keys set note = :note, models = :models, expires_at = :expires_at,"
+               " user_name = :user_name where id = :id", key)
+
+
+def revoke_key(db, key_id, revoked_at):
+    """Mark a key revoked (once; a second revoke keeps the first time)."""
+    db.execute("update api_keys set revoked_at = coalesce(revoked_at, ?) where id = ?",
+               (revoked_at, key_id))
+
+
+def key_spend(db, key_ids):
+    """Lifetime {key_id: (requests, cost_nusd)} from the running totals."""
+    if not key_ids:
+        return {}
+    rows = db.execute(
+        "select subject, requests, cost_nusd from usage_counters where day = 'total'"
+        " and subject in (select 'k:' || value from json_each(?))", (json.dumps(key_ids),))
+    return {row[0][2:]: (row[1], row[2]) for row in rows}
+
+
+# --- prices ---------------------------------------------------------------------
+
+def list_price_overrides(db):
+    """Prices an admin set, which win over pricing.json."""
+    return db.execute("select * from model_prices order by model").fetchall()
+
+
+def upsert_price_override(db, model, price, updated_at):
+    """Set one model's price override."""
+    db.execute("insert into model_prices (model, input, cached_input, output, cache_write,"
+               " updated_at) values (?, ?, ?, ?, ?, ?) on conflict (model) do update set"
+               " input = excluded.input, cached_input = excluded.cached_input,"
+               " output = excluded.output, cache_write = excluded.cache_write,"
+               " updated_at = excluded.updated_at",
+               (model, price["input"], price.get("cached_input"), price["output"],
+                price.get("cache_write"), updated_at))
+
+
+def get_price_snapshot_id(db, model, prices):
+    """The id of a (model, input, cached_input, output, cache_write) snapshot, made once."""
+    db.execute("insert or ignore into price_snapshots (model, input, cached_input, output,"
+               " cache_write) values (?, ?, ?, ?, ?)", (model, *prices))
+    return db.execute("select id from price_snapshots where model = ? and input = ? and"
+                      " cached_input = ? and output = ? and cache_write = ?",
+                      (model, *prices)).fetchone()[0]
+
+
+def list_seen_models(db):
+    """Every model name that usage has been recorded for."""
+    return [row[0] for row in db.execute(
+        "select distinct model from usage_daily where model != '' order by model")]
+
+
+# --- usage ----------------------------------------------------------------------
+
+INSERT_USAGE_EVENT_SQL = (
+    "insert into usage_events (created_ms, key_id, user_name, project_id, model, endpoint,"
+    " status_code, stream, prompt_tokens, cached_tokens, cache_write_tokens,"
+    " completion_tokens, reasoning_tokens, cost_nusd, price_id, pricing, latency_ms,"
+    " overhead_ms) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+UPSERT_USAGE_DAILY_SQL = (
+    "insert into usage_daily (day, project_id, user_name, key_id, model, requests,"
+    " prompt_tokens, cached_tokens, cache_write_tokens, completion_tokens, cost_nusd,"
+    " unpriced) values (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)"
+    " on conflict (day, project_id, user_name, key_id, model) do update set"
+    " requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+    " cached_tokens = cached_tokens + excluded.cached_tokens,"
+    " cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,"
+    " completion_tokens = completion_tokens + excluded.completion_tokens,"
+    " cost_nusd = cost_nusd + excluded.cost_nusd, unpriced = unpriced + excluded.unpriced")
+
+UPSERT_USAGE_COUNTER_SQL = (
+    "insert into usage_counters (subject, day, requests, tokens, cost_nusd)"
+    " values (?, ?, 1, ?, ?) on conflict (subject, day) do update set"
+    " requests = requests + 1, tokens = tokens + excluded.tokens,"
+    " cost_nusd = cost_nusd + excluded.cost_nusd")
+
+
+def insert_usage_events(db, events, price_ids):
+    """Store a batch of usage events with their daily rollups and running totals.
+
+    The caller holds the transaction; `price_ids[i]` is the snapshot of events[i].
+    """
+    event_rows, daily_rows, counter_rows, key_touches = [], [], [], []
+    for event, price_id in zip(events, price_ids):
+        cost = event.cost_nusd or 0
+        tokens = event.prompt_tokens + event.completion_tokens
+        day = time.strftime("%Y-%m-%d", time.gmtime(event.created_ms / 1000))
+        event_rows.append((
+            event.created_ms, event.key_id, event.user_name, event.project_id, event.model,
+            event.endpoint, event.status_code, int(event.stream), event.prompt_tokens,
+            event.cached_tokens, event.cache_write_tokens, event.completion_tokens,
+            event.reasoning_tokens, event.cost_nusd, price_id, event.pricing,
+            round(event.latency_ms, 2), round(event.overhead_ms, 3)))
+        daily_rows.append((
+            day, event.project_id or "", event.user_name or "", event.key_id or "",
+            event.model or "", event.prompt_tokens, event.cached_tokens,
+            event.cache_write_tokens, event.completion_tokens, cost,
+            int(event.cost_nusd is None)))
+        for subject in event.subjects:
+            counter_rows.append((subject, day, tokens, cost))
+            counter_rows.append((subject, "total", tokens, cost))
+        if event.key_id:
+            key_touches.append((_iso_from_ms(event.created_ms), event.key_id))
+    db.executemany(INSERT_USAGE_EVENT_SQL, event_rows)
+    db.executemany(UPSERT_USAGE_DAILY_SQL, daily_rows)
+    db.executemany(UPSERT_USAGE_COUNTER_SQL, counter_rows)
+    db.executemany("update api_keys set last_used_at = ? where id = ?", key_touches)
+
+
+def get_counter(db, subject, first_day, last_day):
+    """(requests, tokens, cost_nusd) of a subject summed over days first..last."""
+    row = db.execute(
+        "select coalesce(sum(requests), 0), coalesce(sum(tokens), 0),"
+        " coalesce(sum(cost_nusd), 0) from usage_counters"
+        " where subject = ? and day >= ? and day <= ?", (subject, first_day, last_day)).fetchone()
+    return [row[0], row[1], row[2]]
+
+
+def get_counter_max_member(db, subject_prefix, first_day, last_day, column):
+    """The largest total of `column` among subjects starting with a prefix."""
+    sql = {
+        "requests": "select max(s) from (select sum(requests) s",
+        "tokens": "select max(s) from (select sum(tokens) s",
+        "cost_nusd": "select max(s) from (select sum(cost_nusd) s",
+    }[column]
+    row = db.execute(sql + " from usage_counters where subject >= ? and subject < ?"
+                     " and day >= ? and day <= ? group by subject)",
+                     (subject_prefix, subject_prefix + "\uffff", first_day, last_day)).fetchone()
+    return row[0] or 0
+
+
+def get_lifetime_total(db, subject):
+    """(requests, tokens, cost_nusd) a subject has used since it first appeared."""
+    return get_counter(db, subject, "total", "total")
+
+
+USAGE_GROUP_COLUMNS = {
+    "user": "user_name", "key": "key_id", "project": "project_id",
+    "model": "model", "day": "day",
+}
+
+USAGE_BY_GROUP_SQL = {
+    group: (f"select {column} as grp, sum(requests), sum(prompt_tokens), sum(cached_tokens),"
+            f" sum(cache_write_tokens), sum(completion_tokens), sum(cost_nusd), sum(unpriced)"
+            f" from usage_daily where day >= :start and day <= :end"
+            f" and (:user is null or user_name = :user)"
+            f" group by {column} order by " + ("grp" if group == "day" else "7 desc, grp"))
+    for group, column in USAGE_GROUP_COLUMNS.items()
+}
+
+
+def usage_by_group(db, group_by, start_day, end_day, user_name=None):
+    """Usage rows summed per group over inclusive UTC days, from the rollup."""
+    return db.execute(USAGE_BY_GROUP_SQL[group_by],
+                      {"start": start_day, "end": end_day, "user": user_name}).fetchall()
+
+
+USAGE_BY_DAY_AND_GROUP_SQL = {
+    group: (f"select day, {column}, sum(cost_nusd) from usage_daily"
+            f" where day >= ? and day <= ? group by day, {column} order by day")
+    for group, column in USAGE_GROUP_COLUMNS.items() if group != "day"
+}
+
+
+def usage_by_day_and_group(db, group_by, start_day, end_day):
+    """(day, group, cost_nusd) rows over inclusive UTC days, for stacked charts."""
+    return db.execute(USAGE_BY_DAY_AND_GROUP_SQL[group_by], (start_day, end_day)).fetchall()
+
+
+def iter_usage_events(db, start_ms, end_ms, batch=2000):
+    """Yield raw usage events created in [start_ms, end_ms), oldest first."""
+    cursor = db.execute(
+        "select e.*, p.input as price_input, p.cached_input as price_cached_input,"
+        " p.output as price_output, p.cache_write as price_cache_write"
+        " from usage_events e left join price_snapshots p on p.id = e.price_id"
+        " where e.created_ms >= ? and e.created_ms < ? order by e.created_ms, e.id",
+        (start_ms, end_ms))
+    while True:
+        rows = cursor.fetchmany(batch)
+        if not rows:
+            return
+        yield from rows
+
+
+def reprice_usage_events(db, repriced):
+    """Store new (cost_nusd, price_id, pricing, id) for events, then rebuild rollups."""
+    db.executemany("update usage_events set cost_nusd = ?, price_id = ?, pricing = ?"
+                   " where id = ?", repriced)
+    rebuild_rollups(db)
+
+
+def rebuild_rollups(db):
+    """Recompute usage_daily and usage_counters from usage_events (admin path only)."""
+    db.execute("delete from usage_daily")
+    db.execute(
+        "insert into usage_daily select strftime('%Y-%m-%d', created_ms / 1000, 'unixepoch'),"
+        " coalesce(project_id, ''), coalesce(user_name, ''), coalesce(key_id, ''),"
+        " coalesce(model, ''), count(*), sum(prompt_tokens), sum(cached_tokens),"
+        " sum(cache_write_tokens), sum(completion_tokens), coalesce(sum(cost_nusd), 0),"
+        " sum(cost_nusd is null) from usage_events group by 1, 2, 3, 4, 5")
+    db.execute("delete from usage_counters")
+    for subject_sql in (
+            "'*'", "'p:' || project_id", "'k:' || key_id", "'u:' || user_name",
+            "'pu:' || project_id || char(31) || user_name"):
+        # subject_sql is one of the constant expressions above, never user input.
+        db.execute(
+            f"insert into usage_counters select {subject_sql} as subject,"
+            " strftime('%Y-%m-%d', created_ms / 1000, 'unixepoch') as d, count(*),"
+            " sum(prompt_tokens + completion_tokens), coalesce(sum(cost_nusd), 0)"
+            f" from usage_events where {subject_sql} is not null group by subject, d")
+    db.execute("insert into usage_counters select subject, 'total', sum(requests), sum(tokens),"
+               " sum(cost_nusd) from usage_counters group by subject")
+
+
+def count_usage_events(db):
+    """How many usage events are stored (tests and bench, not the request path)."""
+    return db.execute("select count(*) from usage_events").fetchone()[0]
+
+
+# --- limits and alerts ------------------------------------------------------------
+
+def list_limits(db):
+    """Every limit."""
+    return db.execute("select * from limits order by created_at, id").fetchall()
+
+
+def get_limit(db, limit_id):
+    """One limit row, or None."""
+    return db.execute("select * from limits where id = ?", (limit_id,)).fetchone()
+
+
+def limits_for_call(db, project_id, user_name, key_id):
+    """The limits that may apply to a call of this project, user and key."""
+    return db.execute(
+        "select * from limits where scope = 'global'"
+        " or (scope = 'project' and target = ?) or (scope = 'user' and target = ?)"
+        " or (scope = 'key' and target = ?)", (project_id, user_name, key_id)).fetchall()
+
+
+def insert_limit(db, limit):
+    """Insert a limit from a dict."""
+    db.execute("insert into limits (id, scope, target, each, metric, window, amount, action,"
+               " alert_at, note, created_at) values (:id, :scope, :target, :each, :metric,"
+               " :window, :amount, :action, :alert_at, :note, :created_at)", limit)
+
+
+def update_limit(db, limit):
+    """Write back every field of a limit dict."""
+    db.execute("update limits set scope = :scope, target = :target, each = :each,"
+               " metric = :metric, window = :window, amount = :amount, action = :action,"
+               " alert_at = :alert_at, note = :note where id = :id", limit)
+
+
+def delete_limit(db, limit_id):
+    """Delete a limit; returns whether it existed."""
+    return db.execute("delete from limits where id = ?", (limit_id,)).rowcount > 0
+
+
+def insert_alert_once(db, alert):
+    """Record an alert; returns False when this threshold already fired this window."""
+    return db.execute(
+        "insert or ignore into alerts_sent (limit_id, subject, window_start, threshold,"
+        " created_at, text) values (:limit_id, :subject, :window_start, :threshold,"
+        " :created_at, :text)", alert).rowcount > 0
+
+
+def list_undelivered_alerts(db):
+    """Alerts whose webhook delivery has not succeeded yet."""
+    return db.execute("select * from alerts_sent where delivered_at is null"
+                      " order by created_at").fetchall()
+
+
+def mark_alert_delivered(db, alert, delivered_at):
+    """Note that an alert reached the webhook."""
+    db.execute("update alerts_sent set delivered_at = ? where limit_id = ? and subject = ?"
+               " and window_start = ? and threshold = ?",
+               (delivered_at, alert["limit_id"], alert["subject"], alert["window_start"],
+                alert["threshold"]))
+
+
+def _iso_from_ms(ms):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def utc_iso(seconds):
+    """Seconds since the epoch as ISO 8601 UTC, e.g. 2026-11-23T07:00:00Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+# =============================================================================
+# 3. Pricing and metering
+#    Prices (pricing.json overlaid by admin overrides), token usage read from
+#    each provider's bodies and streams, cost, and the usage writer: one thread
+#    that commits usage events in groups, so request threads never queue
+#    behind one another on SQLite's write lock. Knows nothing of HTTP.
+# =============================================================================
+
+DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
+PRICE_FIELDS = ("input", "cached_input", "output", "cache_write")
+NANO_PER_USD_PER_MTOK = 1000  # 1 token at $1/1M tokens is 1,000 nano-dollars
+
+
+def load_price_file(path):
+    """pricing.json as {model: {field: USD per 1M tokens}}; checks every entry."""
+    with open(path, encoding="utf-8") as handle:
+        table = json.load(handle)
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: expected an object of model prices")
+    for model, price in table.items():
+        error = validate_price(price)
+        if error:
+            raise ValueError(f"{path}: {model}: {error}")
+    return table
+
+
+def validate_price(price):
+    """None when a price object is well formed, else what is wrong with it."""
+    if not isinstance(price, dict):
+        return "a price must be an object"
+    unknown = set(price) - set(PRICE_FIELDS)
+    if unknown:
+        return f"unknown price field {sorted(unknown)[0]!r}"
+    for field in PRICE_FIELDS:
+        value = price.get(field)
+        if field in ("input", "output") and value is None:
+            return f"{field} is required"
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value < 0):
+            return f"{field} must be a number >= 0"
+    return None
+
+
+class Pricebook:
+    """Current prices: pricing.json with the database's overrides on top."""
+
+    def __init__(self, file_prices, overrides=()):
+        self.file_prices = dict(file_prices)
+        self.overrides = {row["model"]: {f: row[f] for f in PRICE_FIELDS if row[f] is not None}
+                          for row in overrides}
+
+    def table(self):
+        """{model: price dict} as in force now."""
+        return {**self.file_prices, **self.overrides}
+
+    def resolve(self, model):
+        """(name the price is listed under, (input, cached, output, cache_write)) or None.
+
+        A dated name such as gpt-4o-2024-08-06 falls back to gpt-4o, and a
+        provider prefix (openai/gpt-4o, as OpenRouter reports) to the bare name.
+        """
+        if not model:
+            return None
+        table = self.table()
+        candidates = [model, DATE_SUFFIX.sub("", model)]
+        if "/" in model:
+            bare = model.rsplit("/", 1)[1]
+            candidates += [bare, DATE_SUFFIX.sub("", bare)]
+        for name in candidates:
+            price = table.get(name)
+            if price:
+                base = price["input"]
+                return name, (float(base), float(price.get("cached_input", base)),
+                              float(price["output"]), float(price.get("cache_write", base)))
+        return None
+
+
+@dataclasses.dataclass
+class Usage:
+    """Tokens of one call, in the contract's terms (prompt includes cached)."""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+def _int(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def usage_from_openai(usage):
+    """Usage from an OpenAI `usage` object (chat, completions, embeddings, responses)."""
+    if "input_tokens" in usage and "prompt_tokens" not in usage:  # the Responses API
+        return Usage(
+            prompt_tokens=_int(usage.get("input_tokens")),
+            cached_tokens=_int((usage.get("input_tokens_details") or {}).get("cached_tokens")),
+            completion_tokens=_int(usage.get("output_tokens")),
+            reasoning_tokens=_int(
+                (usage.get("output_tokens_details") or {}).get("reasoning_tokens")))
+    return Usage(
+        prompt_tokens=_int(usage.get("prompt_tokens")),
+        cached_tokens=_int((usage.get("prompt_tokens_details") or {}).get("cached_tokens")),
+        completion_tokens=_int(usage.get("completion_tokens")),
+        reasoning_tokens=_int(
+            (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")))
+
+
+def usage_from_anthropic(usage):
+    """Usage from an Anthropic `usage` object: input_tokens excludes cache reads and writes."""
+    cache_read = _int(usage.get("cache_read_input_tokens"))
+    cache_write = _int(usage.get("cache_creation_input_tokens"))
+    return Usage(
+        prompt_tokens=_int(usage.get("input_tokens")) + cache_read + cache_write,
+        cached_tokens=cache_read, cache_write_tokens=cache_write,
+        completion_tokens=_int(usage.get("output_tokens")))
+
+
+def usage_from_body(body):
+    """(model, Usage or None) from a whole JSON response of any provider."""
+    if not isinstance(body, dict):
+        return None, None
+    if body.get("object") == "response" and isinstance(body.get("response"), dict):
+        body = body["response"]
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return model, None
+    if body.get("type") == "message" or "cache_creation_input_tokens" in usage:
+        return model, usage_from_anthropic(usage)
+    return model, usage_from_openai(usage)
+
+
+class StreamMeter:
+    """Follows an SSE stream event by event and keeps what it says about usage.
+
+    OpenAI sends usage only in a last chunk with `choices: []`, and only when
+    stream_options.include_usage is set; Anthropic sends input tokens in
+    message_start and the output count in message_delta; the Responses API in
+    response.completed. Content events are counted so a stream cut short can
+    still be estimated (about one token each).
+    """
+
+    def __init__(self):
+        self.model = None
+        self.usage = None
+        self.content_events = 0
+        self.anthropic_input = None
+
+    def observe(self, data):
+        """Read one event's data; True when it is an OpenAI usage-only chunk."""
+        if not data.startswith("{"):
+            return False
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return False
+        if not isinstance(obj, dict):
+            return False
+        kind = obj.get("type")
+        if kind is None or kind == "chat.completion.chunk":
+            return self._openai_chunk(obj)
+        if kind == "message_start":
+            message = obj.get("message") or {}
+            self.model = message.get("model") or self.model
+            self.anthropic_input = message.get("usage") or {}
+            self.usage = usage_from_anthropic(self.anthropic_input)
+        elif kind == "message_delta":
+            # message_delta's counts are cumulative; newer API versions repeat input ones.
+            merged = {**(self.anthropic_input or {}),
+                      **{k: v for k, v in (obj.get("usage") or {}).items() if v is not None}}
+            self.usage = usage_from_anthropic(merged)
+        elif kind in ("content_block_delta", "response.output_text.delta"):
+            self.content_events += 1
+        elif kind in ("response.created", "response.completed", "response.incomplete",
+                      "response.failed"):
+            response = obj.get("response") or {}
+            self.model = response.get("model") or self.model
+            if isinstance(response.get("usage"), dict):
+                self.usage = usage_from_openai(response["usage"])
+        return False
+
+    def _openai_chunk(self, obj):
+        if obj.get("model"):
+            self.model = obj["model"]
+        if obj.get("choices"):
+            self.content_events += 1
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage_from_openai(usage)
+            return not obj.get("choices")
+        return False
+
+    def estimate(self, prompt_estimate):
+        """A Usage for a stream that ended without (complete) usage."""
+        if self.usage is not None:
+            usage = dataclasses.replace(self.usage)
+            usage.completion_tokens = max(usage.completion_tokens, self.content_events)
+            return usage
+        return Usage(prompt_tokens=prompt_estimate, completion_tokens=self.content_events)
+
+
+def cost_nusd(usage, prices):
+    """Cost in integer nano-dollars of a Usage at (input, cached, output, cache_write)."""
+    input_price, cached_price, output_price, cache_write_price = prices
+    uncached = max(usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens, 0)
+    dollars_per_mtok = (uncached * input_price + usage.cached_tokens * cached_price
+                        + usage.cache_write_tokens * cache_write_price
+                        + usage.completion_tokens * output_price)
+    return round(dollars_per_mtok * NANO_PER_USD_PER_MTOK)
+
+
+def nusd_to_usd(nusd):
+    """Nano-dollars as a float of USD (None stays None)."""
+    return None if nusd is None else round(nusd / 1e9, 9)
+
+
+@dataclasses.dataclass
+class UsageEvent:
+    """One metered call, as the usage writer stores it."""
+    created_ms: int
+    key_id: str | None
+    user_name: str | None
+    project_id: str | None
+    model: str | None
+    endpoint: str
+    status_code: int
+    stream: bool
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_nusd: int | None = None
+    prices: tuple | None = None        # (input, cached, output, cache_write) used
+    price_model: str | None = None     # the name those prices are listed under
+    pricing: str = "unpriced"
+    latency_ms: float = 0.0
+    overhead_ms: float = 0.0
+    subjects: tuple = ()               # running totals this call counts toward
+    reservation: object = None         # released when the event is applied
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    error: Exception | None = None
+
+
+def price_event(event, usage, pricebook, status):
+    """Fill an event's tokens, cost and pricing status.
+
+    `status` is 'priced' for a complete response with usage, 'estimated' for a
+    guess, and 'unpriced' for a response without usage.
+    """
+    if usage is not None:
+        event.prompt_tokens = usage.prompt_tokens
+        event.cached_tokens = usage.cached_tokens
+        event.cache_write_tokens = usage.cache_write_tokens
+        event.completion_tokens = usage.completion_tokens
+        event.reasoning_tokens = usage.reasoning_tokens
+    resolved = pricebook.resolve(event.model) if usage is not None else None
+    if resolved is None:
+        event.pricing = "unpriced" if status == "priced" else status
+        return event
+    event.price_model, event.prices = resolved
+    event.cost_nusd = cost_nusd(usage, event.prices)
+    event.pricing = status
+    return event
+
+
+class UsageWriter:
+    """Commits usage events in groups from one thread.
+
+    `submit` returns at once; the event's `done` is set once it is committed
+    (or `error` once the writer gives up waiting for the database). A failed
+    batch is retried with its events intact; while it fails, `healthy` is
+    False, which the limits read to fail closed.
+    """
+
+    MAX_BATCH = 512
+
+    def __init__(self, database, commit_lock, on_commit, after_commit):
+        self.database = database
+        self.commit_lock = commit_lock
+        self.on_commit = on_commit        # (batch) under commit_lock -> follow-up items
+        self.after_commit = after_commit  # (db, follow-up items) once the lock is free
+        self.healthy = True
+        self._queue = queue.SimpleQueue()
+        self._price_ids = {}
+        self._thread = threading.Thread(target=self._run, name="llimit-usage-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, event):
+        """Queue an event for the next commit."""
+        self._queue.put(event)
+        return event
+
+    def depth(self):
+        """Events waiting to be written."""
+        return self._queue.qsize()
+
+    def close(self, timeout=30.0):
+        """Write everything queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self):
+        db = self.database()
+        stopping = False
+        while not stopping:
+            batch = [self._queue.get()]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if None in batch:
+                stopping = True
+                batch = [event for event in batch if event is not None]
+            if batch:
+                self._write_until_done(db, batch)
+
+    def _write_until_done(self, db, batch):
+        delay = 0.05
+        while True:
+            try:
+                self._write(db, batch)
+                self.healthy = True
+                break
+            except sqlite3.Error:
+                log.exception("usage write failed for %d events; retrying", len(batch))
+                self.healthy = False
+                self._price_ids.clear()  # ids made inside the rolled-back transaction
+                if db.in_transaction:
+                    db.execute("rollback")
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        for event in batch:
+            event.done.set()
+
+    def _write(self, db, batch):
+        db.execute("begin immediate")
+        price_ids = [self._price_id(db, event) for event in batch]
+        insert_usage_events(db, batch, price_ids)
+        # Limits read running totals lazily from the database; committing and
+        # applying under one lock means each event is counted exactly once.
+        with self.commit_lock:
+            db.execute("commit")
+            follow_up = self.on_commit(batch)
+        if follow_up:
+            try:
+                self.after_commit(db, follow_up)
+            except sqlite3.Error:
+                log.exception("usage follow-up (alerts) failed after commit")
+
+    def _price_id(self, db, event):
+        if event.prices is None:
+            return None
+        cache_key = (event.price_model, event.prices)
+        if cache_key not in self._price_ids:
+            self._price_ids[cache_key] = get_price_snapshot_id(db, event.price_model,
+                                                               event.prices)
+        return self._price_ids[cache_key]
+
+
+LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+                      120000)
+
+
+class Metrics:
+    """In-process counters behind /metrics (Prometheus text format); thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.calls = {}            # (project, model, status) -> count
+        self.tokens = {}           # (project, model, kind) -> count
+        self.cost_nusd = {}        # (project, model) -> nano-dollars
+        self.latency = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.latency_sum_ms = 0.0
+        self.latency_count = 0
+        self.rejections = {}       # error type -> count
+        self.streams_open = 0
+
+    def observe_call(self, event, upstream_ms):
+        """Count one metered call."""
+        project, model = event.project_id or "", event.model or ""
+        with self._lock:
+            key = (project, model, str(event.status_code))
+            self.calls[key] = self.calls.get(key, 0) + 1
+            for kind, count in (("prompt", event.prompt_tokens),
+                                ("completion", event.completion_tokens),
+                                ("cached", event.cached_tokens)):
+                self.tokens[(project, model, kind)] = \
+                    self.tokens.get((project, model, kind), 0) + count
+            self.cost_nusd[(project, model)] = \
+                self.cost_nusd.get((project, model), 0) + (event.cost_nusd or 0)
+            bucket = next((i for i, edge in enumerate(LATENCY_BUCKETS_MS) if upstream_ms <= edge),
+                          len(LATENCY_BUCKETS_MS))
+            self.latency[bucket] += 1
+            self.latency_sum_ms += upstream_ms
+            self.latency_count += 1
+
+    def observe_rejection(self, error_type):
+        """Count a call llimit refused itself (limits, keys)."""
+        with self._lock:
+            self.rejections[error_type] = self.rejections.get(error_type, 0) + 1
+
+    def open_streams(self, delta):
+        """Track streams being relayed now."""
+        with self._lock:
+            self.streams_open += delta
+
+
+# =============================================================================
+# 4. Limits
+#    Decides whether a call may go upstream, reserves its worst case against
+#    every block limit it falls under, and settles to the real usage once the
+#    usage writer has committed it. Running totals live in SQLite
+#    (usage_counters, written with each event) and are cached here per window,
+#    so a check costs the same with ten stored events or ten million.
+#    Knows nothing of HTTP beyond raising LlimitError.
+# =============================================================================
+
+SCOPES = ("global", "project", "user", "key")
+EACH = (None, "user", "key")
+METRICS = ("usd", "tokens", "requests")
+WINDOWS = ("minute", "day", "week", "month", "total")
+ACTIONS = ("block", "warn")
+METRIC_INDEX = {"requests": 0, "tokens": 1, "usd": 2}   # into [requests, tokens, nusd]
+NANO = 1_000_000_000
+SUBJECT_SEPARATOR = "\x1f"
+
+
+def window_bounds(window, now):
+    """(start, end) in epoch seconds of the UTC window holding `now`; (0, None) for total."""
+    if window == "total":
+        return 0, None
+    if window == "minute":
+        start = int(now // 60 * 60)
+        return start, start + 60
+    day_start = int(now // 86400 * 86400)
+    if window == "day":
+        return day_start, day_start + 86400
+    if window == "week":  # weeks start on Monday; 1970-01-01 was a Thursday
+        start = day_start - ((day_start // 86400 + 3) % 7) * 86400
+        return start, start + 7 * 86400
+    date = dt.datetime.fromtimestamp(day_start, UTC)
+    first = date.replace(day=1)
+    following = (first + dt.timedelta(days=32)).replace(day=1)
+    return int(first.timestamp()), int(following.timestamp())
+
+
+def _day(seconds):
+    return time.strftime("%Y-%m-%d", time.gmtime(seconds))
+
+
+def call_subjects(project_id, user_name, key_id):
+    """The running totals a call counts toward."""
+    subjects = ["*", "p:" + project_id, "k:" + key_id]
+    if user_name:
+        subjects += ["u:" + user_name, "pu:" + project_id + SUBJECT_SEPARATOR + user_name]
+    return tuple(subjects)
+
+
+def limit_subject(limit, project_id, user_name, key_id):
+    """The running total a limit reads for this call, or None if it does not apply."""
+    scope, each = limit["scope"], limit["each"]
+    if scope == "project" and limit["target"] != project_id:
+        return None
+    if scope == "user" and limit["target"] != user_name:
+        return None
+    if scope == "key":
+        return "k:" + key_id if limit["target"] == key_id else None
+    if each == "key":
+        return "k:" + key_id
+    if each == "user":
+        if not user_name:
+            return None
+        if scope == "project":
+            return "pu:" + project_id + SUBJECT_SEPARATOR + user_name
+        return "u:" + user_name
+    return {"global": "*", "project": "p:" + project_id, "user": "u:" + str(user_name)}[scope]
+
+
+def limit_amount_units(limit):
+    """A limit's amount in counter units (nano-dollars for usd)."""
+    amount = limit["amount"]
+    return round(amount * NANO) if limit["metric"] == "usd" else amount
+
+
+def format_amount(metric, units):
+    """Counter units as people read them: $1.23, 1,234 tokens, 5 requests."""
+    if metric == "usd":
+        return f"${units / NANO:,.4f}".rstrip("0").rstrip(".") if units else "$0"
+    return f"{int(units):,} {metric}"
+
+
+def describe_limit(limit):
+    """A limit in words, e.g. "project 'team-a' limit of $10/day"."""
+    scope = limit["scope"]
+    who = "global" if scope == "global" else f"{scope} '{limit['target']}'"
+    each = f" (each {limit['each']})" if limit["each"] else ""
+    window = "" if limit["window"] == "total" else "/" + limit["window"]
+    return (f"{who}{each} limit {limit['id']} of "
+            f"{format_amount(limit['metric'], limit_amount_units(limit))}{window}")
+
+
+@dataclasses.dataclass
+class Admission:
+    """What the limits said about a call allowed through."""
+    reservation: list                 # [(counter key, [requests, tokens, nusd])]
+    alert_checks: list                # [(limit, subject)] for alerts after the call
+    headers: dict                     # rate-limit and budget headers for the client
+    blocking: bool                    # some block limit applied
+
+
+class Limits:
+    """Running totals per window, in-flight reservations, and the check itself.
+
+    Thread-safe: everything happens under `lock`, which the usage writer also
+    holds while it commits, so a total is loaded from the database either
+    before an event is committed (and the event is added here) or after (and
+    it is already in the loaded total), never both.
+    """
+
+    def __init__(self, database, clock):
+        self.database = database
+        self.clock = clock
+        self.lock = threading.Lock()
+        self._used = {}        # (subject, window, start) -> [requests, tokens, nusd]
+        self._reserved = {}    # same keys -> [requests, tokens, nusd] in flight
+        self._alerted = set()  # (limit_id, subject, start, threshold) known sent
+        self._pruned_minute = 0
+
+    def admit(self, db, call, limits, ledger_healthy):
+        """Check a call against its limits and reserve its worst case.
+
+        `call` has project_id, user_name, key_id, limit_message, need
+        ([1, tokens, nusd] worst case) and strict (the call bounds its output).
+        Raises LlimitError 429 when a block limit is reached, 503 when a block
+        limit applies but usage cannot be written.
+        """
+        now = self.clock()
+        block_keys, alert_checks, headers, warnings = {}, [], {}, []
+        with self.lock:
+            for limit in limits:
+                subject = limit_subject(limit, call.project_id, call.user_name, call.key_id)
+                if subject is None:
+                    continue
+                window = limit["window"]
+                start, end = window_bounds(window, now)
+                key = (subject, window, start)
+                index = METRIC_INDEX[limit["metric"]]
+                amount = limit_amount_units(limit)
+                used = self._used_entry(db, key, end)[index]
+                in_flight = self._reserved.get(key, (0, 0, 0))[index]
+                if limit["alert_at"] or self._alerts_full(limit):
+                    alert_checks.append((limit, subject))
+                _limit_headers(headers, limit, amount, used + in_flight, start, end, now)
+                if limit["action"] == "warn":
+                    if used >= amount:
+                        warnings.append(describe_limit(limit) + " reached")
+                    continue
+                if not ledger_healthy:
+                    raise LlimitError(503, "service_unavailable",
+                                      "The usage ledger cannot be written right now, so calls"
+                                      " under a spending limit are refused. Try again shortly.",
+                                      code="ledger_unavailable")
+                need = call.need[index]
+                strict = call.strict or limit["metric"] == "requests"
+                if (used + in_flight + need > amount) if strict else (used + in_flight >= amount):
+                    raise self._refusal(limit, used + in_flight, end, now, call.limit_message)
+                block_keys[key] = call.need
+            reservation = list(block_keys.items())
+            for key, need in reservation:
+                held = self._reserved.setdefault(key, [0, 0, 0])
+                for index in range(3):
+                    held[index] += need[index]
+        if warnings:
+            headers["X-LLimit-Warning"] = "; ".join(warnings)
+        return Admission(reservation, alert_checks, headers, bool(block_keys) or not limits)
+
+    def release(self, reservation):
+        """Give back a reservation whose call will not be metered (it never went out)."""
+        with self.lock:
+            self._release(reservation)
+
+    def apply(self, events):
+        """Count committed events and release their reservations; returns alerts due.
+
+        Called by the usage writer with `lock` held, right after the commit.
+        """
+        alerts = []
+        for event in events:
+            if event.reservation is not None:
+                self._release(event.reservation.reservation)
+            seconds = event.created_ms / 1000
+            bounds = [(window, window_bounds(window, seconds)[0]) for window in WINDOWS]
+            vector = (1, event.prompt_tokens + event.completion_tokens, event.cost_nusd or 0)
+            for subject in event.subjects:
+                for window, start in bounds:
+                    entry = self._used.get((subject, window, start))
+                    if entry is None and window == "minute":
+                        entry = self._used[(subject, window, start)] = [0, 0, 0]
+                    if entry is not None:
+                        entry[0] += vector[0]
+                        entry[1] += vector[1]
+                        entry[2] += vector[2]
+            if event.reservation is not None:
+                alerts += self._alerts_due(event.reservation.alert_checks, seconds)
+        self._prune(self.clock())
+        return alerts
+
+    def used(self, db, limit, subject):
+        """(used in counter units, window end or None) of a limit for one subject."""
+        start, end = window_bounds(limit["window"], self.clock())
+        with self.lock:
+            entry = self._used_entry(db, (subject, limit["window"], start), end)
+            return entry[METRIC_INDEX[limit["metric"]]], end
+
+    def used_by_top_member(self, db, limit):
+        """For an `each` limit: the largest use among its members this window."""
+        start, end = window_bounds(limit["window"], self.clock())
+        prefix = {("global", "user"): "u:", ("global", "key"): "k:",
+                  ("user", "key"): "k:", ("project", "key"): "k:",
+                  ("project", "user"): f"pu:{limit['target']}{SUBJECT_SEPARATOR}",
+                  }[(limit["scope"], limit["each"])]
+        index = METRIC_INDEX[limit["metric"]]
+        with self.lock:
+            if limit["window"] == "minute":
+                values = [entry[index] for (subject, window, entry_start), entry
+                          in self._used.items() if window == "minute"
+                          and entry_start == start and subject.startswith(prefix)]
+                return max(values, default=0), end
+        first, last = ("total", "total") if end is None else (_day(start), _day(end - 1))
+        column = ("requests", "tokens", "cost_nusd")[index]
+        return get_counter_max_member(db, prefix, first, last, column), end
+
+    def forget_locked(self):
+        """Drop cached totals after a reprice rewrote them (minute ones stay); hold `lock`."""
+        self._used = {key: entry for key, entry in self._used.items() if key[1] == "minute"}
+
+    def _used_entry(self, db, key, end):
+        entry = self._used.get(key)
+        if entry is None:
+            subject, window, start = key
+            if window == "minute":
+                entry = [0, 0, 0]  # minute totals live in memory only
+            elif window == "total":
+                entry = get_lifetime_total(db, subject)
+            else:
+                entry = get_counter(db, subject, _day(start), _day(end - 1))
+            self._used[key] = entry
+        return entry
+
+    def _release(self, reservation):
+        for key, need in reservation:
+            held = self._reserved.get(key)
+            if held is None:
+                continue
+            for index in range(3):
+                held[index] -= need[index]
+            if not any(held):
+                del self._reserved[key]
+
+    def _alerts_full(self, limit):
+        # Reaching 100% alerts for every limit except minute rate limits, which
+        # would alert every minute; those alert only at the percentages asked for.
+        return limit["window"] != "minute"
+
+    def _alerts_due(self, checks, seconds):
+        due = []
+        for limit, subject in checks:
+            start, end = window_bounds(limit["window"], seconds)
+            entry = self._used.get((subject, limit["window"], start))
+            amount = limit_amount_units(limit)
+            if entry is None or amount <= 0:
+                continue
+            percent = 100.0 * entry[METRIC_INDEX[limit["metric"]]] / amount
+            thresholds = set(json.loads(limit["alert_at"] or "[]"))
+            if self._alerts_full(limit):
+                thresholds.add(100)
+            for threshold in sorted(thresholds):
+                marker = (limit["id"], subject, start, float(threshold))
+                if percent >= threshold and marker not in self._alerted:
+                    self._alerted.add(marker)
+                    due.append({
+                        "limit_id": limit["id"], "subject": subject,
+                        "window_start": utc_iso(start), "threshold": float(threshold),
+                        "created_at": utc_iso(seconds),
+                        "text": _alert_text(limit, subject, threshold, entry, end)})
+        return due
+
+    def _prune(self, now):
+        minute = int(now // 60 * 60)
+        if minute == self._pruned_minute:
+            return
+        self._pruned_minute = minute
+        current = {window: window_bounds(window, now)[0] for window in WINDOWS}
+        self._used = {key: entry for key, entry in self._used.items()
+                      if key[2] >= current[key[1]] - (60 if key[1] == "minute" else 0)}
+        self._alerted = {marker for marker in self._alerted if marker[2] >= current["month"]}
+
+    def _refusal(self, limit, used, end, now, limit_message):
+        metric = limit["metric"]
+        resets = "never (a prepaid total)" if end is None else utc_iso(end)
+        message = (f"{describe_limit(limit)} reached: used "
+                   f"{format_amount(metric, used)}; resets {resets}.")
+        if limit_message:
+            message += " " + limit_message
+        headers = {}
+        if limit["window"] == "minute":
+            headers["Retry-After"] = str(max(1, int(end - now + 0.999)))
+            return LlimitError(429, "rate_limit_exceeded", message, headers=headers)
+        return LlimitError(429, "budget_exceeded", message, headers=headers)
+
+
+def _limit_headers(headers, limit, amount, used, start, end, now):
+    # compat: OpenAI's x-ratelimit-* headers, which clients and SDKs read, for
+    # minute limits; the tightest limit of each kind wins.
+    remaining = max(amount - used, 0)
+    if limit["window"] == "minute" and limit["metric"] in ("requests", "tokens"):
+        metric = limit["metric"]
+        name = f"x-ratelimit-remaining-{metric}"
+        if name not in headers or remaining < int(headers[name]):
+            headers[f"x-ratelimit-limit-{metric}"] = str(int(amount))
+            headers[name] = str(int(remaining))
+            headers[f"x-ratelimit-reset-{metric}"] = f"{max(int(end - now), 0)}s"
+    elif limit["metric"] == "usd":
+        current = headers.get("X-LLimit-Budget-Remaining")
+        if current is None or remaining / NANO < float(current):
+            headers["X-LLimit-Budget-Remaining"] = f"{remaining / NANO:.6f}"
+
+
+def _alert_text(limit, subject, threshold, entry, end):
+    metric = limit["metric"]
+    used = format_amount(metric, entry[METRIC_INDEX[metric]])
+    who = subject.replace(SUBJECT_SEPARATOR, "/")
+    resets = "it does not reset" if end is None else f"it resets {utc_iso(end)}"
+    verb = "reached" if threshold >= 100 else f"passed {threshold:g}% of"
+    return (f":warning: llimit: {who} has {verb} its {describe_limit(limit)}"
+            f" ({used} used; {resets}).")
+
+
+def validate_limit(data, current=None):
+    """A limit dict from JSON input (merged over `current` for PATCH); 400 names the field."""
+    if not isinstance(data, dict):
+        raise LlimitError(400, "invalid_request_error", "expected a JSON object")
+    merged = dict(current or {})
+    unknown = set(data) - {"scope", "target", "each", "metric", "window", "amount", "action",
+                           "alert_at", "note"}
+    if unknown:
+        raise _field_error(sorted(unknown)[0], "is not a limit field")
+    merged.update(data)
+    merged.setdefault("action", "block")
+    for field, allowed in (("scope", SCOPES), ("metric", METRICS), ("window", WINDOWS),
+                           ("action", ACTIONS), ("each", EACH)):
+        if merged.get(field) not in allowed:
+            names = ", ".join(a for a in allowed if a)
+            raise _field_error(field, f"must be one of {names}")
+    if merged["scope"] == "global":
+        merged["target"] = None
+    elif not isinstance(merged.get("target"), str) or not merged["target"]:
+        raise _field_error("target", f"is required for scope {merged['scope']}")
+    if merged["scope"] == "key" and merged.get("each"):
+        raise _field_error("each", "does not apply to a key")
+    if merged["scope"] == "user" and merged.get("each") == "user":
+        raise _field_error("each", "a user limit can only apply to each key")
+    amount = merged.get("amount")
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0 \
+            or amount != amount or amount > 1e15:
+        raise _field_error("amount", "must be a number >= 0")
+    alert_at = merged.get("alert_at")
+    if isinstance(alert_at, str):
+        alert_at = json.loads(alert_at)
+    if alert_at is not None:
+        if not isinstance(alert_at, list) or not all(
+                isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 100
+                for p in alert_at):
+            raise _field_error("alert_at", "must be a list of percentages between 0 and 100")
+        alert_at = json.dumps(sorted(set(alert_at)))
+    merged["alert_at"] = alert_at
+    if merged.get("note") is not None and not isinstance(merged["note"], str):
+        raise _field_error("note", "must be a string")
+    merged.setdefault("note", None)
+    merged.setdefault("each", None)
+    return merged
+
+
+def _field_error(field, problem):
+    return LlimitError(400, "invalid_request_error", f"{field} {problem}",
+                       code="invalid_" + field if field.isidentifier() else "invalid_field")
+
+
+def limit_to_json(limit, used, end):
+    """A limit as the admin API and /llimit/me show it."""
+    amount = limit_amount_units(limit)
+    scale = NANO if limit["metric"] == "usd" else 1
+    return {
+        "id": limit["id"], "scope": limit["scope"], "target": limit["target"],
+        "each": limit["each"], "metric": limit["metric"], "window": limit["window"],
+        "amount": limit["amount"], "action": limit["action"],
+        "alert_at": json.loads(limit["alert_at"]) if limit["alert_at"] else None,
+        "note": limit["note"],
+        "used": used / scale if scale != 1 else used,
+        "remaining": max(amount - used, 0) / scale if scale != 1 else max(amount - used, 0),
+        "resets_at": None if end is None else utc_iso(end),
+    }
+
+
+class AlertSender:
+    """Delivers limit alerts to LLIMIT_ALERT_WEBHOOK from its own thread.
+
+    Alerts are stored (alerts_sent) before they are sent, so each fires once
+    per threshold and window; delivery is retried with backoff, also after a
+    restart, and never holds up a call.
+    """
+
+    RETRIES = 5
+
+    def __init__(self, database, webhook_url):
+        self.database = database
+        self.webhook_url = webhook_url
+        self._queue = queue.SimpleQueue()
+        self._session = requests.Session()
+        self._thread = threading.Thread(target=self._run, name="llimit-alerts", daemon=True)
+        self._thread.start()
+        if webhook_url:
+            for alert in list_undelivered_alerts(database()):
+                self._queue.put(dict(alert))
+
+    def record(self, db, alerts):
+        """Store alerts that are due (once each) and queue the new ones for delivery."""
+        with transaction(db):
+            fresh = [alert for alert in alerts if insert_alert_once(db, alert)]
+        for alert in fresh:
+            log.warning("limit alert: %s", alert["text"])
+            if self.webhook_url:
+                self._queue.put(alert)
+
+    def _run(self):
+        while True:
+            alert = self._queue.get()
+            for attempt in range(self.RETRIES):
+                try:
+                    resp = self._session.post(self.webhook_url, timeout=10, json={
+                        "text": alert["text"], "limit_id": alert["limit_id"],
+                        "subject": alert["subject"], "threshold": alert["threshold"],
+                        "window_start": alert["window_start"]})
+                    if resp.status_code < 300:
+                        mark_alert_delivered(self.database(), alert, utc_iso(time.time()))
+                        break
+                    log.warning("alert webhook answered %s", resp.status_code)
+                except requests.RequestException as error:
+                    log.warning("alert webhook failed: %s", type(error).__name__)
+                time.sleep(min(2 ** attempt, 30))
+
+
+# =============================================================================
+# 5. Upstream proxy
+#    Where a call goes and how: one pooled requests session per upstream,
+#    header rewriting (the client's credentials out, the upstream's in,
+#    hop-by-hop headers dropped), and the SSE relay that passes each event on
+#    as it arrives while a StreamMeter reads its usage. Knows nothing of keys
+#    or limits; the handlers in section 6 put the pieces together.
+# =============================================================================
+
+UPSTREAM_KINDS = ("openai", "azure", "anthropic")
+HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "te", "trailer", "trailers", "transfer-encoding", "upgrade"))
+# The client's credentials, and what requests computes itself, never go upstream.
+DROPPED_REQUEST_HEADERS = HOP_BY_HOP | frozenset((
+    "host", "content-length", "authorization", "api-key", "x-api-key", "cookie",
+    "accept-encoding", "x-llimit-user"))
+# requests decodes gzip and we set the length of what we send.
+DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | frozenset(("content-length", "content-encoding"))
+AZURE_DEPLOYMENT_PATHS = ("chat/completions", "completions", "embeddings",
+                          "audio/transcriptions", "audio/translations", "audio/speech",
+                          "images/generations")
+ANTHROPIC_VERSION = "2023-06-01"
+SSE_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# The last event of a stream is held back until the call's usage is committed.
+FINAL_SSE_DATA = ("[DONE]",)
+FINAL_SSE_EVENTS = ("message_stop", "response.completed")
+LARGE_BODY_BYTES = 64 * 1024
+MODEL_FIELD = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+
+
+@dataclasses.dataclass(frozen=True)
+class Upstream:
+    """Where one project's calls go, with the key to send (never shown)."""
+    kind: str
+    base_url: str
+    api_version: str | None
+    key: str | None = dataclasses.field(repr=False)
+
+
+def resolve_upstream(project, config, environ=None):
+    """The Upstream of a project row; the default project falls back to LLIMIT_UPSTREAM_*.
+
+    `env:NAME` keys are read from the environment now, so rotating one needs
+    no restart; a missing variable is a 502 that names it.
+    """
+    environ = os.environ if environ is None else environ
+    if project["upstream_url"]:
+        base_url, stored_key = project["upstream_url"], project["upstream_key"]
+        api_version = project["api_version"]
+    else:
+        base_url, stored_key = config.upstream_url, config.upstream_key
+        api_version = project["api_version"] or config.upstream_api_version
+    key = stored_key
+    if stored_key and stored_key.startswith("env:"):
+        key = environ.get(stored_key[4:])
+        if not key:
+            raise LlimitError(502, "upstream_error",
+                              f"The upstream key variable {stored_key[4:]} is not set on the"
+                              " llimit server; ask its admin.", code="upstream_key_missing")
+    return Upstream(project["upstream_kind"] or "openai", base_url.rstrip("/"), api_version, key)
+
+
+class UpstreamPool:
+    """One requests session per upstream origin, so connections are reused."""
+
+    def __init__(self, pool_size):
+        self.pool_size = pool_size
+        self._sessions = {}
+        self._lock = threading.Lock()
+
+    def session(self, url):
+        """The pooled session for the origin of `url`."""
+        origin = url.split("/", 3)[:3]
+        origin_key = "/".join(origin)
+        session = self._sessions.get(origin_key)
+        if session is None:
+            with self._lock:
+                session = self._sessions.get(origin_key)
+                if session is None:
+                    session = self._sessions[origin_key] = self._new_session(origin_key)
+        return session
+
+    def _new_session(self, origin):
+        session = requests.Session()
+        # Proxy settings come from the environment once, not on every call
+        # (trust_env re-reads them per request, which costs more than the call).
+        session.proxies = requests.utils.get_environ_proxies(origin)
+        session.trust_env = False
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=self.pool_size,
+                                                max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    def close(self):
+        """Close every pooled connection."""
+        with self._lock:
+            for session in self._sessions.values():
+                session.close()
+            self._sessions.clear()
+
+
+def upstream_url(upstream, path, query_string, deployment=None, model=None):
+    """The URL a call goes to. `path` is what follows /v1/ (or a deployment)."""
+    if upstream.kind == "azure":
+        if deployment is None and model and path in AZURE_DEPLOYMENT_PATHS:
+            deployment = model  # compat: OpenAI-style clients name the deployment as model
+        if deployment is not None:
+            url = (f"{upstream.base_url}/openai/deployments/"
+                   f"{urllib.parse.quote(deployment, safe='')}/{path}")
+        else:
+            url = f"{upstream.base_url}/openai/{path}"
+    else:
+        url = f"{upstream.base_url}/{path}"
+    if upstream.api_version and "api-version=" not in query_string:
+        query_string = (query_string + "&" if query_string else "") + \
+            "api-version=" + urllib.parse.quote(upstream.api_version)
+    return url + ("?" + query_string if query_string else "")
+
+
+def upstream_headers(environ, upstream, extra_dropped=()):
+    """Request headers for the upstream: the client's, less credentials, plus the upstream's."""
+    headers = {}
+    for name, value in environ.items():
+        if name.startswith("HTTP_"):
+            header = name[5:].replace("_", "-").lower()
+            if header not in DROPPED_REQUEST_HEADERS and header not in extra_dropped:
+                headers[header] = value
+    if environ.get("CONTENT_TYPE"):
+        headers["content-type"] = environ["CONTENT_TYPE"]
+    if upstream.key:
+        if upstream.kind == "azure":
+            headers["api-key"] = upstream.key
+        elif upstream.kind == "anthropic":
+            headers["x-api-key"] = upstream.key
+        else:
+            headers["authorization"] = "Bearer " + upstream.key
+    if upstream.kind == "anthropic":
+        headers.setdefault("anthropic-version", ANTHROPIC_VERSION)
+    return headers
+
+
+def send_upstream(pool, method, url, headers, body, config):
+    """Send a call upstream, headers read and body not; failures become 502 or 504."""
+    try:
+        return pool.session(url).request(
+            method, url, headers=headers, data=body or None, stream=True,
+            allow_redirects=False, timeout=(config.connect_timeout, config.upstream_timeout))
+    except requests.exceptions.Timeout:
+        raise LlimitError(504, "upstream_timeout", "The upstream did not answer in time.",
+                          code="upstream_timeout") from None
+    except (requests.RequestException, OSError) as error:
+        log.warning("upstream %s unreachable: %s", url.split("?")[0],
+                    type(error).__name__)
+        raise LlimitError(502, "upstream_error", "The upstream could not be reached.",
+                          code="upstream_unreachable") from None
+
+
+def read_upstream_body(resp):
+    """The whole (decoded) body of a non-stream upstream response; 502/504 if it breaks."""
+    try:
+        return resp.content
+    except requests.exceptions.Timeout:
+        raise LlimitError(504, "upstream_timeout", "The upstream stopped answering.",
+                          code="upstream_timeout") from None
+    except (requests.RequestException, OSError):
+        raise LlimitError(502, "upstream_error", "The upstream broke off its answer.",
+                          code="upstream_broken") from None
+    finally:
+        resp.close()
+
+
+def client_response_headers(resp):
+    """(name, value) pairs of an upstream response that pass on to the client."""
+    return [(name, value) for name, value in resp.raw.headers.items()
+            if name.lower() not in DROPPED_RESPONSE_HEADERS]
+
+
+def usage_from_response_body(content):
+    """(model, Usage or None) from a non-stream body; cheap on large ones.
+
+    Embeddings answers run to megabytes of floats with usage at the end, so
+    a large body is read from its ends before it is ever parsed whole.
+    """
+    if not content or content[:1] not in (b"{", b" ", b"\n"):
+        return None, None
+    if len(content) > LARGE_BODY_BYTES:
+        found = _usage_from_body_ends(content)
+        if found is not None:
+            return found
+    try:
+        return usage_from_body(json.loads(content))
+    except ValueError:
+        return None, None
+
+
+def _usage_from_body_ends(content):
+    tail = content[-4096:]
+    at = tail.rfind(b'"usage"')
+    if at < 0:
+        return None
+    brace = tail.find(b"{", at)
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(tail[brace:].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    match = MODEL_FIELD.search(content[:2048]) or MODEL_FIELD.search(tail)
+    model = match.group(1).decode("utf-8", "replace") if match else None
+    body = {"model": model, "usage": usage}
+    if "cache_creation_input_tokens" in usage:
+        body["type"] = "message"
+    return usage_from_body(body)
+
+
+def upstream_chunks(resp):
+    """The raw bytes of a streaming response as they arrive (not waiting to fill a buffer)."""
+    read = resp.raw.read1
+    while True:
+        chunk = read(65536)
+        if not chunk:
+            return
+        yield chunk
+
+
+def split_sse(chunks):
+    """Whole SSE events, as raw bytes with their blank-line end, from arbitrary chunks."""
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        start = 0
+        while True:
+            match = SSE_EVENT_END.search(buffer, start)
+            if match is None:
+                break
+            yield buffer[start:match.end()]
+            start = match.end()
+        buffer = buffer[start:]
+    if buffer.strip():
+        yield buffer
+
+
+def sse_fields(raw_event):
+    """(event name or None, data text) of one raw SSE event."""
+    name, data = None, []
+    for line in raw_event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            data.append(value[1:] if value[:1] == b" " else value)
+        elif line.startswith(b"event:"):
+            name = line[6:].strip().decode("utf-8", "replace")
+    return name, b"\n".join(data).decode("utf-8", "replace")
+
+
+def sse_error_event(kind, message):
+    """An error event in the stream's own dialect, for an upstream that broke off."""
+    if kind == "anthropic":
+        body = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
+    body = {"error": {"message": message, "type": "upstream_error",
+                      "code": "upstream_stream_broken"}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+PROJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def validate_project(data, current=None):
+    """A project dict from JSON input (merged over `current` for PATCH); 400 names the field."""
+    if not isinstance(data, dict):
+        raise LlimitError(400, "invalid_request_error", "expected a JSON object")
+    unknown = set(data) - set(PROJECT_COLUMNS) - {"budget"} | (
+        {"created_at"} & set(data))
+    if unknown:
+        raise _field_error(sorted(unknown)[0], "is not a project field")
+    project = dict(current) if current else {
+        "upstream_kind": "openai", "upstream_url": None, "upstream_key": None,
+        "api_version": None, "allow_user_keys": 1, "limit_message": None, "model_map": None}
+    if current and "id" in data and data["id"] != current["id"]:
+        raise _field_error("id", "cannot change")
+    project.update({k: v for k, v in data.items() if k in PROJECT_COLUMNS})
+    if not isinstance(project.get("id"), str) or not PROJECT_ID.match(project["id"]):
+        raise _field_error("id", "must be 1-64 letters, digits, '_', '.' or '-'")
+    project["name"] = project.get("name") or project["id"]
+    if project["upstream_kind"] not in UPSTREAM_KINDS:
+        raise _field_error("upstream_kind", "must be one of " + ", ".join(UPSTREAM_KINDS))
+    for field in ("name", "upstream_url", "upstream_key", "api_version", "limit_message"):
+        value = project.get(field)
+        if value is not None and (not isinstance(value, str) or len(value) > 2000
+                                  or "\r" in value or "\n" in value and field != "limit_message"):
+            raise _field_error(field, "must be a single-line string")
+    url = project["upstream_url"]
+    if url is not None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise _field_error("upstream_url", "must be an http(s) URL")
+        project["upstream_url"] = url.rstrip("/")
+    elif project["upstream_kind"] != "openai" and project["id"] != "default":
+        raise _field_error("upstream_url", f"is required for kind {project['upstream_kind']}")
+    key = project["upstream_key"]
+    if key and key.startswith("env:") and not ENV_NAME.match(key[4:]):
+        raise _field_error("upstream_key", "env: must name an environment variable")
+    allow = project["allow_user_keys"]
+    if not isinstance(allow, (bool, int)) or allow not in (0, 1, True, False):
+        raise _field_error("allow_user_keys", "must be true or false")
+    project["allow_user_keys"] = int(bool(allow))
+    model_map = project["model_map"]
+    if isinstance(model_map, str):
+        model_map = json.loads(model_map)
+    if model_map is not None:
+        if not isinstance(model_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in model_map.items()):
+            raise _field_error("model_map", "must map deployment names to model names")
+        model_map = json.dumps(model_map, sort_keys=True)
+    project["model_map"] = model_map
+    return project
+
+
+def budget_limits(project_id, budget):
+    """Limit dicts for a project's `budget` shorthand, e.g. {"usd": 10, "window": "day"}."""
+    budgets = budget if isinstance(budget, list) else [budget]
+    limits = []
+    for item in budgets:
+        if not isinstance(item, dict):
+            raise _field_error("budget", 'must look like {"usd": 10, "window": "day"}')
+        metrics = [m for m in METRICS if m in item]
+        if len(metrics) != 1:
+            raise _field_error("budget", "needs exactly one of usd, tokens, requests")
+        extra = set(item) - {metrics[0], "window", "action", "each", "alert_at", "note"}
+        if extra:
+            raise _field_error("budget", f"has an unknown field {sorted(extra)[0]}")
+        fields = {k: v for k, v in item.items() if k != metrics[0]}
+        limits.append(validate_limit({"scope": "project", "target": project_id,
+                                      "metric": metrics[0], "amount": item[metrics[0]],
+                                      "window": fields.pop("window", "month"), **fields}))
+    return limits
+
+
+def project_to_json(project):
+    """A project as the admin API shows it: the upstream key only as where it comes from."""
+    key = project["upstream_key"]
+    return {
+        "id": project["id"], "name": project["name"],
+        "upstream_kind": project["upstream_kind"], "upstream_url": project["upstream_url"],
+        "upstream_key_set": bool(key),
+        "upstream_key_source": (key if key and key.startswith("env:") else
+                                "stored" if key else None),
+        "api_version": project["api_version"],
+        "allow_user_keys": bool(project["allow_user_keys"]),
+        "limit_message": project["limit_message"],
+        "model_map": json.loads(project["model_map"]) if project["model_map"] else None,
+        "created_at": project["created_at"],
+    }
+
+
+# =============================================================================
+# 6. Auth and the proxy handlers
+#    Who is calling: llimit keys (only their SHA-256 is stored), the admin
+#    token, and the end user a project key speaks for. Then the proxy
+#    handlers, which sit here because the first thing they do is call auth:
+#    auth -> limits (4) -> upstream (5) -> metering (3).
+# =============================================================================
+
+KEY_PREFIX = "llimit-"
+END_USER_HEADER = "X-LLimit-User"
+COMMIT_WAIT_SECONDS = 10.0
+MAX_USER_NAME = 200
+USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def hash_secret(raw):
+    """SHA-256 hex digest of a key or token."""
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()
+
+
+def new_raw_key():
+    """A fresh key: llimit- and 43 URL-safe random characters (256 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def mask_key(raw_key):
+    """The form keys are listed in, e.g. llimit-Ab3x…9fQz."""
+    return f"{raw_key[:len(KEY_PREFIX) + 4]}…{raw_key[-4:]}"
+
+
+def raw_key_from(environ):
+    """The key a client sent: Bearer (OpenAI), api-key (Azure) or x-api-key (Anthropic)."""
+    authorization = environ.get("HTTP_AUTHORIZATION", "")
+    if authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return (environ.get("HTTP_API_KEY") or environ.get("HTTP_X_API_KEY") or "").strip()
+
+
+def authenticate_key(db, environ, now):
+    """The key row (joined with its project) for this request, or LlimitError 401/403."""
+    raw_key = raw_key_from(environ)
+    if not raw_key:
+        raise LlimitError(401, "invalid_request_error",
+                          "No API key provided. Send your llimit key as"
+                          " 'Authorization: Bearer llimit-...'.", code="missing_api_key")
+    key_hash = hash_secret(raw_key)
+    row = get_key_by_hash(db, key_hash) if raw_key.startswith(KEY_PREFIX) else None
+    if row is None or not hmac.compare_digest(row["key_hash"], key_hash):
+        raise LlimitError(401, "invalid_request_error",
+                          f"Incorrect API key provided: {_shown_key(raw_key)}.",
+                          code="invalid_api_key")
+    if row["revoked_at"]:
+        raise LlimitError(403, "permission_denied",
+                          f"This key was revoked at {row['revoked_at']}.", code="key_revoked")
+    if row["expires_at"] and row["expires_at"] <= utc_iso(now):
+        raise LlimitError(403, "permission_denied",
+                          f"This key expired at {row['expires_at']}.", code="key_expired")
+    if row["project_exists"] is None:
+        raise LlimitError(403, "permission_denied",
+                          f"The project {row['project_id']} of this key no longer exists.",
+                          code="project_deleted")
+    return row
+
+
+def _shown_key(raw_key):
+    # As OpenAI does: enough of a wrong key to recognise it, never all of it.
+    return raw_key[:3] + "*" * 4 + raw_key[-4:] if len(raw_key) > 12 else "****"
+
+
+def end_user(environ, payload, user_headers):
+    """The end user a project key names: X-LLimit-User, LLIMIT_USER_HEADERS, or body `user`."""
+    for header in (END_USER_HEADER, *user_headers):
+        value = environ.get("HTTP_" + header.upper().replace("-", "_"))
+        if value:
+            return clean_user_name(value)
+    if isinstance(payload, dict) and isinstance(payload.get("user"), str) and payload["user"]:
+        return clean_user_name(payload["user"])
+    return None
+
+
+def clean_user_name(value):
+    """A user name as stored: trimmed, no control characters, bounded length."""
+    return USER_NAME_JUNK.sub("", value).strip()[:MAX_USER_NAME] or None
+
+
+def admin_token_matches(db, presented):
+    """Whether a presented admin token is the current one (constant-time)."""
+    stored = get_setting(db, "admin_token_sha256")
+    return bool(presented and stored) and hmac.compare_digest(hash_secret(presented), stored)
+
+
+def ensure_admin_token(db, admin_token):
+    """Keep the admin token's hash; returns a newly generated token, to print once, or None."""
+    if admin_token:
+        set_setting(db, "admin_token_sha256", hash_secret(admin_token))
+        return None
+    if get_setting(db, "admin_token_sha256"):
+        return None
+    generated = "llimit-admin-" + secrets.token_urlsafe(32)
+    set_setting(db, "admin_token_sha256", hash_secret(generated))
+    return generated
+
+
+def require_admin(state):
+    """Raise 401 unless the request carries the admin token (or an admin session)."""
+    environ = bottle.request.environ
+    authorization = environ.get("HTTP_AUTHORIZATION", "")
+    token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+    if token and admin_token_matches(state.database(), token):
+        return
+    raise LlimitError(401, "invalid_request_error",
+                      "This needs the admin token: 'Authorization: Bearer <admin token>'.",
+                      code="invalid_admin_token")
+
+
+def read_body(environ, max_bytes):
+    """The request body; 413 above `max_bytes`."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise LlimitError(400, "invalid_request_error", "Bad Content-Length.") from None
+    if length > max_bytes:
+        raise LlimitError(413, "invalid_request_error",
+                          f"The request body is {length} bytes; the limit is {max_bytes}.",
+                          code="request_too_large")
+    return environ["wsgi.input"].read(length) if length else b""
+
+
+def parse_json_body(body, environ):
+    """The JSON object a POST carries, {} when there is none; 400 when it is broken."""
+    if not body:
+        return {}
+    content_type = environ.get("CONTENT_TYPE", "")
+    if "json" not in content_type and body[:1] not in (b"{", b"["):
+        return {}  # multipart uploads (audio, files) pass through unread
+    try:
+        payload = json.loads(body)
+    except ValueError as error:
+        raise LlimitError(400, "invalid_request_error",
+                          f"The request body is not valid JSON: {error}.",
+                          code="invalid_json") from None
+    return payload if isinstance(payload, dict) else {}
+
+
+def parse_time_input(value, field):
+    """An ISO 8601 date or time from input as UTC 'YYYY-MM-DDTHH:MM:SSZ' (None stays None)."""
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise _field_error(field, "must be an ISO 8601 date or time, e.g. 2026-12-31")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def validate_key_fields(data, allowed):
+    """The editable fields of a key from JSON input; 400 names the field."""
+    if not isinstance(data, dict):
+        raise LlimitError(400, "invalid_request_error", "expected a JSON object")
+    unknown = set(data) - set(allowed)
+    if unknown:
+        raise _field_error(sorted(unknown)[0], "is not a key field here")
+    fields = {}
+    for name in ("user", "project", "note"):
+        if name in data:
+            value = data[name]
+            if value is not None and (not isinstance(value, str) or len(value) > 1000):
+                raise _field_error(name, "must be a string")
+            fields[name] = value
+    if "user" in fields and fields["user"] is not None:
+        fields["user"] = clean_user_name(fields["user"])
+    if "expires_at" in data:
+        fields["expires_at"] = parse_time_input(data["expires_at"], "expires_at")
+    if "models" in data:
+        models = data["models"]
+        if models is not None and (not isinstance(models, list) or not all(
+                isinstance(m, str) and m for m in models)):
+            raise _field_error("models", "must be a list of model names, or null for all")
+        fields["models"] = json.dumps(models) if models else None
+    return fields
+
+
+def create_key(db, now, user=None, project="default", note=None, expires_at=None, models=None):
+    """Issue a key; returns (row dict, raw key). The raw key exists only in this return."""
+    if get_project(db, project) is None:
+        raise LlimitError(404, "invalid_request_error", f"No project {project!r}.",
+                          code="project_not_found")
+    raw_key = new_raw_key()
+    row = {"id": "key_" + secrets.token_hex(8), "key_hash": hash_secret(raw_key),
+           "masked_key": mask_key(raw_key), "project_id": project, "user_name": user,
+           "note": note, "models": models, "created_at": utc_iso(now),
+           "expires_at": expires_at, "revoked_at": None, "last_used_at": None}
+    insert_key(db, row)
+    return row, raw_key
+
+
+def key_to_json(row, spend=None):
+    """A key as listings show it: masked, never its hash."""
+    requests_made, cost = spend or (0, 0)
+    return {
+        "id": row["id"], "masked_key": row["masked_key"],
+        "user": row["user_name"], "project": row["project_id"], "note": row["note"],
+        "models": json.loads(row["models"]) if row["models"] else None,
+        "created_at": row["created_at"], "expires_at": row["expires_at"],
+        "revoked_at": row["revoked_at"], "last_used_at": row["last_used_at"],
+        "active": row["revoked_at"] is None and (
+            row["expires_at"] is None or row["expires_at"] > utc_iso(time.time())),
+        "requests": requests_made, "cost_usd": nusd_to_usd(cost),
+    }
+
+
+# --- proxy handlers --------------------------------------------------------------
+
+@dataclasses.dataclass
+class Call:
+    """One proxied call while it is under way."""
+    request_id: str
+    started: float                  # perf_counter at arrival
+    endpoint: str
+    key: object                     # the key row
+    project_id: str
+    user_name: str | None
+    key_id: str
+    limit_message: str | None
+    model: str | None
+    prompt_estimate: int
+    need: list                      # worst case [requests, tokens, nusd]
+    strict: bool                    # the call bounds its output tokens
+    admission: Admission | None = None
+    upstream_ms: float = 0.0
+
+
+def proxy_v1(state, path):
+    """/v1/<path>: OpenAI-style (and Anthropic /v1/messages) calls."""
+    return _proxy(state, path)
+
+
+def proxy_azure(state, deployment, path):
+    """/openai/deployments/<deployment>/<path>: Azure OpenAI-style calls."""
+    return _proxy(state, path, deployment=deployment)
+
+
+def _proxy(state, path, deployment=None):
+    started = time.perf_counter()
+    config = state.config
+    environ = bottle.request.environ
+    db = state.database()
+    key = authenticate_key(db, environ, config.clock())
+    body = read_body(environ, config.max_body_bytes)
+    payload = parse_json_body(body, environ)
+    requested_model = deployment or _text(payload.get("model"))
+    _check_model_allowed(key, requested_model)
+    upstream = resolve_upstream(key, config)
+    if deployment is not None and upstream.kind == "anthropic":
+        raise LlimitError(400, "invalid_request_error",
+                          "This key's project speaks Anthropic; use /v1/messages.")
+    if deployment is not None and upstream.kind == "openai" and payload and not payload.get("model"):
+        payload["model"] = deployment  # compat: Azure clients name the model in the URL
+        body = json.dumps(payload).encode()
+    wants_stream = payload.get("stream") is True
+    hide_usage_chunk = False
+    if wants_stream and path in ("chat/completions", "completions") and upstream.kind != "anthropic":
+        options = payload.get("stream_options")
+        options = options if isinstance(options, dict) else {}
+        if options.get("include_usage") is not True:
+            payload["stream_options"] = {**options, "include_usage": True}
+            body = json.dumps(payload).encode()
+            hide_usage_chunk = True
+    call = _new_call(state, key, environ, payload, body, path, requested_model, started)
+    call.admission = state.limits.admit(
+        db, call, limits_for_call(db, call.project_id, call.user_name, call.key_id),
+        state.writer.healthy)
+    url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
+                       requested_model)
+    headers = upstream_headers(environ, upstream, state.user_header_names)
+    sent = time.perf_counter()
+    try:
+        resp = send_upstream(state.pool, environ["REQUEST_METHOD"], url, headers, body, config)
+    except LlimitError as error:
+        call.upstream_ms = (time.perf_counter() - sent) * 1000
+        _meter(state, call, error.status, None, None, "unpriced", stream=False, wait=False)
+        raise
+    call.upstream_ms = (time.perf_counter() - sent) * 1000
+    if resp.headers.get("content-type", "").startswith("text/event-stream"):
+        return _relay_stream(state, call, resp, upstream.kind, hide_usage_chunk)
+    return _relay_whole(state, call, resp)
+
+
+def _text(value):
+    return value if isinstance(value, str) and value else None
+
+
+def _check_model_allowed(key, model):
+    if not key["models"]:
+        return
+    allowed = json.loads(key["models"])
+    if model and (model in allowed or DATE_SUFFIX.sub("", model) in allowed):
+        return
+    raise LlimitError(403, "permission_denied",
+                      f"This key may use only: {', '.join(allowed)}"
+                      + (f" (asked for {model})." if model else "."),
+                      code="model_not_allowed")
+
+
+def _new_call(state, key, environ, payload, body, path, model, started):
+    user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers)
+    max_output = next((payload[name] for name in
+                       ("max_tokens", "max_completion_tokens", "max_output_tokens")
+                       if isinstance(payload.get(name), int) and payload[name] >= 0), None)
+    # About 3 bytes of request JSON per token errs high, which is the safe side.
+    prompt_estimate = len(body) // 3
+    output = state.config.default_max_tokens if max_output is None else max_output
+    n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 0) > 1 else 1
+    tokens = prompt_estimate + output * n
+    resolved = state.pricebook.resolve(model)
+    cost = cost_nusd(Usage(prompt_tokens=prompt_estimate, completion_tokens=output * n),
+                     resolved[1]) if resolved else 0
+    return Call(request_id=secrets.token_hex(6), started=started, endpoint=path[:100],
+                key=key, project_id=key["project_id"], user_name=user_name, key_id=key["id"],
+                limit_message=key["limit_message"], model=model,
+                prompt_estimate=prompt_estimate, need=[1, tokens, cost],
+                strict=max_output is not None)
+
+
+def _pricing_model(call, reported_model):
+    # Azure may report no model; the admin's deployment map, then the name asked for.
+    if reported_model:
+        return reported_model
+    model_map = json.loads(call.key["model_map"]) if call.key["model_map"] else {}
+    return model_map.get(call.model) or call.model
+
+
+def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=True,
+           overhead_ms=None):
+    """Record one call's usage event; with `wait`, until it is committed."""
+    elapsed_ms = (time.perf_counter() - call.started) * 1000
+    if overhead_ms is None:
+        overhead_ms = max(elapsed_ms - call.upstream_ms, 0.0)
+    event = UsageEvent(
+        created_ms=int(state.config.clock() * 1000), key_id=call.key_id,
+        user_name=call.user_name, project_id=call.project_id,
+        model=_pricing_model(call, model), endpoint=call.endpoint, status_code=status_code,
+        stream=stream, latency_ms=elapsed_ms, overhead_ms=overhead_ms,
+        subjects=call_subjects(call.project_id, call.user_name, call.key_id),
+        reservation=call.admission)
+    price_event(event, usage, state.pricebook, pricing_status)
+    state.writer.submit(event)
+    state.metrics.observe_call(event, call.upstream_ms)
+    log.info("call request_id=%s key_id=%s user=%s project=%s model=%s status=%s"
+             " prompt_tokens=%d completion_tokens=%d cost_usd=%s pricing=%s latency_ms=%.1f"
+             " overhead_ms=%.2f stream=%s", call.request_id, call.key_id, call.user_name,
+             call.project_id, event.model, status_code, event.prompt_tokens,
+             event.completion_tokens, nusd_to_usd(event.cost_nusd), event.pricing,
+             elapsed_ms, overhead_ms, stream)
+    if wait and not event.done.wait(COMMIT_WAIT_SECONDS):
+        log.error("usage of request_id=%s not yet committed after %ss; it stays queued",
+                  call.request_id, COMMIT_WAIT_SECONDS)
+    return event
+
+
+def _relay_whole(state, call, resp):
+    before_body = time.perf_counter()
+    try:
+        content = read_upstream_body(resp)
+    except LlimitError as error:
+        call.upstream_ms += (time.perf_counter() - before_body) * 1000
+        _meter(state, call, error.status, None, None, "unpriced", stream=False, wait=False)
+        raise
+    call.upstream_ms += (time.perf_counter() - before_body) * 1000
+    model, usage = usage_from_response_body(content)
+    _meter(state, call, resp.status_code, model, usage,
+           "priced" if usage is not None else "unpriced", stream=False)
+    response = bottle.HTTPResponse(body=content, status=resp.status_code)
+    for name, value in client_response_headers(resp):
+        response.add_header(name, value)
+    for name, value in call.admission.headers.items():
+        response.set_header(name, value)
+    response.set_header("Content-Length", str(len(content)))
+    response.set_header("X-LLimit-Request-Id", call.request_id)
+    overhead_ms = (time.perf_counter() - call.started) * 1000 - call.upstream_ms
+    response.set_header("X-LLimit-Overhead-Ms", f"{max(overhead_ms, 0.0):.2f}")
+    return response
+
+
+def _relay_stream(state, call, resp, kind, hide_usage_chunk):
+    overhead_ms = (time.perf_counter() - call.started) * 1000 - call.upstream_ms
+    response = bottle.HTTPResponse(status=resp.status_code)
+    for name, value in client_response_headers(resp):
+        response.add_header(name, value)
+    for name, value in call.admission.headers.items():
+        response.set_header(name, value)
+    response.set_header("X-LLimit-Request-Id", call.request_id)
+    response.set_header("X-LLimit-Overhead-Ms", f"{max(overhead_ms, 0.0):.2f}")
+    response.body = _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms)
+    return response
+
+
+def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
+    """Yield the upstream's SSE events as they come; meter the call however it ends.
+
+    The server calls close() on this generator when the client goes, which
+    lands in `finally` with the stream unfinished: the upstream call is closed
+    at once (or drained, with LLIMIT_DRAIN_SECONDS) and the usage estimated.
+    """
+    meter = StreamMeter()
+    held = []            # the final event, sent once usage is committed
+    finished = False     # the upstream ended the stream itself
+    broken = False
+    state.metrics.open_streams(+1)
+    stream_started = time.perf_counter()
+    try:
+        try:
+            for raw_event in split_sse(upstream_chunks(resp)):
+                began = time.perf_counter()
+                name, data = sse_fields(raw_event)
+                usage_chunk = meter.observe(data)
+                if data in FINAL_SSE_DATA or name in FINAL_SSE_EVENTS:
+                    held.append(raw_event)
+                    continue
+                overhead_ms += (time.perf_counter() - began) * 1000
+                if not (usage_chunk and hide_usage_chunk):
+                    yield raw_event
+            finished = True
+        except (requests.RequestException, OSError, _urllib3_errors()) as error:
+            broken = True
+            log.warning("upstream stream of request_id=%s broke off: %s", call.request_id,
+                        type(error).__name__)
+            yield sse_error_event(kind, "The upstream broke off the stream.")
+    finally:
+        if not finished and not broken and state.config.drain_seconds > 0:
+            finished = _drain(resp, meter, state.config.drain_seconds)
+        resp.close()
+        call.upstream_ms = (time.perf_counter() - stream_started) * 1000 - overhead_ms \
+            + call.upstream_ms
+        complete = finished and meter.usage is not None
+        usage = meter.usage if complete else meter.estimate(call.prompt_estimate)
+        _meter(state, call, resp.status_code, meter.model, usage,
+               "priced" if complete else "estimated", stream=True,
+               wait=finished, overhead_ms=overhead_ms)
+        state.metrics.open_streams(-1)
+    yield from held
+
+
+def _drain(resp, meter, seconds):
+    # The client left; keep reading (not relaying) for exact usage, within a bound.
+    deadline = time.monotonic() + seconds
+    try:
+        for raw_event in split_sse(upstream_chunks(resp)):
+            meter.observe(sse_fields(raw_event)[1])
+            if time.monotonic() > deadline:
+                return False
+        return True
+    except (requests.RequestException, OSError, _urllib3_errors()):
+        return False
+
+
+def _urllib3_errors():
+    # requests leaves urllib3's own errors unwrapped when reading raw.
+    return requests.packages.urllib3.exceptions.HTTPError
+
+
+
+# =============================================================================
+# 9. Admin API and /llimit/me
+#    JSON over HTTP for scripts and curl, behind the admin token; and what a
+#    key holder may ask about their own key. Every change goes through the
+#    validators of the section that owns the thing (limits 4, projects 5,
+#    keys 6) and the storage functions of section 2.
+# =============================================================================
+
+ADMIN_BODY_MAX_BYTES = 1024 * 1024
+DEFAULT_REPORT_DAYS = 30
+
+
+def _json_input():
+    body = read_body(bottle.request.environ, ADMIN_BODY_MAX_BYTES)
+    try:
+        data = json.loads(body) if body.strip() else {}
+    except ValueError as error:
+        raise LlimitError(400, "invalid_request_error", f"The body is not valid JSON: {error}.",
+                          code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise LlimitError(400, "invalid_request_error", "The body must be a JSON object.")
+    return data
+
+
+def _created(payload):
+    bottle.response.status = 201
+    return payload
+
+
+def _not_found(what, ident):
+    return LlimitError(404, "invalid_request_error", f"No {what} {ident!r}.",
+                       code=f"{what}_not_found")
+
+
+def admin_keys_create(state):
+    """POST /admin/keys: issue a key; the secret is in this answer only."""
+    require_admin(state)
+    fields = validate_key_fields(_json_input(),
+                                 ("user", "project", "note", "expires_at", "models"))
+    db = state.database()
+    with transaction(db):
+        row, raw_key = create_key(db, state.config.clock(), fields.get("user"),
+                                  fields.get("project") or "default", fields.get("note"),
+                                  fields.get("expires_at"), fields.get("models"))
+    return _created({**key_to_json(row), "key": raw_key})
+
+
+def admin_keys_list(state):
+    """GET /admin/keys?user=&project=&active=true"""
+    require_admin(state)
+    query = bottle.request.query
+    active = query.get("active", "").lower()
+    db = state.database()
+    rows = list_keys(db, query.get("user") or None, query.get("project") or None,
+                     utc_iso(state.config.clock()) if active in ("1", "true", "yes") else None)
+    if active in ("0", "false", "no"):
+        rows = [row for row in rows if row["revoked_at"] or
+                (row["expires_at"] and row["expires_at"] <= utc_iso(state.config.clock()))]
+    spend = key_spend(db, [row["id"] for row in rows])
+    return {"data": [key_to_json(row, spend.get(row["id"])) for row in rows]}
+
+
+def _key_or_404(db, key_id):
+    row = get_key(db, key_id)
+    if row is None:
+        raise _not_found("key", key_id)
+    return row
+
+
+def admin_key_get(state, key_id):
+    """GET /admin/keys/<id>"""
+    require_admin(state)
+    db = state.database()
+    row = _key_or_404(db, key_id)
+    return key_to_json(row, key_spend(db, [key_id]).get(key_id))
+
+
+def admin_key_update(state, key_id):
+    """PATCH /admin/keys/<id>: note, expires_at, models, user."""
+    require_admin(state)
+    fields = validate_key_fields(_json_input(), ("note", "expires_at", "models", "user"))
+    db = state.database()
+    with transaction(db):
+        row = dict(_key_or_404(db, key_id))
+        row.update({("user_name" if name == "user" else name): value
+                    for name, value in fields.items()})
+        update_key(db, row)
+    return admin_key_get(state, key_id)
+
+
+def admin_key_revoke(state, key_id):
+    """POST /admin/keys/<id>/revoke: the key's next call gets 403."""
+    require_admin(state)
+    db = state.database()
+    with transaction(db):
+        _key_or_404(db, key_id)
+        revoke_key(db, key_id, utc_iso(state.config.clock()))
+    return admin_key_get(state, key_id)
+
+
+def admin_projects_list(state):
+    """GET /admin/projects"""
+    require_admin(state)
+    return {"data": [project_to_json(row) for row in list_projects(state.database())]}
+
+
+def admin_projects_create(state):
+    """POST /admin/projects, with an optional `budget` shorthand that becomes limits."""
+    require_admin(state)
+    data = _json_input()
+    project = validate_project(data)
+    limits = budget_limits(project["id"], data["budget"]) if data.get("budget") else []
+    project["created_at"] = utc_iso(state.config.clock())
+    db = state.database()
+    with transaction(db):
+        if get_project(db, project["id"]) is not None:
+            raise LlimitError(409, "invalid_request_error",
+                              f"A project {project['id']!r} exists already.",
+                              code="project_exists")
+        insert_project(db, project)
+        for limit in limits:
+            _insert_new_limit(db, limit, project["created_at"])
+    _warn_missing_upstream_key(project)
+    return _created(admin_project_get(state, project["id"]))
+
+
+def _project_or_404(db, project_id):
+    row = get_project(db, project_id)
+    if row is None:
+        raise _not_found("project", project_id)
+    return row
+
+
+def admin_project_get(state, project_id):
+    """GET /admin/projects/<id>, with the limits that target it."""
+    require_admin(state)
+    db = state.database()
+    project = project_to_json(_project_or_404(db, project_id))
+    project["limits"] = [limit_json(state, db, row) for row in list_limits(db)
+                         if row["scope"] == "project" and row["target"] == project_id]
+    return project
+
+
+def admin_project_update(state, project_id):
+    """PATCH /admin/projects/<id>"""
+    require_admin(state)
+    data = _json_input()
+    db = state.database()
+    with transaction(db):
+        project = validate_project(data, dict(_project_or_404(db, project_id)))
+        update_project(db, project)
+        for limit in budget_limits(project_id, data["budget"]) if data.get("budget") else []:
+            _insert_new_limit(db, limit, utc_iso(state.config.clock()))
+    _warn_missing_upstream_key(project)
+    return admin_project_get(state, project_id)
+
+
+def admin_project_delete(state, project_id):
+    """DELETE /admin/projects/<id>: its keys are revoked, its usage history stays."""
+    require_admin(state)
+    if project_id == "default":
+        raise LlimitError(400, "invalid_request_error", "The default project always exists.")
+    db = state.database()
+    with transaction(db):
+        _project_or_404(db, project_id)
+        delete_project(db, project_id, utc_iso(state.config.clock()))
+    return {"id": project_id, "deleted": True}
+
+
+def _warn_missing_upstream_key(project):
+    key = project["upstream_key"]
+    if key and key.startswith("env:") and not os.environ.get(key[4:]):
+        log.warning("project %s: upstream key variable %s is not set; its calls will get 502",
+                    project["id"], key[4:])
+
+
+def limit_json(state, db, limit):
+    """A limit with `used` and `resets_at` for its current window (largest member for `each`)."""
+    if limit["each"]:
+        used, end = state.limits.used_by_top_member(db, limit)
+    else:
+        subject = {"global": "*", "project": f"p:{limit['target']}",
+                   "user": f"u:{limit['target']}", "key": f"k:{limit['target']}"}
+        used, end = state.limits.used(db, limit, subject[limit["scope"]])
+    return limit_to_json(limit, used, end)
+
+
+def _insert_new_limit(db, limit, now_iso):
+    limit = {**limit, "id": "lim_" + secrets.token_hex(6), "created_at": now_iso}
+    insert_limit(db, limit)
+    return limit["id"]
+
+
+def admin_limits_list(state):
+    """GET /admin/limits"""
+    require_admin(state)
+    db = state.database()
+    return {"data": [limit_json(state, db, row) for row in list_limits(db)]}
+
+
+def admin_limits_create(state):
+    """POST /admin/limits"""
+    require_admin(state)
+    limit = validate_limit(_json_input())
+    db = state.database()
+    with transaction(db):
+        limit_id = _insert_new_limit(db, limit, utc_iso(state.config.clock()))
+    return _created(admin_limit_get(state, limit_id))
+
+
+def _limit_or_404(db, limit_id):
+    row = get_limit(db, limit_id)
+    if row is None:
+        raise _not_found("limit", limit_id)
+    return row
+
+
+def admin_limit_get(state, limit_id):
+    """GET /admin/limits/<id>"""
+    require_admin(state)
+    db = state.database()
+    return limit_json(state, db, _limit_or_404(db, limit_id))
+
+
+def admin_limit_update(state, limit_id):
+    """PATCH /admin/limits/<id>: takes effect on the next call."""
+    require_admin(state)
+    data = _json_input()
+    db = state.database()
+    with transaction(db):
+        current = dict(_limit_or_404(db, limit_id))
+        update_limit(db, validate_limit(data, current))
+    return admin_limit_get(state, limit_id)
+
+
+def admin_limit_delete(state, limit_id):
+    """DELETE /admin/limits/<id>"""
+    require_admin(state)
+    db = state.database()
+    with transaction(db):
+        if not delete_limit(db, limit_id):
+            raise _not_found("limit", limit_id)
+    return {"id": limit_id, "deleted": True}
+
+
+def report_range(query, now):
+    """(start_day, end_day) from ?start=&end= (inclusive UTC dates), default the last 30 days."""
+    today = dt.datetime.fromtimestamp(now, UTC).date()
+    try:
+        end = dt.date.fromisoformat(query.get("end")) if query.get("end") else today
+        start = (dt.date.fromisoformat(query.get("start")) if query.get("start")
+                 else end - dt.timedelta(days=DEFAULT_REPORT_DAYS - 1))
+    except ValueError:
+        raise LlimitError(400, "invalid_request_error",
+                          "start and end must be dates like 2026-11-01.",
+                          code="invalid_date") from None
+    if start > end:
+        raise LlimitError(400, "invalid_request_error", "start is after end.",
+                          code="invalid_date")
+    return start.isoformat(), end.isoformat()
+
+
+def usage_report(db, group_by, start_day, end_day, user_name=None):
+    """{"rows": [...], "totals": {...}} of usage per group over inclusive UTC days."""
+    if group_by not in USAGE_GROUP_COLUMNS:
+        raise LlimitError(400, "invalid_request_error",
+                          "group_by must be one of " + ", ".join(USAGE_GROUP_COLUMNS),
+                          code="invalid_group_by")
+    rows = []
+    totals = dict.fromkeys(("requests", "prompt_tokens", "cached_tokens", "cache_write_tokens",
+                            "completion_tokens", "unpriced_requests"), 0)
+    total_nusd = 0
+    for row in usage_by_group(db, group_by, start_day, end_day, user_name):
+        figures = {"requests": row[1], "prompt_tokens": row[2], "cached_tokens": row[3],
+                   "cache_write_tokens": row[4], "completion_tokens": row[5],
+                   "cost_usd": nusd_to_usd(row[6]), "unpriced_requests": row[7]}
+        rows.append({group_by: row[0] if row[0] != "" else None, **figures})
+        for name in totals:
+            totals[name] += figures[name]
+        total_nusd += row[6]
+    totals["cost_usd"] = nusd_to_usd(total_nusd)
+    return {"start": start_day, "end": end_day, "group_by": group_by, "rows": rows,
+            "totals": totals}
+
+
+def admin_usage(state):
+    """GET /admin/usage?start=&end=&group_by=user|key|project|model|day"""
+    require_admin(state)
+    query = bottle.request.query
+    start, end = report_range(query, state.config.clock())
+    return usage_report(state.database(), query.get("group_by") or "user", start, end,
+                        query.get("user") or None)
+
+
+USAGE_CSV_COLUMNS = (
+    "created_at", "key_id", "user", "project", "model", "endpoint", "status_code", "stream",
+    "prompt_tokens", "cached_tokens", "cache_write_tokens", "completion_tokens",
+    "reasoning_tokens", "cost_usd", "pricing", "price_input", "price_cached_input",
+    "price_output", "price_cache_write", "latency_ms", "overhead_ms")
+
+
+def admin_usage_csv(state):
+    """GET /admin/usage.csv?start=&end=: the raw events of the range, streamed."""
+    require_admin(state)
+    start, end = report_range(bottle.request.query, state.config.clock())
+    start_ms = int(dt.datetime.fromisoformat(start).replace(tzinfo=UTC).timestamp() * 1000)
+    end_ms = int((dt.datetime.fromisoformat(end).replace(tzinfo=UTC)
+                  + dt.timedelta(days=1)).timestamp() * 1000)
+    bottle.response.content_type = "text/csv; charset=utf-8"
+    bottle.response.set_header("Content-Disposition",
+                               f'attachment; filename="llimit-usage-{start}-{end}.csv"')
+    return _usage_csv_lines(state.database, start_ms, end_ms)
+
+
+def _usage_csv_lines(database, start_ms, end_ms):
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(USAGE_CSV_COLUMNS)
+    for row in iter_usage_events(database(), start_ms, end_ms):
+        writer.writerow((
+            _iso_from_ms(row["created_ms"]), row["key_id"], row["user_name"],
+            row["project_id"], row["model"], row["endpoint"], row["status_code"],
+            row["stream"], row["prompt_tokens"], row["cached_tokens"],
+            row["cache_write_tokens"], row["completion_tokens"], row["reasoning_tokens"],
+            "" if row["cost_nusd"] is None else f"{row['cost_nusd'] / 1e9:.9f}",
+            row["pricing"], row["price_input"], row["price_cached_input"],
+            row["price_output"], row["price_cache_write"], row["latency_ms"],
+            row["overhead_ms"]))
+        if buffer.tell() > 65536:
+            yield buffer.getvalue().encode()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue().encode()
+
+
+def missing_prices(db, pricebook):
+    """Models that usage was recorded for but that have no price now."""
+    return [model for model in list_seen_models(db) if pricebook.resolve(model) is None]
+
+
+def admin_pricing_list(state):
+    """GET /admin/pricing: prices in force, and models seen without one."""
+    require_admin(state)
+    book = state.pricebook
+    models = {model: {**price, "source": "override" if model in book.overrides else "file"}
+              for model, price in sorted(book.table().items())}
+    return {"models": models, "missing": missing_prices(state.database(), book)}
+
+
+def admin_pricing_put(state, model):
+    """PUT /admin/pricing/<model>: set a model's USD per 1M tokens (kept in the database)."""
+    require_admin(state)
+    price = _json_input()
+    error = validate_price(price)
+    if error:
+        raise LlimitError(400, "invalid_request_error", error, code="invalid_price")
+    if not model or len(model) > 200:
+        raise LlimitError(400, "invalid_request_error", "Bad model name.")
+    db = state.database()
+    with transaction(db):
+        upsert_price_override(db, model, price, utc_iso(state.config.clock()))
+    state.reload_prices()
+    return {"model": model, **{f: price.get(f) for f in PRICE_FIELDS if f in price}}
+
+
+def reprice_all(state):
+    """Recompute every stored event's cost from the prices in force; returns counts."""
+    db = state.database()
+    book = state.pricebook
+    snapshot_ids, changes, seen = {}, [], 0
+    db.execute("begin immediate")  # the usage writer waits until we are done
+    try:
+        for row in iter_usage_events(db, 0, 2 ** 62):
+            seen += 1
+            usage = Usage(row["prompt_tokens"], row["cached_tokens"], row["cache_write_tokens"],
+                          row["completion_tokens"], row["reasoning_tokens"])
+            resolved = book.resolve(row["model"])
+            has_tokens = usage.prompt_tokens or usage.completion_tokens
+            status = "estimated" if row["pricing"] == "estimated" else None
+            if resolved is None or not has_tokens:
+                update = (None, None, status or "unpriced")
+            else:
+                if resolved not in snapshot_ids:
+                    snapshot_ids[resolved] = get_price_snapshot_id(db, *resolved)
+                update = (cost_nusd(usage, resolved[1]), snapshot_ids[resolved],
+                          status or "priced")
+            if update != (row["cost_nusd"], row["price_id"], row["pricing"]):
+                changes.append((*update, row["id"]))
+        reprice_usage_events(db, changes)
+        # Running totals change under the limits' feet: swap them in one step.
+        with state.limits.lock:
+            db.execute("commit")
+            state.limits.forget_locked()
+    finally:
+        if db.in_transaction:
+            db.execute("rollback")
+    return {"events": seen, "changed": len(changes)}
+
+
+def admin_reprice(state):
+    """POST /admin/reprice: recompute stored costs from current prices."""
+    require_admin(state)
+    return reprice_all(state)
+
+
+def llimit_me(state):
+    """GET /llimit/me: the caller's key, user, project and every limit that applies."""
+    db = state.database()
+    environ = bottle.request.environ
+    key = authenticate_key(db, environ, state.config.clock())
+    user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers)
+    limits = []
+    for limit in limits_for_call(db, key["project_id"], user_name, key["id"]):
+        subject = limit_subject(limit, key["project_id"], user_name, key["id"])
+        if subject is not None:
+            used, end = state.limits.used(db, limit, subject)
+            limits.append(limit_to_json(limit, used, end))
+    return {"user": user_name, "project": key["project_id"], "key": key["masked_key"],
+            "key_id": key["id"], "limits": limits}
+
+
+def _openapi_spec():
+    string, nullable_string = {"type": "string"}, {"type": "string", "nullable": True}
+    error = {"description": "an error in OpenAI's shape",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    key_input = {"type": "object", "additionalProperties": False, "properties": {
+        "user": nullable_string, "project": string, "note": nullable_string,
+        "expires_at": {"type": "string", "nullable": True, "format": "date-time"},
+        "models": {"type": "array", "items": string, "nullable": True}}}
+    project_input = {"type": "object", "additionalProperties": False, "properties": {
+        "id": {"type": "string", "pattern": PROJECT_ID.pattern}, "name": string,
+        "upstream_kind": {"type": "string", "enum": list(UPSTREAM_KINDS)},
+        "upstream_url": nullable_string, "upstream_key": nullable_string,
+        "api_version": nullable_string, "allow_user_keys": {"type": "boolean"},
+        "limit_message": nullable_string,
+        "model_map": {"type": "object", "additionalProperties": string, "nullable": True},
+        "budget": {"type": "object", "description": 'e.g. {"usd": 10, "window": "day"}'}}}
+    limit_input = {"type": "object", "additionalProperties": False, "properties": {
+        "scope": {"type": "string", "enum": list(SCOPES)}, "target": nullable_string,
+        "each": {"type": "string", "enum": ["user", "key"], "nullable": True},
+        "metric": {"type": "string", "enum": list(METRICS)},
+        "window": {"type": "string", "enum": list(WINDOWS)},
+        "amount": {"type": "number", "minimum": 0},
+        "action": {"type": "string", "enum": list(ACTIONS)},
+        "alert_at": {"type": "array", "items": {"type": "number"}, "nullable": True},
+        "note": nullable_string}}
+    price_input = {"type": "object", "additionalProperties": False,
+                   "required": ["input", "output"],
+                   "properties": {f: {"type": "number", "minimum": 0} for f in PRICE_FIELDS}}
+
+    def op(summary, body=None, params=(), status="200"):
+        operation = {"summary": summary, "security": [{"admin": []}],
+                     "responses": {status: {"description": "OK", "content": {
+                         "application/json": {"schema": {"type": "object"}}}},
+                         "400": error, "401": error, "404": error}}
+        if body:
+            operation["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": body}}}
+        if params:
+            operation["parameters"] = list(params)
+        return operation
+
+    def path_param(name):
+        return {"name": name, "in": "path", "required": True, "schema": string}
+
+    def query(name, schema=None):
+        return {"name": name, "in": "query", "required": False, "schema": schema or string}
+
+    dates = (query("start", {"type": "string", "format": "date"}),
+             query("end", {"type": "string", "format": "date"}))
+    key_id, project_id, limit_id = (path_param("id"),) * 3
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "llimit admin API", "version": __version__},
+        "components": {
+            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {
+                "error": {"type": "object", "required": ["message", "type"], "properties": {
+                    "message": string, "type": string, "code": nullable_string,
+                    "param": nullable_string}}}}}},
+        "paths": {
+            "/admin/keys": {
+                "get": op("List keys", params=(query("user"), query("project"),
+                                               query("active", {"type": "boolean"}))),
+                "post": op("Create a key; the secret is returned once", key_input,
+                           status="201")},
+            "/admin/keys/{id}": {
+                "get": op("Get a key", params=(key_id,)),
+                "patch": op("Change a key", key_input, params=(key_id,))},
+            "/admin/keys/{id}/revoke": {"post": op("Revoke a key", params=(key_id,))},
+            "/admin/projects": {
+                "get": op("List projects"),
+                "post": op("Create a project", {**project_input, "required": ["id"]},
+                           status="201")},
+            "/admin/projects/{id}": {
+                "get": op("Get a project", params=(project_id,)),
+                "patch": op("Change a project", project_input, params=(project_id,)),
+                "delete": op("Delete a project (its keys are revoked)", params=(project_id,))},
+            "/admin/limits": {
+                "get": op("List limits with used and resets_at"),
+                "post": op("Create a limit", {**limit_input,
+                                              "required": ["scope", "metric", "window",
+                                                           "amount"]}, status="201")},
+            "/admin/limits/{id}": {
+                "get": op("Get a limit", params=(limit_id,)),
+                "patch": op("Change a limit", limit_input, params=(limit_id,)),
+                "delete": op("Delete a limit", params=(limit_id,))},
+            "/admin/usage": {"get": op("Usage and cost per group", params=(
+                *dates, query("group_by", {"type": "string",
+                                           "enum": list(USAGE_GROUP_COLUMNS)})))},
+            "/admin/usage.csv": {"get": {**op("Raw usage events as CSV", params=dates),
+                                         "responses": {"200": {"description": "CSV", "content": {
+                                             "text/csv": {"schema": string}}},
+                                             "400": error, "401": error}}},
+            "/admin/pricing": {"get": op("Prices in force and models without one")},
+            "/admin/pricing/{model}": {"put": op("Set a model's price", price_input,
+                                                 params=(path_param("model"),))},
+            "/admin/reprice": {"post": op("Recompute stored costs from current prices")},
+        },
+    }
+
+
+def admin_openapi(state):
+    """GET /admin/openapi.json: this API, described (open, so tools can read it)."""
+    return state.openapi
+
+
+# =============================================================================
+# 10. Operations
+#    /healthz for load balancers and Docker, /metrics for Prometheus.
+# =============================================================================
+
+def ops_healthz(state):
+    """GET /healthz: 200 when the database answers, 503 otherwise."""
+    try:
+        state.database().execute("select 1 from settings limit 1").fetchone()
+    except sqlite3.Error:
+        log.exception("health check: database does not answer")
+        raise LlimitError(503, "service_unavailable", "The database does not answer.")
+    return {"status": "ok", "version": __version__, "usage_queue": state.writer.depth(),
+            "usage_writer_healthy": state.writer.healthy}
+
+
+def ops_metrics(state):
+    """GET /metrics: Prometheus text format."""
+    token = state.config.metrics_token
+    if token:
+        authorization = bottle.request.environ.get("HTTP_AUTHORIZATION", "")
+        if not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
+            raise LlimitError(401, "invalid_request_error", "This needs the metrics token.")
+    bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+    return render_metrics(state.metrics, state.writer.depth())
+
+
+def _label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(metrics, queue_depth):
+    """The Prometheus exposition text of a Metrics."""
+    lines = []
+
+    def family(name, kind, help_text, samples):
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            label_text = ",".join(f'{k}="{_label(v)}"' for k, v in labels)
+            lines.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
+
+    with metrics._lock:
+        family("llimit_requests_total", "counter", "Proxied calls by project, model, status.",
+               [((("project", p), ("model", m), ("status", s)), n)
+                for (p, m, s), n in sorted(metrics.calls.items())])
+        family("llimit_tokens_total", "counter", "Tokens by project, model and kind.",
+               [((("project", p), ("model", m), ("kind", k)), n)
+                for (p, m, k), n in sorted(metrics.tokens.items())])
+        family("llimit_cost_usd_total", "counter", "Cost in USD by project and model.",
+               [((("project", p), ("model", m)), f"{n / 1e9:.9f}")
+                for (p, m), n in sorted(metrics.cost_nusd.items())])
+        cumulative, buckets = 0, []
+        for edge, count in zip((*LATENCY_BUCKETS_MS, "+Inf"), metrics.latency):
+            cumulative += count
+            le = "+Inf" if edge == "+Inf" else f"{edge / 1000:g}"
+            buckets.append(((("le", le),), cumulative))
+        lines.append("# HELP llimit_upstream_latency_seconds Time waiting on the upstream.")
+        lines.append("# TYPE llimit_upstream_latency_seconds histogram")
+        for labels, value in buckets:
+            lines.append(f'llimit_upstream_latency_seconds_bucket{{le="{labels[0][1]}"}} {value}')
+        lines.append(f"llimit_upstream_latency_seconds_sum {metrics.latency_sum_ms / 1000:.6f}")
+        lines.append(f"llimit_upstream_latency_seconds_count {metrics.latency_count}")
+        family("llimit_open_streams", "gauge", "Streams being relayed now.",
+               [((), metrics.streams_open)])
+        family("llimit_rejections_total", "counter", "Calls refused by llimit, by error type.",
+               [((("type", t),), n) for t, n in sorted(metrics.rejections.items())])
+    family("llimit_usage_queue_depth", "gauge", "Usage events waiting to be written.",
+           [((), queue_depth)])
+    return "\n".join(lines) + "\n"
+
+
+# =============================================================================
+# 11. App assembly
+#    `State` holds the long-lived parts of one llimit (database, prices,
+#    limits, usage writer, upstream pool); `make_app(config)` builds it and
+#    registers every route and error handler, in one list.
+# =============================================================================
+
+JSON_PATH_PREFIXES = ("/v1/", "/openai/", "/admin/", "/llimit/", "/reports/data", "/healthz",
+                      "/metrics")
+
+
+class State:
+    """The parts of a running llimit that outlive a request."""
+
+    def __init__(self, config):
+        self.config = config
+        self.database = Database(config.db_path)
+        migrate(self.database())
+        self.file_prices = load_price_file(config.pricing_path)
+        self.pricebook = Pricebook(self.file_prices, list_price_overrides(self.database()))
+        self.metrics = Metrics()
+        self.limits = Limits(self.database, config.clock)
+        self.alerts = AlertSender(self.database, config.alert_webhook)
+        self.writer = UsageWriter(self.database, self.limits.lock, self.limits.apply,
+                                  self.alerts.record)
+        self.pool = UpstreamPool(config.threads)
+        self.user_header_names = frozenset(header.lower() for header in config.user_headers)
+        self.openapi = _openapi_spec()
+        self.generated_admin_token = None
+
+    def reload_prices(self):
+        """Take up price overrides changed in the database."""
+        self.pricebook = Pricebook(self.file_prices, list_price_overrides(self.database()))
+
+    def close(self):
+        """Write all queued usage and close upstream connections."""
+        self.writer.close()
+        self.pool.close()
+
+
+def _is_json_path(path):
+    return path.startswith(JSON_PATH_PREFIXES)
+
+
+def error_response(error, path):
+    """A LlimitError as OpenAI's JSON shape (JSON routes) or a plain page."""
+    if _is_json_path(path):
+        response = bottle.HTTPResponse(json.dumps(error.body()), status=error.status)
+        response.content_type = "application/json"
+    else:
+        response = bottle.HTTPResponse(_error_page(error), status=error.status)
+        response.content_type = "text/html; charset=utf-8"
+    for name, value in error.headers.items():
+        response.set_header(name, value)
+    return response
+
+
+def _error_page(error):
+    text = bottle.html_escape(error.message)
+    return (f"<!doctype html><title>llimit: {error.status}</title>"
+            f"<h1>{error.status}</h1><p>{text}</p><p><a href='/'>llimit home</a></p>")
+
+
+class ErrorPlugin:
+    """Turns LlimitError (and unexpected failures) into answers, on every route."""
+
+    name = "llimit_errors"
+    api = 2
+
+    def __init__(self, state):
+        self.state = state
+
+    def apply(self, callback, route):
+        metrics = self.state.metrics
+
+        def handle(*args, **kwargs):
+            try:
+                return callback(*args, **kwargs)
+            except LlimitError as error:
+                if error.status in (401, 403, 429, 503):
+                    metrics.observe_rejection(error.code)
+                return error_response(error, bottle.request.path)
+            except sqlite3.OperationalError:
+                log.exception("database busy or unavailable on %s", bottle.request.path)
+                return error_response(LlimitError(
+                    503, "service_unavailable", "The database is busy; try again."),
+                    bottle.request.path)
+            except bottle.HTTPResponse:
+                raise
+            except Exception:
+                log.exception("unexpected error on %s %s", bottle.request.method,
+                              bottle.request.path)
+                return error_response(LlimitError(
+                    500, "server_error", "llimit failed on this request; see its log."),
+                    bottle.request.path)
+        return handle
+
+
+def routes(state):
+    """Every route of llimit: (method, path, handler taking state first)."""
+    return [
+        # the proxy
+        ("ANY", "/v1/<path:path>", proxy_v1),
+        ("ANY", "/openai/deployments/<deployment>/<path:path>", proxy_azure),
+        ("GET", "/llimit/me", llimit_me),
+        # the admin API
+        ("POST", "/admin/keys", admin_keys_create),
+        ("GET", "/admin/keys", admin_keys_list),
+        ("GET", "/admin/keys/<key_id>", admin_key_get),
+        ("PATCH", "/admin/keys/<key_id>", admin_key_update),
+        ("POST", "/admin/keys/<key_id>/revoke", admin_key_revoke),
+        ("GET", "/admin/projects", admin_projects_list),
+        ("POST", "/admin/projects", admin_projects_create),
+        ("GET", "/admin/projects/<project_id>", admin_project_get),
+        ("PATCH", "/admin/projects/<project_id>", admin_project_update),
+        ("DELETE", "/admin/projects/<project_id>", admin_project_delete),
+        ("GET", "/admin/limits", admin_limits_list),
+        ("POST", "/admin/limits", admin_limits_create),
+        ("GET", "/admin/limits/<limit_id>", admin_limit_get),
+        ("PATCH", "/admin/limits/<limit_id>", admin_limit_update),
+        ("DELETE", "/admin/limits/<limit_id>", admin_limit_delete),
+        ("GET", "/admin/usage", admin_usage),
+        ("GET", "/admin/usage.csv", admin_usage_csv),
+        ("GET", "/admin/pricing", admin_pricing_list),
+        ("PUT", "/admin/pricing/<model:path>", admin_pricing_put),
+        ("POST", "/admin/reprice", admin_reprice),
+        ("GET", "/admin/openapi.json", admin_openapi),
+        # operations
+        ("GET", "/healthz", ops_healthz),
+        ("GET", "/metrics", ops_metrics),
+    ]
+
+
+def make_app(config, state=None):
+    """The WSGI app of llimit for a Config; its State is `app.llimit`."""
+    state = state or State(config)
+    with transaction(state.database()) as db:
+        state.generated_admin_token = ensure_admin_token(db, config.admin_token)
+    app = bottle.Bottle()
+    app.config["catchall"] = False  # ErrorPlugin answers; a crash must not turn into HTML
+    app.llimit = state
+    app.install(ErrorPlugin(state))
+    for method, path, handler in routes(state):
+        app.route(path, method, _bind(handler, state), name=handler.__name__)
+    for status in (404, 405):
+        app.error(status)(_bottle_error(status))
+    return app
+
+
+def _bind(handler, state):
+    def bound(**url_args):
+        return handler(state, **url_args)
+    bound.__name__ = handler.__name__
+    bound.__doc__ = handler.__doc__
+    return bound
+
+
+def _bottle_error(status):
+    messages = {404: "Unknown URL.", 405: "Method not allowed for this URL."}
+
+    def handle(error):
+        llimit_error = LlimitError(status, "invalid_request_error",
+                                   f"{messages[status]} ({bottle.request.method}"
+                                   f" {bottle.request.path})", code=f"http_{status}")
+        response = error_response(llimit_error, bottle.request.path)
+        bottle.response.content_type = response.content_type
+        return response.body
+    return handle
+
+
+# =============================================================================
+# 12. CLI
+#    `python llimit.py [serve]` and the admin subcommands (keys, projects,
+#    limits, usage, pricing), which work on the database directly, so they
+#    run with or without a server.
+# =============================================================================
+
+def configure_logging(config):
+    """Logging for a process: one line per event, text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(_JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+class _JsonLogFormatter(logging.Formatter):
+    def format(self, record):
+        entry = {"time": utc_iso(record.created), "level": record.levelname,
+                 "logger": record.name}
+        message = record.getMessage()
+        if record.name == "llimit" and message.startswith("call "):
+            entry["event"] = "call"
+            entry.update(part.split("=", 1) for part in message[5:].split(" ") if "=" in part)
+        else:
+            entry["message"] = message
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def serve(config):
+    """Run the server until SIGTERM or Ctrl-C; open streams may finish first."""
+    configure_logging(config)
+    try:
+        app = make_app(config)
+    except (sqlite3.Error, OSError, ValueError) as error:
+        log.error("cannot start: %s", error)
+        return 1
+    state = app.llimit
+    if state.generated_admin_token:
+        print(f"llimit: generated an admin token (shown this once, only its hash is kept):\n"
+              f"  {state.generated_admin_token}", file=sys.stderr, flush=True)
+    _warn_missing_upstream_keys(state)
+    server = waitress.create_server(
+        app, host=config.host, port=config.port, threads=config.threads, ident="llimit",
+        max_request_body_size=config.max_body_bytes * 2 + 65536,
+        connection_limit=max(100, config.threads * 4), channel_timeout=300)
+    signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state))
+    log.info("llimit %s serving on http://%s:%s (database %s)", __version__,
+             config.host, server.effective_port, config.db_path)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    state.close()
+    return 0
+
+
+def _warn_missing_upstream_keys(state):
+    for project in list_projects(state.database()):
+        _warn_missing_upstream_key(project)
+    if not state.config.upstream_key:
+        log.warning("no LLIMIT_UPSTREAM_KEY (or OPENAI_API_KEY): the default project's calls"
+                    " go upstream without a key")
+
+
+def _graceful_stop(server, state):
+    log.info("SIGTERM: no new connections; open calls have %ss to finish",
+             state.config.grace_seconds)
+    server.close()  # the listening socket; open connections go on being served
+
+    def finish():
+        deadline = time.monotonic() + state.config.grace_seconds
+        dispatcher = server.task_dispatcher
+        while time.monotonic() < deadline and (dispatcher.active_count or dispatcher.queue):
+            time.sleep(0.05)
+        state.close()
+        log.info("stopped; every finished call is metered")
+        logging.shutdown()
+        os._exit(0)
+
+    threading.Thread(target=finish, name="llimit-shutdown", daemon=True).start()
+
+
+def _print_table(rows, columns):
+    widths = [max([len(c)] + [len(_cell(row.get(c))) for row in rows]) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(_cell(row.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _cell(value):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6f}".rstrip("0").rstrip(".") or "0"
+    return str(value)
+
+
+def _cli_state(config):
+    state = State(config)
+    return state, state.database()
+
+
+def cli_keys(config, args):
+    """keys create|list|revoke"""
+    state, db = _cli_state(config)
+    now = config.clock()
+    if args.action == "create":
+        fields = validate_key_fields({"user": args.user, "project": args.project,
+                                      "note": args.note, "expires_at": args.expires_at,
+                                      "models": args.models.split(",") if args.models else None},
+                                     ("user", "project", "note", "expires_at", "models"))
+        with transaction(db):
+            row, raw_key = create_key(db, now, fields["user"], fields["project"] or "default",
+                                      fields["note"], fields["expires_at"], fields["models"])
+        print(f"id:  {row['id']}\nkey: {raw_key}\n(the key is shown this once)")
+    elif args.action == "revoke":
+        with transaction(db):
+            if get_key(db, args.id) is None:
+                raise LlimitError(404, "invalid_request_error", f"No key {args.id!r}.")
+            revoke_key(db, args.id, utc_iso(now))
+        print(f"revoked {args.id}")
+    else:
+        rows = list_keys(db, args.user, args.project, utc_iso(now) if args.active else None)
+        spend = key_spend(db, [row["id"] for row in rows])
+        _print_table([key_to_json(row, spend.get(row["id"])) for row in rows],
+                     ("id", "masked_key", "user", "project", "active", "requests", "cost_usd",
+                      "last_used_at", "note"))
+    return 0
+
+
+def cli_projects(config, args):
+    """projects list|create"""
+    state, db = _cli_state(config)
+    if args.action == "create":
+        data = {"id": args.id, "name": args.name, "upstream_kind": args.kind,
+                "upstream_url": args.url, "upstream_key": args.upstream_key,
+                "api_version": args.api_version, "allow_user_keys": not args.no_user_keys}
+        project = validate_project({k: v for k, v in data.items() if v is not None})
+        project["created_at"] = utc_iso(config.clock())
+        with transaction(db):
+            insert_project(db, project)
+        print(f"created project {project['id']}")
+        return 0
+    _print_table([project_to_json(row) for row in list_projects(db)],
+                 ("id", "name", "upstream_kind", "upstream_url", "upstream_key_source",
+                  "allow_user_keys"))
+    return 0
+
+
+def cli_limits(config, args):
+    """limits list|create|delete"""
+    state, db = _cli_state(config)
+    if args.action == "create":
+        data = {"scope": args.scope, "target": args.target, "each": args.each,
+                "metric": args.metric, "window": args.window, "amount": args.amount,
+                "action": args.limit_action,
+                "alert_at": [float(p) for p in args.alert_at.split(",")] if args.alert_at
+                else None}
+        limit = validate_limit({k: v for k, v in data.items() if v is not None})
+        with transaction(db):
+            limit_id = _insert_new_limit(db, limit, utc_iso(config.clock()))
+        print(f"created limit {limit_id}")
+    elif args.action == "delete":
+        with transaction(db):
+            found = delete_limit(db, args.id)
+        print(f"deleted {args.id}" if found else f"no limit {args.id}")
+        return 0 if found else 1
+    else:
+        _print_table([limit_json(state, db, row) for row in list_limits(db)],
+                     ("id", "scope", "target", "each", "metric", "window", "amount", "used",
+                      "action", "resets_at"))
+    return 0
+
+
+def cli_usage(config, args):
+    """usage --group-by user|key|project|model|day"""
+    state, db = _cli_state(config)
+    query = {"start": args.start, "end": args.end}
+    start, end = report_range(query, config.clock())
+    report = usage_report(db, args.group_by, start, end)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"usage {start} .. {end} by {args.group_by}")
+    _print_table(report["rows"] + [{args.group_by: "TOTAL", **report["totals"]}],
+                 (args.group_by, "requests", "prompt_tokens", "cached_tokens",
+                  "completion_tokens", "cost_usd", "unpriced_requests"))
+    return 0
+
+
+def cli_pricing(config, args):
+    """pricing missing|list"""
+    state, db = _cli_state(config)
+    if args.action == "missing":
+        missing = missing_prices(db, state.pricebook)
+        for model in missing:
+            print(model)
+        if not missing:
+            print("every model seen has a price", file=sys.stderr)
+        return 0
+    for model, price in sorted(state.pricebook.table().items()):
+        print(model, json.dumps(price))
+    return 0
+
+
+def build_parser():
+    """The argparse parser of every subcommand."""
+    flags = config_flags()
+    parser = argparse.ArgumentParser(prog="llimit", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"llimit {__version__}")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", parents=[flags], help="run the gateway (the default)")
+
+    keys = commands.add_parser("keys", parents=[flags], help="create, list, revoke keys")
+    keys_actions = keys.add_subparsers(dest="action", required=True)
+    create = keys_actions.add_parser("create", parents=[flags])
+    create.add_argument("--user")
+    create.add_argument("--project", default="default")
+    create.add_argument("--note")
+    create.add_argument("--expires-at")
+    create.add_argument("--models", help="comma-separated allowed models")
+    listing = keys_actions.add_parser("list", parents=[flags])
+    listing.add_argument("--user")
+    listing.add_argument("--project")
+    listing.add_argument("--active", action="store_true")
+    revoke = keys_actions.add_parser("revoke", parents=[flags])
+    revoke.add_argument("id")
+
+    projects = commands.add_parser("projects", parents=[flags], help="list or create projects")
+    project_actions = projects.add_subparsers(dest="action", required=True)
+    project_actions.add_parser("list", parents=[flags])
+    create = project_actions.add_parser("create", parents=[flags])
+    create.add_argument("id")
+    create.add_argument("--name")
+    create.add_argument("--kind", choices=UPSTREAM_KINDS)
+    create.add_argument("--url")
+    create.add_argument("--upstream-key", help="env:NAME (read at call time) or the key")
+    create.add_argument("--api-version")
+    create.add_argument("--no-user-keys", action="store_true")
+
+    limits = commands.add_parser("limits", parents=[flags], help="list, create, delete limits")
+    limit_actions = limits.add_subparsers(dest="action", required=True)
+    limit_actions.add_parser("list", parents=[flags])
+    create = limit_actions.add_parser("create", parents=[flags])
+    create.add_argument("--scope", required=True, choices=SCOPES)
+    create.add_argument("--target")
+    create.add_argument("--each", choices=("user", "key"))
+    create.add_argument("--metric", required=True, choices=METRICS)
+    create.add_argument("--window", required=True, choices=WINDOWS)
+    create.add_argument("--amount", required=True, type=float)
+    create.add_argument("--action", dest="limit_action", choices=ACTIONS, default="block")
+    create.add_argument("--alert-at", help="comma-separated percentages, e.g. 80,90")
+    delete = limit_actions.add_parser("delete", parents=[flags])
+    delete.add_argument("id")
+
+    usage = commands.add_parser("usage", parents=[flags], help="usage and cost per group")
+    usage.add_argument("--group-by", default="user", choices=tuple(USAGE_GROUP_COLUMNS))
+    usage.add_argument("--start", help="first UTC day, YYYY-MM-DD (default: 30 days ago)")
+    usage.add_argument("--end", help="last UTC day, YYYY-MM-DD (default: today)")
+    usage.add_argument("--json", action="store_true")
+
+    pricing = commands.add_parser("pricing", parents=[flags], help="prices in force")
+    pricing.add_argument("action", choices=("missing", "list"))
+    return parser
+
+
+COMMANDS = {"keys": cli_keys, "projects": cli_projects, "limits": cli_limits,
+            "usage": cli_usage, "pricing": cli_pricing}
+
+
+def main(argv=None):
+    """The command line; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    args = build_parser().parse_args(argv)
+    config = load_config(argv[1:])
+    if args.command == "serve":
+        return serve(config)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](config, args)
+    except LlimitError as error:
+        print(f"llimit: {error.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
