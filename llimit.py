@@ -39,8 +39,10 @@ import urllib.parse
 
 import bottle
 import requests
+import urllib3
 import sseclient
 import waitress
+import waitress.wasyncore
 
 log = logging.getLogger("llimit")
 
@@ -1668,10 +1670,10 @@ class AlertSender:
                         "text": alert["text"], "limit_id": alert["limit_id"],
                         "subject": alert["subject"], "threshold": alert["threshold"],
                         "window_start": alert["window_start"]})
-                    if resp.status_code < 300:
+                    if resp.status < 300:
                         mark_alert_delivered(self.database(), alert, utc_iso(time.time()))
                         break
-                    log.warning("alert webhook answered %s", resp.status_code)
+                    log.warning("alert webhook answered %s", resp.status)
                 except requests.RequestException as error:
                     log.warning("alert webhook failed: %s", type(error).__name__)
                 time.sleep(min(2 ** attempt, 30))
@@ -1679,7 +1681,7 @@ class AlertSender:
 
 # =============================================================================
 # 5. Upstream proxy
-#    Where a call goes and how: one pooled requests session per upstream,
+#    Where a call goes and how: pooled urllib3 connections per upstream,
 #    header rewriting (the client's credentials out, the upstream's in,
 #    hop-by-hop headers dropped), and the SSE relay that passes each event on
 #    as it arrives while a StreamMeter reads its usage. Knows nothing of keys
@@ -1740,43 +1742,45 @@ def resolve_upstream(project, config, environ=None):
 
 
 class UpstreamPool:
-    """One requests session per upstream origin, so connections are reused."""
+    """Pooled keep-alive connections to every upstream, shared by all threads.
 
-    def __init__(self, pool_size):
-        self.pool_size = pool_size
-        self._sessions = {}
+    The hot path speaks urllib3 (the library under requests) directly: a call
+    through requests.Session costs about 0.6 ms of CPU against 0.15 ms here,
+    which is most of llimit's own budget. Proxy settings (HTTPS_PROXY,
+    NO_PROXY) and CA bundles (REQUESTS_CA_BUNDLE, SSL_CERT_FILE) are honoured
+    as requests would, read once per upstream origin.
+    """
+
+    def __init__(self, pool_size, connect_timeout, read_timeout):
+        self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        self._options = dict(num_pools=64, maxsize=pool_size, block=False, retries=False,
+                             timeout=self._timeout, ca_certs=_ca_bundle())
+        self._direct = urllib3.PoolManager(**self._options)
+        self._by_origin = {}
         self._lock = threading.Lock()
 
-    def session(self, url):
-        """The pooled session for the origin of `url`."""
-        origin = url.split("/", 3)[:3]
-        origin_key = "/".join(origin)
-        session = self._sessions.get(origin_key)
-        if session is None:
+    def manager(self, url):
+        """The pool manager for `url`: direct, or through the environment's proxy."""
+        origin = "/".join(url.split("/", 3)[:3])
+        manager = self._by_origin.get(origin)
+        if manager is None:
             with self._lock:
-                session = self._sessions.get(origin_key)
-                if session is None:
-                    session = self._sessions[origin_key] = self._new_session(origin_key)
-        return session
-
-    def _new_session(self, origin):
-        session = requests.Session()
-        # Proxy settings come from the environment once, not on every call
-        # (trust_env re-reads them per request, which costs more than the call).
-        session.proxies = requests.utils.get_environ_proxies(origin)
-        session.trust_env = False
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=self.pool_size,
-                                                max_retries=0)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        return session
+                proxy = requests.utils.get_environ_proxies(origin).get(origin.split(":")[0])
+                manager = (urllib3.ProxyManager(proxy, **self._options) if proxy
+                           else self._direct)
+                self._by_origin[origin] = manager
+        return manager
 
     def close(self):
         """Close every pooled connection."""
         with self._lock:
-            for session in self._sessions.values():
-                session.close()
-            self._sessions.clear()
+            for manager in {id(m): m for m in (self._direct, *self._by_origin.values())}.values():
+                manager.clear()
+
+
+def _ca_bundle():
+    return (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE")
+            or requests.certs.where())
 
 
 def upstream_url(upstream, path, query_string, deployment=None, model=None):
@@ -1819,18 +1823,17 @@ def upstream_headers(environ, upstream, extra_dropped=()):
     return headers
 
 
-def send_upstream(pool, method, url, headers, body, config):
-    """Send a call upstream, headers read and body not; failures become 502 or 504."""
+def send_upstream(pool, method, url, headers, body):
+    """Send a call upstream and return once its headers are in; failures become 502 or 504."""
     try:
-        return pool.session(url).request(
-            method, url, headers=headers, data=body or None, stream=True,
-            allow_redirects=False, timeout=(config.connect_timeout, config.upstream_timeout))
-    except requests.exceptions.Timeout:
+        return pool.manager(url).urlopen(method, url, body=body or None, headers=headers,
+                                         redirect=False, preload_content=False,
+                                         decode_content=True)
+    except urllib3.exceptions.TimeoutError:
         raise LlimitError(504, "upstream_timeout", "The upstream did not answer in time.",
                           code="upstream_timeout") from None
-    except (requests.RequestException, OSError) as error:
-        log.warning("upstream %s unreachable: %s", url.split("?")[0],
-                    type(error).__name__)
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        log.warning("upstream %s unreachable: %s", url.split("?")[0], type(error).__name__)
         raise LlimitError(502, "upstream_error", "The upstream could not be reached.",
                           code="upstream_unreachable") from None
 
@@ -1838,20 +1841,22 @@ def send_upstream(pool, method, url, headers, body, config):
 def read_upstream_body(resp):
     """The whole (decoded) body of a non-stream upstream response; 502/504 if it breaks."""
     try:
-        return resp.content
-    except requests.exceptions.Timeout:
+        content = resp.read()
+        resp.release_conn()
+        return content
+    except urllib3.exceptions.TimeoutError:
+        resp.close()
         raise LlimitError(504, "upstream_timeout", "The upstream stopped answering.",
                           code="upstream_timeout") from None
-    except (requests.RequestException, OSError):
+    except (urllib3.exceptions.HTTPError, OSError):
+        resp.close()
         raise LlimitError(502, "upstream_error", "The upstream broke off its answer.",
                           code="upstream_broken") from None
-    finally:
-        resp.close()
 
 
 def client_response_headers(resp):
     """(name, value) pairs of an upstream response that pass on to the client."""
-    return [(name, value) for name, value in resp.raw.headers.items()
+    return [(name, value) for name, value in resp.headers.items()
             if name.lower() not in DROPPED_RESPONSE_HEADERS]
 
 
@@ -1893,7 +1898,7 @@ def _usage_from_body_ends(content):
 
 def upstream_chunks(resp):
     """The raw bytes of a streaming response as they arrive (not waiting to fill a buffer)."""
-    read = resp.raw.read1
+    read = resp.read1
     while True:
         chunk = read(65536)
         if not chunk:
@@ -2313,7 +2318,7 @@ def _proxy(state, path, deployment=None):
     headers = upstream_headers(environ, upstream, state.user_header_names)
     sent = time.perf_counter()
     try:
-        resp = send_upstream(state.pool, environ["REQUEST_METHOD"], url, headers, body, config)
+        resp = send_upstream(state.pool, environ["REQUEST_METHOD"], url, headers, body)
     except LlimitError as error:
         call.upstream_ms = (time.perf_counter() - sent) * 1000
         _meter(state, call, error.status, None, None, "unpriced", stream=False, wait=False)
@@ -2406,9 +2411,9 @@ def _relay_whole(state, call, resp):
         raise
     call.upstream_ms += (time.perf_counter() - before_body) * 1000
     model, usage = usage_from_response_body(content)
-    _meter(state, call, resp.status_code, model, usage,
+    _meter(state, call, resp.status, model, usage,
            "priced" if usage is not None else "unpriced", stream=False)
-    response = bottle.HTTPResponse(body=content, status=resp.status_code)
+    response = bottle.HTTPResponse(body=content, status=resp.status)
     for name, value in client_response_headers(resp):
         response.add_header(name, value)
     for name, value in call.admission.headers.items():
@@ -2422,7 +2427,7 @@ def _relay_whole(state, call, resp):
 
 def _relay_stream(state, call, resp, kind, hide_usage_chunk):
     overhead_ms = (time.perf_counter() - call.started) * 1000 - call.upstream_ms
-    response = bottle.HTTPResponse(status=resp.status_code)
+    response = bottle.HTTPResponse(status=resp.status)
     for name, value in client_response_headers(resp):
         response.add_header(name, value)
     for name, value in call.admission.headers.items():
@@ -2459,7 +2464,7 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
                 if not (usage_chunk and hide_usage_chunk):
                     yield raw_event
             finished = True
-        except (requests.RequestException, OSError, _urllib3_errors()) as error:
+        except (urllib3.exceptions.HTTPError, OSError) as error:
             broken = True
             log.warning("upstream stream of request_id=%s broke off: %s", call.request_id,
                         type(error).__name__)
@@ -2472,7 +2477,7 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
             + call.upstream_ms
         complete = finished and meter.usage is not None
         usage = meter.usage if complete else meter.estimate(call.prompt_estimate)
-        _meter(state, call, resp.status_code, meter.model, usage,
+        _meter(state, call, resp.status, meter.model, usage,
                "priced" if complete else "estimated", stream=True,
                wait=finished, overhead_ms=overhead_ms)
         state.metrics.open_streams(-1)
@@ -2488,13 +2493,8 @@ def _drain(resp, meter, seconds):
             if time.monotonic() > deadline:
                 return False
         return True
-    except (requests.RequestException, OSError, _urllib3_errors()):
+    except (urllib3.exceptions.HTTPError, OSError):
         return False
-
-
-def _urllib3_errors():
-    # requests leaves urllib3's own errors unwrapped when reading raw.
-    return requests.packages.urllib3.exceptions.HTTPError
 
 
 
@@ -3122,7 +3122,7 @@ class State:
         self.alerts = AlertSender(self.database, config.alert_webhook)
         self.writer = UsageWriter(self.database, self.limits.lock, self.limits.apply,
                                   self.alerts.record)
-        self.pool = UpstreamPool(config.threads)
+        self.pool = UpstreamPool(config.threads, config.connect_timeout, config.upstream_timeout)
         self.user_header_names = frozenset(header.lower() for header in config.user_headers)
         self.openapi = _openapi_spec()
         self.generated_admin_token = None
@@ -3341,7 +3341,11 @@ def _warn_missing_upstream_keys(state):
 def _graceful_stop(server, state):
     log.info("SIGTERM: no new connections; open calls have %ss to finish",
              state.config.grace_seconds)
-    server.close()  # the listening socket; open connections go on being served
+    # Stop accepting now; close the listening socket from inside the event loop
+    # (closing it here, under a running select, breaks the loop), and only it:
+    # server.close() would also close the trigger that open streams' writes use.
+    server.accepting = False
+    server.trigger.pull_trigger(lambda: waitress.wasyncore.dispatcher.close(server))
 
     def finish():
         deadline = time.monotonic() + state.config.grace_seconds
