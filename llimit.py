@@ -900,6 +900,22 @@ class Pricebook:
         return None
 
 
+def save_price(db, model, price, now_iso):
+    """Store an admin's price for a model (USD per 1M tokens); 400 when it is malformed."""
+    error = validate_price(price)
+    if error:
+        raise LlimitError(400, "invalid_request_error", error, code="invalid_price")
+    if not model or len(model) > 200:
+        raise LlimitError(400, "invalid_request_error", "Bad model name.")
+    with transaction(db):
+        upsert_price_override(db, model, price, now_iso)
+
+
+def missing_prices(db, pricebook):
+    """Models that usage was recorded for but that have no price now."""
+    return [model for model in list_seen_models(db) if pricebook.resolve(model) is None]
+
+
 @dataclasses.dataclass
 class Usage:
     """Tokens of one call, in the contract's terms (prompt includes cached)."""
@@ -1459,6 +1475,26 @@ class Limits:
         column = ("requests", "tokens", "cost_nusd")[index]
         return get_counter_max_member(db, prefix, first, last, column), end
 
+    def status(self, db, limit):
+        """A limit with `used` and `resets_at` for its current window (largest member for `each`)."""
+        if limit["each"]:
+            used, end = self.used_by_top_member(db, limit)
+        else:
+            subject = {"global": "*", "project": f"p:{limit['target']}",
+                       "user": f"u:{limit['target']}", "key": f"k:{limit['target']}"}
+            used, end = self.used(db, limit, subject[limit["scope"]])
+        return limit_to_json(limit, used, end)
+
+    def applying(self, db, project_id, user_name, key_id):
+        """(subject, limit_to_json) of every limit a call of this project, user and key is under."""
+        applying = []
+        for limit in limits_for_call(db, project_id, user_name, key_id):
+            subject = limit_subject(limit, project_id, user_name, key_id)
+            if subject is not None:
+                used, end = self.used(db, limit, subject)
+                applying.append((subject, limit_to_json(limit, used, end)))
+        return applying
+
     def forget_locked(self):
         """Drop cached totals after a reprice rewrote them (minute ones stay); hold `lock`."""
         self._used = {key: entry for key, entry in self._used.items() if key[1] == "minute"}
@@ -1629,6 +1665,13 @@ def limit_to_json(limit, used, end):
         "remaining": max(amount - used, 0) / scale if scale != 1 else max(amount - used, 0),
         "resets_at": None if end is None else utc_iso(end),
     }
+
+
+def add_limit(db, limit, now_iso):
+    """Store a validated limit under a fresh id; returns the id."""
+    limit = {**limit, "id": "lim_" + secrets.token_hex(6), "created_at": now_iso}
+    insert_limit(db, limit)
+    return limit["id"]
 
 
 class AlertSender:
@@ -2018,6 +2061,45 @@ def budget_limits(project_id, budget):
                                       "metric": metrics[0], "amount": item[metrics[0]],
                                       "window": fields.pop("window", "month"), **fields}))
     return limits
+
+
+def create_project(db, data, now_iso):
+    """Add a project from input, its `budget` shorthand as limits; 409 if the id is taken."""
+    project = validate_project(data)
+    limits = budget_limits(project["id"], data["budget"]) if data.get("budget") else []
+    project["created_at"] = now_iso
+    with transaction(db):
+        if get_project(db, project["id"]) is not None:
+            raise LlimitError(409, "invalid_request_error",
+                              f"A project {project['id']!r} exists already.",
+                              code="project_exists")
+        insert_project(db, project)
+        for limit in limits:
+            add_limit(db, limit, now_iso)
+    _warn_missing_upstream_key(project)
+    return project
+
+
+def change_project(db, project_id, data, now_iso):
+    """Change a project from input (a `budget` adds limits); 404 if there is none."""
+    with transaction(db):
+        current = get_project(db, project_id)
+        if current is None:
+            raise LlimitError(404, "invalid_request_error", f"No project {project_id!r}.",
+                              code="project_not_found")
+        project = validate_project(data, dict(current))
+        update_project(db, project)
+        for limit in budget_limits(project_id, data["budget"]) if data.get("budget") else []:
+            add_limit(db, limit, now_iso)
+    _warn_missing_upstream_key(project)
+    return project
+
+
+def _warn_missing_upstream_key(project):
+    key = project["upstream_key"]
+    if key and key.startswith("env:") and not os.environ.get(key[4:]):
+        log.warning("project %s: upstream key variable %s is not set; its calls will get 502",
+                    project["id"], key[4:])
 
 
 def project_to_json(project):
@@ -2607,20 +2689,7 @@ def admin_projects_list(state):
 def admin_projects_create(state):
     """POST /admin/projects, with an optional `budget` shorthand that becomes limits."""
     require_admin(state)
-    data = _json_input()
-    project = validate_project(data)
-    limits = budget_limits(project["id"], data["budget"]) if data.get("budget") else []
-    project["created_at"] = utc_iso(state.config.clock())
-    db = state.database()
-    with transaction(db):
-        if get_project(db, project["id"]) is not None:
-            raise LlimitError(409, "invalid_request_error",
-                              f"A project {project['id']!r} exists already.",
-                              code="project_exists")
-        insert_project(db, project)
-        for limit in limits:
-            _insert_new_limit(db, limit, project["created_at"])
-    _warn_missing_upstream_key(project)
+    project = create_project(state.database(), _json_input(), utc_iso(state.config.clock()))
     return _created(admin_project_get(state, project["id"]))
 
 
@@ -2636,7 +2705,7 @@ def admin_project_get(state, project_id):
     require_admin(state)
     db = state.database()
     project = project_to_json(_project_or_404(db, project_id))
-    project["limits"] = [limit_json(state, db, row) for row in list_limits(db)
+    project["limits"] = [state.limits.status(db, row) for row in list_limits(db)
                          if row["scope"] == "project" and row["target"] == project_id]
     return project
 
@@ -2644,14 +2713,7 @@ def admin_project_get(state, project_id):
 def admin_project_update(state, project_id):
     """PATCH /admin/projects/<id>"""
     require_admin(state)
-    data = _json_input()
-    db = state.database()
-    with transaction(db):
-        project = validate_project(data, dict(_project_or_404(db, project_id)))
-        update_project(db, project)
-        for limit in budget_limits(project_id, data["budget"]) if data.get("budget") else []:
-            _insert_new_limit(db, limit, utc_iso(state.config.clock()))
-    _warn_missing_upstream_key(project)
+    change_project(state.database(), project_id, _json_input(), utc_iso(state.config.clock()))
     return admin_project_get(state, project_id)
 
 
@@ -2667,35 +2729,11 @@ def admin_project_delete(state, project_id):
     return {"id": project_id, "deleted": True}
 
 
-def _warn_missing_upstream_key(project):
-    key = project["upstream_key"]
-    if key and key.startswith("env:") and not os.environ.get(key[4:]):
-        log.warning("project %s: upstream key variable %s is not set; its calls will get 502",
-                    project["id"], key[4:])
-
-
-def limit_json(state, db, limit):
-    """A limit with `used` and `resets_at` for its current window (largest member for `each`)."""
-    if limit["each"]:
-        used, end = state.limits.used_by_top_member(db, limit)
-    else:
-        subject = {"global": "*", "project": f"p:{limit['target']}",
-                   "user": f"u:{limit['target']}", "key": f"k:{limit['target']}"}
-        used, end = state.limits.used(db, limit, subject[limit["scope"]])
-    return limit_to_json(limit, used, end)
-
-
-def _insert_new_limit(db, limit, now_iso):
-    limit = {**limit, "id": "lim_" + secrets.token_hex(6), "created_at": now_iso}
-    insert_limit(db, limit)
-    return limit["id"]
-
-
 def admin_limits_list(state):
     """GET /admin/limits"""
     require_admin(state)
     db = state.database()
-    return {"data": [limit_json(state, db, row) for row in list_limits(db)]}
+    return {"data": [state.limits.status(db, row) for row in list_limits(db)]}
 
 
 def admin_limits_create(state):
@@ -2704,7 +2742,7 @@ def admin_limits_create(state):
     limit = validate_limit(_json_input())
     db = state.database()
     with transaction(db):
-        limit_id = _insert_new_limit(db, limit, utc_iso(state.config.clock()))
+        limit_id = add_limit(db, limit, utc_iso(state.config.clock()))
     return _created(admin_limit_get(state, limit_id))
 
 
@@ -2719,7 +2757,7 @@ def admin_limit_get(state, limit_id):
     """GET /admin/limits/<id>"""
     require_admin(state)
     db = state.database()
-    return limit_json(state, db, _limit_or_404(db, limit_id))
+    return state.limits.status(db, _limit_or_404(db, limit_id))
 
 
 def admin_limit_update(state, limit_id):
@@ -2833,11 +2871,6 @@ def _usage_csv_lines(database, start_ms, end_ms):
     yield buffer.getvalue().encode()
 
 
-def missing_prices(db, pricebook):
-    """Models that usage was recorded for but that have no price now."""
-    return [model for model in list_seen_models(db) if pricebook.resolve(model) is None]
-
-
 def admin_pricing_list(state):
     """GET /admin/pricing: prices in force, and models seen without one."""
     require_admin(state)
@@ -2851,14 +2884,7 @@ def admin_pricing_put(state, model):
     """PUT /admin/pricing/<model>: set a model's USD per 1M tokens (kept in the database)."""
     require_admin(state)
     price = _json_input()
-    error = validate_price(price)
-    if error:
-        raise LlimitError(400, "invalid_request_error", error, code="invalid_price")
-    if not model or len(model) > 200:
-        raise LlimitError(400, "invalid_request_error", "Bad model name.")
-    db = state.database()
-    with transaction(db):
-        upsert_price_override(db, model, price, utc_iso(state.config.clock()))
+    save_price(state.database(), model, price, utc_iso(state.config.clock()))
     state.reload_prices()
     return {"model": model, **{f: price.get(f) for f in PRICE_FIELDS if f in price}}
 
@@ -2909,12 +2935,8 @@ def llimit_me(state):
     environ = bottle.request.environ
     key = authenticate_key(db, environ, state.config.clock())
     user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers)
-    limits = []
-    for limit in limits_for_call(db, key["project_id"], user_name, key["id"]):
-        subject = limit_subject(limit, key["project_id"], user_name, key["id"])
-        if subject is not None:
-            used, end = state.limits.used(db, limit, subject)
-            limits.append(limit_to_json(limit, used, end))
+    limits = [status for _, status in
+              state.limits.applying(db, key["project_id"], user_name, key["id"])]
     return {"user": user_name, "project": key["project_id"], "key": key["masked_key"],
             "key_id": key["id"], "limits": limits}
 
@@ -3438,7 +3460,7 @@ def cli_limits(config, args):
                 else None}
         limit = validate_limit({k: v for k, v in data.items() if v is not None})
         with transaction(db):
-            limit_id = _insert_new_limit(db, limit, utc_iso(config.clock()))
+            limit_id = add_limit(db, limit, utc_iso(config.clock()))
         print(f"created limit {limit_id}")
     elif args.action == "delete":
         with transaction(db):
@@ -3446,7 +3468,7 @@ def cli_limits(config, args):
         print(f"deleted {args.id}" if found else f"no limit {args.id}")
         return 0 if found else 1
     else:
-        _print_table([limit_json(state, db, row) for row in list_limits(db)],
+        _print_table([state.limits.status(db, row) for row in list_limits(db)],
                      ("id", "scope", "target", "each", "metric", "window", "amount", "used",
                       "action", "resets_at"))
     return 0
