@@ -24,6 +24,7 @@ import datetime as dt
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -214,6 +215,8 @@ def load_config(argv=(), environ=None):
     _apply_entra_shortcut(values, environ)
     if values["auth"] not in ("open", "header", "oidc"):
         raise SystemExit("llimit: LLIMIT_AUTH must be open, header or oidc")
+    if values["auth"] == "oidc":
+        _check_oidc_settings(values)
     if values["log_format"] not in ("text", "json"):
         raise SystemExit("llimit: LLIMIT_LOG_FORMAT must be text or json")
     return Config(**values)
@@ -233,6 +236,23 @@ def _apply_entra_shortcut(values, environ):
         values["oidc_allowed_domains"] = (domain,)
     if values["auth"] == "open" and not environ.get("LLIMIT_AUTH"):
         values["auth"] = "oidc"
+
+
+def _check_oidc_settings(values):
+    if not values["oidc_issuer"] or not values["oidc_client_id"]:
+        raise SystemExit("llimit: LLIMIT_AUTH=oidc needs LLIMIT_OIDC_ISSUER and"
+                         " LLIMIT_OIDC_CLIENT_ID")
+    # The ID token is trusted because it comes straight from the issuer's token
+    # endpoint over TLS (see OidcClient), so plain http is only for this machine.
+    if not is_https_or_loopback(values["oidc_issuer"]):
+        raise SystemExit("llimit: LLIMIT_OIDC_ISSUER must be an https URL")
+
+
+def is_https_or_loopback(url):
+    """Whether a URL is https, or http to this machine (for tests and local providers)."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme == "https" or (
+        parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1"))
 
 
 # =============================================================================
@@ -370,6 +390,24 @@ create table alerts_sent (
     delivered_at text,
     primary key (limit_id, subject, window_start, threshold)
 ) without rowid;
+commit;
+"""),
+    ("0003 sessions", """
+begin;
+-- Page sign-in. The cookie holds a random session id; only its SHA-256 is
+-- kept, so a copy of the database signs no one in. A row with no user is a
+-- browser on its way to signing in (it carries the login form's CSRF token
+-- and, for OIDC, the pending state, nonce and PKCE verifier).
+create table sessions (
+    id_hash text primary key,       -- SHA-256 hex of the session id
+    user_name text,                 -- null: not signed in as a user
+    is_admin integer not null default 0,  -- 1: signed in with the admin token
+    csrf_token text not null,
+    pending text,                   -- JSON of an OIDC sign-in under way, or null
+    created_at text not null,
+    expires_at text not null
+) without rowid;
+create index sessions_expires on sessions (expires_at);
 commit;
 """),
 ]
@@ -812,6 +850,36 @@ def mark_alert_delivered(db, alert, delivered_at):
                " and window_start = ? and threshold = ?",
                (delivered_at, alert["limit_id"], alert["subject"], alert["window_start"],
                 alert["threshold"]))
+
+
+# --- sessions -------------------------------------------------------------------
+
+def insert_session(db, session):
+    """Store a new session from a dict."""
+    db.execute("insert into sessions (id_hash, user_name, is_admin, csrf_token, pending,"
+               " created_at, expires_at) values (:id_hash, :user_name, :is_admin,"
+               " :csrf_token, :pending, :created_at, :expires_at)", session)
+
+
+def get_session(db, id_hash, now_iso):
+    """The unexpired session with this id hash, or None."""
+    return db.execute("select * from sessions where id_hash = ? and expires_at > ?",
+                      (id_hash, now_iso)).fetchone()
+
+
+def set_session_pending(db, id_hash, pending):
+    """Keep (or clear, with None) the OIDC sign-in a session has under way."""
+    db.execute("update sessions set pending = ? where id_hash = ?", (pending, id_hash))
+
+
+def delete_session(db, id_hash):
+    """End a session."""
+    db.execute("delete from sessions where id_hash = ?", (id_hash,))
+
+
+def delete_expired_sessions(db, now_iso):
+    """Forget sessions that have expired."""
+    db.execute("delete from sessions where expires_at <= ?", (now_iso,))
 
 
 def _iso_from_ms(ms):
@@ -2122,7 +2190,9 @@ def project_to_json(project):
 # =============================================================================
 # 6. Auth and the proxy handlers
 #    Who is calling: llimit keys (only their SHA-256 is stored), the admin
-#    token, and the end user a project key speaks for. Then the proxy
+#    token, the end user a project key speaks for, and who is looking at a
+#    page (server-side sessions, the CSRF check, open / header / OIDC
+#    sign-in). Then the proxy
 #    handlers, which sit here because the first thing they do is call auth:
 #    auth -> limits (4) -> upstream (5) -> metering (3).
 # =============================================================================
@@ -2204,6 +2274,11 @@ def clean_user_name(value):
     return USER_NAME_JUNK.sub("", value).strip()[:MAX_USER_NAME] or None
 
 
+def secrets_match(presented, expected):
+    """Whether a presented secret equals the expected one, in constant time."""
+    return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))
+
+
 def admin_token_matches(db, presented):
     """Whether a presented admin token is the current one (constant-time)."""
     stored = get_setting(db, "admin_token_sha256")
@@ -2223,7 +2298,7 @@ def ensure_admin_token(db, admin_token):
 
 
 def require_admin(state):
-    """Raise 401 unless the request carries the admin token (or an admin session)."""
+    """Raise 401 unless the request carries the admin token (pages use sessions)."""
     environ = bottle.request.environ
     authorization = environ.get("HTTP_AUTHORIZATION", "")
     token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
@@ -2332,6 +2407,334 @@ def key_to_json(row, spend=None):
             row["expires_at"] is None or row["expires_at"] > utc_iso(time.time())),
         "requests": requests_made, "cost_usd": nusd_to_usd(cost),
     }
+
+
+# --- page sign-in: sessions, CSRF, and the three ways in --------------------------
+
+SESSION_COOKIE = "llimit_session"
+SESSION_SECONDS = 7 * 86400
+PENDING_SESSION_SECONDS = 3600     # a browser on its way to signing in
+FORM_MAX_BYTES = 64 * 1024
+OIDC_SCOPES = "openid email profile"
+OIDC_CLOCK_SKEW_SECONDS = 120
+
+
+@dataclasses.dataclass(frozen=True)
+class PageSession:
+    """Who is looking at a page, from their session row; the empty one is nobody."""
+    id_hash: str | None = None        # None: this browser has no session
+    user_name: str | None = None
+    token_admin: bool = False         # signed in with the admin token
+    is_admin: bool = False            # the admin token, or a user in LLIMIT_ADMIN_USERS
+    csrf_token: str | None = None
+    pending: dict | None = None       # an OIDC sign-in under way
+    sees_reports: bool = False
+
+    @property
+    def signed_in(self):
+        return bool(self.user_name or self.is_admin)
+
+
+def sign_in_warnings(config):
+    """What `serve` warns about the page sign-in configured, one line each."""
+    warnings = []
+    if config.auth == "open":
+        warnings.append("LLIMIT_AUTH=open: pages sign in whoever types a user name, so anyone"
+                        " who can reach llimit can act as anyone (get keys, see usage);"
+                        " use header or oidc beyond a trusted intranet")
+        if config.admin_users:
+            warnings.append("LLIMIT_AUTH=open: LLIMIT_ADMIN_USERS is ignored, as anyone could"
+                            " type those names; admins sign in with the admin token")
+    if config.auth == "oidc" and not config.oidc_allowed_domains:
+        warnings.append("LLIMIT_AUTH=oidc without LLIMIT_OIDC_ALLOWED_DOMAINS: every account"
+                        " the provider signs in may use llimit")
+    return warnings
+
+
+def page_session(state):
+    """The PageSession of this request: its cookie, or with --auth header the proxy's user."""
+    config = state.config
+    raw_id = bottle.request.get_cookie(SESSION_COOKIE)
+    row = (get_session(state.database(), hash_secret(raw_id), utc_iso(config.clock()))
+           if raw_id else None)
+    session = _session_view(config, row, row["user_name"] if row else None)
+    if config.auth == "header":
+        user_name = header_user(config, bottle.request.environ)
+        if user_name and user_name != session.user_name:
+            session = sign_in(state, session, user_name)
+        elif user_name is None and session.user_name:
+            session = _session_view(config, row, None)  # the proxy vouches for no one now
+    return session
+
+
+def _session_view(config, row, user_name):
+    if row is None:
+        return PageSession()
+    token_admin = bool(row["is_admin"])
+    is_admin = token_admin or bool(
+        user_name and config.auth != "open" and user_name in config.admin_users)
+    return PageSession(
+        id_hash=row["id_hash"], user_name=user_name, token_admin=token_admin,
+        is_admin=is_admin, csrf_token=row["csrf_token"],
+        pending=json.loads(row["pending"]) if row["pending"] else None,
+        sees_reports=is_admin or bool(config.reports_public and user_name))
+
+
+def sign_in(state, session, user_name, token_admin=False):
+    """Replace the browser's session (if any) with a new one for a user; sets the cookie."""
+    return _new_session(state, session, user_name, token_admin, SESSION_SECONDS)
+
+
+def ensure_session(state, session):
+    """A session for a browser that has none yet, so its sign-in form can carry a CSRF token."""
+    if session.id_hash:
+        return session
+    return _new_session(state, session, None, False, PENDING_SESSION_SECONDS)
+
+
+def _new_session(state, old, user_name, token_admin, seconds):
+    now = state.config.clock()
+    raw_id = secrets.token_urlsafe(32)
+    row = {"id_hash": hash_secret(raw_id), "user_name": user_name,
+           "is_admin": int(token_admin), "csrf_token": secrets.token_urlsafe(32),
+           "pending": None, "created_at": utc_iso(now), "expires_at": utc_iso(now + seconds)}
+    db = state.database()
+    with transaction(db):
+        if old.id_hash:  # a new id at every sign-in: a planted cookie signs no one in
+            delete_session(db, old.id_hash)
+        delete_expired_sessions(db, row["created_at"])
+        insert_session(db, row)
+    bottle.response.set_cookie(SESSION_COOKIE, raw_id, max_age=seconds, path="/",
+                               httponly=True, samesite="lax",
+                               secure=state.config.base_url.startswith("https:"))
+    return _session_view(state.config, row, user_name)
+
+
+def sign_out(state, session):
+    """End the browser's session and drop its cookie."""
+    if session.id_hash:
+        db = state.database()
+        with transaction(db):
+            delete_session(db, session.id_hash)
+    bottle.response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="lax",
+                                  secure=state.config.base_url.startswith("https:"))
+
+
+def checked_form(state, session):
+    """The form of a state-changing POST, once it is known to come from llimit's own page.
+
+    The one place cross-site posts are refused (Sec-Fetch-Site, Origin) and the
+    session's CSRF token is checked; every page POST goes through it.
+    """
+    environ = bottle.request.environ
+    fetch_site = environ.get("HTTP_SEC_FETCH_SITE")
+    origin = environ.get("HTTP_ORIGIN")
+    if fetch_site not in (None, "same-origin") or (
+            origin is not None and origin not in _own_origins(state.config)):
+        raise LlimitError(403, "permission_denied",
+                          "This form was sent from another site, so llimit refused it.",
+                          code="cross_site_post")
+    if int(environ.get("CONTENT_LENGTH") or 0) > FORM_MAX_BYTES:
+        raise LlimitError(413, "invalid_request_error", "This form is too large.",
+                          code="request_too_large")
+    form = bottle.request.forms.decode()
+    token = form.get("csrf_token", "")
+    if not (session.csrf_token and token and secrets_match(token, session.csrf_token)):
+        raise LlimitError(403, "permission_denied",
+                          "This form has expired or was not sent from llimit's page;"
+                          " reload the page and try again.", code="csrf_token_invalid")
+    return form
+
+
+def _own_origins(config):
+    parts = bottle.request.urlparts
+    return {f"{parts.scheme}://{parts.netloc}", _origin(config.base_url)}
+
+
+def header_user(config, environ):
+    """The user an SSO proxy names in LLIMIT_AUTH_HEADER, only from LLIMIT_TRUSTED_PROXIES."""
+    value = environ.get("HTTP_" + config.auth_header.upper().replace("-", "_"))
+    if not value or not _address_trusted(environ.get("REMOTE_ADDR"), config.trusted_proxies):
+        return None
+    return user_from_email(value)
+
+
+def _address_trusted(address, trusted):
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    for entry in trusted:
+        try:
+            if ip in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def user_from_email(value):
+    """A user name from an e-mail address (its local part, lower case) or a plain name."""
+    return clean_user_name(value.strip().rsplit("@", 1)[0].lower() if "@" in value
+                           else value.lower())
+
+
+def safe_next(path):
+    """A path on this server to go to after sign-in; anything else becomes '/'."""
+    if isinstance(path, str) and path.startswith("/") and not path.startswith(("//", "/\\")):
+        return path
+    return "/"
+
+
+class OidcClient:
+    """Sign-in with an OpenID Connect provider: discovery, the authorization code
+    flow with PKCE, state and nonce, and the ID token's claims.
+
+    The ID token comes straight from the provider's token endpoint over TLS (https
+    is required, except on this machine), in exchange for the code, the PKCE
+    verifier and the client secret. OpenID Connect Core 3.1.3.7 (6) lets TLS
+    server validation stand in for checking the token's signature in exactly
+    this case, so llimit needs no JOSE library; it checks iss, aud, azp, nonce,
+    exp and iat itself.
+    """
+
+    METADATA_SECONDS = 3600
+
+    def __init__(self, config):
+        self.config = config
+        self.issuer = (config.oidc_issuer or "").rstrip("/")
+        self._http = requests.Session()
+        self._metadata = None
+        self._fetched_at = 0.0
+
+    def metadata(self):
+        """The provider's discovery document, fetched at most hourly."""
+        if self._metadata is None or time.monotonic() - self._fetched_at > self.METADATA_SECONDS:
+            document = self._get_json(self.issuer + "/.well-known/openid-configuration")
+            issuer = document.get("issuer")
+            # compat: Entra ID names its tenant by id in `issuer` when it was configured
+            # by domain; the same origin served the document over TLS.
+            if not isinstance(issuer, str) or (
+                    issuer.rstrip("/") != self.issuer and _origin(issuer) != _origin(self.issuer)):
+                raise self._failure(502, f"the provider's discovery names issuer {issuer!r}")
+            for endpoint in ("authorization_endpoint", "token_endpoint"):
+                if not is_https_or_loopback(str(document.get(endpoint, ""))):
+                    raise self._failure(502, f"the provider's {endpoint} is not https")
+            self._metadata, self._fetched_at = document, time.monotonic()
+        return self._metadata
+
+    def authorization_url(self, redirect_uri, pending):
+        """Where to send the browser to sign in; `pending` holds state, nonce and verifier."""
+        challenge = base64.urlsafe_b64encode(
+            hashlib.sha256(pending["verifier"].encode()).digest()).rstrip(b"=").decode()
+        query = urllib.parse.urlencode({
+            "response_type": "code", "client_id": self.config.oidc_client_id,
+            "redirect_uri": redirect_uri, "scope": OIDC_SCOPES, "state": pending["state"],
+            "nonce": pending["nonce"], "code_challenge": challenge,
+            "code_challenge_method": "S256"})
+        endpoint = self.metadata()["authorization_endpoint"]
+        return endpoint + ("&" if "?" in endpoint else "?") + query
+
+    def claims(self, code, redirect_uri, pending, now):
+        """The checked claims of the ID token the code is exchanged for."""
+        metadata = self.metadata()
+        data = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+                "code_verifier": pending["verifier"], "client_id": self.config.oidc_client_id}
+        auth = None
+        secret = self.config.oidc_client_secret
+        methods = metadata.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+        if secret and "client_secret_basic" not in methods:
+            data["client_secret"] = secret
+        elif secret:  # RFC 6749 2.3.1: both parts form-encoded before Basic
+            auth = (urllib.parse.quote(self.config.oidc_client_id, safe=""),
+                    urllib.parse.quote(secret, safe=""))
+        try:
+            resp = self._http.post(metadata["token_endpoint"], data=data, auth=auth, timeout=15,
+                                   headers={"Accept": "application/json"})
+        except requests.RequestException as error:
+            log.warning("OIDC token endpoint unreachable: %s", type(error).__name__)
+            raise self._failure(502, "the provider could not be reached") from None
+        if resp.status_code != 200:
+            log.warning("OIDC token endpoint answered %s", resp.status_code)
+            raise self._failure(401, "the provider did not accept the sign-in")
+        try:
+            id_token = resp.json()["id_token"]
+        except (ValueError, KeyError, TypeError):
+            raise self._failure(502, "the provider sent no ID token") from None
+        return self._checked_claims(id_token, metadata["issuer"], pending["nonce"], now)
+
+    def _checked_claims(self, id_token, issuer, nonce, now):
+        try:
+            header_b64, payload_b64, _signature = id_token.split(".")
+            header = json.loads(_b64url_decode(header_b64))
+            claims = json.loads(_b64url_decode(payload_b64))
+        except (ValueError, AttributeError):
+            raise self._failure(401, "the ID token is malformed") from None
+        audience = claims.get("aud")
+        audiences = audience if isinstance(audience, list) else [audience]
+        client_id = self.config.oidc_client_id
+        problems = [
+            (header.get("alg") in (None, "none"), "the ID token is unsigned"),
+            (claims.get("iss") != issuer, "the ID token is from another issuer"),
+            (client_id not in audiences, "the ID token is for another client"),
+            (len(audiences) > 1 and claims.get("azp") != client_id,
+             "the ID token was issued to another party"),
+            (not secrets_match(str(claims.get("nonce", "")), nonce),
+             "the ID token's nonce does not match"),
+            (not isinstance(claims.get("exp"), (int, float))
+             or claims["exp"] + OIDC_CLOCK_SKEW_SECONDS < now, "the ID token has expired"),
+            (isinstance(claims.get("iat"), (int, float))
+             and claims["iat"] - OIDC_CLOCK_SKEW_SECONDS > now, "the ID token is from the future"),
+        ]
+        for failed, problem in problems:
+            if failed:
+                raise self._failure(401, problem)
+        return claims
+
+    def _get_json(self, url):
+        try:
+            resp = self._http.get(url, timeout=15)
+            resp.raise_for_status()
+            document = resp.json()
+        except (requests.RequestException, ValueError) as error:
+            log.warning("OIDC discovery at %s failed: %s", url, type(error).__name__)
+            raise self._failure(502, "the provider's discovery document could not be read") \
+                from None
+        if not isinstance(document, dict):
+            raise self._failure(502, "the provider's discovery document is not an object")
+        return document
+
+    @staticmethod
+    def _failure(status, problem):
+        return LlimitError(status, "sign_in_failed", f"Sign-in failed: {problem}.")
+
+
+def _b64url_decode(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _origin(url):
+    return "/".join(url.split("/", 3)[:3])
+
+
+def user_from_claims(claims, allowed_domains):
+    """The user name of verified ID token claims; 403 outside the allowed e-mail domains."""
+    email = claims.get("email")
+    if not isinstance(email, str) or "@" not in email:
+        # compat: Entra ID often sends the e-mail only as preferred_username (or upn).
+        email = next((claims[name] for name in ("preferred_username", "upn")
+                      if isinstance(claims.get(name), str) and "@" in claims[name]), None)
+    if email is None or claims.get("email_verified") is False:
+        raise LlimitError(403, "sign_in_failed",
+                          "Sign-in failed: the provider sent no verified e-mail address.")
+    domain = email.rsplit("@", 1)[1].lower()
+    if allowed_domains and domain not in {d.lower().lstrip("@") for d in allowed_domains}:
+        raise LlimitError(403, "sign_in_failed",
+                          f"Accounts of {domain} may not sign in to this llimit.")
+    user_name = user_from_email(email)
+    if not user_name:
+        raise LlimitError(403, "sign_in_failed", "Sign-in failed: the e-mail has no user part.")
+    return user_name
 
 
 # --- proxy handlers --------------------------------------------------------------
@@ -3147,6 +3550,7 @@ class State:
         self.pool = UpstreamPool(config.threads, config.connect_timeout, config.upstream_timeout)
         self.user_header_names = frozenset(header.lower() for header in config.user_headers)
         self.openapi = _openapi_spec()
+        self.oidc = OidcClient(config) if config.auth == "oidc" else None
         self.generated_admin_token = None
 
     def reload_prices(self):
@@ -3337,6 +3741,8 @@ def serve(config):
         print(f"llimit: generated an admin token (shown this once, only its hash is kept):\n"
               f"  {state.generated_admin_token}", file=sys.stderr, flush=True)
     _warn_missing_upstream_keys(state)
+    for warning in sign_in_warnings(config):
+        log.warning("%s", warning)
     server = waitress.create_server(
         app, host=config.host, port=config.port, threads=config.threads, ident="llimit",
         max_request_body_size=config.max_body_bytes * 2 + 65536,
