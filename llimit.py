@@ -21,12 +21,14 @@ import base64
 import csv
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -739,6 +741,23 @@ USAGE_BY_DAY_AND_GROUP_SQL = {
 def usage_by_day_and_group(db, group_by, start_day, end_day):
     """(day, group, cost_nusd) rows over inclusive UTC days, for stacked charts."""
     return db.execute(USAGE_BY_DAY_AND_GROUP_SQL[group_by], (start_day, end_day)).fetchall()
+
+
+def list_user_totals(db):
+    """(user_name, requests, tokens, cost_nusd) of every user ever metered, by lifetime cost."""
+    return [(row[0][2:], row[1], row[2], row[3]) for row in db.execute(
+        "select subject, requests, tokens, cost_nusd from usage_counters"
+        " where day = 'total' and subject >= 'u:' and subject < 'u;'"
+        " order by cost_nusd desc, subject")]
+
+
+def iter_usage_daily(db, start_day, end_day):
+    """Rollup rows over inclusive UTC days, by day, user, project and model."""
+    return db.execute(
+        "select day, user_name, project_id, model, sum(requests), sum(prompt_tokens),"
+        " sum(cached_tokens), sum(completion_tokens), sum(cost_nusd), sum(unpriced)"
+        " from usage_daily where day >= ? and day <= ? group by day, user_name, project_id,"
+        " model order by day, user_name, project_id, model", (start_day, end_day))
 
 
 def iter_usage_events(db, start_ms, end_ms, batch=2000):
@@ -2984,6 +3003,1452 @@ def _drain(resp, meter, seconds):
 
 
 # =============================================================================
+# 7. Templates
+#    The HTML of every page as bottle SimpleTemplate strings: LAYOUT around one
+#    *_PAGE per page, and the one small script the pages share (the copy
+#    button and the charts). `{{value}}` escapes; `{{!value}}` only for HTML
+#    built here. No SQL, no state: section 8 hands each page its data.
+# =============================================================================
+
+# Pinned, with Subresource Integrity: the file of the chart.js npm package.
+CHARTJS_CDN_URL = "https://cdn.jsdelivr.net/npm/chart.js@4.6.1/dist/chart.umd.min.js"
+CHARTJS_CDN_INTEGRITY = "sha384-Emf5ZVIUiarAdhkgtqK+5/Z5qIvM6QoVrS+qAVtfyZVuD5lIHrac0me485+Antp0"
+PAGES_SCRIPT_PATH = "/static/llimit.js"
+CHARTJS_PATH = "/static/chart.umd.js"
+
+LAYOUT = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{title}} · llimit</title>
+<style>
+:root{--fg:#1d2330;--muted:#5d6678;--line:#dfe3ea;--bg:#f5f6f8;--card:#fff;--accent:#2a5bd7;
+--warn:#c27c0e;--bad:#c53030;--ok:#2f855a}
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);
+background:var(--bg)}
+header{background:#1d2330}
+header nav{max-width:1120px;margin:0 auto;padding:.55rem 1rem;display:flex;flex-wrap:wrap;
+gap:.3rem 1.1rem;align-items:center}
+header a{color:#e8ecf4;text-decoration:none}
+header a:hover,header a.here{color:#fff;text-decoration:underline}
+header .brand{font-weight:700;color:#fff;margin-right:.4rem}
+header .who{margin-left:auto;color:#b9c2d3;display:flex;gap:.6rem;align-items:center}
+header .who button{background:none;border:1px solid #59627a;color:#e8ecf4;padding:.1rem .6rem}
+main{max-width:1120px;margin:0 auto;padding:1rem}
+section,.card{background:var(--card);border:1px solid var(--line);border-radius:8px;
+padding:.9rem 1rem;margin:0 0 1rem}
+a.card{display:block;color:inherit;text-decoration:none}
+a.card:hover{border-color:var(--accent)}
+h1{font-size:1.45rem;margin:.3rem 0 1rem}
+h2{font-size:1.1rem;margin:0 0 .6rem}
+h3{font-size:1rem;margin:.8rem 0 .3rem}
+a{color:var(--accent)}
+table{border-collapse:collapse;width:100%;font-size:.92rem}
+th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid var(--line);vertical-align:middle}
+th{font-size:.82rem;color:var(--muted);font-weight:600}
+.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.scroll{overflow-x:auto}
+form.inline{display:inline;margin:0}
+label{display:block;margin:.2rem 0 .15rem;font-weight:600;font-size:.85rem}
+input,select{font:inherit;padding:.32rem .5rem;border:1px solid #b9c0cd;border-radius:6px;
+max-width:100%;background:#fff}
+input[type=checkbox]{width:auto}
+button{font:inherit;padding:.32rem .9rem;border-radius:6px;border:1px solid var(--accent);
+background:var(--accent);color:#fff;cursor:pointer}
+button.quiet{background:#fff;color:var(--accent)}
+button.danger{background:#fff;color:var(--bad);border-color:#e3a5a5;padding:.1rem .6rem}
+.muted{color:var(--muted)}
+.small{font-size:.85rem}
+code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.86rem}
+pre{background:#f1f3f7;padding:.7rem .8rem;border-radius:6px;overflow-x:auto;margin:.3rem 0}
+code.secret{background:#fff8e1;border:1px solid #f0d48a;padding:.3rem .5rem;border-radius:6px;
+word-break:break-all}
+.bar{height:.55rem;background:#e7eaf0;border-radius:4px;overflow:hidden;min-width:6rem}
+.bar span{display:block;height:100%;background:var(--ok)}
+.bar.warn span{background:var(--warn)}
+.bar.full span{background:var(--bad)}
+.notice{border-left:4px solid var(--accent)}
+.alert{border-left:4px solid var(--bad)}
+.grid{display:grid;gap:1rem;grid-template-columns:repeat(auto-fit,minmax(220px,1fr));margin:0 0 1rem}
+.grid>*{margin:0}
+.stat{font-size:1.5rem;font-weight:700;font-variant-numeric:tabular-nums}
+.row{display:flex;flex-wrap:wrap;gap:.5rem .8rem;align-items:flex-end}
+.row>div{min-width:0}
+.chart{position:relative;height:300px}
+.charts{display:grid;gap:1rem;grid-template-columns:repeat(auto-fit,minmax(440px,1fr))}
+.charts>section{margin:0}
+.tag{display:inline-block;font-size:.78rem;padding:0 .4rem;border-radius:4px;background:#edf0f5}
+.tag.bad{background:#fde2e2;color:#8a1c1c}
+.tag.ok{background:#def7e8;color:#1f5e3d}
+details summary{cursor:pointer;color:var(--accent)}
+@media (max-width:640px){main{padding:.6rem}.charts{grid-template-columns:1fr}
+th,td{padding:.3rem .35rem}.chart{height:240px}}
+</style>
+</head>
+<body>
+<header><nav>
+<a class="brand" href="/">llimit</a>
+% if session.signed_in:
+<a href="/keys">Keys</a>
+<a href="/usage">Usage</a>
+% end
+% if session.sees_reports:
+<a href="/reports">Reports</a>
+% end
+% if session.is_admin:
+<a href="/admin">Admin</a>
+% end
+<span class="who">
+% if session.signed_in:
+<span>{{session.user_name or "admin"}}{{" · admin" if session.is_admin and session.user_name else ""}}</span>
+<form class="inline" method="post" action="/logout">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<button type="submit">Sign out</button></form>
+% else:
+<a href="/login">Sign in</a>
+% end
+</span>
+</nav></header>
+<main>
+{{!body}}
+</main>
+% for script in scripts:
+% if script.get("integrity"):
+<script src="{{script['src']}}" integrity="{{script['integrity']}}" crossorigin="anonymous" defer></script>
+% else:
+<script src="{{script['src']}}" defer></script>
+% end
+% end
+</body>
+</html>
+"""
+
+HOME_PAGE = """<h1>llimit</h1>
+<section>
+<p>llimit is the gateway between this organisation and its large language models.
+It hands out personal API keys, passes each call on to OpenAI, Azure OpenAI or
+Anthropic with the real upstream key, counts the tokens and what they cost, and
+keeps everyone within the budgets and limits set here. Prompts and answers pass
+through; they are never stored.</p>
+<p>Point any OpenAI-compatible client at <code>{{base_url}}/v1</code> with a key from
+llimit (Azure clients: <code>{{base_url}}</code>; Anthropic clients: <code>{{base_url}}</code>
+as base URL).</p>
+% if not session.signed_in:
+<p><a href="/login">Sign in</a> to get a key and see your usage.</p>
+% elif session.user_name:
+<p class="muted">Signed in as <b>{{session.user_name}}</b>{{" (admin)" if session.is_admin else ""}}.</p>
+% else:
+<p class="muted">Signed in with the admin token.</p>
+% end
+</section>
+% if session.signed_in:
+<div class="grid">
+<a class="card" href="/keys"><h2>Keys</h2><p class="muted">Get a personal API key with a
+ready curl and Python snippet; see and revoke your keys.</p></a>
+<a class="card" href="/usage"><h2>Usage</h2><p class="muted">What you spent today and this
+month, against every limit that applies to you.</p></a>
+% if session.sees_reports:
+<a class="card" href="/reports"><h2>Reports</h2><p class="muted">Cost by user, day, model and
+project, as charts, tables and CSV.</p></a>
+% end
+% if session.is_admin:
+<a class="card" href="/admin"><h2>Admin</h2><p class="muted">Projects, users, keys, limits and
+prices.</p></a>
+% end
+</div>
+% end
+"""
+
+LOGIN_PAGE = """<h1>Sign in</h1>
+% if session.signed_in:
+<section class="notice"><p>You are signed in as <b>{{session.user_name or "admin"}}</b>.
+<a href="{{next_path}}">Go on</a>.</p></section>
+% end
+% if auth == "open":
+<section>
+<form method="post" action="/login">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="next" value="{{next_path}}">
+<label for="user">Your user name</label>
+<div class="row"><div><input id="user" name="user" required maxlength="200"
+autocomplete="username" autofocus></div><button type="submit">Sign in</button></div>
+<p class="muted small">No password: this llimit lets everyone on its network say who they are.</p>
+</form>
+</section>
+% elif auth == "header":
+<section><p>You are signed in by your organisation's single sign-on, which names you to
+llimit in the <code>{{auth_header}}</code> header. This request did not carry it from a
+trusted proxy: open llimit at its usual address.</p></section>
+% else:
+<section>
+<form method="post" action="/login">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="next" value="{{next_path}}">
+<input type="hidden" name="oidc" value="1">
+<p>Sign in with your organisation's account at <b>{{provider}}</b>.</p>
+<button type="submit">Sign in with single sign-on</button>
+</form>
+</section>
+% end
+<section>
+<details{{" open" if next_path == "/admin" else ""}}><summary>Sign in with the admin token</summary>
+<form method="post" action="/login">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="next" value="{{next_path}}">
+<label for="admin_token">Admin token</label>
+<div class="row"><div><input id="admin_token" name="admin_token" type="password" required
+autocomplete="current-password"></div><button type="submit">Sign in as admin</button></div>
+</form>
+</details>
+</section>
+"""
+
+NEW_KEY_SNIPPETS = """<section class="notice" id="new">
+<h2>Your new key{{" for " + new_key_owner if new_key_owner else ""}}</h2>
+<p>Copy it now: llimit keeps only its hash and cannot show it again.</p>
+<div class="row"><code id="new-key" class="secret">{{new_key}}</code>
+<button type="button" class="quiet" data-copy="new-key" hidden>Copy</button></div>
+<div class="row"><h3>curl</h3>
+<button type="button" class="quiet" data-copy="snippet-curl" hidden>Copy</button></div>
+<pre id="snippet-curl">{{curl_snippet}}</pre>
+<div class="row"><h3>Python (the openai package)</h3>
+<button type="button" class="quiet" data-copy="snippet-python" hidden>Copy</button></div>
+<pre id="snippet-python">{{python_snippet}}</pre>
+</section>
+"""
+
+KEYS_PAGE = """<h1>Your keys</h1>
+% if new_key:
+{{!new_key_html}}
+% end
+<section>
+<h2>Request a key</h2>
+% if projects:
+<form method="post" action="/keys">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<div class="row">
+<div><label for="project">Project</label><select id="project" name="project">
+% for project in projects:
+<option value="{{project['id']}}">{{project['name']}} ({{project['id']}})</option>
+% end
+</select></div>
+<div><label for="note">Note <span class="muted">(what it is for)</span></label>
+<input id="note" name="note" maxlength="200" placeholder="laptop, notebook, script…"></div>
+<button type="submit">Create key</button>
+</div>
+</form>
+% else:
+<p>No project allows personal keys at the moment; ask an admin.</p>
+% end
+</section>
+<section>
+<h2>Keys of {{session.user_name}}</h2>
+% if keys:
+<div class="scroll"><table>
+<tr><th>Key</th><th>Project</th><th>Note</th><th>Created</th><th>Last used</th>
+<th class="n">Requests</th><th class="n">Spend</th><th></th></tr>
+% for key in keys:
+<tr><td><code>{{key['masked_key']}}</code></td><td>{{key['project']}}</td>
+<td>{{key['note'] or ""}}</td><td class="small">{{when(key['created_at'])}}</td>
+<td class="small">{{when(key['last_used_at'], "never")}}</td>
+<td class="n">{{"{:,}".format(key['requests'])}}</td><td class="n">{{money(key['cost_usd'])}}</td>
+<td>
+% if key['active']:
+<form class="inline" method="post" action="/keys/{{key['id']}}/revoke">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<button type="submit" class="danger">Revoke</button></form>
+% else:
+<span class="tag">{{"revoked" if key['revoked_at'] else "expired"}}</span>
+% end
+</td></tr>
+% end
+</table></div>
+% else:
+<p class="muted">You have no keys yet.</p>
+% end
+</section>
+"""
+
+USAGE_PAGE = """<h1>Your usage</h1>
+<div class="grid">
+<div class="card"><div class="muted small">Today (UTC)</div><div class="stat">{{money(today_usd)}}</div></div>
+<div class="card"><div class="muted small">This month</div><div class="stat">{{money(month_usd)}}</div></div>
+<div class="card"><div class="muted small">Requests this month</div>
+<div class="stat">{{"{:,}".format(month_requests)}}</div></div>
+</div>
+<section>
+<h2>Limits</h2>
+% if limits:
+<div class="scroll"><table>
+<tr><th>Limit</th><th>Applies to</th><th>Used</th><th class="n"></th><th>Resets</th></tr>
+% for limit in limits:
+<tr><td>{{limit['text']}}{{!' <span class="tag">warning only</span>' if limit['action'] == 'warn' else ''}}</td>
+<td>{{limit['who']}}</td>
+<td><div class="bar{{' full' if limit['percent'] >= 100 else ' warn' if limit['percent'] >= 80 else ''}}"
+title="{{limit['percent']}}%"><span style="width:{{limit['percent']}}%"></span></div></td>
+<td class="n">{{limit['used']}} of {{limit['amount']}}</td>
+<td class="small">{{when(limit['resets_at'], "never")}}</td></tr>
+% end
+</table></div>
+% elif has_keys:
+<p class="muted">No limit applies to your keys.</p>
+% else:
+<p class="muted">The limits that apply show here once you have a <a href="/keys">key</a>.</p>
+% end
+</section>
+<section>
+<h2>By model, {{start}} to {{end}}</h2>
+% if by_model:
+<div class="scroll"><table>
+<tr><th>Model</th><th class="n">Requests</th><th class="n">Input tokens</th>
+<th class="n">Output tokens</th><th class="n">Cost</th></tr>
+% for row in by_model:
+<tr><td>{{row['model'] or "(unknown)"}}</td><td class="n">{{"{:,}".format(row['requests'])}}</td>
+<td class="n">{{"{:,}".format(row['prompt_tokens'])}}</td>
+<td class="n">{{"{:,}".format(row['completion_tokens'])}}</td>
+<td class="n">{{money(row['cost_usd'])}}</td></tr>
+% end
+</table></div>
+% else:
+<p class="muted">No calls in these days.</p>
+% end
+</section>
+<section>
+<h2>By day</h2>
+% if by_day:
+<div class="scroll"><table>
+<tr><th>Day (UTC)</th><th class="n">Requests</th><th class="n">Tokens</th><th class="n">Cost</th><th></th></tr>
+% for row in by_day:
+<tr><td>{{row['day']}}</td><td class="n">{{"{:,}".format(row['requests'])}}</td>
+<td class="n">{{"{:,}".format(row['prompt_tokens'] + row['completion_tokens'])}}</td>
+<td class="n">{{money(row['cost_usd'])}}</td>
+<td><div class="bar"><span style="width:{{percent(row['cost_usd'], max_day_usd)}}%"></span></div></td></tr>
+% end
+</table></div>
+% else:
+<p class="muted">No calls in these days.</p>
+% end
+</section>
+"""
+
+REPORTS_PAGE = """<h1>Reports</h1>
+<section>
+<form method="get" action="/reports" class="row">
+<div><label for="start">From (UTC)</label><input type="date" id="start" name="start" value="{{start}}"></div>
+<div><label for="end">To (UTC, inclusive)</label><input type="date" id="end" name="end" value="{{end}}"></div>
+<button type="submit">Show</button>
+<span class="small"><a href="/reports/data.csv?start={{start}}&amp;end={{end}}">Download CSV</a> ·
+<a href="/reports/data?start={{start}}&amp;end={{end}}">JSON</a></span>
+</form>
+</section>
+<div class="grid">
+<div class="card"><div class="muted small">Cost</div><div class="stat">{{money(totals['cost_usd'])}}</div></div>
+<div class="card"><div class="muted small">Requests</div><div class="stat">{{"{:,}".format(totals['requests'])}}</div></div>
+<div class="card"><div class="muted small">Tokens in / out</div>
+<div class="stat">{{compact(totals['prompt_tokens'])}} / {{compact(totals['completion_tokens'])}}</div></div>
+<div class="card"><div class="muted small">Users</div><div class="stat">{{len(by_user)}}</div></div>
+</div>
+% if totals['unpriced_requests']:
+<section class="alert"><p>{{"{:,}".format(totals['unpriced_requests'])}} requests in this range
+have no price, so their cost is missing from these figures.</p></section>
+% end
+<div class="charts">
+% for chart in charts:
+<section><h2>{{chart['title']}}</h2>
+<div class="chart"><canvas id="chart-{{chart['name']}}" role="img" aria-label="{{chart['title']}}"
+data-series="{{chart['series_json']}}"></canvas></div></section>
+% end
+</div>
+% for table in tables:
+<section><h2>{{table['title']}}</h2>
+% if table['rows']:
+<div class="scroll"><table>
+<tr>
+% for index, heading in enumerate(table['headings']):
+<th{{!' class="n"' if index else ''}}>{{heading}}</th>
+% end
+</tr>
+% for row in table['rows']:
+<tr>
+% for index, cell in enumerate(row):
+<td{{!' class="n"' if index else ''}}>{{cell}}</td>
+% end
+</tr>
+% end
+</table></div>
+% else:
+<p class="muted">No calls in this range.</p>
+% end
+</section>
+% end
+"""
+
+ADMIN_PAGE = """<h1>Admin</h1>
+% if notice:
+<section class="notice"><p>{{notice}}</p></section>
+% end
+% if new_key:
+{{!new_key_html}}
+% end
+<div class="grid">
+<div class="card"><div class="muted small">Spend today (UTC)</div><div class="stat">{{money(today_usd)}}</div>
+<div class="muted small">{{"{:,}".format(today_requests)}} requests</div></div>
+<div class="card"><div class="muted small">Spend this month</div><div class="stat">{{money(month_usd)}}</div>
+<div class="muted small">{{"{:,}".format(month_requests)}} requests</div></div>
+<div class="card"><div class="muted small">Active keys</div><div class="stat">{{active_keys}}</div>
+<div class="muted small">{{len(users)}} users seen</div></div>
+</div>
+% if missing:
+<section class="alert" id="missing-prices"><h2>Models without a price</h2>
+<p>Calls to these models are metered in tokens but cost nothing in the figures until they
+have a price (set one <a href="#prices">below</a>):
+% for model in missing:
+<code class="tag bad">{{model}}</code>
+% end
+</p></section>
+% end
+<p class="small"><a href="#projects">Projects</a> · <a href="#users">Users</a> ·
+<a href="#keys">Keys</a> · <a href="#limits">Limits</a> · <a href="#prices">Prices</a> ·
+<a href="/reports">Reports</a></p>
+
+<section id="projects"><h2>Projects</h2>
+<div class="scroll"><table>
+<tr><th>Project</th><th>Upstream</th><th>Upstream key</th><th>Personal keys</th><th>Budgets</th><th></th></tr>
+% for project in projects:
+<tr><td><b>{{project['id']}}</b><br><span class="muted small">{{project['name']}}</span></td>
+<td class="small">{{project['upstream_kind']}}<br>{{project['upstream_url'] or "LLIMIT_UPSTREAM_URL"}}</td>
+<td class="small">{{project['upstream_key_source'] or ("LLIMIT_UPSTREAM_KEY" if project['id'] == 'default' and not project['upstream_url'] else "none")}}</td>
+<td>{{!'<span class="tag ok">allowed</span>' if project['allow_user_keys'] else '<span class="tag">no</span>'}}</td>
+<td class="small">
+% for limit in project['limits']:
+{{limit['text']}} ({{limit['used']}} used)<br>
+% end
+</td>
+<td><details><summary>Edit</summary>
+<form method="post" action="/admin">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="action" value="update_project">
+<input type="hidden" name="id" value="{{project['id']}}">
+<label>Name</label><input name="name" value="{{project['name']}}" maxlength="200">
+<label>Kind</label><select name="upstream_kind">
+% for kind in upstream_kinds:
+<option{{" selected" if kind == project['upstream_kind'] else ""}}>{{kind}}</option>
+% end
+</select>
+<label>Upstream URL</label><input name="upstream_url" value="{{project['upstream_url'] or ''}}"
+placeholder="{{'LLIMIT_UPSTREAM_URL' if project['id'] == 'default' else 'https://…'}}">
+<label>Upstream key <span class="muted">(blank keeps it)</span></label>
+<input name="upstream_key" type="password" autocomplete="off" placeholder="env:NAME or the key">
+<label><input type="checkbox" name="clear_upstream_key" value="1"> remove the stored key</label>
+<label>API version</label><input name="api_version" value="{{project['api_version'] or ''}}">
+<label><input type="checkbox" name="allow_user_keys" value="1"{{" checked" if project['allow_user_keys'] else ""}}>
+personal keys allowed</label>
+<label>Message when a limit is reached</label>
+<input name="limit_message" value="{{project['limit_message'] or ''}}" maxlength="500">
+<label>Add a budget (USD)</label>
+<div class="row"><input name="budget_usd" inputmode="decimal" size="8" placeholder="e.g. 50">
+<select name="budget_window">
+% for window in budget_windows:
+<option{{" selected" if window == "month" else ""}}>{{window}}</option>
+% end
+</select></div>
+<p><button type="submit">Save</button></p>
+</form></details></td></tr>
+% end
+</table></div>
+<details><summary>New project</summary>
+<form method="post" action="/admin">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="action" value="create_project">
+<div class="row">
+<div><label for="p-id">Id</label><input id="p-id" name="id" required maxlength="64" placeholder="team-a"></div>
+<div><label for="p-name">Name</label><input id="p-name" name="name" maxlength="200"></div>
+<div><label for="p-kind">Kind</label><select id="p-kind" name="upstream_kind">
+% for kind in upstream_kinds:
+<option>{{kind}}</option>
+% end
+</select></div>
+<div><label for="p-url">Upstream URL</label><input id="p-url" name="upstream_url" placeholder="https://api.openai.com/v1"></div>
+<div><label for="p-key">Upstream key</label><input id="p-key" name="upstream_key" type="password"
+autocomplete="off" placeholder="env:NAME or the key"></div>
+<div><label for="p-version">API version</label><input id="p-version" name="api_version" size="12"></div>
+<div><label for="p-budget">Budget (USD)</label><input id="p-budget" name="budget_usd" inputmode="decimal" size="8"></div>
+<div><label for="p-window">per</label><select id="p-window" name="budget_window">
+% for window in budget_windows:
+<option{{" selected" if window == "month" else ""}}>{{window}}</option>
+% end
+</select></div>
+<div><label><input type="checkbox" name="allow_user_keys" value="1" checked> personal keys</label></div>
+<button type="submit">Create project</button>
+</div>
+<p class="muted small">A stored upstream key is never shown again; <code>env:NAME</code> reads it from
+llimit's environment at each call instead.</p>
+</form></details>
+</section>
+
+<section id="users"><h2>Users</h2>
+% if users:
+<div class="scroll"><table>
+<tr><th>User</th><th class="n">Active keys</th><th class="n">Requests this month</th>
+<th class="n">Spend this month</th><th class="n">Spend, all time</th></tr>
+% for user in users:
+<tr><td>{{user['user']}}</td><td class="n">{{user['active_keys']}}</td>
+<td class="n">{{"{:,}".format(user['month_requests'])}}</td><td class="n">{{money(user['month_usd'])}}</td>
+<td class="n">{{money(user['total_usd'])}}</td></tr>
+% end
+</table></div>
+% else:
+<p class="muted">No users yet.</p>
+% end
+</section>
+
+<section id="keys"><h2>Keys</h2>
+<form method="post" action="/admin" class="row">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="action" value="create_key">
+<div><label for="k-user">User <span class="muted">(blank: a project key)</span></label>
+<input id="k-user" name="user" maxlength="200"></div>
+<div><label for="k-project">Project</label><select id="k-project" name="project">
+% for project in projects:
+<option>{{project['id']}}</option>
+% end
+</select></div>
+<div><label for="k-note">Note</label><input id="k-note" name="note" maxlength="200"></div>
+<div><label for="k-expires">Expires (UTC)</label><input id="k-expires" name="expires_at" type="date"></div>
+<button type="submit">Create key</button>
+</form>
+<div class="scroll"><table>
+<tr><th>Key</th><th>User</th><th>Project</th><th>Note</th><th>Created</th><th>Last used</th>
+<th class="n">Spend</th><th></th></tr>
+% for key in keys:
+<tr><td><code>{{key['masked_key']}}</code><br><span class="muted small">{{key['id']}}</span></td>
+<td>{{key['user'] or "(project key)"}}</td><td>{{key['project']}}</td><td>{{key['note'] or ""}}</td>
+<td class="small">{{when(key['created_at'])}}</td><td class="small">{{when(key['last_used_at'], "never")}}</td>
+<td class="n">{{money(key['cost_usd'])}}</td>
+<td>
+% if key['active']:
+<form class="inline" method="post" action="/admin">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="action" value="revoke_key">
+<input type="hidden" name="key_id" value="{{key['id']}}">
+<button type="submit" class="danger">Revoke</button></form>
+% else:
+<span class="tag">{{"revoked" if key['revoked_at'] else "expired"}}</span>
+% end
+</td></tr>
+% end
+</table></div>
+</section>
+
+<section id="limits"><h2>Limits</h2>
+% if limits:
+<div class="scroll"><table>
+<tr><th>Limit</th><th>Action</th><th>Used</th><th class="n"></th><th>Resets</th><th></th></tr>
+% for limit in limits:
+<tr><td>{{limit['text']}}</td><td>{{limit['action']}}</td>
+<td><div class="bar{{' full' if limit['percent'] >= 100 else ' warn' if limit['percent'] >= 80 else ''}}">
+<span style="width:{{limit['percent']}}%"></span></div></td>
+<td class="n">{{limit['used']}} of {{limit['amount']}}</td>
+<td class="small">{{when(limit['resets_at'], "never")}}</td>
+<td><form class="inline" method="post" action="/admin">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="action" value="delete_limit">
+<input type="hidden" name="limit_id" value="{{limit['id']}}">
+<button type="submit" class="danger">Delete</button></form></td></tr>
+% end
+</table></div>
+% else:
+<p class="muted">No limits: every key may spend without bound.</p>
+% end
+<details><summary>New limit</summary>
+<form method="post" action="/admin" class="row">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="action" value="create_limit">
+<div><label for="l-scope">Scope</label><select id="l-scope" name="scope">
+% for scope in scopes:
+<option>{{scope}}</option>
+% end
+</select></div>
+<div><label for="l-target">Target <span class="muted">(project id, user or key id)</span></label>
+<input id="l-target" name="target"></div>
+<div><label for="l-each">Each</label><select id="l-each" name="each">
+<option value="">(the scope as a whole)</option><option>user</option><option>key</option></select></div>
+<div><label for="l-metric">Metric</label><select id="l-metric" name="metric">
+% for metric in metrics:
+<option>{{metric}}</option>
+% end
+</select></div>
+<div><label for="l-amount">Amount</label><input id="l-amount" name="amount" inputmode="decimal" size="8" required></div>
+<div><label for="l-window">Window</label><select id="l-window" name="window">
+% for window in windows:
+<option{{" selected" if window == "month" else ""}}>{{window}}</option>
+% end
+</select></div>
+<div><label for="l-action">Action</label><select id="l-action" name="limit_action">
+<option>block</option><option>warn</option></select></div>
+<div><label for="l-alert">Alert at %</label><input id="l-alert" name="alert_at" size="8" placeholder="80,90"></div>
+<button type="submit">Add limit</button>
+</form></details>
+</section>
+
+<section id="prices"><h2>Prices <span class="muted small">(USD per 1M tokens)</span></h2>
+<form method="post" action="/admin" class="row">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="action" value="set_price">
+<div><label for="m-model">Model</label><input id="m-model" name="model" required list="missing-models"
+value="{{missing[0] if missing else ''}}">
+<datalist id="missing-models">
+% for model in missing:
+<option value="{{model}}">
+% end
+</datalist></div>
+<div><label for="m-input">Input</label><input id="m-input" name="input" inputmode="decimal" size="7" required></div>
+<div><label for="m-cached">Cached input</label><input id="m-cached" name="cached_input" inputmode="decimal" size="7"></div>
+<div><label for="m-output">Output</label><input id="m-output" name="output" inputmode="decimal" size="7" required></div>
+<div><label for="m-write">Cache write</label><input id="m-write" name="cache_write" inputmode="decimal" size="7"></div>
+<button type="submit">Set price</button>
+</form>
+<p class="muted small">A price set here wins over pricing.json and applies to calls from now on;
+<code>POST /admin/reprice</code> recomputes stored costs.</p>
+<details><summary>{{len(prices)}} models with a price</summary>
+<div class="scroll"><table>
+<tr><th>Model</th><th class="n">Input</th><th class="n">Cached input</th><th class="n">Output</th>
+<th class="n">Cache write</th><th>From</th></tr>
+% for price in prices:
+<tr><td>{{price['model']}}</td><td class="n">{{price['input']}}</td>
+<td class="n">{{price['cached_input'] if price['cached_input'] is not None else ""}}</td>
+<td class="n">{{price['output']}}</td>
+<td class="n">{{price['cache_write'] if price['cache_write'] is not None else ""}}</td>
+<td class="small">{{price['source']}}</td></tr>
+% end
+</table></div></details>
+</section>
+"""
+
+ERROR_PAGE = """<h1>{{status}}: {{reason}}</h1>
+<section class="alert"><p>{{message}}</p>
+<p><a href="/">llimit home</a>
+% if not session.signed_in:
+· <a href="/login">Sign in</a>
+% end
+</p></section>
+"""
+
+PAGES_SCRIPT_JS = r"""// llimit's pages: the copy buttons and the charts. Everything works without it.
+"use strict";
+(function () {
+  function copyText(text, done) {
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(text).then(done);
+      return;
+    }
+    var area = document.createElement("textarea");  // plain http: the older way
+    area.value = text;
+    document.body.appendChild(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+    done();
+  }
+  document.querySelectorAll("button[data-copy]").forEach(function (button) {
+    button.hidden = false;
+    button.addEventListener("click", function () {
+      copyText(document.getElementById(button.dataset.copy).textContent, function () {
+        button.textContent = "Copied";
+        setTimeout(function () { button.textContent = "Copy"; }, 1500);
+      });
+    });
+  });
+
+  if (typeof window.Chart === "undefined") {
+    return;  // no Chart.js (offline, blocked): the tables say it all
+  }
+  function money(value, digits) {
+    digits = digits || (Math.abs(value) >= 0.01 || value === 0 ? 2 : 6);
+    return "$" + Number(value).toLocaleString(undefined,
+      {minimumFractionDigits: digits, maximumFractionDigits: digits});
+  }
+  function moneyTick(value) {
+    return money(value, Math.abs(value) >= 0.01 || value === 0 ? 2 : 4);
+  }
+  document.querySelectorAll("canvas[data-series]").forEach(function (canvas) {
+    var config = JSON.parse(canvas.dataset.series);
+    var options = config.options || (config.options = {});
+    Object.keys(options.scales || {}).forEach(function (axis) {
+      var scale = options.scales[axis];
+      if (scale.money) {
+        delete scale.money;
+        scale.ticks = Object.assign(scale.ticks || {}, {callback: moneyTick});
+      }
+    });
+    options.plugins = options.plugins || {};
+    options.plugins.tooltip = {callbacks: {label: function (item) {
+      var value = typeof item.parsed === "number" ? item.parsed
+        : (item.chart.options.indexAxis === "y" ? item.parsed.x : item.parsed.y);
+      return (item.dataset.label ? item.dataset.label + ": " : item.label + ": ") + money(value);
+    }}};
+    new window.Chart(canvas, config);
+  });
+})();
+"""
+
+def money(usd):
+    """USD as people read a bill: $1,234.50, $0.0123, $0.000585."""
+    if usd is None:
+        return "–"
+    if abs(usd) >= 1 or usd == 0:
+        return f"${usd:,.2f}"
+    if abs(usd) >= 0.01:
+        return f"${usd:,.4f}"
+    return f"${usd:,.6f}" if abs(usd) >= 0.000001 else "<$0.000001"
+
+
+def when(iso, missing="–"):
+    """An ISO 8601 UTC time as 2026-11-23 07:00 UTC."""
+    return f"{iso[:10]} {iso[11:16]} UTC" if iso else missing
+
+
+def percent(part, whole):
+    """part / whole as a whole percentage for a bar, 0 to 100."""
+    if not whole:
+        return 100 if part else 0
+    return max(0, min(100, round(100 * (part or 0) / whole)))
+
+
+def compact(count):
+    """A count in a few digits: 950, 12.3k, 4.56M."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return str(count)
+
+
+TEMPLATE_HELPERS = {"money": money, "when": when, "percent": percent, "compact": compact}
+
+
+def render_page(page, *, title, session, scripts=(), **context):
+    """A *_PAGE template inside LAYOUT, as a string of HTML."""
+    body = bottle.template(page, session=session, **TEMPLATE_HELPERS, **context)
+    return bottle.template(LAYOUT, title=title, session=session, body=body,
+                           scripts=list(scripts))
+
+
+# =============================================================================
+# 8. Pages
+#    What people see in a browser: home, sign-in, their keys and usage, the
+#    reports (with their JSON and CSV feeds) and the admin dashboard. Each page
+#    handler is wrapped by `page`, which finds the session and checks every
+#    POST in one place (section 6). Changes go through the same validators and
+#    storage functions as the admin API; GET changes nothing but a sign-in.
+# =============================================================================
+
+DEFAULT_REPORT_DAYS = 30
+MAX_REPORT_DAYS = 3660
+REPORT_TOP_USERS = 8          # daily cost stacked by user: these, then "other"
+REPORT_TOP_ROWS = 20          # cost by user or model: these bars, then "other"
+CHART_COLORS = ("#2a5bd7", "#e07b39", "#2f9e6e", "#c94f7c", "#7b61c9", "#d4a72c", "#3aa6b9",
+                "#8c6d46")
+CHART_OTHER_COLOR = "#a3aab6"
+SNIPPET_MODEL = "gpt-4o-mini"
+BUDGET_WINDOWS = ("day", "week", "month", "total")
+ADMIN_NOTICES = {
+    "project_created": "Project created.", "project_saved": "Project saved.",
+    "key_revoked": "Key revoked.", "limit_created": "Limit added.",
+    "limit_deleted": "Limit deleted.", "price_set": "Price set; it applies from the next call.",
+}
+REPORT_CSV_COLUMNS = ("day", "user", "project", "model", "requests", "prompt_tokens",
+                      "cached_tokens", "completion_tokens", "cost_usd", "unpriced_requests")
+
+
+def page(handler):
+    """A page route: calls handler(state, session[, form for a POST], **url_args)."""
+    @functools.wraps(handler)
+    def serve_page(state, **url_args):
+        session = page_session(state)
+        bottle.request.environ["llimit.session"] = session  # for the error page's header
+        for name, value in page_headers(_script_sources(state.config)).items():
+            bottle.response.set_header(name, value)
+        if bottle.request.method == "POST":
+            return handler(state, session, checked_form(state, session), **url_args)
+        return handler(state, session, **url_args)
+    return serve_page
+
+
+def page_headers(script_sources):
+    """The security headers of every HTML answer; `script_sources` is CSP's script-src."""
+    return {
+        "Content-Security-Policy": (
+            f"default-src 'self'; script-src {script_sources}; style-src 'self' 'unsafe-inline';"
+            " img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"),
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "same-origin",
+        "Cache-Control": "no-store",
+    }
+
+
+def _script_sources(config):
+    return "'self'" if config.chartjs else f"'self' {CHARTJS_CDN_URL}"
+
+
+def _chart_scripts(config):
+    chart = ({"src": CHARTJS_PATH} if config.chartjs
+             else {"src": CHARTJS_CDN_URL, "integrity": CHARTJS_CDN_INTEGRITY})
+    return [chart, {"src": PAGES_SCRIPT_PATH}]
+
+
+def public_base_url(config):
+    """Where people reach llimit: LLIMIT_PUBLIC_URL, else the address this request used."""
+    if config.public_url:
+        return config.public_url.rstrip("/")
+    parts = bottle.request.urlparts
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _signed_in_user(session):
+    if session.user_name:
+        return session.user_name
+    if session.signed_in:
+        raise LlimitError(403, "permission_denied",
+                          "You are signed in with the admin token, which has no keys or usage"
+                          " of its own; sign in as a user for those.")
+    _redirect_to_login()
+
+
+def _redirect_to_login():
+    request = bottle.request
+    here = request.path + ("?" + request.query_string if request.query_string else "")
+    bottle.redirect("/login?" + urllib.parse.urlencode({"next": here}), 303)
+
+
+def _require_admin_page(session):
+    if session.is_admin:
+        return
+    if not session.signed_in:
+        _redirect_to_login()
+    raise LlimitError(403, "permission_denied",
+                      "This page is for llimit's admins: sign in with the admin token"
+                      " (on the sign-in page), or ask to be named in LLIMIT_ADMIN_USERS.")
+
+
+def _require_reports(session):
+    if session.sees_reports:
+        return
+    if not session.signed_in:
+        raise LlimitError(401, "invalid_request_error", "Sign in to see reports.",
+                          code="sign_in_required")
+    raise LlimitError(403, "permission_denied",
+                      "Reports are for admins here; LLIMIT_REPORTS_PUBLIC=1 opens them to"
+                      " everyone signed in.")
+
+
+# --- home, sign-in ----------------------------------------------------------------
+
+def page_home(state, session):
+    """GET /: what llimit is, and where to go."""
+    return render_page(HOME_PAGE, title="Home", session=session,
+                       base_url=public_base_url(state.config))
+
+
+def page_login(state, session):
+    """GET /login: the sign-in form of LLIMIT_AUTH, and the admin token's."""
+    config = state.config
+    session = ensure_session(state, session)
+    return render_page(LOGIN_PAGE, title="Sign in", session=session, auth=config.auth,
+                       next_path=safe_next(bottle.request.query.get("next")),
+                       auth_header=config.auth_header,
+                       provider=urllib.parse.urlsplit(config.oidc_issuer or "").hostname)
+
+
+def page_login_post(state, session, form):
+    """POST /login: sign in by admin token, by user name (open), or start OIDC."""
+    config = state.config
+    next_path = safe_next(form.get("next"))
+    if form.get("admin_token"):
+        if not admin_token_matches(state.database(), form["admin_token"]):
+            log.warning("page sign-in with a wrong admin token from %s",
+                        bottle.request.environ.get("REMOTE_ADDR"))
+            raise LlimitError(401, "invalid_request_error", "That is not the admin token.",
+                              code="invalid_admin_token")
+        sign_in(state, session, session.user_name, token_admin=True)
+        bottle.redirect(next_path if next_path != "/" else "/admin", 303)
+    if config.auth == "open":
+        user_name = clean_user_name(form.get("user", ""))
+        if not user_name:
+            raise LlimitError(400, "invalid_request_error", "Type a user name to sign in.")
+        sign_in(state, session, user_name)
+        bottle.redirect(next_path, 303)
+    if config.auth == "oidc" and session.id_hash:
+        pending = {"state": secrets.token_urlsafe(24), "nonce": secrets.token_urlsafe(24),
+                   "verifier": secrets.token_urlsafe(48), "next": next_path}
+        url = state.oidc.authorization_url(_oidc_redirect_uri(config), pending)
+        db = state.database()
+        with transaction(db):
+            set_session_pending(db, session.id_hash, json.dumps(pending))
+        bottle.redirect(url, 303)
+    raise LlimitError(400, "invalid_request_error",
+                      "Sign-in here comes from your organisation's single sign-on.")
+
+
+def _oidc_redirect_uri(config):
+    return public_base_url(config) + "/login/callback"
+
+
+def page_login_callback(state, session):
+    """GET /login/callback: the OIDC provider's answer; signs the user in."""
+    config = state.config
+    if config.auth != "oidc":
+        raise LlimitError(404, "invalid_request_error", "OpenID Connect sign-in is not on.")
+    query = bottle.request.query
+    pending = session.pending
+    if not pending or not secrets_match(query.get("state", ""), pending["state"]):
+        raise LlimitError(400, "sign_in_failed",
+                          "This sign-in was not started in this browser, or took too long;"
+                          " please sign in again.")
+    db = state.database()
+    with transaction(db):
+        set_session_pending(db, session.id_hash, None)  # each state answers once
+    if query.get("error"):
+        raise LlimitError(401, "sign_in_failed", "The provider refused the sign-in: "
+                          f"{query.get('error_description') or query.get('error')}.")
+    claims = state.oidc.claims(query.get("code", ""), _oidc_redirect_uri(config), pending,
+                               config.clock())
+    user_name = user_from_claims(claims, config.oidc_allowed_domains)
+    sign_in(state, session, user_name)
+    log.info("page sign-in: %s by OpenID Connect", user_name)
+    bottle.redirect(safe_next(pending.get("next")), 303)
+
+
+def page_logout(state, session, form):
+    """POST /logout: end the session."""
+    sign_out(state, session)
+    bottle.redirect("/", 303)
+
+
+# --- a user's keys and usage ----------------------------------------------------------
+
+def page_keys(state, session):
+    """GET /keys: the user's keys, and a form to get one."""
+    return _render_keys(state, session, _signed_in_user(session))
+
+
+def page_keys_create(state, session, form):
+    """POST /keys: a personal key in a project that allows them, shown this once."""
+    user_name = _signed_in_user(session)
+    fields = validate_key_fields({"project": form.get("project") or "default",
+                                  "note": form.get("note", "").strip() or None},
+                                 ("project", "note"))
+    db = state.database()
+    with transaction(db):
+        project = get_project(db, fields["project"])
+        if project is None or not project["allow_user_keys"]:
+            raise LlimitError(403, "permission_denied",
+                              f"The project {fields['project']!r} hands out no personal keys.")
+        row, raw_key = create_key(db, state.config.clock(), user_name, fields["project"],
+                                  fields["note"])
+    log.info("page: %s created key %s in project %s", user_name, row["id"], row["project_id"])
+    return _render_keys(state, session, user_name, raw_key)
+
+
+def page_key_revoke(state, session, form, key_id):
+    """POST /keys/<id>/revoke: revoke one of the user's own keys."""
+    user_name = _signed_in_user(session)
+    db = state.database()
+    with transaction(db):
+        row = get_key(db, key_id)
+        if row is None or row["user_name"] != user_name:
+            raise LlimitError(404, "invalid_request_error", "You have no such key.",
+                              code="key_not_found")
+        revoke_key(db, key_id, utc_iso(state.config.clock()))
+    bottle.redirect("/keys", 303)
+
+
+def _render_keys(state, session, user_name, raw_key=None):
+    db = state.database()
+    rows = list_keys(db, user_name=user_name)
+    spend = key_spend(db, [row["id"] for row in rows])
+    return render_page(
+        KEYS_PAGE, title="Keys", session=session, scripts=[{"src": PAGES_SCRIPT_PATH}],
+        keys=[key_to_json(row, spend.get(row["id"])) for row in rows],
+        projects=[row for row in list_projects(db) if row["allow_user_keys"]],
+        new_key=raw_key, new_key_html=_new_key_html(state.config, raw_key) if raw_key else "")
+
+
+def _new_key_html(config, raw_key, owner=None):
+    base_url = public_base_url(config)
+    curl_snippet = (f"curl {base_url}/v1/chat/completions \\\n"
+                    f"  -H \"Authorization: Bearer {raw_key}\" \\\n"
+                    "  -H \"Content-Type: application/json\" \\\n"
+                    f"  -d '{{\"model\": \"{SNIPPET_MODEL}\", \"messages\": "
+                    "[{\"role\": \"user\", \"content\": \"Hello!\"}]}'")
+    python_snippet = ("from openai import OpenAI\n\n"
+                      f"client = OpenAI(base_url=\"{base_url}/v1\",\n"
+                      f"                api_key=\"{raw_key}\")\n"
+                      "reply = client.chat.completions.create(\n"
+                      f"    model=\"{SNIPPET_MODEL}\",\n"
+                      "    messages=[{\"role\": \"user\", \"content\": \"Hello!\"}],\n"
+                      ")\n"
+                      "print(reply.choices[0].message.content)")
+    return bottle.template(NEW_KEY_SNIPPETS, new_key=raw_key, new_key_owner=owner,
+                           curl_snippet=curl_snippet, python_snippet=python_snippet)
+
+
+def page_usage(state, session):
+    """GET /usage: the user's spend today and this month, against every limit that applies."""
+    user_name = _signed_in_user(session)
+    db = state.database()
+    now = state.config.clock()
+    today = _day(now)
+    subject = "u:" + user_name
+    month = get_counter(db, subject, _day(window_bounds("month", now)[0]), today)
+    active_keys = list_keys(db, user_name=user_name, active_at=utc_iso(now))
+    start, end = report_range({}, now)
+    by_day = usage_report(db, "day", start, end, user_name)["rows"]
+    return render_page(
+        USAGE_PAGE, title="Usage", session=session,
+        today_usd=nusd_to_usd(get_counter(db, subject, today, today)[2]),
+        month_usd=nusd_to_usd(month[2]), month_requests=month[0],
+        limits=_user_limits(state, db, user_name, active_keys), has_keys=bool(active_keys),
+        start=start, end=end, by_model=usage_report(db, "model", start, end, user_name)["rows"],
+        by_day=by_day[::-1], max_day_usd=max((row["cost_usd"] for row in by_day), default=0))
+
+
+def _user_limits(state, db, user_name, keys):
+    # A user's calls go through their keys; a limit reached through two keys is one row.
+    seen, rows = set(), []
+    for key in keys:
+        for subject, status in state.limits.applying(db, key["project_id"], user_name,
+                                                     key["id"]):
+            if (status["id"], subject) not in seen:
+                seen.add((status["id"], subject))
+                rows.append(_limit_row(status, _whose(subject, key)))
+    return rows
+
+
+def _whose(subject, key):
+    if subject == "*":
+        return "everyone"
+    kind, _, name = subject.partition(":")
+    return {"p": f"project {name}, shared", "u": "you",
+            "pu": f"you in project {name.split(SUBJECT_SEPARATOR)[0]}",
+            "k": f"your key {key['masked_key']}"}[kind]
+
+
+def _limit_row(status, whose=None):
+    metric = status["metric"]
+
+    def shown(units):
+        return money(units) if metric == "usd" else format_amount(metric, units)
+    return {"id": status["id"], "text": describe_limit(status), "who": whose,
+            "action": status["action"], "used": shown(status["used"]),
+            "amount": shown(status["amount"]), "resets_at": status["resets_at"],
+            "percent": percent(status["used"], status["amount"]), "status": status}
+
+
+# --- reports ------------------------------------------------------------------------
+
+def report_range(query, now):
+    """(start_day, end_day) from ?start=&end= (inclusive UTC dates), default the last 30 days."""
+    today = dt.datetime.fromtimestamp(now, UTC).date()
+    try:
+        end = dt.date.fromisoformat(query.get("end")) if query.get("end") else today
+        start = (dt.date.fromisoformat(query.get("start")) if query.get("start")
+                 else end - dt.timedelta(days=DEFAULT_REPORT_DAYS - 1))
+    except ValueError:
+        raise LlimitError(400, "invalid_request_error",
+                          "start and end must be dates like 2026-11-01.",
+                          code="invalid_date") from None
+    if start > end:
+        raise LlimitError(400, "invalid_request_error", "start is after end.",
+                          code="invalid_date")
+    return start.isoformat(), end.isoformat()
+
+
+def usage_report(db, group_by, start_day, end_day, user_name=None):
+    """{"rows": [...], "totals": {...}} of usage per group over inclusive UTC days."""
+    if group_by not in USAGE_GROUP_COLUMNS:
+        raise LlimitError(400, "invalid_request_error",
+                          "group_by must be one of " + ", ".join(USAGE_GROUP_COLUMNS),
+                          code="invalid_group_by")
+    rows = []
+    totals = dict.fromkeys(("requests", "prompt_tokens", "cached_tokens", "cache_write_tokens",
+                            "completion_tokens", "unpriced_requests"), 0)
+    total_nusd = 0
+    for row in usage_by_group(db, group_by, start_day, end_day, user_name):
+        figures = {"requests": row[1], "prompt_tokens": row[2], "cached_tokens": row[3],
+                   "cache_write_tokens": row[4], "completion_tokens": row[5],
+                   "cost_usd": nusd_to_usd(row[6]), "unpriced_requests": row[7]}
+        rows.append({group_by: row[0] if row[0] != "" else None, **figures})
+        for name in totals:
+            totals[name] += figures[name]
+        total_nusd += row[6]
+    totals["cost_usd"] = nusd_to_usd(total_nusd)
+    return {"start": start_day, "end": end_day, "group_by": group_by, "rows": rows,
+            "totals": totals}
+
+
+def report_data(db, start_day, end_day):
+    """What /reports shows and /reports/data answers, for inclusive UTC days."""
+    first = dt.date.fromisoformat(start_day)
+    count = (dt.date.fromisoformat(end_day) - first).days + 1
+    if count > MAX_REPORT_DAYS:
+        raise LlimitError(400, "invalid_request_error",
+                          f"A report covers at most {MAX_REPORT_DAYS} days.", code="invalid_date")
+    days = [(first + dt.timedelta(days=n)).isoformat() for n in range(count)]
+    by_user = usage_report(db, "user", start_day, end_day)
+    per_day = {row["day"]: row for row in usage_report(db, "day", start_day, end_day)["rows"]}
+    daily, running_nusd = [], 0
+    for day in days:
+        row = per_day.get(day) or {"requests": 0, "cost_usd": 0.0}
+        running_nusd += round(row["cost_usd"] * NANO)
+        daily.append({"day": day, "requests": row["requests"], "cost_usd": row["cost_usd"],
+                      "cumulative_usd": nusd_to_usd(running_nusd)})
+    top = [row["user"] for row in by_user["rows"][:REPORT_TOP_USERS]]
+    stacked = {user: [0] * count for user in top}
+    other = [0] * count
+    day_index = {day: index for index, day in enumerate(days)}
+    for day, user, cost in usage_by_day_and_group(db, "user", start_day, end_day):
+        (stacked.get(user or None) or other)[day_index[day]] += cost
+    series = [{"user": user, "cost_usd": [nusd_to_usd(c) for c in costs]}
+              for user, costs in stacked.items()]
+    if len(by_user["rows"]) > REPORT_TOP_USERS:
+        series.append({"user": None, "other": True, "cost_usd": [nusd_to_usd(c) for c in other]})
+    return {"start": start_day, "end": end_day, "totals": by_user["totals"],
+            "by_user": by_user["rows"],
+            "by_model": usage_report(db, "model", start_day, end_day)["rows"],
+            "by_project": usage_report(db, "project", start_day, end_day)["rows"],
+            "daily": daily, "daily_by_user": {"days": days, "series": series}}
+
+
+def report_charts(report):
+    """The Chart.js configurations of the report page, each as JSON for a data-series."""
+    def label(name, fallback="(none)"):
+        return name if name else fallback
+
+    def ranked_bars(rows, group, title):
+        shown = rows[:REPORT_TOP_ROWS]
+        labels = [label(row[group], "(no user)" if group == "user" else "(unknown)")
+                  for row in shown]
+        values = [row["cost_usd"] for row in shown]
+        if len(rows) > REPORT_TOP_ROWS:
+            labels.append(f"{len(rows) - REPORT_TOP_ROWS} others")
+            values.append(round(sum(row["cost_usd"] for row in rows[REPORT_TOP_ROWS:]), 9))
+        return {"type": "bar", "data": {"labels": labels, "datasets": [
+            {"label": title, "data": values, "backgroundColor": CHART_COLORS[0]}]},
+            "options": _chart_options(indexAxis="y", legend=False,
+                                      scales={"x": {"money": True, "beginAtZero": True}})}
+
+    days = report["daily_by_user"]["days"]
+    charts = [
+        ("users", "Cost by user", ranked_bars(report["by_user"], "user", "Cost")),
+        ("daily", "Daily cost and running total", {"type": "bar", "data": {
+            "labels": days, "datasets": [
+                {"label": "Cost", "data": [day["cost_usd"] for day in report["daily"]],
+                 "backgroundColor": CHART_COLORS[0], "order": 2},
+                {"type": "line", "label": "Running total", "yAxisID": "total",
+                 "data": [day["cumulative_usd"] for day in report["daily"]],
+                 "borderColor": CHART_COLORS[1], "backgroundColor": CHART_COLORS[1],
+                 "pointRadius": 0, "order": 1}]},
+            "options": _chart_options(scales={
+                "y": {"money": True, "beginAtZero": True, "title": {"display": True,
+                                                                     "text": "per day"}},
+                "total": {"money": True, "beginAtZero": True, "position": "right",
+                          "grid": {"drawOnChartArea": False},
+                          "title": {"display": True, "text": "running total"}}})}),
+        ("daily-users", "Daily cost by user", {"type": "bar", "data": {
+            "labels": days, "datasets": [
+                {"label": "other" if item.get("other") else label(item["user"], "(no user)"),
+                 "data": item["cost_usd"],
+                 "backgroundColor": CHART_OTHER_COLOR if item.get("other")
+                 else CHART_COLORS[index % len(CHART_COLORS)]}
+                for index, item in enumerate(report["daily_by_user"]["series"])]},
+            "options": _chart_options(scales={"x": {"stacked": True},
+                                              "y": {"stacked": True, "money": True}})}),
+        ("models", "Cost by model", ranked_bars(report["by_model"], "model", "Cost")),
+        ("projects", "Cost by project", {"type": "doughnut", "data": {
+            "labels": [label(row["project"]) for row in report["by_project"]],
+            "datasets": [{"label": "Cost", "data": [row["cost_usd"] for row in report["by_project"]],
+                          "backgroundColor": list(CHART_COLORS)}]},
+            "options": _chart_options()}),
+    ]
+    return [{"name": name, "title": title, "series_json": json.dumps(config)}
+            for name, title, config in charts]
+
+
+def _chart_options(legend=True, **options):
+    return {"animation": False, "maintainAspectRatio": False, "responsive": True,
+            "plugins": {"legend": {"display": legend, "position": "bottom"}}, **options}
+
+
+def report_tables(report):
+    """The report's numbers as tables: one per chart's grouping, and by day."""
+    def count(n):
+        return f"{n:,}"
+
+    def grouped(title, group, rows, empty):
+        return {"title": title,
+                "headings": (group.title(), "Requests", "Input tokens", "Output tokens", "Cost"),
+                "rows": [(row[group] or empty, count(row["requests"]),
+                          count(row["prompt_tokens"]), count(row["completion_tokens"]),
+                          money(row["cost_usd"])) for row in rows]}
+    return [
+        grouped("By user", "user", report["by_user"], "(no user)"),
+        grouped("By model", "model", report["by_model"], "(unknown)"),
+        grouped("By project", "project", report["by_project"], "(none)"),
+        {"title": "By day", "headings": ("Day (UTC)", "Requests", "Cost", "Running total"),
+         "rows": [(day["day"], count(day["requests"]), money(day["cost_usd"]),
+                   money(day["cumulative_usd"])) for day in report["daily"]]},
+    ]
+
+
+def page_reports(state, session):
+    """GET /reports?start=&end=: charts and tables of cost over a UTC date range."""
+    if not session.signed_in:
+        _redirect_to_login()
+    _require_reports(session)
+    start, end = report_range(bottle.request.query, state.config.clock())
+    report = report_data(state.database(), start, end)
+    return render_page(REPORTS_PAGE, title="Reports", session=session,
+                       scripts=_chart_scripts(state.config), start=start, end=end,
+                       totals=report["totals"], by_user=report["by_user"],
+                       charts=report_charts(report), tables=report_tables(report))
+
+
+def reports_data(state, session):
+    """GET /reports/data?start=&end=: the report's figures as JSON."""
+    _require_reports(session)
+    start, end = report_range(bottle.request.query, state.config.clock())
+    return report_data(state.database(), start, end)
+
+
+def reports_csv(state, session):
+    """GET /reports/data.csv?start=&end=: the daily rollup by user, project and model."""
+    _require_reports(session)
+    start, end = report_range(bottle.request.query, state.config.clock())
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(REPORT_CSV_COLUMNS)
+    for row in iter_usage_daily(state.database(), start, end):
+        writer.writerow((row[0], _csv_text(row[1]), _csv_text(row[2]), _csv_text(row[3]),
+                         row[4], row[5], row[6], row[7], f"{row[8] / 1e9:.9f}", row[9]))
+    bottle.response.content_type = "text/csv; charset=utf-8"
+    bottle.response.set_header("Content-Disposition",
+                               f'attachment; filename="llimit-report-{start}-{end}.csv"')
+    return buffer.getvalue()
+
+
+def _csv_text(value):
+    # User names are typed by users; a leading = + - @ would be a formula in a spreadsheet.
+    return "'" + value if value[:1] in ("=", "+", "-", "@") else value
+
+
+# --- the admin dashboard ----------------------------------------------------------------
+
+def page_admin(state, session):
+    """GET /admin: totals, projects, users, keys, limits and prices."""
+    _require_admin_page(session)
+    return _render_admin(state, session,
+                         notice=ADMIN_NOTICES.get(bottle.request.query.get("done")))
+
+
+def page_admin_post(state, session, form):
+    """POST /admin: one change from a dashboard form, named by its `action` field."""
+    _require_admin_page(session)
+    action = ADMIN_ACTIONS.get(form.get("action"))
+    if action is None:
+        raise LlimitError(400, "invalid_request_error", "Unknown admin action.")
+    return action(state, session, form)
+
+
+def _render_admin(state, session, notice=None, raw_key=None, key_owner=None):
+    db = state.database()
+    now = state.config.clock()
+    today = _day(now)
+    month_start = _day(window_bounds("month", now)[0])
+    today_total = get_counter(db, "*", today, today)
+    month_total = get_counter(db, "*", month_start, today)
+    limit_rows = [_limit_row(state.limits.status(db, row)) for row in list_limits(db)]
+    projects = []
+    for row in list_projects(db):
+        project = project_to_json(row)
+        project["limits"] = [limit for limit in limit_rows
+                             if limit["status"]["scope"] == "project"
+                             and limit["status"]["target"] == row["id"]]
+        projects.append(project)
+    key_rows = list_keys(db)
+    spend = key_spend(db, [row["id"] for row in key_rows])
+    keys = [key_to_json(row, spend.get(row["id"])) for row in key_rows]
+    book = state.pricebook
+    prices = [{"model": model, **{field: price.get(field) for field in PRICE_FIELDS},
+               "source": "set here" if model in book.overrides else "pricing.json"}
+              for model, price in sorted(book.table().items())]
+    return render_page(
+        ADMIN_PAGE, title="Admin", session=session, scripts=[{"src": PAGES_SCRIPT_PATH}],
+        notice=notice, new_key=raw_key,
+        new_key_html=_new_key_html(state.config, raw_key, key_owner) if raw_key else "",
+        today_usd=nusd_to_usd(today_total[2]), today_requests=today_total[0],
+        month_usd=nusd_to_usd(month_total[2]), month_requests=month_total[0],
+        active_keys=sum(key["active"] for key in keys), projects=projects,
+        users=_admin_users(db, keys, month_start, today), keys=keys, limits=limit_rows,
+        missing=missing_prices(db, book), prices=prices, upstream_kinds=UPSTREAM_KINDS,
+        budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=METRICS, windows=WINDOWS)
+
+
+def _admin_users(db, keys, month_start, today):
+    month = {row["user"]: row for row in usage_report(db, "user", month_start, today)["rows"]
+             if row["user"]}
+    lifetime = {user: cost for user, _, _, cost in list_user_totals(db)}
+    active = {}
+    for key in keys:
+        if key["user"]:
+            active[key["user"]] = active.get(key["user"], 0) + int(key["active"])
+    names = sorted(set(month) | set(lifetime) | set(active),
+                   key=lambda name: (-lifetime.get(name, 0), name))
+    return [{"user": name, "active_keys": active.get(name, 0),
+             "month_requests": month[name]["requests"] if name in month else 0,
+             "month_usd": month[name]["cost_usd"] if name in month else 0.0,
+             "total_usd": nusd_to_usd(lifetime.get(name, 0))} for name in names]
+
+
+def _admin_done(notice, anchor):
+    bottle.redirect(f"/admin?done={notice}#{anchor}", 303)
+
+
+def _admin_create_project(state, session, form):
+    data = _project_form(form)
+    data["id"] = form.get("id", "").strip()
+    create_project(state.database(), data, utc_iso(state.config.clock()))
+    _admin_done("project_created", "projects")
+
+
+def _admin_update_project(state, session, form):
+    data = _project_form(form)
+    if form.get("clear_upstream_key"):
+        data["upstream_key"] = None
+    change_project(state.database(), form.get("id", ""), data, utc_iso(state.config.clock()))
+    _admin_done("project_saved", "projects")
+
+
+def _project_form(form):
+    # The upstream key is write-only: a blank field keeps the one stored.
+    data = {field: form.get(field, "").strip() or None
+            for field in ("name", "upstream_url", "api_version", "limit_message")}
+    data["allow_user_keys"] = form.get("allow_user_keys") == "1"
+    for field in ("upstream_kind", "upstream_key"):
+        if form.get(field, "").strip():
+            data[field] = form[field].strip()
+    if form.get("budget_usd", "").strip():
+        data["budget"] = {"usd": _form_number(form, "budget_usd"),
+                          "window": form.get("budget_window") or "month"}
+    return data
+
+
+def _admin_create_key(state, session, form):
+    fields = validate_key_fields(
+        {"user": form.get("user", "").strip() or None, "project": form.get("project") or "default",
+         "note": form.get("note", "").strip() or None,
+         "expires_at": form.get("expires_at") or None},
+        ("user", "project", "note", "expires_at"))
+    db = state.database()
+    with transaction(db):
+        row, raw_key = create_key(db, state.config.clock(), fields["user"], fields["project"],
+                                  fields["note"], fields["expires_at"])
+    log.info("admin page: created key %s for %s in project %s", row["id"],
+             row["user_name"] or "(project)", row["project_id"])
+    return _render_admin(state, session, raw_key=raw_key,
+                         key_owner=row["user_name"] or f"project {row['project_id']}")
+
+
+def _admin_revoke_key(state, session, form):
+    db = state.database()
+    key_id = form.get("key_id", "")
+    with transaction(db):
+        if get_key(db, key_id) is None:
+            raise LlimitError(404, "invalid_request_error", f"No key {key_id!r}.")
+        revoke_key(db, key_id, utc_iso(state.config.clock()))
+    _admin_done("key_revoked", "keys")
+
+
+def _admin_create_limit(state, session, form):
+    data = {"scope": form.get("scope"), "metric": form.get("metric"),
+            "window": form.get("window"), "action": form.get("limit_action") or "block",
+            "amount": _form_number(form, "amount"),
+            "target": form.get("target", "").strip() or None,
+            "each": form.get("each") or None}
+    if form.get("alert_at", "").strip():
+        data["alert_at"] = [_number(part, "alert_at") for part in form["alert_at"].split(",")
+                            if part.strip()]
+    limit = validate_limit(data)
+    db = state.database()
+    with transaction(db):
+        add_limit(db, limit, utc_iso(state.config.clock()))
+    _admin_done("limit_created", "limits")
+
+
+def _admin_delete_limit(state, session, form):
+    db = state.database()
+    with transaction(db):
+        if not delete_limit(db, form.get("limit_id", "")):
+            raise LlimitError(404, "invalid_request_error", "No such limit.")
+    _admin_done("limit_deleted", "limits")
+
+
+def _admin_set_price(state, session, form):
+    price = {field: _form_number(form, field) for field in PRICE_FIELDS
+             if form.get(field, "").strip()}
+    save_price(state.database(), form.get("model", "").strip(), price,
+               utc_iso(state.config.clock()))
+    state.reload_prices()
+    _admin_done("price_set", "prices")
+
+
+ADMIN_ACTIONS = {
+    "create_project": _admin_create_project, "update_project": _admin_update_project,
+    "create_key": _admin_create_key, "revoke_key": _admin_revoke_key,
+    "create_limit": _admin_create_limit, "delete_limit": _admin_delete_limit,
+    "set_price": _admin_set_price,
+}
+
+
+def _form_number(form, field):
+    return _number(form.get(field, ""), field)
+
+
+def _number(text, field):
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value):
+        raise _field_error(field, "must be a number")
+    return value
+
+
+# --- static files ------------------------------------------------------------------
+
+def static_pages_script(state):
+    """GET /static/llimit.js: the pages' copy buttons and charts."""
+    bottle.response.content_type = "text/javascript; charset=utf-8"
+    bottle.response.set_header("Cache-Control", "public, max-age=3600")
+    return PAGES_SCRIPT_JS
+
+
+def static_chartjs(state):
+    """GET /static/chart.umd.js: the local Chart.js named by LLIMIT_CHARTJS."""
+    path = state.config.chartjs
+    if not path:
+        raise LlimitError(404, "invalid_request_error",
+                          "No local Chart.js here; the pages load it from a CDN.")
+    path = os.path.abspath(path)
+    response = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
+                                  mimetype="text/javascript", charset="utf-8")
+    response.set_header("Cache-Control", "public, max-age=86400")
+    return response
+
+
+# =============================================================================
 # 9. Admin API and /llimit/me
 #    JSON over HTTP for scripts and curl, behind the admin token; and what a
 #    key holder may ask about their own key. Every change goes through the
@@ -2992,7 +4457,6 @@ def _drain(resp, meter, seconds):
 # =============================================================================
 
 ADMIN_BODY_MAX_BYTES = 1024 * 1024
-DEFAULT_REPORT_DAYS = 30
 
 
 def _json_input():
@@ -3182,46 +4646,6 @@ def admin_limit_delete(state, limit_id):
         if not delete_limit(db, limit_id):
             raise _not_found("limit", limit_id)
     return {"id": limit_id, "deleted": True}
-
-
-def report_range(query, now):
-    """(start_day, end_day) from ?start=&end= (inclusive UTC dates), default the last 30 days."""
-    today = dt.datetime.fromtimestamp(now, UTC).date()
-    try:
-        end = dt.date.fromisoformat(query.get("end")) if query.get("end") else today
-        start = (dt.date.fromisoformat(query.get("start")) if query.get("start")
-                 else end - dt.timedelta(days=DEFAULT_REPORT_DAYS - 1))
-    except ValueError:
-        raise LlimitError(400, "invalid_request_error",
-                          "start and end must be dates like 2026-11-01.",
-                          code="invalid_date") from None
-    if start > end:
-        raise LlimitError(400, "invalid_request_error", "start is after end.",
-                          code="invalid_date")
-    return start.isoformat(), end.isoformat()
-
-
-def usage_report(db, group_by, start_day, end_day, user_name=None):
-    """{"rows": [...], "totals": {...}} of usage per group over inclusive UTC days."""
-    if group_by not in USAGE_GROUP_COLUMNS:
-        raise LlimitError(400, "invalid_request_error",
-                          "group_by must be one of " + ", ".join(USAGE_GROUP_COLUMNS),
-                          code="invalid_group_by")
-    rows = []
-    totals = dict.fromkeys(("requests", "prompt_tokens", "cached_tokens", "cache_write_tokens",
-                            "completion_tokens", "unpriced_requests"), 0)
-    total_nusd = 0
-    for row in usage_by_group(db, group_by, start_day, end_day, user_name):
-        figures = {"requests": row[1], "prompt_tokens": row[2], "cached_tokens": row[3],
-                   "cache_write_tokens": row[4], "completion_tokens": row[5],
-                   "cost_usd": nusd_to_usd(row[6]), "unpriced_requests": row[7]}
-        rows.append({group_by: row[0] if row[0] != "" else None, **figures})
-        for name in totals:
-            totals[name] += figures[name]
-        total_nusd += row[6]
-    totals["cost_usd"] = nusd_to_usd(total_nusd)
-    return {"start": start_day, "end": end_day, "group_by": group_by, "rows": rows,
-            "totals": totals}
 
 
 def admin_usage(state):
@@ -3551,6 +4975,8 @@ class State:
         self.user_header_names = frozenset(header.lower() for header in config.user_headers)
         self.openapi = _openapi_spec()
         self.oidc = OidcClient(config) if config.auth == "oidc" else None
+        if config.chartjs and not os.path.isfile(config.chartjs):
+            raise ValueError(f"LLIMIT_CHARTJS names no file: {config.chartjs}")
         self.generated_admin_token = None
 
     def reload_prices(self):
@@ -3568,22 +4994,26 @@ def _is_json_path(path):
 
 
 def error_response(error, path):
-    """A LlimitError as OpenAI's JSON shape (JSON routes) or a plain page."""
+    """A LlimitError as OpenAI's JSON shape (JSON routes) or an error page."""
     if _is_json_path(path):
         response = bottle.HTTPResponse(json.dumps(error.body()), status=error.status)
         response.content_type = "application/json"
     else:
         response = bottle.HTTPResponse(_error_page(error), status=error.status)
         response.content_type = "text/html; charset=utf-8"
+        for name, value in page_headers("'none'").items():
+            response.set_header(name, value)
     for name, value in error.headers.items():
         response.set_header(name, value)
     return response
 
 
 def _error_page(error):
-    text = bottle.html_escape(error.message)
-    return (f"<!doctype html><title>llimit: {error.status}</title>"
-            f"<h1>{error.status}</h1><p>{text}</p><p><a href='/'>llimit home</a></p>")
+    # The page wrapper left the visitor's session here; a 404 found no page to run.
+    session = bottle.request.environ.get("llimit.session") or PageSession()
+    return render_page(ERROR_PAGE, title=str(error.status), session=session,
+                       status=error.status, message=error.message,
+                       reason=bottle.HTTP_CODES.get(error.status, "Error"))
 
 
 class ErrorPlugin:
@@ -3650,6 +5080,23 @@ def routes(state):
         ("PUT", "/admin/pricing/<model:path>", admin_pricing_put),
         ("POST", "/admin/reprice", admin_reprice),
         ("GET", "/admin/openapi.json", admin_openapi),
+        # the pages
+        ("GET", "/", page(page_home)),
+        ("GET", "/login", page(page_login)),
+        ("POST", "/login", page(page_login_post)),
+        ("GET", "/login/callback", page(page_login_callback)),
+        ("POST", "/logout", page(page_logout)),
+        ("GET", "/keys", page(page_keys)),
+        ("POST", "/keys", page(page_keys_create)),
+        ("POST", "/keys/<key_id>/revoke", page(page_key_revoke)),
+        ("GET", "/usage", page(page_usage)),
+        ("GET", "/reports", page(page_reports)),
+        ("GET", "/reports/data", page(reports_data)),
+        ("GET", "/reports/data.csv", page(reports_csv)),
+        ("GET", "/admin", page(page_admin)),
+        ("POST", "/admin", page(page_admin_post)),
+        ("GET", PAGES_SCRIPT_PATH, static_pages_script),
+        ("GET", CHARTJS_PATH, static_chartjs),
         # operations
         ("GET", "/healthz", ops_healthz),
         ("GET", "/metrics", ops_metrics),
@@ -3688,7 +5135,8 @@ def _bottle_error(status):
                                    f"{messages[status]} ({bottle.request.method}"
                                    f" {bottle.request.path})", code=f"http_{status}")
         response = error_response(llimit_error, bottle.request.path)
-        bottle.response.content_type = response.content_type
+        for name, value in response.headers.items():
+            bottle.response.set_header(name, value)
         return response.body
     return handle
 
