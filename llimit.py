@@ -1328,6 +1328,17 @@ def describe_limit(limit):
             f"{format_amount(limit['metric'], limit_amount_units(limit))}{window}")
 
 
+def describe_subject(subject):
+    """A running total's subject in words: "user alice", "project team-a / user bob"."""
+    if subject == "*":
+        return "all usage"
+    kind, _, name = subject.partition(":")
+    if kind == "pu":
+        project, _, user = name.partition(SUBJECT_SEPARATOR)
+        return f"project {project} / user {user}"
+    return {"p": "project", "u": "user", "k": "key"}[kind] + " " + name
+
+
 @dataclasses.dataclass
 class Admission:
     """What the limits said about a call allowed through."""
@@ -1558,10 +1569,10 @@ def _limit_headers(headers, limit, amount, used, start, end, now):
 def _alert_text(limit, subject, threshold, entry, end):
     metric = limit["metric"]
     used = format_amount(metric, entry[METRIC_INDEX[metric]])
-    who = subject.replace(SUBJECT_SEPARATOR, "/")
     resets = "it does not reset" if end is None else f"it resets {utc_iso(end)}"
     verb = "reached" if threshold >= 100 else f"passed {threshold:g}% of"
-    return (f":warning: llimit: {who} has {verb} its {describe_limit(limit)}"
+    return (f":warning: llimit: {describe_subject(subject)} has {verb} the"
+            f" {describe_limit(limit)}"
             f" ({used} used; {resets}).")
 
 
@@ -1670,10 +1681,10 @@ class AlertSender:
                         "text": alert["text"], "limit_id": alert["limit_id"],
                         "subject": alert["subject"], "threshold": alert["threshold"],
                         "window_start": alert["window_start"]})
-                    if resp.status < 300:
+                    if resp.status_code < 300:
                         mark_alert_delivered(self.database(), alert, utc_iso(time.time()))
                         break
-                    log.warning("alert webhook answered %s", resp.status)
+                    log.warning("alert webhook answered %s", resp.status_code)
                 except requests.RequestException as error:
                     log.warning("alert webhook failed: %s", type(error).__name__)
                 time.sleep(min(2 ** attempt, 30))
@@ -1829,6 +1840,11 @@ def send_upstream(pool, method, url, headers, body):
         return pool.manager(url).urlopen(method, url, body=body or None, headers=headers,
                                          redirect=False, preload_content=False,
                                          decode_content=True)
+    except urllib3.exceptions.NewConnectionError as error:  # a subclass of timeout errors
+        log.warning("upstream %s refused the connection: %s", url.split("?")[0],
+                    type(error).__name__)
+        raise LlimitError(502, "upstream_error", "The upstream could not be reached.",
+                          code="upstream_unreachable") from None
     except urllib3.exceptions.TimeoutError:
         raise LlimitError(504, "upstream_timeout", "The upstream did not answer in time.",
                           code="upstream_timeout") from None
@@ -1924,15 +1940,10 @@ def split_sse(chunks):
 
 
 def sse_fields(raw_event):
-    """(event name or None, data text) of one raw SSE event."""
-    name, data = None, []
-    for line in raw_event.splitlines():
-        if line.startswith(b"data:"):
-            value = line[5:]
-            data.append(value[1:] if value[:1] == b" " else value)
-        elif line.startswith(b"event:"):
-            name = line[6:].strip().decode("utf-8", "replace")
-    return name, b"\n".join(data).decode("utf-8", "replace")
+    """(event name or None, data text) of one raw SSE event, parsed by sseclient-py."""
+    for event in sseclient.SSEClient((raw_event,)).events():
+        return (None if event.event == "message" else event.event), event.data
+    return None, ""  # a comment or keep-alive: passed on, nothing to read
 
 
 def sse_error_event(kind, message):
@@ -3195,7 +3206,7 @@ class ErrorPlugin:
         return handle
 
 
-def routes(state):
+def routes():
     """Every route of llimit: (method, path, handler taking state first)."""
     return [
         # the proxy
@@ -3239,7 +3250,7 @@ def make_app(config, state=None):
     app.config["catchall"] = False  # ErrorPlugin answers; a crash must not turn into HTML
     app.llimit = state
     app.install(ErrorPlugin(state))
-    for method, path, handler in routes(state):
+    for method, path, handler in routes():
         app.route(path, method, _bind(handler, state), name=handler.__name__)
     for status in (404, 405):
         app.error(status)(_bottle_error(status))
