@@ -616,7 +616,7 @@ def insert_usage_events(db, events, price_ids):
 
     The caller holds the transaction; `price_ids[i]` is the snapshot of events[i].
     """
-    event_rows, daily_rows, counter_rows, key_touches = [], [], [], []
+    event_rows, daily_rows, counter_rows, key_touches = [], [], [], {}
     for event, price_id in zip(events, price_ids):
         cost = event.cost_nusd or 0
         tokens = event.prompt_tokens + event.completion_tokens
@@ -636,11 +636,12 @@ def insert_usage_events(db, events, price_ids):
             counter_rows.append((subject, day, tokens, cost))
             counter_rows.append((subject, "total", tokens, cost))
         if event.key_id:
-            key_touches.append((_iso_from_ms(event.created_ms), event.key_id))
+            key_touches[event.key_id] = _iso_from_ms(event.created_ms)
     db.executemany(INSERT_USAGE_EVENT_SQL, event_rows)
     db.executemany(UPSERT_USAGE_DAILY_SQL, daily_rows)
     db.executemany(UPSERT_USAGE_COUNTER_SQL, counter_rows)
-    db.executemany("update api_keys set last_used_at = ? where id = ?", key_touches)
+    db.executemany("update api_keys set last_used_at = ? where id = ?",
+                   [(used_at, key_id) for key_id, used_at in key_touches.items()])
 
 
 def get_counter(db, subject, first_day, last_day):
@@ -831,7 +832,9 @@ def utc_iso(seconds):
 #    behind one another on SQLite's write lock. Knows nothing of HTTP.
 # =============================================================================
 
-DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
+# Snapshot suffixes a reported model may carry beyond its listed name: dates
+# (-2024-08-06, -20250929), old OpenAI -0613, Vertex -001, and -latest.
+DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|\d{3}|latest)$")
 PRICE_FIELDS = ("input", "cached_input", "output", "cache_write")
 NANO_PER_USD_PER_MTOK = 1000  # 1 token at $1/1M tokens is 1,000 nano-dollars
 
@@ -881,8 +884,9 @@ class Pricebook:
     def resolve(self, model):
         """(name the price is listed under, (input, cached, output, cache_write)) or None.
 
-        A dated name such as gpt-4o-2024-08-06 falls back to gpt-4o, and a
-        provider prefix (openai/gpt-4o, as OpenRouter reports) to the bare name.
+        A dated name such as gpt-4o-2024-08-06 (or gpt-4-0613, gemini-2.0-flash-001)
+        falls back to its base name, and a provider prefix (openai/gpt-4o, as
+        OpenRouter reports) to the bare name.
         """
         if not model:
             return None
@@ -1008,7 +1012,8 @@ class StreamMeter:
     def _openai_chunk(self, obj):
         if obj.get("model"):
             self.model = obj["model"]
-        if obj.get("choices"):
+        choices = obj.get("choices")
+        if choices and _carries_output(choices[0]):
             self.content_events += 1
         usage = obj.get("usage")
         if isinstance(usage, dict):
@@ -1023,6 +1028,16 @@ class StreamMeter:
             usage.completion_tokens = max(usage.completion_tokens, self.content_events)
             return usage
         return Usage(prompt_tokens=prompt_estimate, completion_tokens=self.content_events)
+
+
+def _carries_output(choice):
+    # Role-only and finish-only chunks carry no tokens; they must not count.
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta") or {}
+    return bool(choice.get("text") or delta.get("content") or delta.get("tool_calls")
+                or delta.get("function_call") or delta.get("reasoning_content")
+                or delta.get("refusal"))
 
 
 def cost_nusd(usage, prices):
@@ -1767,26 +1782,32 @@ class UpstreamPool:
         self._options = dict(num_pools=64, maxsize=pool_size, block=False, retries=False,
                              timeout=self._timeout, ca_certs=_ca_bundle())
         self._direct = urllib3.PoolManager(**self._options)
-        self._by_origin = {}
+        self._proxies = {}
+        self._pools = {}     # origin -> its connection pool, looked up once
         self._lock = threading.Lock()
 
-    def manager(self, url):
-        """The pool manager for `url`: direct, or through the environment's proxy."""
-        origin = "/".join(url.split("/", 3)[:3])
-        manager = self._by_origin.get(origin)
-        if manager is None:
+    def pool(self, url):
+        """The connection pool for the origin of `url` (direct, or via the environment's proxy)."""
+        origin = url[:url.find("/", url.find("//") + 2)] if url.count("/") > 2 else url
+        pool = self._pools.get(origin)
+        if pool is None:
             with self._lock:
                 proxy = requests.utils.get_environ_proxies(origin).get(origin.split(":")[0])
-                manager = (urllib3.ProxyManager(proxy, **self._options) if proxy
-                           else self._direct)
-                self._by_origin[origin] = manager
-        return manager
+                manager = self._direct
+                if proxy:
+                    manager = self._proxies.get(proxy)
+                    if manager is None:
+                        manager = self._proxies[proxy] = urllib3.ProxyManager(
+                            proxy, **self._options)
+                pool = self._pools[origin] = manager.connection_from_url(origin)
+        return pool
 
     def close(self):
         """Close every pooled connection."""
         with self._lock:
-            for manager in {id(m): m for m in (self._direct, *self._by_origin.values())}.values():
+            for manager in (self._direct, *self._proxies.values()):
                 manager.clear()
+            self._pools.clear()
 
 
 def _ca_bundle():
@@ -1837,9 +1858,14 @@ def upstream_headers(environ, upstream, extra_dropped=()):
 def send_upstream(pool, method, url, headers, body):
     """Send a call upstream and return once its headers are in; failures become 502 or 504."""
     try:
-        return pool.manager(url).urlopen(method, url, body=body or None, headers=headers,
-                                         redirect=False, preload_content=False,
-                                         decode_content=True)
+        # Plain http through a forward proxy names the whole URL; otherwise (direct,
+        # or https tunnelled through the proxy) the pool wants path and query.
+        connections = pool.pool(url)
+        forwarded = connections.proxy is not None and url.startswith("http://")
+        target = url if forwarded else url[url.find("/", url.find("//") + 2):]
+        return connections.urlopen(method, target, body=body or None, headers=headers,
+                                   redirect=False, preload_content=False, decode_content=True,
+                                   assert_same_host=False)
     except urllib3.exceptions.NewConnectionError as error:  # a subclass of timeout errors
         log.warning("upstream %s refused the connection: %s", url.split("?")[0],
                     type(error).__name__)

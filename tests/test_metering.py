@@ -84,6 +84,8 @@ def test_dated_and_prefixed_names_resolve_to_their_base_model():
     assert book.resolve("gpt-4o-2024-05-13")[0] == "gpt-4o-2024-05-13"
     assert book.resolve("claude-sonnet-4-5-20250929")[0] == "claude-sonnet-4-5"
     assert book.resolve("openai/gpt-4o")[0] == "gpt-4o"
+    assert book.resolve("gpt-4o-0613")[0] == "gpt-4o"
+    assert book.resolve("claude-sonnet-4-5-latest")[0] == "claude-sonnet-4-5"
     assert book.resolve("my-local-llama") is None
 
 

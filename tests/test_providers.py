@@ -98,13 +98,13 @@ def test_anthropic_messages_whole_and_streamed(gateway, fake, anthropic_project)
     fake.behaviour.update(prompt_tokens=11, cached_tokens=200, cache_write_tokens=100,
                           completion_tokens=7)
     api = anthropic.Anthropic(base_url=gateway.url, api_key=anthropic_project, max_retries=0)
-    message = api.messages.create(model="claude-sonnet-4-5", max_tokens=100,
+    message = api.messages.create(model="claude-sonnet-5", max_tokens=100,
                                   messages=[{"role": "user", "content": "Hi"}])
     assert message.content[0].text
     sent = fake.requests[-1]
     assert sent.path == "/v1/messages" and sent.headers["x-api-key"] == ANTHROPIC_KEY
     assert anthropic_project not in str(dict(sent.headers))
-    with api.messages.stream(model="claude-sonnet-4-5", max_tokens=100,
+    with api.messages.stream(model="claude-sonnet-5", max_tokens=100,
                              messages=[{"role": "user", "content": "Hi"}]) as stream:
         final = stream.get_final_message()
     assert final.usage.output_tokens == 7
@@ -113,7 +113,7 @@ def test_anthropic_messages_whole_and_streamed(gateway, fake, anthropic_project)
         assert (event["prompt_tokens"], event["cached_tokens"], event["cache_write_tokens"],
                 event["completion_tokens"]) == (311, 200, 100, 7)
         assert event["pricing"] == "priced"
-    price = gateway.state.pricebook.resolve("claude-sonnet-4-5")[1]
+    price = gateway.state.pricebook.resolve("claude-sonnet-5")[1]
     expected = (11 * price[0] + 200 * price[1] + 100 * price[3] + 7 * price[2]) * 1000
     assert whole["cost_nusd"] == round(expected)
     assert price[3] > price[0] > price[1], "cache writes cost more, reads less"
@@ -121,14 +121,14 @@ def test_anthropic_messages_whole_and_streamed(gateway, fake, anthropic_project)
 
 def test_anthropic_count_tokens_and_errors(gateway, fake, anthropic_project):
     api = anthropic.Anthropic(base_url=gateway.url, api_key=anthropic_project, max_retries=0)
-    count = api.messages.count_tokens(model="claude-sonnet-4-5",
+    count = api.messages.count_tokens(model="claude-sonnet-5",
                                       messages=[{"role": "user", "content": "Hi"}])
     assert count.input_tokens > 0
     from tests.fake_upstream import anthropic_error
     fake.behaviour.update(status=529, error_body=anthropic_error(529, "overloaded_error",
                                                                  "Overloaded"))
     with pytest.raises(anthropic.APIStatusError) as caught:
-        api.messages.create(model="claude-sonnet-4-5", max_tokens=10,
+        api.messages.create(model="claude-sonnet-5", max_tokens=10,
                             messages=[{"role": "user", "content": "Hi"}])
     assert caught.value.status_code == 529
     assert caught.value.body["error"]["type"] == "overloaded_error"
@@ -137,7 +137,7 @@ def test_anthropic_count_tokens_and_errors(gateway, fake, anthropic_project):
 def test_llimit_errors_reach_anthropic_clients_cleanly(gateway, anthropic_project):
     api = anthropic.Anthropic(base_url=gateway.url, api_key="llimit-wrong", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError):
-        api.messages.create(model="claude-sonnet-4-5", max_tokens=10,
+        api.messages.create(model="claude-sonnet-5", max_tokens=10,
                             messages=[{"role": "user", "content": "Hi"}])
 
 
@@ -147,7 +147,7 @@ def test_keys_go_only_to_their_project_upstream(gateway, fake, anthropic_project
                   headers={"Authorization": f"Bearer {default_key}"})
     assert fake.requests[-1].headers["Authorization"].startswith("Bearer sk-upstream")
     api = anthropic.Anthropic(base_url=gateway.url, api_key=anthropic_project, max_retries=0)
-    api.messages.create(model="claude-sonnet-4-5", max_tokens=10,
+    api.messages.create(model="claude-sonnet-5", max_tokens=10,
                         messages=[{"role": "user", "content": "Hi"}])
     assert "Authorization" not in fake.requests[-1].headers
     projects = {e["project_id"] for e in gateway.events()}
