@@ -749,11 +749,6 @@ def rebuild_rollups(db):
                " sum(cost_nusd) from usage_counters group by subject")
 
 
-def count_usage_events(db):
-    """How many usage events are stored (tests and bench, not the request path)."""
-    return db.execute("select count(*) from usage_events").fetchone()[0]
-
-
 # --- limits and alerts ------------------------------------------------------------
 
 def list_limits(db):
@@ -1080,7 +1075,6 @@ class UsageEvent:
     subjects: tuple = ()               # running totals this call counts toward
     reservation: object = None         # released when the event is applied
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
-    error: Exception | None = None
 
 
 def price_event(event, usage, pricebook, status):
@@ -1108,8 +1102,7 @@ def price_event(event, usage, pricebook, status):
 class UsageWriter:
     """Commits usage events in groups from one thread.
 
-    `submit` returns at once; the event's `done` is set once it is committed
-    (or `error` once the writer gives up waiting for the database). A failed
+    `submit` returns at once; the event's `done` is set once it is committed. A failed
     batch is retried with its events intact; while it fails, `healthy` is
     False, which the limits read to fail closed.
     """
@@ -1360,7 +1353,6 @@ class Admission:
     reservation: list                 # [(counter key, [requests, tokens, nusd])]
     alert_checks: list                # [(limit, subject)] for alerts after the call
     headers: dict                     # rate-limit and budget headers for the client
-    blocking: bool                    # some block limit applied
 
 
 class Limits:
@@ -1427,7 +1419,7 @@ class Limits:
                     held[index] += need[index]
         if warnings:
             headers["X-LLimit-Warning"] = "; ".join(warnings)
-        return Admission(reservation, alert_checks, headers, bool(block_keys) or not limits)
+        return Admission(reservation, alert_checks, headers)
 
     def release(self, reservation):
         """Give back a reservation whose call will not be metered (it never went out)."""
@@ -3318,6 +3310,11 @@ def configure_logging(config):
         handler.setFormatter(_JsonLogFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    # The logging HOWTO's optimisations: no caller lookup (a stack walk per
+    # record), thread, process or task names, none of which our lines show.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())
