@@ -2252,11 +2252,17 @@ def validate_key_fields(data, allowed):
     return fields
 
 
+def _must_exist(row, what, ident):
+    """The row, or a 404 naming what was looked for."""
+    if row is None:
+        raise LlimitError(404, "invalid_request_error", f"No {what} {ident!r}.",
+                          code=f"{what}_not_found")
+    return row
+
+
 def create_key(db, now, user=None, project="default", note=None, expires_at=None, models=None):
     """Issue a key; returns (row dict, raw key). The raw key exists only in this return."""
-    if get_project(db, project) is None:
-        raise LlimitError(404, "invalid_request_error", f"No project {project!r}.",
-                          code="project_not_found")
+    _must_exist(get_project(db, project), "project", project)
     raw_key = new_raw_key()
     row = {"id": "key_" + secrets.token_hex(8), "key_hash": hash_secret(raw_key),
            "masked_key": mask_key(raw_key), "project_id": project, "user_name": user,
@@ -2323,21 +2329,7 @@ def _proxy(state, path, deployment=None):
     requested_model = deployment or _text(payload.get("model"))
     _check_model_allowed(key, requested_model)
     upstream = resolve_upstream(key, config)
-    if deployment is not None and upstream.kind == "anthropic":
-        raise LlimitError(400, "invalid_request_error",
-                          "This key's project speaks Anthropic; use /v1/messages.")
-    if deployment is not None and upstream.kind == "openai" and payload and not payload.get("model"):
-        payload["model"] = deployment  # compat: Azure clients name the model in the URL
-        body = json.dumps(payload).encode()
-    wants_stream = payload.get("stream") is True
-    hide_usage_chunk = False
-    if wants_stream and path in ("chat/completions", "completions") and upstream.kind != "anthropic":
-        options = payload.get("stream_options")
-        options = options if isinstance(options, dict) else {}
-        if options.get("include_usage") is not True:
-            payload["stream_options"] = {**options, "include_usage": True}
-            body = json.dumps(payload).encode()
-            hide_usage_chunk = True
+    body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
     call = _new_call(state, key, environ, payload, body, path, requested_model, started)
     call.admission = state.limits.admit(
         db, call, limits_for_call(db, call.project_id, call.user_name, call.key_id),
@@ -2356,6 +2348,27 @@ def _proxy(state, path, deployment=None):
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
         return _relay_stream(state, call, resp, upstream.kind, hide_usage_chunk)
     return _relay_whole(state, call, resp)
+
+
+def _rewrite_body(payload, body, path, deployment, kind):
+    """(body to send, hide the usage chunk?): the client's own bytes unless we must change them."""
+    if deployment is not None and kind == "anthropic":
+        raise LlimitError(400, "invalid_request_error",
+                          "This key's project speaks Anthropic; use /v1/messages.")
+    changed = False
+    if deployment is not None and kind == "openai" and payload and not payload.get("model"):
+        payload["model"] = deployment  # compat: Azure clients name the model in the URL
+        changed = True
+    hide_usage_chunk = False
+    streams_usage = path in ("chat/completions", "completions") and kind != "anthropic"
+    if payload.get("stream") is True and streams_usage:
+        # OpenAI sends usage in a stream only when include_usage is set.
+        options = payload.get("stream_options")
+        options = options if isinstance(options, dict) else {}
+        if options.get("include_usage") is not True:
+            payload["stream_options"] = {**options, "include_usage": True}
+            changed = hide_usage_chunk = True
+    return (json.dumps(payload).encode() if changed else body), hide_usage_chunk
 
 
 def _text(value):
@@ -2556,11 +2569,6 @@ def _created(payload):
     return payload
 
 
-def _not_found(what, ident):
-    return LlimitError(404, "invalid_request_error", f"No {what} {ident!r}.",
-                       code=f"{what}_not_found")
-
-
 def admin_keys_create(state):
     """POST /admin/keys: issue a key; the secret is in this answer only."""
     require_admin(state)
@@ -2589,18 +2597,12 @@ def admin_keys_list(state):
     return {"data": [key_to_json(row, spend.get(row["id"])) for row in rows]}
 
 
-def _key_or_404(db, key_id):
-    row = get_key(db, key_id)
-    if row is None:
-        raise _not_found("key", key_id)
-    return row
-
 
 def admin_key_get(state, key_id):
     """GET /admin/keys/<id>"""
     require_admin(state)
     db = state.database()
-    row = _key_or_404(db, key_id)
+    row = _must_exist(get_key(db, key_id), "key", key_id)
     return key_to_json(row, key_spend(db, [key_id]).get(key_id))
 
 
@@ -2610,7 +2612,7 @@ def admin_key_update(state, key_id):
     fields = validate_key_fields(_json_input(), ("note", "expires_at", "models", "user"))
     db = state.database()
     with transaction(db):
-        row = dict(_key_or_404(db, key_id))
+        row = dict(_must_exist(get_key(db, key_id), "key", key_id))
         row.update({("user_name" if name == "user" else name): value
                     for name, value in fields.items()})
         update_key(db, row)
@@ -2622,7 +2624,7 @@ def admin_key_revoke(state, key_id):
     require_admin(state)
     db = state.database()
     with transaction(db):
-        _key_or_404(db, key_id)
+        _must_exist(get_key(db, key_id), "key", key_id)
         revoke_key(db, key_id, utc_iso(state.config.clock()))
     return admin_key_get(state, key_id)
 
@@ -2653,18 +2655,12 @@ def admin_projects_create(state):
     return _created(admin_project_get(state, project["id"]))
 
 
-def _project_or_404(db, project_id):
-    row = get_project(db, project_id)
-    if row is None:
-        raise _not_found("project", project_id)
-    return row
-
 
 def admin_project_get(state, project_id):
     """GET /admin/projects/<id>, with the limits that target it."""
     require_admin(state)
     db = state.database()
-    project = project_to_json(_project_or_404(db, project_id))
+    project = project_to_json(_must_exist(get_project(db, project_id), "project", project_id))
     project["limits"] = [limit_json(state, db, row) for row in list_limits(db)
                          if row["scope"] == "project" and row["target"] == project_id]
     return project
@@ -2676,7 +2672,8 @@ def admin_project_update(state, project_id):
     data = _json_input()
     db = state.database()
     with transaction(db):
-        project = validate_project(data, dict(_project_or_404(db, project_id)))
+        current = _must_exist(get_project(db, project_id), "project", project_id)
+        project = validate_project(data, dict(current))
         update_project(db, project)
         for limit in budget_limits(project_id, data["budget"]) if data.get("budget") else []:
             _insert_new_limit(db, limit, utc_iso(state.config.clock()))
@@ -2691,7 +2688,7 @@ def admin_project_delete(state, project_id):
         raise LlimitError(400, "invalid_request_error", "The default project always exists.")
     db = state.database()
     with transaction(db):
-        _project_or_404(db, project_id)
+        _must_exist(get_project(db, project_id), "project", project_id)
         delete_project(db, project_id, utc_iso(state.config.clock()))
     return {"id": project_id, "deleted": True}
 
@@ -2737,18 +2734,12 @@ def admin_limits_create(state):
     return _created(admin_limit_get(state, limit_id))
 
 
-def _limit_or_404(db, limit_id):
-    row = get_limit(db, limit_id)
-    if row is None:
-        raise _not_found("limit", limit_id)
-    return row
-
 
 def admin_limit_get(state, limit_id):
     """GET /admin/limits/<id>"""
     require_admin(state)
     db = state.database()
-    return limit_json(state, db, _limit_or_404(db, limit_id))
+    return limit_json(state, db, _must_exist(get_limit(db, limit_id), "limit", limit_id))
 
 
 def admin_limit_update(state, limit_id):
@@ -2757,7 +2748,7 @@ def admin_limit_update(state, limit_id):
     data = _json_input()
     db = state.database()
     with transaction(db):
-        current = dict(_limit_or_404(db, limit_id))
+        current = dict(_must_exist(get_limit(db, limit_id), "limit", limit_id))
         update_limit(db, validate_limit(data, current))
     return admin_limit_get(state, limit_id)
 
@@ -2767,8 +2758,8 @@ def admin_limit_delete(state, limit_id):
     require_admin(state)
     db = state.database()
     with transaction(db):
-        if not delete_limit(db, limit_id):
-            raise _not_found("limit", limit_id)
+        _must_exist(get_limit(db, limit_id), "limit", limit_id)
+        delete_limit(db, limit_id)
     return {"id": limit_id, "deleted": True}
 
 
