@@ -124,25 +124,12 @@ def serve_upstream(port, stream_gap_ms):
                     head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
-                lines = head.split(b"\r\n")
-                method, path, version = lines[0].split(b" ", 2)
-                headers = {}
-                for line in lines[1:]:
-                    if line:
-                        name, _, value = line.partition(b":")
-                        headers[name.strip().lower()] = value.strip()
+                first_line, headers = _parse_head(head)
+                method, path, version = first_line.split(b" ", 2)
                 if b"content-length" in headers:
                     body = await reader.readexactly(int(headers[b"content-length"]))
                 elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-                    parts = []
-                    while True:
-                        size = int((await reader.readline()).split(b";")[0], 16)
-                        if size == 0:
-                            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                                pass
-                            break
-                        parts.append((await reader.readexactly(size + 2))[:-2])
-                    body = b"".join(parts)
+                    body, _ = await _read_chunked(reader)
                 else:
                     body = b""
                 connection = headers.get(b"connection", b"").lower()
@@ -213,31 +200,41 @@ def build_request(port, path, token, body):
             f"Accept: */*\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-async def _read_response(reader):
-    """(status, headers, body, first_data_time, must_close) of one response."""
-    head = await reader.readuntil(b"\r\n\r\n")
+def _parse_head(head):
+    """(first line, {lower-case name: value}) of an HTTP/1.1 message head."""
     lines = head.split(b"\r\n")
-    status = int(lines[0].split(b" ", 2)[1])
     headers = {}
     for line in lines[1:]:
         if line:
             name, _, value = line.partition(b":")
             headers[name.strip().lower()] = value.strip()
+    return lines[0], headers
+
+
+async def _read_chunked(reader):
+    """(body, time the first SSE data arrived or None) of a chunked body."""
+    parts, first_data = [], None
+    while True:
+        size = int((await reader.readline()).split(b";")[0], 16)
+        if size == 0:
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass
+            return b"".join(parts), first_data
+        data = await reader.readexactly(size + 2)
+        if first_data is None and b"data:" in data:
+            first_data = time.perf_counter()
+        parts.append(data[:-2])
+
+
+async def _read_response(reader):
+    """(status, headers, body, first_data_time, must_close) of one response."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    first_line, headers = _parse_head(head)
+    status = int(first_line.split(b" ", 2)[1])
     first_data = None
     must_close = b"close" in headers.get(b"connection", b"").lower()
     if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-        parts = []
-        while True:
-            size = int((await reader.readline()).split(b";")[0], 16)
-            if size == 0:
-                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass
-                break
-            data = await reader.readexactly(size + 2)
-            if first_data is None and b"data:" in data:
-                first_data = time.perf_counter()
-            parts.append(data[:-2])
-        body = b"".join(parts)
+        body, first_data = await _read_chunked(reader)
     elif b"content-length" in headers:
         length = int(headers[b"content-length"])
         body = await reader.readexactly(length) if length else b""
