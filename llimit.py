@@ -656,7 +656,7 @@ def insert_usage_events(db, events, price_ids):
 
     The caller holds the transaction; `price_ids[i]` is the snapshot of events[i].
     """
-    event_rows, daily_rows, counter_rows, key_touches = [], [], [], []
+    event_rows, daily_rows, counter_rows, key_touches = [], [], [], {}
     for event, price_id in zip(events, price_ids):
         cost = event.cost_nusd or 0
         tokens = event.prompt_tokens + event.completion_tokens
@@ -676,11 +676,12 @@ def insert_usage_events(db, events, price_ids):
             counter_rows.append((subject, day, tokens, cost))
             counter_rows.append((subject, "total", tokens, cost))
         if event.key_id:
-            key_touches.append((_iso_from_ms(event.created_ms), event.key_id))
+            key_touches[event.key_id] = _iso_from_ms(event.created_ms)
     db.executemany(INSERT_USAGE_EVENT_SQL, event_rows)
     db.executemany(UPSERT_USAGE_DAILY_SQL, daily_rows)
     db.executemany(UPSERT_USAGE_COUNTER_SQL, counter_rows)
-    db.executemany("update api_keys set last_used_at = ? where id = ?", key_touches)
+    db.executemany("update api_keys set last_used_at = ? where id = ?",
+                   [(used_at, key_id) for key_id, used_at in key_touches.items()])
 
 
 def get_counter(db, subject, first_day, last_day):
@@ -805,11 +806,6 @@ def rebuild_rollups(db):
                " sum(cost_nusd) from usage_counters group by subject")
 
 
-def count_usage_events(db):
-    """How many usage events are stored (tests and bench, not the request path)."""
-    return db.execute("select count(*) from usage_events").fetchone()[0]
-
-
 # --- limits and alerts ------------------------------------------------------------
 
 def list_limits(db):
@@ -918,7 +914,9 @@ def utc_iso(seconds):
 #    behind one another on SQLite's write lock. Knows nothing of HTTP.
 # =============================================================================
 
-DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
+# Snapshot suffixes a reported model may carry beyond its listed name: dates
+# (-2024-08-06, -20250929), old OpenAI -0613, Vertex -001, and -latest.
+DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|\d{3}|latest)$")
 PRICE_FIELDS = ("input", "cached_input", "output", "cache_write")
 NANO_PER_USD_PER_MTOK = 1000  # 1 token at $1/1M tokens is 1,000 nano-dollars
 
@@ -968,8 +966,9 @@ class Pricebook:
     def resolve(self, model):
         """(name the price is listed under, (input, cached, output, cache_write)) or None.
 
-        A dated name such as gpt-4o-2024-08-06 falls back to gpt-4o, and a
-        provider prefix (openai/gpt-4o, as OpenRouter reports) to the bare name.
+        A dated name such as gpt-4o-2024-08-06 (or gpt-4-0613, gemini-2.0-flash-001)
+        falls back to its base name, and a provider prefix (openai/gpt-4o, as
+        OpenRouter reports) to the bare name.
         """
         if not model:
             return None
@@ -1111,7 +1110,8 @@ class StreamMeter:
     def _openai_chunk(self, obj):
         if obj.get("model"):
             self.model = obj["model"]
-        if obj.get("choices"):
+        choices = obj.get("choices")
+        if choices and _carries_output(choices[0]):
             self.content_events += 1
         usage = obj.get("usage")
         if isinstance(usage, dict):
@@ -1126,6 +1126,16 @@ class StreamMeter:
             usage.completion_tokens = max(usage.completion_tokens, self.content_events)
             return usage
         return Usage(prompt_tokens=prompt_estimate, completion_tokens=self.content_events)
+
+
+def _carries_output(choice):
+    # Role-only and finish-only chunks carry no tokens; they must not count.
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta") or {}
+    return bool(choice.get("text") or delta.get("content") or delta.get("tool_calls")
+                or delta.get("function_call") or delta.get("reasoning_content")
+                or delta.get("refusal"))
 
 
 def cost_nusd(usage, prices):
@@ -1168,7 +1178,6 @@ class UsageEvent:
     subjects: tuple = ()               # running totals this call counts toward
     reservation: object = None         # released when the event is applied
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
-    error: Exception | None = None
 
 
 def price_event(event, usage, pricebook, status):
@@ -1196,8 +1205,7 @@ def price_event(event, usage, pricebook, status):
 class UsageWriter:
     """Commits usage events in groups from one thread.
 
-    `submit` returns at once; the event's `done` is set once it is committed
-    (or `error` once the writer gives up waiting for the database). A failed
+    `submit` returns at once; the event's `done` is set once it is committed. A failed
     batch is retried with its events intact; while it fails, `healthy` is
     False, which the limits read to fail closed.
     """
@@ -1431,13 +1439,23 @@ def describe_limit(limit):
             f"{format_amount(limit['metric'], limit_amount_units(limit))}{window}")
 
 
+def describe_subject(subject):
+    """A running total's subject in words: "user alice", "project team-a / user bob"."""
+    if subject == "*":
+        return "all usage"
+    kind, _, name = subject.partition(":")
+    if kind == "pu":
+        project, _, user = name.partition(SUBJECT_SEPARATOR)
+        return f"project {project} / user {user}"
+    return {"p": "project", "u": "user", "k": "key"}[kind] + " " + name
+
+
 @dataclasses.dataclass
 class Admission:
     """What the limits said about a call allowed through."""
     reservation: list                 # [(counter key, [requests, tokens, nusd])]
     alert_checks: list                # [(limit, subject)] for alerts after the call
     headers: dict                     # rate-limit and budget headers for the client
-    blocking: bool                    # some block limit applied
 
 
 class Limits:
@@ -1504,7 +1522,7 @@ class Limits:
                     held[index] += need[index]
         if warnings:
             headers["X-LLimit-Warning"] = "; ".join(warnings)
-        return Admission(reservation, alert_checks, headers, bool(block_keys) or not limits)
+        return Admission(reservation, alert_checks, headers)
 
     def release(self, reservation):
         """Give back a reservation whose call will not be metered (it never went out)."""
@@ -1681,10 +1699,10 @@ def _limit_headers(headers, limit, amount, used, start, end, now):
 def _alert_text(limit, subject, threshold, entry, end):
     metric = limit["metric"]
     used = format_amount(metric, entry[METRIC_INDEX[metric]])
-    who = subject.replace(SUBJECT_SEPARATOR, "/")
     resets = "it does not reset" if end is None else f"it resets {utc_iso(end)}"
     verb = "reached" if threshold >= 100 else f"passed {threshold:g}% of"
-    return (f":warning: llimit: {who} has {verb} its {describe_limit(limit)}"
+    return (f":warning: llimit: {describe_subject(subject)} has {verb} the"
+            f" {describe_limit(limit)}"
             f" ({used} used; {resets}).")
 
 
@@ -1736,6 +1754,14 @@ def validate_limit(data, current=None):
 def _field_error(field, problem):
     return LlimitError(400, "invalid_request_error", f"{field} {problem}",
                        code="invalid_" + field if field.isidentifier() else "invalid_field")
+
+
+def _must_exist(row, what, ident):
+    """The row, or a 404 naming what was looked for."""
+    if row is None:
+        raise LlimitError(404, "invalid_request_error", f"No {what} {ident!r}.",
+                          code=f"{what}_not_found")
+    return row
 
 
 def limit_to_json(limit, used, end):
@@ -1800,10 +1826,10 @@ class AlertSender:
                         "text": alert["text"], "limit_id": alert["limit_id"],
                         "subject": alert["subject"], "threshold": alert["threshold"],
                         "window_start": alert["window_start"]})
-                    if resp.status < 300:
+                    if resp.status_code < 300:
                         mark_alert_delivered(self.database(), alert, utc_iso(time.time()))
                         break
-                    log.warning("alert webhook answered %s", resp.status)
+                    log.warning("alert webhook answered %s", resp.status_code)
                 except requests.RequestException as error:
                     log.warning("alert webhook failed: %s", type(error).__name__)
                 time.sleep(min(2 ** attempt, 30))
@@ -1886,26 +1912,32 @@ class UpstreamPool:
         self._options = dict(num_pools=64, maxsize=pool_size, block=False, retries=False,
                              timeout=self._timeout, ca_certs=_ca_bundle())
         self._direct = urllib3.PoolManager(**self._options)
-        self._by_origin = {}
+        self._proxies = {}
+        self._pools = {}     # origin -> its connection pool, looked up once
         self._lock = threading.Lock()
 
-    def manager(self, url):
-        """The pool manager for `url`: direct, or through the environment's proxy."""
-        origin = "/".join(url.split("/", 3)[:3])
-        manager = self._by_origin.get(origin)
-        if manager is None:
+    def pool(self, url):
+        """The connection pool for the origin of `url` (direct, or via the environment's proxy)."""
+        origin = url[:url.find("/", url.find("//") + 2)] if url.count("/") > 2 else url
+        pool = self._pools.get(origin)
+        if pool is None:
             with self._lock:
                 proxy = requests.utils.get_environ_proxies(origin).get(origin.split(":")[0])
-                manager = (urllib3.ProxyManager(proxy, **self._options) if proxy
-                           else self._direct)
-                self._by_origin[origin] = manager
-        return manager
+                manager = self._direct
+                if proxy:
+                    manager = self._proxies.get(proxy)
+                    if manager is None:
+                        manager = self._proxies[proxy] = urllib3.ProxyManager(
+                            proxy, **self._options)
+                pool = self._pools[origin] = manager.connection_from_url(origin)
+        return pool
 
     def close(self):
         """Close every pooled connection."""
         with self._lock:
-            for manager in {id(m): m for m in (self._direct, *self._by_origin.values())}.values():
+            for manager in (self._direct, *self._proxies.values()):
                 manager.clear()
+            self._pools.clear()
 
 
 def _ca_bundle():
@@ -1956,9 +1988,19 @@ def upstream_headers(environ, upstream, extra_dropped=()):
 def send_upstream(pool, method, url, headers, body):
     """Send a call upstream and return once its headers are in; failures become 502 or 504."""
     try:
-        return pool.manager(url).urlopen(method, url, body=body or None, headers=headers,
-                                         redirect=False, preload_content=False,
-                                         decode_content=True)
+        # Plain http through a forward proxy names the whole URL; otherwise (direct,
+        # or https tunnelled through the proxy) the pool wants path and query.
+        connections = pool.pool(url)
+        forwarded = connections.proxy is not None and url.startswith("http://")
+        target = url if forwarded else url[url.find("/", url.find("//") + 2):]
+        return connections.urlopen(method, target, body=body or None, headers=headers,
+                                   redirect=False, preload_content=False, decode_content=True,
+                                   assert_same_host=False)
+    except urllib3.exceptions.NewConnectionError as error:  # a subclass of timeout errors
+        log.warning("upstream %s refused the connection: %s", url.split("?")[0],
+                    type(error).__name__)
+        raise LlimitError(502, "upstream_error", "The upstream could not be reached.",
+                          code="upstream_unreachable") from None
     except urllib3.exceptions.TimeoutError:
         raise LlimitError(504, "upstream_timeout", "The upstream did not answer in time.",
                           code="upstream_timeout") from None
@@ -2054,15 +2096,10 @@ def split_sse(chunks):
 
 
 def sse_fields(raw_event):
-    """(event name or None, data text) of one raw SSE event."""
-    name, data = None, []
-    for line in raw_event.splitlines():
-        if line.startswith(b"data:"):
-            value = line[5:]
-            data.append(value[1:] if value[:1] == b" " else value)
-        elif line.startswith(b"event:"):
-            name = line[6:].strip().decode("utf-8", "replace")
-    return name, b"\n".join(data).decode("utf-8", "replace")
+    """(event name or None, data text) of one raw SSE event, parsed by sseclient-py."""
+    for event in sseclient.SSEClient((raw_event,)).events():
+        return (None if event.event == "message" else event.event), event.data
+    return None, ""  # a comment or keep-alive: passed on, nothing to read
 
 
 def sse_error_event(kind, message):
@@ -2170,11 +2207,8 @@ def create_project(db, data, now_iso):
 def change_project(db, project_id, data, now_iso):
     """Change a project from input (a `budget` adds limits); 404 if there is none."""
     with transaction(db):
-        current = get_project(db, project_id)
-        if current is None:
-            raise LlimitError(404, "invalid_request_error", f"No project {project_id!r}.",
-                              code="project_not_found")
-        project = validate_project(data, dict(current))
+        project = validate_project(
+            data, dict(_must_exist(get_project(db, project_id), "project", project_id)))
         update_project(db, project)
         for limit in budget_limits(project_id, data["budget"]) if data.get("budget") else []:
             add_limit(db, limit, now_iso)
@@ -2401,9 +2435,7 @@ def validate_key_fields(data, allowed):
 
 def create_key(db, now, user=None, project="default", note=None, expires_at=None, models=None):
     """Issue a key; returns (row dict, raw key). The raw key exists only in this return."""
-    if get_project(db, project) is None:
-        raise LlimitError(404, "invalid_request_error", f"No project {project!r}.",
-                          code="project_not_found")
+    _must_exist(get_project(db, project), "project", project)
     raw_key = new_raw_key()
     row = {"id": "key_" + secrets.token_hex(8), "key_hash": hash_secret(raw_key),
            "masked_key": mask_key(raw_key), "project_id": project, "user_name": user,
@@ -2798,21 +2830,7 @@ def _proxy(state, path, deployment=None):
     requested_model = deployment or _text(payload.get("model"))
     _check_model_allowed(key, requested_model)
     upstream = resolve_upstream(key, config)
-    if deployment is not None and upstream.kind == "anthropic":
-        raise LlimitError(400, "invalid_request_error",
-                          "This key's project speaks Anthropic; use /v1/messages.")
-    if deployment is not None and upstream.kind == "openai" and payload and not payload.get("model"):
-        payload["model"] = deployment  # compat: Azure clients name the model in the URL
-        body = json.dumps(payload).encode()
-    wants_stream = payload.get("stream") is True
-    hide_usage_chunk = False
-    if wants_stream and path in ("chat/completions", "completions") and upstream.kind != "anthropic":
-        options = payload.get("stream_options")
-        options = options if isinstance(options, dict) else {}
-        if options.get("include_usage") is not True:
-            payload["stream_options"] = {**options, "include_usage": True}
-            body = json.dumps(payload).encode()
-            hide_usage_chunk = True
+    body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
     call = _new_call(state, key, environ, payload, body, path, requested_model, started)
     call.admission = state.limits.admit(
         db, call, limits_for_call(db, call.project_id, call.user_name, call.key_id),
@@ -2831,6 +2849,27 @@ def _proxy(state, path, deployment=None):
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
         return _relay_stream(state, call, resp, upstream.kind, hide_usage_chunk)
     return _relay_whole(state, call, resp)
+
+
+def _rewrite_body(payload, body, path, deployment, kind):
+    """(body to send, hide the usage chunk?): the client's own bytes unless we must change them."""
+    if deployment is not None and kind == "anthropic":
+        raise LlimitError(400, "invalid_request_error",
+                          "This key's project speaks Anthropic; use /v1/messages.")
+    changed = False
+    if deployment is not None and kind == "openai" and payload and not payload.get("model"):
+        payload["model"] = deployment  # compat: Azure clients name the model in the URL
+        changed = True
+    hide_usage_chunk = False
+    streams_usage = path in ("chat/completions", "completions") and kind != "anthropic"
+    if payload.get("stream") is True and streams_usage:
+        # OpenAI sends usage in a stream only when include_usage is set.
+        options = payload.get("stream_options")
+        options = options if isinstance(options, dict) else {}
+        if options.get("include_usage") is not True:
+            payload["stream_options"] = {**options, "include_usage": True}
+            changed = hide_usage_chunk = True
+    return (json.dumps(payload).encode() if changed else body), hide_usage_chunk
 
 
 def _text(value):
@@ -4028,12 +4067,8 @@ def _user_limits(state, db, user_name, keys):
 
 
 def _whose(subject, key):
-    if subject == "*":
-        return "everyone"
-    kind, _, name = subject.partition(":")
-    return {"p": f"project {name}, shared", "u": "you",
-            "pu": f"you in project {name.split(SUBJECT_SEPARATOR)[0]}",
-            "k": f"your key {key['masked_key']}"}[kind]
+    # A key's own total is named as /keys lists the key: masked, not by id.
+    return f"key {key['masked_key']}" if subject.startswith("k:") else describe_subject(subject)
 
 
 def _limit_row(status, whose=None):
@@ -4365,8 +4400,7 @@ def _admin_revoke_key(state, session, form):
     db = state.database()
     key_id = form.get("key_id", "")
     with transaction(db):
-        if get_key(db, key_id) is None:
-            raise LlimitError(404, "invalid_request_error", f"No key {key_id!r}.")
+        _must_exist(get_key(db, key_id), "key", key_id)
         revoke_key(db, key_id, utc_iso(state.config.clock()))
     _admin_done("key_revoked", "keys")
 
@@ -4389,9 +4423,10 @@ def _admin_create_limit(state, session, form):
 
 def _admin_delete_limit(state, session, form):
     db = state.database()
+    limit_id = form.get("limit_id", "")
     with transaction(db):
-        if not delete_limit(db, form.get("limit_id", "")):
-            raise LlimitError(404, "invalid_request_error", "No such limit.")
+        _must_exist(get_limit(db, limit_id), "limit", limit_id)
+        delete_limit(db, limit_id)
     _admin_done("limit_deleted", "limits")
 
 
@@ -4476,11 +4511,6 @@ def _created(payload):
     return payload
 
 
-def _not_found(what, ident):
-    return LlimitError(404, "invalid_request_error", f"No {what} {ident!r}.",
-                       code=f"{what}_not_found")
-
-
 def admin_keys_create(state):
     """POST /admin/keys: issue a key; the secret is in this answer only."""
     require_admin(state)
@@ -4509,18 +4539,12 @@ def admin_keys_list(state):
     return {"data": [key_to_json(row, spend.get(row["id"])) for row in rows]}
 
 
-def _key_or_404(db, key_id):
-    row = get_key(db, key_id)
-    if row is None:
-        raise _not_found("key", key_id)
-    return row
-
 
 def admin_key_get(state, key_id):
     """GET /admin/keys/<id>"""
     require_admin(state)
     db = state.database()
-    row = _key_or_404(db, key_id)
+    row = _must_exist(get_key(db, key_id), "key", key_id)
     return key_to_json(row, key_spend(db, [key_id]).get(key_id))
 
 
@@ -4530,7 +4554,7 @@ def admin_key_update(state, key_id):
     fields = validate_key_fields(_json_input(), ("note", "expires_at", "models", "user"))
     db = state.database()
     with transaction(db):
-        row = dict(_key_or_404(db, key_id))
+        row = dict(_must_exist(get_key(db, key_id), "key", key_id))
         row.update({("user_name" if name == "user" else name): value
                     for name, value in fields.items()})
         update_key(db, row)
@@ -4542,7 +4566,7 @@ def admin_key_revoke(state, key_id):
     require_admin(state)
     db = state.database()
     with transaction(db):
-        _key_or_404(db, key_id)
+        _must_exist(get_key(db, key_id), "key", key_id)
         revoke_key(db, key_id, utc_iso(state.config.clock()))
     return admin_key_get(state, key_id)
 
@@ -4560,18 +4584,11 @@ def admin_projects_create(state):
     return _created(admin_project_get(state, project["id"]))
 
 
-def _project_or_404(db, project_id):
-    row = get_project(db, project_id)
-    if row is None:
-        raise _not_found("project", project_id)
-    return row
-
-
 def admin_project_get(state, project_id):
     """GET /admin/projects/<id>, with the limits that target it."""
     require_admin(state)
     db = state.database()
-    project = project_to_json(_project_or_404(db, project_id))
+    project = project_to_json(_must_exist(get_project(db, project_id), "project", project_id))
     project["limits"] = [state.limits.status(db, row) for row in list_limits(db)
                          if row["scope"] == "project" and row["target"] == project_id]
     return project
@@ -4591,7 +4608,7 @@ def admin_project_delete(state, project_id):
         raise LlimitError(400, "invalid_request_error", "The default project always exists.")
     db = state.database()
     with transaction(db):
-        _project_or_404(db, project_id)
+        _must_exist(get_project(db, project_id), "project", project_id)
         delete_project(db, project_id, utc_iso(state.config.clock()))
     return {"id": project_id, "deleted": True}
 
@@ -4613,18 +4630,11 @@ def admin_limits_create(state):
     return _created(admin_limit_get(state, limit_id))
 
 
-def _limit_or_404(db, limit_id):
-    row = get_limit(db, limit_id)
-    if row is None:
-        raise _not_found("limit", limit_id)
-    return row
-
-
 def admin_limit_get(state, limit_id):
     """GET /admin/limits/<id>"""
     require_admin(state)
     db = state.database()
-    return state.limits.status(db, _limit_or_404(db, limit_id))
+    return state.limits.status(db, _must_exist(get_limit(db, limit_id), "limit", limit_id))
 
 
 def admin_limit_update(state, limit_id):
@@ -4633,7 +4643,7 @@ def admin_limit_update(state, limit_id):
     data = _json_input()
     db = state.database()
     with transaction(db):
-        current = dict(_limit_or_404(db, limit_id))
+        current = dict(_must_exist(get_limit(db, limit_id), "limit", limit_id))
         update_limit(db, validate_limit(data, current))
     return admin_limit_get(state, limit_id)
 
@@ -4643,8 +4653,8 @@ def admin_limit_delete(state, limit_id):
     require_admin(state)
     db = state.database()
     with transaction(db):
-        if not delete_limit(db, limit_id):
-            raise _not_found("limit", limit_id)
+        _must_exist(get_limit(db, limit_id), "limit", limit_id)
+        delete_limit(db, limit_id)
     return {"id": limit_id, "deleted": True}
 
 
@@ -5051,7 +5061,7 @@ class ErrorPlugin:
         return handle
 
 
-def routes(state):
+def routes():
     """Every route of llimit: (method, path, handler taking state first)."""
     return [
         # the proxy
@@ -5112,7 +5122,7 @@ def make_app(config, state=None):
     app.config["catchall"] = False  # ErrorPlugin answers; a crash must not turn into HTML
     app.llimit = state
     app.install(ErrorPlugin(state))
-    for method, path, handler in routes(state):
+    for method, path, handler in routes():
         app.route(path, method, _bind(handler, state), name=handler.__name__)
     for status in (404, 405):
         app.error(status)(_bottle_error(status))
@@ -5155,6 +5165,11 @@ def configure_logging(config):
         handler.setFormatter(_JsonLogFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    # The logging HOWTO's optimisations: no caller lookup (a stack walk per
+    # record), thread, process or task names, none of which our lines show.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())

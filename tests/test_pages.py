@@ -67,7 +67,7 @@ def test_sign_in_get_a_key_use_it_and_see_the_spend_and_the_charts(make_llimit, 
     stats = [element.text for element in driver.find_elements(By.CLASS_NAME, "stat")]
     assert stats[:3] == ["$0.0250", "$0.0250", "1"]
     limits = driver.find_element(By.CSS_SELECTOR, "section table").text
-    assert "$0.0250 of $0.1000" in limits and "you" in limits
+    assert "$0.0250 of $0.1000" in limits and "user alice" in limits
     bar = driver.find_element(By.CSS_SELECTOR, "section table .bar span")
     assert bar.get_attribute("style") == "width: 25%;"
     assert "gpt-4o-mini" in driver.page_source

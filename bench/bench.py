@@ -1,0 +1,1064 @@
+#!/usr/bin/env python3
+"""Benchmark llimit against a fast fake OpenAI upstream.
+
+    python bench/bench.py                 # full run (about a minute on 2 cores)
+    python bench/bench.py --quick         # smaller run
+    python bench/bench.py --events 1000000   # also measure with 1M stored events
+    python bench/bench.py --json          # machine-readable results on stdout
+    python bench/bench.py --direct-only   # only the fake upstream, no llimit
+
+It starts, on 127.0.0.1 only:
+  * a fake OpenAI upstream (this file run with --serve-upstream PORT): a raw
+    asyncio HTTP/1.1 server, keep-alive, fixed JSON and SSE answers;
+  * llimit (`python llimit.py serve`) with a temporary database, pointed at it.
+Then the same raw asyncio HTTP/1.1 client (persistent connections) measures
+the upstream directly and through llimit, and prints a Markdown table of
+latency, throughput, llimit's CPU per call and database bytes per call.
+Standard library only; CPU is read from /proc/<pid>/stat.
+"""
+
+import argparse
+import asyncio
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_LLIMIT = os.path.join(os.path.dirname(HERE), "llimit.py")
+HOST = "127.0.0.1"
+ADMIN_TOKEN = "bench-admin"
+UPSTREAM_KEY = "sk-bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Targets printed beside the results.
+TARGET_ADDED_P50_MS = 1.0
+TARGET_ADDED_P99_MS = 5.0
+TARGET_CPU_MS = 1.0
+TARGET_RPS = 950.0
+TARGET_TTFB_ADDED_MS = 1.0
+
+
+# =============================================================================
+# Fake upstream: `bench.py --serve-upstream PORT`
+# =============================================================================
+
+UPSTREAM_MODEL = "gpt-4o-mini-2024-07-18"
+USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
+         "prompt_tokens_details": {"cached_tokens": 0},
+         "completion_tokens_details": {"reasoning_tokens": 0}}
+CREATED = 1721172741
+
+
+def _dumps(obj):
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _completion_body():
+    return _dumps({
+        "id": "chatcmpl-bench0000000000000000000000", "object": "chat.completion",
+        "created": CREATED, "model": UPSTREAM_MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there!",
+                                              "refusal": None},
+                     "logprobs": None, "finish_reason": "stop"}],
+        "usage": USAGE, "system_fingerprint": "fp_bench"})
+
+
+def _sse_events(include_usage):
+    """The HTTP chunks of one stream: three chunks, the usage chunk, [DONE]."""
+    def chunk(delta, finish):
+        obj = {"id": "chatcmpl-bench0000000000000000000000", "object": "chat.completion.chunk",
+               "created": CREATED, "model": UPSTREAM_MODEL, "system_fingerprint": "fp_bench",
+               "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                            "finish_reason": finish}]}
+        if include_usage:
+            obj["usage"] = None
+        return obj
+    objs = [chunk({"role": "assistant", "content": "", "refusal": None}, None),
+            chunk({"content": "Hello there!"}, None),
+            chunk({}, "stop")]
+    if include_usage:
+        objs.append({"id": "chatcmpl-bench0000000000000000000000",
+                     "object": "chat.completion.chunk", "created": CREATED,
+                     "model": UPSTREAM_MODEL, "system_fingerprint": "fp_bench",
+                     "choices": [], "usage": USAGE})
+    events = [b"data: " + _dumps(obj) + b"\n\n" for obj in objs] + [b"data: [DONE]\n\n"]
+    return [b"%x\r\n%s\r\n" % (len(e), e) for e in events]
+
+
+def _response(status, reason, body, content_type=b"application/json"):
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            b"x-request-id: req_bench\r\n\r\n" % (status, reason, content_type, len(body))) + body
+
+
+def serve_upstream(port, stream_gap_ms):
+    """Run the fake upstream until killed."""
+    completion = _response(200, b"OK", _completion_body())
+    models = _response(200, b"OK", _dumps({"object": "list", "data": [
+        {"id": "gpt-4o-mini", "object": "model", "created": CREATED, "owned_by": "bench"}]}))
+    not_found = _response(404, b"Not Found", _dumps(
+        {"error": {"message": "not found", "type": "invalid_request_error", "code": None}}))
+    bad_request = _response(400, b"Bad Request", _dumps(
+        {"error": {"message": "bad json", "type": "invalid_request_error", "code": None}}))
+    stream_head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+                   b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n"
+                   b"x-request-id: req_bench\r\n\r\n")
+    stream_with_usage = _sse_events(True)
+    stream_without_usage = _sse_events(False)
+    gap = stream_gap_ms / 1000.0
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                first_line, headers = _parse_head(head)
+                method, path, version = first_line.split(b" ", 2)
+                if b"content-length" in headers:
+                    body = await reader.readexactly(int(headers[b"content-length"]))
+                elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+                    body, _ = await _read_chunked(reader)
+                else:
+                    body = b""
+                connection = headers.get(b"connection", b"").lower()
+                keep_alive = (b"close" not in connection if version == b"HTTP/1.1"
+                              else b"keep-alive" in connection)
+                route = path.split(b"?", 1)[0]
+                if method == b"POST" and route.endswith(b"/chat/completions"):
+                    try:
+                        request = json.loads(body)
+                    except ValueError:
+                        request = None
+                    if not isinstance(request, dict):
+                        writer.write(bad_request)
+                    elif request.get("stream"):
+                        options = request.get("stream_options") or {}
+                        events = (stream_with_usage if options.get("include_usage")
+                                  else stream_without_usage)
+                        writer.write(stream_head + events[0])
+                        for event in events[1:]:
+                            await writer.drain()
+                            if gap:
+                                await asyncio.sleep(gap)
+                            writer.write(event)
+                        writer.write(b"0\r\n\r\n")
+                    else:
+                        writer.write(completion)
+                elif method == b"GET" and route.endswith(b"/models"):
+                    writer.write(models)
+                else:
+                    writer.write(not_found)
+                await writer.drain()
+                if not keep_alive:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            return
+        finally:
+            writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, HOST, port, backlog=1024)
+        print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        asyncio.run(main())
+    except (KeyboardInterrupt, SystemExit):
+        pass
+
+
+# =============================================================================
+# Client: raw asyncio HTTP/1.1 with persistent connections
+# =============================================================================
+
+def _chat_body(stream):
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 16}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return _dumps(body)
+
+
+def build_request(port, path, token, body):
+    return (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+            f"Accept: */*\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _parse_head(head):
+    """(first line, {lower-case name: value}) of an HTTP/1.1 message head."""
+    lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+    return lines[0], headers
+
+
+async def _read_chunked(reader):
+    """(body, time the first SSE data arrived or None) of a chunked body."""
+    parts, first_data = [], None
+    while True:
+        size = int((await reader.readline()).split(b";")[0], 16)
+        if size == 0:
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass
+            return b"".join(parts), first_data
+        data = await reader.readexactly(size + 2)
+        if first_data is None and b"data:" in data:
+            first_data = time.perf_counter()
+        parts.append(data[:-2])
+
+
+async def _read_response(reader):
+    """(status, headers, body, first_data_time, must_close) of one response."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    first_line, headers = _parse_head(head)
+    status = int(first_line.split(b" ", 2)[1])
+    first_data = None
+    must_close = b"close" in headers.get(b"connection", b"").lower()
+    if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        body, first_data = await _read_chunked(reader)
+    elif b"content-length" in headers:
+        length = int(headers[b"content-length"])
+        body = await reader.readexactly(length) if length else b""
+        if b"data:" in body:
+            first_data = time.perf_counter()
+    elif status in (204, 304) or 100 <= status < 200:
+        body = b""
+    else:
+        body = await reader.read()
+        must_close = True
+        if b"data:" in body:
+            first_data = time.perf_counter()
+    return status, headers, body, first_data, must_close
+
+
+def _timeout(seconds):
+    if hasattr(asyncio, "timeout"):
+        return asyncio.timeout(seconds)
+    raise RuntimeError("Python 3.11+ is needed for the client (asyncio.timeout)")
+
+
+async def _run_phase(port, request, count, concurrency, warm_per_worker, pids,
+                     phase_timeout, request_timeout=15.0):
+    latencies, ttfbs, overheads = [], [], []
+    errors = []
+    state = {"issued": 0, "ready": 0}
+    go = asyncio.Event()
+    marks = {}
+    deadline = time.monotonic() + phase_timeout
+
+    async def one(conn):
+        t0 = time.perf_counter()
+        reader, writer = conn
+        writer.write(request)
+        async with _timeout(request_timeout):
+            status, headers, body, first_data, must_close = await _read_response(reader)
+        t1 = time.perf_counter()
+        return t0, t1, status, headers, body, first_data, must_close
+
+    async def connect():
+        reader, writer = await asyncio.open_connection(HOST, port)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return reader, writer
+
+    def close(conn):
+        if conn is not None:
+            conn[1].close()
+
+    async def worker():
+        conn = None
+        try:
+            for _ in range(warm_per_worker):
+                try:
+                    if conn is None:
+                        conn = await connect()
+                    *_, must_close = await one(conn)
+                    if must_close:
+                        close(conn)
+                        conn = None
+                except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
+                    close(conn)
+                    conn = None
+            state["ready"] += 1
+            if state["ready"] == concurrency:
+                marks["start"] = time.perf_counter()
+                marks["cpu_start"] = [proc_cpu_seconds(pid) for pid in pids]
+                marks["self_start"] = _self_cpu()
+                go.set()
+            await go.wait()
+            while state["issued"] < count and time.monotonic() < deadline:
+                state["issued"] += 1
+                try:
+                    if conn is None:
+                        conn = await connect()
+                    t0, t1, status, headers, body, first_data, must_close = await one(conn)
+                except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    close(conn)
+                    conn = None
+                    if len(errors) > max(20, count // 10):
+                        return
+                    continue
+                if status != 200:
+                    errors.append(f"HTTP {status}: {body[:300]!r}")
+                else:
+                    latencies.append(t1 - t0)
+                    if first_data is not None:
+                        ttfbs.append(first_data - t0)
+                    overhead = headers.get(b"x-llimit-overhead-ms")
+                    if overhead is not None:
+                        try:
+                            overheads.append(float(overhead))
+                        except ValueError:
+                            pass
+                if must_close:
+                    close(conn)
+                    conn = None
+        finally:
+            close(conn)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    end = time.perf_counter()
+    cpu_end = [proc_cpu_seconds(pid) for pid in pids]
+    self_end = _self_cpu()
+    return {
+        "latencies": latencies, "ttfbs": ttfbs, "overheads": overheads, "errors": errors,
+        "wall_s": end - marks.get("start", end), "cpu_start": marks.get("cpu_start"),
+        "cpu_end": cpu_end, "self_cpu_s": self_end - marks.get("self_start", self_end),
+        "warm_calls": warm_per_worker * concurrency,
+        "timed_out": state["issued"] < count and time.monotonic() >= deadline,
+    }
+
+
+def run_phase(port, path, token, stream, count, concurrency, pids=None, settle_s=0.0,
+              phase_timeout=60.0):
+    """Send `count` chat/completions at `concurrency`; latencies in ms and CPU deltas."""
+    request = build_request(port, path, token, _chat_body(stream))
+    warm = max(3, 50 // concurrency)
+    pids = dict(pids or {})
+    raw = asyncio.run(_run_phase(port, request, count, concurrency, warm,
+                                 list(pids.values()), phase_timeout))
+    if settle_s and pids:
+        # Usage rows are written after the response; let that tail finish so
+        # its CPU is counted (an idle process adds next to nothing).
+        time.sleep(settle_s)
+        raw["cpu_end"] = [proc_cpu_seconds(pid) for pid in pids.values()]
+    ok = len(raw["latencies"])
+    result = {
+        "requests": count, "ok": ok, "errors": len(raw["errors"]),
+        "error_sample": raw["errors"][:3], "concurrency": concurrency,
+        "wall_s": raw["wall_s"], "warm_calls": raw["warm_calls"],
+        "rps": ok / raw["wall_s"] if raw["wall_s"] > 0 else None,
+        "timed_out": raw["timed_out"],
+        "client_cpu_ms_per_call": 1000 * raw["self_cpu_s"] / ok if ok else None,
+    }
+    result.update(_summary("latency", raw["latencies"], 1000.0))
+    if stream:
+        result.update(_summary("ttfb", raw["ttfbs"], 1000.0))
+    if raw["overheads"]:
+        result.update(_summary("overhead_header", raw["overheads"], 1.0))
+    if raw["cpu_start"] is not None and ok:
+        result["cpu_ms_per_call"] = {
+            name: 1000 * (end - start) / ok if start is not None and end is not None else None
+            for name, start, end in zip(pids, raw["cpu_start"], raw["cpu_end"])}
+    return result
+
+
+def _summary(name, values, scale):
+    if not values:
+        return {}
+    values = sorted(v * scale for v in values)
+    return {f"{name}_p50_ms": percentile(values, 50), f"{name}_p99_ms": percentile(values, 99),
+            f"{name}_mean_ms": sum(values) / len(values), f"{name}_max_ms": values[-1]}
+
+
+def percentile(sorted_values, p):
+    """Linear-interpolated percentile of an ascending list."""
+    if not sorted_values:
+        return None
+    rank = (len(sorted_values) - 1) * p / 100.0
+    low = int(rank)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
+
+
+# =============================================================================
+# Processes, CPU, HTTP helpers
+# =============================================================================
+
+def proc_cpu_seconds(pid):
+    """utime + stime of a process, all its threads included, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _self_cpu():
+    times = os.times()
+    return times.user + times.system
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def child_env(extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("LLIMIT_") and k.lower() not in
+           ("http_proxy", "https_proxy", "all_proxy", "openai_api_key")}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def http_request(port, method, path, body=None, headers=None, timeout=5.0):
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        payload = _dumps(body) if body is not None else None
+        hdrs = dict(headers or {})
+        if payload is not None:
+            hdrs["Content-Type"] = "application/json"
+        conn.request(method, path, body=payload, headers=hdrs)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def wait_port(port, proc, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}")
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f}s")
+
+
+def start_upstream(stream_gap_ms):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--serve-upstream", str(port),
+         "--stream-gap-ms", str(stream_gap_ms)],
+        stdout=subprocess.DEVNULL, stderr=None, env=child_env({}))
+    wait_port(port, proc, 10, "fake upstream")
+    return proc, port
+
+
+class Llimit:
+    """One llimit server process on a temporary database."""
+
+    def __init__(self, script, db_path, upstream_port, log_path, threads):
+        self.script = script
+        self.db_path = db_path
+        self.upstream_port = upstream_port
+        self.log_path = log_path
+        self.threads = threads
+        self.proc = None
+        self.port = None
+
+    def start(self, timeout=30.0):
+        self.port = free_port()
+        env = child_env({"LLIMIT_ADMIN_TOKEN": ADMIN_TOKEN,
+                         "LLIMIT_UPSTREAM_KEY": UPSTREAM_KEY,
+                         "LLIMIT_THREADS": str(self.threads),
+                         "LLIMIT_GRACE_SECONDS": "5"})
+        beside = os.path.join(os.path.dirname(os.path.abspath(self.script)), "pricing.json")
+        if not os.path.exists(beside):
+            # Without the repository's prices file, price the fake model ourselves.
+            own = os.path.join(os.path.dirname(self.db_path), "pricing.json")
+            with open(own, "w") as f:
+                json.dump({"gpt-4o-mini": {"input": 0.15, "cached_input": 0.075,
+                                           "output": 0.6}}, f)
+            env["LLIMIT_PRICING"] = own
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, self.script, "serve", "--host", HOST, "--port", str(self.port),
+                 "--db", self.db_path,
+                 "--upstream-url", f"http://{HOST}:{self.upstream_port}/v1"],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+                cwd=os.path.dirname(os.path.abspath(self.script)))
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llimit exited with code {self.proc.returncode}:\n"
+                                   + self.log_tail())
+            try:
+                status, _ = http_request(self.port, "GET", "/healthz", timeout=2)
+                if status == 200:
+                    return
+                last = f"HTTP {status}"
+            except OSError as exc:
+                last = str(exc)
+            time.sleep(0.1)
+        raise RuntimeError(f"llimit /healthz not 200 within {timeout:.0f}s ({last}):\n"
+                           + self.log_tail())
+
+    def create_key(self):
+        status, body = http_request(self.port, "POST", "/admin/keys", {"user": "bench"},
+                                    {"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        if status not in (200, 201):
+            raise RuntimeError(f"POST /admin/keys: HTTP {status}: {body[:500]!r}")
+        created = json.loads(body)
+        return created["key"], created.get("id")
+
+    def stop(self, timeout=20.0):
+        """SIGTERM, then SIGKILL after `timeout`; the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log_progress("llimit did not stop on SIGTERM; killing it")
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def log_tail(self, lines=30):
+        try:
+            with open(self.log_path, "rb") as f:
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def kill(proc):
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# =============================================================================
+# Database: size, row count, synthetic events
+# =============================================================================
+
+def db_stats(db_path):
+    """File sizes, logical (page) size and usage_events rows of a database."""
+    files = sum(os.path.getsize(p) for p in (db_path, db_path + "-wal") if os.path.exists(p))
+    stats = {"file_bytes": files, "logical_bytes": None, "usage_events": None}
+    if not os.path.exists(db_path):
+        return stats
+    con = sqlite3.connect(db_path, timeout=10)
+    try:
+        page_size = con.execute("pragma page_size").fetchone()[0]
+        pages = con.execute("pragma page_count").fetchone()[0]
+        free = con.execute("pragma freelist_count").fetchone()[0]
+        stats["logical_bytes"] = (pages - free) * page_size
+        has_table = con.execute("select 1 from sqlite_master where type = 'table'"
+                                " and name = 'usage_events'").fetchone()
+        if has_table:
+            stats["usage_events"] = con.execute("select count(*) from usage_events").fetchone()[0]
+    finally:
+        con.close()
+    return stats
+
+
+MODELS = ["gpt-4o-mini-2024-07-18", "gpt-4o-2024-08-06", "gpt-4.1-mini", "o4-mini",
+          "claude-sonnet-4-5-20250929", "gpt-4o-mini-2024-07-18", "text-embedding-3-small"]
+ENDPOINTS = ["/v1/chat/completions"] * 8 + ["/v1/embeddings", "/v1/responses"]
+STATUSES = [200] * 48 + [429, 500]
+
+
+def fill_events(db_path, count, key_id=None, user_name="bench"):
+    """Insert `count` synthetic usage_events rows in one transaction; seconds taken."""
+    con = sqlite3.connect(db_path, isolation_level=None, timeout=30)
+    try:
+        columns = con.execute("pragma table_info(usage_events)").fetchall()
+        if not columns:
+            raise RuntimeError("no usage_events table in the database")
+        foreign = {row[3]: (row[2], row[4])
+                   for row in con.execute("pragma foreign_key_list(usage_events)")}
+        price_ids = []
+        if con.execute("select 1 from sqlite_master where name = 'price_snapshots'").fetchone():
+            price_ids = [r[0] for r in con.execute("select id from price_snapshots limit 50")]
+        key_ids = [f"k_synth{i:04d}" for i in range(1000)]
+        users = [f"user{i:03d}@example.com" for i in range(400)] + [None] * 20
+        projects = ["default"] * 8 + ["proj-a", "proj-b"]
+        pools = {}
+        for column, (table, to_column) in foreign.items():
+            values = [r[0] for r in con.execute(
+                f'select "{to_column or "rowid"}" from "{table}" limit 1000')]
+            pools[column] = values
+        if key_id is not None and "key_id" not in foreign:
+            key_ids = key_ids[:900] + [key_id] * 100      # 10 % of rows on the bench key
+            users = users + [user_name] * 42
+
+        now_ms = int(time.time() * 1000) - 60_000
+        span_ms = 90 * 86_400_000
+        rnd = random.Random(42)
+
+        def common(i):
+            created_ms = now_ms - span_ms + span_ms * i // count + rnd.randrange(1000)
+            prompt = rnd.randrange(20, 4000)
+            cached = prompt // 2 if rnd.random() < 0.3 else 0
+            completion = rnd.randrange(1, 800)
+            reasoning = completion // 3 if rnd.random() < 0.1 else 0
+            cost = prompt * 150 + completion * 600
+            return {
+                "created_ms": created_ms, "prompt": prompt, "cached": cached,
+                "completion": completion, "reasoning": reasoning, "cost": cost,
+                "key": rnd.choice(key_ids), "user": rnd.choice(users),
+                "project": rnd.choice(projects), "model": rnd.choice(MODELS),
+                "endpoint": rnd.choice(ENDPOINTS), "status": rnd.choice(STATUSES),
+                "stream": int(rnd.random() < 0.6),
+                "price_id": rnd.choice(price_ids) if price_ids else None,
+                "latency": round(rnd.uniform(150, 6000), 2),
+                "overhead": round(rnd.uniform(0.2, 1.5), 3),
+            }
+
+        getters, names = [], []
+        for _cid, name, ctype, notnull, default, pk in columns:
+            lname, ltype = name.lower(), (ctype or "").upper()
+            if pk and "INT" in ltype:
+                continue                        # rowid alias: let SQLite number it
+            getters.append(_column_getter(lname, ltype, bool(notnull), default,
+                                          pools.get(name), rnd))
+            names.append(name)
+        sql = (f"insert into usage_events ({', '.join(chr(34) + n + chr(34) for n in names)})"
+               f" values ({', '.join('?' * len(names))})")
+
+        def rows():
+            for i in range(count):
+                values = common(i)
+                yield tuple(get(values) for get in getters)
+
+        started = time.perf_counter()
+        con.execute("pragma synchronous = off")
+        con.execute("begin immediate")
+        con.executemany(sql, rows())
+        con.execute("commit")
+        con.execute("pragma wal_checkpoint(truncate)")
+        return time.perf_counter() - started
+    finally:
+        con.close()
+
+
+def _column_getter(name, ctype, notnull, default, pool, rnd):
+    """A function from the row's common values to this column's value."""
+    if pool:
+        return lambda v: rnd.choice(pool)
+    is_int = "INT" in ctype
+    is_real = any(t in ctype for t in ("REAL", "FLOA", "DOUB"))
+    if "created" in name or name in ("ts", "time", "timestamp", "at"):
+        if is_int and (name.endswith("ms") or "_ms" in name):
+            return lambda v: v["created_ms"]
+        if is_int or is_real:
+            return lambda v: v["created_ms"] // 1000
+        return lambda v: dt.datetime.fromtimestamp(
+            v["created_ms"] / 1000, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    direct = {
+        "key_id": "key", "api_key_id": "key", "key": "key",
+        "user_name": "user", "user": "user", "user_id": "user",
+        "project_id": "project", "project": "project",
+        "model": "model", "endpoint": "endpoint", "path": "endpoint",
+        "status_code": "status", "status": "status", "http_status": "status",
+        "stream": "stream", "streamed": "stream", "is_stream": "stream",
+        "prompt_tokens": "prompt", "input_tokens": "prompt",
+        "cached_tokens": "cached", "cache_read_tokens": "cached",
+        "completion_tokens": "completion", "output_tokens": "completion",
+        "reasoning_tokens": "reasoning",
+        "cost_nusd": "cost", "price_id": "price_id",
+        "latency_ms": "latency", "overhead_ms": "overhead",
+    }
+    if name in direct:
+        field = direct[name]
+        if field in ("user", "key") and notnull:
+            return lambda v: v[field] or "bench"
+        if field == "price_id" and notnull:
+            return lambda v: v[field] or 0
+        if field == "status" and not (is_int or is_real):
+            return lambda v: "ok" if v["status"] == 200 else "error"
+        return lambda v: v[field]
+    if name == "total_tokens":
+        return lambda v: v["prompt"] + v["completion"]
+    if name in ("cost_usd", "cost"):
+        return lambda v: v["cost"] / 1e9
+    if name == "pricing":
+        return lambda v: "priced"
+    if "token" in name:
+        return lambda v: 0
+    if name.endswith("_ms"):
+        return lambda v: round(rnd.uniform(0.1, 50), 3)
+    if not notnull:
+        return lambda v: None
+    if default is not None:
+        value = default.strip("'\"")
+        if is_int:
+            try:
+                value = int(value)
+            except ValueError:
+                value = 0
+        return lambda v: value
+    if is_int:
+        return lambda v: 0
+    if is_real:
+        return lambda v: 0.0
+    return lambda v: ""
+
+
+# =============================================================================
+# A round: direct and through llimit
+# =============================================================================
+
+def log_progress(message):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def measure_target(name, port, path, token, sizes, pids, phase_timeout):
+    """The three phases against one base URL."""
+    out = {}
+    log_progress(f"{name}: c=1 non-stream x{sizes['c1']}")
+    out["c1"] = run_phase(port, path, token, False, sizes["c1"], 1, pids, settle_s=0.3,
+                          phase_timeout=phase_timeout)
+    log_progress(f"{name}: c={sizes['conc']} non-stream x{sizes['cN']}")
+    out["cN"] = run_phase(port, path, token, False, sizes["cN"], sizes["conc"], pids,
+                          settle_s=0.5, phase_timeout=phase_timeout)
+    log_progress(f"{name}: c=1 stream x{sizes['stream']}")
+    out["stream"] = run_phase(port, path, token, True, sizes["stream"], 1, pids,
+                              settle_s=0.3, phase_timeout=phase_timeout)
+    for phase, result in out.items():
+        if result["errors"]:
+            log_progress(f"{name} {phase}: {result['errors']} errors, e.g. "
+                         f"{result['error_sample'][0]}")
+    return out
+
+
+def calls_made(target):
+    return sum(r["ok"] + r["warm_calls"] for r in target.values())
+
+
+def run_round(label, events, upstream, upstream_port, llimit, raw_key, sizes, args):
+    result = {"label": label, "events": events}
+    result["direct"] = measure_target("direct", upstream_port, "/v1/chat/completions",
+                                      UPSTREAM_KEY, sizes, {"upstream": upstream.pid},
+                                      args.phase_timeout)
+    if llimit is None:
+        return result
+    before = db_stats(llimit.db_path)
+    result["llimit"] = measure_target("llimit", llimit.port, "/v1/chat/completions", raw_key,
+                                      sizes, {"llimit": llimit.proc.pid,
+                                              "upstream": upstream.pid},
+                                      args.phase_timeout)
+    calls = calls_made(result["llimit"])
+    log_progress("stopping llimit to read the database")
+    result["llimit_exit_code"] = llimit.stop()
+    if result["llimit_exit_code"] not in (0, None):
+        log_progress(f"llimit exited with code {result['llimit_exit_code']} on SIGTERM:\n"
+                     + llimit.log_tail(6))
+    after = db_stats(llimit.db_path)
+    result["db"] = {
+        "before": before, "after": after, "calls_through_llimit": calls,
+        "rows_added": (after["usage_events"] - before["usage_events"]
+                       if after["usage_events"] is not None and before["usage_events"] is not None
+                       else None),
+        "bytes_per_call": ((after["logical_bytes"] - before["logical_bytes"]) / calls
+                           if calls and after["logical_bytes"] is not None else None),
+        "file_bytes_per_call": after["file_bytes"] / calls if calls else None,
+    }
+    return result
+
+
+# =============================================================================
+# Report
+# =============================================================================
+
+def _fmt(value, digits=2, unit=""):
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):
+        return value
+    return f"{value:,.{digits}f}{unit}"
+
+
+def _get(round_, target, phase, field, index=None):
+    try:
+        value = round_[target][phase][field]
+    except (KeyError, TypeError):
+        return None
+    if index is not None:
+        value = (value or {}).get(index)
+    return value
+
+
+def _sub(a, b):
+    return a - b if a is not None and b is not None else None
+
+
+def _check(value, target, higher_is_better=False):
+    if value is None:
+        return "?"
+    ok = value >= target if higher_is_better else value <= target
+    return "✓" if ok else "✗"
+
+
+def table_rows(round_, conc):
+    """[(metric, direct, llimit, added, target, check)] for one round."""
+    rows = []
+
+    def latency(label, phase, field, target=None):
+        direct = _get(round_, "direct", phase, field)
+        through = _get(round_, "llimit", phase, field)
+        added = _sub(through, direct)
+        if target is None or "llimit" not in round_:
+            rows.append((label, _fmt(direct), _fmt(through), _fmt(added), "", ""))
+        else:
+            rows.append((label, _fmt(direct), _fmt(through), _fmt(added),
+                         f"added ≤ {target:g} ms", _check(added, target)))
+
+    latency("latency p50, c=1 (ms)", "c1", "latency_p50_ms", TARGET_ADDED_P50_MS)
+    latency("latency p99, c=1 (ms)", "c1", "latency_p99_ms", TARGET_ADDED_P99_MS)
+    latency(f"latency p50, c={conc} (ms)", "cN", "latency_p50_ms")
+    latency(f"latency p99, c={conc} (ms)", "cN", "latency_p99_ms")
+    direct_rps = _get(round_, "direct", "cN", "rps")
+    llimit_rps = _get(round_, "llimit", "cN", "rps")
+    rows.append((f"requests/s, c={conc}", _fmt(direct_rps, 0), _fmt(llimit_rps, 0), "",
+                 f"≥ {TARGET_RPS:g} req/s", _check(llimit_rps, TARGET_RPS, True))
+                if "llimit" in round_ else
+                (f"requests/s, c={conc}", _fmt(direct_rps, 0), "", "", "", ""))
+    latency("stream first byte p50, c=1 (ms)", "stream", "ttfb_p50_ms", TARGET_TTFB_ADDED_MS)
+    latency("stream first byte p99, c=1 (ms)", "stream", "ttfb_p99_ms")
+    latency("stream complete p50, c=1 (ms)", "stream", "latency_p50_ms")
+    if "llimit" in round_:
+        for phase, label in (("c1", "c=1"), ("cN", f"c={conc}"), ("stream", "stream")):
+            p50 = _get(round_, "llimit", phase, "overhead_header_p50_ms")
+            p99 = _get(round_, "llimit", phase, "overhead_header_p99_ms")
+            rows.append((f"X-LLimit-Overhead-Ms p50 / p99, {label} (ms)", "",
+                         f"{_fmt(p50, 2)} / {_fmt(p99, 2)}" if p50 is not None else "absent",
+                         "", "", ""))
+        cpu = _get(round_, "llimit", "cN", "cpu_ms_per_call", "llimit")
+        rows.append((f"llimit CPU per call, c={conc} (ms)", "", _fmt(cpu, 3), "",
+                     f"≤ {TARGET_CPU_MS:g} ms", _check(cpu, TARGET_CPU_MS)))
+        cpu1 = _get(round_, "llimit", "c1", "cpu_ms_per_call", "llimit")
+        rows.append(("llimit CPU per call, c=1 (ms)", "", _fmt(cpu1, 3), "", "", ""))
+        up_direct = _get(round_, "direct", "cN", "cpu_ms_per_call", "upstream")
+        up_llimit = _get(round_, "llimit", "cN", "cpu_ms_per_call", "upstream")
+        rows.append((f"fake upstream CPU per call, c={conc} (ms)", _fmt(up_direct, 3),
+                     _fmt(up_llimit, 3), "", "", ""))
+        db = round_.get("db", {})
+        rows.append(("database bytes per stored call", "", _fmt(db.get("bytes_per_call"), 0),
+                     "", "", ""))
+        after = db.get("after", {})
+        rows.append(("usage_events rows: total (added / calls)", "",
+                     f"{_fmt(after.get('usage_events'), 0)} "
+                     f"({_fmt(db.get('rows_added'), 0)} / "
+                     f"{_fmt(db.get('calls_through_llimit'), 0)})", "", "", ""))
+    client = _get(round_, "direct", "cN", "client_cpu_ms_per_call")
+    rows.append((f"bench client CPU per call, c={conc} (ms)", _fmt(client, 3),
+                 _fmt(_get(round_, "llimit", "cN", "client_cpu_ms_per_call"), 3), "", "", ""))
+    return rows
+
+
+def render_markdown(results):
+    rounds = results["rounds"]
+    conc = results["config"]["concurrency"]
+    machine = results["machine"]
+    out = []
+    out.append(f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), "
+               f"Python {machine['python']}, {machine['platform']}; "
+               f"{results['config']['c1']} / {results['config']['cN']} / "
+               f"{results['config']['stream']} requests (c=1 / c={conc} / stream), "
+               f"fake upstream stream gap {results['config']['stream_gap_ms']} ms.")
+    out.append("")
+    first = table_rows(rounds[0], conc)
+    if "llimit" not in rounds[0]:
+        out.append("| metric | direct (fake upstream) |")
+        out.append("|---|---:|")
+        for metric, direct, *_ in first:
+            if direct:
+                out.append(f"| {metric} | {direct} |")
+        up_cpu = _get(rounds[0], "direct", "cN", "cpu_ms_per_call", "upstream")
+        out.append(f"| fake upstream CPU per call, c={conc} (ms) | {_fmt(up_cpu, 3)} |")
+    elif len(rounds) == 1:
+        out.append("| metric | direct | through llimit | added | target |")
+        out.append("|---|---:|---:|---:|---|")
+        for metric, direct, through, added, target, check in first:
+            target = f"{target} {check}" if target else ""
+            out.append(f"| {metric} | {direct} | {through} | {added} | {target} |")
+    else:
+        second = table_rows(rounds[1], conc)
+        events = rounds[1]["events"]
+        out.append(f"| metric | direct | llimit, empty DB | added | "
+                   f"llimit, {events:,} events | added | target |")
+        out.append("|---|---:|---:|---:|---:|---:|---|")
+        for a, b in zip(first, second):
+            target = f"{a[4]} ({a[5]} / {b[5]})" if a[4] else ""
+            out.append(f"| {a[0]} | {a[1]} | {a[2]} | {a[3]} | {b[2]} | {b[3]} | {target} |")
+        out.append("")
+        out.append(f"Each round measures the upstream directly right before llimit; "
+                   f"\"added\" is against that round's direct run "
+                   f"(direct p50 c=1 in round 2: "
+                   f"{_fmt(_get(rounds[1], 'direct', 'c1', 'latency_p50_ms'))} ms). "
+                   f"{events:,} synthetic events inserted in "
+                   f"{_fmt(rounds[1].get('fill_seconds'), 1)} s; database then "
+                   f"{_fmt((rounds[1].get('db') or {}).get('before', {}).get('logical_bytes', 0) / 1e6, 1)} MB.")
+    out.append("")
+    out.append("CPU is utime+stime from /proc/<pid>/stat over the timed phase (plus a short "
+               "settle for the usage writer), divided by the calls made; database bytes per "
+               "call is the growth of the used pages over the calls made through llimit.")
+    return "\n".join(out)
+
+
+def machine_info():
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        nproc = len(os.sched_getaffinity(0))
+    except AttributeError:
+        nproc = os.cpu_count()
+    return {"nproc": nproc, "cpu_model": model, "python": platform.python_version(),
+            "platform": f"{platform.system()} {platform.release()}"}
+
+
+# =============================================================================
+# Main
+# =============================================================================
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests in the c=32 phase (default 5000; --quick 1000); the "
+                             "c=1 phase makes 2/5 of that and the stream phase 1/10")
+    parser.add_argument("--quick", action="store_true", help="a smaller run")
+    parser.add_argument("--events", type=int, default=0,
+                        help="also measure after bulk-inserting N synthetic usage events")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("--direct-only", action="store_true",
+                        help="only measure the fake upstream (no llimit)")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--llimit", default=DEFAULT_LLIMIT, help="path of llimit.py")
+    parser.add_argument("--threads", type=int, default=64, help="LLIMIT_THREADS")
+    parser.add_argument("--stream-gap-ms", type=float, default=1.0,
+                        help="pause of the fake upstream between stream events")
+    parser.add_argument("--phase-timeout", type=float, default=40.0,
+                        help="stop a phase after this many seconds")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary directory (database, llimit log)")
+    parser.add_argument("--serve-upstream", type=int, metavar="PORT",
+                        help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def sizes_for(args):
+    if args.requests:
+        n = args.requests
+        return {"c1": max(50, n * 2 // 5), "cN": n, "stream": max(20, n // 10),
+                "conc": args.concurrency}
+    if args.quick:
+        return {"c1": 300, "cN": 1000, "stream": 100, "conc": args.concurrency}
+    return {"c1": 2000, "cN": 5000, "stream": 500, "conc": args.concurrency}
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.serve_upstream is not None:
+        serve_upstream(args.serve_upstream, args.stream_gap_ms)
+        return 0
+    sizes = sizes_for(args)
+    started = time.monotonic()
+    tmpdir = tempfile.mkdtemp(prefix="llimit-bench-")
+    upstream = llimit = None
+    results = {"machine": machine_info(),
+               "config": {"c1": sizes["c1"], "cN": sizes["cN"], "stream": sizes["stream"],
+                          "concurrency": sizes["conc"], "threads": args.threads,
+                          "events": args.events, "stream_gap_ms": args.stream_gap_ms,
+                          "direct_only": args.direct_only},
+               "targets": {"added_p50_ms_c1": TARGET_ADDED_P50_MS,
+                           "added_p99_ms_c1": TARGET_ADDED_P99_MS,
+                           "cpu_ms_per_call": TARGET_CPU_MS, "rps": TARGET_RPS,
+                           "stream_ttfb_added_ms": TARGET_TTFB_ADDED_MS},
+               "rounds": []}
+    try:
+        upstream, upstream_port = start_upstream(args.stream_gap_ms)
+        log_progress(f"fake upstream on port {upstream_port} (pid {upstream.pid})")
+        raw_key = key_id = None
+        if not args.direct_only:
+            if not os.path.exists(args.llimit):
+                raise RuntimeError(f"{args.llimit} not found (use --direct-only)")
+            llimit = Llimit(args.llimit, os.path.join(tmpdir, "bench.db"), upstream_port,
+                            os.path.join(tmpdir, "llimit.log"), args.threads)
+            llimit.start()
+            raw_key, key_id = llimit.create_key()
+            log_progress(f"llimit on port {llimit.port} (pid {llimit.proc.pid}), key {key_id}")
+        results["rounds"].append(run_round("empty", 0, upstream, upstream_port, llimit,
+                                           raw_key, sizes, args))
+        if args.events and llimit is not None:
+            log_progress(f"inserting {args.events:,} synthetic usage events")
+            fill_seconds = fill_events(llimit.db_path, args.events, key_id)
+            log_progress(f"inserted in {fill_seconds:.1f}s; restarting llimit")
+            llimit.start()
+            round_ = run_round("filled", args.events, upstream, upstream_port, llimit,
+                               raw_key, sizes, args)
+            round_["fill_seconds"] = fill_seconds
+            results["rounds"].append(round_)
+        elif args.events:
+            log_progress("--events needs llimit; ignored with --direct-only")
+    finally:
+        if llimit is not None:
+            llimit.stop()
+        kill(upstream)
+        if args.keep:
+            log_progress(f"kept {tmpdir}")
+        else:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    results["elapsed_s"] = time.monotonic() - started
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(render_markdown(results))
+    log_progress(f"done in {results['elapsed_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except RuntimeError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,120 @@
+"""Real servers for the tests: a fake upstream speaking each provider's wire
+format, and llimit itself under waitress, both on 127.0.0.1 port 0."""
+
+import dataclasses
+import threading
+import time
+
+import pytest
+import requests
+import waitress
+import waitress.wasyncore
+
+import llimit
+from tests.fake_upstream import FakeUpstream
+
+ADMIN_TOKEN = "test-admin-token"
+UPSTREAM_KEY = "sk-upstream-secret-123"
+
+
+class Clock:
+    """A settable clock for llimit's config, so window tests never sleep."""
+
+    def __init__(self, now=None):
+        self.now = time.time() if now is None else now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class LlimitServer:
+    """llimit's make_app(config) under waitress in this process."""
+
+    def __init__(self, config):
+        self.config = config
+        self.app = llimit.make_app(config)
+        self.state = self.app.llimit
+        self.server = waitress.create_server(self.app, host="127.0.0.1", port=0,
+                                             threads=config.threads)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.admin = requests.Session()
+        self.admin.headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
+
+    def _run(self):
+        try:
+            self.server.run()
+        except (OSError, ValueError):
+            pass  # the map was closed under the loop at stop()
+
+    def create_key(self, user="alice", project="default", **fields):
+        """A fresh key: (raw key, key id)."""
+        resp = self.admin.post(self.url + "/admin/keys",
+                               json={"user": user, "project": project, **fields})
+        assert resp.status_code == 201, resp.text
+        return resp.json()["key"], resp.json()["id"]
+
+    def db(self):
+        """A connection to llimit's database, for reading rows back."""
+        return llimit.connect(self.config.db_path)
+
+    def events(self):
+        """Every stored usage event, oldest first, once the writer is idle."""
+        self.wait_idle()
+        return [dict(row) for row in self.db().execute(
+            "select * from usage_events order by id")]
+
+    def wait_idle(self, timeout=10):
+        deadline = time.monotonic() + timeout
+        while self.state.writer.depth() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # the last batch may still be committing
+
+    def stop(self):
+        self.server.task_dispatcher.shutdown(timeout=2)
+        waitress.wasyncore.close_all(self.server._map)
+        self.thread.join(5)
+        self.state.close()
+
+
+@pytest.fixture
+def fake():
+    """A fake upstream (OpenAI, Azure and Anthropic wire formats)."""
+    upstream = FakeUpstream()
+    yield upstream
+    upstream.close()
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def make_llimit(tmp_path, fake, clock):
+    """Start llimit with config overrides; stopped after the test."""
+    servers = []
+
+    def start(**overrides):
+        settings = dict(db_path=str(tmp_path / f"llimit{len(servers)}.db"),
+                        admin_token=ADMIN_TOKEN, upstream_url=fake.url + "/v1",
+                        upstream_key=UPSTREAM_KEY, threads=48, clock=clock,
+                        upstream_timeout=5.0, connect_timeout=2.0)
+        settings.update(overrides)
+        server = LlimitServer(dataclasses.replace(llimit.Config(), **settings))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def gateway(make_llimit):
+    """llimit with default settings in front of the fake upstream."""
+    return make_llimit()

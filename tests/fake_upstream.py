@@ -1,0 +1,758 @@
+"""A fake LLM upstream: a real HTTP server speaking the OpenAI, Azure OpenAI
+and Anthropic wire formats, with deterministic content and usage, and faults
+on demand.
+
+    from tests.fake_upstream import FakeUpstream
+    with FakeUpstream() as fake:            # 127.0.0.1, a free port, a daemon thread
+        fake.url                            # "http://127.0.0.1:PORT" (no /v1)
+        fake.behaviour["cut_after"] = 2     # faults and figures, see BEHAVIOUR below
+        ...                                 # point the proxy at fake.url (+ "/v1")
+        fake.requests[-1].headers["Authorization"]   # what the proxy sent
+        fake.reset()                        # forget requests and behaviour
+
+Routes (OpenAI ones with or without the /v1 prefix):
+    POST /v1/chat/completions  /v1/completions  /v1/embeddings  /v1/responses
+    GET  /v1/models  /v1/models/{id}
+    POST /openai/deployments/{deployment}/chat/completions|completions|embeddings
+         (Azure: needs ?api-version=..., else 404 "Resource not found")
+    POST /v1/messages  /v1/messages/count_tokens
+         (Anthropic: needs an anthropic-version header, else 400)
+A credential is required (OpenAI: Authorization; Azure: api-key or
+Authorization; Anthropic: x-api-key or Authorization), else 401 in the
+provider's error shape; a POST body that is not JSON is a 400.
+
+Default figures (see EXPECTED): every completion says "Hello world!" in 3
+stream pieces ("Hello", " world", "!"); usage is 11 prompt + 7 completion = 18.
+OpenAI semantics: prompt_tokens includes cached_tokens, completion_tokens
+includes reasoning_tokens. Anthropic: input_tokens is the behaviour's
+prompt_tokens as is (uncached), beside cache_read_input_tokens (cached_tokens)
+and cache_creation_input_tokens (cache_write_tokens). Responses API:
+input_tokens/output_tokens with the same inclusions as OpenAI's chat usage.
+The reported model is behaviour["model"] when that key is set (even ""), else
+the request's "model", else (Azure, where the deployment names the model) a
+dated name from AZURE_MODELS.
+
+Stream framing: by default each of the N content pieces is one chunk that
+carries choices (the first with the role, the last with finish_reason), so a
+stream has exactly N choice chunks. OpenAI itself sends a separate role chunk
+(content "") before and an empty-delta finish chunk after; behaviour
+"separate_role_and_finish" reproduces that. The usage-only chunk
+(`"choices": []`) comes only when the request asks for
+stream_options.include_usage, and then every other chunk carries
+`"usage": null`. Azure streams start with a chunk of prompt_filter_results
+(`"choices": []`, `"model": ""`) and put content_filter_results on choices;
+Azure JSON has its keys sorted, as Azure sends it. Responses API streams are
+named events ending with response.completed (no [DONE]); Anthropic streams are
+message_start, content_block_start, ping, content_block_delta per piece,
+content_block_stop, message_delta (cumulative usage), message_stop.
+
+BEHAVIOUR keys (all optional; read once per request, when it arrives):
+    prompt_tokens 11, completion_tokens 7, cached_tokens 0, reasoning_tokens 0,
+    cache_write_tokens 0   - the usage figures
+    chunks 3               - content pieces per completion (at least 1)
+    model                  - the model to report
+    status, error_body     - answer every request with this status and JSON body
+                             (default body: the provider's error shape)
+    garbage                - 200, application/json, a body that is not JSON
+                             (truncated JSON that mentions usage figures)
+    delay_first            - seconds before the response headers
+    stall_after_first      - seconds after the first stream event is flushed
+    chunk_delay            - seconds between stream events
+    cut_after              - close the connection (FIN, no terminating chunk)
+                             after this many stream events
+    no_usage               - no usage anywhere, JSON or stream
+    ignore_stream_options  - treat stream_options as absent (no usage chunk)
+    separate_role_and_finish - OpenAI's own stream framing, see above
+Each stream event (an SSE event, [DONE] included) is written as its own HTTP
+chunk and sent at once.
+"""
+
+import base64
+import dataclasses
+import functools
+import http
+import itertools
+import json
+import re
+import socket
+import struct
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+DEFAULTS = {"prompt_tokens": 11, "completion_tokens": 7, "cached_tokens": 0,
+            "reasoning_tokens": 0, "cache_write_tokens": 0, "chunks": 3}
+
+AZURE_MODELS = {"chat/completions": "gpt-4o-2024-08-06",
+                "completions": "gpt-35-turbo-instruct",
+                "embeddings": "text-embedding-3-small"}
+
+EMBEDDING_DIMENSIONS = 1536  # unless the request asks for "dimensions"
+
+MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-3.5-turbo-instruct", "o3-mini",
+          "text-embedding-3-small")
+
+
+def content_pieces(chunks=DEFAULTS["chunks"]):
+    """The deterministic stream pieces of a completion: "Hello", " world"..., "!"."""
+    chunks = max(int(chunks), 1)
+    if chunks == 1:
+        return ["Hello world!"]
+    return ["Hello"] + [" world"] * (chunks - 2) + ["!"]
+
+
+EXPECTED = {**DEFAULTS, "total_tokens": 18, "text": "".join(content_pieces()),
+            "pieces": content_pieces(), "azure_model": AZURE_MODELS["chat/completions"]}
+
+FINGERPRINT = "fp_fake0000001"
+OBFUSCATION = "Xq3v"  # OpenAI pads stream chunks with this field (include_obfuscation)
+GARBAGE = b'{"id":"chatcmpl-garbage","usage":{"prompt_tokens":11,"completion_tok'
+DONE = b"data: [DONE]\n\n"
+PING = b'event: ping\ndata: {"type": "ping"}\n\n'  # sic: Anthropic's ping has a space
+
+_SAFE = {"filtered": False, "severity": "safe"}
+_NOT_DETECTED = {"filtered": False, "detected": False}
+AZURE_PROMPT_FILTER = {"hate": _SAFE, "jailbreak": _NOT_DETECTED, "self_harm": _SAFE,
+                       "sexual": _SAFE, "violence": _SAFE}
+AZURE_COMPLETION_FILTER = {"hate": _SAFE, "protected_material_code": _NOT_DETECTED,
+                           "protected_material_text": _NOT_DETECTED, "self_harm": _SAFE,
+                           "sexual": _SAFE, "violence": _SAFE}
+AZURE_PROMPT_FILTER_RESULTS = [{"prompt_index": 0,
+                                "content_filter_results": AZURE_PROMPT_FILTER}]
+
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         403: "permission_error", 404: "not_found_error",
+                         413: "request_too_large", 429: "rate_limit_error",
+                         500: "api_error", 529: "overloaded_error"}
+
+_serials = itertools.count(1)
+
+
+# --- error bodies ---------------------------------------------------------------
+
+def openai_error(status, message, type=None, code=None):
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    if type is None:
+        type = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": type, "param": None, "code": code}}
+
+
+def anthropic_error(status, type=None, message=None):
+    """Anthropic's error body: {"type": "error", "error": {"type", "message"}, "request_id"}."""
+    type = type or ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+    return {"type": "error",
+            "error": {"type": type, "message": message or _reason(status)},
+            "request_id": f"req_fake{next(_serials):016d}"}
+
+
+def azure_error(status, message=None):
+    """Azure's own error body (routing, auth, quota): {"error": {"code", "message"}}."""
+    return {"error": {"code": str(status), "message": message or _reason(status)}}
+
+
+def _reason(status):
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Overloaded" if status == 529 else "Error"
+
+
+# --- what was received ----------------------------------------------------------
+
+class Headers(dict):
+    """Request headers under the names as sent; lookups ignore case; repeats joined."""
+
+    def __init__(self, pairs=()):
+        merged, self._names = {}, {}
+        for name, value in pairs:
+            key = self._names.setdefault(name.lower(), name)
+            merged[key] = f"{merged[key]}, {value}" if key in merged else value
+        super().__init__(merged)
+
+    def _key(self, name):
+        return self._names.get(name.lower(), name) if isinstance(name, str) else name
+
+    def __getitem__(self, name):
+        return super().__getitem__(self._key(name))
+
+    def __contains__(self, name):
+        return super().__contains__(self._key(name))
+
+    def get(self, name, default=None):
+        return super().get(self._key(name), default)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str       # without the query string
+    query: dict     # name -> last value, decoded
+    headers: Headers
+    body: bytes
+    json: object    # the parsed body, or None
+
+
+# --- one call: the request, the behaviour and the figures derived from them --------
+
+class Call:
+    """One request (as recorded) and the behaviour it is answered with."""
+
+    def __init__(self, request, behaviour):
+        self.request = request
+        self.behaviour = behaviour
+        self.payload = request.json if isinstance(request.json, dict) else {}
+        self.provider, self.endpoint = route(request.method, request.path)
+        self.started = time.monotonic()
+        self.created = int(time.time())
+        self.serial = f"{next(_serials):016d}"
+        self.request_id = "req_fake" + self.serial
+        figures = {key: int(behaviour.get(key, default)) for key, default in DEFAULTS.items()}
+        self.prompt_tokens = figures["prompt_tokens"]
+        self.completion_tokens = figures["completion_tokens"]
+        self.cached_tokens = figures["cached_tokens"]
+        self.reasoning_tokens = figures["reasoning_tokens"]
+        self.cache_write_tokens = figures["cache_write_tokens"]
+        self.pieces = content_pieces(figures["chunks"])
+        self.text = "".join(self.pieces)
+        self.usage = not behaviour.get("no_usage")
+        self.stream = self.payload.get("stream") is True
+        options = self.payload.get("stream_options")
+        options = options if isinstance(options, dict) else {}
+        if behaviour.get("ignore_stream_options"):
+            options = {}
+        self.include_usage = self.usage and options.get("include_usage") is True
+        self.obfuscate = self.provider == "openai" and \
+            options.get("include_obfuscation") is not False
+        self.separate_framing = bool(behaviour.get("separate_role_and_finish"))
+
+    @property
+    def azure(self):
+        return self.provider == "azure"
+
+    @property
+    def model(self):
+        if "model" in self.behaviour:
+            return self.behaviour["model"]
+        if self.azure:
+            return AZURE_MODELS.get(self.endpoint, AZURE_MODELS["chat/completions"])
+        model = self.payload.get("model")
+        return model if isinstance(model, str) else ""
+
+    def dumps(self, obj):
+        return json.dumps(obj, separators=(",", ":"), sort_keys=self.azure).encode()
+
+    def headers(self):
+        """The provider's usual response headers."""
+        if self.provider == "anthropic":
+            return [("request-id", self.request_id),
+                    ("anthropic-organization-id", "00000000-fake-org"),
+                    ("anthropic-ratelimit-requests-limit", "4000"),
+                    ("anthropic-ratelimit-requests-remaining", "3999")]
+        if self.azure:
+            return [("apim-request-id", self.serial), ("x-request-id", self.request_id),
+                    ("x-ms-region", "East US"), ("x-ratelimit-remaining-requests", "99"),
+                    ("x-ratelimit-remaining-tokens", "99989")]
+        elapsed_ms = round((time.monotonic() - self.started) * 1000)
+        return [("x-request-id", self.request_id), ("openai-organization", "user-fake"),
+                ("openai-processing-ms", str(elapsed_ms)), ("openai-version", "2020-10-01"),
+                ("x-ratelimit-limit-requests", "10000"),
+                ("x-ratelimit-remaining-requests", "9999"),
+                ("x-ratelimit-limit-tokens", "30000000"),
+                ("x-ratelimit-remaining-tokens", "29999989"),
+                ("x-ratelimit-reset-requests", "6ms"), ("x-ratelimit-reset-tokens", "0s")]
+
+    def error_body(self, status, message=None):
+        if self.provider == "anthropic":
+            return anthropic_error(status, message=message)
+        if self.azure:
+            return azure_error(status, message)
+        return openai_error(status, message or _reason(status))
+
+
+def route(method, path):
+    """(provider, endpoint) for a request; the endpoint is None for an unknown route."""
+    for route_method, provider, pattern in _ROUTES:
+        match = pattern.fullmatch(path)
+        if match and method == route_method:
+            return provider, match["endpoint"]
+    if path.startswith("/openai/"):
+        return "azure", None
+    return ("anthropic" if "/messages" in path else "openai"), None
+
+
+_ROUTES = (
+    ("POST", "azure", re.compile(r"/openai/deployments/[^/]+/"
+                                 r"(?P<endpoint>chat/completions|completions|embeddings)")),
+    ("POST", "anthropic", re.compile(r"(?:/v1)?/(?P<endpoint>messages(?:/count_tokens)?)")),
+    ("POST", "openai", re.compile(r"(?:/v1)?/(?P<endpoint>chat/completions|completions"
+                                  r"|embeddings|responses)")),
+    ("GET", "openai", re.compile(r"(?:/v1)?/(?P<endpoint>models(?:/.+)?)")),
+)
+
+
+# --- usage objects --------------------------------------------------------------
+
+def chat_usage(call):
+    return {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+            "total_tokens": call.prompt_tokens + call.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": call.cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": call.reasoning_tokens,
+                                          "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0,
+                                          "rejected_prediction_tokens": 0}}
+
+
+def completion_usage(call):
+    return {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+            "total_tokens": call.prompt_tokens + call.completion_tokens}
+
+
+def responses_usage(call):
+    return {"input_tokens": call.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": call.cached_tokens},
+            "output_tokens": call.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": call.reasoning_tokens},
+            "total_tokens": call.prompt_tokens + call.completion_tokens}
+
+
+def anthropic_usage(call, output_tokens):
+    return {"input_tokens": call.prompt_tokens,
+            "cache_creation_input_tokens": call.cache_write_tokens,
+            "cache_read_input_tokens": call.cached_tokens,
+            "cache_creation": {"ephemeral_5m_input_tokens": call.cache_write_tokens,
+                               "ephemeral_1h_input_tokens": 0},
+            "output_tokens": output_tokens, "service_tier": "standard",
+            "inference_geo": "not_available"}
+
+
+# --- OpenAI and Azure: chat/completions and completions ----------------------------
+
+def chat_body(call):
+    message = {"role": "assistant", "content": call.text, "refusal": None, "annotations": []}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+    body = {"id": "chatcmpl-fake" + call.serial, "object": "chat.completion",
+            "created": call.created, "model": call.model, "choices": [choice]}
+    if call.usage:
+        body["usage"] = chat_usage(call)
+    if call.azure:
+        choice["content_filter_results"] = AZURE_COMPLETION_FILTER
+        body["prompt_filter_results"] = AZURE_PROMPT_FILTER_RESULTS
+    else:
+        body["service_tier"] = "default"
+    body["system_fingerprint"] = FINGERPRINT
+    return body
+
+
+def completion_body(call):
+    choice = {"text": call.text, "index": 0, "logprobs": None, "finish_reason": "stop"}
+    body = {"id": "cmpl-fake" + call.serial, "object": "text_completion",
+            "created": call.created, "model": call.model, "choices": [choice]}
+    if call.usage:
+        body["usage"] = completion_usage(call)
+    if call.azure:
+        choice["content_filter_results"] = AZURE_COMPLETION_FILTER
+        body["prompt_filter_results"] = AZURE_PROMPT_FILTER_RESULTS
+    return body
+
+
+def chat_events(call):
+    def choice(delta, finish_reason, has_content=True):
+        return _stream_choice(call, {"index": 0, "delta": delta, "logprobs": None,
+                                     "finish_reason": finish_reason}, has_content)
+    role = {"role": "assistant", "content": "", "refusal": None}
+    if call.separate_framing:
+        choices = [choice(role, None, False)]
+        choices += [choice({"content": piece}, None) for piece in call.pieces]
+        choices.append(choice({}, "stop", False))
+    else:
+        last = len(call.pieces) - 1
+        choices = [choice({**role, "content": piece} if i == 0 else {"content": piece},
+                          "stop" if i == last else None)
+                   for i, piece in enumerate(call.pieces)]
+    envelope = {"id": "chatcmpl-fake" + call.serial, "object": "chat.completion.chunk",
+                "created": call.created, "model": call.model}
+    if not call.azure:
+        envelope["service_tier"] = "default"
+    envelope["system_fingerprint"] = FINGERPRINT
+    return _openai_stream(call, envelope, choices, chat_usage)
+
+
+def completion_events(call):
+    def choice(text, finish_reason, has_content=True):
+        return _stream_choice(call, {"text": text, "index": 0, "logprobs": None,
+                                     "finish_reason": finish_reason}, has_content)
+    last = len(call.pieces) - 1
+    if call.separate_framing:
+        choices = [choice(piece, None) for piece in call.pieces] + [choice("", "stop", False)]
+    else:
+        choices = [choice(piece, "stop" if i == last else None)
+                   for i, piece in enumerate(call.pieces)]
+    envelope = {"id": "cmpl-fake" + call.serial, "object": "text_completion",
+                "created": call.created, "model": call.model}
+    return _openai_stream(call, envelope, choices, completion_usage)
+
+
+def _stream_choice(call, choice, has_content):
+    if call.azure:
+        choice["content_filter_results"] = AZURE_COMPLETION_FILTER if has_content else {}
+    return choice
+
+
+def _openai_stream(call, envelope, choices, usage):
+    """data: events for the choices, the usage chunk if asked for, and [DONE]."""
+    chunks = [{**envelope, "choices": [choice]} for choice in choices]
+    if call.include_usage:
+        for chunk in chunks:
+            chunk["usage"] = None
+        chunks.append({**envelope, "choices": [], "usage": usage(call)})
+    if call.obfuscate:
+        for chunk in chunks:
+            chunk["obfuscation"] = OBFUSCATION
+    if call.azure:
+        chunks.insert(0, {"choices": [], "created": 0, "id": "", "model": "", "object": "",
+                          "prompt_filter_results": AZURE_PROMPT_FILTER_RESULTS})
+    return [b"data: " + call.dumps(chunk) + b"\n\n" for chunk in chunks] + [DONE]
+
+
+# --- OpenAI: embeddings, models, responses -----------------------------------------
+
+def embedding_body(call):
+    inputs = call.payload.get("input")
+    count = len(inputs) if isinstance(inputs, list) and inputs and \
+        not isinstance(inputs[0], int) else 1
+    dimensions = call.payload.get("dimensions")
+    if not isinstance(dimensions, int) or not 0 < dimensions <= 4096:
+        dimensions = EMBEDDING_DIMENSIONS
+    vector = _embedding(dimensions, call.payload.get("encoding_format") == "base64")
+    body = {"object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": vector}
+                     for i in range(count)],
+            "model": call.model}
+    if call.usage:
+        body["usage"] = {"prompt_tokens": call.prompt_tokens,
+                         "total_tokens": call.prompt_tokens}
+    return body
+
+
+@functools.lru_cache(maxsize=16)
+def _embedding(dimensions, as_base64):
+    """A fixed vector of exactly representable floats; base64 is little-endian float32."""
+    vector = [(i % 8) / 8 - 0.5 for i in range(dimensions)]
+    if as_base64:
+        return base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+    return vector
+
+
+def models_body(call):
+    def model(model_id):
+        return {"id": model_id, "object": "model", "created": 1715367049,
+                "owned_by": "system"}
+    _, _, model_id = call.endpoint.partition("/")
+    if model_id:
+        return model(urllib.parse.unquote(model_id))
+    return {"object": "list", "data": [model(model_id) for model_id in MODELS]}
+
+
+def responses_body(call, status="completed", final=True):
+    """A Response object; in progress (no output, usage null) unless final."""
+    body = {"id": "resp_fake" + call.serial, "object": "response",
+            "created_at": call.created, "status": status, "background": False,
+            "error": None, "incomplete_details": None, "instructions": None,
+            "max_output_tokens": None, "max_tool_calls": None, "model": call.model,
+            "output": [_responses_message(call, call.text)] if final else [],
+            "parallel_tool_calls": True, "previous_response_id": None,
+            "prompt_cache_key": None, "reasoning": {"effort": None, "summary": None},
+            "safety_identifier": None, "service_tier": "default", "store": True,
+            "temperature": 1.0, "text": {"format": {"type": "text"}, "verbosity": "medium"},
+            "tool_choice": "auto", "tools": [], "top_logprobs": 0, "top_p": 1.0,
+            "truncation": "disabled"}
+    if call.usage:
+        body["usage"] = responses_usage(call) if final else None
+    body.update(user=None, metadata={})
+    return body
+
+
+def _responses_message(call, text, status="completed"):
+    content = [_output_text(text)] if text is not None else []
+    return {"id": "msg_fake" + call.serial, "type": "message", "status": status,
+            "content": content, "role": "assistant"}
+
+
+def _output_text(text):
+    return {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+
+
+def responses_events(call):
+    item_id = "msg_fake" + call.serial
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    started = responses_body(call, "in_progress", final=False)
+    events = [("response.created", {"response": started}),
+              ("response.in_progress", {"response": started}),
+              ("response.output_item.added",
+               {"output_index": 0, "item": _responses_message(call, None, "in_progress")}),
+              ("response.content_part.added", {**where, "part": _output_text("")})]
+    events += [("response.output_text.delta",
+                {**where, "delta": piece, "logprobs": [], "obfuscation": OBFUSCATION})
+               for piece in call.pieces]
+    events += [("response.output_text.done", {**where, "text": call.text, "logprobs": []}),
+               ("response.content_part.done", {**where, "part": _output_text(call.text)}),
+               ("response.output_item.done",
+                {"output_index": 0, "item": _responses_message(call, call.text)}),
+               ("response.completed", {"response": responses_body(call)})]
+    return [_named_event(call, name, {"type": name, "sequence_number": number, **fields})
+            for number, (name, fields) in enumerate(events)]
+
+
+def _named_event(call, name, data):
+    return b"event: " + name.encode() + b"\ndata: " + call.dumps(data) + b"\n\n"
+
+
+# --- Anthropic --------------------------------------------------------------------
+
+def message_body(call, content=None, stop_reason="end_turn", output_tokens=None):
+    body = {"model": call.model, "id": "msg_fake" + call.serial, "type": "message",
+            "role": "assistant",
+            "content": [{"type": "text", "text": call.text}] if content is None else content,
+            "stop_reason": stop_reason, "stop_sequence": None, "stop_details": None}
+    if call.usage:
+        body["usage"] = anthropic_usage(call, call.completion_tokens
+                                        if output_tokens is None else output_tokens)
+    return body
+
+
+def message_events(call):
+    delta = {"stop_reason": "end_turn", "stop_sequence": None, "stop_details": None}
+    message_delta = {"type": "message_delta", "delta": delta}
+    if call.usage:
+        message_delta["usage"] = {"input_tokens": call.prompt_tokens,
+                                  "cache_creation_input_tokens": call.cache_write_tokens,
+                                  "cache_read_input_tokens": call.cached_tokens,
+                                  "output_tokens": call.completion_tokens}
+    start = message_body(call, content=[], stop_reason=None, output_tokens=1)
+    events = [_named_event(call, "message_start", {"type": "message_start", "message": start}),
+              _named_event(call, "content_block_start",
+                           {"type": "content_block_start", "index": 0,
+                            "content_block": {"type": "text", "text": ""}}),
+              PING]
+    events += [_named_event(call, "content_block_delta",
+                            {"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "text_delta", "text": piece}})
+               for piece in call.pieces]
+    events += [_named_event(call, "content_block_stop",
+                            {"type": "content_block_stop", "index": 0}),
+               _named_event(call, "message_delta", message_delta),
+               _named_event(call, "message_stop", {"type": "message_stop"})]
+    return events
+
+
+def count_tokens_body(call):
+    return {"input_tokens": call.prompt_tokens}
+
+
+# endpoint -> (JSON body builder, stream events builder or None)
+ENDPOINTS = {
+    "chat/completions": (chat_body, chat_events),
+    "completions": (completion_body, completion_events),
+    "embeddings": (embedding_body, None),
+    "responses": (responses_body, responses_events),
+    "messages": (message_body, message_events),
+    "messages/count_tokens": (count_tokens_body, None),
+}
+
+
+# --- answering a request ------------------------------------------------------------
+
+@dataclasses.dataclass
+class Reply:
+    status: int
+    headers: list
+    body: bytes = b""
+    events: list = None  # a stream when set: one SSE event per HTTP chunk
+
+
+def json_reply(call, status, obj):
+    return Reply(status, [("Content-Type", "application/json"), *call.headers()],
+                 call.dumps(obj))
+
+
+def respond(call):
+    """The Reply to a call: a set fault, a protocol error, or the endpoint's answer."""
+    behaviour = call.behaviour
+    if "status" in behaviour:
+        error_body = behaviour.get("error_body")
+        return json_reply(call, behaviour["status"], error_body if error_body is not None
+                          else call.error_body(behaviour["status"]))
+    if behaviour.get("garbage"):
+        return Reply(200, [("Content-Type", "application/json"), *call.headers()], GARBAGE)
+    problem = _protocol_error(call)
+    if problem:
+        return json_reply(call, *problem)
+    if call.endpoint.startswith("models"):
+        return json_reply(call, 200, models_body(call))
+    whole, stream = ENDPOINTS[call.endpoint]
+    if call.stream and stream:
+        return Reply(200, [("Content-Type", "text/event-stream; charset=utf-8"),
+                           ("Cache-Control", "no-cache"), *call.headers()],
+                     events=stream(call))
+    return json_reply(call, 200, whole(call))
+
+
+def _protocol_error(call):
+    """(status, body) when the provider would refuse the request, else None."""
+    method, path, headers = call.request.method, call.request.path, call.request.headers
+    if call.endpoint is None:
+        if call.azure:
+            return 404, azure_error(404, "Resource not found")
+        if call.provider == "anthropic":
+            return 404, anthropic_error(404, message="Not Found")
+        return 404, openai_error(404, f"Invalid URL ({method} {path})")
+    if call.provider == "anthropic":
+        if "x-api-key" not in headers and "authorization" not in headers:
+            return 401, anthropic_error(401, message="x-api-key header is required")
+        if "anthropic-version" not in headers:
+            return 400, anthropic_error(400, message="anthropic-version: header is required")
+    elif call.azure:
+        if "api-key" not in headers and "authorization" not in headers:
+            return 401, azure_error(401, "Access denied due to invalid subscription key or "
+                                         "wrong API endpoint. Make sure to provide a valid "
+                                         "key for an active subscription and use a correct "
+                                         "regional API endpoint for your resource.")
+        if "api-version" not in call.request.query:
+            return 404, azure_error(404, "Resource not found")
+    elif "authorization" not in headers:
+        return 401, openai_error(401, "You didn't provide an API key. You need to provide "
+                                      "your API key in an Authorization header using Bearer "
+                                      "auth (i.e. Authorization: Bearer YOUR_KEY).")
+    if method == "POST" and call.request.json is None:
+        if call.provider == "anthropic":
+            return 400, anthropic_error(400, message="There was an error parsing the body "
+                                                     "of your request as JSON")
+        return 400, openai_error(400, "We could not parse the JSON body of your request. "
+                                      "The OpenAI API expects a JSON payload.")
+    return None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "fake-upstream"
+    sys_version = ""
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format, *args):
+        pass
+
+    def do_GET(self):
+        fake = self.server.fake
+        url = urllib.parse.urlsplit(self.path)
+        body = self._read_body()
+        try:
+            payload = json.loads(body) if body else None
+        except ValueError:
+            payload = None
+        request = RecordedRequest(
+            self.command, url.path,
+            dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True)),
+            Headers(self.headers.items()), body, payload)
+        fake._record(request)
+        call = Call(request, dict(fake.behaviour))
+        fake.last_completion_text = call.text
+        time.sleep(call.behaviour.get("delay_first") or 0)
+        reply = respond(call)
+        try:
+            self._send(reply, call.behaviour)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client left
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+    def _read_body(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while (size := int(self.rfile.readline().split(b";")[0], 16)):
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return b"".join(parts)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _send(self, reply, behaviour):
+        self.send_response(reply.status)
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        if reply.events is None:
+            self.send_header("Content-Length", str(len(reply.body)))
+            self.end_headers()
+            self.wfile.write(reply.body)
+            return
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        cut_after = behaviour.get("cut_after")
+        gap = behaviour.get("chunk_delay") or 0
+        stall = behaviour.get("stall_after_first") or 0
+        events = reply.events if cut_after is None else reply.events[:cut_after]
+        for index, event in enumerate(events):
+            if index and gap:
+                time.sleep(gap)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            if index == 0 and stall:
+                time.sleep(stall)
+        if cut_after is None:
+            self.wfile.write(b"0\r\n\r\n")
+        else:  # die mid-stream: FIN without the terminating zero-length chunk
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+    request_queue_size = 512
+
+
+class FakeUpstream:
+    """The fake upstream, serving from a daemon thread until close().
+
+    requests: every RecordedRequest, in arrival order, recorded before any delay.
+    behaviour: the dict of BEHAVIOUR keys (see the module docstring).
+    last_completion_text: the completion text the latest request was answered with.
+    """
+
+    def __init__(self, host="127.0.0.1", port=0):
+        self.requests = []
+        self.behaviour = {}
+        self.last_completion_text = EXPECTED["text"]
+        self._lock = threading.Lock()
+        self._server = _Server((host, port), _Handler)
+        self._server.fake = self
+        self.url = f"http://{host}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True,
+                                        name="fake-upstream")
+        self._thread.start()
+
+    def _record(self, request):
+        with self._lock:
+            self.requests.append(request)
+
+    def reset(self):
+        """Forget recorded requests and behaviour (the same list and dict are kept)."""
+        with self._lock:
+            self.requests.clear()
+            self.behaviour.clear()
+
+    def close(self):
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()

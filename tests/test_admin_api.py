@@ -1,0 +1,127 @@
+"""The admin API over HTTP: keys, projects, usage, CSV, pricing, OpenAPI."""
+
+import csv
+import hashlib
+import io
+
+import requests
+
+import llimit
+
+
+def test_admin_api_needs_the_admin_token(gateway):
+    for method, path in (("GET", "/admin/keys"), ("POST", "/admin/keys"),
+                         ("GET", "/admin/usage"), ("GET", "/admin/limits")):
+        resp = requests.request(method, gateway.url + path, json={},
+                                headers={"Authorization": "Bearer wrong"})
+        assert resp.status_code == 401
+        assert resp.json()["error"]["code"] == "invalid_admin_token"
+
+
+def test_key_is_shown_once_and_stored_only_as_a_hash(gateway):
+    resp = gateway.admin.post(gateway.url + "/admin/keys",
+                              json={"user": "carol", "note": "laptop"})
+    assert resp.status_code == 201
+    created = resp.json()
+    raw_key = created["key"]
+    assert raw_key.startswith("llimit-") and len(raw_key) >= len("llimit-") + 32
+    row = gateway.db().execute("select * from api_keys where id = ?",
+                               (created["id"],)).fetchone()
+    assert row["key_hash"] == hashlib.sha256(raw_key.encode()).hexdigest()
+    assert raw_key not in str(tuple(row))
+    listed = gateway.admin.get(gateway.url + "/admin/keys?user=carol").json()["data"]
+    assert [key["id"] for key in listed] == [created["id"]]
+    assert raw_key not in str(listed)
+    assert listed[0]["masked_key"].startswith(raw_key[:11])
+    assert listed[0]["masked_key"].endswith(raw_key[-4:])
+    single = gateway.admin.get(f"{gateway.url}/admin/keys/{created['id']}").json()
+    assert "key" not in single and single["note"] == "laptop"
+
+
+def test_key_filters_patch_and_revoke(gateway):
+    _, first = gateway.create_key(user="dan")
+    _, second = gateway.create_key(user="erin")
+    patched = gateway.admin.patch(f"{gateway.url}/admin/keys/{first}",
+                                  json={"note": "new note", "models": ["gpt-4o"]}).json()
+    assert patched["note"] == "new note" and patched["models"] == ["gpt-4o"]
+    gateway.admin.post(f"{gateway.url}/admin/keys/{second}/revoke")
+    active = gateway.admin.get(gateway.url + "/admin/keys?active=true").json()["data"]
+    assert [key["id"] for key in active] == [first]
+    assert gateway.admin.get(gateway.url + "/admin/keys/key_nope").status_code == 404
+    bad = gateway.admin.post(gateway.url + "/admin/keys", json={"project": "nope"})
+    assert bad.status_code == 404
+    bad = gateway.admin.post(gateway.url + "/admin/keys", json={"expires_at": "soon"})
+    assert bad.status_code == 400 and "expires_at" in bad.json()["error"]["message"]
+
+
+def test_usage_grouped_every_way_and_as_csv(gateway, fake):
+    alice, alice_id = gateway.create_key(user="alice")
+    bob, _ = gateway.create_key(user="bob")
+    for raw_key, model in ((alice, "gpt-4o"), (alice, "gpt-4o-mini"), (bob, "gpt-4o")):
+        fake.behaviour["model"] = model
+        requests.post(gateway.url + "/v1/chat/completions", json={"model": model},
+                      headers={"Authorization": f"Bearer {raw_key}"})
+    gateway.wait_idle()
+    by_user = gateway.admin.get(gateway.url + "/admin/usage?group_by=user").json()
+    users = {row["user"]: row for row in by_user["rows"]}
+    assert users["alice"]["requests"] == 2 and users["bob"]["requests"] == 1
+    assert by_user["totals"]["requests"] == 3
+    assert by_user["totals"]["prompt_tokens"] == 33
+    for group in ("key", "project", "model", "day"):
+        report = gateway.admin.get(f"{gateway.url}/admin/usage?group_by={group}").json()
+        assert sum(row["requests"] for row in report["rows"]) == 3
+        assert all(group in row for row in report["rows"])
+    by_key = gateway.admin.get(gateway.url + "/admin/usage?group_by=key").json()
+    assert {row["key"] for row in by_key["rows"]} >= {alice_id}
+    csv_text = gateway.admin.get(gateway.url + "/admin/usage.csv").text
+    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    assert len(rows) == 3 and {row["user"] for row in rows} == {"alice", "bob"}
+    assert all(float(row["cost_usd"]) > 0 for row in rows)
+    bad = gateway.admin.get(gateway.url + "/admin/usage?start=yesterday")
+    assert bad.status_code == 400
+
+
+def test_projects_crud(gateway, monkeypatch):
+    resp = gateway.admin.post(gateway.url + "/admin/projects", json={
+        "id": "team-a", "name": "Team A", "upstream_kind": "openai",
+        "upstream_url": "https://example.invalid/v1", "upstream_key": "sk-secret-team-a",
+        "budget": {"usd": 10, "window": "day"}})
+    assert resp.status_code == 201, resp.text
+    project = resp.json()
+    assert "sk-secret-team-a" not in resp.text
+    assert project["upstream_key_set"] is True and project["limits"][0]["amount"] == 10
+    listed = gateway.admin.get(gateway.url + "/admin/projects").json()["data"]
+    assert {p["id"] for p in listed} == {"default", "team-a"}
+    assert "sk-secret-team-a" not in str(listed)
+    patched = gateway.admin.patch(gateway.url + "/admin/projects/team-a",
+                                  json={"allow_user_keys": False}).json()
+    assert patched["allow_user_keys"] is False
+    dup = gateway.admin.post(gateway.url + "/admin/projects", json={"id": "team-a"})
+    assert dup.status_code == 409
+    bad = gateway.admin.post(gateway.url + "/admin/projects",
+                             json={"id": "x", "upstream_kind": "nope"})
+    assert bad.status_code == 400 and "upstream_kind" in bad.json()["error"]["message"]
+    assert gateway.admin.delete(gateway.url + "/admin/projects/team-a").status_code == 200
+    assert gateway.admin.get(gateway.url + "/admin/projects/team-a").status_code == 404
+    assert gateway.admin.delete(gateway.url + "/admin/projects/default").status_code == 400
+
+
+def test_pricing_listing_and_bad_prices(gateway):
+    listing = gateway.admin.get(gateway.url + "/admin/pricing").json()
+    assert listing["models"]["gpt-4o"]["source"] == "file"
+    bad = gateway.admin.put(gateway.url + "/admin/pricing/x", json={"input": -1, "output": 1})
+    assert bad.status_code == 400
+    ok = gateway.admin.put(gateway.url + "/admin/pricing/openrouter/acme",
+                           json={"input": 1, "output": 2})
+    assert ok.status_code == 200
+    assert gateway.admin.get(gateway.url + "/admin/pricing").json()[
+        "models"]["openrouter/acme"]["source"] == "override"
+
+
+def test_openapi_describes_every_admin_route(gateway):
+    spec = requests.get(gateway.url + "/admin/openapi.json").json()
+    for method, path, _ in llimit.routes():
+        if path.startswith("/admin/") and path != "/admin/openapi.json":
+            openapi_path = (path.replace("<key_id>", "{id}").replace("<project_id>", "{id}")
+                            .replace("<limit_id>", "{id}").replace("<model:path>", "{model}"))
+            assert method.lower() in spec["paths"][openapi_path], (method, path)

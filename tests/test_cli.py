@@ -1,0 +1,69 @@
+"""The command line, run as a real process against the same database."""
+
+import json
+import subprocess
+import sys
+
+import requests
+
+
+def run_cli(gateway, *args):
+    result = subprocess.run([sys.executable, "llimit.py", *args, "--db", gateway.config.db_path],
+                            capture_output=True, text=True, timeout=60)
+    return result
+
+
+def test_keys_create_list_revoke(gateway, fake):
+    created = run_cli(gateway, "keys", "create", "--user", "frank", "--note", "cli")
+    assert created.returncode == 0, created.stderr
+    lines = {name: value.strip() for name, value in
+             (line.split(":", 1) for line in created.stdout.splitlines() if ": " in line)}
+    raw_key, key_id = lines["key"], lines["id"]
+    resp = requests.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                         headers={"Authorization": f"Bearer {raw_key}"})
+    assert resp.status_code == 200
+    listing = run_cli(gateway, "keys", "list", "--user", "frank").stdout
+    assert key_id in listing and raw_key not in listing
+    assert run_cli(gateway, "keys", "revoke", key_id).returncode == 0
+    resp = requests.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                         headers={"Authorization": f"Bearer {raw_key}"})
+    assert resp.status_code == 403
+    assert resp.json()["error"]["code"] == "key_revoked"
+    assert run_cli(gateway, "keys", "revoke", "key_missing").returncode == 2
+
+
+def test_usage_by_user(gateway, fake):
+    for user in ("gina", "gina", "hal"):
+        raw_key, _ = gateway.create_key(user=user)
+        requests.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                      headers={"Authorization": f"Bearer {raw_key}"})
+    gateway.wait_idle()
+    table = run_cli(gateway, "usage", "--group-by", "user")
+    assert table.returncode == 0
+    rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[2:]}
+    assert rows["gina"][1] == "2" and rows["hal"][1] == "1" and rows["TOTAL"][1] == "3"
+    report = json.loads(run_cli(gateway, "usage", "--group-by", "model", "--json").stdout)
+    assert report["totals"]["requests"] == 3
+
+
+def test_limits_and_projects_from_the_cli(gateway):
+    made = run_cli(gateway, "limits", "create", "--scope", "user", "--target", "ivy",
+                   "--metric", "usd", "--window", "month", "--amount", "50")
+    assert made.returncode == 0, made.stderr
+    limit_id = made.stdout.split()[-1]
+    assert limit_id in run_cli(gateway, "limits", "list").stdout
+    bad = run_cli(gateway, "limits", "create", "--scope", "user", "--metric", "usd",
+                  "--window", "day", "--amount", "5")
+    assert bad.returncode == 2 and "target" in bad.stderr
+    assert run_cli(gateway, "limits", "delete", limit_id).returncode == 0
+    assert run_cli(gateway, "projects", "create", "ops", "--upstream-key",
+                   "env:OPS_KEY").returncode == 0
+    assert "ops" in run_cli(gateway, "projects", "list").stdout
+
+
+def test_serve_help_names_every_flag():
+    out = subprocess.run([sys.executable, "llimit.py", "serve", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for flag in ("--host", "--port", "--db", "--threads", "--upstream-url", "--pricing",
+                 "--auth", "--chartjs"):
+        assert flag in out

@@ -1,0 +1,348 @@
+"""Budgets, quotas and rate limits: one mechanism, exact under concurrency."""
+
+import calendar
+import concurrent.futures
+import json
+import sqlite3
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import openai
+import pytest
+import requests
+
+import llimit
+
+CALL_NUSD = round((11 * 2.5 + 7 * 10.0) * 1000)  # the fake's usage at gpt-4o list prices
+
+
+def call(gateway, raw_key, headers=None, **body):
+    return requests.post(gateway.url + "/v1/chat/completions",
+                         json={"model": "gpt-4o", "messages": [], **body},
+                         headers={"Authorization": f"Bearer {raw_key}", **(headers or {})})
+
+
+def add_limit(gateway, **fields):
+    resp = gateway.admin.post(gateway.url + "/admin/limits", json=fields)
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def test_budget_blocks_with_a_clear_429_and_resets_next_window(gateway, fake, clock):
+    clock.now = 1_795_000_000.0  # a fixed moment, mid-day UTC
+    gateway.admin.patch(gateway.url + "/admin/projects/default",
+                        json={"limit_message": "Ask #ai-budget for more."})
+    raw_key, key_id = gateway.create_key()
+    limit = add_limit(gateway, scope="key", target=key_id, metric="usd", window="day",
+                      amount=2.5 * CALL_NUSD / 1e9)
+    assert call(gateway, raw_key).status_code == 200
+    assert call(gateway, raw_key).status_code == 200
+    assert call(gateway, raw_key).status_code == 200  # 2 calls used < 2.5 calls' worth
+    blocked = call(gateway, raw_key)
+    assert blocked.status_code == 429
+    error = blocked.json()["error"]
+    assert error["type"] == "budget_exceeded"
+    assert limit["id"] in error["message"] and "resets" in error["message"]
+    assert error["message"].endswith("Ask #ai-budget for more.")
+    with pytest.raises(openai.RateLimitError):
+        openai.OpenAI(base_url=gateway.url + "/v1", api_key=raw_key,
+                      max_retries=0).chat.completions.create(model="gpt-4o", messages=[])
+    assert len(gateway.events()) == 3
+    clock.advance(86400)
+    assert call(gateway, raw_key).status_code == 200
+
+
+def test_rate_limit_per_minute_with_retry_after_and_headers(gateway, fake, clock):
+    clock.now = 1_795_000_010.0
+    raw_key, key_id = gateway.create_key()
+    add_limit(gateway, scope="key", target=key_id, metric="requests", window="minute",
+              amount=2)
+    first = call(gateway, raw_key)
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "2"
+    assert call(gateway, raw_key).headers["x-ratelimit-remaining-requests"] == "1"
+    blocked = call(gateway, raw_key)
+    assert blocked.status_code == 429
+    assert blocked.json()["error"]["type"] == "rate_limit_exceeded"
+    assert 1 <= int(blocked.headers["Retry-After"]) <= 60
+    clock.advance(60)
+    assert call(gateway, raw_key).status_code == 200
+
+
+def test_token_quota_per_day(gateway, fake, clock):
+    raw_key, _ = gateway.create_key(user="free-user")
+    add_limit(gateway, scope="user", target="free-user", metric="tokens", window="day",
+              amount=40)
+    assert call(gateway, raw_key, max_tokens=7).status_code == 200   # 18 tokens
+    assert call(gateway, raw_key).status_code == 200                 # 36 tokens
+    # Bounded by max_tokens, a call that could cross the quota is refused ...
+    resp = call(gateway, raw_key, max_tokens=7)
+    assert resp.status_code == 429 and "tokens" in resp.json()["error"]["message"]
+    # ... an unbounded one goes while something is left, and then nothing does.
+    assert call(gateway, raw_key).status_code == 200                 # 54 tokens
+    assert call(gateway, raw_key).status_code == 429
+
+
+def test_each_user_of_a_project_has_its_own_budget(gateway, fake):
+    add_limit(gateway, scope="project", target="default", each="user", metric="requests",
+              window="month", amount=1)
+    raw_key, _ = gateway.create_key(user=None)  # a project key
+    assert call(gateway, raw_key, {"X-LLimit-User": "ann"}).status_code == 200
+    assert call(gateway, raw_key, {"X-LLimit-User": "ann"}).status_code == 429
+    assert call(gateway, raw_key, user="ben").status_code == 200
+    assert call(gateway, raw_key, {"X-LLimit-User": "ben"}).status_code == 429
+    assert {e["user_name"] for e in gateway.events()} == {"ann", "ben"}
+
+
+def test_configured_user_headers_name_the_end_user(make_llimit, fake):
+    gateway = make_llimit(user_headers=("X-OpenWebUI-User-Email",))
+    add_limit(gateway, scope="user", target="zoe@corp.example", metric="requests",
+              window="day", amount=1)
+    raw_key, _ = gateway.create_key(user=None)
+    headers = {"X-OpenWebUI-User-Email": "zoe@corp.example"}
+    assert call(gateway, raw_key, headers).status_code == 200
+    assert call(gateway, raw_key, headers).status_code == 429
+    assert "x-openwebui-user-email" not in {h.lower() for h in fake.requests[-1].headers}
+
+
+def test_a_personal_key_ignores_user_headers(gateway, fake):
+    raw_key, _ = gateway.create_key(user="owner")
+    call(gateway, raw_key, {"X-LLimit-User": "someone-else"}, user="also-else")
+    (event,) = gateway.events()
+    assert event["user_name"] == "owner"
+
+
+def test_warn_limits_never_block_but_say_so(gateway, fake):
+    raw_key, key_id = gateway.create_key()
+    add_limit(gateway, scope="key", target=key_id, metric="requests", window="day",
+              amount=1, action="warn")
+    assert "X-LLimit-Warning" not in call(gateway, raw_key).headers
+    second = call(gateway, raw_key)
+    assert second.status_code == 200 and "limit" in second.headers["X-LLimit-Warning"]
+
+
+def test_llimit_me_shows_every_limit_that_applies(gateway, fake, clock):
+    clock.now = 1_795_000_000.0
+    raw_key, key_id = gateway.create_key(user="max")
+    add_limit(gateway, scope="user", target="max", metric="usd", window="month", amount=5)
+    add_limit(gateway, scope="key", target=key_id, metric="requests", window="minute",
+              amount=10)
+    add_limit(gateway, scope="user", target="someone-else", metric="usd", window="day",
+              amount=1)
+    call(gateway, raw_key)
+    gateway.wait_idle()
+    me = requests.get(gateway.url + "/llimit/me",
+                      headers={"Authorization": f"Bearer {raw_key}"}).json()
+    assert (me["user"], me["project"]) == ("max", "default")
+    assert raw_key not in json.dumps(me) and me["key"].startswith(raw_key[:11])
+    by_metric = {limit["metric"]: limit for limit in me["limits"]}
+    assert set(by_metric) == {"usd", "requests"}
+    assert by_metric["usd"]["used"] == pytest.approx(CALL_NUSD / 1e9)
+    assert by_metric["usd"]["remaining"] == pytest.approx(5 - CALL_NUSD / 1e9)
+    assert by_metric["usd"]["resets_at"] == "2026-12-01T00:00:00Z"
+    assert by_metric["requests"]["used"] == 1
+    assert requests.get(gateway.url + "/llimit/me").status_code == 401
+
+
+def test_budget_remaining_header(gateway, fake):
+    raw_key, key_id = gateway.create_key()
+    add_limit(gateway, scope="key", target=key_id, metric="usd", window="total", amount=1)
+    call(gateway, raw_key)
+    remaining = float(call(gateway, raw_key).headers["X-LLimit-Budget-Remaining"])
+    assert remaining == pytest.approx(1 - CALL_NUSD / 1e9, abs=1e-6)
+
+
+def test_a_limit_added_mid_window_counts_what_was_spent(gateway, fake):
+    raw_key, key_id = gateway.create_key()
+    for _ in range(3):
+        call(gateway, raw_key)
+    gateway.wait_idle()
+    limit = add_limit(gateway, scope="key", target=key_id, metric="requests", window="day",
+                      amount=3)
+    assert limit["used"] == 3
+    assert call(gateway, raw_key).status_code == 429
+    gateway.admin.patch(f"{gateway.url}/admin/limits/{limit['id']}", json={"amount": 4})
+    assert call(gateway, raw_key).status_code == 200
+    gateway.admin.delete(f"{gateway.url}/admin/limits/{limit['id']}")
+    assert call(gateway, raw_key).status_code == 200
+
+
+@pytest.mark.parametrize("window,step,expect_reset", [
+    ("day", 86400, "2026-11-25T00:00:00Z"),
+    ("week", 7 * 86400, "2026-11-30T00:00:00Z"),
+    ("month", 31 * 86400, "2026-12-01T00:00:00Z"),
+])
+def test_windows_roll_over_in_utc(gateway, fake, clock, window, step, expect_reset):
+    clock.now = calendar.timegm((2026, 11, 24, 23, 59, 59))  # a Tuesday, 1 s before midnight
+    raw_key, key_id = gateway.create_key()
+    limit = add_limit(gateway, scope="key", target=key_id, metric="requests", window=window,
+                      amount=1)
+    assert limit["resets_at"] == expect_reset
+    assert call(gateway, raw_key).status_code == 200
+    assert call(gateway, raw_key).status_code == 429
+    clock.advance(step)
+    assert call(gateway, raw_key).status_code == 200
+
+
+def test_total_window_is_prepaid_and_survives_restart(make_llimit, fake, clock, tmp_path):
+    db_path = str(tmp_path / "persist.db")
+    gateway = make_llimit(db_path=db_path)
+    raw_key, key_id = gateway.create_key()
+    add_limit(gateway, scope="key", target=key_id, metric="requests", window="total",
+              amount=2)
+    call(gateway, raw_key)
+    call(gateway, raw_key)
+    gateway.stop()
+    again = make_llimit(db_path=db_path)
+    clock.advance(400 * 86400)
+    assert call(again, raw_key).status_code == 429
+
+
+def _spend(gateway):
+    return sum(event["cost_nusd"] for event in gateway.events())
+
+
+@pytest.mark.parametrize("max_tokens", [7, None], ids=["max_tokens", "unbounded"])
+def test_concurrent_calls_do_not_overrun_a_budget(gateway, fake, max_tokens):
+    budget_nusd = 5 * CALL_NUSD + CALL_NUSD // 2
+    raw_key, key_id = gateway.create_key()
+    add_limit(gateway, scope="key", target=key_id, metric="usd", window="day",
+              amount=budget_nusd / 1e9)
+    fake.behaviour["delay_first"] = 0.05
+    extra = {"max_tokens": max_tokens} if max_tokens else {}
+    with concurrent.futures.ThreadPoolExecutor(48) as pool:
+        statuses = list(pool.map(lambda _: call(gateway, raw_key, **extra).status_code,
+                                 range(48)))
+    assert set(statuses) <= {200, 429} and 429 in statuses
+    spend = _spend(gateway)
+    if max_tokens:
+        assert spend <= budget_nusd
+    else:
+        assert spend <= budget_nusd + CALL_NUSD
+    assert statuses.count(200) == len(gateway.events())
+    assert_running_totals_match_events(gateway)
+    assert gateway.state.limits._reserved == {}, "no reservation may leak"
+
+
+def assert_running_totals_match_events(gateway):
+    db = gateway.db()
+    events = gateway.events()
+    for subject, matches in (("*", lambda e: True),
+                             (f"k:{events[0]['key_id']}", lambda e: True),
+                             ("p:default", lambda e: True)):
+        total = db.execute("select requests, tokens, cost_nusd from usage_counters"
+                           " where subject = ? and day = 'total'", (subject,)).fetchone()
+        mine = [e for e in events if matches(e)]
+        assert tuple(total) == (len(mine),
+                                sum(e["prompt_tokens"] + e["completion_tokens"] for e in mine),
+                                sum(e["cost_nusd"] or 0 for e in mine))
+
+
+def test_failed_calls_release_their_reservation(make_llimit, fake):
+    gateway = make_llimit(upstream_timeout=0.2)
+    raw_key, key_id = gateway.create_key()
+    add_limit(gateway, scope="key", target=key_id, metric="requests", window="day",
+              amount=100)
+    fake.behaviour["delay_first"] = 1.0
+    assert call(gateway, raw_key).status_code == 504
+    fake.behaviour.clear()
+    fake.behaviour.update(cut_after=1)
+    resp = call(gateway, raw_key, stream=True)
+    resp.content
+    gateway.wait_idle()
+    assert gateway.state.limits._reserved == {}
+
+
+def test_fail_closed_when_usage_cannot_be_written(gateway, fake):
+    raw_key, key_id = gateway.create_key()
+    add_limit(gateway, scope="key", target=key_id, metric="usd", window="day", amount=100)
+    blocker = sqlite3.connect(gateway.config.db_path, isolation_level=None)
+    blocker.execute("begin exclusive")
+    try:
+        assert call(gateway, raw_key).status_code == 200  # its usage waits in the queue
+        deadline = time.monotonic() + 20
+        while gateway.state.writer.healthy and time.monotonic() < deadline:
+            time.sleep(0.1)
+        refused = call(gateway, raw_key)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "ledger_unavailable"
+    finally:
+        blocker.execute("rollback")
+        blocker.close()
+    gateway.wait_idle()
+    assert len(gateway.events()) == 1, "the queued usage was written, not lost"
+    assert call(gateway, raw_key).status_code == 200
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"scope": "nope", "metric": "usd", "window": "day", "amount": 1}, "scope"),
+    ({"scope": "user", "metric": "usd", "window": "day", "amount": 1}, "target"),
+    ({"scope": "global", "metric": "euros", "window": "day", "amount": 1}, "metric"),
+    ({"scope": "global", "metric": "usd", "window": "year", "amount": 1}, "window"),
+    ({"scope": "global", "metric": "usd", "window": "day", "amount": -1}, "amount"),
+    ({"scope": "global", "metric": "usd", "window": "day", "amount": "1"}, "amount"),
+    ({"scope": "global", "metric": "usd", "window": "day", "amount": 1, "alert_at": [120]},
+     "alert_at"),
+    ({"scope": "global", "metric": "usd", "window": "day", "amount": 1, "colour": "red"},
+     "colour"),
+])
+def test_bad_limits_get_a_400_naming_the_field(gateway, body, field):
+    resp = gateway.admin.post(gateway.url + "/admin/limits", json=body)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["message"].startswith(field)
+
+
+class Webhook:
+    """A real HTTP endpoint that collects alert posts."""
+
+    def __init__(self, fail_first=0):
+        self.posts, self.fail_first = [], fail_first
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if hook.fail_first > 0:
+                    hook.fail_first -= 1
+                    self.send_response(500)
+                else:
+                    hook.posts.append(body)
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, count, timeout=15):
+        deadline = time.monotonic() + timeout
+        while len(self.posts) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.posts
+
+
+def test_alerts_fire_once_per_threshold_even_across_restart(make_llimit, fake, tmp_path):
+    hook = Webhook(fail_first=1)
+    db_path = str(tmp_path / "alerts.db")
+    gateway = make_llimit(db_path=db_path, alert_webhook=hook.url)
+    raw_key, key_id = gateway.create_key(user="ola")
+    add_limit(gateway, scope="user", target="ola", metric="requests", window="day",
+              amount=4, alert_at=[50])
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: call(gateway, raw_key), range(3)))
+    posts = hook.wait_for(1)
+    assert len(posts) == 1 and "50%" in posts[0]["text"] and "ola" in posts[0]["text"]
+    gateway.stop()
+    again = make_llimit(db_path=db_path, alert_webhook=hook.url)
+    call(again, raw_key)
+    posts = hook.wait_for(2)
+    call(again, raw_key)  # refused: still no further alert
+    again.wait_idle()
+    time.sleep(0.5)
+    texts = [post["text"] for post in hook.posts]
+    assert len(texts) == 2 and "reached" in texts[1]
