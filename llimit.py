@@ -26,6 +26,7 @@ import hmac
 import io
 import json
 import logging
+import logging.handlers
 import os
 import queue
 import re
@@ -3295,7 +3296,12 @@ def _bottle_error(status):
 # =============================================================================
 
 def configure_logging(config):
-    """Logging for a process: one line per event, text or JSON lines."""
+    """Logging for a process: one line per event, text or JSON lines; returns its writer.
+
+    Records are written to stderr by one listener thread: with a lock around
+    the stream, 64 request threads would queue behind each other's writes.
+    Stop the returned listener to flush.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if config.log_format == "json":
         handler.setFormatter(_JsonLogFormatter())
@@ -3306,10 +3312,14 @@ def configure_logging(config):
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.logAsyncioTasks = False
+    records = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler)
+    listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [logging.handlers.QueueHandler(records)]
     root.setLevel(config.log_level.upper())
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    return listener
 
 
 class _JsonLogFormatter(logging.Formatter):
@@ -3329,11 +3339,12 @@ class _JsonLogFormatter(logging.Formatter):
 
 def serve(config):
     """Run the server until SIGTERM or Ctrl-C; open streams may finish first."""
-    configure_logging(config)
+    log_writer = configure_logging(config)
     try:
         app = make_app(config)
     except (sqlite3.Error, OSError, ValueError) as error:
         log.error("cannot start: %s", error)
+        log_writer.stop()
         return 1
     state = app.llimit
     if state.generated_admin_token:
@@ -3344,7 +3355,7 @@ def serve(config):
         app, host=config.host, port=config.port, threads=config.threads, ident="llimit",
         max_request_body_size=config.max_body_bytes * 2 + 65536,
         connection_limit=max(100, config.threads * 4), channel_timeout=300)
-    signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state))
+    signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state, log_writer))
     log.info("llimit %s serving on http://%s:%s (database %s)", __version__,
              config.host, server.effective_port, config.db_path)
     try:
@@ -3352,6 +3363,7 @@ def serve(config):
     except KeyboardInterrupt:
         pass
     state.close()
+    log_writer.stop()
     return 0
 
 
@@ -3363,7 +3375,7 @@ def _warn_missing_upstream_keys(state):
                     " go upstream without a key")
 
 
-def _graceful_stop(server, state):
+def _graceful_stop(server, state, log_writer):
     log.info("SIGTERM: no new connections; open calls have %ss to finish",
              state.config.grace_seconds)
     # Stop accepting now; close the listening socket from inside the event loop
@@ -3379,7 +3391,7 @@ def _graceful_stop(server, state):
             time.sleep(0.05)
         state.close()
         log.info("stopped; every finished call is metered")
-        logging.shutdown()
+        log_writer.stop()
         os._exit(0)
 
     threading.Thread(target=finish, name="llimit-shutdown", daemon=True).start()
