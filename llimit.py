@@ -2492,6 +2492,7 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
     held = []            # the final event, sent once usage is committed
     finished = False     # the upstream ended the stream itself
     broken = False
+    relay_ms = 0.0       # llimit's own work on the events
     state.metrics.open_streams(+1)
     stream_started = time.perf_counter()
     try:
@@ -2503,7 +2504,7 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
                 if data in FINAL_SSE_DATA or name in FINAL_SSE_EVENTS:
                     held.append(raw_event)
                     continue
-                overhead_ms += (time.perf_counter() - began) * 1000
+                relay_ms += (time.perf_counter() - began) * 1000
                 if not (usage_chunk and hide_usage_chunk):
                     yield raw_event
             finished = True
@@ -2513,17 +2514,16 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
                         type(error).__name__)
             yield sse_error_event(kind, "The upstream broke off the stream.")
     finally:
+        state.metrics.open_streams(-1)
         if not finished and not broken and state.config.drain_seconds > 0:
             finished = _drain(resp, meter, state.config.drain_seconds)
         resp.close()
-        call.upstream_ms = (time.perf_counter() - stream_started) * 1000 - overhead_ms \
-            + call.upstream_ms
+        call.upstream_ms += (time.perf_counter() - stream_started) * 1000 - relay_ms
         complete = finished and meter.usage is not None
         usage = meter.usage if complete else meter.estimate(call.prompt_estimate)
         _meter(state, call, resp.status, meter.model, usage,
                "priced" if complete else "estimated", stream=True,
-               wait=finished, overhead_ms=overhead_ms)
-        state.metrics.open_streams(-1)
+               wait=finished, overhead_ms=overhead_ms + relay_ms)
     yield from held
 
 
