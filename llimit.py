@@ -1411,7 +1411,7 @@ class Limits:
                 need = call.need[index]
                 strict = call.strict or limit["metric"] == "requests"
                 if (used + in_flight + need > amount) if strict else (used + in_flight >= amount):
-                    raise self._refusal(limit, used + in_flight, end, now, call.limit_message)
+                    raise self._refusal(limit, used, in_flight, end, now, call.limit_message)
                 block_keys[key] = call.need
             reservation = list(block_keys.items())
             for key, need in reservation:
@@ -1421,11 +1421,6 @@ class Limits:
         if warnings:
             headers["X-LLimit-Warning"] = "; ".join(warnings)
         return Admission(reservation, alert_checks, headers)
-
-    def release(self, reservation):
-        """Give back a reservation whose call will not be metered (it never went out)."""
-        with self.lock:
-            self._release(reservation)
 
     def apply(self, events):
         """Count committed events and release their reservations; returns alerts due.
@@ -1543,11 +1538,12 @@ class Limits:
                       if key[2] >= current[key[1]] - (60 if key[1] == "minute" else 0)}
         self._alerted = {marker for marker in self._alerted if marker[2] >= current["month"]}
 
-    def _refusal(self, limit, used, end, now, limit_message):
+    def _refusal(self, limit, used, in_flight, end, now, limit_message):
         metric = limit["metric"]
         resets = "never (a prepaid total)" if end is None else utc_iso(end)
+        pending = f" (+{format_amount(metric, in_flight)} in calls under way)" if in_flight else ""
         message = (f"{describe_limit(limit)} reached: used "
-                   f"{format_amount(metric, used)}; resets {resets}.")
+                   f"{format_amount(metric, used)}{pending}; resets {resets}.")
         if limit_message:
             message += " " + limit_message
         headers = {}
@@ -2335,15 +2331,17 @@ def _proxy(state, path, deployment=None):
     call.admission = state.limits.admit(
         db, call, limits_for_call(db, call.project_id, call.user_name, call.key_id),
         state.writer.healthy)
-    url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
-                       requested_model)
-    headers = upstream_headers(environ, upstream, state.user_header_names)
     sent = time.perf_counter()
     try:
+        url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
+                           requested_model)
+        headers = upstream_headers(environ, upstream, state.user_header_names)
         resp = send_upstream(state.pool, environ["REQUEST_METHOD"], url, headers, body)
-    except LlimitError as error:
+    except BaseException as error:
+        # Metered even so: one event per call, and it releases the reservation.
         call.upstream_ms = (time.perf_counter() - sent) * 1000
-        _meter(state, call, error.status, None, None, "unpriced", stream=False, wait=False)
+        status = error.status if isinstance(error, LlimitError) else 500
+        _meter(state, call, status, None, None, "unpriced", stream=False, wait=False)
         raise
     call.upstream_ms = (time.perf_counter() - sent) * 1000
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
