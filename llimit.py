@@ -28,6 +28,7 @@ import io
 import ipaddress
 import json
 import logging
+import logging.handlers
 import math
 import os
 import queue
@@ -1513,7 +1514,7 @@ class Limits:
                 need = call.need[index]
                 strict = call.strict or limit["metric"] == "requests"
                 if (used + in_flight + need > amount) if strict else (used + in_flight >= amount):
-                    raise self._refusal(limit, used + in_flight, end, now, call.limit_message)
+                    raise self._refusal(limit, used, in_flight, end, now, call.limit_message)
                 block_keys[key] = call.need
             reservation = list(block_keys.items())
             for key, need in reservation:
@@ -1523,11 +1524,6 @@ class Limits:
         if warnings:
             headers["X-LLimit-Warning"] = "; ".join(warnings)
         return Admission(reservation, alert_checks, headers)
-
-    def release(self, reservation):
-        """Give back a reservation whose call will not be metered (it never went out)."""
-        with self.lock:
-            self._release(reservation)
 
     def apply(self, events):
         """Count committed events and release their reservations; returns alerts due.
@@ -1665,11 +1661,12 @@ class Limits:
                       if key[2] >= current[key[1]] - (60 if key[1] == "minute" else 0)}
         self._alerted = {marker for marker in self._alerted if marker[2] >= current["month"]}
 
-    def _refusal(self, limit, used, end, now, limit_message):
+    def _refusal(self, limit, used, in_flight, end, now, limit_message):
         metric = limit["metric"]
         resets = "never (a prepaid total)" if end is None else utc_iso(end)
+        pending = f" (+{format_amount(metric, in_flight)} in calls under way)" if in_flight else ""
         message = (f"{describe_limit(limit)} reached: used "
-                   f"{format_amount(metric, used)}; resets {resets}.")
+                   f"{format_amount(metric, used)}{pending}; resets {resets}.")
         if limit_message:
             message += " " + limit_message
         headers = {}
@@ -2835,15 +2832,17 @@ def _proxy(state, path, deployment=None):
     call.admission = state.limits.admit(
         db, call, limits_for_call(db, call.project_id, call.user_name, call.key_id),
         state.writer.healthy)
-    url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
-                       requested_model)
-    headers = upstream_headers(environ, upstream, state.user_header_names)
     sent = time.perf_counter()
     try:
+        url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
+                           requested_model)
+        headers = upstream_headers(environ, upstream, state.user_header_names)
         resp = send_upstream(state.pool, environ["REQUEST_METHOD"], url, headers, body)
-    except LlimitError as error:
+    except BaseException as error:
+        # Metered even so: one event per call, and it releases the reservation.
         call.upstream_ms = (time.perf_counter() - sent) * 1000
-        _meter(state, call, error.status, None, None, "unpriced", stream=False, wait=False)
+        status = error.status if isinstance(error, LlimitError) else 500
+        _meter(state, call, status, None, None, "unpriced", stream=False, wait=False)
         raise
     call.upstream_ms = (time.perf_counter() - sent) * 1000
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
@@ -2992,6 +2991,7 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
     held = []            # the final event, sent once usage is committed
     finished = False     # the upstream ended the stream itself
     broken = False
+    relay_ms = 0.0       # llimit's own work on the events
     state.metrics.open_streams(+1)
     stream_started = time.perf_counter()
     try:
@@ -3003,7 +3003,7 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
                 if data in FINAL_SSE_DATA or name in FINAL_SSE_EVENTS:
                     held.append(raw_event)
                     continue
-                overhead_ms += (time.perf_counter() - began) * 1000
+                relay_ms += (time.perf_counter() - began) * 1000
                 if not (usage_chunk and hide_usage_chunk):
                     yield raw_event
             finished = True
@@ -3013,17 +3013,16 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
                         type(error).__name__)
             yield sse_error_event(kind, "The upstream broke off the stream.")
     finally:
+        state.metrics.open_streams(-1)
         if not finished and not broken and state.config.drain_seconds > 0:
             finished = _drain(resp, meter, state.config.drain_seconds)
         resp.close()
-        call.upstream_ms = (time.perf_counter() - stream_started) * 1000 - overhead_ms \
-            + call.upstream_ms
+        call.upstream_ms += (time.perf_counter() - stream_started) * 1000 - relay_ms
         complete = finished and meter.usage is not None
         usage = meter.usage if complete else meter.estimate(call.prompt_estimate)
         _meter(state, call, resp.status, meter.model, usage,
                "priced" if complete else "estimated", stream=True,
-               wait=finished, overhead_ms=overhead_ms)
-        state.metrics.open_streams(-1)
+               wait=finished, overhead_ms=overhead_ms + relay_ms)
     yield from held
 
 
@@ -5159,7 +5158,12 @@ def _bottle_error(status):
 # =============================================================================
 
 def configure_logging(config):
-    """Logging for a process: one line per event, text or JSON lines."""
+    """Logging for a process: one line per event, text or JSON lines; returns its writer.
+
+    Records are written to stderr by one listener thread: with a lock around
+    the stream, 64 request threads would queue behind each other's writes.
+    Stop the returned listener to flush.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if config.log_format == "json":
         handler.setFormatter(_JsonLogFormatter())
@@ -5170,10 +5174,14 @@ def configure_logging(config):
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.logAsyncioTasks = False
+    records = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler)
+    listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [logging.handlers.QueueHandler(records)]
     root.setLevel(config.log_level.upper())
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    return listener
 
 
 class _JsonLogFormatter(logging.Formatter):
@@ -5193,11 +5201,12 @@ class _JsonLogFormatter(logging.Formatter):
 
 def serve(config):
     """Run the server until SIGTERM or Ctrl-C; open streams may finish first."""
-    configure_logging(config)
+    log_writer = configure_logging(config)
     try:
         app = make_app(config)
     except (sqlite3.Error, OSError, ValueError) as error:
         log.error("cannot start: %s", error)
+        log_writer.stop()
         return 1
     state = app.llimit
     if state.generated_admin_token:
@@ -5210,7 +5219,7 @@ def serve(config):
         app, host=config.host, port=config.port, threads=config.threads, ident="llimit",
         max_request_body_size=config.max_body_bytes * 2 + 65536,
         connection_limit=max(100, config.threads * 4), channel_timeout=300)
-    signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state))
+    signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state, log_writer))
     log.info("llimit %s serving on http://%s:%s (database %s)", __version__,
              config.host, server.effective_port, config.db_path)
     try:
@@ -5218,6 +5227,7 @@ def serve(config):
     except KeyboardInterrupt:
         pass
     state.close()
+    log_writer.stop()
     return 0
 
 
@@ -5229,7 +5239,7 @@ def _warn_missing_upstream_keys(state):
                     " go upstream without a key")
 
 
-def _graceful_stop(server, state):
+def _graceful_stop(server, state, log_writer):
     log.info("SIGTERM: no new connections; open calls have %ss to finish",
              state.config.grace_seconds)
     # Stop accepting now; close the listening socket from inside the event loop
@@ -5245,7 +5255,7 @@ def _graceful_stop(server, state):
             time.sleep(0.05)
         state.close()
         log.info("stopped; every finished call is metered")
-        logging.shutdown()
+        log_writer.stop()
         os._exit(0)
 
     threading.Thread(target=finish, name="llimit-shutdown", daemon=True).start()
