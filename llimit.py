@@ -3665,6 +3665,13 @@ value="{{missing[0] if missing else ''}}">
 </section>
 """
 
+LOGOUT_PAGE = """<h1>Sign out</h1>
+<section><p>Signed in as <b>{{session.user_name or "admin"}}</b>.</p>
+<form method="post" action="/logout">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<button type="submit">Sign out</button></form></section>
+"""
+
 ERROR_PAGE = """<h1>{{status}}: {{reason}}</h1>
 <section class="alert"><p>{{message}}</p>
 <p><a href="/">llimit home</a>
@@ -3957,6 +3964,17 @@ def page_login_callback(state, session):
     sign_in(state, session, user_name)
     log.info("page sign-in: %s by OpenID Connect", user_name)
     bottle.redirect(safe_next(pending.get("next")), 303)
+
+
+def page_logout_confirm(state, session):
+    """GET /logout (typed or linked): a button that signs out.
+
+    Signing out changes state, so it takes a POST with the CSRF token like
+    every other form; a GET alone signs no one out.
+    """
+    if not session.signed_in:
+        bottle.redirect("/login", 303)
+    return render_page(LOGOUT_PAGE, title="Sign out", session=session)
 
 
 def page_logout(state, session, form):
@@ -5094,6 +5112,7 @@ def routes():
         ("GET", "/login", page(page_login)),
         ("POST", "/login", page(page_login_post)),
         ("GET", "/login/callback", page(page_login_callback)),
+        ("GET", "/logout", page(page_logout_confirm)),
         ("POST", "/logout", page(page_logout)),
         ("GET", "/keys", page(page_keys)),
         ("POST", "/keys", page(page_keys_create)),

@@ -170,7 +170,13 @@ def test_state_changing_posts_need_the_csrf_token_and_our_origin(gateway):
     assert ok.status_code == 200
     logout = alice.post(gateway.url + "/logout", data={})
     assert logout.status_code == 403  # even signing out takes the token
-    assert alice.get(gateway.url + "/logout").status_code == 405
+    confirm = alice.get(gateway.url + "/logout")  # typed or linked: a button, no sign-out
+    assert confirm.status_code == 200 and csrf_token(confirm.text) == token
+    assert alice.get(gateway.url + "/keys", allow_redirects=False).status_code == 200
+    out = alice.post(gateway.url + "/logout", data={"csrf_token": token}, allow_redirects=False)
+    assert out.status_code == 303
+    assert alice.get(gateway.url + "/logout", allow_redirects=False).headers["Location"] \
+        .endswith("/login")
 
 
 def test_sessions_are_server_side_with_safe_cookies(make_llimit):
