@@ -22,11 +22,15 @@ import collections
 import csv
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import logging
+import logging.handlers
+import math
 import os
 import queue
 import re
@@ -215,6 +219,8 @@ def load_config(argv=(), environ=None):
     _apply_entra_shortcut(values, environ)
     if values["auth"] not in ("open", "header", "oidc"):
         raise SystemExit("llimit: LLIMIT_AUTH must be open, header or oidc")
+    if values["auth"] == "oidc":
+        _check_oidc_settings(values)
     if values["log_format"] not in ("text", "json"):
         raise SystemExit("llimit: LLIMIT_LOG_FORMAT must be text or json")
     return Config(**values)
@@ -234,6 +240,23 @@ def _apply_entra_shortcut(values, environ):
         values["oidc_allowed_domains"] = (domain,)
     if values["auth"] == "open" and not environ.get("LLIMIT_AUTH"):
         values["auth"] = "oidc"
+
+
+def _check_oidc_settings(values):
+    if not values["oidc_issuer"] or not values["oidc_client_id"]:
+        raise SystemExit("llimit: LLIMIT_AUTH=oidc needs LLIMIT_OIDC_ISSUER and"
+                         " LLIMIT_OIDC_CLIENT_ID")
+    # The ID token is trusted because it comes straight from the issuer's token
+    # endpoint over TLS (see OidcClient), so plain http is only for this machine.
+    if not is_https_or_loopback(values["oidc_issuer"]):
+        raise SystemExit("llimit: LLIMIT_OIDC_ISSUER must be an https URL")
+
+
+def is_https_or_loopback(url):
+    """Whether a URL is https, or http to this machine (for tests and local providers)."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme == "https" or (
+        parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1"))
 
 
 # =============================================================================
@@ -371,6 +394,24 @@ create table alerts_sent (
     delivered_at text,
     primary key (limit_id, subject, window_start, threshold)
 ) without rowid;
+commit;
+"""),
+    ("0003 sessions", """
+begin;
+-- Page sign-in. The cookie holds a random session id; only its SHA-256 is
+-- kept, so a copy of the database signs no one in. A row with no user is a
+-- browser on its way to signing in (it carries the login form's CSRF token
+-- and, for OIDC, the pending state, nonce and PKCE verifier).
+create table sessions (
+    id_hash text primary key,       -- SHA-256 hex of the session id
+    user_name text,                 -- null: not signed in as a user
+    is_admin integer not null default 0,  -- 1: signed in with the admin token
+    csrf_token text not null,
+    pending text,                   -- JSON of an OIDC sign-in under way, or null
+    created_at text not null,
+    expires_at text not null
+) without rowid;
+create index sessions_expires on sessions (expires_at);
 commit;
 """),
 ]
@@ -705,6 +746,23 @@ def usage_by_day_and_group(db, group_by, start_day, end_day):
     return db.execute(USAGE_BY_DAY_AND_GROUP_SQL[group_by], (start_day, end_day)).fetchall()
 
 
+def list_user_totals(db):
+    """(user_name, requests, tokens, cost_nusd) of every user ever metered, by lifetime cost."""
+    return [(row[0][2:], row[1], row[2], row[3]) for row in db.execute(
+        "select subject, requests, tokens, cost_nusd from usage_counters"
+        " where day = 'total' and subject >= 'u:' and subject < 'u;'"
+        " order by cost_nusd desc, subject")]
+
+
+def iter_usage_daily(db, start_day, end_day):
+    """Rollup rows over inclusive UTC days, by day, user, project and model."""
+    return db.execute(
+        "select day, user_name, project_id, model, sum(requests), sum(prompt_tokens),"
+        " sum(cached_tokens), sum(completion_tokens), sum(cost_nusd), sum(unpriced)"
+        " from usage_daily where day >= ? and day <= ? group by day, user_name, project_id,"
+        " model order by day, user_name, project_id, model", (start_day, end_day))
+
+
 def iter_usage_events(db, start_ms, end_ms, batch=2000):
     """Yield raw usage events created in [start_ms, end_ms), oldest first."""
     cursor = db.execute(
@@ -811,6 +869,36 @@ def mark_alert_delivered(db, alert, delivered_at):
                 alert["threshold"]))
 
 
+# --- sessions -------------------------------------------------------------------
+
+def insert_session(db, session):
+    """Store a new session from a dict."""
+    db.execute("insert into sessions (id_hash, user_name, is_admin, csrf_token, pending,"
+               " created_at, expires_at) values (:id_hash, :user_name, :is_admin,"
+               " :csrf_token, :pending, :created_at, :expires_at)", session)
+
+
+def get_session(db, id_hash, now_iso):
+    """The unexpired session with this id hash, or None."""
+    return db.execute("select * from sessions where id_hash = ? and expires_at > ?",
+                      (id_hash, now_iso)).fetchone()
+
+
+def set_session_pending(db, id_hash, pending):
+    """Keep (or clear, with None) the OIDC sign-in a session has under way."""
+    db.execute("update sessions set pending = ? where id_hash = ?", (pending, id_hash))
+
+
+def delete_session(db, id_hash):
+    """End a session."""
+    db.execute("delete from sessions where id_hash = ?", (id_hash,))
+
+
+def delete_expired_sessions(db, now_iso):
+    """Forget sessions that have expired."""
+    db.execute("delete from sessions where expires_at <= ?", (now_iso,))
+
+
 def _iso_from_ms(ms):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
 
@@ -898,6 +986,22 @@ class Pricebook:
                 return name, (float(base), float(price.get("cached_input", base)),
                               float(price["output"]), float(price.get("cache_write", base)))
         return None
+
+
+def save_price(db, model, price, now_iso):
+    """Store an admin's price for a model (USD per 1M tokens); 400 when it is malformed."""
+    error = validate_price(price)
+    if error:
+        raise LlimitError(400, "invalid_request_error", error, code="invalid_price")
+    if not model or len(model) > 200:
+        raise LlimitError(400, "invalid_request_error", "Bad model name.")
+    with transaction(db):
+        upsert_price_override(db, model, price, now_iso)
+
+
+def missing_prices(db, pricebook):
+    """Models that usage was recorded for but that have no price now."""
+    return [model for model in list_seen_models(db) if pricebook.resolve(model) is None]
 
 
 @dataclasses.dataclass
@@ -1411,7 +1515,7 @@ class Limits:
                 need = call.need[index]
                 strict = call.strict or limit["metric"] == "requests"
                 if (used + in_flight + need > amount) if strict else (used + in_flight >= amount):
-                    raise self._refusal(limit, used + in_flight, end, now, call.limit_message)
+                    raise self._refusal(limit, used, in_flight, end, now, call.limit_message)
                 block_keys[key] = call.need
             reservation = list(block_keys.items())
             for key, need in reservation:
@@ -1421,11 +1525,6 @@ class Limits:
         if warnings:
             headers["X-LLimit-Warning"] = "; ".join(warnings)
         return Admission(reservation, alert_checks, headers)
-
-    def release(self, reservation):
-        """Give back a reservation whose call will not be metered (it never went out)."""
-        with self.lock:
-            self._release(reservation)
 
     def apply(self, events):
         """Count committed events and release their reservations; returns alerts due.
@@ -1477,6 +1576,26 @@ class Limits:
         first, last = ("total", "total") if end is None else (_day(start), _day(end - 1))
         column = ("requests", "tokens", "cost_nusd")[index]
         return get_counter_max_member(db, prefix, first, last, column), end
+
+    def status(self, db, limit):
+        """A limit with `used` and `resets_at` for its current window (largest member for `each`)."""
+        if limit["each"]:
+            used, end = self.used_by_top_member(db, limit)
+        else:
+            subject = {"global": "*", "project": f"p:{limit['target']}",
+                       "user": f"u:{limit['target']}", "key": f"k:{limit['target']}"}
+            used, end = self.used(db, limit, subject[limit["scope"]])
+        return limit_to_json(limit, used, end)
+
+    def applying(self, db, project_id, user_name, key_id):
+        """(subject, limit_to_json) of every limit a call of this project, user and key is under."""
+        applying = []
+        for limit in limits_for_call(db, project_id, user_name, key_id):
+            subject = limit_subject(limit, project_id, user_name, key_id)
+            if subject is not None:
+                used, end = self.used(db, limit, subject)
+                applying.append((subject, limit_to_json(limit, used, end)))
+        return applying
 
     def forget_locked(self):
         """Drop cached totals after a reprice rewrote them (minute ones stay); hold `lock`."""
@@ -1543,11 +1662,12 @@ class Limits:
                       if key[2] >= current[key[1]] - (60 if key[1] == "minute" else 0)}
         self._alerted = {marker for marker in self._alerted if marker[2] >= current["month"]}
 
-    def _refusal(self, limit, used, end, now, limit_message):
+    def _refusal(self, limit, used, in_flight, end, now, limit_message):
         metric = limit["metric"]
         resets = "never (a prepaid total)" if end is None else utc_iso(end)
+        pending = f" (+{format_amount(metric, in_flight)} in calls under way)" if in_flight else ""
         message = (f"{describe_limit(limit)} reached: used "
-                   f"{format_amount(metric, used)}; resets {resets}.")
+                   f"{format_amount(metric, used)}{pending}; resets {resets}.")
         if limit_message:
             message += " " + limit_message
         headers = {}
@@ -1634,6 +1754,14 @@ def _field_error(field, problem):
                        code="invalid_" + field if field.isidentifier() else "invalid_field")
 
 
+def _must_exist(row, what, ident):
+    """The row, or a 404 naming what was looked for."""
+    if row is None:
+        raise LlimitError(404, "invalid_request_error", f"No {what} {ident!r}.",
+                          code=f"{what}_not_found")
+    return row
+
+
 def limit_to_json(limit, used, end):
     """A limit as the admin API and /llimit/me show it."""
     amount = limit_amount_units(limit)
@@ -1648,6 +1776,13 @@ def limit_to_json(limit, used, end):
         "remaining": max(amount - used, 0) / scale if scale != 1 else max(amount - used, 0),
         "resets_at": None if end is None else utc_iso(end),
     }
+
+
+def add_limit(db, limit, now_iso):
+    """Store a validated limit under a fresh id; returns the id."""
+    limit = {**limit, "id": "lim_" + secrets.token_hex(6), "created_at": now_iso}
+    insert_limit(db, limit)
+    return limit["id"]
 
 
 class AlertSender:
@@ -2107,6 +2242,42 @@ def budget_limits(project_id, budget):
     return limits
 
 
+def create_project(db, data, now_iso):
+    """Add a project from input, its `budget` shorthand as limits; 409 if the id is taken."""
+    project = validate_project(data)
+    limits = budget_limits(project["id"], data["budget"]) if data.get("budget") else []
+    project["created_at"] = now_iso
+    with transaction(db):
+        if get_project(db, project["id"]) is not None:
+            raise LlimitError(409, "invalid_request_error",
+                              f"A project {project['id']!r} exists already.",
+                              code="project_exists")
+        insert_project(db, project)
+        for limit in limits:
+            add_limit(db, limit, now_iso)
+    _warn_missing_upstream_key(project)
+    return project
+
+
+def change_project(db, project_id, data, now_iso):
+    """Change a project from input (a `budget` adds limits); 404 if there is none."""
+    with transaction(db):
+        project = validate_project(
+            data, dict(_must_exist(get_project(db, project_id), "project", project_id)))
+        update_project(db, project)
+        for limit in budget_limits(project_id, data["budget"]) if data.get("budget") else []:
+            add_limit(db, limit, now_iso)
+    _warn_missing_upstream_key(project)
+    return project
+
+
+def _warn_missing_upstream_key(project):
+    key = project["upstream_key"]
+    if key and key.startswith("env:") and not os.environ.get(key[4:]):
+        log.warning("project %s: upstream key variable %s is not set; its calls will get 502",
+                    project["id"], key[4:])
+
+
 def project_to_json(project):
     """A project as the admin API shows it: the upstream key only as where it comes from."""
     key = project["upstream_key"]
@@ -2127,7 +2298,9 @@ def project_to_json(project):
 # =============================================================================
 # 6. Auth and the proxy handlers
 #    Who is calling: llimit keys (only their SHA-256 is stored), the admin
-#    token, and the end user a project key speaks for. Then the proxy
+#    token, the end user a project key speaks for, and who is looking at a
+#    page (server-side sessions, the CSRF check, open / header / OIDC
+#    sign-in). Then the proxy
 #    handlers, which sit here because the first thing they do is call auth:
 #    auth -> limits (4) -> upstream (5) -> metering (3).
 # =============================================================================
@@ -2282,6 +2455,11 @@ def clean_user_name(value):
     return USER_NAME_JUNK.sub("", value).strip()[:MAX_USER_NAME] or None
 
 
+def secrets_match(presented, expected):
+    """Whether a presented secret equals the expected one, in constant time."""
+    return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))
+
+
 def admin_token_matches(db, presented):
     """Whether a presented admin token is the current one (constant-time)."""
     stored = get_setting(db, "admin_token_sha256")
@@ -2301,7 +2479,7 @@ def ensure_admin_token(db, admin_token):
 
 
 def require_admin(state):
-    """Raise 401 unless the request carries the admin token (or an admin session)."""
+    """Raise 401 unless the request carries the admin token (pages use sessions)."""
     environ = bottle.request.environ
     authorization = environ.get("HTTP_AUTHORIZATION", "")
     token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
@@ -2388,14 +2566,6 @@ def validate_key_fields(data, allowed):
     return fields
 
 
-def _must_exist(row, what, ident):
-    """The row, or a 404 naming what was looked for."""
-    if row is None:
-        raise LlimitError(404, "invalid_request_error", f"No {what} {ident!r}.",
-                          code=f"{what}_not_found")
-    return row
-
-
 def create_key(db, now, user=None, project="default", note=None, expires_at=None, models=None):
     """Issue a key; returns (row dict, raw key). The raw key exists only in this return."""
     _must_exist(get_project(db, project), "project", project)
@@ -2421,6 +2591,334 @@ def key_to_json(row, spend=None):
             row["expires_at"] is None or row["expires_at"] > utc_iso(time.time())),
         "requests": requests_made, "cost_usd": nusd_to_usd(cost),
     }
+
+
+# --- page sign-in: sessions, CSRF, and the three ways in --------------------------
+
+SESSION_COOKIE = "llimit_session"
+SESSION_SECONDS = 7 * 86400
+PENDING_SESSION_SECONDS = 3600     # a browser on its way to signing in
+FORM_MAX_BYTES = 64 * 1024
+OIDC_SCOPES = "openid email profile"
+OIDC_CLOCK_SKEW_SECONDS = 120
+
+
+@dataclasses.dataclass(frozen=True)
+class PageSession:
+    """Who is looking at a page, from their session row; the empty one is nobody."""
+    id_hash: str | None = None        # None: this browser has no session
+    user_name: str | None = None
+    token_admin: bool = False         # signed in with the admin token
+    is_admin: bool = False            # the admin token, or a user in LLIMIT_ADMIN_USERS
+    csrf_token: str | None = None
+    pending: dict | None = None       # an OIDC sign-in under way
+    sees_reports: bool = False
+
+    @property
+    def signed_in(self):
+        return bool(self.user_name or self.is_admin)
+
+
+def sign_in_warnings(config):
+    """What `serve` warns about the page sign-in configured, one line each."""
+    warnings = []
+    if config.auth == "open":
+        warnings.append("LLIMIT_AUTH=open: pages sign in whoever types a user name, so anyone"
+                        " who can reach llimit can act as anyone (get keys, see usage);"
+                        " use header or oidc beyond a trusted intranet")
+        if config.admin_users:
+            warnings.append("LLIMIT_AUTH=open: LLIMIT_ADMIN_USERS is ignored, as anyone could"
+                            " type those names; admins sign in with the admin token")
+    if config.auth == "oidc" and not config.oidc_allowed_domains:
+        warnings.append("LLIMIT_AUTH=oidc without LLIMIT_OIDC_ALLOWED_DOMAINS: every account"
+                        " the provider signs in may use llimit")
+    return warnings
+
+
+def page_session(state):
+    """The PageSession of this request: its cookie, or with --auth header the proxy's user."""
+    config = state.config
+    raw_id = bottle.request.get_cookie(SESSION_COOKIE)
+    row = (get_session(state.database(), hash_secret(raw_id), utc_iso(config.clock()))
+           if raw_id else None)
+    session = _session_view(config, row, row["user_name"] if row else None)
+    if config.auth == "header":
+        user_name = header_user(config, bottle.request.environ)
+        if user_name and user_name != session.user_name:
+            session = sign_in(state, session, user_name)
+        elif user_name is None and session.user_name:
+            session = _session_view(config, row, None)  # the proxy vouches for no one now
+    return session
+
+
+def _session_view(config, row, user_name):
+    if row is None:
+        return PageSession()
+    token_admin = bool(row["is_admin"])
+    is_admin = token_admin or bool(
+        user_name and config.auth != "open" and user_name in config.admin_users)
+    return PageSession(
+        id_hash=row["id_hash"], user_name=user_name, token_admin=token_admin,
+        is_admin=is_admin, csrf_token=row["csrf_token"],
+        pending=json.loads(row["pending"]) if row["pending"] else None,
+        sees_reports=is_admin or bool(config.reports_public and user_name))
+
+
+def sign_in(state, session, user_name, token_admin=False):
+    """Replace the browser's session (if any) with a new one for a user; sets the cookie."""
+    return _new_session(state, session, user_name, token_admin, SESSION_SECONDS)
+
+
+def ensure_session(state, session):
+    """A session for a browser that has none yet, so its sign-in form can carry a CSRF token."""
+    if session.id_hash:
+        return session
+    return _new_session(state, session, None, False, PENDING_SESSION_SECONDS)
+
+
+def _new_session(state, old, user_name, token_admin, seconds):
+    now = state.config.clock()
+    raw_id = secrets.token_urlsafe(32)
+    row = {"id_hash": hash_secret(raw_id), "user_name": user_name,
+           "is_admin": int(token_admin), "csrf_token": secrets.token_urlsafe(32),
+           "pending": None, "created_at": utc_iso(now), "expires_at": utc_iso(now + seconds)}
+    db = state.database()
+    with transaction(db):
+        if old.id_hash:  # a new id at every sign-in: a planted cookie signs no one in
+            delete_session(db, old.id_hash)
+        delete_expired_sessions(db, row["created_at"])
+        insert_session(db, row)
+    bottle.response.set_cookie(SESSION_COOKIE, raw_id, max_age=seconds, path="/",
+                               httponly=True, samesite="lax",
+                               secure=state.config.base_url.startswith("https:"))
+    return _session_view(state.config, row, user_name)
+
+
+def sign_out(state, session):
+    """End the browser's session and drop its cookie."""
+    if session.id_hash:
+        db = state.database()
+        with transaction(db):
+            delete_session(db, session.id_hash)
+    bottle.response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="lax",
+                                  secure=state.config.base_url.startswith("https:"))
+
+
+def checked_form(state, session):
+    """The form of a state-changing POST, once it is known to come from llimit's own page.
+
+    The one place cross-site posts are refused (Sec-Fetch-Site, Origin) and the
+    session's CSRF token is checked; every page POST goes through it.
+    """
+    environ = bottle.request.environ
+    fetch_site = environ.get("HTTP_SEC_FETCH_SITE")
+    origin = environ.get("HTTP_ORIGIN")
+    if fetch_site not in (None, "same-origin") or (
+            origin is not None and origin not in _own_origins(state.config)):
+        raise LlimitError(403, "permission_denied",
+                          "This form was sent from another site, so llimit refused it.",
+                          code="cross_site_post")
+    if int(environ.get("CONTENT_LENGTH") or 0) > FORM_MAX_BYTES:
+        raise LlimitError(413, "invalid_request_error", "This form is too large.",
+                          code="request_too_large")
+    form = bottle.request.forms.decode()
+    token = form.get("csrf_token", "")
+    if not (session.csrf_token and token and secrets_match(token, session.csrf_token)):
+        raise LlimitError(403, "permission_denied",
+                          "This form has expired or was not sent from llimit's page;"
+                          " reload the page and try again.", code="csrf_token_invalid")
+    return form
+
+
+def _own_origins(config):
+    parts = bottle.request.urlparts
+    return {f"{parts.scheme}://{parts.netloc}", _origin(config.base_url)}
+
+
+def header_user(config, environ):
+    """The user an SSO proxy names in LLIMIT_AUTH_HEADER, only from LLIMIT_TRUSTED_PROXIES."""
+    value = environ.get("HTTP_" + config.auth_header.upper().replace("-", "_"))
+    if not value or not _address_trusted(environ.get("REMOTE_ADDR"), config.trusted_proxies):
+        return None
+    return user_from_email(value)
+
+
+def _address_trusted(address, trusted):
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    for entry in trusted:
+        try:
+            if ip in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def user_from_email(value):
+    """A user name from an e-mail address (its local part, lower case) or a plain name."""
+    return clean_user_name(value.strip().rsplit("@", 1)[0].lower() if "@" in value
+                           else value.lower())
+
+
+def safe_next(path):
+    """A path on this server to go to after sign-in; anything else becomes '/'."""
+    if isinstance(path, str) and path.startswith("/") and not path.startswith(("//", "/\\")):
+        return path
+    return "/"
+
+
+class OidcClient:
+    """Sign-in with an OpenID Connect provider: discovery, the authorization code
+    flow with PKCE, state and nonce, and the ID token's claims.
+
+    The ID token comes straight from the provider's token endpoint over TLS (https
+    is required, except on this machine), in exchange for the code, the PKCE
+    verifier and the client secret. OpenID Connect Core 3.1.3.7 (6) lets TLS
+    server validation stand in for checking the token's signature in exactly
+    this case, so llimit needs no JOSE library; it checks iss, aud, azp, nonce,
+    exp and iat itself.
+    """
+
+    METADATA_SECONDS = 3600
+
+    def __init__(self, config):
+        self.config = config
+        self.issuer = (config.oidc_issuer or "").rstrip("/")
+        self._http = requests.Session()
+        self._metadata = None
+        self._fetched_at = 0.0
+
+    def metadata(self):
+        """The provider's discovery document, fetched at most hourly."""
+        if self._metadata is None or time.monotonic() - self._fetched_at > self.METADATA_SECONDS:
+            document = self._get_json(self.issuer + "/.well-known/openid-configuration")
+            issuer = document.get("issuer")
+            # compat: Entra ID names its tenant by id in `issuer` when it was configured
+            # by domain; the same origin served the document over TLS.
+            if not isinstance(issuer, str) or (
+                    issuer.rstrip("/") != self.issuer and _origin(issuer) != _origin(self.issuer)):
+                raise self._failure(502, f"the provider's discovery names issuer {issuer!r}")
+            for endpoint in ("authorization_endpoint", "token_endpoint"):
+                if not is_https_or_loopback(str(document.get(endpoint, ""))):
+                    raise self._failure(502, f"the provider's {endpoint} is not https")
+            self._metadata, self._fetched_at = document, time.monotonic()
+        return self._metadata
+
+    def authorization_url(self, redirect_uri, pending):
+        """Where to send the browser to sign in; `pending` holds state, nonce and verifier."""
+        challenge = base64.urlsafe_b64encode(
+            hashlib.sha256(pending["verifier"].encode()).digest()).rstrip(b"=").decode()
+        query = urllib.parse.urlencode({
+            "response_type": "code", "client_id": self.config.oidc_client_id,
+            "redirect_uri": redirect_uri, "scope": OIDC_SCOPES, "state": pending["state"],
+            "nonce": pending["nonce"], "code_challenge": challenge,
+            "code_challenge_method": "S256"})
+        endpoint = self.metadata()["authorization_endpoint"]
+        return endpoint + ("&" if "?" in endpoint else "?") + query
+
+    def claims(self, code, redirect_uri, pending, now):
+        """The checked claims of the ID token the code is exchanged for."""
+        metadata = self.metadata()
+        data = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+                "code_verifier": pending["verifier"], "client_id": self.config.oidc_client_id}
+        auth = None
+        secret = self.config.oidc_client_secret
+        methods = metadata.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+        if secret and "client_secret_basic" not in methods:
+            data["client_secret"] = secret
+        elif secret:  # RFC 6749 2.3.1: both parts form-encoded before Basic
+            auth = (urllib.parse.quote(self.config.oidc_client_id, safe=""),
+                    urllib.parse.quote(secret, safe=""))
+        try:
+            resp = self._http.post(metadata["token_endpoint"], data=data, auth=auth, timeout=15,
+                                   headers={"Accept": "application/json"})
+        except requests.RequestException as error:
+            log.warning("OIDC token endpoint unreachable: %s", type(error).__name__)
+            raise self._failure(502, "the provider could not be reached") from None
+        if resp.status_code != 200:
+            log.warning("OIDC token endpoint answered %s", resp.status_code)
+            raise self._failure(401, "the provider did not accept the sign-in")
+        try:
+            id_token = resp.json()["id_token"]
+        except (ValueError, KeyError, TypeError):
+            raise self._failure(502, "the provider sent no ID token") from None
+        return self._checked_claims(id_token, metadata["issuer"], pending["nonce"], now)
+
+    def _checked_claims(self, id_token, issuer, nonce, now):
+        try:
+            header_b64, payload_b64, _signature = id_token.split(".")
+            header = json.loads(_b64url_decode(header_b64))
+            claims = json.loads(_b64url_decode(payload_b64))
+        except (ValueError, AttributeError):
+            raise self._failure(401, "the ID token is malformed") from None
+        audience = claims.get("aud")
+        audiences = audience if isinstance(audience, list) else [audience]
+        client_id = self.config.oidc_client_id
+        problems = [
+            (header.get("alg") in (None, "none"), "the ID token is unsigned"),
+            (claims.get("iss") != issuer, "the ID token is from another issuer"),
+            (client_id not in audiences, "the ID token is for another client"),
+            (len(audiences) > 1 and claims.get("azp") != client_id,
+             "the ID token was issued to another party"),
+            (not secrets_match(str(claims.get("nonce", "")), nonce),
+             "the ID token's nonce does not match"),
+            (not isinstance(claims.get("exp"), (int, float))
+             or claims["exp"] + OIDC_CLOCK_SKEW_SECONDS < now, "the ID token has expired"),
+            (isinstance(claims.get("iat"), (int, float))
+             and claims["iat"] - OIDC_CLOCK_SKEW_SECONDS > now, "the ID token is from the future"),
+        ]
+        for failed, problem in problems:
+            if failed:
+                raise self._failure(401, problem)
+        return claims
+
+    def _get_json(self, url):
+        try:
+            resp = self._http.get(url, timeout=15)
+            resp.raise_for_status()
+            document = resp.json()
+        except (requests.RequestException, ValueError) as error:
+            log.warning("OIDC discovery at %s failed: %s", url, type(error).__name__)
+            raise self._failure(502, "the provider's discovery document could not be read") \
+                from None
+        if not isinstance(document, dict):
+            raise self._failure(502, "the provider's discovery document is not an object")
+        return document
+
+    @staticmethod
+    def _failure(status, problem):
+        return LlimitError(status, "sign_in_failed", f"Sign-in failed: {problem}.")
+
+
+def _b64url_decode(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _origin(url):
+    return "/".join(url.split("/", 3)[:3])
+
+
+def user_from_claims(claims, allowed_domains):
+    """The user name of verified ID token claims; 403 outside the allowed e-mail domains."""
+    email = claims.get("email")
+    if not isinstance(email, str) or "@" not in email:
+        # compat: Entra ID often sends the e-mail only as preferred_username (or upn).
+        email = next((claims[name] for name in ("preferred_username", "upn")
+                      if isinstance(claims.get(name), str) and "@" in claims[name]), None)
+    if email is None or claims.get("email_verified") is False:
+        raise LlimitError(403, "sign_in_failed",
+                          "Sign-in failed: the provider sent no verified e-mail address.")
+    domain = email.rsplit("@", 1)[1].lower()
+    if allowed_domains and domain not in {d.lower().lstrip("@") for d in allowed_domains}:
+        raise LlimitError(403, "sign_in_failed",
+                          f"Accounts of {domain} may not sign in to this llimit.")
+    user_name = user_from_email(email)
+    if not user_name:
+        raise LlimitError(403, "sign_in_failed", "Sign-in failed: the e-mail has no user part.")
+    return user_name
 
 
 # --- proxy handlers --------------------------------------------------------------
@@ -2475,13 +2973,15 @@ def _proxy(state, path, deployment=None):
     call.admission = state.limits.admit(
         db, call, limits_for_call(db, call.project_id, call.user_name, call.key_id),
         state.writer.healthy)
-    headers = upstream_headers(environ, upstream, state.user_header_names)
     sent = time.perf_counter()
     try:
+        headers = upstream_headers(environ, upstream, state.user_header_names)
         resp = send_upstream(state.pool, environ["REQUEST_METHOD"], url, headers, body)
-    except LlimitError as error:
+    except BaseException as error:
+        # Metered even so: one event per call, and it releases the reservation.
         call.upstream_ms = (time.perf_counter() - sent) * 1000
-        _meter(state, call, error.status, None, None, "unpriced", stream=False, wait=False)
+        status = error.status if isinstance(error, LlimitError) else 500
+        _meter(state, call, status, None, None, "unpriced", stream=False, wait=False)
         raise
     call.upstream_ms = (time.perf_counter() - sent) * 1000
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
@@ -2649,6 +3149,7 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
     held = []            # the final event, sent once usage is committed
     finished = False     # the upstream ended the stream itself
     broken = False
+    relay_ms = 0.0       # llimit's own work on the events
     state.metrics.open_streams(+1)
     state.streams.add(resp)
     stream_started = time.perf_counter()
@@ -2661,7 +3162,7 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
                 if data in FINAL_SSE_DATA or name in FINAL_SSE_EVENTS:
                     held.append(raw_event)
                     continue
-                overhead_ms += (time.perf_counter() - began) * 1000
+                relay_ms += (time.perf_counter() - began) * 1000
                 if not (usage_chunk and hide_usage_chunk):
                     yield raw_event
             finished = True
@@ -2671,18 +3172,17 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
                         type(error).__name__)
             yield sse_error_event(kind, "The upstream broke off the stream.")
     finally:
+        state.metrics.open_streams(-1)
         if not finished and not broken and state.config.drain_seconds > 0:
             finished = _drain(resp, meter, state.config.drain_seconds)
         state.streams.discard(resp)
         resp.close()
-        call.upstream_ms = (time.perf_counter() - stream_started) * 1000 - overhead_ms \
-            + call.upstream_ms
+        call.upstream_ms += (time.perf_counter() - stream_started) * 1000 - relay_ms
         complete = finished and meter.usage is not None
         usage = meter.usage if complete else meter.estimate(call.prompt_estimate)
         _meter(state, call, resp.status, meter.model, usage,
                "priced" if complete else "estimated", stream=True,
-               wait=finished, overhead_ms=overhead_ms)
-        state.metrics.open_streams(-1)
+               wait=finished, overhead_ms=overhead_ms + relay_ms)
     yield from held
 
 
@@ -2701,6 +3201,1448 @@ def _drain(resp, meter, seconds):
 
 
 # =============================================================================
+# 7. Templates
+#    The HTML of every page as bottle SimpleTemplate strings: LAYOUT around one
+#    *_PAGE per page, and the one small script the pages share (the copy
+#    button and the charts). `{{value}}` escapes; `{{!value}}` only for HTML
+#    built here. No SQL, no state: section 8 hands each page its data.
+# =============================================================================
+
+# Pinned, with Subresource Integrity: the file of the chart.js npm package.
+CHARTJS_CDN_URL = "https://cdn.jsdelivr.net/npm/chart.js@4.6.1/dist/chart.umd.min.js"
+CHARTJS_CDN_INTEGRITY = "sha384-Emf5ZVIUiarAdhkgtqK+5/Z5qIvM6QoVrS+qAVtfyZVuD5lIHrac0me485+Antp0"
+PAGES_SCRIPT_PATH = "/static/llimit.js"
+CHARTJS_PATH = "/static/chart.umd.js"
+
+LAYOUT = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{title}} · llimit</title>
+<style>
+:root{--fg:#1d2330;--muted:#5d6678;--line:#dfe3ea;--bg:#f5f6f8;--card:#fff;--accent:#2a5bd7;
+--warn:#c27c0e;--bad:#c53030;--ok:#2f855a}
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);
+background:var(--bg)}
+header{background:#1d2330}
+header nav{max-width:1120px;margin:0 auto;padding:.55rem 1rem;display:flex;flex-wrap:wrap;
+gap:.3rem 1.1rem;align-items:center}
+header a{color:#e8ecf4;text-decoration:none}
+header a:hover,header a.here{color:#fff;text-decoration:underline}
+header .brand{font-weight:700;color:#fff;margin-right:.4rem}
+header .who{margin-left:auto;color:#b9c2d3;display:flex;gap:.6rem;align-items:center}
+header .who button{background:none;border:1px solid #59627a;color:#e8ecf4;padding:.1rem .6rem}
+main{max-width:1120px;margin:0 auto;padding:1rem}
+section,.card{background:var(--card);border:1px solid var(--line);border-radius:8px;
+padding:.9rem 1rem;margin:0 0 1rem}
+a.card{display:block;color:inherit;text-decoration:none}
+a.card:hover{border-color:var(--accent)}
+h1{font-size:1.45rem;margin:.3rem 0 1rem}
+h2{font-size:1.1rem;margin:0 0 .6rem}
+h3{font-size:1rem;margin:.8rem 0 .3rem}
+a{color:var(--accent)}
+table{border-collapse:collapse;width:100%;font-size:.92rem}
+th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid var(--line);vertical-align:middle}
+th{font-size:.82rem;color:var(--muted);font-weight:600}
+.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.scroll{overflow-x:auto}
+form.inline{display:inline;margin:0}
+label{display:block;margin:.2rem 0 .15rem;font-weight:600;font-size:.85rem}
+input,select{font:inherit;padding:.32rem .5rem;border:1px solid #b9c0cd;border-radius:6px;
+max-width:100%;background:#fff}
+input[type=checkbox]{width:auto}
+button{font:inherit;padding:.32rem .9rem;border-radius:6px;border:1px solid var(--accent);
+background:var(--accent);color:#fff;cursor:pointer}
+button.quiet{background:#fff;color:var(--accent)}
+button.danger{background:#fff;color:var(--bad);border-color:#e3a5a5;padding:.1rem .6rem}
+.muted{color:var(--muted)}
+.small{font-size:.85rem}
+code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.86rem}
+pre{background:#f1f3f7;padding:.7rem .8rem;border-radius:6px;overflow-x:auto;margin:.3rem 0}
+code.secret{background:#fff8e1;border:1px solid #f0d48a;padding:.3rem .5rem;border-radius:6px;
+word-break:break-all}
+.bar{height:.55rem;background:#e7eaf0;border-radius:4px;overflow:hidden;min-width:6rem}
+.bar span{display:block;height:100%;background:var(--ok)}
+.bar.warn span{background:var(--warn)}
+.bar.full span{background:var(--bad)}
+.notice{border-left:4px solid var(--accent)}
+.alert{border-left:4px solid var(--bad)}
+.grid{display:grid;gap:1rem;grid-template-columns:repeat(auto-fit,minmax(220px,1fr));margin:0 0 1rem}
+.grid>*{margin:0}
+.stat{font-size:1.5rem;font-weight:700;font-variant-numeric:tabular-nums}
+.row{display:flex;flex-wrap:wrap;gap:.5rem .8rem;align-items:flex-end}
+.row>div{min-width:0}
+.chart{position:relative;height:300px}
+.charts{display:grid;gap:1rem;grid-template-columns:repeat(auto-fit,minmax(440px,1fr))}
+.charts>section{margin:0}
+.tag{display:inline-block;font-size:.78rem;padding:0 .4rem;border-radius:4px;background:#edf0f5}
+.tag.bad{background:#fde2e2;color:#8a1c1c}
+.tag.ok{background:#def7e8;color:#1f5e3d}
+details summary{cursor:pointer;color:var(--accent)}
+@media (max-width:640px){main{padding:.6rem}.charts{grid-template-columns:1fr}
+th,td{padding:.3rem .35rem}.chart{height:240px}}
+</style>
+</head>
+<body>
+<header><nav>
+<a class="brand" href="/">llimit</a>
+% if session.signed_in:
+<a href="/keys">Keys</a>
+<a href="/usage">Usage</a>
+% end
+% if session.sees_reports:
+<a href="/reports">Reports</a>
+% end
+% if session.is_admin:
+<a href="/admin">Admin</a>
+% end
+<span class="who">
+% if session.signed_in:
+<span>{{session.user_name or "admin"}}{{" · admin" if session.is_admin and session.user_name else ""}}</span>
+<form class="inline" method="post" action="/logout">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<button type="submit">Sign out</button></form>
+% else:
+<a href="/login">Sign in</a>
+% end
+</span>
+</nav></header>
+<main>
+{{!body}}
+</main>
+% for script in scripts:
+% if script.get("integrity"):
+<script src="{{script['src']}}" integrity="{{script['integrity']}}" crossorigin="anonymous" defer></script>
+% else:
+<script src="{{script['src']}}" defer></script>
+% end
+% end
+</body>
+</html>
+"""
+
+HOME_PAGE = """<h1>llimit</h1>
+<section>
+<p>llimit is the gateway between this organisation and its large language models.
+It hands out personal API keys, passes each call on to OpenAI, Azure OpenAI or
+Anthropic with the real upstream key, counts the tokens and what they cost, and
+keeps everyone within the budgets and limits set here. Prompts and answers pass
+through; they are never stored.</p>
+<p>Point any OpenAI-compatible client at <code>{{base_url}}/v1</code> with a key from
+llimit (Azure clients: <code>{{base_url}}</code>; Anthropic clients: <code>{{base_url}}</code>
+as base URL).</p>
+% if not session.signed_in:
+<p><a href="/login">Sign in</a> to get a key and see your usage.</p>
+% elif session.user_name:
+<p class="muted">Signed in as <b>{{session.user_name}}</b>{{" (admin)" if session.is_admin else ""}}.</p>
+% else:
+<p class="muted">Signed in with the admin token.</p>
+% end
+</section>
+% if session.signed_in:
+<div class="grid">
+<a class="card" href="/keys"><h2>Keys</h2><p class="muted">Get a personal API key with a
+ready curl and Python snippet; see and revoke your keys.</p></a>
+<a class="card" href="/usage"><h2>Usage</h2><p class="muted">What you spent today and this
+month, against every limit that applies to you.</p></a>
+% if session.sees_reports:
+<a class="card" href="/reports"><h2>Reports</h2><p class="muted">Cost by user, day, model and
+project, as charts, tables and CSV.</p></a>
+% end
+% if session.is_admin:
+<a class="card" href="/admin"><h2>Admin</h2><p class="muted">Projects, users, keys, limits and
+prices.</p></a>
+% end
+</div>
+% end
+"""
+
+LOGIN_PAGE = """<h1>Sign in</h1>
+% if session.signed_in:
+<section class="notice"><p>You are signed in as <b>{{session.user_name or "admin"}}</b>.
+<a href="{{next_path}}">Go on</a>.</p></section>
+% end
+% if auth == "open":
+<section>
+<form method="post" action="/login">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="next" value="{{next_path}}">
+<label for="user">Your user name</label>
+<div class="row"><div><input id="user" name="user" required maxlength="200"
+autocomplete="username" autofocus></div><button type="submit">Sign in</button></div>
+<p class="muted small">No password: this llimit lets everyone on its network say who they are.</p>
+</form>
+</section>
+% elif auth == "header":
+<section><p>You are signed in by your organisation's single sign-on, which names you to
+llimit in the <code>{{auth_header}}</code> header. This request did not carry it from a
+trusted proxy: open llimit at its usual address.</p></section>
+% else:
+<section>
+<form method="post" action="/login">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="next" value="{{next_path}}">
+<input type="hidden" name="oidc" value="1">
+<p>Sign in with your organisation's account at <b>{{provider}}</b>.</p>
+<button type="submit">Sign in with single sign-on</button>
+</form>
+</section>
+% end
+<section>
+<details{{" open" if next_path == "/admin" else ""}}><summary>Sign in with the admin token</summary>
+<form method="post" action="/login">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="next" value="{{next_path}}">
+<label for="admin_token">Admin token</label>
+<div class="row"><div><input id="admin_token" name="admin_token" type="password" required
+autocomplete="current-password"></div><button type="submit">Sign in as admin</button></div>
+</form>
+</details>
+</section>
+"""
+
+NEW_KEY_SNIPPETS = """<section class="notice" id="new">
+<h2>Your new key{{" for " + new_key_owner if new_key_owner else ""}}</h2>
+<p>Copy it now: llimit keeps only its hash and cannot show it again.</p>
+<div class="row"><code id="new-key" class="secret">{{new_key}}</code>
+<button type="button" class="quiet" data-copy="new-key" hidden>Copy</button></div>
+<div class="row"><h3>curl</h3>
+<button type="button" class="quiet" data-copy="snippet-curl" hidden>Copy</button></div>
+<pre id="snippet-curl">{{curl_snippet}}</pre>
+<div class="row"><h3>Python (the openai package)</h3>
+<button type="button" class="quiet" data-copy="snippet-python" hidden>Copy</button></div>
+<pre id="snippet-python">{{python_snippet}}</pre>
+</section>
+"""
+
+KEYS_PAGE = """<h1>Your keys</h1>
+% if new_key:
+{{!new_key_html}}
+% end
+<section>
+<h2>Request a key</h2>
+% if projects:
+<form method="post" action="/keys">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<div class="row">
+<div><label for="project">Project</label><select id="project" name="project">
+% for project in projects:
+<option value="{{project['id']}}">{{project['name']}} ({{project['id']}})</option>
+% end
+</select></div>
+<div><label for="note">Note <span class="muted">(what it is for)</span></label>
+<input id="note" name="note" maxlength="200" placeholder="laptop, notebook, script…"></div>
+<button type="submit">Create key</button>
+</div>
+</form>
+% else:
+<p>No project allows personal keys at the moment; ask an admin.</p>
+% end
+</section>
+<section>
+<h2>Keys of {{session.user_name}}</h2>
+% if keys:
+<div class="scroll"><table>
+<tr><th>Key</th><th>Project</th><th>Note</th><th>Created</th><th>Last used</th>
+<th class="n">Requests</th><th class="n">Spend</th><th></th></tr>
+% for key in keys:
+<tr><td><code>{{key['masked_key']}}</code></td><td>{{key['project']}}</td>
+<td>{{key['note'] or ""}}</td><td class="small">{{when(key['created_at'])}}</td>
+<td class="small">{{when(key['last_used_at'], "never")}}</td>
+<td class="n">{{"{:,}".format(key['requests'])}}</td><td class="n">{{money(key['cost_usd'])}}</td>
+<td>
+% if key['active']:
+<form class="inline" method="post" action="/keys/{{key['id']}}/revoke">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<button type="submit" class="danger">Revoke</button></form>
+% else:
+<span class="tag">{{"revoked" if key['revoked_at'] else "expired"}}</span>
+% end
+</td></tr>
+% end
+</table></div>
+% else:
+<p class="muted">You have no keys yet.</p>
+% end
+</section>
+"""
+
+USAGE_PAGE = """<h1>Your usage</h1>
+<div class="grid">
+<div class="card"><div class="muted small">Today (UTC)</div><div class="stat">{{money(today_usd)}}</div></div>
+<div class="card"><div class="muted small">This month</div><div class="stat">{{money(month_usd)}}</div></div>
+<div class="card"><div class="muted small">Requests this month</div>
+<div class="stat">{{"{:,}".format(month_requests)}}</div></div>
+</div>
+<section>
+<h2>Limits</h2>
+% if limits:
+<div class="scroll"><table>
+<tr><th>Limit</th><th>Applies to</th><th>Used</th><th class="n"></th><th>Resets</th></tr>
+% for limit in limits:
+<tr><td>{{limit['text']}}{{!' <span class="tag">warning only</span>' if limit['action'] == 'warn' else ''}}</td>
+<td>{{limit['who']}}</td>
+<td><div class="bar{{' full' if limit['percent'] >= 100 else ' warn' if limit['percent'] >= 80 else ''}}"
+title="{{limit['percent']}}%"><span style="width:{{limit['percent']}}%"></span></div></td>
+<td class="n">{{limit['used']}} of {{limit['amount']}}</td>
+<td class="small">{{when(limit['resets_at'], "never")}}</td></tr>
+% end
+</table></div>
+% elif has_keys:
+<p class="muted">No limit applies to your keys.</p>
+% else:
+<p class="muted">The limits that apply show here once you have a <a href="/keys">key</a>.</p>
+% end
+</section>
+<section>
+<h2>By model, {{start}} to {{end}}</h2>
+% if by_model:
+<div class="scroll"><table>
+<tr><th>Model</th><th class="n">Requests</th><th class="n">Input tokens</th>
+<th class="n">Output tokens</th><th class="n">Cost</th></tr>
+% for row in by_model:
+<tr><td>{{row['model'] or "(unknown)"}}</td><td class="n">{{"{:,}".format(row['requests'])}}</td>
+<td class="n">{{"{:,}".format(row['prompt_tokens'])}}</td>
+<td class="n">{{"{:,}".format(row['completion_tokens'])}}</td>
+<td class="n">{{money(row['cost_usd'])}}</td></tr>
+% end
+</table></div>
+% else:
+<p class="muted">No calls in these days.</p>
+% end
+</section>
+<section>
+<h2>By day</h2>
+% if by_day:
+<div class="scroll"><table>
+<tr><th>Day (UTC)</th><th class="n">Requests</th><th class="n">Tokens</th><th class="n">Cost</th><th></th></tr>
+% for row in by_day:
+<tr><td>{{row['day']}}</td><td class="n">{{"{:,}".format(row['requests'])}}</td>
+<td class="n">{{"{:,}".format(row['prompt_tokens'] + row['completion_tokens'])}}</td>
+<td class="n">{{money(row['cost_usd'])}}</td>
+<td><div class="bar"><span style="width:{{percent(row['cost_usd'], max_day_usd)}}%"></span></div></td></tr>
+% end
+</table></div>
+% else:
+<p class="muted">No calls in these days.</p>
+% end
+</section>
+"""
+
+REPORTS_PAGE = """<h1>Reports</h1>
+<section>
+<form method="get" action="/reports" class="row">
+<div><label for="start">From (UTC)</label><input type="date" id="start" name="start" value="{{start}}"></div>
+<div><label for="end">To (UTC, inclusive)</label><input type="date" id="end" name="end" value="{{end}}"></div>
+<button type="submit">Show</button>
+<span class="small"><a href="/reports/data.csv?start={{start}}&amp;end={{end}}">Download CSV</a> ·
+<a href="/reports/data?start={{start}}&amp;end={{end}}">JSON</a></span>
+</form>
+</section>
+<div class="grid">
+<div class="card"><div class="muted small">Cost</div><div class="stat">{{money(totals['cost_usd'])}}</div></div>
+<div class="card"><div class="muted small">Requests</div><div class="stat">{{"{:,}".format(totals['requests'])}}</div></div>
+<div class="card"><div class="muted small">Tokens in / out</div>
+<div class="stat">{{compact(totals['prompt_tokens'])}} / {{compact(totals['completion_tokens'])}}</div></div>
+<div class="card"><div class="muted small">Users</div><div class="stat">{{len(by_user)}}</div></div>
+</div>
+% if totals['unpriced_requests']:
+<section class="alert"><p>{{"{:,}".format(totals['unpriced_requests'])}} requests in this range
+have no price, so their cost is missing from these figures.</p></section>
+% end
+<div class="charts">
+% for chart in charts:
+<section><h2>{{chart['title']}}</h2>
+<div class="chart"><canvas id="chart-{{chart['name']}}" role="img" aria-label="{{chart['title']}}"
+data-series="{{chart['series_json']}}"></canvas></div></section>
+% end
+</div>
+% for table in tables:
+<section><h2>{{table['title']}}</h2>
+% if table['rows']:
+<div class="scroll"><table>
+<tr>
+% for index, heading in enumerate(table['headings']):
+<th{{!' class="n"' if index else ''}}>{{heading}}</th>
+% end
+</tr>
+% for row in table['rows']:
+<tr>
+% for index, cell in enumerate(row):
+<td{{!' class="n"' if index else ''}}>{{cell}}</td>
+% end
+</tr>
+% end
+</table></div>
+% else:
+<p class="muted">No calls in this range.</p>
+% end
+</section>
+% end
+"""
+
+ADMIN_PAGE = """<h1>Admin</h1>
+% if notice:
+<section class="notice"><p>{{notice}}</p></section>
+% end
+% if new_key:
+{{!new_key_html}}
+% end
+<div class="grid">
+<div class="card"><div class="muted small">Spend today (UTC)</div><div class="stat">{{money(today_usd)}}</div>
+<div class="muted small">{{"{:,}".format(today_requests)}} requests</div></div>
+<div class="card"><div class="muted small">Spend this month</div><div class="stat">{{money(month_usd)}}</div>
+<div class="muted small">{{"{:,}".format(month_requests)}} requests</div></div>
+<div class="card"><div class="muted small">Active keys</div><div class="stat">{{active_keys}}</div>
+<div class="muted small">{{len(users)}} users seen</div></div>
+</div>
+% if missing:
+<section class="alert" id="missing-prices"><h2>Models without a price</h2>
+<p>Calls to these models are metered in tokens but cost nothing in the figures until they
+have a price (set one <a href="#prices">below</a>):
+% for model in missing:
+<code class="tag bad">{{model}}</code>
+% end
+</p></section>
+% end
+<p class="small"><a href="#projects">Projects</a> · <a href="#users">Users</a> ·
+<a href="#keys">Keys</a> · <a href="#limits">Limits</a> · <a href="#prices">Prices</a> ·
+<a href="/reports">Reports</a></p>
+
+<section id="projects"><h2>Projects</h2>
+<div class="scroll"><table>
+<tr><th>Project</th><th>Upstream</th><th>Upstream key</th><th>Personal keys</th><th>Budgets</th><th></th></tr>
+% for project in projects:
+<tr><td><b>{{project['id']}}</b><br><span class="muted small">{{project['name']}}</span></td>
+<td class="small">{{project['upstream_kind']}}<br>{{project['upstream_url'] or "LLIMIT_UPSTREAM_URL"}}</td>
+<td class="small">{{project['upstream_key_source'] or ("LLIMIT_UPSTREAM_KEY" if project['id'] == 'default' and not project['upstream_url'] else "none")}}</td>
+<td>{{!'<span class="tag ok">allowed</span>' if project['allow_user_keys'] else '<span class="tag">no</span>'}}</td>
+<td class="small">
+% for limit in project['limits']:
+{{limit['text']}} ({{limit['used']}} used)<br>
+% end
+</td>
+<td><details><summary>Edit</summary>
+<form method="post" action="/admin">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="action" value="update_project">
+<input type="hidden" name="id" value="{{project['id']}}">
+<label>Name</label><input name="name" value="{{project['name']}}" maxlength="200">
+<label>Kind</label><select name="upstream_kind">
+% for kind in upstream_kinds:
+<option{{" selected" if kind == project['upstream_kind'] else ""}}>{{kind}}</option>
+% end
+</select>
+<label>Upstream URL</label><input name="upstream_url" value="{{project['upstream_url'] or ''}}"
+placeholder="{{'LLIMIT_UPSTREAM_URL' if project['id'] == 'default' else 'https://…'}}">
+<label>Upstream key <span class="muted">(blank keeps it)</span></label>
+<input name="upstream_key" type="password" autocomplete="off" placeholder="env:NAME or the key">
+<label><input type="checkbox" name="clear_upstream_key" value="1"> remove the stored key</label>
+<label>API version</label><input name="api_version" value="{{project['api_version'] or ''}}">
+<label><input type="checkbox" name="allow_user_keys" value="1"{{" checked" if project['allow_user_keys'] else ""}}>
+personal keys allowed</label>
+<label>Message when a limit is reached</label>
+<input name="limit_message" value="{{project['limit_message'] or ''}}" maxlength="500">
+<label>Add a budget (USD)</label>
+<div class="row"><input name="budget_usd" inputmode="decimal" size="8" placeholder="e.g. 50">
+<select name="budget_window">
+% for window in budget_windows:
+<option{{" selected" if window == "month" else ""}}>{{window}}</option>
+% end
+</select></div>
+<p><button type="submit">Save</button></p>
+</form></details></td></tr>
+% end
+</table></div>
+<details><summary>New project</summary>
+<form method="post" action="/admin">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="action" value="create_project">
+<div class="row">
+<div><label for="p-id">Id</label><input id="p-id" name="id" required maxlength="64" placeholder="team-a"></div>
+<div><label for="p-name">Name</label><input id="p-name" name="name" maxlength="200"></div>
+<div><label for="p-kind">Kind</label><select id="p-kind" name="upstream_kind">
+% for kind in upstream_kinds:
+<option>{{kind}}</option>
+% end
+</select></div>
+<div><label for="p-url">Upstream URL</label><input id="p-url" name="upstream_url" placeholder="https://api.openai.com/v1"></div>
+<div><label for="p-key">Upstream key</label><input id="p-key" name="upstream_key" type="password"
+autocomplete="off" placeholder="env:NAME or the key"></div>
+<div><label for="p-version">API version</label><input id="p-version" name="api_version" size="12"></div>
+<div><label for="p-budget">Budget (USD)</label><input id="p-budget" name="budget_usd" inputmode="decimal" size="8"></div>
+<div><label for="p-window">per</label><select id="p-window" name="budget_window">
+% for window in budget_windows:
+<option{{" selected" if window == "month" else ""}}>{{window}}</option>
+% end
+</select></div>
+<div><label><input type="checkbox" name="allow_user_keys" value="1" checked> personal keys</label></div>
+<button type="submit">Create project</button>
+</div>
+<p class="muted small">A stored upstream key is never shown again; <code>env:NAME</code> reads it from
+llimit's environment at each call instead.</p>
+</form></details>
+</section>
+
+<section id="users"><h2>Users</h2>
+% if users:
+<div class="scroll"><table>
+<tr><th>User</th><th class="n">Active keys</th><th class="n">Requests this month</th>
+<th class="n">Spend this month</th><th class="n">Spend, all time</th></tr>
+% for user in users:
+<tr><td>{{user['user']}}</td><td class="n">{{user['active_keys']}}</td>
+<td class="n">{{"{:,}".format(user['month_requests'])}}</td><td class="n">{{money(user['month_usd'])}}</td>
+<td class="n">{{money(user['total_usd'])}}</td></tr>
+% end
+</table></div>
+% else:
+<p class="muted">No users yet.</p>
+% end
+</section>
+
+<section id="keys"><h2>Keys</h2>
+<form method="post" action="/admin" class="row">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="action" value="create_key">
+<div><label for="k-user">User <span class="muted">(blank: a project key)</span></label>
+<input id="k-user" name="user" maxlength="200"></div>
+<div><label for="k-project">Project</label><select id="k-project" name="project">
+% for project in projects:
+<option>{{project['id']}}</option>
+% end
+</select></div>
+<div><label for="k-note">Note</label><input id="k-note" name="note" maxlength="200"></div>
+<div><label for="k-expires">Expires (UTC)</label><input id="k-expires" name="expires_at" type="date"></div>
+<button type="submit">Create key</button>
+</form>
+<div class="scroll"><table>
+<tr><th>Key</th><th>User</th><th>Project</th><th>Note</th><th>Created</th><th>Last used</th>
+<th class="n">Spend</th><th></th></tr>
+% for key in keys:
+<tr><td><code>{{key['masked_key']}}</code><br><span class="muted small">{{key['id']}}</span></td>
+<td>{{key['user'] or "(project key)"}}</td><td>{{key['project']}}</td><td>{{key['note'] or ""}}</td>
+<td class="small">{{when(key['created_at'])}}</td><td class="small">{{when(key['last_used_at'], "never")}}</td>
+<td class="n">{{money(key['cost_usd'])}}</td>
+<td>
+% if key['active']:
+<form class="inline" method="post" action="/admin">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="action" value="revoke_key">
+<input type="hidden" name="key_id" value="{{key['id']}}">
+<button type="submit" class="danger">Revoke</button></form>
+% else:
+<span class="tag">{{"revoked" if key['revoked_at'] else "expired"}}</span>
+% end
+</td></tr>
+% end
+</table></div>
+</section>
+
+<section id="limits"><h2>Limits</h2>
+% if limits:
+<div class="scroll"><table>
+<tr><th>Limit</th><th>Action</th><th>Used</th><th class="n"></th><th>Resets</th><th></th></tr>
+% for limit in limits:
+<tr><td>{{limit['text']}}</td><td>{{limit['action']}}</td>
+<td><div class="bar{{' full' if limit['percent'] >= 100 else ' warn' if limit['percent'] >= 80 else ''}}">
+<span style="width:{{limit['percent']}}%"></span></div></td>
+<td class="n">{{limit['used']}} of {{limit['amount']}}</td>
+<td class="small">{{when(limit['resets_at'], "never")}}</td>
+<td><form class="inline" method="post" action="/admin">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="action" value="delete_limit">
+<input type="hidden" name="limit_id" value="{{limit['id']}}">
+<button type="submit" class="danger">Delete</button></form></td></tr>
+% end
+</table></div>
+% else:
+<p class="muted">No limits: every key may spend without bound.</p>
+% end
+<details><summary>New limit</summary>
+<form method="post" action="/admin" class="row">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="action" value="create_limit">
+<div><label for="l-scope">Scope</label><select id="l-scope" name="scope">
+% for scope in scopes:
+<option>{{scope}}</option>
+% end
+</select></div>
+<div><label for="l-target">Target <span class="muted">(project id, user or key id)</span></label>
+<input id="l-target" name="target"></div>
+<div><label for="l-each">Each</label><select id="l-each" name="each">
+<option value="">(the scope as a whole)</option><option>user</option><option>key</option></select></div>
+<div><label for="l-metric">Metric</label><select id="l-metric" name="metric">
+% for metric in metrics:
+<option>{{metric}}</option>
+% end
+</select></div>
+<div><label for="l-amount">Amount</label><input id="l-amount" name="amount" inputmode="decimal" size="8" required></div>
+<div><label for="l-window">Window</label><select id="l-window" name="window">
+% for window in windows:
+<option{{" selected" if window == "month" else ""}}>{{window}}</option>
+% end
+</select></div>
+<div><label for="l-action">Action</label><select id="l-action" name="limit_action">
+<option>block</option><option>warn</option></select></div>
+<div><label for="l-alert">Alert at %</label><input id="l-alert" name="alert_at" size="8" placeholder="80,90"></div>
+<button type="submit">Add limit</button>
+</form></details>
+</section>
+
+<section id="prices"><h2>Prices <span class="muted small">(USD per 1M tokens)</span></h2>
+<form method="post" action="/admin" class="row">
+<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<input type="hidden" name="action" value="set_price">
+<div><label for="m-model">Model</label><input id="m-model" name="model" required list="missing-models"
+value="{{missing[0] if missing else ''}}">
+<datalist id="missing-models">
+% for model in missing:
+<option value="{{model}}">
+% end
+</datalist></div>
+<div><label for="m-input">Input</label><input id="m-input" name="input" inputmode="decimal" size="7" required></div>
+<div><label for="m-cached">Cached input</label><input id="m-cached" name="cached_input" inputmode="decimal" size="7"></div>
+<div><label for="m-output">Output</label><input id="m-output" name="output" inputmode="decimal" size="7" required></div>
+<div><label for="m-write">Cache write</label><input id="m-write" name="cache_write" inputmode="decimal" size="7"></div>
+<button type="submit">Set price</button>
+</form>
+<p class="muted small">A price set here wins over pricing.json and applies to calls from now on;
+<code>POST /admin/reprice</code> recomputes stored costs.</p>
+<details><summary>{{len(prices)}} models with a price</summary>
+<div class="scroll"><table>
+<tr><th>Model</th><th class="n">Input</th><th class="n">Cached input</th><th class="n">Output</th>
+<th class="n">Cache write</th><th>From</th></tr>
+% for price in prices:
+<tr><td>{{price['model']}}</td><td class="n">{{price['input']}}</td>
+<td class="n">{{price['cached_input'] if price['cached_input'] is not None else ""}}</td>
+<td class="n">{{price['output']}}</td>
+<td class="n">{{price['cache_write'] if price['cache_write'] is not None else ""}}</td>
+<td class="small">{{price['source']}}</td></tr>
+% end
+</table></div></details>
+</section>
+"""
+
+ERROR_PAGE = """<h1>{{status}}: {{reason}}</h1>
+<section class="alert"><p>{{message}}</p>
+<p><a href="/">llimit home</a>
+% if not session.signed_in:
+· <a href="/login">Sign in</a>
+% end
+</p></section>
+"""
+
+PAGES_SCRIPT_JS = r"""// llimit's pages: the copy buttons and the charts. Everything works without it.
+"use strict";
+(function () {
+  function copyText(text, done) {
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(text).then(done);
+      return;
+    }
+    var area = document.createElement("textarea");  // plain http: the older way
+    area.value = text;
+    document.body.appendChild(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+    done();
+  }
+  document.querySelectorAll("button[data-copy]").forEach(function (button) {
+    button.hidden = false;
+    button.addEventListener("click", function () {
+      copyText(document.getElementById(button.dataset.copy).textContent, function () {
+        button.textContent = "Copied";
+        setTimeout(function () { button.textContent = "Copy"; }, 1500);
+      });
+    });
+  });
+
+  if (typeof window.Chart === "undefined") {
+    return;  // no Chart.js (offline, blocked): the tables say it all
+  }
+  function money(value, digits) {
+    digits = digits || (Math.abs(value) >= 0.01 || value === 0 ? 2 : 6);
+    return "$" + Number(value).toLocaleString(undefined,
+      {minimumFractionDigits: digits, maximumFractionDigits: digits});
+  }
+  function moneyTick(value) {
+    return money(value, Math.abs(value) >= 0.01 || value === 0 ? 2 : 4);
+  }
+  document.querySelectorAll("canvas[data-series]").forEach(function (canvas) {
+    var config = JSON.parse(canvas.dataset.series);
+    var options = config.options || (config.options = {});
+    Object.keys(options.scales || {}).forEach(function (axis) {
+      var scale = options.scales[axis];
+      if (scale.money) {
+        delete scale.money;
+        scale.ticks = Object.assign(scale.ticks || {}, {callback: moneyTick});
+      }
+    });
+    options.plugins = options.plugins || {};
+    options.plugins.tooltip = {callbacks: {label: function (item) {
+      var value = typeof item.parsed === "number" ? item.parsed
+        : (item.chart.options.indexAxis === "y" ? item.parsed.x : item.parsed.y);
+      return (item.dataset.label ? item.dataset.label + ": " : item.label + ": ") + money(value);
+    }}};
+    new window.Chart(canvas, config);
+  });
+})();
+"""
+
+def money(usd):
+    """USD as people read a bill: $1,234.50, $0.0123, $0.000585."""
+    if usd is None:
+        return "–"
+    if abs(usd) >= 1 or usd == 0:
+        return f"${usd:,.2f}"
+    if abs(usd) >= 0.01:
+        return f"${usd:,.4f}"
+    return f"${usd:,.6f}" if abs(usd) >= 0.000001 else "<$0.000001"
+
+
+def when(iso, missing="–"):
+    """An ISO 8601 UTC time as 2026-11-23 07:00 UTC."""
+    return f"{iso[:10]} {iso[11:16]} UTC" if iso else missing
+
+
+def percent(part, whole):
+    """part / whole as a whole percentage for a bar, 0 to 100."""
+    if not whole:
+        return 100 if part else 0
+    return max(0, min(100, round(100 * (part or 0) / whole)))
+
+
+def compact(count):
+    """A count in a few digits: 950, 12.3k, 4.56M."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return str(count)
+
+
+TEMPLATE_HELPERS = {"money": money, "when": when, "percent": percent, "compact": compact}
+
+
+def render_page(page, *, title, session, scripts=(), **context):
+    """A *_PAGE template inside LAYOUT, as a string of HTML."""
+    body = bottle.template(page, session=session, **TEMPLATE_HELPERS, **context)
+    return bottle.template(LAYOUT, title=title, session=session, body=body,
+                           scripts=list(scripts))
+
+
+# =============================================================================
+# 8. Pages
+#    What people see in a browser: home, sign-in, their keys and usage, the
+#    reports (with their JSON and CSV feeds) and the admin dashboard. Each page
+#    handler is wrapped by `page`, which finds the session and checks every
+#    POST in one place (section 6). Changes go through the same validators and
+#    storage functions as the admin API; GET changes nothing but a sign-in.
+# =============================================================================
+
+DEFAULT_REPORT_DAYS = 30
+MAX_REPORT_DAYS = 3660
+REPORT_TOP_USERS = 8          # daily cost stacked by user: these, then "other"
+REPORT_TOP_ROWS = 20          # cost by user or model: these bars, then "other"
+CHART_COLORS = ("#2a5bd7", "#e07b39", "#2f9e6e", "#c94f7c", "#7b61c9", "#d4a72c", "#3aa6b9",
+                "#8c6d46")
+CHART_OTHER_COLOR = "#a3aab6"
+SNIPPET_MODEL = "gpt-4o-mini"
+BUDGET_WINDOWS = ("day", "week", "month", "total")
+ADMIN_NOTICES = {
+    "project_created": "Project created.", "project_saved": "Project saved.",
+    "key_revoked": "Key revoked.", "limit_created": "Limit added.",
+    "limit_deleted": "Limit deleted.", "price_set": "Price set; it applies from the next call.",
+}
+REPORT_CSV_COLUMNS = ("day", "user", "project", "model", "requests", "prompt_tokens",
+                      "cached_tokens", "completion_tokens", "cost_usd", "unpriced_requests")
+
+
+def page(handler):
+    """A page route: calls handler(state, session[, form for a POST], **url_args)."""
+    @functools.wraps(handler)
+    def serve_page(state, **url_args):
+        session = page_session(state)
+        bottle.request.environ["llimit.session"] = session  # for the error page's header
+        for name, value in page_headers(_script_sources(state.config)).items():
+            bottle.response.set_header(name, value)
+        if bottle.request.method == "POST":
+            return handler(state, session, checked_form(state, session), **url_args)
+        return handler(state, session, **url_args)
+    return serve_page
+
+
+def page_headers(script_sources):
+    """The security headers of every HTML answer; `script_sources` is CSP's script-src."""
+    return {
+        "Content-Security-Policy": (
+            f"default-src 'self'; script-src {script_sources}; style-src 'self' 'unsafe-inline';"
+            " img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"),
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "same-origin",
+        "Cache-Control": "no-store",
+    }
+
+
+def _script_sources(config):
+    return "'self'" if config.chartjs else f"'self' {CHARTJS_CDN_URL}"
+
+
+def _chart_scripts(config):
+    chart = ({"src": CHARTJS_PATH} if config.chartjs
+             else {"src": CHARTJS_CDN_URL, "integrity": CHARTJS_CDN_INTEGRITY})
+    return [chart, {"src": PAGES_SCRIPT_PATH}]
+
+
+def public_base_url(config):
+    """Where people reach llimit: LLIMIT_PUBLIC_URL, else the address this request used."""
+    if config.public_url:
+        return config.public_url.rstrip("/")
+    parts = bottle.request.urlparts
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _signed_in_user(session):
+    if session.user_name:
+        return session.user_name
+    if session.signed_in:
+        raise LlimitError(403, "permission_denied",
+                          "You are signed in with the admin token, which has no keys or usage"
+                          " of its own; sign in as a user for those.")
+    _redirect_to_login()
+
+
+def _redirect_to_login():
+    request = bottle.request
+    here = request.path + ("?" + request.query_string if request.query_string else "")
+    bottle.redirect("/login?" + urllib.parse.urlencode({"next": here}), 303)
+
+
+def _require_admin_page(session):
+    if session.is_admin:
+        return
+    if not session.signed_in:
+        _redirect_to_login()
+    raise LlimitError(403, "permission_denied",
+                      "This page is for llimit's admins: sign in with the admin token"
+                      " (on the sign-in page), or ask to be named in LLIMIT_ADMIN_USERS.")
+
+
+def _require_reports(session):
+    if session.sees_reports:
+        return
+    if not session.signed_in:
+        raise LlimitError(401, "invalid_request_error", "Sign in to see reports.",
+                          code="sign_in_required")
+    raise LlimitError(403, "permission_denied",
+                      "Reports are for admins here; LLIMIT_REPORTS_PUBLIC=1 opens them to"
+                      " everyone signed in.")
+
+
+# --- home, sign-in ----------------------------------------------------------------
+
+def page_home(state, session):
+    """GET /: what llimit is, and where to go."""
+    return render_page(HOME_PAGE, title="Home", session=session,
+                       base_url=public_base_url(state.config))
+
+
+def page_login(state, session):
+    """GET /login: the sign-in form of LLIMIT_AUTH, and the admin token's."""
+    config = state.config
+    session = ensure_session(state, session)
+    return render_page(LOGIN_PAGE, title="Sign in", session=session, auth=config.auth,
+                       next_path=safe_next(bottle.request.query.get("next")),
+                       auth_header=config.auth_header,
+                       provider=urllib.parse.urlsplit(config.oidc_issuer or "").hostname)
+
+
+def page_login_post(state, session, form):
+    """POST /login: sign in by admin token, by user name (open), or start OIDC."""
+    config = state.config
+    next_path = safe_next(form.get("next"))
+    if form.get("admin_token"):
+        if not admin_token_matches(state.database(), form["admin_token"]):
+            log.warning("page sign-in with a wrong admin token from %s",
+                        bottle.request.environ.get("REMOTE_ADDR"))
+            raise LlimitError(401, "invalid_request_error", "That is not the admin token.",
+                              code="invalid_admin_token")
+        sign_in(state, session, session.user_name, token_admin=True)
+        bottle.redirect(next_path if next_path != "/" else "/admin", 303)
+    if config.auth == "open":
+        user_name = clean_user_name(form.get("user", ""))
+        if not user_name:
+            raise LlimitError(400, "invalid_request_error", "Type a user name to sign in.")
+        sign_in(state, session, user_name)
+        bottle.redirect(next_path, 303)
+    if config.auth == "oidc" and session.id_hash:
+        pending = {"state": secrets.token_urlsafe(24), "nonce": secrets.token_urlsafe(24),
+                   "verifier": secrets.token_urlsafe(48), "next": next_path}
+        url = state.oidc.authorization_url(_oidc_redirect_uri(config), pending)
+        db = state.database()
+        with transaction(db):
+            set_session_pending(db, session.id_hash, json.dumps(pending))
+        bottle.redirect(url, 303)
+    raise LlimitError(400, "invalid_request_error",
+                      "Sign-in here comes from your organisation's single sign-on.")
+
+
+def _oidc_redirect_uri(config):
+    return public_base_url(config) + "/login/callback"
+
+
+def page_login_callback(state, session):
+    """GET /login/callback: the OIDC provider's answer; signs the user in."""
+    config = state.config
+    if config.auth != "oidc":
+        raise LlimitError(404, "invalid_request_error", "OpenID Connect sign-in is not on.")
+    query = bottle.request.query
+    pending = session.pending
+    if not pending or not secrets_match(query.get("state", ""), pending["state"]):
+        raise LlimitError(400, "sign_in_failed",
+                          "This sign-in was not started in this browser, or took too long;"
+                          " please sign in again.")
+    db = state.database()
+    with transaction(db):
+        set_session_pending(db, session.id_hash, None)  # each state answers once
+    if query.get("error"):
+        raise LlimitError(401, "sign_in_failed", "The provider refused the sign-in: "
+                          f"{query.get('error_description') or query.get('error')}.")
+    claims = state.oidc.claims(query.get("code", ""), _oidc_redirect_uri(config), pending,
+                               config.clock())
+    user_name = user_from_claims(claims, config.oidc_allowed_domains)
+    sign_in(state, session, user_name)
+    log.info("page sign-in: %s by OpenID Connect", user_name)
+    bottle.redirect(safe_next(pending.get("next")), 303)
+
+
+def page_logout(state, session, form):
+    """POST /logout: end the session."""
+    sign_out(state, session)
+    bottle.redirect("/", 303)
+
+
+# --- a user's keys and usage ----------------------------------------------------------
+
+def page_keys(state, session):
+    """GET /keys: the user's keys, and a form to get one."""
+    return _render_keys(state, session, _signed_in_user(session))
+
+
+def page_keys_create(state, session, form):
+    """POST /keys: a personal key in a project that allows them, shown this once."""
+    user_name = _signed_in_user(session)
+    fields = validate_key_fields({"project": form.get("project") or "default",
+                                  "note": form.get("note", "").strip() or None},
+                                 ("project", "note"))
+    db = state.database()
+    with transaction(db):
+        project = get_project(db, fields["project"])
+        if project is None or not project["allow_user_keys"]:
+            raise LlimitError(403, "permission_denied",
+                              f"The project {fields['project']!r} hands out no personal keys.")
+        row, raw_key = create_key(db, state.config.clock(), user_name, fields["project"],
+                                  fields["note"])
+    log.info("page: %s created key %s in project %s", user_name, row["id"], row["project_id"])
+    return _render_keys(state, session, user_name, raw_key)
+
+
+def page_key_revoke(state, session, form, key_id):
+    """POST /keys/<id>/revoke: revoke one of the user's own keys."""
+    user_name = _signed_in_user(session)
+    db = state.database()
+    with transaction(db):
+        row = get_key(db, key_id)
+        if row is None or row["user_name"] != user_name:
+            raise LlimitError(404, "invalid_request_error", "You have no such key.",
+                              code="key_not_found")
+        revoke_key(db, key_id, utc_iso(state.config.clock()))
+    bottle.redirect("/keys", 303)
+
+
+def _render_keys(state, session, user_name, raw_key=None):
+    db = state.database()
+    rows = list_keys(db, user_name=user_name)
+    spend = key_spend(db, [row["id"] for row in rows])
+    return render_page(
+        KEYS_PAGE, title="Keys", session=session, scripts=[{"src": PAGES_SCRIPT_PATH}],
+        keys=[key_to_json(row, spend.get(row["id"])) for row in rows],
+        projects=[row for row in list_projects(db) if row["allow_user_keys"]],
+        new_key=raw_key, new_key_html=_new_key_html(state.config, raw_key) if raw_key else "")
+
+
+def _new_key_html(config, raw_key, owner=None):
+    base_url = public_base_url(config)
+    curl_snippet = (f"curl {base_url}/v1/chat/completions \\\n"
+                    f"  -H \"Authorization: Bearer {raw_key}\" \\\n"
+                    "  -H \"Content-Type: application/json\" \\\n"
+                    f"  -d '{{\"model\": \"{SNIPPET_MODEL}\", \"messages\": "
+                    "[{\"role\": \"user\", \"content\": \"Hello!\"}]}'")
+    python_snippet = ("from openai import OpenAI\n\n"
+                      f"client = OpenAI(base_url=\"{base_url}/v1\",\n"
+                      f"                api_key=\"{raw_key}\")\n"
+                      "reply = client.chat.completions.create(\n"
+                      f"    model=\"{SNIPPET_MODEL}\",\n"
+                      "    messages=[{\"role\": \"user\", \"content\": \"Hello!\"}],\n"
+                      ")\n"
+                      "print(reply.choices[0].message.content)")
+    return bottle.template(NEW_KEY_SNIPPETS, new_key=raw_key, new_key_owner=owner,
+                           curl_snippet=curl_snippet, python_snippet=python_snippet)
+
+
+def page_usage(state, session):
+    """GET /usage: the user's spend today and this month, against every limit that applies."""
+    user_name = _signed_in_user(session)
+    db = state.database()
+    now = state.config.clock()
+    today = _day(now)
+    subject = "u:" + user_name
+    month = get_counter(db, subject, _day(window_bounds("month", now)[0]), today)
+    active_keys = list_keys(db, user_name=user_name, active_at=utc_iso(now))
+    start, end = report_range({}, now)
+    by_day = usage_report(db, "day", start, end, user_name)["rows"]
+    return render_page(
+        USAGE_PAGE, title="Usage", session=session,
+        today_usd=nusd_to_usd(get_counter(db, subject, today, today)[2]),
+        month_usd=nusd_to_usd(month[2]), month_requests=month[0],
+        limits=_user_limits(state, db, user_name, active_keys), has_keys=bool(active_keys),
+        start=start, end=end, by_model=usage_report(db, "model", start, end, user_name)["rows"],
+        by_day=by_day[::-1], max_day_usd=max((row["cost_usd"] for row in by_day), default=0))
+
+
+def _user_limits(state, db, user_name, keys):
+    # A user's calls go through their keys; a limit reached through two keys is one row.
+    seen, rows = set(), []
+    for key in keys:
+        for subject, status in state.limits.applying(db, key["project_id"], user_name,
+                                                     key["id"]):
+            if (status["id"], subject) not in seen:
+                seen.add((status["id"], subject))
+                rows.append(_limit_row(status, _whose(subject, key)))
+    return rows
+
+
+def _whose(subject, key):
+    # A key's own total is named as /keys lists the key: masked, not by id.
+    return f"key {key['masked_key']}" if subject.startswith("k:") else describe_subject(subject)
+
+
+def _limit_row(status, whose=None):
+    metric = status["metric"]
+
+    def shown(units):
+        return money(units) if metric == "usd" else format_amount(metric, units)
+    return {"id": status["id"], "text": describe_limit(status), "who": whose,
+            "action": status["action"], "used": shown(status["used"]),
+            "amount": shown(status["amount"]), "resets_at": status["resets_at"],
+            "percent": percent(status["used"], status["amount"]), "status": status}
+
+
+# --- reports ------------------------------------------------------------------------
+
+def report_range(query, now):
+    """(start_day, end_day) from ?start=&end= (inclusive UTC dates), default the last 30 days."""
+    today = dt.datetime.fromtimestamp(now, UTC).date()
+    try:
+        end = dt.date.fromisoformat(query.get("end")) if query.get("end") else today
+        start = (dt.date.fromisoformat(query.get("start")) if query.get("start")
+                 else end - dt.timedelta(days=DEFAULT_REPORT_DAYS - 1))
+    except ValueError:
+        raise LlimitError(400, "invalid_request_error",
+                          "start and end must be dates like 2026-11-01.",
+                          code="invalid_date") from None
+    if start > end:
+        raise LlimitError(400, "invalid_request_error", "start is after end.",
+                          code="invalid_date")
+    return start.isoformat(), end.isoformat()
+
+
+def usage_report(db, group_by, start_day, end_day, user_name=None):
+    """{"rows": [...], "totals": {...}} of usage per group over inclusive UTC days."""
+    if group_by not in USAGE_GROUP_COLUMNS:
+        raise LlimitError(400, "invalid_request_error",
+                          "group_by must be one of " + ", ".join(USAGE_GROUP_COLUMNS),
+                          code="invalid_group_by")
+    rows = []
+    totals = dict.fromkeys(("requests", "prompt_tokens", "cached_tokens", "cache_write_tokens",
+                            "completion_tokens", "unpriced_requests"), 0)
+    total_nusd = 0
+    for row in usage_by_group(db, group_by, start_day, end_day, user_name):
+        figures = {"requests": row[1], "prompt_tokens": row[2], "cached_tokens": row[3],
+                   "cache_write_tokens": row[4], "completion_tokens": row[5],
+                   "cost_usd": nusd_to_usd(row[6]), "unpriced_requests": row[7]}
+        rows.append({group_by: row[0] if row[0] != "" else None, **figures})
+        for name in totals:
+            totals[name] += figures[name]
+        total_nusd += row[6]
+    totals["cost_usd"] = nusd_to_usd(total_nusd)
+    return {"start": start_day, "end": end_day, "group_by": group_by, "rows": rows,
+            "totals": totals}
+
+
+def report_data(db, start_day, end_day):
+    """What /reports shows and /reports/data answers, for inclusive UTC days."""
+    first = dt.date.fromisoformat(start_day)
+    count = (dt.date.fromisoformat(end_day) - first).days + 1
+    if count > MAX_REPORT_DAYS:
+        raise LlimitError(400, "invalid_request_error",
+                          f"A report covers at most {MAX_REPORT_DAYS} days.", code="invalid_date")
+    days = [(first + dt.timedelta(days=n)).isoformat() for n in range(count)]
+    by_user = usage_report(db, "user", start_day, end_day)
+    per_day = {row["day"]: row for row in usage_report(db, "day", start_day, end_day)["rows"]}
+    daily, running_nusd = [], 0
+    for day in days:
+        row = per_day.get(day) or {"requests": 0, "cost_usd": 0.0}
+        running_nusd += round(row["cost_usd"] * NANO)
+        daily.append({"day": day, "requests": row["requests"], "cost_usd": row["cost_usd"],
+                      "cumulative_usd": nusd_to_usd(running_nusd)})
+    top = [row["user"] for row in by_user["rows"][:REPORT_TOP_USERS]]
+    stacked = {user: [0] * count for user in top}
+    other = [0] * count
+    day_index = {day: index for index, day in enumerate(days)}
+    for day, user, cost in usage_by_day_and_group(db, "user", start_day, end_day):
+        (stacked.get(user or None) or other)[day_index[day]] += cost
+    series = [{"user": user, "cost_usd": [nusd_to_usd(c) for c in costs]}
+              for user, costs in stacked.items()]
+    if len(by_user["rows"]) > REPORT_TOP_USERS:
+        series.append({"user": None, "other": True, "cost_usd": [nusd_to_usd(c) for c in other]})
+    return {"start": start_day, "end": end_day, "totals": by_user["totals"],
+            "by_user": by_user["rows"],
+            "by_model": usage_report(db, "model", start_day, end_day)["rows"],
+            "by_project": usage_report(db, "project", start_day, end_day)["rows"],
+            "daily": daily, "daily_by_user": {"days": days, "series": series}}
+
+
+def report_charts(report):
+    """The Chart.js configurations of the report page, each as JSON for a data-series."""
+    def label(name, fallback="(none)"):
+        return name if name else fallback
+
+    def ranked_bars(rows, group, title):
+        shown = rows[:REPORT_TOP_ROWS]
+        labels = [label(row[group], "(no user)" if group == "user" else "(unknown)")
+                  for row in shown]
+        values = [row["cost_usd"] for row in shown]
+        if len(rows) > REPORT_TOP_ROWS:
+            labels.append(f"{len(rows) - REPORT_TOP_ROWS} others")
+            values.append(round(sum(row["cost_usd"] for row in rows[REPORT_TOP_ROWS:]), 9))
+        return {"type": "bar", "data": {"labels": labels, "datasets": [
+            {"label": title, "data": values, "backgroundColor": CHART_COLORS[0]}]},
+            "options": _chart_options(indexAxis="y", legend=False,
+                                      scales={"x": {"money": True, "beginAtZero": True}})}
+
+    days = report["daily_by_user"]["days"]
+    charts = [
+        ("users", "Cost by user", ranked_bars(report["by_user"], "user", "Cost")),
+        ("daily", "Daily cost and running total", {"type": "bar", "data": {
+            "labels": days, "datasets": [
+                {"label": "Cost", "data": [day["cost_usd"] for day in report["daily"]],
+                 "backgroundColor": CHART_COLORS[0], "order": 2},
+                {"type": "line", "label": "Running total", "yAxisID": "total",
+                 "data": [day["cumulative_usd"] for day in report["daily"]],
+                 "borderColor": CHART_COLORS[1], "backgroundColor": CHART_COLORS[1],
+                 "pointRadius": 0, "order": 1}]},
+            "options": _chart_options(scales={
+                "y": {"money": True, "beginAtZero": True, "title": {"display": True,
+                                                                     "text": "per day"}},
+                "total": {"money": True, "beginAtZero": True, "position": "right",
+                          "grid": {"drawOnChartArea": False},
+                          "title": {"display": True, "text": "running total"}}})}),
+        ("daily-users", "Daily cost by user", {"type": "bar", "data": {
+            "labels": days, "datasets": [
+                {"label": "other" if item.get("other") else label(item["user"], "(no user)"),
+                 "data": item["cost_usd"],
+                 "backgroundColor": CHART_OTHER_COLOR if item.get("other")
+                 else CHART_COLORS[index % len(CHART_COLORS)]}
+                for index, item in enumerate(report["daily_by_user"]["series"])]},
+            "options": _chart_options(scales={"x": {"stacked": True},
+                                              "y": {"stacked": True, "money": True}})}),
+        ("models", "Cost by model", ranked_bars(report["by_model"], "model", "Cost")),
+        ("projects", "Cost by project", {"type": "doughnut", "data": {
+            "labels": [label(row["project"]) for row in report["by_project"]],
+            "datasets": [{"label": "Cost", "data": [row["cost_usd"] for row in report["by_project"]],
+                          "backgroundColor": list(CHART_COLORS)}]},
+            "options": _chart_options()}),
+    ]
+    return [{"name": name, "title": title, "series_json": json.dumps(config)}
+            for name, title, config in charts]
+
+
+def _chart_options(legend=True, **options):
+    return {"animation": False, "maintainAspectRatio": False, "responsive": True,
+            "plugins": {"legend": {"display": legend, "position": "bottom"}}, **options}
+
+
+def report_tables(report):
+    """The report's numbers as tables: one per chart's grouping, and by day."""
+    def count(n):
+        return f"{n:,}"
+
+    def grouped(title, group, rows, empty):
+        return {"title": title,
+                "headings": (group.title(), "Requests", "Input tokens", "Output tokens", "Cost"),
+                "rows": [(row[group] or empty, count(row["requests"]),
+                          count(row["prompt_tokens"]), count(row["completion_tokens"]),
+                          money(row["cost_usd"])) for row in rows]}
+    return [
+        grouped("By user", "user", report["by_user"], "(no user)"),
+        grouped("By model", "model", report["by_model"], "(unknown)"),
+        grouped("By project", "project", report["by_project"], "(none)"),
+        {"title": "By day", "headings": ("Day (UTC)", "Requests", "Cost", "Running total"),
+         "rows": [(day["day"], count(day["requests"]), money(day["cost_usd"]),
+                   money(day["cumulative_usd"])) for day in report["daily"]]},
+    ]
+
+
+def page_reports(state, session):
+    """GET /reports?start=&end=: charts and tables of cost over a UTC date range."""
+    if not session.signed_in:
+        _redirect_to_login()
+    _require_reports(session)
+    start, end = report_range(bottle.request.query, state.config.clock())
+    report = report_data(state.database(), start, end)
+    return render_page(REPORTS_PAGE, title="Reports", session=session,
+                       scripts=_chart_scripts(state.config), start=start, end=end,
+                       totals=report["totals"], by_user=report["by_user"],
+                       charts=report_charts(report), tables=report_tables(report))
+
+
+def reports_data(state, session):
+    """GET /reports/data?start=&end=: the report's figures as JSON."""
+    _require_reports(session)
+    start, end = report_range(bottle.request.query, state.config.clock())
+    return report_data(state.database(), start, end)
+
+
+def reports_csv(state, session):
+    """GET /reports/data.csv?start=&end=: the daily rollup by user, project and model."""
+    _require_reports(session)
+    start, end = report_range(bottle.request.query, state.config.clock())
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(REPORT_CSV_COLUMNS)
+    for row in iter_usage_daily(state.database(), start, end):
+        writer.writerow((row[0], _csv_text(row[1]), _csv_text(row[2]), _csv_text(row[3]),
+                         row[4], row[5], row[6], row[7], f"{row[8] / 1e9:.9f}", row[9]))
+    bottle.response.content_type = "text/csv; charset=utf-8"
+    bottle.response.set_header("Content-Disposition",
+                               f'attachment; filename="llimit-report-{start}-{end}.csv"')
+    return buffer.getvalue()
+
+
+def _csv_text(value):
+    # User names are typed by users; a leading = + - @ would be a formula in a spreadsheet.
+    return "'" + value if value[:1] in ("=", "+", "-", "@") else value
+
+
+# --- the admin dashboard ----------------------------------------------------------------
+
+def page_admin(state, session):
+    """GET /admin: totals, projects, users, keys, limits and prices."""
+    _require_admin_page(session)
+    return _render_admin(state, session,
+                         notice=ADMIN_NOTICES.get(bottle.request.query.get("done")))
+
+
+def page_admin_post(state, session, form):
+    """POST /admin: one change from a dashboard form, named by its `action` field."""
+    _require_admin_page(session)
+    action = ADMIN_ACTIONS.get(form.get("action"))
+    if action is None:
+        raise LlimitError(400, "invalid_request_error", "Unknown admin action.")
+    return action(state, session, form)
+
+
+def _render_admin(state, session, notice=None, raw_key=None, key_owner=None):
+    db = state.database()
+    now = state.config.clock()
+    today = _day(now)
+    month_start = _day(window_bounds("month", now)[0])
+    today_total = get_counter(db, "*", today, today)
+    month_total = get_counter(db, "*", month_start, today)
+    limit_rows = [_limit_row(state.limits.status(db, row)) for row in list_limits(db)]
+    projects = []
+    for row in list_projects(db):
+        project = project_to_json(row)
+        project["limits"] = [limit for limit in limit_rows
+                             if limit["status"]["scope"] == "project"
+                             and limit["status"]["target"] == row["id"]]
+        projects.append(project)
+    key_rows = list_keys(db)
+    spend = key_spend(db, [row["id"] for row in key_rows])
+    keys = [key_to_json(row, spend.get(row["id"])) for row in key_rows]
+    book = state.pricebook
+    prices = [{"model": model, **{field: price.get(field) for field in PRICE_FIELDS},
+               "source": "set here" if model in book.overrides else "pricing.json"}
+              for model, price in sorted(book.table().items())]
+    return render_page(
+        ADMIN_PAGE, title="Admin", session=session, scripts=[{"src": PAGES_SCRIPT_PATH}],
+        notice=notice, new_key=raw_key,
+        new_key_html=_new_key_html(state.config, raw_key, key_owner) if raw_key else "",
+        today_usd=nusd_to_usd(today_total[2]), today_requests=today_total[0],
+        month_usd=nusd_to_usd(month_total[2]), month_requests=month_total[0],
+        active_keys=sum(key["active"] for key in keys), projects=projects,
+        users=_admin_users(db, keys, month_start, today), keys=keys, limits=limit_rows,
+        missing=missing_prices(db, book), prices=prices, upstream_kinds=UPSTREAM_KINDS,
+        budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=METRICS, windows=WINDOWS)
+
+
+def _admin_users(db, keys, month_start, today):
+    month = {row["user"]: row for row in usage_report(db, "user", month_start, today)["rows"]
+             if row["user"]}
+    lifetime = {user: cost for user, _, _, cost in list_user_totals(db)}
+    active = {}
+    for key in keys:
+        if key["user"]:
+            active[key["user"]] = active.get(key["user"], 0) + int(key["active"])
+    names = sorted(set(month) | set(lifetime) | set(active),
+                   key=lambda name: (-lifetime.get(name, 0), name))
+    return [{"user": name, "active_keys": active.get(name, 0),
+             "month_requests": month[name]["requests"] if name in month else 0,
+             "month_usd": month[name]["cost_usd"] if name in month else 0.0,
+             "total_usd": nusd_to_usd(lifetime.get(name, 0))} for name in names]
+
+
+def _admin_done(notice, anchor):
+    bottle.redirect(f"/admin?done={notice}#{anchor}", 303)
+
+
+def _admin_create_project(state, session, form):
+    data = _project_form(form)
+    data["id"] = form.get("id", "").strip()
+    create_project(state.database(), data, utc_iso(state.config.clock()))
+    _admin_done("project_created", "projects")
+
+
+def _admin_update_project(state, session, form):
+    data = _project_form(form)
+    if form.get("clear_upstream_key"):
+        data["upstream_key"] = None
+    change_project(state.database(), form.get("id", ""), data, utc_iso(state.config.clock()))
+    _admin_done("project_saved", "projects")
+
+
+def _project_form(form):
+    # The upstream key is write-only: a blank field keeps the one stored.
+    data = {field: form.get(field, "").strip() or None
+            for field in ("name", "upstream_url", "api_version", "limit_message")}
+    data["allow_user_keys"] = form.get("allow_user_keys") == "1"
+    for field in ("upstream_kind", "upstream_key"):
+        if form.get(field, "").strip():
+            data[field] = form[field].strip()
+    if form.get("budget_usd", "").strip():
+        data["budget"] = {"usd": _form_number(form, "budget_usd"),
+                          "window": form.get("budget_window") or "month"}
+    return data
+
+
+def _admin_create_key(state, session, form):
+    fields = validate_key_fields(
+        {"user": form.get("user", "").strip() or None, "project": form.get("project") or "default",
+         "note": form.get("note", "").strip() or None,
+         "expires_at": form.get("expires_at") or None},
+        ("user", "project", "note", "expires_at"))
+    db = state.database()
+    with transaction(db):
+        row, raw_key = create_key(db, state.config.clock(), fields["user"], fields["project"],
+                                  fields["note"], fields["expires_at"])
+    log.info("admin page: created key %s for %s in project %s", row["id"],
+             row["user_name"] or "(project)", row["project_id"])
+    return _render_admin(state, session, raw_key=raw_key,
+                         key_owner=row["user_name"] or f"project {row['project_id']}")
+
+
+def _admin_revoke_key(state, session, form):
+    db = state.database()
+    key_id = form.get("key_id", "")
+    with transaction(db):
+        _must_exist(get_key(db, key_id), "key", key_id)
+        revoke_key(db, key_id, utc_iso(state.config.clock()))
+    _admin_done("key_revoked", "keys")
+
+
+def _admin_create_limit(state, session, form):
+    data = {"scope": form.get("scope"), "metric": form.get("metric"),
+            "window": form.get("window"), "action": form.get("limit_action") or "block",
+            "amount": _form_number(form, "amount"),
+            "target": form.get("target", "").strip() or None,
+            "each": form.get("each") or None}
+    if form.get("alert_at", "").strip():
+        data["alert_at"] = [_number(part, "alert_at") for part in form["alert_at"].split(",")
+                            if part.strip()]
+    limit = validate_limit(data)
+    db = state.database()
+    with transaction(db):
+        add_limit(db, limit, utc_iso(state.config.clock()))
+    _admin_done("limit_created", "limits")
+
+
+def _admin_delete_limit(state, session, form):
+    db = state.database()
+    limit_id = form.get("limit_id", "")
+    with transaction(db):
+        _must_exist(get_limit(db, limit_id), "limit", limit_id)
+        delete_limit(db, limit_id)
+    _admin_done("limit_deleted", "limits")
+
+
+def _admin_set_price(state, session, form):
+    price = {field: _form_number(form, field) for field in PRICE_FIELDS
+             if form.get(field, "").strip()}
+    save_price(state.database(), form.get("model", "").strip(), price,
+               utc_iso(state.config.clock()))
+    state.reload_prices()
+    _admin_done("price_set", "prices")
+
+
+ADMIN_ACTIONS = {
+    "create_project": _admin_create_project, "update_project": _admin_update_project,
+    "create_key": _admin_create_key, "revoke_key": _admin_revoke_key,
+    "create_limit": _admin_create_limit, "delete_limit": _admin_delete_limit,
+    "set_price": _admin_set_price,
+}
+
+
+def _form_number(form, field):
+    return _number(form.get(field, ""), field)
+
+
+def _number(text, field):
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value):
+        raise _field_error(field, "must be a number")
+    return value
+
+
+# --- static files ------------------------------------------------------------------
+
+def static_pages_script(state):
+    """GET /static/llimit.js: the pages' copy buttons and charts."""
+    bottle.response.content_type = "text/javascript; charset=utf-8"
+    bottle.response.set_header("Cache-Control", "public, max-age=3600")
+    return PAGES_SCRIPT_JS
+
+
+def static_chartjs(state):
+    """GET /static/chart.umd.js: the local Chart.js named by LLIMIT_CHARTJS."""
+    path = state.config.chartjs
+    if not path:
+        raise LlimitError(404, "invalid_request_error",
+                          "No local Chart.js here; the pages load it from a CDN.")
+    path = os.path.abspath(path)
+    response = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
+                                  mimetype="text/javascript", charset="utf-8")
+    response.set_header("Cache-Control", "public, max-age=86400")
+    return response
+
+
+# =============================================================================
 # 9. Admin API and /llimit/me
 #    JSON over HTTP for scripts and curl, behind the admin token; and what a
 #    key holder may ask about their own key. Every change goes through the
@@ -2709,7 +4651,6 @@ def _drain(resp, meter, seconds):
 # =============================================================================
 
 ADMIN_BODY_MAX_BYTES = 1024 * 1024
-DEFAULT_REPORT_DAYS = 30
 
 
 def _json_input():
@@ -2798,22 +4739,8 @@ def admin_projects_list(state):
 def admin_projects_create(state):
     """POST /admin/projects, with an optional `budget` shorthand that becomes limits."""
     require_admin(state)
-    data = _json_input()
-    project = validate_project(data)
-    limits = budget_limits(project["id"], data["budget"]) if data.get("budget") else []
-    project["created_at"] = utc_iso(state.config.clock())
-    db = state.database()
-    with transaction(db):
-        if get_project(db, project["id"]) is not None:
-            raise LlimitError(409, "invalid_request_error",
-                              f"A project {project['id']!r} exists already.",
-                              code="project_exists")
-        insert_project(db, project)
-        for limit in limits:
-            _insert_new_limit(db, limit, project["created_at"])
-    _warn_missing_upstream_key(project)
+    project = create_project(state.database(), _json_input(), utc_iso(state.config.clock()))
     return _created(admin_project_get(state, project["id"]))
-
 
 
 def admin_project_get(state, project_id):
@@ -2821,7 +4748,7 @@ def admin_project_get(state, project_id):
     require_admin(state)
     db = state.database()
     project = project_to_json(_must_exist(get_project(db, project_id), "project", project_id))
-    project["limits"] = [limit_json(state, db, row) for row in list_limits(db)
+    project["limits"] = [state.limits.status(db, row) for row in list_limits(db)
                          if row["scope"] == "project" and row["target"] == project_id]
     return project
 
@@ -2829,15 +4756,7 @@ def admin_project_get(state, project_id):
 def admin_project_update(state, project_id):
     """PATCH /admin/projects/<id>"""
     require_admin(state)
-    data = _json_input()
-    db = state.database()
-    with transaction(db):
-        current = _must_exist(get_project(db, project_id), "project", project_id)
-        project = validate_project(data, dict(current))
-        update_project(db, project)
-        for limit in budget_limits(project_id, data["budget"]) if data.get("budget") else []:
-            _insert_new_limit(db, limit, utc_iso(state.config.clock()))
-    _warn_missing_upstream_key(project)
+    change_project(state.database(), project_id, _json_input(), utc_iso(state.config.clock()))
     return admin_project_get(state, project_id)
 
 
@@ -2853,35 +4772,11 @@ def admin_project_delete(state, project_id):
     return {"id": project_id, "deleted": True}
 
 
-def _warn_missing_upstream_key(project):
-    key = project["upstream_key"]
-    if key and key.startswith("env:") and not os.environ.get(key[4:]):
-        log.warning("project %s: upstream key variable %s is not set; its calls will get 502",
-                    project["id"], key[4:])
-
-
-def limit_json(state, db, limit):
-    """A limit with `used` and `resets_at` for its current window (largest member for `each`)."""
-    if limit["each"]:
-        used, end = state.limits.used_by_top_member(db, limit)
-    else:
-        subject = {"global": "*", "project": f"p:{limit['target']}",
-                   "user": f"u:{limit['target']}", "key": f"k:{limit['target']}"}
-        used, end = state.limits.used(db, limit, subject[limit["scope"]])
-    return limit_to_json(limit, used, end)
-
-
-def _insert_new_limit(db, limit, now_iso):
-    limit = {**limit, "id": "lim_" + secrets.token_hex(6), "created_at": now_iso}
-    insert_limit(db, limit)
-    return limit["id"]
-
-
 def admin_limits_list(state):
     """GET /admin/limits"""
     require_admin(state)
     db = state.database()
-    return {"data": [limit_json(state, db, row) for row in list_limits(db)]}
+    return {"data": [state.limits.status(db, row) for row in list_limits(db)]}
 
 
 def admin_limits_create(state):
@@ -2890,16 +4785,15 @@ def admin_limits_create(state):
     limit = validate_limit(_json_input())
     db = state.database()
     with transaction(db):
-        limit_id = _insert_new_limit(db, limit, utc_iso(state.config.clock()))
+        limit_id = add_limit(db, limit, utc_iso(state.config.clock()))
     return _created(admin_limit_get(state, limit_id))
-
 
 
 def admin_limit_get(state, limit_id):
     """GET /admin/limits/<id>"""
     require_admin(state)
     db = state.database()
-    return limit_json(state, db, _must_exist(get_limit(db, limit_id), "limit", limit_id))
+    return state.limits.status(db, _must_exist(get_limit(db, limit_id), "limit", limit_id))
 
 
 def admin_limit_update(state, limit_id):
@@ -2921,46 +4815,6 @@ def admin_limit_delete(state, limit_id):
         _must_exist(get_limit(db, limit_id), "limit", limit_id)
         delete_limit(db, limit_id)
     return {"id": limit_id, "deleted": True}
-
-
-def report_range(query, now):
-    """(start_day, end_day) from ?start=&end= (inclusive UTC dates), default the last 30 days."""
-    today = dt.datetime.fromtimestamp(now, UTC).date()
-    try:
-        end = dt.date.fromisoformat(query.get("end")) if query.get("end") else today
-        start = (dt.date.fromisoformat(query.get("start")) if query.get("start")
-                 else end - dt.timedelta(days=DEFAULT_REPORT_DAYS - 1))
-    except ValueError:
-        raise LlimitError(400, "invalid_request_error",
-                          "start and end must be dates like 2026-11-01.",
-                          code="invalid_date") from None
-    if start > end:
-        raise LlimitError(400, "invalid_request_error", "start is after end.",
-                          code="invalid_date")
-    return start.isoformat(), end.isoformat()
-
-
-def usage_report(db, group_by, start_day, end_day, user_name=None):
-    """{"rows": [...], "totals": {...}} of usage per group over inclusive UTC days."""
-    if group_by not in USAGE_GROUP_COLUMNS:
-        raise LlimitError(400, "invalid_request_error",
-                          "group_by must be one of " + ", ".join(USAGE_GROUP_COLUMNS),
-                          code="invalid_group_by")
-    rows = []
-    totals = dict.fromkeys(("requests", "prompt_tokens", "cached_tokens", "cache_write_tokens",
-                            "completion_tokens", "unpriced_requests"), 0)
-    total_nusd = 0
-    for row in usage_by_group(db, group_by, start_day, end_day, user_name):
-        figures = {"requests": row[1], "prompt_tokens": row[2], "cached_tokens": row[3],
-                   "cache_write_tokens": row[4], "completion_tokens": row[5],
-                   "cost_usd": nusd_to_usd(row[6]), "unpriced_requests": row[7]}
-        rows.append({group_by: row[0] if row[0] != "" else None, **figures})
-        for name in totals:
-            totals[name] += figures[name]
-        total_nusd += row[6]
-    totals["cost_usd"] = nusd_to_usd(total_nusd)
-    return {"start": start_day, "end": end_day, "group_by": group_by, "rows": rows,
-            "totals": totals}
 
 
 def admin_usage(state):
@@ -3013,11 +4867,6 @@ def _usage_csv_lines(database, start_ms, end_ms):
     yield buffer.getvalue().encode()
 
 
-def missing_prices(db, pricebook):
-    """Models that usage was recorded for but that have no price now."""
-    return [model for model in list_seen_models(db) if pricebook.resolve(model) is None]
-
-
 def admin_pricing_list(state):
     """GET /admin/pricing: prices in force, and models seen without one."""
     require_admin(state)
@@ -3031,14 +4880,7 @@ def admin_pricing_put(state, model):
     """PUT /admin/pricing/<model>: set a model's USD per 1M tokens (kept in the database)."""
     require_admin(state)
     price = _json_input()
-    error = validate_price(price)
-    if error:
-        raise LlimitError(400, "invalid_request_error", error, code="invalid_price")
-    if not model or len(model) > 200:
-        raise LlimitError(400, "invalid_request_error", "Bad model name.")
-    db = state.database()
-    with transaction(db):
-        upsert_price_override(db, model, price, utc_iso(state.config.clock()))
+    save_price(state.database(), model, price, utc_iso(state.config.clock()))
     state.reload_prices()
     return {"model": model, **{f: price.get(f) for f in PRICE_FIELDS if f in price}}
 
@@ -3089,12 +4931,8 @@ def llimit_me(state):
     environ = bottle.request.environ
     key = authenticate_call(state, environ)
     user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers)
-    limits = []
-    for limit in limits_for_call(db, key["project_id"], user_name, key["id"]):
-        subject = limit_subject(limit, key["project_id"], user_name, key["id"])
-        if subject is not None:
-            used, end = state.limits.used(db, limit, subject)
-            limits.append(limit_to_json(limit, used, end))
+    limits = [status for _, status in
+              state.limits.applying(db, key["project_id"], user_name, key["id"])]
     return {"user": user_name, "project": key["project_id"], "key": key["masked_key"],
             "key_id": key["id"], "limits": limits}
 
@@ -3307,6 +5145,9 @@ class State:
         self.streams = OpenStreams()
         self.user_header_names = frozenset(header.lower() for header in config.user_headers)
         self.openapi = _openapi_spec()
+        self.oidc = OidcClient(config) if config.auth == "oidc" else None
+        if config.chartjs and not os.path.isfile(config.chartjs):
+            raise ValueError(f"LLIMIT_CHARTJS names no file: {config.chartjs}")
         self.generated_admin_token = None
 
     def reload_prices(self):
@@ -3324,22 +5165,26 @@ def _is_json_path(path):
 
 
 def error_response(error, path):
-    """A LlimitError as OpenAI's JSON shape (JSON routes) or a plain page."""
+    """A LlimitError as OpenAI's JSON shape (JSON routes) or an error page."""
     if _is_json_path(path):
         response = bottle.HTTPResponse(json.dumps(error.body()), status=error.status)
         response.content_type = "application/json"
     else:
         response = bottle.HTTPResponse(_error_page(error), status=error.status)
         response.content_type = "text/html; charset=utf-8"
+        for name, value in page_headers("'none'").items():
+            response.set_header(name, value)
     for name, value in error.headers.items():
         response.set_header(name, value)
     return response
 
 
 def _error_page(error):
-    text = bottle.html_escape(error.message)
-    return (f"<!doctype html><title>llimit: {error.status}</title>"
-            f"<h1>{error.status}</h1><p>{text}</p><p><a href='/'>llimit home</a></p>")
+    # The page wrapper left the visitor's session here; a 404 found no page to run.
+    session = bottle.request.environ.get("llimit.session") or PageSession()
+    return render_page(ERROR_PAGE, title=str(error.status), session=session,
+                       status=error.status, message=error.message,
+                       reason=bottle.HTTP_CODES.get(error.status, "Error"))
 
 
 class ErrorPlugin:
@@ -3406,6 +5251,23 @@ def routes():
         ("PUT", "/admin/pricing/<model:path>", admin_pricing_put),
         ("POST", "/admin/reprice", admin_reprice),
         ("GET", "/admin/openapi.json", admin_openapi),
+        # the pages
+        ("GET", "/", page(page_home)),
+        ("GET", "/login", page(page_login)),
+        ("POST", "/login", page(page_login_post)),
+        ("GET", "/login/callback", page(page_login_callback)),
+        ("POST", "/logout", page(page_logout)),
+        ("GET", "/keys", page(page_keys)),
+        ("POST", "/keys", page(page_keys_create)),
+        ("POST", "/keys/<key_id>/revoke", page(page_key_revoke)),
+        ("GET", "/usage", page(page_usage)),
+        ("GET", "/reports", page(page_reports)),
+        ("GET", "/reports/data", page(reports_data)),
+        ("GET", "/reports/data.csv", page(reports_csv)),
+        ("GET", "/admin", page(page_admin)),
+        ("POST", "/admin", page(page_admin_post)),
+        ("GET", PAGES_SCRIPT_PATH, static_pages_script),
+        ("GET", CHARTJS_PATH, static_chartjs),
         # operations
         ("GET", "/healthz", ops_healthz),
         ("GET", "/metrics", ops_metrics),
@@ -3444,7 +5306,8 @@ def _bottle_error(status):
                                    f"{messages[status]} ({bottle.request.method}"
                                    f" {bottle.request.path})", code=f"http_{status}")
         response = error_response(llimit_error, bottle.request.path)
-        bottle.response.content_type = response.content_type
+        for name, value in response.headers.items():
+            bottle.response.set_header(name, value)
         return response.body
     return handle
 
@@ -3460,7 +5323,12 @@ CUT_STREAMS_SECONDS = 5.0  # after the grace period: for cut streams to be meter
 
 
 def configure_logging(config):
-    """Logging for a process: one line per event, text or JSON lines."""
+    """Logging for a process: one line per event, text or JSON lines; returns its writer.
+
+    Records are written to stderr by one listener thread: with a lock around
+    the stream, 64 request threads would queue behind each other's writes.
+    Stop the returned listener to flush.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if config.log_format == "json":
         handler.setFormatter(_JsonLogFormatter())
@@ -3471,10 +5339,14 @@ def configure_logging(config):
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.logAsyncioTasks = False
+    records = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler)
+    listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [logging.handlers.QueueHandler(records)]
     root.setLevel(config.log_level.upper())
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    return listener
 
 
 class _JsonLogFormatter(logging.Formatter):
@@ -3494,22 +5366,25 @@ class _JsonLogFormatter(logging.Formatter):
 
 def serve(config):
     """Run the server until SIGTERM or Ctrl-C; open streams may finish first."""
-    configure_logging(config)
+    log_writer = configure_logging(config)
     try:
         app = make_app(config)
     except (sqlite3.Error, OSError, ValueError) as error:
         log.error("cannot start: %s", error)
+        log_writer.stop()
         return 1
     state = app.llimit
     if state.generated_admin_token:
         print(f"llimit: generated an admin token (shown this once, only its hash is kept):\n"
               f"  {state.generated_admin_token}", file=sys.stderr, flush=True)
     _warn_missing_upstream_keys(state)
+    for warning in sign_in_warnings(config):
+        log.warning("%s", warning)
     server = waitress.create_server(
         app, host=config.host, port=config.port, threads=config.threads, ident="llimit",
         max_request_body_size=config.max_body_bytes * 2 + 65536,
         connection_limit=max(100, config.threads * 4), channel_timeout=300)
-    signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state))
+    signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state, log_writer))
     log.info("llimit %s serving on http://%s:%s (database %s)", __version__,
              config.host, server.effective_port, config.db_path)
     try:
@@ -3517,6 +5392,7 @@ def serve(config):
     except KeyboardInterrupt:
         pass
     state.close()
+    log_writer.stop()
     return 0
 
 
@@ -3528,7 +5404,7 @@ def _warn_missing_upstream_keys(state):
                     " go upstream without a key")
 
 
-def _graceful_stop(server, state):
+def _graceful_stop(server, state, log_writer):
     log.info("SIGTERM: no new connections; open calls have %ss to finish",
              state.config.grace_seconds)
     # Stop accepting now; close the listening socket from inside the event loop
@@ -3544,7 +5420,7 @@ def _graceful_stop(server, state):
             _wait_for_calls(server, time.monotonic() + CUT_STREAMS_SECONDS)
         state.close()
         log.info("stopped; every finished call is metered")
-        logging.shutdown()
+        log_writer.stop()
         os._exit(0)
 
     threading.Thread(target=finish, name="llimit-shutdown", daemon=True).start()
@@ -3642,7 +5518,7 @@ def cli_limits(config, args):
                 else None}
         limit = validate_limit({k: v for k, v in data.items() if v is not None})
         with transaction(db):
-            limit_id = _insert_new_limit(db, limit, utc_iso(config.clock()))
+            limit_id = add_limit(db, limit, utc_iso(config.clock()))
         print(f"created limit {limit_id}")
     elif args.action == "delete":
         with transaction(db):
@@ -3650,7 +5526,7 @@ def cli_limits(config, args):
         print(f"deleted {args.id}" if found else f"no limit {args.id}")
         return 0 if found else 1
     else:
-        _print_table([limit_json(state, db, row) for row in list_limits(db)],
+        _print_table([state.limits.status(db, row) for row in list_limits(db)],
                      ("id", "scope", "target", "each", "metric", "window", "amount", "used",
                       "action", "resets_at"))
     return 0

@@ -161,3 +161,17 @@ def test_no_prompt_or_completion_text_is_stored(gateway, fake, tmp_path):
     completion = json.dumps(fake.last_completion_text).encode()[1:-1] \
         if hasattr(fake, "last_completion_text") else b"Hello world"
     assert completion not in blob
+
+
+def test_usage_is_committed_before_the_last_byte(gateway, fake):
+    raw_key, _ = gateway.create_key()
+    db = gateway.db()
+    for stream in (False, True):
+        resp = requests.post(gateway.url + "/v1/chat/completions",
+                             json={"model": "gpt-4o", "stream": stream, "messages": []},
+                             headers={"Authorization": f"Bearer {raw_key}"})
+        assert resp.status_code == 200 and resp.content
+        # Read at once, without waiting for the writer: the row must already be there.
+        count = db.execute("select count(*) from usage_events where stream = ?",
+                           (int(stream),)).fetchone()[0]
+        assert count == 1, f"stream={stream}: usage not committed when the response ended"

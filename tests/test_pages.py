@@ -1,0 +1,376 @@
+"""The pages, in a real headless Chromium and over HTTP: sign-in, keys, usage,
+reports with drawn charts, the admin dashboard, and the web-app defences
+(CSRF, cross-site posts, escaping, own keys only, admins only)."""
+
+import os
+import re
+
+import openai
+import pytest
+import requests
+from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.common.by import By
+
+import llimit
+from tests.browser import (VENDOR_CHARTJS, click_and_wait, csrf_token, fresh, http_sign_in,
+                           sign_in_admin, sign_in_open, start_chromium)
+from tests.conftest import ADMIN_TOKEN
+
+# 11 prompt + 7 completion tokens (the fake upstream's answer) at these prices: $0.025.
+PRICE = {"input": 1000.0, "output": 2000.0}
+CALL_USD = 0.025
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    driver = start_chromium(tmp_path_factory.mktemp("chromium"))
+    yield driver
+    driver.quit()
+
+
+def priced(server, model="gpt-4o-mini"):
+    resp = server.admin.put(f"{server.url}/admin/pricing/{model}", json=PRICE)
+    assert resp.status_code == 200, resp.text
+    return server
+
+
+def call(server, raw_key, model="gpt-4o-mini"):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=raw_key, max_retries=0)
+    return client.chat.completions.create(model=model,
+                                          messages=[{"role": "user", "content": "Hi"}])
+
+
+def test_sign_in_get_a_key_use_it_and_see_the_spend_and_the_charts(make_llimit, browser):
+    assert os.path.exists(VENDOR_CHARTJS), "run tests/install.sh for the local Chart.js"
+    server = priced(make_llimit(chartjs=VENDOR_CHARTJS))
+    driver = browser
+    sign_in_open(driver, server.url, "alice", next_path="/keys")
+    assert driver.current_url == server.url + "/keys"
+    assert "Keys of alice" in driver.page_source
+
+    driver.find_element(By.ID, "note").send_keys("laptop")
+    click_and_wait(driver, driver.find_element(By.CSS_SELECTOR, "form[action='/keys'] button"))
+    raw_key = driver.find_element(By.ID, "new-key").text
+    assert raw_key.startswith("llimit-") and len(raw_key) > 40
+    python_snippet = driver.find_element(By.ID, "snippet-python").text
+    assert f'base_url="{server.url}/v1"' in python_snippet and raw_key in python_snippet
+    assert raw_key in driver.find_element(By.ID, "snippet-curl").text
+    copy = driver.find_element(By.CSS_SELECTOR, "button[data-copy=new-key]")
+    assert copy.is_displayed()  # the pages' script ran and showed it
+    listed = driver.find_element(By.CSS_SELECTOR, "table").text
+    assert raw_key[:11] in listed and raw_key not in listed and "laptop" in listed
+
+    assert call(server, raw_key).choices[0].message.content == "Hello world!"
+    server.admin.post(server.url + "/admin/limits", json={
+        "scope": "user", "target": "alice", "metric": "usd", "window": "day", "amount": 0.1})
+    driver.get(server.url + "/usage")
+    stats = [element.text for element in driver.find_elements(By.CLASS_NAME, "stat")]
+    assert stats[:3] == ["$0.0250", "$0.0250", "1"]
+    limits = driver.find_element(By.CSS_SELECTOR, "section table").text
+    assert "$0.0250 of $0.1000" in limits and "user alice" in limits
+    bar = driver.find_element(By.CSS_SELECTOR, "section table .bar span")
+    assert bar.get_attribute("style") == "width: 25%;"
+    assert "gpt-4o-mini" in driver.page_source
+
+    driver.get(server.url + "/reports")
+    assert "Reports are for admins" in driver.page_source
+    sign_in_admin(driver, server.url, ADMIN_TOKEN, next_path="/reports")
+    assert driver.current_url == server.url + "/reports"
+    drawn = driver.execute_script("""
+        return Array.from(document.querySelectorAll("canvas[data-series]")).map(function (c) {
+            var chart = Chart.getChart(c);
+            return chart ? [c.id, chart.data.datasets.map(function (d) { return d.data; })]
+                         : [c.id, null];
+        });""")
+    charts = dict(drawn)
+    assert set(charts) == {"chart-users", "chart-daily", "chart-daily-users", "chart-models",
+                           "chart-projects"}
+    assert all(datasets for datasets in charts.values()), charts
+    assert charts["chart-users"] == [[CALL_USD]]
+    daily_cost, running_total = charts["chart-daily"]
+    assert len(daily_cost) == 30 and daily_cost[-1] == CALL_USD and running_total[-1] == CALL_USD
+    assert charts["chart-daily-users"][0][-1] == CALL_USD
+    assert driver.execute_script(
+        "return document.getElementById('chart-daily').getContext('2d')"
+        ".getImageData(0, 0, 400, 300).data.some(function (v) { return v !== 0; })")
+    tables = driver.find_element(By.TAG_NAME, "main").text
+    assert "alice" in tables and "$0.0250" in tables
+
+
+def test_a_user_name_is_text_never_markup(make_llimit, browser):
+    server = make_llimit()
+    evil = "<script>alert(1)</script>"
+    sign_in_open(browser, server.url, evil, next_path="/keys")
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text
+    assert browser.find_element(By.CSS_SELECTOR, "header .who span").text == evil
+    assert "Keys of " + evil in browser.find_element(By.TAG_NAME, "main").text
+    page = http_sign_in(server.url, evil).get(server.url + "/keys").text
+    assert evil not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_a_page_error_is_a_page_and_needs_no_script(make_llimit, browser):
+    server = make_llimit()
+    fresh(browser, server.url, "/no/such/page")
+    assert "404" in browser.title and "Unknown URL" in browser.page_source
+    assert browser.find_element(By.CSS_SELECTOR, "header a.brand").text == "llimit"
+    resp = requests.get(server.url + "/no/such/page")
+    assert resp.status_code == 404 and resp.headers["Content-Type"].startswith("text/html")
+    assert "script-src 'none'" in resp.headers["Content-Security-Policy"]
+
+
+def test_users_see_and_revoke_only_their_own_keys(gateway):
+    bob_key, bob_id = gateway.create_key(user="bob", note="bob's secret note")
+    alice = http_sign_in(gateway.url, "alice")
+    page = alice.get(gateway.url + "/keys").text
+    token = csrf_token(page)
+    created = alice.post(gateway.url + "/keys", data={"csrf_token": token, "project": "default",
+                                                      "note": "mine"})
+    assert created.status_code == 200
+    alice_key = re.search(r'id="new-key" class="secret">([^<]+)<', created.text).group(1)
+    page = alice.get(gateway.url + "/keys").text
+    assert bob_id not in page and "bob's secret note" not in page and bob_key[-4:] not in page
+    assert alice_key not in page  # shown once, at creation only
+
+    refused = alice.post(f"{gateway.url}/keys/{bob_id}/revoke", data={"csrf_token": token})
+    assert refused.status_code == 404
+    assert call(gateway, bob_key).choices  # still works
+
+    alice_id = gateway.db().execute("select id from api_keys where user_name = 'alice'"
+                                    ).fetchone()[0]
+    revoked = alice.post(f"{gateway.url}/keys/{alice_id}/revoke", data={"csrf_token": token})
+    assert revoked.status_code == 200 and revoked.url == gateway.url + "/keys"
+    assert "revoked" in revoked.text
+    with pytest.raises(openai.PermissionDeniedError):
+        call(gateway, alice_key)
+    assert alice.get(f"{gateway.url}/keys/{alice_id}/revoke").status_code == 405
+
+
+def test_state_changing_posts_need_the_csrf_token_and_our_origin(gateway):
+    alice = http_sign_in(gateway.url, "alice")
+    token = csrf_token(alice.get(gateway.url + "/keys").text)
+    form = {"project": "default", "note": "x"}
+    assert alice.post(gateway.url + "/keys", data=form).status_code == 403
+    wrong = alice.post(gateway.url + "/keys", data={**form, "csrf_token": "forged"})
+    assert wrong.status_code == 403 and "reload the page" in wrong.text
+    non_ascii = alice.post(gateway.url + "/keys", data={**form, "csrf_token": "é"})
+    assert non_ascii.status_code == 403
+    for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Sec-Fetch-Site": "same-site"}, {"Origin": "null"}):
+        refused = alice.post(gateway.url + "/keys", data={**form, "csrf_token": token},
+                             headers=headers)
+        assert refused.status_code == 403 and "another site" in refused.text, headers
+    # Another browser's token is no good either.
+    bob_token = csrf_token(http_sign_in(gateway.url, "bob").get(gateway.url + "/keys").text)
+    assert alice.post(gateway.url + "/keys",
+                      data={**form, "csrf_token": bob_token}).status_code == 403
+    assert gateway.db().execute("select count(*) from api_keys").fetchone()[0] == 0
+    ok = alice.post(gateway.url + "/keys", data={**form, "csrf_token": token},
+                    headers={"Origin": gateway.url, "Sec-Fetch-Site": "same-origin"})
+    assert ok.status_code == 200
+    logout = alice.post(gateway.url + "/logout", data={})
+    assert logout.status_code == 403  # even signing out takes the token
+    assert alice.get(gateway.url + "/logout").status_code == 405
+
+
+def test_sessions_are_server_side_with_safe_cookies(make_llimit):
+    server = make_llimit()
+    session = requests.Session()
+    page = session.get(server.url + "/login")
+    cookie = page.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "samesite=lax" in cookie.lower() and "Secure" not in cookie
+    signed_in = session.post(server.url + "/login", data={"csrf_token": csrf_token(page.text),
+                                                          "user": "alice"},
+                             allow_redirects=False)
+    raw_id = session.cookies["llimit_session"]
+    rows = [dict(row) for row in server.db().execute("select * from sessions")]
+    assert [row["user_name"] for row in rows] == ["alice"]  # the pre-sign-in row is gone
+    assert rows[0]["id_hash"] == llimit.hash_secret(raw_id) and raw_id not in str(rows)
+    assert signed_in.status_code == 303
+    # A forged cookie signs no one in.
+    stranger = requests.get(server.url + "/keys", cookies={"llimit_session": "made-up"},
+                            allow_redirects=False)
+    assert stranger.status_code == 303 and "/login" in stranger.headers["Location"]
+    token = csrf_token(session.get(server.url + "/keys").text)
+    out = session.post(server.url + "/logout", data={"csrf_token": token},
+                       allow_redirects=False)
+    assert out.status_code == 303 and 'llimit_session=""' in out.headers["Set-Cookie"]
+    assert server.db().execute("select count(*) from sessions").fetchone()[0] == 0
+    replayed = requests.get(server.url + "/keys", cookies={"llimit_session": raw_id},
+                            allow_redirects=False)
+    assert replayed.status_code == 303
+
+    https = make_llimit(public_url="https://llimit.example.com")
+    assert "Secure" in requests.get(https.url + "/login").headers["Set-Cookie"]
+
+
+def test_open_sign_in_warns_that_anyone_can_act_as_anyone():
+    warnings = llimit.sign_in_warnings(llimit.Config(auth="open", admin_users=("root",)))
+    assert any("anyone" in warning for warning in warnings)
+    assert any("LLIMIT_ADMIN_USERS is ignored" in warning for warning in warnings)
+    assert llimit.sign_in_warnings(llimit.Config(auth="header")) == []
+
+
+def test_admin_pages_refuse_everyone_but_admins(make_llimit):
+    server = make_llimit(admin_users=("root",))
+    anonymous = requests.get(server.url + "/admin", allow_redirects=False)
+    assert anonymous.status_code == 303
+    assert anonymous.headers["Location"].endswith("/login?next=%2Fadmin")
+    # Open sign-in lets anyone type "root", so LLIMIT_ADMIN_USERS counts for nothing there.
+    root = http_sign_in(server.url, "root")
+    refused = root.get(server.url + "/admin")
+    assert refused.status_code == 403 and "This page is for llimit" in refused.text
+    assert "<header>" in refused.text  # the error is a page of the site
+    token = csrf_token(refused.text)
+    post = root.post(server.url + "/admin", data={"csrf_token": token, "action": "create_key",
+                                                  "user": "root"})
+    assert post.status_code == 403
+    assert server.db().execute("select count(*) from api_keys").fetchone()[0] == 0
+    assert root.get(server.url + "/reports").status_code == 403
+    data = root.get(server.url + "/reports/data")
+    assert data.status_code == 403 and data.json()["error"]["type"] == "permission_denied"
+    assert requests.get(server.url + "/reports/data").status_code == 401
+    wrong = root.post(server.url + "/login", data={"csrf_token": token, "admin_token": "guess"})
+    assert wrong.status_code == 401
+    admin = root.post(server.url + "/login", data={"csrf_token": token,
+                                                   "admin_token": ADMIN_TOKEN, "next": "/"})
+    assert admin.url == server.url + "/admin" and admin.status_code == 200
+
+    public = make_llimit(reports_public=True)
+    carol = http_sign_in(public.url, "carol")
+    assert carol.get(public.url + "/reports").status_code == 200
+    assert carol.get(public.url + "/admin").status_code == 403
+
+
+def test_admin_dashboard_manages_projects_keys_limits_and_prices(gateway, fake, monkeypatch):
+    admin = http_sign_in(gateway.url, admin_token=ADMIN_TOKEN)
+    page = admin.get(gateway.url + "/admin")
+    assert page.status_code == 200
+    token = csrf_token(page.text)
+
+    def act(action, **fields):
+        return admin.post(gateway.url + "/admin", data={"csrf_token": token, "action": action,
+                                                        **fields})
+
+    monkeypatch.setenv("TEAM_A_KEY", "sk-team-a-secret")
+    created = act("create_project", id="team-a", name="Team <A>", upstream_kind="openai",
+                  upstream_url=fake.url + "/v1", upstream_key="env:TEAM_A_KEY",
+                  allow_user_keys="1", budget_usd="5", budget_window="day")
+    assert created.status_code == 200 and "Project created." in created.text
+    assert "Team &lt;A&gt;" in created.text and "env:TEAM_A_KEY" in created.text
+    project = gateway.admin.get(gateway.url + "/admin/projects/team-a").json()
+    assert project["upstream_key_source"] == "env:TEAM_A_KEY"
+    assert [(l["metric"], l["window"], l["amount"]) for l in project["limits"]] == \
+        [("usd", "day", 5.0)]
+    bad = act("create_project", id="bad id!", upstream_kind="openai")
+    assert bad.status_code == 400 and "id must be" in bad.text
+
+    # A stored key is write-only: saved, used upstream, never shown back.
+    saved = act("update_project", id="team-a", name="Team A", upstream_kind="openai",
+                upstream_url=fake.url + "/v1", upstream_key="sk-stored-secret-999")
+    assert saved.status_code == 200 and "sk-stored-secret-999" not in saved.text
+    project = gateway.admin.get(gateway.url + "/admin/projects/team-a").json()
+    assert project["upstream_key_source"] == "stored" and project["allow_user_keys"] is False
+
+    issued = act("create_key", user="dana", project="team-a", note="from the dashboard")
+    raw_key = re.search(r'id="new-key" class="secret">([^<]+)<', issued.text).group(1)
+    assert "Your new key for dana" in issued.text
+    fake.reset()
+    assert call(gateway, raw_key, model="acme-7b").choices
+    assert fake.requests[-1].headers["Authorization"] == "Bearer sk-stored-secret-999"
+    page = admin.get(gateway.url + "/admin").text
+    assert raw_key not in page and "dana" in page
+    assert re.search(r'id="missing-prices".*acme-7b', page, re.S)
+
+    priced_page = act("set_price", model="acme-7b", input="1000", output="2000")
+    assert "Price set" in priced_page.text and 'id="missing-prices"' not in priced_page.text
+    assert act("set_price", model="acme-7b", input="lots", output="1").status_code == 400
+    assert act("set_price", model="acme-7b", input="inf", output="1").status_code == 400
+
+    limited = act("create_limit", scope="user", target="dana", metric="requests",
+                  window="minute", amount="1", limit_action="block", alert_at="50, 90")
+    assert "Limit added." in limited.text
+    limit, = [limit for limit in gateway.admin.get(gateway.url + "/admin/limits").json()["data"]
+              if limit["scope"] == "user"]
+    assert (limit["scope"], limit["target"], limit["amount"], limit["alert_at"]) == \
+        ("user", "dana", 1.0, [50, 90])
+    with pytest.raises(openai.RateLimitError):
+        call(gateway, raw_key, model="acme-7b")
+    assert act("create_limit", scope="user", metric="usd", window="day",
+               amount="1").status_code == 400  # no target
+    assert "Limit deleted." in act("delete_limit", limit_id=limit["id"]).text
+
+    key_id = gateway.db().execute("select id from api_keys where user_name = 'dana'"
+                                  ).fetchone()[0]
+    assert "Key revoked." in act("revoke_key", key_id=key_id).text
+    with pytest.raises(openai.PermissionDeniedError):
+        call(gateway, raw_key, model="acme-7b")
+    users = admin.get(gateway.url + "/admin").text
+    assert re.search(r"<td>dana</td><td class=\"n\">0</td>", users)
+    assert act("no_such_action").status_code == 400
+
+
+def test_reports_data_feed_and_csv(make_llimit, clock):
+    server = priced(make_llimit())
+    alice_key, _ = server.create_key(user="alice")
+    bob_key, _ = server.create_key(user="=bob")
+    call(server, alice_key)
+    clock.advance(-86400)
+    call(server, alice_key)
+    call(server, bob_key)
+    clock.advance(86400)
+    admin = http_sign_in(server.url, admin_token=ADMIN_TOKEN)
+    data = admin.get(server.url + "/reports/data").json()
+    assert data["totals"]["requests"] == 3
+    assert data["totals"]["cost_usd"] == pytest.approx(3 * CALL_USD)
+    assert [row["user"] for row in data["by_user"]] == ["alice", "=bob"]
+    assert [day["cost_usd"] for day in data["daily"][-2:]] == [2 * CALL_USD, CALL_USD]
+    assert data["daily"][-1]["cumulative_usd"] == pytest.approx(3 * CALL_USD)
+    assert len(data["daily"]) == 30
+    series = {item["user"]: item["cost_usd"][-2:] for item in data["daily_by_user"]["series"]}
+    assert series == {"alice": [CALL_USD, CALL_USD], "=bob": [CALL_USD, 0]}
+    today = data["end"]
+    only_today = admin.get(f"{server.url}/reports/data?start={today}&end={today}").json()
+    assert only_today["totals"]["requests"] == 1 and len(only_today["daily"]) == 1
+    bad = admin.get(server.url + "/reports/data?start=2026-13-01")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_date"
+    too_long = admin.get(server.url + "/reports/data?start=1900-01-01&end=2026-01-01")
+    assert too_long.status_code == 400
+
+    csv_text = admin.get(server.url + "/reports/data.csv").text
+    lines = csv_text.strip().splitlines()
+    assert lines[0].startswith("day,user,project,model,requests")
+    assert len(lines) == 4 and "'=bob" in csv_text  # no formula for a spreadsheet
+    page = admin.get(server.url + "/reports").text
+    assert 'data-series="{&quot;type&quot;' in page  # chart data only as an attribute
+    assert "<td>alice</td>" in page  # the same numbers as tables, for no-script readers
+
+
+def test_chartjs_comes_from_llimit_when_configured_else_a_pinned_cdn(make_llimit):
+    local = make_llimit(chartjs=VENDOR_CHARTJS)
+    admin = http_sign_in(local.url, admin_token=ADMIN_TOKEN)
+    page = admin.get(local.url + "/reports")
+    assert '<script src="/static/chart.umd.js" defer>' in page.text
+    assert "script-src 'self';" in page.headers["Content-Security-Policy"]
+    script = requests.get(local.url + "/static/chart.umd.js")
+    assert script.status_code == 200 and script.content == open(VENDOR_CHARTJS, "rb").read()
+    assert script.headers["Content-Type"].startswith("text/javascript")
+
+    cdn = make_llimit()
+    admin = http_sign_in(cdn.url, admin_token=ADMIN_TOKEN)
+    page = admin.get(cdn.url + "/reports")
+    assert f'src="{llimit.CHARTJS_CDN_URL}" integrity="sha384-' in page.text
+    assert llimit.CHARTJS_CDN_URL in page.headers["Content-Security-Policy"]
+    assert requests.get(cdn.url + "/static/chart.umd.js").status_code == 404
+    assert "Chart" in requests.get(cdn.url + "/static/llimit.js").text
+
+    with pytest.raises(ValueError):
+        make_llimit(chartjs="/nonexistent/chart.umd.js")
+
+
+def test_home_page_says_what_llimit_is_and_who_is_signed_in(gateway):
+    home = requests.get(gateway.url + "/")
+    assert home.status_code == 200 and f"{gateway.url}/v1" in home.text
+    assert 'href="/login"' in home.text and "Sign out" not in home.text
+    signed_in = http_sign_in(gateway.url, "alice").get(gateway.url + "/").text
+    assert "Signed in as <b>alice</b>" in signed_in and "Sign out" in signed_in
