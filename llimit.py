@@ -5383,7 +5383,8 @@ def serve(config):
     server = waitress.create_server(
         app, host=config.host, port=config.port, threads=config.threads, ident="llimit",
         max_request_body_size=config.max_body_bytes * 2 + 65536,
-        connection_limit=max(100, config.threads * 4), channel_timeout=300)
+        connection_limit=max(100, config.threads * 4), channel_timeout=300,
+        asyncore_use_poll=True)  # select() fails once a descriptor passes 1023
     signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state, log_writer))
     log.info("llimit %s serving on http://%s:%s (database %s)", __version__,
              config.host, server.effective_port, config.db_path)

@@ -38,7 +38,7 @@ class LlimitServer:
         self.app = llimit.make_app(config)
         self.state = self.app.llimit
         self.server = waitress.create_server(self.app, host="127.0.0.1", port=0,
-                                             threads=config.threads)
+                                             threads=config.threads, asyncore_use_poll=True)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
