@@ -1,0 +1,129 @@
+"""llimit as it runs in production: a real `python llimit.py serve` process that is
+stopped, killed, starved of its database, scraped and read, with calls under way."""
+
+import concurrent.futures
+import json
+import sqlite3
+import threading
+import time
+
+import pytest
+import requests
+import sseclient
+
+from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
+from tests.process import LlimitProcess
+
+WAIT = 60  # seconds: a generous bound on anything a test waits for
+
+
+@pytest.fixture
+def processes(tmp_path, fake):
+    """Start LlimitProcess(tmp_path, fake, **settings); every one is stopped after the test."""
+    started = []
+
+    def start(**settings):
+        proc = LlimitProcess(tmp_path, fake.url + "/v1", **settings)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.close()
+
+
+def chat(proc, raw_key, stream=False, content="Hi", model="gpt-4o", timeout=WAIT):
+    """One chat call: (status, request id, JSON body or list of SSE data strings)."""
+    resp = requests.post(proc.url + "/v1/chat/completions", timeout=timeout, stream=stream,
+                         headers={"Authorization": f"Bearer {raw_key}"},
+                         json={"model": model, "stream": stream,
+                               "messages": [{"role": "user", "content": content}]})
+    request_id = resp.headers.get("X-LLimit-Request-Id")
+    if not stream or resp.status_code != 200:
+        return resp.status_code, request_id, resp.json()
+    events = sseclient.SSEClient(resp.iter_content(chunk_size=None)).events()
+    return resp.status_code, request_id, [event.data for event in events]
+
+
+def complete_stream(data, chunks):
+    """True when a relayed stream has every content chunk and ends with [DONE]."""
+    pieces = [json.loads(item) for item in data[:-1]]
+    return (bool(data) and data[-1] == "[DONE]" and len(pieces) == chunks
+            and all(piece.get("choices") for piece in pieces))
+
+
+def rows_by_key(proc):
+    counts = {}
+    for row in proc.events():
+        counts[row["key_id"]] = counts.get(row["key_id"], 0) + 1
+    return counts
+
+
+def wait_until(condition, timeout=WAIT, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def refuses_connections(proc):
+    try:
+        requests.get(proc.url + "/healthz", timeout=5)
+    except requests.ConnectionError:
+        return True
+    return False
+
+
+# --- SIGTERM ---------------------------------------------------------------------------
+
+def test_sigterm_refuses_new_connections_lets_open_calls_finish_and_meters_each_once(
+        processes, fake):
+    chunks = 12
+    fake.behaviour.update(chunks=chunks, chunk_delay=0.5, delay_first=1.0)
+    proc = processes(LLIMIT_GRACE_SECONDS="30")
+    keys = [proc.create_key(user=f"u{i}") for i in range(10)]
+    streamed, whole = keys[:5], keys[5:]
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        futures = {pool.submit(chat, proc, raw_key, stream=True): key_id
+                   for raw_key, key_id in streamed}
+        futures.update({pool.submit(chat, proc, raw_key): key_id for raw_key, key_id in whole})
+        wait_until(lambda: len(fake.requests) == 10, what="every call to reach the upstream")
+        proc.terminate()
+        wait_until(lambda: refuses_connections(proc), timeout=10, what="connections refused")
+        # Refused while the streams (about 6 s each) are still being relayed.
+        assert proc.proc.poll() is None
+        results = {futures[future]: future.result() for future in futures}
+    assert proc.wait(timeout=WAIT) == 0
+    for _, key_id in streamed:
+        status, _, data = results[key_id]
+        assert status == 200 and complete_stream(data, chunks), data
+    for _, key_id in whole:
+        status, _, body = results[key_id]
+        assert status == 200 and body["choices"][0]["message"]["content"], body
+    assert rows_by_key(proc) == {key_id: 1 for _, key_id in keys}
+    assert all(row["pricing"] == "priced" for row in proc.events())
+    assert "stopped; every finished call is metered" in proc.log()
+
+
+def test_a_stream_longer_than_the_grace_period_is_cut_and_metered_as_estimated(
+        processes, fake):
+    fake.behaviour["stall_after_first"] = 600  # the upstream never ends by itself
+    proc = processes(LLIMIT_GRACE_SECONDS="1.5")
+    raw_key, key_id = proc.create_key()
+    resp = requests.post(proc.url + "/v1/chat/completions", stream=True, timeout=WAIT,
+                         headers={"Authorization": f"Bearer {raw_key}"},
+                         json={"model": "gpt-4o", "stream": True,
+                               "messages": [{"role": "user", "content": "Hi"}]})
+    events = sseclient.SSEClient(resp.iter_content(chunk_size=None)).events()
+    first = json.loads(next(events).data)
+    assert first["choices"]
+    proc.terminate()
+    rest = [event.data for event in events]
+    assert proc.wait(timeout=WAIT) == 0
+    assert "[DONE]" not in rest
+    assert "error" in json.loads(rest[-1])
+    rows = proc.events()
+    assert [(row["key_id"], row["pricing"], row["stream"]) for row in rows] == \
+        [(key_id, "estimated", 1)]
+    assert rows[0]["completion_tokens"] > 0
+    assert "grace period over: cutting 1 open streams" in proc.log()
