@@ -76,6 +76,7 @@ import json
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -713,6 +714,10 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     block_on_close = False
     request_queue_size = 512
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # a client that left is no error
 
 
 class FakeUpstream:

@@ -127,3 +127,113 @@ def test_a_stream_longer_than_the_grace_period_is_cut_and_metered_as_estimated(
         [(key_id, "estimated", 1)]
     assert rows[0]["completion_tokens"] > 0
     assert "grace period over: cutting 1 open streams" in proc.log()
+
+
+# --- kill -9 ---------------------------------------------------------------------------
+
+def test_after_kill_9_under_load_every_completed_call_has_exactly_one_row(
+        processes, fake, tmp_path):
+    fake.behaviour.update(delay_first=0.05, chunk_delay=0.05)
+    proc = processes()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        spare = list(pool.map(lambda i: proc.create_key(user=f"u{i % 7}"), range(800)))
+    completed, attempted, lock, killed = [], [], threading.Lock(), threading.Event()
+
+    def client(stream):
+        while not killed.is_set():
+            with lock:
+                if not spare:
+                    return
+                raw_key, key_id = spare.pop()
+                attempted.append(key_id)
+            try:
+                status, _, result = chat(proc, raw_key, stream=stream, timeout=30)
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+                continue  # cut by the kill
+            whole = status == 200 and (complete_stream(result, 3) if stream
+                                       else result["choices"][0]["message"]["content"])
+            if whole:
+                with lock:
+                    completed.append(key_id)
+
+    threads = [threading.Thread(target=client, args=(i % 2 == 0,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(completed) >= 300, what="300 completed calls")
+    proc.kill()
+    killed.set()
+    for thread in threads:
+        thread.join(WAIT)
+    assert proc.wait() == -9
+    assert 300 <= len(completed) < len(attempted) < 800  # the kill came mid-load
+    print(f"kill -9: {len(attempted)} calls sent, {len(completed)} completed")
+
+    again = processes(db_path=proc.db_path)
+    rows = rows_by_key(again)
+    assert all(rows.get(key_id) == 1 for key_id in completed), "a completed call lost its row"
+    assert max(rows.values()) == 1, "a call counted twice"
+    assert set(rows) <= set(attempted)
+    print(f"kill -9: {len(rows)} rows after restart, 0 completed calls without a row")
+    # The restarted process meters on the same database.
+    assert chat(again, *[raw for raw, key_id in spare[:1]])[0] == 200
+    wait_until(lambda: len(again.events()) == len(rows) + 1, what="the new call's row")
+    db = sqlite3.connect(proc.db_path)
+    assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+    db.close()
+
+
+# --- a locked database -----------------------------------------------------------------
+
+@pytest.mark.parametrize("lock_seconds", [3, 8])
+def test_calls_survive_another_process_locking_the_database(processes, fake, lock_seconds):
+    """8 s is longer than llimit's busy_timeout (5 s): the usage writer must retry."""
+    proc = processes()
+    keys = [proc.create_key(user=f"u{i}") for i in range(4)]
+    locker = sqlite3.connect(proc.db_path, timeout=30, isolation_level=None)
+    results, lock = [], threading.Lock()
+    stop_at = []
+
+    def client(raw_key, stream):
+        while not stop_at or time.monotonic() < stop_at[0]:
+            try:
+                status, _, result = chat(proc, raw_key, stream=stream, timeout=WAIT)
+            except requests.Timeout:
+                status, result = "timeout", None
+            with lock:
+                results.append((raw_key, stream, status, result))
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=client, args=(raw_key, i % 2 == 1))
+               for i, (raw_key, _) in enumerate(keys)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(results) >= 8, what="calls before the lock")
+    locker.execute("begin exclusive")
+    time.sleep(lock_seconds)
+    before_release = len(results)
+    locker.execute("commit")
+    locker.close()
+    stop_at.append(time.monotonic() + 1.0)
+    for thread in threads:
+        thread.join(WAIT * 2)
+    assert not any(thread.is_alive() for thread in threads)
+
+    statuses = {status for *_, status, _ in results}
+    assert statuses <= {200, 503}, statuses
+    ok = [(raw_key, stream, result) for raw_key, stream, status, result in results
+          if status == 200]
+    for raw_key, stream, result in ok:
+        assert complete_stream(result, 3) if stream else result["usage"]["total_tokens"] == 18
+    for *_, status, result in results:
+        if status == 503:
+            assert result["error"]["type"] == "service_unavailable", result
+    wait_until(lambda: len(proc.events()) >= len(ok), what="every successful call's row")
+    counts = rows_by_key(proc)
+    for raw_key, key_id in keys:
+        made = sum(1 for key, _, status, _ in results if key == raw_key and status == 200)
+        assert counts.get(key_id, 0) == made, (key_id, made, counts)
+    assert "unexpected error" not in proc.log()
+    if lock_seconds > 5:  # the writer gave up waiting once, and tried again
+        assert "usage write failed" in proc.log()
+    print(f"lock {lock_seconds}s: {len(results)} calls, {len(ok)} ok, "
+          f"{before_release} answered before the lock ended, {len(proc.events())} rows")
