@@ -237,3 +237,60 @@ def test_calls_survive_another_process_locking_the_database(processes, fake, loc
         assert "usage write failed" in proc.log()
     print(f"lock {lock_seconds}s: {len(results)} calls, {len(ok)} ok, "
           f"{before_release} answered before the lock ended, {len(proc.events())} rows")
+
+
+# --- /metrics --------------------------------------------------------------------------
+
+def test_metrics_of_a_real_process_after_a_mix_of_calls(processes, fake):
+    proc = processes()
+    raw_key, _ = proc.create_key()
+    for _ in range(2):
+        assert chat(proc, raw_key)[0] == 200
+    status, _, data = chat(proc, raw_key, stream=True, model="gpt-4o-mini")
+    assert status == 200 and complete_stream(data, 3)
+    fake.behaviour["status"] = 500
+    assert chat(proc, raw_key)[0] == 500
+    fake.reset()
+    limited_key, limited_id = proc.create_key(user="bob")
+    resp = proc.admin.post(proc.url + "/admin/limits", timeout=WAIT, json={
+        "scope": "key", "target": limited_id, "metric": "requests", "window": "minute",
+        "amount": 1})
+    assert resp.status_code == 201, resp.text
+    assert chat(proc, limited_key)[0] == 200
+    assert chat(proc, limited_key)[0] == 429
+
+    wait_until(lambda: len(proc.events()) == 5, what="five rows")
+    metrics = proc.metrics()
+    calls = lambda model, status: metrics.get(  # noqa: E731
+        f'llimit_requests_total{{project="default",model="{model}",status="{status}"}}')
+    assert calls("gpt-4o", 200) == 3
+    assert calls("gpt-4o-mini", 200) == 1
+    assert calls("gpt-4o", 500) == 1
+    assert sum(value for name, value in metrics.items()
+               if name.startswith("llimit_requests_total")) == 5
+    tokens = lambda model, kind: metrics[  # noqa: E731
+        f'llimit_tokens_total{{project="default",model="{model}",kind="{kind}"}}']
+    assert (tokens("gpt-4o", "prompt"), tokens("gpt-4o", "completion")) == (33, 21)
+    assert (tokens("gpt-4o-mini", "prompt"), tokens("gpt-4o-mini", "completion")) == (11, 7)
+    for model in ("gpt-4o", "gpt-4o-mini"):
+        stored = sum(row["cost_nusd"] or 0 for row in proc.events() if row["model"] == model)
+        shown = metrics[f'llimit_cost_usd_total{{project="default",model="{model}"}}']
+        assert stored > 0 and shown == pytest.approx(stored / 1e9)
+    buckets = [(name, value) for name, value in metrics.items()
+               if name.startswith("llimit_upstream_latency_seconds_bucket")]
+    counts = [value for _, value in buckets]
+    assert len(buckets) > 5 and buckets[-1][0].endswith('{le="+Inf"}')
+    assert counts == sorted(counts), "buckets must be cumulative"
+    assert counts[-1] == metrics["llimit_upstream_latency_seconds_count"] == 5
+    assert metrics["llimit_upstream_latency_seconds_sum"] > 0
+    assert metrics['llimit_rejections_total{type="rate_limit_exceeded"}'] == 1
+    assert metrics["llimit_usage_queue_depth"] == 0
+    assert metrics["llimit_open_streams"] == 0
+
+    fake.behaviour["stall_after_first"] = 120  # open until the process is stopped
+    resp = requests.post(proc.url + "/v1/chat/completions", stream=True, timeout=WAIT,
+                         headers={"Authorization": f"Bearer {raw_key}"},
+                         json={"model": "gpt-4o", "stream": True, "messages": []})
+    next(sseclient.SSEClient(resp.iter_content(chunk_size=None)).events())
+    assert proc.metrics()["llimit_open_streams"] == 1
+    resp.close()
