@@ -3,6 +3,8 @@ stopped, killed, starved of its database, scraped and read, with calls under way
 
 import concurrent.futures
 import json
+import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -294,3 +296,86 @@ def test_metrics_of_a_real_process_after_a_mix_of_calls(processes, fake):
     next(sseclient.SSEClient(resp.iter_content(chunk_size=None)).events())
     assert proc.metrics()["llimit_open_streams"] == 1
     resp.close()
+
+
+# --- the log ---------------------------------------------------------------------------
+
+FORGED_MODEL = 'gpt-4o" status=200\n2026-01-01 00:00:00,000 INFO llimit call request_id=forged'
+TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) \S+ ")
+LOGFMT_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+CALL_FIELDS = ("method", "path", "status", "project", "user", "model", "prompt_tokens",
+               "completion_tokens", "cost_usd", "latency_ms")
+
+
+def secret_marked_calls(processes, fake, log_format):
+    """Calls (and failed sign-ins) whose prompt, completion and every secret carry a
+    marker; returns (the process, the marker, the raw key, the calls made)."""
+    marker = secrets.token_hex(8)
+    proc = processes(LLIMIT_LOG_FORMAT=log_format, LLIMIT_ADMIN_TOKEN=f"admin-{marker}",
+                     LLIMIT_UPSTREAM_KEY=f"sk-upstream-{marker}")
+    proc.admin.headers["Authorization"] = f"Bearer admin-{marker}"
+    raw_key, _ = proc.create_key(user="alice")
+    fake.behaviour["text"] = f"completion-{marker}"
+    prompt = f"prompt-{marker}"
+    assert chat(proc, raw_key, content=prompt)[2]["choices"][0]["message"]["content"] == \
+        f"completion-{marker}"
+    assert complete_stream(chat(proc, raw_key, stream=True, content=prompt)[2], 3)
+    assert chat(proc, raw_key, model=FORGED_MODEL)[0] == 200
+    assert chat(proc, f"llimit-wrong-{marker}", content=prompt)[0] == 401
+    assert requests.get(proc.url + "/admin/keys", timeout=WAIT,
+                        headers={"Authorization": f"Bearer admin-{marker}x"}).status_code == 401
+    # The upstream got the upstream key, so it was in the process all along.
+    assert fake.requests[-1].headers["Authorization"] == f"Bearer sk-upstream-{marker}"
+    proc.terminate()
+    assert proc.wait(timeout=WAIT) == 0
+    return proc, marker, raw_key, 3
+
+
+def assert_no_secrets(log, marker, raw_key):
+    assert marker not in log
+    assert raw_key not in log and raw_key[-12:] not in log
+    assert ADMIN_TOKEN not in log and UPSTREAM_KEY not in log
+
+
+def test_text_log_has_one_line_per_call_and_no_secret(processes, fake):
+    proc, marker, raw_key, calls = secret_marked_calls(processes, fake, "text")
+    log = proc.log()
+    assert_no_secrets(log, marker, raw_key)
+    lines = log.splitlines()
+    assert all(TEXT_LINE.match(line) for line in lines), \
+        [line for line in lines if not TEXT_LINE.match(line)]
+    call_lines = [line for line in lines if " llimit call " in line]
+    assert len(call_lines) == calls
+    parsed = [{name: json.loads(value) if value.startswith('"') else value
+               for name, value in LOGFMT_FIELD.findall(line.split(" llimit call ", 1)[1])}
+              for line in call_lines]
+    for fields in parsed:
+        assert set(CALL_FIELDS) <= set(fields), fields
+        assert (fields["method"], fields["path"], fields["status"], fields["project"],
+                fields["user"]) == ("POST", "/v1/chat/completions", "200", "default", "alice")
+        assert (fields["prompt_tokens"], fields["completion_tokens"]) == ("11", "7")
+        assert float(fields["latency_ms"]) > 0
+    assert [fields["model"] for fields in parsed] == ["gpt-4o", "gpt-4o", FORGED_MODEL]
+    assert [fields["stream"] for fields in parsed] == ["False", "True", "False"]
+    assert float(parsed[0]["cost_usd"]) > 0
+    assert "request_id=forged" not in [fields["request_id"] for fields in parsed]
+
+
+def test_json_log_lines_are_each_valid_json_with_the_call_fields(processes, fake):
+    proc, marker, raw_key, calls = secret_marked_calls(processes, fake, "json")
+    log = proc.log()
+    assert_no_secrets(log, marker, raw_key)
+    entries = [json.loads(line) for line in log.splitlines()]
+    call_entries = [entry for entry in entries if entry.get("event") == "call"]
+    assert len(call_entries) == calls
+    for entry in call_entries:
+        assert set(CALL_FIELDS) <= set(entry), entry
+        assert (entry["method"], entry["path"], entry["status"], entry["project"],
+                entry["user"]) == ("POST", "/v1/chat/completions", 200, "default", "alice")
+        assert (entry["prompt_tokens"], entry["completion_tokens"]) == (11, 7)
+        assert entry["latency_ms"] > 0
+    assert [entry["model"] for entry in call_entries] == ["gpt-4o", "gpt-4o", FORGED_MODEL]
+    assert [entry["stream"] for entry in call_entries] == [False, True, False]
+    # The forged model has no price: metered, and logged, with a null cost.
+    assert call_entries[0]["cost_usd"] > 0 and call_entries[2]["cost_usd"] is None
+    assert any("serving on" in entry.get("message", "") for entry in entries)
