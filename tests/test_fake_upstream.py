@@ -464,6 +464,6 @@ def test_text_sets_the_completion_whole_and_streamed(fake):
     pieces = [chunk.choices[0].delta.content for chunk in oai(fake).chat.completions.create(
         model="gpt-4o", messages=[], stream=True) if chunk.choices]
     assert len(pieces) == 4 and "".join(pieces) == "marker-0123456789"
-    message = anthropic.Anthropic(base_url=fake.url, api_key="x", max_retries=0).messages.create(
-        model="claude-sonnet-4-5", max_tokens=10, messages=[{"role": "user", "content": "Hi"}])
+    message = claude(fake).messages.create(model="claude-sonnet-4-6", max_tokens=10,
+                                           messages=[{"role": "user", "content": "Hi"}])
     assert message.content[0].text == "marker-0123456789"
