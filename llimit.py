@@ -1236,9 +1236,10 @@ class UsageWriter:
         return self._queue.qsize()
 
     def close(self, timeout=30.0):
-        """Write everything queued, then stop the thread."""
+        """Write everything queued, then stop the thread; False if it could not in time."""
         self._queue.put(None)
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self):
         db = self.database()
@@ -5155,9 +5156,10 @@ class State:
         self.pricebook = Pricebook(self.file_prices, list_price_overrides(self.database()))
 
     def close(self):
-        """Write all queued usage and close upstream connections."""
-        self.writer.close()
+        """Write all queued usage and close upstream connections; False if usage is left."""
+        written = self.writer.close()
         self.pool.close()
+        return written
 
 
 def _is_json_path(path):
@@ -5419,10 +5421,17 @@ def _graceful_stop(server, state, log_writer):
             log.warning("grace period over: cutting %d open streams (metered as estimated)",
                         state.streams.cut_all())
             _wait_for_calls(server, time.monotonic() + CUT_STREAMS_SECONDS)
-        state.close()
-        log.info("stopped; every finished call is metered")
+        if state.close():
+            log.info("stopped; every finished call is metered")
+            code = 0
+        else:
+            # A database locked for longer than the writer's wait: say so, and
+            # exit non-zero, rather than claim the usage was kept.
+            log.error("stopped with usage unwritten: the database stayed locked, so the"
+                      " latest calls' rows are lost")
+            code = 1
         log_writer.stop()
-        os._exit(0)
+        os._exit(code)
 
     threading.Thread(target=finish, name="llimit-shutdown", daemon=True).start()
 

@@ -383,3 +383,24 @@ def test_json_log_lines_are_each_valid_json_with_the_call_fields(processes, fake
     # The forged model has no price: metered, and logged, with a null cost.
     assert call_entries[0]["cost_usd"] > 0 and call_entries[2]["cost_usd"] is None
     assert any("serving on" in entry.get("message", "") for entry in entries)
+
+
+def test_sigterm_with_the_database_locked_past_the_writers_wait_exits_1_and_says_so(
+        processes, fake, tmp_path):
+    """The usage writer waits 30 s at shutdown; a longer lock must not pass as a clean stop."""
+    proc = processes(LLIMIT_GRACE_SECONDS="1")
+    raw_key, _ = proc.create_key()
+    assert chat(proc, raw_key)[0] == 200
+    wait_until(lambda: len(proc.events()) == 1, what="the first row")
+    locker = sqlite3.connect(proc.db_path, timeout=30, isolation_level=None)
+    locker.execute("begin exclusive")
+    try:
+        # Answered after llimit's commit wait (10 s), its row still queued.
+        assert chat(proc, raw_key)[0] == 200
+        proc.terminate()
+        assert proc.wait(timeout=WAIT) == 1
+    finally:
+        locker.execute("rollback")
+        locker.close()
+    assert "stopped with usage unwritten" in proc.log()
+    assert "every finished call is metered" not in proc.log()
