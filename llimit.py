@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 import argparse
 import base64
+import collections
 import csv
 import dataclasses
 import datetime as dt
@@ -1235,9 +1236,10 @@ class UsageWriter:
         return self._queue.qsize()
 
     def close(self, timeout=30.0):
-        """Write everything queued, then stop the thread."""
+        """Write everything queued, then stop the thread; False if it could not in time."""
         self._queue.put(None)
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self):
         db = self.database()
@@ -1860,6 +1862,9 @@ FINAL_SSE_DATA = ("[DONE]",)
 FINAL_SSE_EVENTS = ("message_stop", "response.completed")
 LARGE_BODY_BYTES = 64 * 1024
 MODEL_FIELD = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.{1,2}(?:[/\\]|$)")
+PATH_SAFE_CHARS = "/:@!$&'()*+,;=-._~"
+UNSAFE_PATH_CHAR = re.compile(r"[^A-Za-z0-9/:@!$&'()*+,;=._~-]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1937,6 +1942,40 @@ class UpstreamPool:
             self._pools.clear()
 
 
+class OpenStreams:
+    """The upstream responses of the streams being relayed now; thread-safe.
+
+    A shutdown whose grace period is over cuts them (SHUT_RD on the upstream
+    socket), which the relay sees as an upstream that broke off: the client
+    gets an error event and the usage is metered, estimated, as for any cut.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open = set()
+
+    def add(self, resp):
+        """Note a stream being relayed."""
+        with self._lock:
+            self._open.add(resp)
+
+    def discard(self, resp):
+        """Forget a stream that has ended."""
+        with self._lock:
+            self._open.discard(resp)
+
+    def cut_all(self):
+        """Cut every open stream's upstream; returns how many were cut."""
+        with self._lock:
+            streams = list(self._open)
+        for resp in streams:
+            try:
+                resp.shutdown()
+            except (OSError, ValueError, RuntimeError):
+                pass  # it ended, or its connection went back to the pool, meanwhile
+        return len(streams)
+
+
 def _ca_bundle():
     return (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE")
             or requests.certs.where())
@@ -1944,10 +1983,12 @@ def _ca_bundle():
 
 def upstream_url(upstream, path, query_string, deployment=None, model=None):
     """The URL a call goes to. `path` is what follows /v1/ (or a deployment)."""
+    path = _upstream_path(path)
     if upstream.kind == "azure":
         if deployment is None and model and path in AZURE_DEPLOYMENT_PATHS:
             deployment = model  # compat: OpenAI-style clients name the deployment as model
         if deployment is not None:
+            _refuse_dot_segments(deployment)
             url = (f"{upstream.base_url}/openai/deployments/"
                    f"{urllib.parse.quote(deployment, safe='')}/{path}")
         else:
@@ -1958,6 +1999,24 @@ def upstream_url(upstream, path, query_string, deployment=None, model=None):
         query_string = (query_string + "&" if query_string else "") + \
             "api-version=" + urllib.parse.quote(upstream.api_version)
     return url + ("?" + query_string if query_string else "")
+
+
+def _upstream_path(path):
+    # The server hands us the path percent-decoded: "%2e%2e" is "..", "%3F" is "?".
+    # A dot segment would climb out of the upstream base (a server or proxy on the
+    # way normalises it), and "?", "#" or a space would end the path early; so dot
+    # segments are refused and everything outside RFC 3986's path characters is
+    # encoded again. Backslashes count as separators: some servers treat them so.
+    _refuse_dot_segments(path)
+    if UNSAFE_PATH_CHAR.search(path):
+        path = urllib.parse.quote(path, safe=PATH_SAFE_CHARS)
+    return path
+
+
+def _refuse_dot_segments(path):
+    if DOT_SEGMENT.search(path):
+        raise LlimitError(400, "invalid_request_error",
+                          "The path may not contain '.' or '..' segments.", code="invalid_path")
 
 
 def upstream_headers(environ, upstream, extra_dropped=()):
@@ -2252,6 +2311,8 @@ END_USER_HEADER = "X-LLimit-User"
 COMMIT_WAIT_SECONDS = 10.0
 MAX_USER_NAME = 200
 USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f]")
+AUTH_FAILURES_PER_MINUTE = 20   # wrong keys or admin tokens from one address, then 429
+AUTH_THROTTLE_ENTRIES = 10000   # addresses and known-good secrets remembered, each
 
 
 def hash_secret(raw):
@@ -2303,6 +2364,77 @@ def authenticate_key(db, environ, now):
     return row
 
 
+class AuthThrottle:
+    """Slows down guessing of keys and admin tokens, per client address.
+
+    After AUTH_FAILURES_PER_MINUTE wrong secrets from one address within a
+    minute, that address gets 429 (with Retry-After) without a lookup until
+    the minute has passed; a secret that has worked before is still let
+    through, so the good keys of everyone behind one NAT or proxy address keep
+    working while a bad one is throttled. Memory is bounded (the least recent
+    entries are forgotten first). Thread-safe; `clock` gives seconds.
+    """
+
+    def __init__(self, clock):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._failures = collections.OrderedDict()  # address -> deque of failure times
+        self._good = {}                             # hashes of secrets that worked
+
+    def check(self, address, secret_hash):
+        """Raise 429 when `address` is throttled and the secret is not known to be good."""
+        if secret_hash in self._good:
+            return
+        with self._lock:
+            times = self._failures.get(address)
+            if times is None or len(times) < AUTH_FAILURES_PER_MINUTE:
+                return
+            wait = 60 - (self.clock() - times[0])
+        if wait > 0:
+            raise LlimitError(429, "rate_limit_exceeded",
+                              "Too many wrong keys or tokens from this address; wait"
+                              f" {int(wait + 0.999)} s.", code="too_many_failed_attempts",
+                              headers={"Retry-After": str(int(wait + 0.999))})
+
+    def failed(self, address):
+        """Count a wrong secret from `address`."""
+        with self._lock:
+            times = self._failures.pop(address, None)
+            if times is None:
+                times = collections.deque(maxlen=AUTH_FAILURES_PER_MINUTE)
+            times.append(self.clock())
+            self._failures[address] = times
+            if len(self._failures) > AUTH_THROTTLE_ENTRIES:
+                self._failures.popitem(last=False)
+
+    def succeeded(self, secret_hash):
+        """Remember a secret that worked, so a throttle on its address lets it through."""
+        if secret_hash in self._good:
+            return
+        with self._lock:
+            self._good[secret_hash] = True
+            if len(self._good) > AUTH_THROTTLE_ENTRIES:
+                del self._good[next(iter(self._good))]
+
+
+def authenticate_call(state, environ):
+    """`authenticate_key` behind the caller address's AuthThrottle."""
+    raw_key = raw_key_from(environ)
+    if not raw_key:
+        return authenticate_key(state.database(), environ, state.config.clock())
+    address = environ.get("REMOTE_ADDR", "")
+    key_hash = hash_secret(raw_key)
+    state.auth_throttle.check(address, key_hash)
+    try:
+        key = authenticate_key(state.database(), environ, state.config.clock())
+    except LlimitError as error:
+        if error.status == 401:
+            state.auth_throttle.failed(address)
+        raise
+    state.auth_throttle.succeeded(key_hash)
+    return key
+
+
 def _shown_key(raw_key):
     # As OpenAI does: enough of a wrong key to recognise it, never all of it.
     return raw_key[:3] + "*" * 4 + raw_key[-4:] if len(raw_key) > 12 else "****"
@@ -2352,8 +2484,13 @@ def require_admin(state):
     environ = bottle.request.environ
     authorization = environ.get("HTTP_AUTHORIZATION", "")
     token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
-    if token and admin_token_matches(state.database(), token):
-        return
+    if token:
+        address, token_hash = environ.get("REMOTE_ADDR", ""), hash_secret(token)
+        state.auth_throttle.check(address, token_hash)
+        if admin_token_matches(state.database(), token):
+            state.auth_throttle.succeeded(token_hash)
+            return
+        state.auth_throttle.failed(address)
     raise LlimitError(401, "invalid_request_error",
                       "This needs the admin token: 'Authorization: Bearer <admin token>'.",
                       code="invalid_admin_token")
@@ -2804,6 +2941,8 @@ class Call:
     strict: bool                    # the call bounds its output tokens
     admission: Admission | None = None
     upstream_ms: float = 0.0
+    method: str = ""
+    path: str = ""                  # as the client sent it, percent-encoded
 
 
 def proxy_v1(state, path):
@@ -2821,21 +2960,22 @@ def _proxy(state, path, deployment=None):
     config = state.config
     environ = bottle.request.environ
     db = state.database()
-    key = authenticate_key(db, environ, config.clock())
+    key = authenticate_call(state, environ)
     body = read_body(environ, config.max_body_bytes)
     payload = parse_json_body(body, environ)
     requested_model = deployment or _text(payload.get("model"))
     _check_model_allowed(key, requested_model)
     upstream = resolve_upstream(key, config)
     body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
+    # The URL first: a path it refuses must not leave a reservation behind.
+    url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
+                       requested_model)
     call = _new_call(state, key, environ, payload, body, path, requested_model, started)
     call.admission = state.limits.admit(
         db, call, limits_for_call(db, call.project_id, call.user_name, call.key_id),
         state.writer.healthy)
     sent = time.perf_counter()
     try:
-        url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
-                           requested_model)
         headers = upstream_headers(environ, upstream, state.user_header_names)
         resp = send_upstream(state.pool, environ["REQUEST_METHOD"], url, headers, body)
     except BaseException as error:
@@ -2904,7 +3044,9 @@ def _new_call(state, key, environ, payload, body, path, model, started):
                 key=key, project_id=key["project_id"], user_name=user_name, key_id=key["id"],
                 limit_message=key["limit_message"], model=model,
                 prompt_estimate=prompt_estimate, need=[1, tokens, cost],
-                strict=max_output is not None)
+                strict=max_output is not None, method=environ["REQUEST_METHOD"],
+                path=urllib.parse.quote(environ.get("PATH_INFO", "").encode("latin-1"),
+                                        safe=PATH_SAFE_CHARS)[:300])
 
 
 def _pricing_model(call, reported_model):
@@ -2913,6 +3055,23 @@ def _pricing_model(call, reported_model):
         return reported_model
     model_map = json.loads(call.key["model_map"]) if call.key["model_map"] else {}
     return model_map.get(call.model) or call.model
+
+
+# One line per call; JSON lines take the fields from the record's `call_fields`.
+CALL_LOG_FIELDS = ("request_id", "method", "path", "key_id", "user", "project", "model",
+                   "status", "prompt_tokens", "completion_tokens", "cost_usd", "pricing",
+                   "latency_ms", "overhead_ms", "stream")
+CALL_LOG_FORMAT = "call " + " ".join(f"{name}=%s" for name in CALL_LOG_FIELDS)
+LOGFMT_BARE = re.compile(r'[^\s"=\\\x00-\x1f\x7f]+')
+
+
+def _logfmt(value):
+    # logfmt: bare when it is safe, else JSON-quoted, so a model or user name
+    # can neither split a field nor start a line of its own.
+    if value is None:
+        return "-"
+    text = str(value)
+    return text if LOGFMT_BARE.fullmatch(text) else json.dumps(text)
 
 
 def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=True,
@@ -2931,12 +3090,12 @@ def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=
     price_event(event, usage, state.pricebook, pricing_status)
     state.writer.submit(event)
     state.metrics.observe_call(event, call.upstream_ms)
-    log.info("call request_id=%s key_id=%s user=%s project=%s model=%s status=%s"
-             " prompt_tokens=%d completion_tokens=%d cost_usd=%s pricing=%s latency_ms=%.1f"
-             " overhead_ms=%.2f stream=%s", call.request_id, call.key_id, call.user_name,
-             call.project_id, event.model, status_code, event.prompt_tokens,
-             event.completion_tokens, nusd_to_usd(event.cost_nusd), event.pricing,
-             elapsed_ms, overhead_ms, stream)
+    fields = (call.request_id, call.method, call.path, call.key_id, call.user_name,
+              call.project_id, event.model, status_code, event.prompt_tokens,
+              event.completion_tokens, nusd_to_usd(event.cost_nusd), event.pricing,
+              round(elapsed_ms, 1), round(overhead_ms, 2), stream)
+    log.info(CALL_LOG_FORMAT, *map(_logfmt, fields),
+             extra={"call_fields": dict(zip(CALL_LOG_FIELDS, fields))})
     if wait and not event.done.wait(COMMIT_WAIT_SECONDS):
         log.error("usage of request_id=%s not yet committed after %ss; it stays queued",
                   call.request_id, COMMIT_WAIT_SECONDS)
@@ -2993,6 +3152,7 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
     broken = False
     relay_ms = 0.0       # llimit's own work on the events
     state.metrics.open_streams(+1)
+    state.streams.add(resp)
     stream_started = time.perf_counter()
     try:
         try:
@@ -3016,6 +3176,7 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
         state.metrics.open_streams(-1)
         if not finished and not broken and state.config.drain_seconds > 0:
             finished = _drain(resp, meter, state.config.drain_seconds)
+        state.streams.discard(resp)
         resp.close()
         call.upstream_ms += (time.perf_counter() - stream_started) * 1000 - relay_ms
         complete = finished and meter.usage is not None
@@ -4787,7 +4948,7 @@ def llimit_me(state):
     """GET /llimit/me: the caller's key, user, project and every limit that applies."""
     db = state.database()
     environ = bottle.request.environ
-    key = authenticate_key(db, environ, state.config.clock())
+    key = authenticate_call(state, environ)
     user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers)
     limits = [status for _, status in
               state.limits.applying(db, key["project_id"], user_name, key["id"])]
@@ -4995,10 +5156,12 @@ class State:
         self.pricebook = Pricebook(self.file_prices, list_price_overrides(self.database()))
         self.metrics = Metrics()
         self.limits = Limits(self.database, config.clock)
+        self.auth_throttle = AuthThrottle(config.clock)
         self.alerts = AlertSender(self.database, config.alert_webhook)
         self.writer = UsageWriter(self.database, self.limits.lock, self.limits.apply,
                                   self.alerts.record)
         self.pool = UpstreamPool(config.threads, config.connect_timeout, config.upstream_timeout)
+        self.streams = OpenStreams()
         self.user_header_names = frozenset(header.lower() for header in config.user_headers)
         self.openapi = _openapi_spec()
         self.oidc = OidcClient(config) if config.auth == "oidc" else None
@@ -5011,9 +5174,10 @@ class State:
         self.pricebook = Pricebook(self.file_prices, list_price_overrides(self.database()))
 
     def close(self):
-        """Write all queued usage and close upstream connections."""
-        self.writer.close()
+        """Write all queued usage and close upstream connections; False if usage is left."""
+        written = self.writer.close()
         self.pool.close()
+        return written
 
 
 def _is_json_path(path):
@@ -5176,6 +5340,9 @@ def _bottle_error(status):
 #    run with or without a server.
 # =============================================================================
 
+CUT_STREAMS_SECONDS = 5.0  # after the grace period: for cut streams to be metered
+
+
 def configure_logging(config):
     """Logging for a process: one line per event, text or JSON lines; returns its writer.
 
@@ -5207,12 +5374,12 @@ class _JsonLogFormatter(logging.Formatter):
     def format(self, record):
         entry = {"time": utc_iso(record.created), "level": record.levelname,
                  "logger": record.name}
-        message = record.getMessage()
-        if record.name == "llimit" and message.startswith("call "):
+        fields = getattr(record, "call_fields", None)
+        if fields is not None:
             entry["event"] = "call"
-            entry.update(part.split("=", 1) for part in message[5:].split(" ") if "=" in part)
+            entry.update(fields)
         else:
-            entry["message"] = message
+            entry["message"] = record.getMessage()
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -5269,16 +5436,37 @@ def _graceful_stop(server, state, log_writer):
     server.trigger.pull_trigger(lambda: waitress.wasyncore.dispatcher.close(server))
 
     def finish():
-        deadline = time.monotonic() + state.config.grace_seconds
-        dispatcher = server.task_dispatcher
-        while time.monotonic() < deadline and (dispatcher.active_count or dispatcher.queue):
-            time.sleep(0.05)
-        state.close()
-        log.info("stopped; every finished call is metered")
+        if not _wait_for_calls(server, time.monotonic() + state.config.grace_seconds):
+            log.warning("grace period over: cutting %d open streams (metered as estimated)",
+                        state.streams.cut_all())
+            _wait_for_calls(server, time.monotonic() + CUT_STREAMS_SECONDS)
+        if state.close():
+            log.info("stopped; every finished call is metered")
+            code = 0
+        else:
+            # A database locked for longer than the writer's wait: say so, and
+            # exit non-zero, rather than claim the usage was kept.
+            log.error("stopped with usage unwritten: the database stayed locked, so the"
+                      " latest calls' rows are lost")
+            code = 1
         log_writer.stop()
-        os._exit(0)
+        os._exit(code)
 
     threading.Thread(target=finish, name="llimit-shutdown", daemon=True).start()
+
+
+def _wait_for_calls(server, deadline):
+    # True once no call runs or waits and every answer has left (waitress
+    # keeps what a finished call wrote in its channel's buffers); False at
+    # the deadline. Reads waitress internals: its task dispatcher and channels.
+    dispatcher = server.task_dispatcher
+    while time.monotonic() < deadline:
+        unsent = any(getattr(channel, "total_outbufs_len", 0)
+                     for channel in list(server._map.values()))
+        if not (dispatcher.active_count or dispatcher.queue or unsent):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _print_table(rows, columns):

@@ -50,6 +50,8 @@ BEHAVIOUR keys (all optional; read once per request, when it arrives):
     prompt_tokens 11, completion_tokens 7, cached_tokens 0, reasoning_tokens 0,
     cache_write_tokens 0   - the usage figures
     chunks 3               - content pieces per completion (at least 1)
+    text                   - the completion text instead of "Hello world!" (streams
+                             split it into `chunks` pieces, fewer if it is shorter)
     model                  - the model to report
     status, error_body     - answer every request with this status and JSON body
                              (default body: the provider's error shape)
@@ -76,6 +78,7 @@ import json
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -100,6 +103,13 @@ def content_pieces(chunks=DEFAULTS["chunks"]):
     if chunks == 1:
         return ["Hello world!"]
     return ["Hello"] + [" world"] * (chunks - 2) + ["!"]
+
+
+def text_pieces(text, chunks):
+    """A given completion text cut into at most `chunks` non-empty pieces, in order."""
+    chunks = max(min(int(chunks), len(text)), 1)
+    size = -(-len(text) // chunks)
+    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
 
 
 EXPECTED = {**DEFAULTS, "total_tokens": 18, "text": "".join(content_pieces()),
@@ -213,7 +223,8 @@ class Call:
         self.cached_tokens = figures["cached_tokens"]
         self.reasoning_tokens = figures["reasoning_tokens"]
         self.cache_write_tokens = figures["cache_write_tokens"]
-        self.pieces = content_pieces(figures["chunks"])
+        self.pieces = (text_pieces(behaviour["text"], figures["chunks"]) if "text" in behaviour
+                       else content_pieces(figures["chunks"]))
         self.text = "".join(self.pieces)
         self.usage = not behaviour.get("no_usage")
         self.stream = self.payload.get("stream") is True
@@ -713,6 +724,10 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     block_on_close = False
     request_queue_size = 512
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # a client that left is no error
 
 
 class FakeUpstream:

@@ -455,3 +455,15 @@ def test_many_concurrent_calls_on_keep_alive_connections(fake):
     assert all(body.endswith(b"[DONE]\n\n") for _, body in results[::2])
     assert len(fake.requests) == 200
     assert {r.json["model"] for r in fake.requests} == {f"m{i}" for i in range(200)}
+
+
+def test_text_sets_the_completion_whole_and_streamed(fake):
+    fake.behaviour.update(text="marker-0123456789", chunks=4)
+    whole = oai(fake).chat.completions.create(model="gpt-4o", messages=[])
+    assert whole.choices[0].message.content == "marker-0123456789"
+    pieces = [chunk.choices[0].delta.content for chunk in oai(fake).chat.completions.create(
+        model="gpt-4o", messages=[], stream=True) if chunk.choices]
+    assert len(pieces) == 4 and "".join(pieces) == "marker-0123456789"
+    message = claude(fake).messages.create(model="claude-sonnet-4-6", max_tokens=10,
+                                           messages=[{"role": "user", "content": "Hi"}])
+    assert message.content[0].text == "marker-0123456789"
