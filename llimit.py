@@ -2960,20 +2960,25 @@ def _proxy(state, path, deployment=None):
     config = state.config
     environ = bottle.request.environ
     db = state.database()
-    key = authenticate_call(state, environ)
-    body = read_body(environ, config.max_body_bytes)
-    payload = parse_json_body(body, environ)
-    requested_model = deployment or _text(payload.get("model"))
-    _check_model_allowed(key, requested_model)
-    upstream = resolve_upstream(key, config)
-    body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
-    # The URL first: a path it refuses must not leave a reservation behind.
-    url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
-                       requested_model)
-    call = _new_call(state, key, environ, payload, body, path, requested_model, started)
-    call.admission = state.limits.admit(
-        db, call, limits_for_call(db, call.project_id, call.user_name, call.key_id),
-        state.writer.healthy)
+    key = requested_model = None
+    try:
+        key = authenticate_call(state, environ)
+        body = read_body(environ, config.max_body_bytes)
+        payload = parse_json_body(body, environ)
+        requested_model = deployment or _text(payload.get("model"))
+        _check_model_allowed(key, requested_model)
+        upstream = resolve_upstream(key, config)
+        body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
+        # The URL first: a path it refuses must not leave a reservation behind.
+        url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
+                           requested_model)
+        call = _new_call(state, key, environ, payload, body, path, requested_model, started)
+        call.admission = state.limits.admit(
+            db, call, limits_for_call(db, call.project_id, call.user_name, call.key_id),
+            state.writer.healthy)
+    except LlimitError as error:
+        _log_refused(environ, error.status, started, key, requested_model)
+        raise
     sent = time.perf_counter()
     try:
         headers = upstream_headers(environ, upstream, state.user_header_names)
@@ -3045,8 +3050,13 @@ def _new_call(state, key, environ, payload, body, path, model, started):
                 limit_message=key["limit_message"], model=model,
                 prompt_estimate=prompt_estimate, need=[1, tokens, cost],
                 strict=max_output is not None, method=environ["REQUEST_METHOD"],
-                path=urllib.parse.quote(environ.get("PATH_INFO", "").encode("latin-1"),
-                                        safe=PATH_SAFE_CHARS)[:300])
+                path=logged_path(environ))
+
+
+def logged_path(environ):
+    """The request's path for the log, percent-encoded as the client sent it, bounded."""
+    return urllib.parse.quote(environ.get("PATH_INFO", "").encode("latin-1"),
+                              safe=PATH_SAFE_CHARS)[:300]
 
 
 def _pricing_model(call, reported_model):
@@ -3074,6 +3084,20 @@ def _logfmt(value):
     return text if LOGFMT_BARE.fullmatch(text) else json.dumps(text)
 
 
+def _log_call(*fields):
+    log.info(CALL_LOG_FORMAT, *map(_logfmt, fields),
+             extra={"call_fields": dict(zip(CALL_LOG_FIELDS, fields))})
+
+
+def _log_refused(environ, status_code, started, key=None, model=None):
+    # A call refused before it went upstream (wrong key, bad input, a limit)
+    # has no usage row, but its log line, so the log shows every call.
+    elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
+    _log_call(None, environ["REQUEST_METHOD"], logged_path(environ), key and key["id"],
+              key and key["user_name"], key and key["project_id"], model, status_code, 0, 0,
+              None, "refused", elapsed_ms, elapsed_ms, None)
+
+
 def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=True,
            overhead_ms=None):
     """Record one call's usage event; with `wait`, until it is committed."""
@@ -3090,12 +3114,10 @@ def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=
     price_event(event, usage, state.pricebook, pricing_status)
     state.writer.submit(event)
     state.metrics.observe_call(event, call.upstream_ms)
-    fields = (call.request_id, call.method, call.path, call.key_id, call.user_name,
+    _log_call(call.request_id, call.method, call.path, call.key_id, call.user_name,
               call.project_id, event.model, status_code, event.prompt_tokens,
               event.completion_tokens, nusd_to_usd(event.cost_nusd), event.pricing,
               round(elapsed_ms, 1), round(overhead_ms, 2), stream)
-    log.info(CALL_LOG_FORMAT, *map(_logfmt, fields),
-             extra={"call_fields": dict(zip(CALL_LOG_FIELDS, fields))})
     if wait and not event.done.wait(COMMIT_WAIT_SECONDS):
         log.error("usage of request_id=%s not yet committed after %ss; it stays queued",
                   call.request_id, COMMIT_WAIT_SECONDS)

@@ -118,3 +118,20 @@ def make_llimit(tmp_path, fake, clock):
 def gateway(make_llimit):
     """llimit with default settings in front of the fake upstream."""
     return make_llimit()
+
+
+@pytest.fixture
+def processes(tmp_path, fake):
+    """Start `python llimit.py serve` processes (tests/process.py); stopped after the test."""
+    from tests.process import LlimitProcess  # not at the top: it imports this module
+
+    started = []
+
+    def start(**settings):
+        proc = LlimitProcess(tmp_path, fake.url + "/v1", **settings)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.close()

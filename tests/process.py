@@ -10,6 +10,7 @@ the rest use the in-process server of conftest.py.
     proc.events()                       # usage rows read straight from its database
 """
 
+import json
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ import sys
 import time
 
 import requests
+import sseclient
 
 from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
 
@@ -26,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLIMIT = os.path.join(ROOT, "llimit.py")
 SERVING = re.compile(r"serving on http://[\d.]+:(\d+)")
 START_SECONDS = 30
+WAIT = 60  # seconds: a generous bound on anything a test waits for
 
 
 class LlimitProcess:
@@ -123,3 +126,30 @@ def parse_metrics(text):
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     return samples
+
+
+def chat(proc, raw_key, stream=False, content="Hi", model="gpt-4o", timeout=WAIT):
+    """One chat call: (status, request id, JSON body or list of SSE data strings)."""
+    resp = requests.post(proc.url + "/v1/chat/completions", timeout=timeout, stream=stream,
+                         headers={"Authorization": f"Bearer {raw_key}"},
+                         json={"model": model, "stream": stream,
+                               "messages": [{"role": "user", "content": content}]})
+    request_id = resp.headers.get("X-LLimit-Request-Id")
+    if not stream or resp.status_code != 200:
+        return resp.status_code, request_id, resp.json()
+    events = sseclient.SSEClient(resp.iter_content(chunk_size=None)).events()
+    return resp.status_code, request_id, [event.data for event in events]
+
+
+def complete_stream(data, chunks):
+    """True when a relayed stream has every content chunk and ends with [DONE]."""
+    pieces = [json.loads(item) for item in data[:-1]]
+    return (bool(data) and data[-1] == "[DONE]" and len(pieces) == chunks
+            and all(piece.get("choices") for piece in pieces))
+
+
+def wait_until(condition, timeout=WAIT, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

@@ -12,8 +12,6 @@ import openai
 import pytest
 import requests
 
-import llimit
-
 CALL_NUSD = round((11 * 2.5 + 7 * 10.0) * 1000)  # the fake's usage at gpt-4o list prices
 
 

@@ -6,7 +6,7 @@ import itertools
 import threading
 import time
 
-from tests.test_operations import WAIT, chat, complete_stream, processes, wait_until  # noqa: F401
+from tests.process import WAIT, chat, complete_stream, wait_until
 
 STREAMS = 200
 STREAM_SECONDS = 30

@@ -14,58 +14,13 @@ import requests
 import sseclient
 
 from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
-from tests.process import LlimitProcess
-
-WAIT = 60  # seconds: a generous bound on anything a test waits for
-
-
-@pytest.fixture
-def processes(tmp_path, fake):
-    """Start LlimitProcess(tmp_path, fake, **settings); every one is stopped after the test."""
-    started = []
-
-    def start(**settings):
-        proc = LlimitProcess(tmp_path, fake.url + "/v1", **settings)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.close()
-
-
-def chat(proc, raw_key, stream=False, content="Hi", model="gpt-4o", timeout=WAIT):
-    """One chat call: (status, request id, JSON body or list of SSE data strings)."""
-    resp = requests.post(proc.url + "/v1/chat/completions", timeout=timeout, stream=stream,
-                         headers={"Authorization": f"Bearer {raw_key}"},
-                         json={"model": model, "stream": stream,
-                               "messages": [{"role": "user", "content": content}]})
-    request_id = resp.headers.get("X-LLimit-Request-Id")
-    if not stream or resp.status_code != 200:
-        return resp.status_code, request_id, resp.json()
-    events = sseclient.SSEClient(resp.iter_content(chunk_size=None)).events()
-    return resp.status_code, request_id, [event.data for event in events]
-
-
-def complete_stream(data, chunks):
-    """True when a relayed stream has every content chunk and ends with [DONE]."""
-    pieces = [json.loads(item) for item in data[:-1]]
-    return (bool(data) and data[-1] == "[DONE]" and len(pieces) == chunks
-            and all(piece.get("choices") for piece in pieces))
-
+from tests.process import WAIT, chat, complete_stream, wait_until
 
 def rows_by_key(proc):
     counts = {}
     for row in proc.events():
         counts[row["key_id"]] = counts.get(row["key_id"], 0) + 1
     return counts
-
-
-def wait_until(condition, timeout=WAIT, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def refuses_connections(proc):
@@ -313,7 +268,8 @@ CALL_FIELDS = ("method", "path", "status", "project", "user", "model", "prompt_t
 
 def secret_marked_calls(processes, fake, log_format):
     """Calls (and failed sign-ins) whose prompt, completion and every secret carry a
-    marker; returns (the process, the marker, the raw key, the calls made)."""
+    marker; returns (the process, the marker, the raw key, the calls answered); one
+    more call, with a wrong key, is refused."""
     marker = secrets.token_hex(8)
     proc = processes(LLIMIT_LOG_FORMAT=log_format, LLIMIT_ADMIN_TOKEN=f"admin-{marker}",
                      LLIMIT_UPSTREAM_KEY=f"sk-upstream-{marker}")
@@ -349,10 +305,13 @@ def test_text_log_has_one_line_per_call_and_no_secret(processes, fake):
     assert all(TEXT_LINE.match(line) for line in lines), \
         [line for line in lines if not TEXT_LINE.match(line)]
     call_lines = [line for line in lines if " llimit call " in line]
-    assert len(call_lines) == calls
+    assert len(call_lines) == calls + 1
     parsed = [{name: json.loads(value) if value.startswith('"') else value
                for name, value in LOGFMT_FIELD.findall(line.split(" llimit call ", 1)[1])}
               for line in call_lines]
+    parsed, refused = parsed[:calls], parsed[calls]
+    assert (refused["status"], refused["key_id"], refused["pricing"], refused["path"]) == \
+        ("401", "-", "refused", "/v1/chat/completions")
     for fields in parsed:
         assert set(CALL_FIELDS) <= set(fields), fields
         assert (fields["method"], fields["path"], fields["status"], fields["project"],
@@ -371,7 +330,9 @@ def test_json_log_lines_are_each_valid_json_with_the_call_fields(processes, fake
     assert_no_secrets(log, marker, raw_key)
     entries = [json.loads(line) for line in log.splitlines()]
     call_entries = [entry for entry in entries if entry.get("event") == "call"]
-    assert len(call_entries) == calls
+    assert len(call_entries) == calls + 1
+    call_entries, refused = call_entries[:calls], call_entries[calls]
+    assert (refused["status"], refused["key_id"], refused["pricing"]) == (401, None, "refused")
     for entry in call_entries:
         assert set(CALL_FIELDS) <= set(entry), entry
         assert (entry["method"], entry["path"], entry["status"], entry["project"],
