@@ -2320,7 +2320,7 @@ KEY_PREFIX = "llimit-"
 END_USER_HEADER = "X-LLimit-User"
 COMMIT_WAIT_SECONDS = 10.0
 MAX_USER_NAME = 200
-USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f]")
+USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters
 AUTH_FAILURES_PER_MINUTE = 20   # wrong keys or admin tokens from one address, then 429
 AUTH_THROTTLE_ENTRIES = 10000   # addresses and known-good secrets remembered, each
 
@@ -2455,10 +2455,18 @@ def end_user(environ, payload, user_headers):
     for header in (END_USER_HEADER, *user_headers):
         value = environ.get("HTTP_" + header.upper().replace("-", "_"))
         if value:
-            return clean_user_name(value)
+            return clean_user_name(_header_text(value))
     if isinstance(payload, dict) and isinstance(payload.get("user"), str) and payload["user"]:
         return clean_user_name(payload["user"])
     return None
+
+
+def _header_text(value):
+    # WSGI hands header bytes over as latin-1; clients send names (e.g. e-mails) in UTF-8.
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
 
 
 def clean_user_name(value):
@@ -4447,8 +4455,11 @@ def reports_csv(state, session):
 
 
 def _csv_text(value):
-    # User names are typed by users; a leading = + - @ would be a formula in a spreadsheet.
-    return "'" + value if value[:1] in ("=", "+", "-", "@") else value
+    # Names are typed by users and model names come from upstreams: a leading = + - @
+    # (or tab, CR) would be a formula in a spreadsheet, so it gets a ' as OWASP advises.
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 # --- the admin dashboard ----------------------------------------------------------------
@@ -4872,8 +4883,9 @@ def _usage_csv_lines(database, start_ms, end_ms):
     writer.writerow(USAGE_CSV_COLUMNS)
     for row in iter_usage_events(database(), start_ms, end_ms):
         writer.writerow((
-            _iso_from_ms(row["created_ms"]), row["key_id"], row["user_name"],
-            row["project_id"], row["model"], row["endpoint"], row["status_code"],
+            _iso_from_ms(row["created_ms"]), row["key_id"], _csv_text(row["user_name"]),
+            _csv_text(row["project_id"]), _csv_text(row["model"]),
+            _csv_text(row["endpoint"]), row["status_code"],
             row["stream"], row["prompt_tokens"], row["cached_tokens"],
             row["cache_write_tokens"], row["completion_tokens"], row["reasoning_tokens"],
             "" if row["cost_nusd"] is None else f"{row['cost_nusd'] / 1e9:.9f}",
@@ -5458,6 +5470,9 @@ def serve(config):
     server = waitress.create_server(
         app, host=config.host, port=config.port, threads=config.threads, ident="llimit",
         max_request_body_size=config.max_body_bytes * 2 + 65536,
+        # 64 KiB of headers is far above any client's; more gets 431 from waitress
+        # instead of being carried upstream (waitress would take 256 KiB).
+        max_request_header_size=64 * 1024,
         connection_limit=max(100, config.threads * 4), channel_timeout=300,
         asyncore_use_poll=True)  # select() fails once a descriptor passes 1023
     signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state, log_writer))
