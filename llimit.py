@@ -1986,11 +1986,14 @@ def _ca_bundle():
 def upstream_url(upstream, path, query_string, deployment=None, model=None):
     """The URL a call goes to. `path` is what follows /v1/ (or a deployment)."""
     path = _upstream_path(path)
+    if deployment is not None:
+        # Refused for every kind: other kinds ignore it in the URL, but it may become the model.
+        _refuse_dot_segments(deployment)
     if upstream.kind == "azure":
         if deployment is None and model and path in AZURE_DEPLOYMENT_PATHS:
             deployment = model  # compat: OpenAI-style clients name the deployment as model
         if deployment is not None:
-            _refuse_dot_segments(deployment)
+            _refuse_dot_segments(deployment)  # again: it may be the model named in the body
             url = (f"{upstream.base_url}/openai/deployments/"
                    f"{urllib.parse.quote(deployment, safe='')}/{path}")
         else:

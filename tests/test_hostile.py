@@ -258,3 +258,140 @@ def test_huge_headers_and_bodies_are_refused_by_the_real_server_which_keeps_serv
         assert "Traceback" not in proc.log()
     finally:
         proc.close()
+
+
+# --- header injection and path tricks, over raw sockets -----------------------------------
+
+def chat_request(path, raw_key, extra_headers=b"", method=b"POST"):
+    body = b'{"model": "gpt-4o", "messages": []}'
+    return (method + b" " + path + b" HTTP/1.1\r\nHost: llimit\r\n"
+            b"Authorization: Bearer " + raw_key.encode() + b"\r\n" + extra_headers +
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % len(body) + body)
+
+
+@pytest.mark.parametrize("header", [
+    b"X-LLimit-User: a\nX-Evil: 1\r\n",          # a bare LF inside the value
+    b"X-LLimit-User: a\rX-Evil: 1\r\n",          # a bare CR
+    b"X-LLimit-User: a\x00b\r\n",                # NUL
+    b"X-LLimit-User: a\x0bb\x1bc\r\n",           # other control characters
+])
+def test_control_characters_in_a_header_are_refused_before_llimit(gateway, fake, header):
+    raw_key, _ = gateway.create_key(user=None)
+    head, _ = raw_request(gateway.url, chat_request(b"/v1/chat/completions", raw_key, header))
+    assert head.split("\r\n")[0].split()[1] == "400"
+    assert "x-evil" not in head.lower()
+    assert fake.requests == [] and gateway.events() == []
+    still_serving(gateway, raw_key)
+
+
+@pytest.mark.parametrize("header, user", [
+    # A folded line (obs-fold) is joined into one value: no second header appears.
+    (b"X-LLimit-User: a\r\n X-Evil: 1\r\n", "a X-Evil: 1"),
+    (b"X-LLimit-User: a%0d%0aX-Evil: 1\r\n", "a%0d%0aX-Evil: 1"),
+    (b"X-LLimit-User: \xc3\xa9mile\xc2\x85\r\n", "\u00e9mile"),  # UTF-8, with a C1 NEL
+])
+def test_a_user_header_cannot_add_a_header_upstream_or_in_the_response(gateway, fake,
+                                                                        header, user):
+    raw_key, _ = gateway.create_key(user=None)
+    head, _ = raw_request(gateway.url, chat_request(b"/v1/chat/completions", raw_key, header))
+    assert head.startswith("HTTP/1.1 200")
+    assert "x-evil" not in head.lower()
+    [sent] = fake.requests
+    assert "X-Evil" not in sent.headers and "X-LLimit-User" not in sent.headers
+    assert all("\r" not in value and "\n" not in value for value in sent.headers.values())
+    assert [event["user_name"] for event in gateway.events()] == [user]
+
+
+def test_user_names_with_control_characters_are_cleaned_everywhere(gateway, fake):
+    raw_key, key_id = gateway.create_key(user="bob\r\nX-Evil: 1\x00\x85")
+    assert gateway.admin.get(gateway.url + f"/admin/keys/{key_id}").json()["user"] == \
+        "bobX-Evil: 1"
+    project_key, _ = gateway.create_key(user=None)
+    resp = requests.post(gateway.url + "/v1/chat/completions",
+                         json={**CHAT, "user": "carol\r\nX-Evil: 1\t"},
+                         headers={"Authorization": f"Bearer {project_key}"})
+    assert resp.status_code == 200 and "X-Evil" not in resp.headers
+    assert "X-Evil" not in fake.requests[-1].headers
+    assert [event["user_name"] for event in gateway.events()] == ["carolX-Evil: 1"]
+    page = http_sign_in(gateway.url, "dave\r\n\x1b[31m").get(gateway.url + "/keys")
+    assert "Keys of dave" in page.text and "\x1b" not in page.text
+
+
+PATH_TRICKS = [
+    b"/v1/../admin/keys",
+    b"/v1/%2e%2e/admin/keys",
+    b"/v1/.%2E/admin/keys",
+    b"/v1/..%2Fadmin",
+    b"/v1/..%2Fadmin%2Fkeys",
+    b"/v1/chat/../../admin/keys",
+    b"/v1/chat/completions/../../../x",
+    b"/v1/%2e%2e%2f%2e%2e%2fx/chat/completions",
+    b"/v1/..\\admin\\keys",
+    b"/v1/..%5Cadmin%5Ckeys",
+    b"/v1/chat\\..\\..\\x",
+    b"/v1/./chat/completions",
+    b"/openai/deployments/..%2F..%2Fx/chat/completions?api-version=1",
+    b"/openai/deployments/gpt-4o/..%2F..%2F..%2Fx?api-version=1",
+    b"/openai/deployments/..%5C..%5Cx/chat/completions?api-version=1",
+    b"/openai/deployments/..\\..\\x/chat/completions?api-version=1",
+    b"/openai/deployments/%2e%2e/chat/completions?api-version=1",
+]
+
+
+@pytest.fixture
+def azure_key(gateway, fake):
+    resp = gateway.admin.post(gateway.url + "/admin/projects", json={
+        "id": "az", "upstream_kind": "azure", "upstream_url": fake.url,
+        "upstream_key": "az-secret", "api_version": "2024-10-21"})
+    assert resp.status_code == 201, resp.text
+    return gateway.create_key(user="alice", project="az")[0]
+
+
+@pytest.mark.parametrize("who", ["key", "azure key", "admin token"])
+def test_a_path_trick_is_a_clean_4xx_and_never_climbs_out_of_the_upstream_base(
+        gateway, fake, azure_key, who):
+    raw_key = {"key": gateway.create_key()[0], "azure key": azure_key,
+               "admin token": ADMIN_TOKEN}[who]
+    for path in PATH_TRICKS:
+        for method in (b"POST", b"GET"):
+            head, body = raw_request(gateway.url, chat_request(path, raw_key, method=method))
+            status = int(head.split()[1])
+            assert 400 <= status < 500, (path, head)
+            if status != 404:  # a route did answer: in OpenAI's shape
+                assert body.startswith(b'{"error": {'), (path, body)
+            assert b'"data"' not in body and b"llimit-" not in body  # no admin listing
+    # Whatever reached the upstream stayed under its base, with no dot segments left.
+    for sent in fake.requests:
+        assert sent.path.startswith(("/v1/", "/openai/deployments/", "/openai/"))
+        assert ".." not in sent.path.replace("\\", "/").split("/")
+    keys = gateway.admin.get(gateway.url + "/admin/keys").json()["data"]
+    assert [key["user"] for key in keys].count("alice") == 2  # no key made by a trick
+    assert all(key["active"] for key in keys)                  # nor revoked
+    assert all(event["status_code"] >= 400 for event in gateway.events())
+
+
+def test_an_encoded_slash_stays_a_path_under_the_upstream_base(gateway, fake):
+    raw_key, _ = gateway.create_key()
+    conn = http.client.HTTPConnection(gateway.url.split("//")[1], timeout=30)
+    conn.request("POST", "/v1/chat%2Fcompletions", body=b'{"model": "gpt-4o", "messages": []}',
+                 headers={"Authorization": f"Bearer {raw_key}",
+                          "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    conn.close()
+    assert [sent.path for sent in fake.requests] == ["/v1/chat/completions"]
+
+
+@pytest.mark.parametrize("model", ["..", "../../x", "..\\x", "."])
+def test_a_model_that_becomes_an_azure_deployment_cannot_climb_either(gateway, fake,
+                                                                       azure_key, model):
+    resp = requests.post(gateway.url + "/v1/chat/completions",
+                         json={"model": model, "messages": []},
+                         headers={"Authorization": f"Bearer {azure_key}"})
+    if resp.status_code == 400:
+        assert assert_openai_error(resp, 400)["code"] == "invalid_path"
+    for sent in fake.requests:  # "../../x" travels as one encoded segment
+        assert sent.path.startswith("/openai/deployments/")
+        assert ".." not in sent.path.replace("\\", "/").split("/")
+    assert resp.status_code == 400 or fake.requests
