@@ -395,3 +395,140 @@ def test_a_model_that_becomes_an_azure_deployment_cannot_climb_either(gateway, f
         assert sent.path.startswith("/openai/deployments/")
         assert ".." not in sent.path.replace("\\", "/").split("/")
     assert resp.status_code == 400 or fake.requests
+
+
+# --- SQL and markup in every stored text -------------------------------------------------
+
+SQL = ["'; drop table api_keys; --", "'; drop table keys; --", '" or 1=1 --']
+MARKUP = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
+HOSTILE = SQL + MARKUP
+
+
+def escaped(text):
+    """The text as bottle's templates escape it."""
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;").replace("'", "&#039;"))
+
+
+def tables(server):
+    return sorted(row[0] for row in server.db().execute(
+        "select name from sqlite_master where type = 'table'"))
+
+
+def test_sql_and_markup_in_every_stored_text_are_kept_verbatim_and_shown_as_text(
+        make_llimit, fake):
+    server = make_llimit()
+    admin, url = server.admin, server.url
+    tables_before = tables(server)
+    assert_openai_error(admin.post(url + "/admin/projects", json={"id": SQL[0]}), 400)
+    project = admin.post(url + "/admin/projects", json={
+        "id": "team", "name": MARKUP[0], "limit_message": MARKUP[1]})
+    assert project.status_code == 201, project.text
+    users = {}
+    for index, text in enumerate(HOSTILE):
+        raw_key, key_id = server.create_key(user=text, project="team", note=text,
+                                            models=None)
+        users[text] = raw_key
+        limit = admin.post(url + "/admin/limits", json={
+            "scope": "user", "target": text, "metric": "requests", "window": "day",
+            "amount": 100, "action": "warn", "note": text})
+        assert limit.status_code == 201, limit.text
+        fake.behaviour["model"] = text  # the upstream reports a hostile model name
+        resp = requests.post(url + "/v1/chat/completions", json=CHAT,
+                             headers={"Authorization": f"Bearer {raw_key}"})
+        assert resp.status_code == 200, resp.text
+        price = admin.put(url + "/admin/pricing/" + requests.utils.quote(f"{text}-{index}",
+                                                                       safe=""),
+                          json={"input": 1, "output": 2})
+        assert price.status_code == 200 and price.json()["model"] == f"{text}-{index}"
+
+    # The JSON API gives every text back as it was sent.
+    keys = admin.get(url + "/admin/keys", params={"project": "team"}).json()["data"]
+    assert sorted((key["user"], key["note"]) for key in keys) == sorted(
+        (text, text) for text in HOSTILE)
+    for text in HOSTILE:
+        [key] = admin.get(url + "/admin/keys", params={"user": text}).json()["data"]
+        assert key["user"] == text and key["requests"] == 1
+    team = admin.get(url + "/admin/projects/team").json()
+    assert (team["name"], team["limit_message"]) == tuple(MARKUP)
+    limits = admin.get(url + "/admin/limits").json()["data"]
+    assert sorted((limit["target"], limit["note"], limit["used"]) for limit in limits) == \
+        sorted((text, text, 1) for text in HOSTILE)
+    by_user = admin.get(url + "/admin/usage", params={"group_by": "user"}).json()["rows"]
+    assert sorted(row["user"] for row in by_user) == sorted(HOSTILE)
+    by_model = admin.get(url + "/admin/usage", params={"group_by": "model"}).json()["rows"]
+    assert sorted(row["model"] for row in by_model) == sorted(HOSTILE)
+    pricing = admin.get(url + "/admin/pricing").json()
+    assert {f"{text}-{index}" for index, text in enumerate(HOSTILE)} <= set(pricing["models"])
+    assert sorted(pricing["missing"]) == sorted(HOSTILE)
+    me = requests.get(url + "/llimit/me",
+                      headers={"Authorization": f"Bearer {users[MARKUP[0]]}"}).json()
+    assert me["user"] == MARKUP[0]
+    # The limit message reaches the refused caller verbatim, inside JSON.
+    admin.post(url + "/admin/limits", json={"scope": "project", "target": "team",
+                                            "metric": "requests", "window": "day",
+                                            "amount": 0})
+    refused = requests.post(url + "/v1/chat/completions", json=CHAT,
+                            headers={"Authorization": f"Bearer {users[SQL[2]]}"})
+    assert MARKUP[1] in assert_openai_error(refused, 429)["message"]
+
+    # Tables intact, every row still there.
+    assert tables(server) == tables_before
+    db = server.db()
+    assert db.execute("select count(*) from api_keys where project_id = 'team'").fetchone()[0] \
+        == len(HOSTILE)
+    assert db.execute("select count(*) from usage_events").fetchone()[0] == len(HOSTILE)
+
+    # Every page that shows them shows text, never markup.
+    admin_pages = http_sign_in(url, admin_token=ADMIN_TOKEN)
+    pages = {path: admin_pages.get(url + path) for path in ("/admin", "/reports")}
+    for text in HOSTILE:
+        user_session = http_sign_in(url, text)
+        for path in ("/keys", "/usage"):
+            pages[f"{path} of {text}"] = user_session.get(url + path)
+        page = pages[f"/keys of {text}"].text
+        assert escaped(text) in page  # the user name and the key's note
+        assert escaped(text) in pages[f"/usage of {text}"].text  # the model and the limit
+    for name, resp in pages.items():
+        assert resp.status_code == 200, (name, resp.text)
+        for text in MARKUP:
+            assert text not in resp.text, name
+            assert "<img" not in resp.text and "<script>alert" not in resp.text, name
+    admin_page = pages["/admin"].text
+    for text in HOSTILE:  # as user, key note, limit target, unpriced model and price
+        assert admin_page.count(escaped(text)) >= 5, text
+    assert escaped(MARKUP[0]) in admin_page and escaped(MARKUP[1]) in admin_page  # project
+    for text in HOSTILE:  # in the report tables, and the charts' data attributes
+        assert escaped(text) in pages["/reports"].text, text
+
+
+FORMULAS = ["=HYPERLINK(\"http://evil\",\"x\")", "+1+1", "-2+3", "@SUM(1,1)", "\t=1+1",
+            "=cmd|' /C calc'!A0"]
+
+
+def test_csv_exports_never_start_a_cell_with_a_formula(make_llimit, fake):
+    server = make_llimit()
+    for index, text in enumerate(FORMULAS):
+        raw_key, _ = server.create_key(user=text)
+        fake.behaviour["model"] = FORMULAS[-1 - index]
+        resp = requests.post(server.url + "/v1/chat/completions", json=CHAT,
+                             headers={"Authorization": f"Bearer {raw_key}"})
+        assert resp.status_code == 200, resp.text
+    # A path of the client's choosing is stored as the endpoint.
+    resp = requests.post(server.url + "/v1/=1+1", json=CHAT,
+                         headers={"Authorization": f"Bearer {raw_key}"})
+    assert resp.status_code == 404  # the upstream's answer, passed through
+    admin_csv = server.admin.get(server.url + "/admin/usage.csv")
+    admin_session = http_sign_in(server.url, admin_token=ADMIN_TOKEN)
+    report_csv = admin_session.get(server.url + "/reports/data.csv")
+    for resp in (admin_csv, report_csv):
+        assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/csv")
+        rows = list(csv.DictReader(io.StringIO(resp.text)))
+        for row in rows:
+            for cell in row.values():
+                assert cell[:1] not in ("=", "+", "-", "@", "\t", "\r"), (cell, row)
+        # A tab is no part of a user name (cleaned away); the model keeps it.
+        assert {"'" + text.lstrip("\t") for text in FORMULAS} <= {row["user"] for row in rows}
+        assert {"'" + text for text in FORMULAS} <= {row["model"] for row in rows}
+    endpoints = [row["endpoint"] for row in csv.DictReader(io.StringIO(admin_csv.text))]
+    assert "'=1+1" in endpoints
