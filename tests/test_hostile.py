@@ -532,3 +532,117 @@ def test_csv_exports_never_start_a_cell_with_a_formula(make_llimit, fake):
         assert {"'" + text for text in FORMULAS} <= {row["model"] for row in rows}
     endpoints = [row["endpoint"] for row in csv.DictReader(io.StringIO(admin_csv.text))]
     assert "'=1+1" in endpoints
+
+
+# --- guessing keys and admin tokens ----------------------------------------------------------
+
+def flip(char):
+    return "B" if char == "A" else "A"
+
+
+def call_with(server, raw_key):
+    return requests.post(server.url + "/v1/chat/completions", json=CHAT, timeout=30,
+                         headers={"Authorization": f"Bearer {raw_key}"})
+
+
+def test_keys_are_looked_up_by_hash_so_where_a_wrong_key_differs_does_not_matter(gateway):
+    raw_key, key_id = gateway.create_key()
+    near_end = raw_key[:-1] + flip(raw_key[-1])
+    near_start = raw_key[:7] + flip(raw_key[7]) + raw_key[8:]
+    errors = [assert_openai_error(call_with(gateway, wrong), 401)
+              for wrong in (near_end, near_start, "llimit-" + "A" * 43)]
+    assert {(error["type"], error["code"]) for error in errors} == {
+        ("invalid_request_error", "invalid_api_key")}
+    for error, wrong in zip(errors, (near_end, near_start)):
+        assert wrong not in error["message"] and raw_key not in error["message"]
+    # Only the SHA-256 is stored: the secret is nowhere in the database file.
+    gateway.wait_idle()
+    row = gateway.db().execute("select * from api_keys where id = ?", (key_id,)).fetchone()
+    assert row["key_hash"] == hashlib.sha256(raw_key.encode()).hexdigest()
+    with open(gateway.config.db_path, "rb") as handle:
+        assert raw_key[7:].encode() not in handle.read()
+    assert call_with(gateway, raw_key).status_code == 200
+
+
+def test_measure_how_long_wrong_keys_and_tokens_take(gateway, clock, capsys):
+    """Measured, not asserted: wrong secrets near the right one vs far from it (README)."""
+    raw_key, _ = gateway.create_key()
+    session = requests.Session()
+    rounds = 300
+
+    def key_call(secret):
+        return session.post(gateway.url + "/v1/chat/completions", json=CHAT,
+                            headers={"Authorization": f"Bearer {secret}"})
+
+    def token_call(secret):
+        return session.get(gateway.url + "/admin/projects",
+                           headers={"Authorization": f"Bearer {secret}"})
+
+    pairs = {
+        "key": (key_call, raw_key[:-1] + flip(raw_key[-1]),
+                raw_key[:7] + flip(raw_key[7]) + raw_key[8:]),
+        "admin token": (token_call, ADMIN_TOKEN[:-1] + "X", "X" + ADMIN_TOKEN[1:]),
+    }
+    figures = {}
+    for name, (send, near, far) in pairs.items():
+        times = {"near": [], "far": []}
+        for round_number in range(rounds + 20):  # near and far taken in turn; 20 to warm up
+            for which, secret in (("near", near), ("far", far)):
+                started = time.perf_counter()
+                resp = send(secret)
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                assert resp.status_code == 401  # never throttled: the clock moves on
+                clock.advance(4)                 # 20 failures span 80 s > the minute
+                if round_number >= 20:
+                    times[which].append(elapsed_ms)
+        figures[name] = {which: statistics.median(values) for which, values in times.items()}
+    with capsys.disabled():
+        print(f"\nmedian time of a refused call, {rounds} calls each (one client, HTTP"
+              " keep-alive):")
+        for name, medians in figures.items():
+            print(f"  {name:12} last character wrong {medians['near']:.3f} ms,"
+                  f" first character wrong {medians['far']:.3f} ms")
+
+
+def test_after_20_wrong_keys_an_address_waits_a_minute_but_good_keys_still_pass(
+        gateway, clock):
+    good_key, _ = gateway.create_key(user="alice")
+    assert call_with(gateway, good_key).status_code == 200   # known good from now on
+    for attempt in range(20):
+        assert_openai_error(call_with(gateway, f"llimit-guess{attempt:040d}"), 401)
+    throttled = call_with(gateway, "llimit-guess" + "x" * 40)
+    assert assert_openai_error(throttled, 429)["code"] == "too_many_failed_attempts"
+    assert 0 < int(throttled.headers["Retry-After"]) <= 60
+    # Even the right key is no longer looked up when it is guessed now...
+    fresh_key, _ = gateway.create_key(user="bob")
+    assert call_with(gateway, fresh_key).status_code == 429
+    # ...but one that has worked before goes through, as does the admin API with its token.
+    assert call_with(gateway, good_key).status_code == 200
+    assert gateway.admin.get(gateway.url + "/admin/keys").status_code == 200
+    me = requests.get(gateway.url + "/llimit/me",
+                      headers={"Authorization": "Bearer llimit-guess" + "y" * 40})
+    assert_openai_error(me, 429)
+    clock.advance(61)
+    assert_openai_error(call_with(gateway, "llimit-guess" + "z" * 40), 401)
+    assert call_with(gateway, fresh_key).status_code == 200
+
+
+def test_after_20_wrong_admin_tokens_an_address_waits_a_minute_but_the_token_passes(
+        gateway, clock):
+    def projects(token):
+        return requests.get(gateway.url + "/admin/projects",
+                            headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    assert projects(ADMIN_TOKEN).status_code == 200
+    for attempt in range(20):
+        assert_openai_error(projects(f"guess-{attempt}"), 401)
+    throttled = projects("guess-again")
+    assert assert_openai_error(throttled, 429)["code"] == "too_many_failed_attempts"
+    assert 0 < int(throttled.headers["Retry-After"]) <= 60
+    assert projects(ADMIN_TOKEN).status_code == 200
+    # Wrong keys and wrong tokens count together: this address is throttled for keys too.
+    raw_key, _ = gateway.create_key()
+    assert call_with(gateway, raw_key).status_code == 429
+    clock.advance(61)
+    assert_openai_error(projects("guess-after"), 401)
+    assert call_with(gateway, raw_key).status_code == 200
