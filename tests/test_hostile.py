@@ -118,6 +118,7 @@ ADMIN_MISTAKES = [
     ("POST", "/admin/keys", b'{"user": "a", "colour": "red"}'),
     ("POST", "/admin/projects", b"{}"),
     ("POST", "/admin/projects", b'{"id": ["p"]}'),
+    ("POST", "/admin/projects", b'{"id": "p\\n"}'),
     ("POST", "/admin/projects", b'{"id": "p", "name": {}}'),
     ("POST", "/admin/projects", b'{"id": "p", "allow_user_keys": "yes"}'),
     ("POST", "/admin/projects", b'{"id": "p", "budget": "x"}'),
