@@ -4684,7 +4684,8 @@ def _json_input():
     body = read_body(bottle.request.environ, ADMIN_BODY_MAX_BYTES)
     try:
         # NaN and Infinity are no JSON, though Python reads them: refuse them here.
-        data = json.loads(body, parse_constant=_no_constant) if body.strip() else {}
+        # No body is {}; a body of only whitespace is broken JSON, as the fuzzer says.
+        data = json.loads(body, parse_constant=_no_constant) if body else {}
     except ValueError as error:
         raise LlimitError(400, "invalid_request_error", f"The body is not valid JSON: {error}.",
                           code="invalid_json") from None
@@ -5048,9 +5049,9 @@ def _openapi_spec():
                                       "nullable": f not in ("input", "output")}
                                   for f in PRICE_FIELDS}}
 
-    def op(summary, body=None, params=(), status="200", also=()):
+    def op(summary, answer, body=None, params=(), status="200", also=()):
         responses = {status: {"description": "OK", "content": {
-            "application/json": {"schema": {"type": "object"}}}}}
+            "application/json": {"schema": answer}}}}
         # 429: too many wrong admin tokens from the caller's address.
         for code in ("400", "401", "404", "429", *also):
             responses[code] = error
@@ -5064,6 +5065,60 @@ def _openapi_spec():
         if params:
             operation["parameters"] = list(params)
         return operation
+
+    def ref(name):
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def data_of(name):
+        return {"type": "object", "required": ["data"],
+                "properties": {"data": {"type": "array", "items": ref(name)}}}
+
+    def record(required, **properties):
+        return {"type": "object", "required": list(required), "properties": properties}
+
+    nullable_number = {"type": "number", "nullable": True}
+    number, integer = {"type": "number"}, {"type": "integer"}
+    key_out = record(
+        ("id", "masked_key", "user", "project", "note", "models", "created_at", "expires_at",
+         "revoked_at", "last_used_at", "active", "requests", "cost_usd"),
+        id=string, masked_key=string, user=nullable_string, project=string,
+        note=nullable_string, models={**models, "items": string}, created_at=string,
+        expires_at=nullable_string, revoked_at=nullable_string, last_used_at=nullable_string,
+        active={"type": "boolean"}, requests=integer, cost_usd=number, key=string)
+    limit_out = record(
+        ("id", "scope", "target", "each", "metric", "window", "amount", "action", "alert_at",
+         "note", "used", "remaining", "resets_at"),
+        id=string, scope=limit_fields["scope"], target=nullable_string,
+        each=limit_fields["each"], metric=limit_fields["metric"],
+        window=limit_fields["window"], amount=number,
+        action=limit_fields["action"], alert_at={"type": "array", "nullable": True,
+                                                 "items": number},
+        note=nullable_string, used=number, remaining=number, resets_at=nullable_string)
+    project_out = record(
+        ("id", "name", "upstream_kind", "upstream_url", "upstream_key_set",
+         "upstream_key_source", "api_version", "allow_user_keys", "limit_message",
+         "model_map", "created_at"),
+        id=string, name=string, upstream_kind=project_fields["upstream_kind"],
+        upstream_url=nullable_string, upstream_key_set={"type": "boolean"},
+        upstream_key_source=nullable_string, api_version=nullable_string,
+        allow_user_keys={"type": "boolean"}, limit_message=nullable_string,
+        model_map={"type": "object", "nullable": True, "additionalProperties": string},
+        created_at=string, limits={"type": "array", "items": ref("Limit")})
+    deleted = record(("id", "deleted"), id=string, deleted={"type": "boolean"})
+    figures = {name: integer for name in ("requests", "prompt_tokens", "cached_tokens",
+                                          "cache_write_tokens", "completion_tokens",
+                                          "unpriced_requests")}
+    usage_out = record(
+        ("start", "end", "group_by", "rows", "totals"), start=string, end=string,
+        group_by=string, totals=record(figures, cost_usd=number, **figures),
+        rows={"type": "array", "items": record(
+            figures, cost_usd=nullable_number, **figures)})
+    price_out = {name: nullable_number for name in PRICE_FIELDS}
+    pricing_out = record(("models", "missing"), missing={"type": "array", "items": string},
+                         models={"type": "object", "additionalProperties": record(
+                             ("input", "output", "source"), source=string, **price_out)})
+    price_set = record(("model", "input", "output"), model=string, **price_out)
+    repriced = record(("events", "changed"), events=integer, changed=integer)
 
     def any_case(words):
         return "^(" + "".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in words) + ")$"
@@ -5083,47 +5138,48 @@ def _openapi_spec():
         "info": {"title": "llimit admin API", "version": __version__},
         "components": {
             "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {
+            "schemas": {"Key": key_out, "Project": project_out, "Limit": limit_out,
+                        "Error": {"type": "object", "required": ["error"], "properties": {
                 "error": {"type": "object", "required": ["message", "type"], "properties": {
                     "message": string, "type": string, "code": nullable_string,
                     "param": nullable_string}}}}}},
         "paths": {
             "/admin/keys": {
-                "get": op("List keys", params=(query("user"), query("project"),
+                "get": op("List keys", data_of("Key"), params=(query("user"), query("project"),
                                                query("active", {
                                                    "type": "string", "pattern": any_case(
                                                        "true|false|1|0|yes|no|")}))),
-                "post": op("Create a key; the secret is returned once", key_input,
+                "post": op("Create a key; the secret is returned once", ref("Key"), key_input,
                            status="201")},
             "/admin/keys/{id}": {
-                "get": op("Get a key", params=(key_id,)),
-                "patch": op("Change a key", key_patch, params=(key_id,))},
-            "/admin/keys/{id}/revoke": {"post": op("Revoke a key", params=(key_id,))},
+                "get": op("Get a key", ref("Key"), params=(key_id,)),
+                "patch": op("Change a key", ref("Key"), key_patch, params=(key_id,))},
+            "/admin/keys/{id}/revoke": {"post": op("Revoke a key", ref("Key"), params=(key_id,))},
             "/admin/projects": {
-                "get": op("List projects"),
-                "post": op("Create a project", project_input, status="201", also=("409",))},
+                "get": op("List projects", data_of("Project")),
+                "post": op("Create a project", ref("Project"), project_input, status="201", also=("409",))},
             "/admin/projects/{id}": {
-                "get": op("Get a project", params=(project_id,)),
-                "patch": op("Change a project", project_patch, params=(project_id,)),
-                "delete": op("Delete a project (its keys are revoked)", params=(project_id,))},
+                "get": op("Get a project", ref("Project"), params=(project_id,)),
+                "patch": op("Change a project", ref("Project"), project_patch, params=(project_id,)),
+                "delete": op("Delete a project (its keys are revoked)", deleted, params=(project_id,))},
             "/admin/limits": {
-                "get": op("List limits with used and resets_at"),
-                "post": op("Create a limit", limit_input, status="201")},
+                "get": op("List limits with used and resets_at", data_of("Limit")),
+                "post": op("Create a limit", ref("Limit"), limit_input, status="201")},
             "/admin/limits/{id}": {
-                "get": op("Get a limit", params=(limit_id,)),
-                "patch": op("Change a limit", limit_patch, params=(limit_id,)),
-                "delete": op("Delete a limit", params=(limit_id,))},
-            "/admin/usage": {"get": op("Usage and cost per group", params=(
+                "get": op("Get a limit", ref("Limit"), params=(limit_id,)),
+                "patch": op("Change a limit", ref("Limit"), limit_patch, params=(limit_id,)),
+                "delete": op("Delete a limit", deleted, params=(limit_id,))},
+            "/admin/usage": {"get": op("Usage and cost per group", usage_out, params=(
                 *dates, query("user"),
                 query("group_by", {"type": "string", "enum": list(USAGE_GROUP_COLUMNS)})))},
-            "/admin/usage.csv": {"get": {**op("Raw usage events as CSV", params=dates),
+            "/admin/usage.csv": {"get": {**op("Raw usage events as CSV", string, params=dates),
                                          "responses": {"200": {"description": "CSV", "content": {
                                              "text/csv": {"schema": string}}},
                                              "400": error, "401": error, "429": error}}},
-            "/admin/pricing": {"get": op("Prices in force and models without one")},
-            "/admin/pricing/{model}": {"put": op("Set a model's price", price_input,
+            "/admin/pricing": {"get": op("Prices in force and models without one", pricing_out)},
+            "/admin/pricing/{model}": {"put": op("Set a model's price", price_set, price_input,
                                                  params=(path_param("model"),))},
-            "/admin/reprice": {"post": op("Recompute stored costs from current prices")},
+            "/admin/reprice": {"post": op("Recompute stored costs from current prices", repriced)},
         },
     }
 

@@ -109,6 +109,7 @@ ADMIN_MISTAKES = [
     ("POST", "/admin/keys", b"{"),
     ("POST", "/admin/keys", b"\xff\xfe{"),
     ("POST", "/admin/keys", b"[]"),
+    ("POST", "/admin/keys", b" "),
     ("POST", "/admin/keys", b'"user"'),
     ("POST", "/admin/keys", b'{"user": 5}'),
     ("POST", "/admin/keys", b'{"user": "a", "project": ["default"]}'),
