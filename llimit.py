@@ -1083,7 +1083,7 @@ class StreamMeter:
             return False
         try:
             obj = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
             return False
         if not isinstance(obj, dict):
             return False
@@ -2107,7 +2107,7 @@ def usage_from_response_body(content):
             return found
     try:
         return usage_from_body(json.loads(content))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
         return None, None
 
 
@@ -2539,6 +2539,9 @@ def parse_json_body(body, environ):
         return {}  # multipart uploads (audio, files) pass through unread
     try:
         payload = json.loads(body)
+    except RecursionError:
+        raise LlimitError(400, "invalid_request_error", "The request body is nested too deep.",
+                          code="invalid_json") from None
     except ValueError as error:
         raise LlimitError(400, "invalid_request_error",
                           f"The request body is not valid JSON: {error}.",
@@ -2874,7 +2877,7 @@ class OidcClient:
             header_b64, payload_b64, _signature = id_token.split(".")
             header = json.loads(_b64url_decode(header_b64))
             claims = json.loads(_b64url_decode(payload_b64))
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise self._failure(401, "the ID token is malformed") from None
         audience = claims.get("aud")
         audiences = audience if isinstance(audience, list) else [audience]
@@ -4686,6 +4689,9 @@ def _json_input():
         # NaN and Infinity are no JSON, though Python reads them: refuse them here.
         # No body is {}; a body of only whitespace is broken JSON, as the fuzzer says.
         data = json.loads(body, parse_constant=_no_constant) if body else {}
+    except RecursionError:
+        raise LlimitError(400, "invalid_request_error", "The body is nested too deep.",
+                          code="invalid_json") from None
     except ValueError as error:
         raise LlimitError(400, "invalid_request_error", f"The body is not valid JSON: {error}.",
                           code="invalid_json") from None

@@ -6,9 +6,11 @@ import csv
 import dataclasses
 import hashlib
 import http.client
+import http.server
 import io
 import socket
 import statistics
+import threading
 import time
 
 import hypothesis
@@ -110,6 +112,8 @@ ADMIN_MISTAKES = [
     ("POST", "/admin/keys", b"\xff\xfe{"),
     ("POST", "/admin/keys", b"[]"),
     ("POST", "/admin/keys", b" "),
+    ("POST", "/admin/keys", b"[" * 100_000 + b"]" * 100_000),
+    ("POST", "/admin/limits", b'{"note": ' * 100_000 + b"1" + b"}" * 100_000),
     ("POST", "/admin/keys", b'"user"'),
     ("POST", "/admin/keys", b'{"user": 5}'),
     ("POST", "/admin/keys", b'{"user": "a", "project": ["default"]}'),
@@ -148,7 +152,12 @@ ADMIN_MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize("method, path, body", ADMIN_MISTAKES)
+def short_id(value):
+    """Test ids no longer than a line, for bodies of 200 KB."""
+    return repr(value)[:40] if isinstance(value, bytes) else None
+
+
+@pytest.mark.parametrize("method, path, body", ADMIN_MISTAKES, ids=short_id)
 def test_a_broken_or_mistyped_admin_request_is_a_400_in_openai_shape(gateway, method, path,
                                                                      body):
     resp = gateway.admin.request(method, gateway.url + path, data=body,
@@ -178,12 +187,13 @@ def test_an_admin_patch_with_wrong_types_changes_nothing(gateway):
 
 PROXY_BODIES = [
     b'{"model": "gpt-4o", "messages": [',
+    b'{"model": "gpt-4o", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     b"\xff\xfe{",
     b'{"model": "gpt-4o", "messages": [], "stream": tru}',
 ]
 
 
-@pytest.mark.parametrize("body", PROXY_BODIES)
+@pytest.mark.parametrize("body", PROXY_BODIES, ids=short_id)
 def test_broken_json_to_the_proxy_is_a_400_and_never_goes_upstream(gateway, fake, body):
     raw_key, _ = gateway.create_key()
     resp = requests.post(gateway.url + "/v1/chat/completions", data=body,
@@ -648,3 +658,45 @@ def test_after_20_wrong_admin_tokens_an_address_waits_a_minute_but_the_token_pas
     clock.advance(61)
     assert_openai_error(projects("guess-after"), 401)
     assert call_with(gateway, raw_key).status_code == 200
+
+
+class _NestedJsonUpstream(http.server.BaseHTTPRequestHandler):
+    """An upstream whose answers are JSON nested 100,000 deep (whole, or as a stream)."""
+    protocol_version = "HTTP/1.1"
+    NESTED = b'{"usage": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        stream = self.path.endswith("/stream")
+        body = (b"data: " + self.NESTED + b"\n\ndata: [DONE]\n\n") if stream else self.NESTED
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream" if stream else "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_upstream_answering_json_nested_too_deep_is_relayed_and_metered(gateway):
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NestedJsonUpstream)
+    thread = threading.Thread(target=upstream.serve_forever, daemon=True)
+    thread.start()
+    try:
+        resp = gateway.admin.post(gateway.url + "/admin/projects", json={
+            "id": "deep", "upstream_url": f"http://127.0.0.1:{upstream.server_port}/v1",
+            "upstream_key": "sk-deep"})
+        assert resp.status_code == 201, resp.text
+        raw_key, _ = gateway.create_key(project="deep")
+        for path in ("/v1/whole", "/v1/stream"):
+            resp = requests.post(gateway.url + path, json=CHAT, timeout=30,
+                                 headers={"Authorization": f"Bearer {raw_key}"})
+            assert resp.status_code == 200
+            assert _NestedJsonUpstream.NESTED in resp.content  # passed on as it came
+        events = gateway.events()
+        assert [(event["endpoint"], event["status_code"]) for event in events] == [
+            ("whole", 200), ("stream", 200)]
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
