@@ -5163,11 +5163,14 @@ def _openapi_spec():
             "/admin/keys/{id}/revoke": {"post": op("Revoke a key", ref("Key"), params=(key_id,))},
             "/admin/projects": {
                 "get": op("List projects", data_of("Project")),
-                "post": op("Create a project", ref("Project"), project_input, status="201", also=("409",))},
+                "post": op("Create a project", ref("Project"), project_input, status="201",
+                           also=("409",))},
             "/admin/projects/{id}": {
                 "get": op("Get a project", ref("Project"), params=(project_id,)),
-                "patch": op("Change a project", ref("Project"), project_patch, params=(project_id,)),
-                "delete": op("Delete a project (its keys are revoked)", deleted, params=(project_id,))},
+                "patch": op("Change a project", ref("Project"), project_patch,
+                            params=(project_id,)),
+                "delete": op("Delete a project (its keys are revoked)", deleted,
+                             params=(project_id,))},
             "/admin/limits": {
                 "get": op("List limits with used and resets_at", data_of("Limit")),
                 "post": op("Create a limit", ref("Limit"), limit_input, status="201")},

@@ -703,3 +703,19 @@ def test_an_upstream_answering_json_nested_too_deep_is_relayed_and_metered(gatew
     finally:
         upstream.shutdown()
         upstream.server_close()
+
+
+@pytest.mark.parametrize("secret", [b"llimit-\xc3\xa9\xe6\x97\xa5", b"\xff\xfe\xfd",
+                                    b"llimit-" + b"x" * 60_000,
+                                    b"llimit-'; drop table api_keys"],
+                         ids=short_id)
+def test_odd_keys_and_tokens_are_a_401_in_openai_shape(gateway, secret):
+    for header in (b"Authorization", b"api-key", b"x-api-key"):
+        value = b"Bearer " + secret if header == b"Authorization" else secret
+        resp = requests.post(gateway.url + "/v1/chat/completions", json=CHAT,
+                             headers={header: value})
+        assert_openai_error(resp, 401)
+    resp = requests.get(gateway.url + "/admin/keys",
+                        headers={"Authorization": b"Bearer " + secret})
+    assert_openai_error(resp, 401)
+    assert "api_keys" in tables(gateway)
