@@ -5180,7 +5180,8 @@ def _openapi_spec():
                 "delete": op("Delete a limit", deleted, params=(limit_id,))},
             "/admin/usage": {"get": op("Usage and cost per group", usage_out, params=(
                 *dates, query("user"),
-                query("group_by", {"type": "string", "enum": list(USAGE_GROUP_COLUMNS)})))},
+                query("group_by", {"type": "string", "enum": [*USAGE_GROUP_COLUMNS, ""],
+                                   "description": "empty or absent: user"})))},
             "/admin/usage.csv": {"get": {**op("Raw usage events as CSV", string, params=dates),
                                          "responses": {"200": {"description": "CSV", "content": {
                                              "text/csv": {"schema": string}}},
