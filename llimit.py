@@ -920,6 +920,7 @@ def utc_iso(seconds):
 # (-2024-08-06, -20250929), old OpenAI -0613, Vertex -001, and -latest.
 DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|\d{3}|latest)$")
 PRICE_FIELDS = ("input", "cached_input", "output", "cache_write")
+MAX_PRICE = 1e6  # USD per 1M tokens; far above any real price, and costs stay within int64
 NANO_PER_USD_PER_MTOK = 1000  # 1 token at $1/1M tokens is 1,000 nano-dollars
 
 
@@ -948,8 +949,8 @@ def validate_price(price):
         if field in ("input", "output") and value is None:
             return f"{field} is required"
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or value < 0):
-            return f"{field} must be a number >= 0"
+                                  or not 0 <= value <= MAX_PRICE):
+            return f"{field} must be a number from 0 to {MAX_PRICE:g}"
     return None
 
 
@@ -1082,7 +1083,7 @@ class StreamMeter:
             return False
         try:
             obj = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
             return False
         if not isinstance(obj, dict):
             return False
@@ -1710,6 +1711,8 @@ def validate_limit(data, current=None):
     if not isinstance(data, dict):
         raise LlimitError(400, "invalid_request_error", "expected a JSON object")
     merged = dict(current or {})
+    if isinstance(merged.get("alert_at"), str):
+        merged["alert_at"] = json.loads(merged["alert_at"])  # as stored; input must be a list
     unknown = set(data) - {"scope", "target", "each", "metric", "window", "amount", "action",
                            "alert_at", "note"}
     if unknown:
@@ -1721,6 +1724,8 @@ def validate_limit(data, current=None):
         if merged.get(field) not in allowed:
             names = ", ".join(a for a in allowed if a)
             raise _field_error(field, f"must be one of {names}")
+    if merged.get("target") is not None and not isinstance(merged["target"], str):
+        raise _field_error("target", "must be a string")
     if merged["scope"] == "global":
         merged["target"] = None
     elif not isinstance(merged.get("target"), str) or not merged["target"]:
@@ -1734,8 +1739,6 @@ def validate_limit(data, current=None):
             or amount != amount or amount > 1e15:
         raise _field_error("amount", "must be a number >= 0")
     alert_at = merged.get("alert_at")
-    if isinstance(alert_at, str):
-        alert_at = json.loads(alert_at)
     if alert_at is not None:
         if not isinstance(alert_at, list) or not all(
                 isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 100
@@ -1984,11 +1987,14 @@ def _ca_bundle():
 def upstream_url(upstream, path, query_string, deployment=None, model=None):
     """The URL a call goes to. `path` is what follows /v1/ (or a deployment)."""
     path = _upstream_path(path)
+    if deployment is not None:
+        # Refused for every kind: other kinds ignore it in the URL, but it may become the model.
+        _refuse_dot_segments(deployment)
     if upstream.kind == "azure":
         if deployment is None and model and path in AZURE_DEPLOYMENT_PATHS:
             deployment = model  # compat: OpenAI-style clients name the deployment as model
         if deployment is not None:
-            _refuse_dot_segments(deployment)
+            _refuse_dot_segments(deployment)  # again: it may be the model named in the body
             url = (f"{upstream.base_url}/openai/deployments/"
                    f"{urllib.parse.quote(deployment, safe='')}/{path}")
         else:
@@ -2102,7 +2108,7 @@ def usage_from_response_body(content):
             return found
     try:
         return usage_from_body(json.loads(content))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
         return None, None
 
 
@@ -2185,10 +2191,13 @@ def validate_project(data, current=None):
         "api_version": None, "allow_user_keys": 1, "limit_message": None, "model_map": None}
     if current and "id" in data and data["id"] != current["id"]:
         raise _field_error("id", "cannot change")
+    if isinstance(project.get("model_map"), str):
+        project["model_map"] = json.loads(project["model_map"])  # as stored; input: an object
     project.update({k: v for k, v in data.items() if k in PROJECT_COLUMNS})
-    if not isinstance(project.get("id"), str) or not PROJECT_ID.match(project["id"]):
+    if not isinstance(project.get("id"), str) or not PROJECT_ID.fullmatch(project["id"]):
         raise _field_error("id", "must be 1-64 letters, digits, '_', '.' or '-'")
-    project["name"] = project.get("name") or project["id"]
+    if project.get("name") in (None, ""):  # not just falsy: {} is no name
+        project["name"] = project["id"]
     if project["upstream_kind"] not in UPSTREAM_KINDS:
         raise _field_error("upstream_kind", "must be one of " + ", ".join(UPSTREAM_KINDS))
     for field in ("name", "upstream_url", "upstream_key", "api_version", "limit_message"):
@@ -2198,22 +2207,24 @@ def validate_project(data, current=None):
             raise _field_error(field, "must be a single-line string")
     url = project["upstream_url"]
     if url is not None:
-        parts = urllib.parse.urlsplit(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError:  # e.g. "http://[x": a broken IPv6 address
+            parts = urllib.parse.SplitResult("", "", "", "", "")
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise _field_error("upstream_url", "must be an http(s) URL")
         project["upstream_url"] = url.rstrip("/")
     elif project["upstream_kind"] != "openai" and project["id"] != "default":
         raise _field_error("upstream_url", f"is required for kind {project['upstream_kind']}")
     key = project["upstream_key"]
-    if key and key.startswith("env:") and not ENV_NAME.match(key[4:]):
+    if key and key.startswith("env:") and not ENV_NAME.fullmatch(key[4:]):
         raise _field_error("upstream_key", "env: must name an environment variable")
     allow = project["allow_user_keys"]
-    if not isinstance(allow, (bool, int)) or allow not in (0, 1, True, False):
+    # Stored as 0 or 1; from input only true or false, as the spec says.
+    if "allow_user_keys" in data and not isinstance(allow, bool) or allow not in (0, 1):
         raise _field_error("allow_user_keys", "must be true or false")
     project["allow_user_keys"] = int(bool(allow))
     model_map = project["model_map"]
-    if isinstance(model_map, str):
-        model_map = json.loads(model_map)
     if model_map is not None:
         if not isinstance(model_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in model_map.items()):
@@ -2246,7 +2257,9 @@ def budget_limits(project_id, budget):
 def create_project(db, data, now_iso):
     """Add a project from input, its `budget` shorthand as limits; 409 if the id is taken."""
     project = validate_project(data)
-    limits = budget_limits(project["id"], data["budget"]) if data.get("budget") else []
+    # Only an absent or null budget is no budget: {} is a mistake, said so.
+    limits = budget_limits(project["id"], data["budget"]) if data.get("budget") is not None \
+        else []
     project["created_at"] = now_iso
     with transaction(db):
         if get_project(db, project["id"]) is not None:
@@ -2266,7 +2279,8 @@ def change_project(db, project_id, data, now_iso):
         project = validate_project(
             data, dict(_must_exist(get_project(db, project_id), "project", project_id)))
         update_project(db, project)
-        for limit in budget_limits(project_id, data["budget"]) if data.get("budget") else []:
+        for limit in (budget_limits(project_id, data["budget"])
+                      if data.get("budget") is not None else []):
             add_limit(db, limit, now_iso)
     _warn_missing_upstream_key(project)
     return project
@@ -2310,7 +2324,7 @@ KEY_PREFIX = "llimit-"
 END_USER_HEADER = "X-LLimit-User"
 COMMIT_WAIT_SECONDS = 10.0
 MAX_USER_NAME = 200
-USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f]")
+USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters
 AUTH_FAILURES_PER_MINUTE = 20   # wrong keys or admin tokens from one address, then 429
 AUTH_THROTTLE_ENTRIES = 10000   # addresses and known-good secrets remembered, each
 
@@ -2445,10 +2459,18 @@ def end_user(environ, payload, user_headers):
     for header in (END_USER_HEADER, *user_headers):
         value = environ.get("HTTP_" + header.upper().replace("-", "_"))
         if value:
-            return clean_user_name(value)
+            return clean_user_name(_header_text(value))
     if isinstance(payload, dict) and isinstance(payload.get("user"), str) and payload["user"]:
         return clean_user_name(payload["user"])
     return None
+
+
+def _header_text(value):
+    # WSGI hands header bytes over as latin-1; clients send names (e.g. e-mails) in UTF-8.
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
 
 
 def clean_user_name(value):
@@ -2518,6 +2540,9 @@ def parse_json_body(body, environ):
         return {}  # multipart uploads (audio, files) pass through unread
     try:
         payload = json.loads(body)
+    except RecursionError:
+        raise LlimitError(400, "invalid_request_error", "The request body is nested too deep.",
+                          code="invalid_json") from None
     except ValueError as error:
         raise LlimitError(400, "invalid_request_error",
                           f"The request body is not valid JSON: {error}.",
@@ -2853,7 +2878,7 @@ class OidcClient:
             header_b64, payload_b64, _signature = id_token.split(".")
             header = json.loads(_b64url_decode(header_b64))
             claims = json.loads(_b64url_decode(payload_b64))
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise self._failure(401, "the ID token is malformed") from None
         audience = claims.get("aud")
         audiences = audience if isinstance(audience, list) else [audience]
@@ -4291,7 +4316,9 @@ def report_range(query, now):
         end = dt.date.fromisoformat(query.get("end")) if query.get("end") else today
         start = (dt.date.fromisoformat(query.get("start")) if query.get("start")
                  else end - dt.timedelta(days=DEFAULT_REPORT_DAYS - 1))
-    except ValueError:
+        if end == dt.date.max:
+            raise OverflowError  # the CSV export reads up to the day after `end`
+    except (ValueError, OverflowError):  # OverflowError: a default start before year 1
         raise LlimitError(400, "invalid_request_error",
                           "start and end must be dates like 2026-11-01.",
                           code="invalid_date") from None
@@ -4475,8 +4502,11 @@ def reports_csv(state, session):
 
 
 def _csv_text(value):
-    # User names are typed by users; a leading = + - @ would be a formula in a spreadsheet.
-    return "'" + value if value[:1] in ("=", "+", "-", "@") else value
+    # Names are typed by users and model names come from upstreams: a leading = + - @
+    # (or tab, CR) would be a formula in a spreadsheet, so it gets a ' as OWASP advises.
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 # --- the admin dashboard ----------------------------------------------------------------
@@ -4697,13 +4727,22 @@ ADMIN_BODY_MAX_BYTES = 1024 * 1024
 def _json_input():
     body = read_body(bottle.request.environ, ADMIN_BODY_MAX_BYTES)
     try:
-        data = json.loads(body) if body.strip() else {}
+        # NaN and Infinity are no JSON, though Python reads them: refuse them here.
+        # No body is {}; a body of only whitespace is broken JSON, as the fuzzer says.
+        data = json.loads(body, parse_constant=_no_constant) if body else {}
+    except RecursionError:
+        raise LlimitError(400, "invalid_request_error", "The body is nested too deep.",
+                          code="invalid_json") from None
     except ValueError as error:
         raise LlimitError(400, "invalid_request_error", f"The body is not valid JSON: {error}.",
                           code="invalid_json") from None
     if not isinstance(data, dict):
         raise LlimitError(400, "invalid_request_error", "The body must be a JSON object.")
     return data
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _created(payload):
@@ -4729,6 +4768,8 @@ def admin_keys_list(state):
     require_admin(state)
     query = bottle.request.query
     active = query.get("active", "").lower()
+    if active not in ("", "1", "true", "yes", "0", "false", "no"):
+        raise _field_error("active", "must be true or false")  # found by the fuzzer
     db = state.database()
     rows = list_keys(db, query.get("user") or None, query.get("project") or None,
                      utc_iso(state.config.clock()) if active in ("1", "true", "yes") else None)
@@ -4893,8 +4934,9 @@ def _usage_csv_lines(database, start_ms, end_ms):
     writer.writerow(USAGE_CSV_COLUMNS)
     for row in iter_usage_events(database(), start_ms, end_ms):
         writer.writerow((
-            _iso_from_ms(row["created_ms"]), row["key_id"], row["user_name"],
-            row["project_id"], row["model"], row["endpoint"], row["status_code"],
+            _iso_from_ms(row["created_ms"]), row["key_id"], _csv_text(row["user_name"]),
+            _csv_text(row["project_id"]), _csv_text(row["model"]),
+            _csv_text(row["endpoint"]), row["status_code"],
             row["stream"], row["prompt_tokens"], row["cached_tokens"],
             row["cache_write_tokens"], row["completion_tokens"], row["reasoning_tokens"],
             "" if row["cost_nusd"] is None else f"{row['cost_nusd'] / 1e9:.9f}",
@@ -4979,45 +5021,154 @@ def llimit_me(state):
 
 
 def _openapi_spec():
+    # Every rule the validators apply is written here too, so a client (or a
+    # fuzzer) that keeps to this spec is never refused with a 400.
     string, nullable_string = {"type": "string"}, {"type": "string", "nullable": True}
     error = {"description": "an error in OpenAI's shape",
              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    key_input = {"type": "object", "additionalProperties": False, "properties": {
-        "user": nullable_string, "project": string, "note": nullable_string,
-        "expires_at": {"type": "string", "nullable": True, "format": "date-time"},
-        "models": {"type": "array", "items": string, "nullable": True}}}
-    project_input = {"type": "object", "additionalProperties": False, "properties": {
-        "id": {"type": "string", "pattern": PROJECT_ID.pattern}, "name": string,
-        "upstream_kind": {"type": "string", "enum": list(UPSTREAM_KINDS)},
-        "upstream_url": nullable_string, "upstream_key": nullable_string,
-        "api_version": nullable_string, "allow_user_keys": {"type": "boolean"},
-        "limit_message": nullable_string,
-        "model_map": {"type": "object", "additionalProperties": string, "nullable": True},
-        "budget": {"type": "object", "description": 'e.g. {"usd": 10, "window": "day"}'}}}
-    limit_input = {"type": "object", "additionalProperties": False, "properties": {
+    short_text = {"type": "string", "nullable": True, "maxLength": 1000}
+    one_line = {"type": "string", "nullable": True, "maxLength": 2000, "pattern": r"^[^\r\n]*$"}
+    models = {"type": "array", "nullable": True, "items": {"type": "string", "minLength": 1}}
+    key_patch = {"type": "object", "additionalProperties": False, "properties": {
+        "user": short_text, "note": short_text, "models": models,
+        "expires_at": {"type": "string", "nullable": True, "format": "date-time"}}}
+    key_input = {**key_patch, "properties": {
+        **key_patch["properties"], "project": {**short_text, "description": "null: default"}}}
+    amount = {"type": "number", "minimum": 0, "maximum": 1e15}
+    alert_at = {"type": "array", "nullable": True, "items": {
+        "type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 100}}
+    limit_fields = {
         "scope": {"type": "string", "enum": list(SCOPES)}, "target": nullable_string,
-        "each": {"type": "string", "enum": ["user", "key"], "nullable": True},
+        "each": {"type": "string", "enum": ["user", "key", None], "nullable": True},
         "metric": {"type": "string", "enum": list(METRICS)},
-        "window": {"type": "string", "enum": list(WINDOWS)},
-        "amount": {"type": "number", "minimum": 0},
-        "action": {"type": "string", "enum": list(ACTIONS)},
-        "alert_at": {"type": "array", "items": {"type": "number"}, "nullable": True},
-        "note": nullable_string}}
+        "window": {"type": "string", "enum": list(WINDOWS)}, "amount": amount,
+        "action": {"type": "string", "enum": list(ACTIONS)}, "alert_at": alert_at,
+        "note": nullable_string}
+    limit_patch = {"type": "object", "additionalProperties": False, "properties": limit_fields}
+
+    def limit_of_scope(scope, each):
+        target = nullable_string if scope == "global" else {"type": "string", "minLength": 1}
+        return {"type": "object", "additionalProperties": False,
+                "required": ["scope", "metric", "window", "amount"] + (
+                    [] if scope == "global" else ["target"]),
+                "properties": {**limit_fields, "scope": {"type": "string", "enum": [scope]},
+                               "target": target,
+                               "each": {"type": "string", "enum": [*each, None],
+                                        "nullable": True}}}
+    # A key limit has no `each`; a user limit can only apply to each key.
+    limit_input = {"oneOf": [limit_of_scope("global", ["user", "key"]),
+                             limit_of_scope("project", ["user", "key"]),
+                             limit_of_scope("user", ["key"]), limit_of_scope("key", [])]}
+
+    def budget_of(metric):
+        return {"type": "object", "additionalProperties": False, "required": [metric],
+                "properties": {metric: amount, "window": limit_fields["window"],
+                               "action": limit_fields["action"],
+                               "each": limit_fields["each"], "alert_at": alert_at,
+                               "note": nullable_string}}
+    budget = {"oneOf": [budget_of(metric) for metric in METRICS]}
+    env_or_key = (r"^([^e\r\n][^\r\n]*|e([^n\r\n][^\r\n]*)?|en([^v\r\n][^\r\n]*)?"
+                  r"|env([^:\r\n][^\r\n]*)?|env:[A-Za-z_][A-Za-z0-9_]*)?$")
+    project_fields = {
+        "id": {"type": "string", "pattern": PROJECT_ID.pattern}, "name": one_line,
+        "upstream_kind": {"type": "string", "enum": list(UPSTREAM_KINDS)},
+        "upstream_url": {"type": "string", "nullable": True, "maxLength": 2000,
+                         "pattern": r"^https?://[A-Za-z0-9.:-]+(/[^\r\n]*)?$"},
+        "upstream_key": {**one_line, "pattern": env_or_key,
+                         "description": "write-only; env:NAME reads it from the environment"},
+        "api_version": one_line, "allow_user_keys": {"type": "boolean"},
+        "limit_message": {**one_line, "pattern": r"^[^\r]*$"},
+        "model_map": {"type": "object", "additionalProperties": string, "nullable": True},
+        "budget": {"nullable": True, "description": 'e.g. {"usd": 10, "window": "day"}',
+                   "oneOf": [budget, {"type": "array", "items": budget}]}}
+    project_patch = {"type": "object", "additionalProperties": False,
+                     "properties": project_fields}
+    # Kinds other than openai need their own upstream_url.
+    project_input = {"oneOf": [
+        {**project_patch, "required": ["id"], "properties": {
+            **project_fields, "upstream_kind": {"type": "string", "enum": ["openai"]}}},
+        {**project_patch, "required": ["id", "upstream_kind", "upstream_url"], "properties": {
+            **project_fields, "upstream_kind": {"type": "string", "enum": ["azure", "anthropic"]},
+            "upstream_url": {**project_fields["upstream_url"], "nullable": False}}}]}
     price_input = {"type": "object", "additionalProperties": False,
                    "required": ["input", "output"],
-                   "properties": {f: {"type": "number", "minimum": 0} for f in PRICE_FIELDS}}
+                   "properties": {f: {"type": "number", "minimum": 0, "maximum": MAX_PRICE,
+                                      "nullable": f not in ("input", "output")}
+                                  for f in PRICE_FIELDS}}
 
-    def op(summary, body=None, params=(), status="200"):
-        operation = {"summary": summary, "security": [{"admin": []}],
-                     "responses": {status: {"description": "OK", "content": {
-                         "application/json": {"schema": {"type": "object"}}}},
-                         "400": error, "401": error, "404": error}}
+    def op(summary, answer, body=None, params=(), status="200", also=()):
+        responses = {status: {"description": "OK", "content": {
+            "application/json": {"schema": answer}}}}
+        # 429: too many wrong admin tokens from the caller's address.
+        for code in ("400", "401", "404", "429", *also):
+            responses[code] = error
+        operation = {"summary": summary, "security": [{"admin": []}], "responses": responses}
         if body:
-            operation["requestBody"] = {"required": True, "content": {
+            # A body may be left out where every field of it is optional.
+            required = "required" in body or "oneOf" in body
+            operation["requestBody"] = {"required": required, "content": {
                 "application/json": {"schema": body}}}
+            responses["413"] = error
         if params:
             operation["parameters"] = list(params)
         return operation
+
+    def ref(name):
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def data_of(name):
+        return {"type": "object", "required": ["data"],
+                "properties": {"data": {"type": "array", "items": ref(name)}}}
+
+    def record(required, **properties):
+        return {"type": "object", "required": list(required), "properties": properties}
+
+    nullable_number = {"type": "number", "nullable": True}
+    number, integer = {"type": "number"}, {"type": "integer"}
+    key_out = record(
+        ("id", "masked_key", "user", "project", "note", "models", "created_at", "expires_at",
+         "revoked_at", "last_used_at", "active", "requests", "cost_usd"),
+        id=string, masked_key=string, user=nullable_string, project=string,
+        note=nullable_string, models={**models, "items": string}, created_at=string,
+        expires_at=nullable_string, revoked_at=nullable_string, last_used_at=nullable_string,
+        active={"type": "boolean"}, requests=integer, cost_usd=number, key=string)
+    limit_out = record(
+        ("id", "scope", "target", "each", "metric", "window", "amount", "action", "alert_at",
+         "note", "used", "remaining", "resets_at"),
+        id=string, scope=limit_fields["scope"], target=nullable_string,
+        each=limit_fields["each"], metric=limit_fields["metric"],
+        window=limit_fields["window"], amount=number,
+        action=limit_fields["action"], alert_at={"type": "array", "nullable": True,
+                                                 "items": number},
+        note=nullable_string, used=number, remaining=number, resets_at=nullable_string)
+    project_out = record(
+        ("id", "name", "upstream_kind", "upstream_url", "upstream_key_set",
+         "upstream_key_source", "api_version", "allow_user_keys", "limit_message",
+         "model_map", "created_at"),
+        id=string, name=string, upstream_kind=project_fields["upstream_kind"],
+        upstream_url=nullable_string, upstream_key_set={"type": "boolean"},
+        upstream_key_source=nullable_string, api_version=nullable_string,
+        allow_user_keys={"type": "boolean"}, limit_message=nullable_string,
+        model_map={"type": "object", "nullable": True, "additionalProperties": string},
+        created_at=string, limits={"type": "array", "items": ref("Limit")})
+    deleted = record(("id", "deleted"), id=string, deleted={"type": "boolean"})
+    figures = {name: integer for name in ("requests", "prompt_tokens", "cached_tokens",
+                                          "cache_write_tokens", "completion_tokens",
+                                          "unpriced_requests")}
+    usage_out = record(
+        ("start", "end", "group_by", "rows", "totals"), start=string, end=string,
+        group_by=string, totals=record(figures, cost_usd=number, **figures),
+        rows={"type": "array", "items": record(
+            figures, cost_usd=nullable_number, **figures)})
+    price_out = {name: nullable_number for name in PRICE_FIELDS}
+    pricing_out = record(("models", "missing"), missing={"type": "array", "items": string},
+                         models={"type": "object", "additionalProperties": record(
+                             ("input", "output", "source"), source=string, **price_out)})
+    price_set = record(("model", "input", "output"), model=string, **price_out)
+    repriced = record(("events", "changed"), events=integer, changed=integer)
+
+    def any_case(words):
+        return "^(" + "".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in words) + ")$"
 
     def path_param(name):
         return {"name": name, "in": "path", "required": True, "schema": string}
@@ -5025,56 +5176,61 @@ def _openapi_spec():
     def query(name, schema=None):
         return {"name": name, "in": "query", "required": False, "schema": schema or string}
 
-    dates = (query("start", {"type": "string", "format": "date"}),
-             query("end", {"type": "string", "format": "date"}))
+    date = {"type": "string", "oneOf": [{"format": "date"}, {"maxLength": 0}],
+            "description": "a UTC date; empty or absent: the default"}
+    dates = (query("start", date), query("end", date))
     key_id, project_id, limit_id = (path_param("id"),) * 3
     return {
         "openapi": "3.0.3",
         "info": {"title": "llimit admin API", "version": __version__},
         "components": {
             "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {
+            "schemas": {"Key": key_out, "Project": project_out, "Limit": limit_out,
+                        "Error": {"type": "object", "required": ["error"], "properties": {
                 "error": {"type": "object", "required": ["message", "type"], "properties": {
                     "message": string, "type": string, "code": nullable_string,
                     "param": nullable_string}}}}}},
         "paths": {
             "/admin/keys": {
-                "get": op("List keys", params=(query("user"), query("project"),
-                                               query("active", {"type": "boolean"}))),
-                "post": op("Create a key; the secret is returned once", key_input,
+                "get": op("List keys", data_of("Key"), params=(query("user"), query("project"),
+                                               query("active", {
+                                                   "type": "string", "pattern": any_case(
+                                                       "true|false|1|0|yes|no|")}))),
+                "post": op("Create a key; the secret is returned once", ref("Key"), key_input,
                            status="201")},
             "/admin/keys/{id}": {
-                "get": op("Get a key", params=(key_id,)),
-                "patch": op("Change a key", key_input, params=(key_id,))},
-            "/admin/keys/{id}/revoke": {"post": op("Revoke a key", params=(key_id,))},
+                "get": op("Get a key", ref("Key"), params=(key_id,)),
+                "patch": op("Change a key", ref("Key"), key_patch, params=(key_id,))},
+            "/admin/keys/{id}/revoke": {"post": op("Revoke a key", ref("Key"), params=(key_id,))},
             "/admin/projects": {
-                "get": op("List projects"),
-                "post": op("Create a project", {**project_input, "required": ["id"]},
-                           status="201")},
+                "get": op("List projects", data_of("Project")),
+                "post": op("Create a project", ref("Project"), project_input, status="201",
+                           also=("409",))},
             "/admin/projects/{id}": {
-                "get": op("Get a project", params=(project_id,)),
-                "patch": op("Change a project", project_input, params=(project_id,)),
-                "delete": op("Delete a project (its keys are revoked)", params=(project_id,))},
+                "get": op("Get a project", ref("Project"), params=(project_id,)),
+                "patch": op("Change a project", ref("Project"), project_patch,
+                            params=(project_id,)),
+                "delete": op("Delete a project (its keys are revoked)", deleted,
+                             params=(project_id,))},
             "/admin/limits": {
-                "get": op("List limits with used and resets_at"),
-                "post": op("Create a limit", {**limit_input,
-                                              "required": ["scope", "metric", "window",
-                                                           "amount"]}, status="201")},
+                "get": op("List limits with used and resets_at", data_of("Limit")),
+                "post": op("Create a limit", ref("Limit"), limit_input, status="201")},
             "/admin/limits/{id}": {
-                "get": op("Get a limit", params=(limit_id,)),
-                "patch": op("Change a limit", limit_input, params=(limit_id,)),
-                "delete": op("Delete a limit", params=(limit_id,))},
-            "/admin/usage": {"get": op("Usage and cost per group", params=(
-                *dates, query("group_by", {"type": "string",
-                                           "enum": list(USAGE_GROUP_COLUMNS)})))},
-            "/admin/usage.csv": {"get": {**op("Raw usage events as CSV", params=dates),
+                "get": op("Get a limit", ref("Limit"), params=(limit_id,)),
+                "patch": op("Change a limit", ref("Limit"), limit_patch, params=(limit_id,)),
+                "delete": op("Delete a limit", deleted, params=(limit_id,))},
+            "/admin/usage": {"get": op("Usage and cost per group", usage_out, params=(
+                *dates, query("user"),
+                query("group_by", {"type": "string", "enum": [*USAGE_GROUP_COLUMNS, ""],
+                                   "description": "empty or absent: user"})))},
+            "/admin/usage.csv": {"get": {**op("Raw usage events as CSV", string, params=dates),
                                          "responses": {"200": {"description": "CSV", "content": {
                                              "text/csv": {"schema": string}}},
-                                             "400": error, "401": error}}},
-            "/admin/pricing": {"get": op("Prices in force and models without one")},
-            "/admin/pricing/{model}": {"put": op("Set a model's price", price_input,
+                                             "400": error, "401": error, "429": error}}},
+            "/admin/pricing": {"get": op("Prices in force and models without one", pricing_out)},
+            "/admin/pricing/{model}": {"put": op("Set a model's price", price_set, price_input,
                                                  params=(path_param("model"),))},
-            "/admin/reprice": {"post": op("Recompute stored costs from current prices")},
+            "/admin/reprice": {"post": op("Recompute stored costs from current prices", repriced)},
         },
     }
 
@@ -5426,6 +5582,9 @@ def serve(config):
     server = waitress.create_server(
         app, host=config.host, port=config.port, threads=config.threads, ident="llimit",
         max_request_body_size=config.max_body_bytes * 2 + 65536,
+        # 64 KiB of headers is far above any client's; more gets 431 from waitress
+        # instead of being carried upstream (waitress would take 256 KiB).
+        max_request_header_size=64 * 1024,
         connection_limit=max(100, config.threads * 4), channel_timeout=300,
         asyncore_use_poll=True)  # select() fails once a descriptor passes 1023
     signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state, log_writer))
