@@ -414,6 +414,36 @@ create table sessions (
 create index sessions_expires on sessions (expires_at);
 commit;
 """),
+    ("0004 config version", """
+begin;
+-- Moves with every change to what a call is checked against (keys, projects,
+-- limits), so a running llimit can hold those in memory and still see a
+-- change made by another process (the CLI) on the very next call, for the
+-- price of reading this one number. last_used_at and notes do not count.
+create table config_version (
+    id integer primary key check (id = 1),
+    version integer not null
+);
+insert into config_version values (1, 0);
+create trigger limits_inserted after insert on limits
+begin update config_version set version = version + 1; end;
+create trigger limits_updated after update on limits
+begin update config_version set version = version + 1; end;
+create trigger limits_deleted after delete on limits
+begin update config_version set version = version + 1; end;
+create trigger projects_inserted after insert on projects
+begin update config_version set version = version + 1; end;
+create trigger projects_updated after update on projects
+begin update config_version set version = version + 1; end;
+create trigger projects_deleted after delete on projects
+begin update config_version set version = version + 1; end;
+create trigger api_keys_updated
+after update of key_hash, project_id, user_name, models, expires_at, revoked_at on api_keys
+begin update config_version set version = version + 1; end;
+create trigger api_keys_deleted after delete on api_keys
+begin update config_version set version = version + 1; end;
+commit;
+"""),
 ]
 
 
@@ -539,12 +569,22 @@ def delete_project(db, project_id, revoked_at):
 
 # --- keys -----------------------------------------------------------------------
 
+def config_version(db):
+    """The number 0004's triggers move with every change to keys, projects and limits."""
+    return db.execute("select version from config_version").fetchone()[0]
+
+
 def get_key_by_hash(db, key_hash):
-    """The key row joined with its project's upstream fields, or None."""
+    """The key row joined with its project's upstream fields, or None.
+
+    It carries the `config_version` it was read at (one statement, one
+    snapshot), so a copy held in memory knows which version it belongs to.
+    """
     return db.execute(
         "select k.id, k.key_hash, k.masked_key, k.project_id, k.user_name, k.models,"
         " k.expires_at, k.revoked_at, p.id as project_exists, p.upstream_kind,"
-        " p.upstream_url, p.upstream_key, p.api_version, p.limit_message, p.model_map"
+        " p.upstream_url, p.upstream_key, p.api_version, p.limit_message, p.model_map,"
+        " (select version from config_version) as config_version"
         " from api_keys k left join projects p on p.id = k.project_id"
         " where k.key_hash = ?", (key_hash,)).fetchone()
 
@@ -1479,6 +1519,27 @@ class Limits:
         self._reserved = {}    # same keys -> [requests, tokens, nusd] in flight
         self._alerted = set()  # (limit_id, subject, start, threshold) known sent
         self._pruned_minute = 0
+        self._rows_lock = threading.Lock()
+        self._rows_version = None  # the config_version `_rows_by_target` was read at
+        self._rows_by_target = {}  # (scope, target) -> limit rows; global: ("global", None)
+
+    def for_call(self, db, version, project_id, user_name, key_id):
+        """The limits a call of this project, user and key may be under.
+
+        Held in memory and read again only when `version` (the database's
+        config_version, read with the key) has moved: no query per call.
+        """
+        if version != self._rows_version:
+            with self._rows_lock:
+                if version != self._rows_version:
+                    by_target = {}
+                    for limit in list_limits(db):  # at `version` or newer: safe
+                        target = None if limit["scope"] == "global" else limit["target"]
+                        by_target.setdefault((limit["scope"], target), []).append(limit)
+                    self._rows_by_target, self._rows_version = by_target, version
+        rows = self._rows_by_target
+        return (rows.get(("global", None), []) + rows.get(("project", project_id), [])
+                + rows.get(("user", user_name), []) + rows.get(("key", key_id), []))
 
     def admit(self, db, call, limits, ledger_healthy):
         """Check a call against its limits and reserve its worst case.
@@ -2352,15 +2413,54 @@ def raw_key_from(environ):
     return (environ.get("HTTP_API_KEY") or environ.get("HTTP_X_API_KEY") or "").strip()
 
 
-def authenticate_key(db, environ, now):
-    """The key row (joined with its project) for this request, or LlimitError 401/403."""
+class KeyCache:
+    """Key rows by key hash, held in memory while the config_version stays put.
+
+    A call then costs one tiny query (the version) instead of the key lookup
+    join; any change to keys or projects, by this process or another (the
+    CLI), moves the version and empties the cache, so a revoked key is refused
+    on its next call. Only keys that exist are held, up to MAX_KEYS.
+    """
+
+    MAX_KEYS = 100_000
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._version = None
+        self._rows = {}
+
+    def row(self, db, key_hash):
+        """The key row (as get_key_by_hash) for `key_hash`, or None."""
+        version = config_version(db)
+        if version != self._version:
+            with self._lock:
+                if version != self._version:
+                    self._rows, self._version = {}, version
+        row = self._rows.get(key_hash)
+        if row is None:
+            row = get_key_by_hash(db, key_hash)
+            # Held only if read at the version the cache is at: a row read just
+            # before a revocation must not outlive it.
+            if row is not None and row["config_version"] == self._version:
+                with self._lock:
+                    if row["config_version"] == self._version \
+                            and len(self._rows) < self.MAX_KEYS:
+                        self._rows[key_hash] = row
+        return row
+
+
+def authenticate_key(find_key, environ, now):
+    """The key row (joined with its project) for this request, or LlimitError 401/403.
+
+    `find_key(key_hash)` gives the row for a hash, or None.
+    """
     raw_key = raw_key_from(environ)
     if not raw_key:
         raise LlimitError(401, "invalid_request_error",
                           "No API key provided. Send your llimit key as"
                           " 'Authorization: Bearer llimit-...'.", code="missing_api_key")
     key_hash = hash_secret(raw_key)
-    row = get_key_by_hash(db, key_hash) if raw_key.startswith(KEY_PREFIX) else None
+    row = find_key(key_hash) if raw_key.startswith(KEY_PREFIX) else None
     if row is None or not hmac.compare_digest(row["key_hash"], key_hash):
         raise LlimitError(401, "invalid_request_error",
                           f"Incorrect API key provided: {_shown_key(raw_key)}.",
@@ -2434,13 +2534,15 @@ class AuthThrottle:
 def authenticate_call(state, environ):
     """`authenticate_key` behind the caller address's AuthThrottle."""
     raw_key = raw_key_from(environ)
+    db = state.database()
+    find_key = functools.partial(state.keys.row, db)
     if not raw_key:
-        return authenticate_key(state.database(), environ, state.config.clock())
+        return authenticate_key(find_key, environ, state.config.clock())
     address = environ.get("REMOTE_ADDR", "")
     key_hash = hash_secret(raw_key)
     state.auth_throttle.check(address, key_hash)
     try:
-        key = authenticate_key(state.database(), environ, state.config.clock())
+        key = authenticate_key(find_key, environ, state.config.clock())
     except LlimitError as error:
         if error.status == 401:
             state.auth_throttle.failed(address)
@@ -2999,7 +3101,8 @@ def _proxy(state, path, deployment=None):
                            requested_model)
         call = _new_call(state, key, environ, payload, body, path, requested_model, started)
         call.admission = state.limits.admit(
-            db, call, limits_for_call(db, call.project_id, call.user_name, call.key_id),
+            db, call, state.limits.for_call(db, key["config_version"], call.project_id,
+                                            call.user_name, call.key_id),
             state.writer.healthy)
     except LlimitError as error:
         _log_refused(environ, error.status, started, key, requested_model)
@@ -5335,6 +5438,7 @@ class State:
         self.metrics = Metrics()
         self.limits = Limits(self.database, config.clock)
         self.auth_throttle = AuthThrottle(config.clock)
+        self.keys = KeyCache()
         self.alerts = AlertSender(self.database, config.alert_webhook)
         self.writer = UsageWriter(self.database, self.limits.lock, self.limits.apply,
                                   self.alerts.record)

@@ -67,3 +67,30 @@ def test_serve_help_names_every_flag():
     for flag in ("--host", "--port", "--db", "--threads", "--upstream-url", "--pricing",
                  "--auth", "--chartjs"):
         assert flag in out
+
+
+def test_what_the_cli_changes_holds_from_the_servers_next_call(gateway, fake):
+    # The server keeps keys and limits in memory; the CLI writes the database
+    # from another process, and the next call must see it all the same.
+    raw_key, key_id = gateway.create_key(user="jo")
+
+    def chat():
+        return requests.post(gateway.url + "/v1/chat/completions", timeout=30,
+                             headers={"Authorization": f"Bearer {raw_key}"},
+                             json={"model": "gpt-4o", "messages": []}).status_code
+
+    assert chat() == 200 and chat() == 200  # the key and limits are now held in memory
+    gateway.wait_idle()
+    version = gateway.db().execute("select version from config_version").fetchone()[0]
+    assert chat() == 200
+    gateway.wait_idle()  # the usage writer's last_used_at updates leave the version be
+    assert gateway.db().execute("select version from config_version").fetchone()[0] == version
+    made = run_cli(gateway, "limits", "create", "--scope", "user", "--target", "jo",
+                   "--metric", "requests", "--window", "day", "--amount", "2")
+    assert made.returncode == 0, made.stderr
+    assert chat() == 429
+    limit_id = made.stdout.split()[-1]
+    assert run_cli(gateway, "limits", "delete", limit_id).returncode == 0
+    assert chat() == 200
+    assert run_cli(gateway, "keys", "revoke", key_id).returncode == 0
+    assert chat() == 403
