@@ -135,3 +135,13 @@ def processes(tmp_path, fake):
     yield start
     for proc in started:
         proc.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """A headless Chromium (tests/browser.py), one for each test module that asks."""
+    from tests.browser import start_chromium
+
+    driver = start_chromium(tmp_path_factory.mktemp("chromium"))
+    yield driver
+    driver.quit()

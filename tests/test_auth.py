@@ -13,7 +13,7 @@ import requests
 from selenium.webdriver.common.by import By
 
 import llimit
-from tests.browser import click_and_wait, csrf_token, fresh, start_chromium
+from tests.browser import click_and_wait, csrf_token, fresh
 
 CLIENT_ID = "llimit-test"
 CLIENT_SECRET = "s3cret-for-tests"
@@ -78,13 +78,6 @@ def provider():
         del os.environ["AUTHLIB_INSECURE_TRANSPORT"]
     else:
         os.environ["AUTHLIB_INSECURE_TRANSPORT"] = saved
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    driver = start_chromium(tmp_path_factory.mktemp("chromium"))
-    yield driver
-    driver.quit()
 
 
 @pytest.fixture

@@ -13,19 +13,12 @@ from selenium.webdriver.common.by import By
 
 import llimit
 from tests.browser import (VENDOR_CHARTJS, click_and_wait, csrf_token, fresh, http_sign_in,
-                           sign_in_admin, sign_in_open, start_chromium)
+                           sign_in_admin, sign_in_open)
 from tests.conftest import ADMIN_TOKEN
 
 # 11 prompt + 7 completion tokens (the fake upstream's answer) at these prices: $0.025.
 PRICE = {"input": 1000.0, "output": 2000.0}
 CALL_USD = 0.025
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    driver = start_chromium(tmp_path_factory.mktemp("chromium"))
-    yield driver
-    driver.quit()
 
 
 def priced(server, model="gpt-4o-mini"):
