@@ -748,6 +748,29 @@ def get_counter_max_member(db, subject_prefix, first_day, last_day, column):
     return row[0] or 0
 
 
+SUBJECT_COLUMNS = {"p": ("project_id",), "u": ("user_name",), "k": ("key_id",),
+                   "pu": ("project_id", "user_name")}
+
+
+def get_events_total(db, subject, start_ms, end_ms):
+    """(requests, tokens, cost_nusd) of a subject's usage events in [start_ms, end_ms).
+
+    For minute windows, which have no rollup: a minute holds few events, and
+    the created_ms index finds them.
+    """
+    where, values = "", ()
+    if subject != "*":
+        kind, _, name = subject.partition(":")
+        values = tuple(name.split(SUBJECT_SEPARATOR)) if kind == "pu" else (name,)
+        where = "".join(f" and {column} = ?" for column in SUBJECT_COLUMNS[kind])
+    row = db.execute(
+        "select count(*), coalesce(sum(prompt_tokens + completion_tokens), 0),"
+        " coalesce(sum(cost_nusd), 0) from usage_events"
+        " where created_ms >= ? and created_ms < ?" + where,
+        (start_ms, end_ms, *values)).fetchone()
+    return [row[0], row[1], row[2]]
+
+
 def get_lifetime_total(db, subject):
     """(requests, tokens, cost_nusd) a subject has used since it first appeared."""
     return get_counter(db, subject, "total", "total")
@@ -1669,7 +1692,7 @@ class Limits:
         if entry is None:
             subject, window, start = key
             if window == "minute":
-                entry = [0, 0, 0]  # minute totals live in memory only
+                entry = get_events_total(db, subject, int(start * 1000), int(end * 1000))
             elif window == "total":
                 entry = get_lifetime_total(db, subject)
             else:

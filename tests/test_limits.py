@@ -344,3 +344,25 @@ def test_alerts_fire_once_per_threshold_even_across_restart(make_llimit, fake, t
     time.sleep(0.5)
     texts = [post["text"] for post in hook.posts]
     assert len(texts) == 2 and "reached" in texts[1]
+
+
+def test_a_minute_window_survives_a_restart_and_counts_a_new_limits_past(make_llimit, fake,
+                                                                         clock, tmp_path):
+    clock.now = 1_794_999_980.0  # 20 s into a minute
+    db_path = str(tmp_path / "persist.db")
+    gateway = make_llimit(db_path=db_path)
+    raw_key, _ = gateway.create_key(user="alice")
+    assert call(gateway, raw_key).status_code == 200
+    # Added after a call in this minute: it counts that call.
+    add_limit(gateway, scope="user", target="alice", metric="requests", window="minute",
+              amount=2)
+    assert call(gateway, raw_key).status_code == 200
+    assert call(gateway, raw_key).status_code == 429
+    gateway.stop()
+    clock.advance(10)
+    again = make_llimit(db_path=db_path)
+    blocked = call(again, raw_key)
+    assert blocked.status_code == 429, blocked.text
+    assert blocked.headers["Retry-After"] == "30"
+    clock.advance(30)
+    assert call(again, raw_key).status_code == 200
