@@ -883,14 +883,6 @@ def get_limit(db, limit_id):
     return db.execute("select * from limits where id = ?", (limit_id,)).fetchone()
 
 
-def limits_for_call(db, project_id, user_name, key_id):
-    """The limits that may apply to a call of this project, user and key."""
-    return db.execute(
-        "select * from limits where scope = 'global'"
-        " or (scope = 'project' and target = ?) or (scope = 'user' and target = ?)"
-        " or (scope = 'key' and target = ?)", (project_id, user_name, key_id)).fetchall()
-
-
 def insert_limit(db, limit):
     """Insert a limit from a dict."""
     db.execute("insert into limits (id, scope, target, each, metric, window, amount, action,"
@@ -1550,7 +1542,7 @@ class Limits:
         """The limits a call of this project, user and key may be under.
 
         Held in memory and read again only when `version` (the database's
-        config_version, read with the key) has moved: no query per call.
+        config_version; the proxy has it from the key lookup) has moved.
         """
         if version != self._rows_version:
             with self._rows_lock:
@@ -1676,7 +1668,7 @@ class Limits:
     def applying(self, db, project_id, user_name, key_id):
         """(subject, limit_to_json) of every limit a call of this project, user and key is under."""
         applying = []
-        for limit in limits_for_call(db, project_id, user_name, key_id):
+        for limit in self.for_call(db, config_version(db), project_id, user_name, key_id):
             subject = limit_subject(limit, project_id, user_name, key_id)
             if subject is not None:
                 used, end = self.used(db, limit, subject)
@@ -2472,17 +2464,11 @@ class KeyCache:
         return row
 
 
-def authenticate_key(find_key, environ, now):
-    """The key row (joined with its project) for this request, or LlimitError 401/403.
+def authenticate_key(find_key, raw_key, key_hash, now):
+    """The key row (joined with its project) for a presented key, or LlimitError 401/403.
 
-    `find_key(key_hash)` gives the row for a hash, or None.
+    `key_hash` is hash_secret(raw_key); `find_key(key_hash)` gives the row, or None.
     """
-    raw_key = raw_key_from(environ)
-    if not raw_key:
-        raise LlimitError(401, "invalid_request_error",
-                          "No API key provided. Send your llimit key as"
-                          " 'Authorization: Bearer llimit-...'.", code="missing_api_key")
-    key_hash = hash_secret(raw_key)
     row = find_key(key_hash) if raw_key.startswith(KEY_PREFIX) else None
     if row is None or not hmac.compare_digest(row["key_hash"], key_hash):
         raise LlimitError(401, "invalid_request_error",
@@ -2555,17 +2541,19 @@ class AuthThrottle:
 
 
 def authenticate_call(state, environ):
-    """`authenticate_key` behind the caller address's AuthThrottle."""
+    """The key row for this request, or LlimitError 401/403; wrong keys count
+    toward the caller address's AuthThrottle."""
     raw_key = raw_key_from(environ)
-    db = state.database()
-    find_key = functools.partial(state.keys.row, db)
     if not raw_key:
-        return authenticate_key(find_key, environ, state.config.clock())
+        raise LlimitError(401, "invalid_request_error",
+                          "No API key provided. Send your llimit key as"
+                          " 'Authorization: Bearer llimit-...'.", code="missing_api_key")
     address = environ.get("REMOTE_ADDR", "")
     key_hash = hash_secret(raw_key)
     state.auth_throttle.check(address, key_hash)
+    find_key = functools.partial(state.keys.row, state.database())
     try:
-        key = authenticate_key(find_key, environ, state.config.clock())
+        key = authenticate_key(find_key, raw_key, key_hash, state.config.clock())
     except LlimitError as error:
         if error.status == 401:
             state.auth_throttle.failed(address)
