@@ -2090,8 +2090,14 @@ def _upstream_path(path):
     # segments are refused and everything outside RFC 3986's path characters is
     # encoded again. Backslashes count as separators: some servers treat them so.
     _refuse_dot_segments(path)
+    return encoded_path(path)
+
+
+def encoded_path(path):
+    """A decoded path (bottle decodes PATH_INFO as UTF-8) percent-encoded again where
+    it holds anything outside RFC 3986's path characters."""
     if UNSAFE_PATH_CHAR.search(path):
-        path = urllib.parse.quote(path, safe=PATH_SAFE_CHARS)
+        return urllib.parse.quote(path, safe=PATH_SAFE_CHARS)
     return path
 
 
@@ -3194,8 +3200,7 @@ def _new_call(state, key, environ, payload, body, path, model, started):
 
 def logged_path(environ):
     """The request's path for the log, percent-encoded as the client sent it, bounded."""
-    return urllib.parse.quote(environ.get("PATH_INFO", "").encode("latin-1"),
-                              safe=PATH_SAFE_CHARS)[:300]
+    return encoded_path(environ.get("PATH_INFO", ""))[:300]
 
 
 def _pricing_model(call, reported_model):

@@ -400,6 +400,19 @@ def test_an_encoded_slash_stays_a_path_under_the_upstream_base(gateway, fake):
     assert [sent.path for sent in fake.requests] == ["/v1/chat/completions"]
 
 
+def test_a_path_with_any_unicode_is_a_clean_answer_and_travels_encoded(gateway, fake):
+    # bottle hands over the path decoded as UTF-8: "€" is no latin-1 character.
+    raw_key, _ = gateway.create_key()
+    for path, sent_path in (("/v1/chat/compl%E2%82%ACtions", "/v1/chat/compl%E2%82%ACtions"),
+                            ("/v1/caf%C3%A9", "/v1/caf%C3%A9")):
+        resp = requests.post(gateway.url + path, json={"model": "gpt-4o", "messages": []},
+                             headers={"Authorization": f"Bearer {raw_key}"})
+        assert resp.status_code == 404, resp.text  # the fake upstream knows no such route
+        assert fake.requests[-1].path == sent_path
+    calls = [event["endpoint"] for event in gateway.events()]
+    assert calls == ["chat/compl\u20actions", "caf\u00e9"]
+
+
 @pytest.mark.parametrize("model", ["..", "../../x", "..\\x", "."])
 def test_a_model_that_becomes_an_azure_deployment_cannot_climb_either(gateway, fake,
                                                                        azure_key, model):
