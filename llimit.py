@@ -1372,7 +1372,6 @@ class Metrics:
         self.latency_sum_ms = 0.0
         self.latency_count = 0
         self.rejections = {}       # error type -> count
-        self.streams_open = 0
 
     def observe_call(self, event, upstream_ms):
         """Count one metered call."""
@@ -1398,10 +1397,6 @@ class Metrics:
         with self._lock:
             self.rejections[error_type] = self.rejections.get(error_type, 0) + 1
 
-    def open_streams(self, delta):
-        """Track streams being relayed now."""
-        with self._lock:
-            self.streams_open += delta
 
 
 # =============================================================================
@@ -2022,7 +2017,9 @@ class UpstreamPool:
 
 
 class OpenStreams:
-    """The upstream responses of the streams being relayed now; thread-safe.
+    """The upstream responses of the streams being relayed (or drained) now; thread-safe.
+
+    /metrics reports how many there are.
 
     A shutdown whose grace period is over cuts them (SHUT_RD on the upstream
     socket), which the relay sees as an upstream that broke off: the client
@@ -2042,6 +2039,9 @@ class OpenStreams:
         """Forget a stream that has ended."""
         with self._lock:
             self._open.discard(resp)
+
+    def __len__(self):
+        return len(self._open)
 
     def cut_all(self):
         """Cut every open stream's upstream; returns how many were cut."""
@@ -3317,7 +3317,6 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
     finished = False     # the upstream ended the stream itself
     broken = False
     relay_ms = 0.0       # llimit's own work on the events
-    state.metrics.open_streams(+1)
     state.streams.add(resp)
     stream_started = time.perf_counter()
     try:
@@ -3339,7 +3338,6 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
                         type(error).__name__)
             yield sse_error_event(kind, "The upstream broke off the stream.")
     finally:
-        state.metrics.open_streams(-1)
         if not finished and not broken and state.config.drain_seconds > 0:
             finished = _drain(resp, meter, state.config.drain_seconds)
         state.streams.discard(resp)
@@ -5383,15 +5381,15 @@ def ops_metrics(state):
         if not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
             raise LlimitError(401, "invalid_request_error", "This needs the metrics token.")
     bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-    return render_metrics(state.metrics, state.writer.depth())
+    return render_metrics(state.metrics, len(state.streams), state.writer.depth())
 
 
 def _label(value):
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_metrics(metrics, queue_depth):
-    """The Prometheus exposition text of a Metrics."""
+def render_metrics(metrics, open_streams, queue_depth):
+    """The Prometheus exposition text of a Metrics, the open streams and the usage queue."""
     lines = []
 
     def family(name, kind, help_text, samples):
@@ -5422,8 +5420,9 @@ def render_metrics(metrics, queue_depth):
             lines.append(f'llimit_upstream_latency_seconds_bucket{{le="{labels[0][1]}"}} {value}')
         lines.append(f"llimit_upstream_latency_seconds_sum {metrics.latency_sum_ms / 1000:.6f}")
         lines.append(f"llimit_upstream_latency_seconds_count {metrics.latency_count}")
-        family("llimit_open_streams", "gauge", "Streams being relayed now.",
-               [((), metrics.streams_open)])
+        family("llimit_open_streams", "gauge",
+               "Streams open now: relayed, or drained after the client left.",
+               [((), open_streams)])
         family("llimit_rejections_total", "counter", "Calls refused by llimit, by error type.",
                [((("type", t),), n) for t, n in sorted(metrics.rejections.items())])
     family("llimit_usage_queue_depth", "gauge", "Usage events waiting to be written.",
