@@ -147,45 +147,24 @@ SETTINGS = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Every setting of one llimit process; built once by `load_config`."""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    db_path: str = "./llimit.db"
-    threads: int = 64
-    admin_token: str | None = dataclasses.field(default=None, repr=False)
-    upstream_url: str = "https://api.openai.com/v1"
-    upstream_key: str | None = dataclasses.field(default=None, repr=False)
-    upstream_api_version: str | None = None
-    pricing_path: str = os.path.join(HERE, "pricing.json")
-    auth: str = "open"
-    public_url: str | None = None
-    chartjs: str | None = None
-    grace_seconds: float = 30.0
-    metrics_token: str | None = dataclasses.field(default=None, repr=False)
-    user_headers: tuple = ()
-    max_body_bytes: int = 32 * 1024 * 1024
-    upstream_timeout: float = 600.0
-    connect_timeout: float = 10.0
-    default_max_tokens: int = 4096
-    drain_seconds: float = 0.0
-    alert_webhook: str | None = None
-    admin_users: tuple = ()
-    auth_header: str = "X-Forwarded-Email"
-    trusted_proxies: tuple = ("127.0.0.1", "::1")
-    oidc_issuer: str | None = None
-    oidc_client_id: str | None = None
-    oidc_client_secret: str | None = dataclasses.field(default=None, repr=False)
-    oidc_allowed_domains: tuple = ()
-    reports_public: bool = False
-    log_format: str = "text"
-    log_level: str = "INFO"
-    clock: object = time.time  # seconds since the epoch; tests pass their own
+SECRET_SETTINGS = frozenset(("admin_token", "upstream_key", "metrics_token",
+                             "oidc_client_secret"))
 
-    @property
-    def base_url(self):
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+def _base_url(config):
+    return (config.public_url or f"http://{config.host}:{config.port}").rstrip("/")
+
+
+# Every setting of one llimit process, with its default from SETTINGS (written
+# once, there); `clock` gives seconds since the epoch, and tests pass their own.
+Config = dataclasses.make_dataclass(
+    "Config",
+    [(field, object, dataclasses.field(default=default, repr=field not in SECRET_SETTINGS))
+     for field, _env, _flag, default, _parse, _help in SETTINGS]
+    + [("clock", object, dataclasses.field(default=time.time))],
+    frozen=True,
+    namespace={"__doc__": "Every setting of one llimit process; built once by `load_config`.",
+               "base_url": property(_base_url)})
 
 
 def config_flags():
@@ -480,12 +459,33 @@ class transaction:
         self.db = db
 
     def __enter__(self):
-        self.db.execute("begin immediate")
+        begin_write(self.db)
         return self.db
 
     def __exit__(self, exc_type, exc, tb):
-        self.db.execute("rollback" if exc_type else "commit")
+        (rollback if exc_type else commit)(self.db)
         return False
+
+
+def begin_write(db):
+    """Start a write transaction now (BEGIN IMMEDIATE), not at its first write."""
+    db.execute("begin immediate")
+
+
+def commit(db):
+    """Commit the open transaction."""
+    db.execute("commit")
+
+
+def rollback(db):
+    """Roll back the open transaction, if there is one."""
+    if db.in_transaction:
+        db.execute("rollback")
+
+
+def ping(db):
+    """Raise unless the database answers a query."""
+    db.execute("select 1 from settings limit 1").fetchone()
 
 
 def migrate(db):
@@ -509,6 +509,41 @@ def migrate(db):
 def _sql_quote(text):
     # Only for migration names, which are constants of this module.
     return "'" + text.replace("'", "''") + "'"
+
+
+# --- running totals' subjects ------------------------------------------------------
+# usage_counters.subject says whose running total a row is: all usage, one
+# project, user or key, or one user within one project. This codec is the only
+# place that knows how a subject is spelled.
+
+SUBJECT_ALL = "*"
+SUBJECT_PREFIXES = {"project": "p:", "user": "u:", "key": "k:", "project_user": "pu:"}
+SUBJECT_SEPARATOR = "\x1f"  # between a project and a user: no name holds it
+SUBJECT_COLUMNS = {"project": ("project_id",), "user": ("user_name",), "key": ("key_id",),
+                   "project_user": ("project_id", "user_name")}
+
+
+def subject_of(kind, name, user_name=None):
+    """The subject of a project, user or key `name`, or of `user_name` within project `name`."""
+    if kind == "project_user":
+        return SUBJECT_PREFIXES[kind] + name + SUBJECT_SEPARATOR + user_name
+    return SUBJECT_PREFIXES[kind] + name
+
+
+def subject_members(kind, project_id=None):
+    """The prefix shared by every subject of a kind (of one project's users for project_user)."""
+    if kind == "project_user":
+        return SUBJECT_PREFIXES[kind] + project_id + SUBJECT_SEPARATOR
+    return SUBJECT_PREFIXES[kind]
+
+
+def parse_subject(subject):
+    """(kind, names) of a subject: ("all", ()), ("key", (id,)), ("project_user", (p, u))."""
+    if subject == SUBJECT_ALL:
+        return "all", ()
+    prefix, _, name = subject.partition(":")
+    kind = next(k for k, p in SUBJECT_PREFIXES.items() if p == prefix + ":")
+    return kind, tuple(name.split(SUBJECT_SEPARATOR)) if kind == "project_user" else (name,)
 
 
 # --- settings -----------------------------------------------------------------
@@ -630,8 +665,9 @@ def key_spend(db, key_ids):
         return {}
     rows = db.execute(
         "select subject, requests, cost_nusd from usage_counters where day = 'total'"
-        " and subject in (select 'k:' || value from json_each(?))", (json.dumps(key_ids),))
-    return {row[0][2:]: (row[1], row[2]) for row in rows}
+        " and subject in (select ? || value from json_each(?))",
+        (SUBJECT_PREFIXES["key"], json.dumps(key_ids)))
+    return {parse_subject(row[0])[1][0]: (row[1], row[2]) for row in rows}
 
 
 # --- prices ---------------------------------------------------------------------
@@ -748,21 +784,14 @@ def get_counter_max_member(db, subject_prefix, first_day, last_day, column):
     return row[0] or 0
 
 
-SUBJECT_COLUMNS = {"p": ("project_id",), "u": ("user_name",), "k": ("key_id",),
-                   "pu": ("project_id", "user_name")}
-
-
 def get_events_total(db, subject, start_ms, end_ms):
     """(requests, tokens, cost_nusd) of a subject's usage events in [start_ms, end_ms).
 
     For minute windows, which have no rollup: a minute holds few events, and
     the created_ms index finds them.
     """
-    where, values = "", ()
-    if subject != "*":
-        kind, _, name = subject.partition(":")
-        values = tuple(name.split(SUBJECT_SEPARATOR)) if kind == "pu" else (name,)
-        where = "".join(f" and {column} = ?" for column in SUBJECT_COLUMNS[kind])
+    kind, values = parse_subject(subject)
+    where = "".join(f" and {column} = ?" for column in SUBJECT_COLUMNS.get(kind, ()))
     row = db.execute(
         "select count(*), coalesce(sum(prompt_tokens + completion_tokens), 0),"
         " coalesce(sum(cost_nusd), 0) from usage_events"
@@ -811,10 +840,11 @@ def usage_by_day_and_group(db, group_by, start_day, end_day):
 
 def list_user_totals(db):
     """(user_name, requests, tokens, cost_nusd) of every user ever metered, by lifetime cost."""
-    return [(row[0][2:], row[1], row[2], row[3]) for row in db.execute(
+    prefix = subject_members("user")
+    return [(parse_subject(row[0])[1][0], row[1], row[2], row[3]) for row in db.execute(
         "select subject, requests, tokens, cost_nusd from usage_counters"
-        " where day = 'total' and subject >= 'u:' and subject < 'u;'"
-        " order by cost_nusd desc, subject")]
+        " where day = 'total' and subject >= ? and subject < ?"
+        " order by cost_nusd desc, subject", (prefix, prefix + "\uffff"))]
 
 
 def iter_usage_daily(db, start_day, end_day):
@@ -858,15 +888,18 @@ def rebuild_rollups(db):
         " sum(cache_write_tokens), sum(completion_tokens), coalesce(sum(cost_nusd), 0),"
         " sum(cost_nusd is null) from usage_events group by 1, 2, 3, 4, 5")
     db.execute("delete from usage_counters")
-    for subject_sql in (
-            "'*'", "'p:' || project_id", "'k:' || key_id", "'u:' || user_name",
-            "'pu:' || project_id || char(31) || user_name"):
+    prefix = SUBJECT_PREFIXES
+    for subject_sql, parts in (
+            ("?", (SUBJECT_ALL,)), ("? || project_id", (prefix["project"],)),
+            ("? || key_id", (prefix["key"],)), ("? || user_name", (prefix["user"],)),
+            ("? || project_id || ? || user_name", (prefix["project_user"], SUBJECT_SEPARATOR))):
         # subject_sql is one of the constant expressions above, never user input.
         db.execute(
             f"insert into usage_counters select {subject_sql} as subject,"
             " strftime('%Y-%m-%d', created_ms / 1000, 'unixepoch') as d, count(*),"
             " sum(prompt_tokens + completion_tokens), coalesce(sum(cost_nusd), 0)"
-            f" from usage_events where {subject_sql} is not null group by subject, d")
+            f" from usage_events where {subject_sql} is not null group by subject, d",
+            parts + parts)
     db.execute("insert into usage_counters select subject, 'total', sum(requests), sum(tokens),"
                " sum(cost_nusd) from usage_counters group by subject")
 
@@ -1116,6 +1149,46 @@ def usage_from_body(body):
     return model, usage_from_openai(usage)
 
 
+LARGE_BODY_BYTES = 64 * 1024
+MODEL_FIELD = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+
+
+def usage_from_response_body(content):
+    """(model, Usage or None) from a non-stream body; cheap on large ones.
+
+    Embeddings answers run to megabytes of floats with usage at the end, so
+    a large body is read from its ends before it is ever parsed whole.
+    """
+    if not content or content[:1] not in (b"{", b" ", b"\n"):
+        return None, None
+    if len(content) > LARGE_BODY_BYTES:
+        found = _usage_from_body_ends(content)
+        if found is not None:
+            return found
+    try:
+        return usage_from_body(json.loads(content))
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
+        return None, None
+
+
+def _usage_from_body_ends(content):
+    tail = content[-4096:]
+    at = tail.rfind(b'"usage"')
+    if at < 0:
+        return None
+    brace = tail.find(b"{", at)
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(tail[brace:].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    match = MODEL_FIELD.search(content[:2048]) or MODEL_FIELD.search(tail)
+    model = match.group(1).decode("utf-8", "replace") if match else None
+    body = {"model": model, "usage": usage}
+    if "cache_creation_input_tokens" in usage:
+        body["type"] = "message"
+    return usage_from_body(body)
+
+
 class StreamMeter:
     """Follows an SSE stream event by event and keeps what it says about usage.
 
@@ -1324,21 +1397,20 @@ class UsageWriter:
                 log.exception("usage write failed for %d events; retrying", len(batch))
                 self.healthy = False
                 self._price_ids.clear()  # ids made inside the rolled-back transaction
-                if db.in_transaction:
-                    db.execute("rollback")
+                rollback(db)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
         for event in batch:
             event.done.set()
 
     def _write(self, db, batch):
-        db.execute("begin immediate")
+        begin_write(db)
         price_ids = [self._price_id(db, event) for event in batch]
         insert_usage_events(db, batch, price_ids)
         # Limits read running totals lazily from the database; committing and
         # applying under one lock means each event is counted exactly once.
         with self.commit_lock:
-            db.execute("commit")
+            commit(db)
             follow_up = self.on_commit(batch)
         if follow_up:
             try:
@@ -1356,47 +1428,37 @@ class UsageWriter:
         return self._price_ids[cache_key]
 
 
-LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
-                      120000)
-
-
-class Metrics:
-    """In-process counters behind /metrics (Prometheus text format); thread-safe."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.calls = {}            # (project, model, status) -> count
-        self.tokens = {}           # (project, model, kind) -> count
-        self.cost_nusd = {}        # (project, model) -> nano-dollars
-        self.latency = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-        self.latency_sum_ms = 0.0
-        self.latency_count = 0
-        self.rejections = {}       # error type -> count
-
-    def observe_call(self, event, upstream_ms):
-        """Count one metered call."""
-        project, model = event.project_id or "", event.model or ""
-        with self._lock:
-            key = (project, model, str(event.status_code))
-            self.calls[key] = self.calls.get(key, 0) + 1
-            for kind, count in (("prompt", event.prompt_tokens),
-                                ("completion", event.completion_tokens),
-                                ("cached", event.cached_tokens)):
-                self.tokens[(project, model, kind)] = \
-                    self.tokens.get((project, model, kind), 0) + count
-            self.cost_nusd[(project, model)] = \
-                self.cost_nusd.get((project, model), 0) + (event.cost_nusd or 0)
-            bucket = next((i for i, edge in enumerate(LATENCY_BUCKETS_MS) if upstream_ms <= edge),
-                          len(LATENCY_BUCKETS_MS))
-            self.latency[bucket] += 1
-            self.latency_sum_ms += upstream_ms
-            self.latency_count += 1
-
-    def observe_rejection(self, error_type):
-        """Count a call llimit refused itself (limits, keys)."""
-        with self._lock:
-            self.rejections[error_type] = self.rejections.get(error_type, 0) + 1
-
+def reprice_all(state):
+    """Recompute every stored event's cost from the prices in force; returns counts."""
+    db = state.database()
+    book = state.pricebook
+    snapshot_ids, changes, seen = {}, [], 0
+    begin_write(db)  # the usage writer waits until we are done
+    try:
+        for row in iter_usage_events(db, 0, 2 ** 62):
+            seen += 1
+            usage = Usage(row["prompt_tokens"], row["cached_tokens"], row["cache_write_tokens"],
+                          row["completion_tokens"], row["reasoning_tokens"])
+            resolved = book.resolve(row["model"])
+            has_tokens = usage.prompt_tokens or usage.completion_tokens
+            status = "estimated" if row["pricing"] == "estimated" else None
+            if resolved is None or not has_tokens:
+                update = (None, None, status or "unpriced")
+            else:
+                if resolved not in snapshot_ids:
+                    snapshot_ids[resolved] = get_price_snapshot_id(db, *resolved)
+                update = (cost_nusd(usage, resolved[1]), snapshot_ids[resolved],
+                          status or "priced")
+            if update != (row["cost_nusd"], row["price_id"], row["pricing"]):
+                changes.append((*update, row["id"]))
+        reprice_usage_events(db, changes)
+        # Running totals change under the limits' feet: swap them in one step.
+        with state.limits.lock:
+            commit(db)
+            state.limits.forget_locked()
+    finally:
+        rollback(db)
+    return {"events": seen, "changed": len(changes)}
 
 
 # =============================================================================
@@ -1411,12 +1473,11 @@ class Metrics:
 
 SCOPES = ("global", "project", "user", "key")
 EACH = (None, "user", "key")
-METRICS = ("usd", "tokens", "requests")
+LIMIT_METRICS = ("usd", "tokens", "requests")
 WINDOWS = ("minute", "day", "week", "month", "total")
 ACTIONS = ("block", "warn")
 METRIC_INDEX = {"requests": 0, "tokens": 1, "usd": 2}   # into [requests, tokens, nusd]
 NANO = 1_000_000_000
-SUBJECT_SEPARATOR = "\x1f"
 
 
 def window_bounds(window, now):
@@ -1444,9 +1505,10 @@ def _day(seconds):
 
 def call_subjects(project_id, user_name, key_id):
     """The running totals a call counts toward."""
-    subjects = ["*", "p:" + project_id, "k:" + key_id]
+    subjects = [SUBJECT_ALL, subject_of("project", project_id), subject_of("key", key_id)]
     if user_name:
-        subjects += ["u:" + user_name, "pu:" + project_id + SUBJECT_SEPARATOR + user_name]
+        subjects += [subject_of("user", user_name),
+                     subject_of("project_user", project_id, user_name)]
     return tuple(subjects)
 
 
@@ -1458,16 +1520,21 @@ def limit_subject(limit, project_id, user_name, key_id):
     if scope == "user" and limit["target"] != user_name:
         return None
     if scope == "key":
-        return "k:" + key_id if limit["target"] == key_id else None
+        return subject_of("key", key_id) if limit["target"] == key_id else None
     if each == "key":
-        return "k:" + key_id
+        return subject_of("key", key_id)
     if each == "user":
         if not user_name:
             return None
         if scope == "project":
-            return "pu:" + project_id + SUBJECT_SEPARATOR + user_name
-        return "u:" + user_name
-    return {"global": "*", "project": "p:" + project_id, "user": "u:" + str(user_name)}[scope]
+            return subject_of("project_user", project_id, user_name)
+        return subject_of("user", user_name)
+    return scope_subject(scope, {"project": project_id, "user": user_name}.get(scope))
+
+
+def scope_subject(scope, target):
+    """The running total of a limit's whole scope (no `each`)."""
+    return SUBJECT_ALL if scope == "global" else subject_of(scope, str(target))
 
 
 def limit_amount_units(limit):
@@ -1495,13 +1562,12 @@ def describe_limit(limit):
 
 def describe_subject(subject):
     """A running total's subject in words: "user alice", "project team-a / user bob"."""
-    if subject == "*":
+    kind, names = parse_subject(subject)
+    if kind == "all":
         return "all usage"
-    kind, _, name = subject.partition(":")
-    if kind == "pu":
-        project, _, user = name.partition(SUBJECT_SEPARATOR)
-        return f"project {project} / user {user}"
-    return {"p": "project", "u": "user", "k": "key"}[kind] + " " + name
+    if kind == "project_user":
+        return f"project {names[0]} / user {names[1]}"
+    return f"{kind} {names[0]}"
 
 
 @dataclasses.dataclass
@@ -1599,7 +1665,7 @@ class Limits:
             headers["X-LLimit-Warning"] = "; ".join(warnings)
         return Admission(reservation, alert_checks, headers)
 
-    def apply(self, events):
+    def count_committed(self, events):
         """Count committed events and release their reservations; returns alerts due.
 
         Called by the usage writer with `lock` held, right after the commit.
@@ -1635,10 +1701,10 @@ class Limits:
     def used_by_top_member(self, db, limit):
         """For an `each` limit: the largest use among its members this window."""
         start, end = window_bounds(limit["window"], self.clock())
-        prefix = {("global", "user"): "u:", ("global", "key"): "k:",
-                  ("user", "key"): "k:", ("project", "key"): "k:",
-                  ("project", "user"): f"pu:{limit['target']}{SUBJECT_SEPARATOR}",
-                  }[(limit["scope"], limit["each"])]
+        if limit["scope"] == "project" and limit["each"] == "user":
+            prefix = subject_members("project_user", limit["target"])
+        else:
+            prefix = subject_members(limit["each"])
         index = METRIC_INDEX[limit["metric"]]
         with self.lock:
             if limit["window"] == "minute":
@@ -1655,12 +1721,10 @@ class Limits:
         if limit["each"]:
             used, end = self.used_by_top_member(db, limit)
         else:
-            subject = {"global": "*", "project": f"p:{limit['target']}",
-                       "user": f"u:{limit['target']}", "key": f"k:{limit['target']}"}
-            used, end = self.used(db, limit, subject[limit["scope"]])
+            used, end = self.used(db, limit, scope_subject(limit["scope"], limit["target"]))
         return limit_to_json(limit, used, end)
 
-    def applying(self, db, project_id, user_name, key_id):
+    def statuses_for_call(self, db, project_id, user_name, key_id):
         """(subject, limit_to_json) of every limit a call of this project, user and key is under."""
         applying = []
         for limit in self.for_call(db, config_version(db), project_id, user_name, key_id):
@@ -1790,7 +1854,7 @@ def validate_limit(data, current=None):
         raise _field_error(sorted(unknown)[0], "is not a limit field")
     merged.update(data)
     merged.setdefault("action", "block")
-    for field, allowed in (("scope", SCOPES), ("metric", METRICS), ("window", WINDOWS),
+    for field, allowed in (("scope", SCOPES), ("metric", LIMIT_METRICS), ("window", WINDOWS),
                            ("action", ACTIONS), ("each", EACH)):
         if merged.get(field) not in allowed:
             names = ", ".join(a for a in allowed if a)
@@ -1914,7 +1978,7 @@ class AlertSender:
 #    header rewriting (the client's credentials out, the upstream's in,
 #    hop-by-hop headers dropped), and the SSE relay that passes each event on
 #    as it arrives while a StreamMeter reads its usage. Knows nothing of keys
-#    or limits; the handlers in section 6 put the pieces together.
+#    or limits; the handlers in section 8 put the pieces together.
 # =============================================================================
 
 UPSTREAM_KINDS = ("openai", "azure", "anthropic")
@@ -1934,8 +1998,6 @@ SSE_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # The last event of a stream is held back until the call's usage is committed.
 FINAL_SSE_DATA = ("[DONE]",)
 FINAL_SSE_EVENTS = ("message_stop", "response.completed")
-LARGE_BODY_BYTES = 64 * 1024
-MODEL_FIELD = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
 DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.{1,2}(?:[/\\]|$)")
 PATH_SAFE_CHARS = "/:@!$&'()*+,;=-._~"
 UNSAFE_PATH_CHAR = re.compile(r"[^A-Za-z0-9/:@!$&'()*+,;=._~-]")
@@ -2176,42 +2238,6 @@ def client_response_headers(resp):
             if name.lower() not in DROPPED_RESPONSE_HEADERS]
 
 
-def usage_from_response_body(content):
-    """(model, Usage or None) from a non-stream body; cheap on large ones.
-
-    Embeddings answers run to megabytes of floats with usage at the end, so
-    a large body is read from its ends before it is ever parsed whole.
-    """
-    if not content or content[:1] not in (b"{", b" ", b"\n"):
-        return None, None
-    if len(content) > LARGE_BODY_BYTES:
-        found = _usage_from_body_ends(content)
-        if found is not None:
-            return found
-    try:
-        return usage_from_body(json.loads(content))
-    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
-        return None, None
-
-
-def _usage_from_body_ends(content):
-    tail = content[-4096:]
-    at = tail.rfind(b'"usage"')
-    if at < 0:
-        return None
-    brace = tail.find(b"{", at)
-    try:
-        usage, _ = json.JSONDecoder().raw_decode(tail[brace:].decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    match = MODEL_FIELD.search(content[:2048]) or MODEL_FIELD.search(tail)
-    model = match.group(1).decode("utf-8", "replace") if match else None
-    body = {"model": model, "usage": usage}
-    if "cache_creation_input_tokens" in usage:
-        body["type"] = "message"
-    return usage_from_body(body)
-
-
 def upstream_chunks(resp):
     """The raw bytes of a streaming response as they arrive (not waiting to fill a buffer)."""
     read = resp.read1
@@ -2254,6 +2280,108 @@ def sse_error_event(kind, message):
     body = {"error": {"message": message, "type": "upstream_error",
                       "code": "upstream_stream_broken"}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+# =============================================================================
+# 6. Keys and projects
+#    What an admin hands out and configures: llimit keys (created here, shown
+#    once, stored as their SHA-256) and projects (where a key's calls go, and
+#    the limits a project's `budget` shorthand makes). Validates admin input
+#    for both; the admin API, the pages and the CLI all come through here.
+# =============================================================================
+
+KEY_PREFIX = "llimit-"
+MAX_USER_NAME = 200
+USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters
+
+
+def clean_user_name(value):
+    """A user name as stored: trimmed, no control characters, bounded length."""
+    return USER_NAME_JUNK.sub("", value).strip()[:MAX_USER_NAME] or None
+
+
+def hash_secret(raw):
+    """SHA-256 hex digest of a key or token."""
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()
+
+
+def new_raw_key():
+    """A fresh key: llimit- and 43 URL-safe random characters (256 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def mask_key(raw_key):
+    """The form keys are listed in, e.g. llimit-Ab3x…9fQz."""
+    return f"{raw_key[:len(KEY_PREFIX) + 4]}…{raw_key[-4:]}"
+
+
+def parse_time_input(value, field):
+    """An ISO 8601 date or time from input as UTC 'YYYY-MM-DDTHH:MM:SSZ' (None stays None)."""
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise _field_error(field, "must be an ISO 8601 date or time, e.g. 2026-12-31")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def validate_key_fields(data, allowed):
+    """The editable fields of a key from JSON input; 400 names the field."""
+    if not isinstance(data, dict):
+        raise LlimitError(400, "invalid_request_error", "expected a JSON object")
+    unknown = set(data) - set(allowed)
+    if unknown:
+        raise _field_error(sorted(unknown)[0], "is not a key field here")
+    fields = {}
+    for name in ("user", "project", "note"):
+        if name in data:
+            value = data[name]
+            if value is not None and (not isinstance(value, str) or len(value) > 1000):
+                raise _field_error(name, "must be a string")
+            fields[name] = value
+    if "user" in fields and fields["user"] is not None:
+        fields["user"] = clean_user_name(fields["user"])
+    if "expires_at" in data:
+        fields["expires_at"] = parse_time_input(data["expires_at"], "expires_at")
+    if "models" in data:
+        models = data["models"]
+        if models is not None and (not isinstance(models, list) or not all(
+                isinstance(m, str) and m for m in models)):
+            raise _field_error("models", "must be a list of model names, or null for all")
+        fields["models"] = json.dumps(models) if models else None
+    return fields
+
+
+def create_key(db, now, user=None, project="default", note=None, expires_at=None, models=None):
+    """Issue a key; returns (row dict, raw key). The raw key exists only in this return."""
+    _must_exist(get_project(db, project), "project", project)
+    raw_key = new_raw_key()
+    row = {"id": "key_" + secrets.token_hex(8), "key_hash": hash_secret(raw_key),
+           "masked_key": mask_key(raw_key), "project_id": project, "user_name": user,
+           "note": note, "models": models, "created_at": utc_iso(now),
+           "expires_at": expires_at, "revoked_at": None, "last_used_at": None}
+    insert_key(db, row)
+    return row, raw_key
+
+
+def key_to_json(row, spend=None):
+    """A key as listings show it: masked, never its hash."""
+    requests_made, cost = spend or (0, 0)
+    return {
+        "id": row["id"], "masked_key": row["masked_key"],
+        "user": row["user_name"], "project": row["project_id"], "note": row["note"],
+        "models": json.loads(row["models"]) if row["models"] else None,
+        "created_at": row["created_at"], "expires_at": row["expires_at"],
+        "revoked_at": row["revoked_at"], "last_used_at": row["last_used_at"],
+        "active": row["revoked_at"] is None and (
+            row["expires_at"] is None or row["expires_at"] > utc_iso(time.time())),
+        "requests": requests_made, "cost_usd": nusd_to_usd(cost),
+    }
 
 
 PROJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -2323,7 +2451,7 @@ def budget_limits(project_id, budget):
     for item in budgets:
         if not isinstance(item, dict):
             raise _field_error("budget", 'must look like {"usd": 10, "window": "day"}')
-        metrics = [m for m in METRICS if m in item]
+        metrics = [m for m in LIMIT_METRICS if m in item]
         if len(metrics) != 1:
             raise _field_error("budget", "needs exactly one of usd, tokens, requests")
         extra = set(item) - {metrics[0], "window", "action", "each", "alert_at", "note"}
@@ -2393,37 +2521,17 @@ def project_to_json(project):
 
 
 # =============================================================================
-# 6. Auth and the proxy handlers
-#    Who is calling: llimit keys (only their SHA-256 is stored), the admin
-#    token, the end user a project key speaks for, and who is looking at a
-#    page (server-side sessions, the CSRF check, open / header / OIDC
-#    sign-in). Then the proxy
-#    handlers, which sit here because the first thing they do is call auth:
-#    auth -> limits (4) -> upstream (5) -> metering (3).
+# 7. Auth
+#    Who is calling: a presented llimit key, the admin token (one throttle for
+#    wrong secrets of either kind), the end user a project key speaks for, and
+#    who is looking at a page (server-side sessions, the CSRF check, open /
+#    header / OIDC sign-in).
 # =============================================================================
 
-KEY_PREFIX = "llimit-"
 END_USER_HEADER = "X-LLimit-User"
 COMMIT_WAIT_SECONDS = 10.0
-MAX_USER_NAME = 200
-USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters
 AUTH_FAILURES_PER_MINUTE = 20   # wrong keys or admin tokens from one address, then 429
 AUTH_THROTTLE_ENTRIES = 10000   # addresses and known-good secrets remembered, each
-
-
-def hash_secret(raw):
-    """SHA-256 hex digest of a key or token."""
-    return hashlib.sha256(raw.encode("utf-8")).hexdigest()
-
-
-def new_raw_key():
-    """A fresh key: llimit- and 43 URL-safe random characters (256 bits)."""
-    return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def mask_key(raw_key):
-    """The form keys are listed in, e.g. llimit-Ab3x…9fQz."""
-    return f"{raw_key[:len(KEY_PREFIX) + 4]}…{raw_key[-4:]}"
 
 
 def raw_key_from(environ):
@@ -2592,11 +2700,6 @@ def _header_text(value):
         return value
 
 
-def clean_user_name(value):
-    """A user name as stored: trimmed, no control characters, bounded length."""
-    return USER_NAME_JUNK.sub("", value).strip()[:MAX_USER_NAME] or None
-
-
 def secrets_match(presented, expected):
     """Whether a presented secret equals the expected one, in constant time."""
     return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))
@@ -2635,107 +2738,6 @@ def require_admin(state):
     raise LlimitError(401, "invalid_request_error",
                       "This needs the admin token: 'Authorization: Bearer <admin token>'.",
                       code="invalid_admin_token")
-
-
-def read_body(environ, max_bytes):
-    """The request body; 413 above `max_bytes`."""
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise LlimitError(400, "invalid_request_error", "Bad Content-Length.") from None
-    if length > max_bytes:
-        raise LlimitError(413, "invalid_request_error",
-                          f"The request body is {length} bytes; the limit is {max_bytes}.",
-                          code="request_too_large")
-    return environ["wsgi.input"].read(length) if length else b""
-
-
-def parse_json_body(body, environ):
-    """The JSON object a POST carries, {} when there is none; 400 when it is broken."""
-    if not body:
-        return {}
-    content_type = environ.get("CONTENT_TYPE", "")
-    if "json" not in content_type and body[:1] not in (b"{", b"["):
-        return {}  # multipart uploads (audio, files) pass through unread
-    try:
-        payload = json.loads(body)
-    except RecursionError:
-        raise LlimitError(400, "invalid_request_error", "The request body is nested too deep.",
-                          code="invalid_json") from None
-    except ValueError as error:
-        raise LlimitError(400, "invalid_request_error",
-                          f"The request body is not valid JSON: {error}.",
-                          code="invalid_json") from None
-    return payload if isinstance(payload, dict) else {}
-
-
-def parse_time_input(value, field):
-    """An ISO 8601 date or time from input as UTC 'YYYY-MM-DDTHH:MM:SSZ' (None stays None)."""
-    if value is None:
-        return None
-    try:
-        moment = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        moment = None
-    if moment is None:
-        raise _field_error(field, "must be an ISO 8601 date or time, e.g. 2026-12-31")
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def validate_key_fields(data, allowed):
-    """The editable fields of a key from JSON input; 400 names the field."""
-    if not isinstance(data, dict):
-        raise LlimitError(400, "invalid_request_error", "expected a JSON object")
-    unknown = set(data) - set(allowed)
-    if unknown:
-        raise _field_error(sorted(unknown)[0], "is not a key field here")
-    fields = {}
-    for name in ("user", "project", "note"):
-        if name in data:
-            value = data[name]
-            if value is not None and (not isinstance(value, str) or len(value) > 1000):
-                raise _field_error(name, "must be a string")
-            fields[name] = value
-    if "user" in fields and fields["user"] is not None:
-        fields["user"] = clean_user_name(fields["user"])
-    if "expires_at" in data:
-        fields["expires_at"] = parse_time_input(data["expires_at"], "expires_at")
-    if "models" in data:
-        models = data["models"]
-        if models is not None and (not isinstance(models, list) or not all(
-                isinstance(m, str) and m for m in models)):
-            raise _field_error("models", "must be a list of model names, or null for all")
-        fields["models"] = json.dumps(models) if models else None
-    return fields
-
-
-def create_key(db, now, user=None, project="default", note=None, expires_at=None, models=None):
-    """Issue a key; returns (row dict, raw key). The raw key exists only in this return."""
-    _must_exist(get_project(db, project), "project", project)
-    raw_key = new_raw_key()
-    row = {"id": "key_" + secrets.token_hex(8), "key_hash": hash_secret(raw_key),
-           "masked_key": mask_key(raw_key), "project_id": project, "user_name": user,
-           "note": note, "models": models, "created_at": utc_iso(now),
-           "expires_at": expires_at, "revoked_at": None, "last_used_at": None}
-    insert_key(db, row)
-    return row, raw_key
-
-
-def key_to_json(row, spend=None):
-    """A key as listings show it: masked, never its hash."""
-    requests_made, cost = spend or (0, 0)
-    return {
-        "id": row["id"], "masked_key": row["masked_key"],
-        "user": row["user_name"], "project": row["project_id"], "note": row["note"],
-        "models": json.loads(row["models"]) if row["models"] else None,
-        "created_at": row["created_at"], "expires_at": row["expires_at"],
-        "revoked_at": row["revoked_at"], "last_used_at": row["last_used_at"],
-        "active": row["revoked_at"] is None and (
-            row["expires_at"] is None or row["expires_at"] > utc_iso(time.time())),
-        "requests": requests_made, "cost_usd": nusd_to_usd(cost),
-    }
 
 
 # --- page sign-in: sessions, CSRF, and the three ways in --------------------------
@@ -3066,7 +3068,43 @@ def user_from_claims(claims, allowed_domains):
     return user_name
 
 
-# --- proxy handlers --------------------------------------------------------------
+# =============================================================================
+# 8. Proxy handlers
+#    /v1/... and /openai/deployments/...: auth (7) -> limits (4) -> upstream
+#    (5) -> metering (3), for whole answers and for streams.
+# =============================================================================
+
+def read_body(environ, max_bytes):
+    """The request body; 413 above `max_bytes`."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise LlimitError(400, "invalid_request_error", "Bad Content-Length.") from None
+    if length > max_bytes:
+        raise LlimitError(413, "invalid_request_error",
+                          f"The request body is {length} bytes; the limit is {max_bytes}.",
+                          code="request_too_large")
+    return environ["wsgi.input"].read(length) if length else b""
+
+
+def parse_json_body(body, environ):
+    """The JSON object a POST carries, {} when there is none; 400 when it is broken."""
+    if not body:
+        return {}
+    content_type = environ.get("CONTENT_TYPE", "")
+    if "json" not in content_type and body[:1] not in (b"{", b"["):
+        return {}  # multipart uploads (audio, files) pass through unread
+    try:
+        payload = json.loads(body)
+    except RecursionError:
+        raise LlimitError(400, "invalid_request_error", "The request body is nested too deep.",
+                          code="invalid_json") from None
+    except ValueError as error:
+        raise LlimitError(400, "invalid_request_error",
+                          f"The request body is not valid JSON: {error}.",
+                          code="invalid_json") from None
+    return payload if isinstance(payload, dict) else {}
+
 
 @dataclasses.dataclass
 class Call:
@@ -3364,13 +3402,12 @@ def _drain(resp, meter, seconds):
         return False
 
 
-
 # =============================================================================
-# 7. Templates
+# 9. Templates
 #    The HTML of every page as bottle SimpleTemplate strings: LAYOUT around one
 #    *_PAGE per page, and the one small script the pages share (the copy
 #    button and the charts). `{{value}}` escapes; `{{!value}}` only for HTML
-#    built here. No SQL, no state: section 8 hands each page its data.
+#    built here. No SQL, no state: section 10 hands each page its data.
 # =============================================================================
 
 # Pinned, with Subresource Integrity: the file of the chart.js npm package.
@@ -4106,11 +4143,11 @@ def render_page(page, *, title, session, scripts=(), **context):
 
 
 # =============================================================================
-# 8. Pages
+# 10. Pages
 #    What people see in a browser: home, sign-in, their keys and usage, the
 #    reports (with their JSON and CSV feeds) and the admin dashboard. Each page
 #    handler is wrapped by `page`, which finds the session and checks every
-#    POST in one place (section 6). Changes go through the same validators and
+#    POST in one place (section 7). Changes go through the same validators and
 #    storage functions as the admin API; GET changes nothing but a sign-in.
 # =============================================================================
 
@@ -4382,7 +4419,7 @@ def page_usage(state, session):
     db = state.database()
     now = state.config.clock()
     today = _day(now)
-    subject = "u:" + user_name
+    subject = subject_of("user", user_name)
     month = get_counter(db, subject, _day(window_bounds("month", now)[0]), today)
     active_keys = list_keys(db, user_name=user_name, active_at=utc_iso(now))
     start, end = report_range({}, now)
@@ -4400,7 +4437,7 @@ def _user_limits(state, db, user_name, keys):
     # A user's calls go through their keys; a limit reached through two keys is one row.
     seen, rows = set(), []
     for key in keys:
-        for subject, status in state.limits.applying(db, key["project_id"], user_name,
+        for subject, status in state.limits.statuses_for_call(db, key["project_id"], user_name,
                                                      key["id"]):
             if (status["id"], subject) not in seen:
                 seen.add((status["id"], subject))
@@ -4410,7 +4447,8 @@ def _user_limits(state, db, user_name, keys):
 
 def _whose(subject, key):
     # A key's own total is named as /keys lists the key: masked, not by id.
-    return f"key {key['masked_key']}" if subject.startswith("k:") else describe_subject(subject)
+    return f"key {key['masked_key']}" if parse_subject(subject)[0] == "key" \
+        else describe_subject(subject)
 
 
 def _limit_row(status, whose=None):
@@ -4649,8 +4687,8 @@ def _render_admin(state, session, notice=None, raw_key=None, key_owner=None):
     now = state.config.clock()
     today = _day(now)
     month_start = _day(window_bounds("month", now)[0])
-    today_total = get_counter(db, "*", today, today)
-    month_total = get_counter(db, "*", month_start, today)
+    today_total = get_counter(db, SUBJECT_ALL, today, today)
+    month_total = get_counter(db, SUBJECT_ALL, month_start, today)
     limit_rows = [_limit_row(state.limits.status(db, row)) for row in list_limits(db)]
     projects = []
     for row in list_projects(db):
@@ -4675,7 +4713,7 @@ def _render_admin(state, session, notice=None, raw_key=None, key_owner=None):
         active_keys=sum(key["active"] for key in keys), projects=projects,
         users=_admin_users(db, keys, month_start, today), keys=keys, limits=limit_rows,
         missing=missing_prices(db, book), prices=prices, upstream_kinds=UPSTREAM_KINDS,
-        budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=METRICS, windows=WINDOWS)
+        budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=LIMIT_METRICS, windows=WINDOWS)
 
 
 def _admin_users(db, keys, month_start, today):
@@ -4831,14 +4869,23 @@ def static_chartjs(state):
 
 
 # =============================================================================
-# 9. Admin API and /llimit/me
+# 11. Admin API and /llimit/me
 #    JSON over HTTP for scripts and curl, behind the admin token; and what a
 #    key holder may ask about their own key. Every change goes through the
-#    validators of the section that owns the thing (limits 4, projects 5,
-#    keys 6) and the storage functions of section 2.
+#    validators of the section that owns the thing (limits 4, keys and
+#    projects 6) and the storage functions of section 2.
 # =============================================================================
 
 ADMIN_BODY_MAX_BYTES = 1024 * 1024
+
+
+def admin(handler):
+    """An admin API handler behind the admin token: 401 before it runs, without it."""
+    @functools.wraps(handler)
+    def guarded(state, **url_args):
+        require_admin(state)
+        return handler(state, **url_args)
+    return guarded
 
 
 def _json_input():
@@ -4869,7 +4916,6 @@ def _created(payload):
 
 def admin_keys_create(state):
     """POST /admin/keys: issue a key; the secret is in this answer only."""
-    require_admin(state)
     fields = validate_key_fields(_json_input(),
                                  ("user", "project", "note", "expires_at", "models"))
     db = state.database()
@@ -4882,7 +4928,6 @@ def admin_keys_create(state):
 
 def admin_keys_list(state):
     """GET /admin/keys?user=&project=&active=true"""
-    require_admin(state)
     query = bottle.request.query
     active = query.get("active", "").lower()
     if active not in ("", "1", "true", "yes", "0", "false", "no"):
@@ -4897,10 +4942,8 @@ def admin_keys_list(state):
     return {"data": [key_to_json(row, spend.get(row["id"])) for row in rows]}
 
 
-
 def admin_key_get(state, key_id):
     """GET /admin/keys/<id>"""
-    require_admin(state)
     db = state.database()
     row = _must_exist(get_key(db, key_id), "key", key_id)
     return key_to_json(row, key_spend(db, [key_id]).get(key_id))
@@ -4908,7 +4951,6 @@ def admin_key_get(state, key_id):
 
 def admin_key_update(state, key_id):
     """PATCH /admin/keys/<id>: note, expires_at, models, user."""
-    require_admin(state)
     fields = validate_key_fields(_json_input(), ("note", "expires_at", "models", "user"))
     db = state.database()
     with transaction(db):
@@ -4921,7 +4963,6 @@ def admin_key_update(state, key_id):
 
 def admin_key_revoke(state, key_id):
     """POST /admin/keys/<id>/revoke: the key's next call gets 403."""
-    require_admin(state)
     db = state.database()
     with transaction(db):
         _must_exist(get_key(db, key_id), "key", key_id)
@@ -4931,20 +4972,17 @@ def admin_key_revoke(state, key_id):
 
 def admin_projects_list(state):
     """GET /admin/projects"""
-    require_admin(state)
     return {"data": [project_to_json(row) for row in list_projects(state.database())]}
 
 
 def admin_projects_create(state):
     """POST /admin/projects, with an optional `budget` shorthand that becomes limits."""
-    require_admin(state)
     project = create_project(state.database(), _json_input(), utc_iso(state.config.clock()))
     return _created(admin_project_get(state, project["id"]))
 
 
 def admin_project_get(state, project_id):
     """GET /admin/projects/<id>, with the limits that target it."""
-    require_admin(state)
     db = state.database()
     project = project_to_json(_must_exist(get_project(db, project_id), "project", project_id))
     project["limits"] = [state.limits.status(db, row) for row in list_limits(db)
@@ -4954,14 +4992,12 @@ def admin_project_get(state, project_id):
 
 def admin_project_update(state, project_id):
     """PATCH /admin/projects/<id>"""
-    require_admin(state)
     change_project(state.database(), project_id, _json_input(), utc_iso(state.config.clock()))
     return admin_project_get(state, project_id)
 
 
 def admin_project_delete(state, project_id):
     """DELETE /admin/projects/<id>: its keys are revoked, its usage history stays."""
-    require_admin(state)
     if project_id == "default":
         raise LlimitError(400, "invalid_request_error", "The default project always exists.")
     db = state.database()
@@ -4973,14 +5009,12 @@ def admin_project_delete(state, project_id):
 
 def admin_limits_list(state):
     """GET /admin/limits"""
-    require_admin(state)
     db = state.database()
     return {"data": [state.limits.status(db, row) for row in list_limits(db)]}
 
 
 def admin_limits_create(state):
     """POST /admin/limits"""
-    require_admin(state)
     limit = validate_limit(_json_input())
     db = state.database()
     with transaction(db):
@@ -4990,14 +5024,12 @@ def admin_limits_create(state):
 
 def admin_limit_get(state, limit_id):
     """GET /admin/limits/<id>"""
-    require_admin(state)
     db = state.database()
     return state.limits.status(db, _must_exist(get_limit(db, limit_id), "limit", limit_id))
 
 
 def admin_limit_update(state, limit_id):
     """PATCH /admin/limits/<id>: takes effect on the next call."""
-    require_admin(state)
     data = _json_input()
     db = state.database()
     with transaction(db):
@@ -5008,7 +5040,6 @@ def admin_limit_update(state, limit_id):
 
 def admin_limit_delete(state, limit_id):
     """DELETE /admin/limits/<id>"""
-    require_admin(state)
     db = state.database()
     with transaction(db):
         _must_exist(get_limit(db, limit_id), "limit", limit_id)
@@ -5018,7 +5049,6 @@ def admin_limit_delete(state, limit_id):
 
 def admin_usage(state):
     """GET /admin/usage?start=&end=&group_by=user|key|project|model|day"""
-    require_admin(state)
     query = bottle.request.query
     start, end = report_range(query, state.config.clock())
     return usage_report(state.database(), query.get("group_by") or "user", start, end,
@@ -5034,7 +5064,6 @@ USAGE_CSV_COLUMNS = (
 
 def admin_usage_csv(state):
     """GET /admin/usage.csv?start=&end=: the raw events of the range, streamed."""
-    require_admin(state)
     start, end = report_range(bottle.request.query, state.config.clock())
     start_ms = int(dt.datetime.fromisoformat(start).replace(tzinfo=UTC).timestamp() * 1000)
     end_ms = int((dt.datetime.fromisoformat(end).replace(tzinfo=UTC)
@@ -5069,7 +5098,6 @@ def _usage_csv_lines(database, start_ms, end_ms):
 
 def admin_pricing_list(state):
     """GET /admin/pricing: prices in force, and models seen without one."""
-    require_admin(state)
     book = state.pricebook
     models = {model: {**price, "source": "override" if model in book.overrides else "file"}
               for model, price in sorted(book.table().items())}
@@ -5078,50 +5106,14 @@ def admin_pricing_list(state):
 
 def admin_pricing_put(state, model):
     """PUT /admin/pricing/<model>: set a model's USD per 1M tokens (kept in the database)."""
-    require_admin(state)
     price = _json_input()
     save_price(state.database(), model, price, utc_iso(state.config.clock()))
     state.reload_prices()
     return {"model": model, **{f: price.get(f) for f in PRICE_FIELDS if f in price}}
 
 
-def reprice_all(state):
-    """Recompute every stored event's cost from the prices in force; returns counts."""
-    db = state.database()
-    book = state.pricebook
-    snapshot_ids, changes, seen = {}, [], 0
-    db.execute("begin immediate")  # the usage writer waits until we are done
-    try:
-        for row in iter_usage_events(db, 0, 2 ** 62):
-            seen += 1
-            usage = Usage(row["prompt_tokens"], row["cached_tokens"], row["cache_write_tokens"],
-                          row["completion_tokens"], row["reasoning_tokens"])
-            resolved = book.resolve(row["model"])
-            has_tokens = usage.prompt_tokens or usage.completion_tokens
-            status = "estimated" if row["pricing"] == "estimated" else None
-            if resolved is None or not has_tokens:
-                update = (None, None, status or "unpriced")
-            else:
-                if resolved not in snapshot_ids:
-                    snapshot_ids[resolved] = get_price_snapshot_id(db, *resolved)
-                update = (cost_nusd(usage, resolved[1]), snapshot_ids[resolved],
-                          status or "priced")
-            if update != (row["cost_nusd"], row["price_id"], row["pricing"]):
-                changes.append((*update, row["id"]))
-        reprice_usage_events(db, changes)
-        # Running totals change under the limits' feet: swap them in one step.
-        with state.limits.lock:
-            db.execute("commit")
-            state.limits.forget_locked()
-    finally:
-        if db.in_transaction:
-            db.execute("rollback")
-    return {"events": seen, "changed": len(changes)}
-
-
 def admin_reprice(state):
     """POST /admin/reprice: recompute stored costs from current prices."""
-    require_admin(state)
     return reprice_all(state)
 
 
@@ -5132,7 +5124,7 @@ def llimit_me(state):
     key = authenticate_call(state, environ)
     user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers)
     limits = [status for _, status in
-              state.limits.applying(db, key["project_id"], user_name, key["id"])]
+              state.limits.statuses_for_call(db, key["project_id"], user_name, key["id"])]
     return {"user": user_name, "project": key["project_id"], "key": key["masked_key"],
             "key_id": key["id"], "limits": limits}
 
@@ -5157,7 +5149,7 @@ def _openapi_spec():
     limit_fields = {
         "scope": {"type": "string", "enum": list(SCOPES)}, "target": nullable_string,
         "each": {"type": "string", "enum": ["user", "key", None], "nullable": True},
-        "metric": {"type": "string", "enum": list(METRICS)},
+        "metric": {"type": "string", "enum": list(LIMIT_METRICS)},
         "window": {"type": "string", "enum": list(WINDOWS)}, "amount": amount,
         "action": {"type": "string", "enum": list(ACTIONS)}, "alert_at": alert_at,
         "note": nullable_string}
@@ -5183,7 +5175,7 @@ def _openapi_spec():
                                "action": limit_fields["action"],
                                "each": limit_fields["each"], "alert_at": alert_at,
                                "note": nullable_string}}
-    budget = {"oneOf": [budget_of(metric) for metric in METRICS]}
+    budget = {"oneOf": [budget_of(metric) for metric in LIMIT_METRICS]}
     env_or_key = (r"^([^e\r\n][^\r\n]*|e([^n\r\n][^\r\n]*)?|en([^v\r\n][^\r\n]*)?"
                   r"|env([^:\r\n][^\r\n]*)?|env:[A-Za-z_][A-Za-z0-9_]*)?$")
     project_fields = {
@@ -5358,14 +5350,57 @@ def admin_openapi(state):
 
 
 # =============================================================================
-# 10. Operations
-#    /healthz for load balancers and Docker, /metrics for Prometheus.
+# 12. Operations
+#    /healthz for load balancers and Docker, /metrics for Prometheus, and
+#    `Metrics`, the in-process counters behind it.
 # =============================================================================
+
+LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+                      120000)
+
+
+class Metrics:
+    """In-process counters behind /metrics (Prometheus text format); thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.calls = {}            # (project, model, status) -> count
+        self.tokens = {}           # (project, model, kind) -> count
+        self.cost_nusd = {}        # (project, model) -> nano-dollars
+        self.latency = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.latency_sum_ms = 0.0
+        self.latency_count = 0
+        self.rejections = {}       # error type -> count
+
+    def observe_call(self, event, upstream_ms):
+        """Count one metered call."""
+        project, model = event.project_id or "", event.model or ""
+        with self._lock:
+            key = (project, model, str(event.status_code))
+            self.calls[key] = self.calls.get(key, 0) + 1
+            for kind, count in (("prompt", event.prompt_tokens),
+                                ("completion", event.completion_tokens),
+                                ("cached", event.cached_tokens)):
+                self.tokens[(project, model, kind)] = \
+                    self.tokens.get((project, model, kind), 0) + count
+            self.cost_nusd[(project, model)] = \
+                self.cost_nusd.get((project, model), 0) + (event.cost_nusd or 0)
+            bucket = next((i for i, edge in enumerate(LATENCY_BUCKETS_MS) if upstream_ms <= edge),
+                          len(LATENCY_BUCKETS_MS))
+            self.latency[bucket] += 1
+            self.latency_sum_ms += upstream_ms
+            self.latency_count += 1
+
+    def observe_rejection(self, error_type):
+        """Count a call llimit refused itself (limits, keys)."""
+        with self._lock:
+            self.rejections[error_type] = self.rejections.get(error_type, 0) + 1
+
 
 def ops_healthz(state):
     """GET /healthz: 200 when the database answers, 503 otherwise."""
     try:
-        state.database().execute("select 1 from settings limit 1").fetchone()
+        ping(state.database())
     except sqlite3.Error:
         log.exception("health check: database does not answer")
         raise LlimitError(503, "service_unavailable", "The database does not answer.")
@@ -5431,7 +5466,7 @@ def render_metrics(metrics, open_streams, queue_depth):
 
 
 # =============================================================================
-# 11. App assembly
+# 13. App assembly
 #    `State` holds the long-lived parts of one llimit (database, prices,
 #    limits, usage writer, upstream pool); `make_app(config)` builds it and
 #    registers every route and error handler, in one list.
@@ -5455,7 +5490,7 @@ class State:
         self.auth_throttle = AuthThrottle(config.clock)
         self.keys = KeyCache()
         self.alerts = AlertSender(self.database, config.alert_webhook)
-        self.writer = UsageWriter(self.database, self.limits.lock, self.limits.apply,
+        self.writer = UsageWriter(self.database, self.limits.lock, self.limits.count_committed,
                                   self.alerts.record)
         self.pool = UpstreamPool(config.threads, config.connect_timeout, config.upstream_timeout)
         self.streams = OpenStreams()
@@ -5547,26 +5582,26 @@ def routes():
         ("ANY", "/openai/deployments/<deployment>/<path:path>", proxy_azure),
         ("GET", "/llimit/me", llimit_me),
         # the admin API
-        ("POST", "/admin/keys", admin_keys_create),
-        ("GET", "/admin/keys", admin_keys_list),
-        ("GET", "/admin/keys/<key_id>", admin_key_get),
-        ("PATCH", "/admin/keys/<key_id>", admin_key_update),
-        ("POST", "/admin/keys/<key_id>/revoke", admin_key_revoke),
-        ("GET", "/admin/projects", admin_projects_list),
-        ("POST", "/admin/projects", admin_projects_create),
-        ("GET", "/admin/projects/<project_id>", admin_project_get),
-        ("PATCH", "/admin/projects/<project_id>", admin_project_update),
-        ("DELETE", "/admin/projects/<project_id>", admin_project_delete),
-        ("GET", "/admin/limits", admin_limits_list),
-        ("POST", "/admin/limits", admin_limits_create),
-        ("GET", "/admin/limits/<limit_id>", admin_limit_get),
-        ("PATCH", "/admin/limits/<limit_id>", admin_limit_update),
-        ("DELETE", "/admin/limits/<limit_id>", admin_limit_delete),
-        ("GET", "/admin/usage", admin_usage),
-        ("GET", "/admin/usage.csv", admin_usage_csv),
-        ("GET", "/admin/pricing", admin_pricing_list),
-        ("PUT", "/admin/pricing/<model:path>", admin_pricing_put),
-        ("POST", "/admin/reprice", admin_reprice),
+        ("POST", "/admin/keys", admin(admin_keys_create)),
+        ("GET", "/admin/keys", admin(admin_keys_list)),
+        ("GET", "/admin/keys/<key_id>", admin(admin_key_get)),
+        ("PATCH", "/admin/keys/<key_id>", admin(admin_key_update)),
+        ("POST", "/admin/keys/<key_id>/revoke", admin(admin_key_revoke)),
+        ("GET", "/admin/projects", admin(admin_projects_list)),
+        ("POST", "/admin/projects", admin(admin_projects_create)),
+        ("GET", "/admin/projects/<project_id>", admin(admin_project_get)),
+        ("PATCH", "/admin/projects/<project_id>", admin(admin_project_update)),
+        ("DELETE", "/admin/projects/<project_id>", admin(admin_project_delete)),
+        ("GET", "/admin/limits", admin(admin_limits_list)),
+        ("POST", "/admin/limits", admin(admin_limits_create)),
+        ("GET", "/admin/limits/<limit_id>", admin(admin_limit_get)),
+        ("PATCH", "/admin/limits/<limit_id>", admin(admin_limit_update)),
+        ("DELETE", "/admin/limits/<limit_id>", admin(admin_limit_delete)),
+        ("GET", "/admin/usage", admin(admin_usage)),
+        ("GET", "/admin/usage.csv", admin(admin_usage_csv)),
+        ("GET", "/admin/pricing", admin(admin_pricing_list)),
+        ("PUT", "/admin/pricing/<model:path>", admin(admin_pricing_put)),
+        ("POST", "/admin/reprice", admin(admin_reprice)),
         ("GET", "/admin/openapi.json", admin_openapi),
         # the pages
         ("GET", "/", page(page_home)),
@@ -5631,7 +5666,7 @@ def _bottle_error(status):
 
 
 # =============================================================================
-# 12. CLI
+# 14. CLI
 #    `python llimit.py [serve]` and the admin subcommands (keys, projects,
 #    limits, usage, pricing), which work on the database directly, so they
 #    run with or without a server.
@@ -5935,7 +5970,7 @@ def build_parser():
     create.add_argument("--scope", required=True, choices=SCOPES)
     create.add_argument("--target")
     create.add_argument("--each", choices=("user", "key"))
-    create.add_argument("--metric", required=True, choices=METRICS)
+    create.add_argument("--metric", required=True, choices=LIMIT_METRICS)
     create.add_argument("--window", required=True, choices=WINDOWS)
     create.add_argument("--amount", required=True, type=float)
     create.add_argument("--action", dest="limit_action", choices=ACTIONS, default="block")
