@@ -423,6 +423,26 @@ create trigger api_keys_deleted after delete on api_keys
 begin update config_version set version = version + 1; end;
 commit;
 """),
+    ("0005 route policy: async projects and owned objects", """
+begin;
+alter table projects add column allow_async integer not null default 0;
+-- Objects (files, batches, stored responses...) made through llimit: the
+-- upstream knows one account, so llimit keeps whose each one is. An async
+-- object (a batch, a background response) is charged once, when its final
+-- usage is known: charged_ms is set in the transaction that stores the charge.
+create table owned_objects (
+    object_id text primary key,
+    kind text not null,
+    project_id text not null,
+    owner text not null,            -- 'u:<user>', or 'k:<key id>' for a key with no user
+    key_id text not null,
+    user_name text,                 -- whom a charge is attributed to
+    created_ms integer not null,
+    async integer not null default 0,
+    charged_ms integer
+) without rowid;
+commit;
+"""),
 ]
 
 
@@ -563,7 +583,8 @@ def set_setting(db, name, value):
 # --- projects -------------------------------------------------------------------
 
 PROJECT_COLUMNS = ("id", "name", "upstream_kind", "upstream_url", "upstream_key",
-                   "api_version", "allow_user_keys", "limit_message", "model_map", "created_at")
+                   "api_version", "allow_user_keys", "allow_async", "limit_message",
+                   "model_map", "created_at")
 
 
 def get_project(db, project_id):
@@ -579,9 +600,10 @@ def list_projects(db):
 def insert_project(db, project):
     """Insert a project from a dict holding every PROJECT_COLUMNS field."""
     db.execute("insert into projects (id, name, upstream_kind, upstream_url, upstream_key,"
-               " api_version, allow_user_keys, limit_message, model_map, created_at)"
-               " values (:id, :name, :upstream_kind, :upstream_url, :upstream_key,"
-               " :api_version, :allow_user_keys, :limit_message, :model_map, :created_at)",
+               " api_version, allow_user_keys, allow_async, limit_message, model_map,"
+               " created_at) values (:id, :name, :upstream_kind, :upstream_url,"
+               " :upstream_key, :api_version, :allow_user_keys, :allow_async, :limit_message,"
+               " :model_map, :created_at)",
                project)
 
 
@@ -590,7 +612,7 @@ def update_project(db, project):
     db.execute("update projects set name = :name, upstream_kind = :upstream_kind,"
                " upstream_url = :upstream_url, upstream_key = :upstream_key,"
                " api_version = :api_version, allow_user_keys = :allow_user_keys,"
-               " limit_message = :limit_message, model_map = :model_map where id = :id",
+               " allow_async = :allow_async, limit_message = :limit_message, model_map = :model_map where id = :id",
                project)
 
 
@@ -619,6 +641,7 @@ def get_key_by_hash(db, key_hash):
         "select k.id, k.key_hash, k.masked_key, k.project_id, k.user_name, k.models,"
         " k.expires_at, k.revoked_at, p.id as project_exists, p.upstream_kind,"
         " p.upstream_url, p.upstream_key, p.api_version, p.limit_message, p.model_map,"
+        " p.allow_async,"
         " (select version from config_version) as config_version"
         " from api_keys k left join projects p on p.id = k.project_id"
         " where k.key_hash = ?", (key_hash,)).fetchone()
@@ -698,9 +721,15 @@ def get_price_snapshot_id(db, model, prices):
 
 
 def list_seen_models(db):
-    """Every model name that usage has been recorded for."""
+    """Every model name that billable usage has been recorded for.
+
+    Calls that cost nothing (look-ups, refusals by the upstream) store no
+    tokens and a cost of 0, so they do not make a model look unpriced.
+    """
     return [row[0] for row in db.execute(
-        "select distinct model from usage_daily where model != '' order by model")]
+        "select model from usage_daily where model != '' group by model"
+        " having sum(prompt_tokens + completion_tokens) > 0 or sum(cost_nusd) > 0"
+        " or sum(unpriced) > 0 order by model")]
 
 
 # --- usage ----------------------------------------------------------------------
@@ -760,6 +789,39 @@ def insert_usage_events(db, events, price_ids):
     db.executemany(UPSERT_USAGE_COUNTER_SQL, counter_rows)
     db.executemany("update api_keys set last_used_at = ? where id = ?",
                    [(used_at, key_id) for key_id, used_at in key_touches.items()])
+
+
+def insert_owned_objects(db, rows):
+    """Record objects made through llimit (a row for an id known already is ignored).
+
+    The caller holds the transaction; rows are dicts of owned_objects' columns.
+    """
+    db.executemany(
+        "insert or ignore into owned_objects (object_id, kind, project_id, owner, key_id,"
+        " user_name, created_ms, async) values (:object_id, :kind, :project_id, :owner,"
+        " :key_id, :user_name, :created_ms, :async)", rows)
+
+
+def get_owned_object(db, object_id):
+    """The owned_objects row of an id, or None (one primary-key look-up)."""
+    return db.execute("select * from owned_objects where object_id = ?",
+                      (object_id,)).fetchone()
+
+
+def owned_ids(db, project_id, owner, object_ids):
+    """The subset of `object_ids` that `owner` owns in a project."""
+    if not object_ids:
+        return set()
+    return {row[0] for row in db.execute(
+        "select object_id from owned_objects where object_id in"
+        " (select value from json_each(?)) and project_id = ? and owner = ?",
+        (json.dumps(list(object_ids)), project_id, owner))}
+
+
+def claim_object_charge(db, object_id, charged_ms):
+    """Mark an async object charged; False if it was already (the caller holds the transaction)."""
+    return db.execute("update owned_objects set charged_ms = ? where object_id = ?"
+                      " and charged_ms is null", (charged_ms, object_id)).rowcount == 1
 
 
 def get_counter(db, subject, first_day, last_day):
@@ -1149,44 +1211,42 @@ def usage_from_body(body):
     return model, usage_from_openai(usage)
 
 
-LARGE_BODY_BYTES = 64 * 1024
-MODEL_FIELD = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+def parse_response_json(content):
+    """The parsed JSON of a whole response body, or None when it is not JSON.
+
+    Usage and model are read only from the parsed object's own top-level
+    fields: text a client placed in the body (an echoed `metadata`, a prompt)
+    can never stand in for them, however large the body is.
+    """
+    if not content or content.lstrip()[:1] not in (b"{", b"["):
+        return None
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
+        return None
 
 
 def usage_from_response_body(content):
-    """(model, Usage or None) from a non-stream body; cheap on large ones.
-
-    Embeddings answers run to megabytes of floats with usage at the end, so
-    a large body is read from its ends before it is ever parsed whole.
-    """
-    if not content or content[:1] not in (b"{", b" ", b"\n"):
-        return None, None
-    if len(content) > LARGE_BODY_BYTES:
-        found = _usage_from_body_ends(content)
-        if found is not None:
-            return found
-    try:
-        return usage_from_body(json.loads(content))
-    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
-        return None, None
+    """(model, Usage or None) from a non-stream body."""
+    return usage_from_body(parse_response_json(content))
 
 
-def _usage_from_body_ends(content):
-    tail = content[-4096:]
-    at = tail.rfind(b'"usage"')
-    if at < 0:
-        return None
-    brace = tail.find(b"{", at)
-    try:
-        usage, _ = json.JSONDecoder().raw_decode(tail[brace:].decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    match = MODEL_FIELD.search(content[:2048]) or MODEL_FIELD.search(tail)
-    model = match.group(1).decode("utf-8", "replace") if match else None
-    body = {"model": model, "usage": usage}
-    if "cache_creation_input_tokens" in usage:
-        body["type"] = "message"
-    return usage_from_body(body)
+def message_batch_usage(content):
+    """[(model, Usage)] summed per model over an Anthropic batch's results (JSON lines)."""
+    totals = {}
+    for line in content.splitlines():
+        try:
+            result = json.loads(line).get("result") or {}
+        except (ValueError, RecursionError, AttributeError):
+            continue
+        message = result.get("message") if isinstance(result, dict) else None
+        model, usage = usage_from_body(message if isinstance(message, dict) else None)
+        if usage is None:
+            continue
+        total = totals.setdefault(model, Usage())
+        for field in dataclasses.fields(Usage):
+            setattr(total, field.name, getattr(total, field.name) + getattr(usage, field.name))
+    return list(totals.items())
 
 
 class StreamMeter:
@@ -1204,6 +1264,7 @@ class StreamMeter:
         self.usage = None
         self.content_events = 0
         self.anthropic_input = None
+        self.object_id = None  # the response or completion id the stream is about
 
     def observe(self, data):
         """Read one event's data; True when it is an OpenAI usage-only chunk."""
@@ -1234,6 +1295,7 @@ class StreamMeter:
                       "response.failed"):
             response = obj.get("response") or {}
             self.model = response.get("model") or self.model
+            self.object_id = _text_or_none(response.get("id")) or self.object_id
             if isinstance(response.get("usage"), dict):
                 self.usage = usage_from_openai(response["usage"])
         return False
@@ -1241,6 +1303,8 @@ class StreamMeter:
     def _openai_chunk(self, obj):
         if obj.get("model"):
             self.model = obj["model"]
+        if self.object_id is None:
+            self.object_id = _text_or_none(obj.get("id"))
         choices = obj.get("choices")
         if choices and _carries_output(choices[0]):
             self.content_events += 1
@@ -1257,6 +1321,10 @@ class StreamMeter:
             usage.completion_tokens = max(usage.completion_tokens, self.content_events)
             return usage
         return Usage(prompt_tokens=prompt_estimate, completion_tokens=self.content_events)
+
+
+def _text_or_none(value):
+    return value if isinstance(value, str) and value else None
 
 
 def _carries_output(choice):
@@ -1308,15 +1376,28 @@ class UsageEvent:
     overhead_ms: float = 0.0
     subjects: tuple = ()               # running totals this call counts toward
     reservation: object = None         # released when the event is applied
+    owned: list = ()                   # owned_objects rows stored with the event
+    claim: str | None = None           # an async object this event charges, at most once
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
-def price_event(event, usage, pricebook, status):
+# OpenAI's Batch API and Anthropic's Message Batches cost half the standard price;
+# a batch's charge is stored under one of these endpoints, so repricing keeps it.
+BATCH_PRICE_FACTOR = 0.5
+BATCH_ENDPOINTS = ("batches", "messages/batches")
+
+
+def price_event(event, usage, pricebook, status, factor=1.0):
     """Fill an event's tokens, cost and pricing status.
 
     `status` is 'priced' for a complete response with usage, 'estimated' for a
-    guess, and 'unpriced' for a response without usage.
+    guess, 'unpriced' for a response without usage, and 'free' for a call that
+    costs nothing by its route or its answer (a look-up, an upstream error):
+    cost 0, no tokens. `factor` scales the cost (BATCH_PRICE_FACTOR).
     """
+    if status == "free":
+        event.cost_nusd, event.pricing = 0, "free"
+        return event
     if usage is not None:
         event.prompt_tokens = usage.prompt_tokens
         event.cached_tokens = usage.cached_tokens
@@ -1328,7 +1409,7 @@ def price_event(event, usage, pricebook, status):
         event.pricing = "unpriced" if status == "priced" else status
         return event
     event.price_model, event.prices = resolved
-    event.cost_nusd = cost_nusd(usage, event.prices)
+    event.cost_nusd = round(cost_nusd(usage, event.prices) * factor)
     event.pricing = status
     return event
 
@@ -1356,12 +1437,12 @@ class UsageWriter:
         self._thread.start()
 
     def submit(self, event):
-        """Queue an event for the next commit."""
+        """Queue an event (or a list of events, committed together) for the next commit."""
         self._queue.put(event)
         return event
 
     def depth(self):
-        """Events waiting to be written."""
+        """Items (events, or lists of them) waiting to be written."""
         return self._queue.qsize()
 
     def close(self, timeout=30.0):
@@ -1374,10 +1455,14 @@ class UsageWriter:
         db = self.database()
         stopping = False
         while not stopping:
-            batch = [self._queue.get()]
-            while len(batch) < self.MAX_BATCH:
+            batch = []
+            item = self._queue.get()
+            while True:
+                batch.extend(item if isinstance(item, list) else [item])
+                if len(batch) >= self.MAX_BATCH:
+                    break
                 try:
-                    batch.append(self._queue.get_nowait())
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
             if None in batch:
@@ -1405,13 +1490,23 @@ class UsageWriter:
 
     def _write(self, db, batch):
         begin_write(db)
-        price_ids = [self._price_id(db, event) for event in batch]
-        insert_usage_events(db, batch, price_ids)
+        # A charge for an async object is stored only if this transaction is
+        # the one that marks the object charged: concurrent polls charge once.
+        claimed = {}
+        for event in batch:
+            if event.claim is not None and event.claim not in claimed:
+                claimed[event.claim] = claim_object_charge(db, event.claim, event.created_ms)
+        kept = [event for event in batch if event.claim is None or claimed[event.claim]]
+        price_ids = [self._price_id(db, event) for event in kept]
+        insert_usage_events(db, kept, price_ids)
+        owned = [row for event in kept for row in event.owned]
+        if owned:
+            insert_owned_objects(db, owned)
         # Limits read running totals lazily from the database; committing and
         # applying under one lock means each event is counted exactly once.
         with self.commit_lock:
             commit(db)
-            follow_up = self.on_commit(batch)
+            follow_up = self.on_commit(kept)
         if follow_up:
             try:
                 self.after_commit(db, follow_up)
@@ -1437,6 +1532,9 @@ def reprice_all(state):
     try:
         for row in iter_usage_events(db, 0, 2 ** 62):
             seen += 1
+            if row["pricing"] == "free":
+                continue
+            factor = BATCH_PRICE_FACTOR if row["endpoint"] in BATCH_ENDPOINTS else 1.0
             usage = Usage(row["prompt_tokens"], row["cached_tokens"], row["cache_write_tokens"],
                           row["completion_tokens"], row["reasoning_tokens"])
             resolved = book.resolve(row["model"])
@@ -1447,7 +1545,7 @@ def reprice_all(state):
             else:
                 if resolved not in snapshot_ids:
                     snapshot_ids[resolved] = get_price_snapshot_id(db, *resolved)
-                update = (cost_nusd(usage, resolved[1]), snapshot_ids[resolved],
+                update = (round(cost_nusd(usage, resolved[1]) * factor), snapshot_ids[resolved],
                           status or "priced")
             if update != (row["cost_nusd"], row["price_id"], row["pricing"]):
                 changes.append((*update, row["id"]))
@@ -2016,12 +2114,18 @@ def resolve_upstream(project, config, environ=None):
     """The Upstream of a project row; the default project falls back to LLIMIT_UPSTREAM_*.
 
     `env:NAME` keys are read from the environment now, so rotating one needs
-    no restart; a missing variable is a 502 that names it.
+    no restart; a missing variable is a 502 that names it. A project's key
+    goes only to the project's URL and the default key only to the default
+    URL: a key without its URL (a row from before this was refused) is a 502.
     """
     environ = os.environ if environ is None else environ
     if project["upstream_url"]:
         base_url, stored_key = project["upstream_url"], project["upstream_key"]
         api_version = project["api_version"]
+    elif project["upstream_key"]:
+        raise LlimitError(502, "upstream_error",
+                          "This key's project has its own upstream key but no upstream URL;"
+                          " ask its admin to set the URL.", code="upstream_misconfigured")
     else:
         base_url, stored_key = config.upstream_url, config.upstream_key
         api_version = project["api_version"] or config.upstream_api_version
@@ -2122,12 +2226,19 @@ def _ca_bundle():
             or requests.certs.where())
 
 
-def upstream_url(upstream, path, query_string, deployment=None, model=None):
-    """The URL a call goes to. `path` is what follows /v1/ (or a deployment)."""
+def upstream_url(upstream, path, query_string, deployment=None, model=None, azure_v1=False):
+    """The URL a call goes to. `path` is what follows /v1/ (or a deployment).
+
+    `azure_v1`: the call came in on Azure's GA v1 routes (/openai/v1/...), which
+    an Azure upstream serves under /openai/v1/ and without an api-version.
+    """
     path = _upstream_path(path)
     if deployment is not None:
         # Refused for every kind: other kinds ignore it in the URL, but it may become the model.
         _refuse_dot_segments(deployment)
+    if upstream.kind == "azure" and azure_v1:
+        return f"{upstream.base_url}/openai/v1/{path}" + ("?" + query_string if query_string
+                                                         else "")
     if upstream.kind == "azure":
         if deployment is None and model and path in AZURE_DEPLOYMENT_PATHS:
             deployment = model  # compat: OpenAI-style clients name the deployment as model
@@ -2398,7 +2509,8 @@ def validate_project(data, current=None):
         raise _field_error(sorted(unknown)[0], "is not a project field")
     project = dict(current) if current else {
         "upstream_kind": "openai", "upstream_url": None, "upstream_key": None,
-        "api_version": None, "allow_user_keys": 1, "limit_message": None, "model_map": None}
+        "api_version": None, "allow_user_keys": 1, "allow_async": 0, "limit_message": None,
+        "model_map": None}
     if current and "id" in data and data["id"] != current["id"]:
         raise _field_error("id", "cannot change")
     if isinstance(project.get("model_map"), str):
@@ -2429,11 +2541,16 @@ def validate_project(data, current=None):
     key = project["upstream_key"]
     if key and key.startswith("env:") and not ENV_NAME.fullmatch(key[4:]):
         raise _field_error("upstream_key", "env: must name an environment variable")
-    allow = project["allow_user_keys"]
-    # Stored as 0 or 1; from input only true or false, as the spec says.
-    if "allow_user_keys" in data and not isinstance(allow, bool) or allow not in (0, 1):
-        raise _field_error("allow_user_keys", "must be true or false")
-    project["allow_user_keys"] = int(bool(allow))
+    if key and url is None:
+        # Else its calls would go to the default upstream, billed to the default key.
+        raise _field_error("upstream_key", "needs an upstream_url: a project's own key is"
+                                           " sent only to the project's own upstream")
+    for flag in ("allow_user_keys", "allow_async"):
+        allow = project[flag]
+        # Stored as 0 or 1; from input only true or false, as the spec says.
+        if flag in data and not isinstance(allow, bool) or allow not in (0, 1):
+            raise _field_error(flag, "must be true or false")
+        project[flag] = int(bool(allow))
     model_map = project["model_map"]
     if model_map is not None:
         if not isinstance(model_map, dict) or not all(
@@ -2514,6 +2631,7 @@ def project_to_json(project):
                                 "stored" if key else None),
         "api_version": project["api_version"],
         "allow_user_keys": bool(project["allow_user_keys"]),
+        "allow_async": bool(project["allow_async"]),
         "limit_message": project["limit_message"],
         "model_map": json.loads(project["model_map"]) if project["model_map"] else None,
         "created_at": project["created_at"],
@@ -3125,6 +3243,207 @@ class Call:
     upstream_ms: float = 0.0
     method: str = ""
     path: str = ""                  # as the client sent it, percent-encoded
+    route: object = None            # the RouteMatch the call falls under
+    owner: str = ""                 # whose objects the caller may see (owner_of)
+    owned_row: object = None        # the owned_objects row of the object the path names
+
+
+# --- route policy ---------------------------------------------------------------
+# Every upstream route has a class, decided by method and path (what follows
+# /v1/, /openai/, /openai/v1/ or a deployment), never by what an answer holds:
+#   generate    forwarded, metered from the parsed answer, counted against limits
+#   lookup      forwarded, never charged, only for objects the caller owns
+#   async       a job billed later: only with the project's allow_async; charged
+#               once, when an answer shows its final usage
+#   credential  mints a credential usable without llimit: refused
+# Anything not listed is refused. Actions: "create" records the answer's id as
+# the caller's object, "own" lets only its owner name the object in the path,
+# "list" filters a list answer down to the caller's own objects.
+
+ROUTE_TABLE = (
+    # (method, path template, class, action, object kind)
+    ("POST", "chat/completions", "generate", "create", "chat_completion"),  # with store: true
+    ("POST", "completions", "generate", None, None),
+    ("POST", "responses", "generate", "create", "response"),  # background: true is async
+    ("POST", "embeddings", "generate", None, None),
+    ("POST", "moderations", "generate", None, None),
+    ("POST", "images/generations", "generate", None, None),
+    ("POST", "images/edits", "generate", None, None),
+    ("POST", "images/variations", "generate", None, None),
+    ("POST", "audio/speech", "generate", None, None),
+    ("POST", "audio/transcriptions", "generate", None, None),
+    ("POST", "audio/translations", "generate", None, None),
+    ("POST", "messages", "generate", None, None),
+    ("GET", "models", "lookup", None, None),
+    ("GET", "models/{id}", "lookup", None, None),
+    ("POST", "messages/count_tokens", "lookup", None, None),
+    ("POST", "responses/input_tokens", "lookup", None, None),
+    ("GET", "responses/{id}", "lookup", "own", "response"),
+    ("DELETE", "responses/{id}", "lookup", "own", "response"),
+    ("POST", "responses/{id}/cancel", "lookup", "own", "response"),
+    ("GET", "responses/{id}/input_items", "lookup", "own", "response"),
+    ("GET", "chat/completions", "lookup", "list", "chat_completion"),
+    ("GET", "chat/completions/{id}", "lookup", "own", "chat_completion"),
+    ("POST", "chat/completions/{id}", "lookup", "own", "chat_completion"),
+    ("DELETE", "chat/completions/{id}", "lookup", "own", "chat_completion"),
+    ("GET", "chat/completions/{id}/messages", "lookup", "own", "chat_completion"),
+    ("GET", "files", "lookup", "list", "file"),
+    ("POST", "files", "lookup", "create", "file"),
+    ("GET", "files/{id}", "lookup", "own", "file"),
+    ("DELETE", "files/{id}", "lookup", "own", "file"),
+    ("GET", "files/{id}/content", "lookup", "own", "file"),
+    ("GET", "vector_stores", "lookup", "list", "vector_store"),
+    ("POST", "vector_stores", "lookup", "create", "vector_store"),
+    ("GET", "vector_stores/{id}", "lookup", "own", "vector_store"),
+    ("POST", "vector_stores/{id}", "lookup", "own", "vector_store"),
+    ("DELETE", "vector_stores/{id}", "lookup", "own", "vector_store"),
+    ("GET", "vector_stores/{id}/files", "lookup", "own", "vector_store"),
+    ("POST", "vector_stores/{id}/files", "lookup", "own", "vector_store"),
+    ("GET", "vector_stores/{id}/files/{file}", "lookup", "own", "vector_store"),
+    ("DELETE", "vector_stores/{id}/files/{file}", "lookup", "own", "vector_store"),
+    ("GET", "vector_stores/{id}/files/{file}/content", "lookup", "own", "vector_store"),
+    ("GET", "batches", "lookup", "list", "batch"),
+    ("GET", "batches/{id}", "lookup", "own", "batch"),
+    ("POST", "batches/{id}/cancel", "lookup", "own", "batch"),
+    ("GET", "messages/batches", "lookup", "list", "message_batch"),
+    ("GET", "messages/batches/{id}", "lookup", "own", "message_batch"),
+    ("GET", "messages/batches/{id}/results", "lookup", "own", "message_batch"),
+    ("POST", "messages/batches/{id}/cancel", "lookup", "own", "message_batch"),
+    ("DELETE", "messages/batches/{id}", "lookup", "own", "message_batch"),
+    ("GET", "fine_tuning/jobs", "lookup", "list", "fine_tuning_job"),
+    ("GET", "fine_tuning/jobs/{id}", "lookup", "own", "fine_tuning_job"),
+    ("GET", "fine_tuning/jobs/{id}/events", "lookup", "own", "fine_tuning_job"),
+    ("GET", "fine_tuning/jobs/{id}/checkpoints", "lookup", "own", "fine_tuning_job"),
+    ("POST", "fine_tuning/jobs/{id}/cancel", "lookup", "own", "fine_tuning_job"),
+    ("POST", "batches", "async", "create", "batch"),
+    ("POST", "messages/batches", "async", "create", "message_batch"),
+    ("POST", "fine_tuning/jobs", "async", "create", "fine_tuning_job"),
+    ("POST", "realtime/client_secrets", "credential", None, None),
+    ("POST", "realtime/sessions", "credential", None, None),
+    ("POST", "realtime/transcription_sessions", "credential", None, None),
+)
+# Final states whose answer carries an async object's final usage.
+BATCH_FINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
+RESPONSE_FINAL_STATUSES = ("completed", "failed", "incomplete", "cancelled")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteMatch:
+    """The class of one call's route, and the object its path names."""
+    name: str                       # "GET batches/{id}", or the path for a refused route
+    cls: str                        # generate | lookup | async | credential | refused
+    action: str | None = None       # create | own | list
+    kind: str | None = None         # the object kind (owned_objects.kind)
+    object_id: str | None = None
+
+
+def _route_tables():
+    static, dynamic = {}, []
+    for method, template, cls, action, kind in ROUTE_TABLE:
+        route = RouteMatch(f"{method} {template}", cls, action, kind)
+        if "{" not in template:
+            static[(method, template)] = route
+            continue
+        pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: rf"(?P<{m[1]}>[^/]+)",
+                         re.escape(template))
+        dynamic.append((method, re.compile(pattern), route))
+    return static, dynamic
+
+
+STATIC_ROUTES, DYNAMIC_ROUTES = _route_tables()
+
+
+def match_route(method, path, payload):
+    """The RouteMatch of a call: one dict look-up for the generation routes."""
+    route = STATIC_ROUTES.get((method, path))
+    if route is None:
+        for route_method, pattern, candidate in DYNAMIC_ROUTES:
+            match = route_method == method and pattern.fullmatch(path)
+            if match:
+                route = dataclasses.replace(candidate, object_id=match["id"])
+                break
+        else:
+            return RouteMatch(f"{method} {path}", "refused")
+    if route.kind == "response" and route.action == "create":
+        if payload.get("background") is True:
+            return dataclasses.replace(route, cls="async")
+        if payload.get("store") is False:
+            return dataclasses.replace(route, action=None)
+    if route.kind == "chat_completion" and route.action == "create" \
+            and payload.get("store") is not True:
+        return dataclasses.replace(route, action=None)
+    return route
+
+
+def owner_of(key):
+    """Whose objects a key's calls make and see: its user's, or the key's own."""
+    return "u:" + key["user_name"] if key["user_name"] else "k:" + key["id"]
+
+
+def _refuse_route(route, key, environ, payload):
+    name = f"{environ['REQUEST_METHOD']} {logged_path(environ)}"
+    if route.cls == "refused":
+        reason = ("llimit forwards only routes whose cost it can meter (README, Metering), and"
+                  " this is not one of them; no setting enables it")
+    elif route.cls == "credential":
+        reason = ("it mints a credential that is used without llimit, so its spend could not"
+                  " be metered; no setting enables it")
+    elif route.kind == "fine_tuning_job" and route.cls == "async":
+        reason = ("llimit has no training price to charge a fine-tuning job with, so it is"
+                  " refused even where a project allows async jobs")
+    elif route.cls == "async" and not key["allow_async"]:
+        reason = ("it starts a job that is billed later (a batch or a background response);"
+                  " an admin can allow such jobs for this key's project with"
+                  " allow_async: true")
+    elif route.cls == "async" and payload.get("stream") is True:
+        reason = "a background response cannot be streamed through llimit; poll it instead"
+    elif route.name == "GET responses/{id}" and "stream=true" in \
+            environ.get("QUERY_STRING", "").lower():
+        reason = "resuming a background response's stream is not metered; poll it instead"
+    else:
+        return
+    raise LlimitError(403, "permission_denied", f"{name} is not allowed through llimit: "
+                      f"{reason}.", code="route_not_allowed")
+
+
+def _referenced_ids(payload):
+    # Ids a request body points the upstream at: they must be the caller's too.
+    ids = [payload.get(field) for field in ("previous_response_id", "input_file_id", "file_id")]
+    file_ids = payload.get("file_ids")
+    if isinstance(file_ids, list):
+        ids += file_ids
+    return [object_id for object_id in ids if isinstance(object_id, str) and object_id]
+
+
+def _check_ownership(db, route, project_id, owner, method, payload):
+    """The owned row of the object the path names; 404 for anybody else's object.
+
+    Only object routes (and bodies that name an object) read the database:
+    one primary-key look-up each.
+    """
+    row = None
+    if route.action == "own":
+        row = get_owned_object(db, route.object_id)
+        _must_own(row, route.object_id, project_id, owner)
+        if method == "DELETE" and row["async"] and row["charged_ms"] is None:
+            raise LlimitError(409, "invalid_request_error",
+                              f"{route.object_id} has not been charged yet; fetch it once it"
+                              " has finished (or cancel it), then delete it.",
+                              code="object_not_settled")
+    for object_id in _referenced_ids(payload):
+        referenced = get_owned_object(db, object_id)
+        _must_own(referenced, object_id, project_id, owner)
+        if referenced["async"] and referenced["charged_ms"] is None:
+            raise LlimitError(409, "invalid_request_error",
+                              f"{object_id} has not been charged yet; fetch it once it has"
+                              " finished, then use it.", code="object_not_settled")
+    return row
+
+
+def _must_own(row, object_id, project_id, owner):
+    if row is None or row["owner"] != owner or row["project_id"] != project_id:
+        raise LlimitError(404, "invalid_request_error", f"No such object: {object_id}.",
+                          code="not_found")
 
 
 def proxy_v1(state, path):
@@ -3137,40 +3456,68 @@ def proxy_azure(state, deployment, path):
     return _proxy(state, path, deployment=deployment)
 
 
-def _proxy(state, path, deployment=None):
+def proxy_azure_v1(state, path):
+    """/openai/v1/<path>: Azure's GA v1 routes (AzureOpenAI with a .../openai/v1/ base URL)."""
+    return _proxy(state, path, azure_v1=True)
+
+
+def proxy_azure_plain(state, path):
+    """/openai/<path>: Azure routes outside a deployment (/openai/responses, files, batches)."""
+    return _proxy(state, path)
+
+
+def _proxy(state, path, deployment=None, azure_v1=False):
     started = time.perf_counter()
     config = state.config
     environ = bottle.request.environ
     db = state.database()
     key = requested_model = None
     try:
+        if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            raise LlimitError(501, "not_implemented",
+                              "WebSocket upgrades (such as the Realtime API) are not supported:"
+                              " llimit could not meter them.", code="websocket_not_supported")
         key = authenticate_call(state, environ)
         body = read_body(environ, config.max_body_bytes)
         payload = parse_json_body(body, environ)
-        requested_model = deployment or _text(payload.get("model"))
-        _check_model_allowed(key, requested_model)
+        route = match_route(environ["REQUEST_METHOD"], path, payload)
+        _refuse_route(route, key, environ, payload)
         upstream = resolve_upstream(key, config)
-        body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
+        requested_model = _check_models(key, payload, deployment, upstream.kind)
+        owner = owner_of(key)
+        owned_row = _check_ownership(db, route, key["project_id"], owner,
+                                     environ["REQUEST_METHOD"], payload)
+        sent_body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment,
+                                                    upstream.kind)
+        rewritten, body = sent_body is not body, sent_body
         # The URL first: a path it refuses must not leave a reservation behind.
         url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
-                           requested_model)
+                           requested_model, azure_v1)
         call = _new_call(state, key, environ, payload, body, path, requested_model, started)
-        call.admission = state.limits.admit(
-            db, call, state.limits.for_call(db, key["config_version"], call.project_id,
-                                            call.user_name, call.key_id),
-            state.writer.healthy)
+        call.route, call.owner, call.owned_row = route, owner, owned_row
+        if route.cls == "lookup":
+            call.admission = Admission([], [], {})  # never charged, so never refused by limits
+        else:
+            call.admission = state.limits.admit(
+                db, call, state.limits.for_call(db, key["config_version"], call.project_id,
+                                                call.user_name, call.key_id),
+                state.writer.healthy)
     except LlimitError as error:
         _log_refused(environ, error.status, started, key, requested_model)
         raise
     sent = time.perf_counter()
     try:
         headers = upstream_headers(environ, upstream, state.user_header_names)
+        if rewritten:
+            headers["content-type"] = "application/json"  # what we send is JSON we wrote
         resp = send_upstream(state.pool, environ["REQUEST_METHOD"], url, headers, body)
     except BaseException as error:
         # Metered even so: one event per call, and it releases the reservation.
         call.upstream_ms = (time.perf_counter() - sent) * 1000
         status = error.status if isinstance(error, LlimitError) else 500
-        _meter(state, call, status, None, None, "unpriced", stream=False, wait=False)
+        # Nothing was served when the upstream could not be reached; a timeout may have cost.
+        _meter(state, call, status, None, None, "free" if status == 502 else "unpriced",
+               stream=False, wait=False)
         raise
     call.upstream_ms = (time.perf_counter() - sent) * 1000
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
@@ -3188,7 +3535,8 @@ def _rewrite_body(payload, body, path, deployment, kind):
         payload["model"] = deployment  # compat: Azure clients name the model in the URL
         changed = True
     hide_usage_chunk = False
-    streams_usage = path in ("chat/completions", "completions") and kind != "anthropic"
+    # Anthropic's OpenAI-compatible chat/completions honours stream_options too.
+    streams_usage = path == "chat/completions" or path == "completions" and kind != "anthropic"
     if payload.get("stream") is True and streams_usage:
         # OpenAI sends usage in a stream only when include_usage is set.
         options = payload.get("stream_options")
@@ -3201,6 +3549,21 @@ def _rewrite_body(payload, body, path, deployment, kind):
 
 def _text(value):
     return value if isinstance(value, str) and value else None
+
+
+def _check_models(key, payload, deployment, kind):
+    """The model the upstream will use; 403 unless the key may use every model named.
+
+    A deployment in the URL and a model in the body may differ: an Azure
+    upstream acts on the deployment, any other on the body's model, so both
+    are checked against the key's allow-list.
+    """
+    body_model = _text(payload.get("model"))
+    for model in {deployment, body_model} - {None} or {None}:
+        _check_model_allowed(key, model)
+    if kind == "azure":
+        return deployment or body_model
+    return body_model or deployment
 
 
 def _check_model_allowed(key, model):
@@ -3281,8 +3644,16 @@ def _log_refused(environ, status_code, started, key=None, model=None):
 
 
 def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=True,
-           overhead_ms=None):
-    """Record one call's usage event; with `wait`, until it is committed."""
+           overhead_ms=None, owned=()):
+    """Record one call's usage event; with `wait`, until it is committed.
+
+    Only a generation is charged; a look-up, an async job's creation (charged
+    when it ends) and an upstream's refusal cost nothing and are stored as
+    'free'. Look-ups count toward no limit.
+    """
+    generate = call.route is None or call.route.cls == "generate"
+    if not generate or (status_code >= 400 and usage is None and pricing_status != "estimated"):
+        pricing_status, usage = "free", None
     elapsed_ms = (time.perf_counter() - call.started) * 1000
     if overhead_ms is None:
         overhead_ms = max(elapsed_ms - call.upstream_ms, 0.0)
@@ -3291,8 +3662,9 @@ def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=
         user_name=call.user_name, project_id=call.project_id,
         model=_pricing_model(call, model), endpoint=call.endpoint, status_code=status_code,
         stream=stream, latency_ms=elapsed_ms, overhead_ms=overhead_ms,
-        subjects=call_subjects(call.project_id, call.user_name, call.key_id),
-        reservation=call.admission)
+        subjects=(call_subjects(call.project_id, call.user_name, call.key_id)
+                  if call.route is None or call.route.cls != "lookup" else ()),
+        reservation=call.admission, owned=owned)
     price_event(event, usage, state.pricebook, pricing_status)
     state.writer.submit(event)
     state.metrics.observe_call(event, call.upstream_ms)
@@ -3315,9 +3687,25 @@ def _relay_whole(state, call, resp):
         _meter(state, call, error.status, None, None, "unpriced", stream=False, wait=False)
         raise
     call.upstream_ms += (time.perf_counter() - before_body) * 1000
-    model, usage = usage_from_response_body(content)
+    route = call.route
+    answer = (parse_response_json(content)
+              if route.cls != "lookup" or route.action is not None else None)
+    model, usage = usage_from_body(answer)
+    object_id = answer.get("id") if isinstance(answer, dict) else None
+    owned = list(_created_objects(call, resp.status, object_id))
+    if resp.status == 200 and route.action is not None:
+        if route.action == "list" and isinstance(answer, dict) \
+                and isinstance(answer.get("data"), list):
+            content = json.dumps(_own_list(state, call, answer)).encode()
+        settlement = _settlement(state, call, answer, content)
+        if settlement:
+            state.writer.submit(settlement)  # before the call's own event: committed first
+        if route.kind == "batch" and isinstance(answer, dict):
+            # A finished batch's result files are its owner's to read.
+            owned += _created_files(call, answer.get("output_file_id"),
+                                    answer.get("error_file_id"))
     _meter(state, call, resp.status, model, usage,
-           "priced" if usage is not None else "unpriced", stream=False)
+           "priced" if usage is not None else "unpriced", stream=False, owned=owned)
     response = bottle.HTTPResponse(body=content, status=resp.status)
     for name, value in client_response_headers(resp):
         response.add_header(name, value)
@@ -3328,6 +3716,78 @@ def _relay_whole(state, call, resp):
     overhead_ms = (time.perf_counter() - call.started) * 1000 - call.upstream_ms
     response.set_header("X-LLimit-Overhead-Ms", f"{max(overhead_ms, 0.0):.2f}")
     return response
+
+
+def _created_objects(call, status_code, object_id):
+    """The owned_objects row for an object this call made, if it made one."""
+    route = call.route
+    if route.action != "create" or not 200 <= status_code < 300 \
+            or not isinstance(object_id, str) or not object_id:
+        return ()
+    return (_owned_row(call, object_id, route.kind, route.cls == "async"),)
+
+
+def _created_files(call, *file_ids):
+    return [_owned_row(call, file_id, "file", False) for file_id in file_ids
+            if isinstance(file_id, str) and file_id]
+
+
+def _owned_row(call, object_id, kind, is_async):
+    return {"object_id": object_id[:200], "kind": kind, "project_id": call.project_id,
+            "owner": call.owner, "key_id": call.key_id, "user_name": call.user_name,
+            "created_ms": int(time.time() * 1000), "async": int(is_async)}
+
+
+def _own_list(state, call, answer):
+    """A list answer with only the caller's own objects in its `data`."""
+    items = [item for item in answer["data"] if isinstance(item, dict)]
+    mine = owned_ids(state.database(), call.project_id, call.owner,
+                     [item.get("id") for item in items if isinstance(item.get("id"), str)])
+    kept = [item for item in items if item.get("id") in mine]
+    filtered = {**answer, "data": kept}
+    if "first_id" in answer or "last_id" in answer:
+        filtered["first_id"] = kept[0]["id"] if kept else None
+        filtered["last_id"] = kept[-1]["id"] if kept else None
+    return filtered
+
+
+def _settlement(state, call, answer, content):
+    """The charge events for an async object this answer shows finished, once.
+
+    Attributed to the project, user and key that created the object; the
+    usage writer stores them only if it is the first to mark the object
+    charged (owned_objects.charged_ms), so concurrent polls charge once.
+    """
+    row = call.owned_row
+    if row is None or not row["async"] or row["charged_ms"] is not None:
+        return []
+    found = []  # [(model, Usage)]
+    endpoint, factor = row["kind"], 1.0
+    if row["kind"] == "batch" and isinstance(answer, dict) \
+            and answer.get("status") in BATCH_FINAL_STATUSES \
+            and isinstance(answer.get("usage"), dict):
+        found = [(_text(answer.get("model")), usage_from_openai(answer["usage"]))]
+        endpoint, factor = "batches", BATCH_PRICE_FACTOR
+    elif row["kind"] == "response" and isinstance(answer, dict) \
+            and answer.get("status") in RESPONSE_FINAL_STATUSES \
+            and isinstance(answer.get("usage"), dict):
+        found = [usage_from_body(answer)]
+        endpoint = "responses"
+    elif row["kind"] == "message_batch" and call.route.name.endswith("/results"):
+        found = message_batch_usage(content)
+        endpoint, factor = "messages/batches", BATCH_PRICE_FACTOR
+    events = []
+    for model, usage in found:
+        event = UsageEvent(
+            created_ms=int(state.config.clock() * 1000), key_id=row["key_id"],
+            user_name=row["user_name"], project_id=row["project_id"], model=model,
+            endpoint=endpoint, status_code=200, stream=False,
+            subjects=call_subjects(row["project_id"], row["user_name"], row["key_id"]),
+            claim=row["object_id"])
+        events.append(price_event(event, usage, state.pricebook, "priced", factor))
+        log.info("async %s %s finished: charging key %s %s USD (once)", row["kind"],
+                 row["object_id"], row["key_id"], nusd_to_usd(event.cost_nusd))
+    return events
 
 
 def _relay_stream(state, call, resp, kind, hide_usage_chunk):
@@ -3385,7 +3845,8 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
         usage = meter.usage if complete else meter.estimate(call.prompt_estimate)
         _meter(state, call, resp.status, meter.model, usage,
                "priced" if complete else "estimated", stream=True,
-               wait=finished, overhead_ms=overhead_ms + relay_ms)
+               wait=finished, overhead_ms=overhead_ms + relay_ms,
+               owned=_created_objects(call, resp.status, meter.object_id))
     yield from held
 
 
@@ -5580,6 +6041,8 @@ def routes():
         # the proxy
         ("ANY", "/v1/<path:path>", proxy_v1),
         ("ANY", "/openai/deployments/<deployment>/<path:path>", proxy_azure),
+        ("ANY", "/openai/v1/<path:path>", proxy_azure_v1),
+        ("ANY", "/openai/<path:path>", proxy_azure_plain),
         ("GET", "/llimit/me", llimit_me),
         # the admin API
         ("POST", "/admin/keys", admin(admin_keys_create)),
