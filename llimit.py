@@ -2541,7 +2541,7 @@ def validate_project(data, current=None):
     key = project["upstream_key"]
     if key and key.startswith("env:") and not ENV_NAME.fullmatch(key[4:]):
         raise _field_error("upstream_key", "env: must name an environment variable")
-    if key and url is None:
+    if key is not None and url is None:
         # Else its calls would go to the default upstream, billed to the default key.
         raise _field_error("upstream_key", "needs an upstream_url: a project's own key is"
                                            " sent only to the project's own upstream")
@@ -4306,6 +4306,8 @@ placeholder="{{'LLIMIT_UPSTREAM_URL' if project['id'] == 'default' else 'https:/
 <label>API version</label><input name="api_version" value="{{project['api_version'] or ''}}">
 <label><input type="checkbox" name="allow_user_keys" value="1"{{" checked" if project['allow_user_keys'] else ""}}>
 personal keys allowed</label>
+<label><input type="checkbox" name="allow_async" value="1"{{" checked" if project['allow_async'] else ""}}>
+async jobs allowed (batches, background responses; charged when they finish)</label>
 <label>Message when a limit is reached</label>
 <input name="limit_message" value="{{project['limit_message'] or ''}}" maxlength="500">
 <label>Add a budget (USD)</label>
@@ -4342,6 +4344,7 @@ autocomplete="off" placeholder="env:NAME or the key"></div>
 % end
 </select></div>
 <div><label><input type="checkbox" name="allow_user_keys" value="1" checked> personal keys</label></div>
+<div><label><input type="checkbox" name="allow_async" value="1"> async jobs</label></div>
 <button type="submit">Create project</button>
 </div>
 <p class="muted small">A stored upstream key is never shown again; <code>env:NAME</code> reads it from
@@ -5217,6 +5220,7 @@ def _project_form(form):
     data = {field: form.get(field, "").strip() or None
             for field in ("name", "upstream_url", "api_version", "limit_message")}
     data["allow_user_keys"] = form.get("allow_user_keys") == "1"
+    data["allow_async"] = form.get("allow_async") == "1"
     for field in ("upstream_kind", "upstream_key"):
         if form.get(field, "").strip():
             data[field] = form[field].strip()
@@ -5647,16 +5651,22 @@ def _openapi_spec():
         "upstream_key": {**one_line, "pattern": env_or_key,
                          "description": "write-only; env:NAME reads it from the environment"},
         "api_version": one_line, "allow_user_keys": {"type": "boolean"},
+        "allow_async": {"type": "boolean", "description": "allow batches and background"
+                        " responses, charged once when they finish"},
         "limit_message": {**one_line, "pattern": r"^[^\r]*$"},
         "model_map": {"type": "object", "additionalProperties": string, "nullable": True},
         "budget": {"nullable": True, "description": 'e.g. {"usd": 10, "window": "day"}',
                    "oneOf": [budget, {"type": "array", "items": budget}]}}
     project_patch = {"type": "object", "additionalProperties": False,
                      "properties": project_fields}
-    # Kinds other than openai need their own upstream_url.
+    # Kinds other than openai need their own upstream_url, and so does a project's own key.
+    without_key = {k: v for k, v in project_fields.items() if k != "upstream_key"}
     project_input = {"oneOf": [
         {**project_patch, "required": ["id"], "properties": {
-            **project_fields, "upstream_kind": {"type": "string", "enum": ["openai"]}}},
+            **without_key, "upstream_kind": {"type": "string", "enum": ["openai"]}}},
+        {**project_patch, "required": ["id", "upstream_url", "upstream_key"], "properties": {
+            **project_fields, "upstream_kind": {"type": "string", "enum": ["openai"]},
+            "upstream_url": {**project_fields["upstream_url"], "nullable": False}}},
         {**project_patch, "required": ["id", "upstream_kind", "upstream_url"], "properties": {
             **project_fields, "upstream_kind": {"type": "string", "enum": ["azure", "anthropic"]},
             "upstream_url": {**project_fields["upstream_url"], "nullable": False}}}]}
@@ -5713,12 +5723,13 @@ def _openapi_spec():
         note=nullable_string, used=number, remaining=number, resets_at=nullable_string)
     project_out = record(
         ("id", "name", "upstream_kind", "upstream_url", "upstream_key_set",
-         "upstream_key_source", "api_version", "allow_user_keys", "limit_message",
-         "model_map", "created_at"),
+         "upstream_key_source", "api_version", "allow_user_keys", "allow_async",
+         "limit_message", "model_map", "created_at"),
         id=string, name=string, upstream_kind=project_fields["upstream_kind"],
         upstream_url=nullable_string, upstream_key_set={"type": "boolean"},
         upstream_key_source=nullable_string, api_version=nullable_string,
-        allow_user_keys={"type": "boolean"}, limit_message=nullable_string,
+        allow_user_keys={"type": "boolean"}, allow_async={"type": "boolean"},
+        limit_message=nullable_string,
         model_map={"type": "object", "nullable": True, "additionalProperties": string},
         created_at=string, limits={"type": "array", "items": ref("Limit")})
     deleted = record(("id", "deleted"), id=string, deleted={"type": "boolean"})
@@ -6321,7 +6332,8 @@ def cli_projects(config, args):
     if args.action == "create":
         data = {"id": args.id, "name": args.name, "upstream_kind": args.kind,
                 "upstream_url": args.url, "upstream_key": args.upstream_key,
-                "api_version": args.api_version, "allow_user_keys": not args.no_user_keys}
+                "api_version": args.api_version, "allow_user_keys": not args.no_user_keys,
+                "allow_async": args.allow_async}
         project = validate_project({k: v for k, v in data.items() if v is not None})
         project["created_at"] = utc_iso(config.clock())
         with transaction(db):
@@ -6330,7 +6342,7 @@ def cli_projects(config, args):
         return 0
     _print_table([project_to_json(row) for row in list_projects(db)],
                  ("id", "name", "upstream_kind", "upstream_url", "upstream_key_source",
-                  "allow_user_keys"))
+                  "allow_user_keys", "allow_async"))
     return 0
 
 
@@ -6425,6 +6437,8 @@ def build_parser():
     create.add_argument("--upstream-key", help="env:NAME (read at call time) or the key")
     create.add_argument("--api-version")
     create.add_argument("--no-user-keys", action="store_true")
+    create.add_argument("--allow-async", action="store_true",
+                        help="allow batches and background responses (charged when they finish)")
 
     limits = commands.add_parser("limits", parents=[flags], help="list, create, delete limits")
     limit_actions = limits.add_subparsers(dest="action", required=True)
