@@ -1226,9 +1226,100 @@ def parse_response_json(content):
         return None
 
 
+# The top-level members metering needs; a large answer is read for these alone.
+METERED_FIELDS = ("id", "model", "usage", "type", "object", "response")
+LARGE_BODY_BYTES = 64 * 1024
+MAX_SCANNED_TOKENS = 20_000  # past this many strings and brackets, parsing whole is cheaper
+JSON_MARKS = (b'"', b"[", b"]", b"{", b"}")
+JSON_NAME_SEPARATOR = re.compile(rb"\s*:")
+
+
+def response_fields(content):
+    """The top-level members of METERED_FIELDS in a JSON answer, as a dict, or None.
+
+    A large answer (embeddings run to megabytes of floats) is walked backward
+    from its end, structure only: strings are skipped whole and nested
+    containers by depth, so text a client placed in the answer (an echoed
+    `metadata`, a prompt) is never taken for a top-level field. Anything the
+    walk cannot be sure of is parsed whole.
+    """
+    if content and len(content) > LARGE_BODY_BYTES:
+        found = _top_level_members(content, METERED_FIELDS)
+        if found is not None:
+            return found
+    answer = parse_response_json(content)
+    return answer if isinstance(answer, dict) else None
+
+
+def _top_level_members(content, names):
+    # Walk the body backward from its closing brace, from one string delimiter
+    # or bracket to the one before it (bytes.rfind: no per-byte Python work, so
+    # a megabyte of floats costs little). A quote delimits a string when an
+    # even number of backslashes stands before it.
+    end = len(content.rstrip())
+    if content[end - 1:end] != b"}":
+        return None
+    position = end - 1
+    marks = {char: content.rfind(char, 0, position) for char in JSON_MARKS}
+    depth, value_end, value_span, found, tokens = 1, None, None, {}, 0
+    while True:
+        for char, at in marks.items():
+            if at >= position:
+                marks[char] = content.rfind(char, 0, position)
+        i = max(marks.values())
+        tokens += 1
+        if i < 0 or tokens > MAX_SCANNED_TOKENS:
+            return None
+        char = content[i]
+        if char in b"]}":
+            depth += 1
+            if depth == 2:
+                value_end = i + 1
+        elif char in b"[{":
+            depth -= 1
+            if depth == 0:
+                return found
+            if depth == 1:
+                value_span = (i, value_end)
+        else:
+            j = _string_start(content, i)
+            if j < 0:
+                return None
+            if depth == 1:
+                separator = JSON_NAME_SEPARATOR.match(content, i + 1)
+                if separator:  # a member's name; its value is the last one seen
+                    name = json.loads(content[j:i + 1])
+                    if name in names and name not in found:
+                        found[name] = None  # a number, true or null: none of ours
+                        if value_span and not content[separator.end():value_span[0]].strip():
+                            try:
+                                found[name] = json.loads(content[value_span[0]:value_span[1]])
+                            except (ValueError, RecursionError):
+                                return None
+                    value_span = None
+                else:
+                    value_span = (j, i + 1)
+            i = j
+        position = i
+
+
+def _string_start(content, closing):
+    # The opening quote of the string whose closing quote is at `closing`; -1 if none.
+    at = closing
+    while True:
+        at = content.rfind(b'"', 0, at)
+        if at < 0:
+            return -1
+        slashes = at
+        while slashes and content[slashes - 1] == 0x5C:  # a backslash
+            slashes -= 1
+        if (at - slashes) % 2 == 0:
+            return at
+
+
 def usage_from_response_body(content):
     """(model, Usage or None) from a non-stream body."""
-    return usage_from_body(parse_response_json(content))
+    return usage_from_body(response_fields(content))
 
 
 def message_batch_usage(content):
@@ -3688,8 +3779,10 @@ def _relay_whole(state, call, resp):
         raise
     call.upstream_ms += (time.perf_counter() - before_body) * 1000
     route = call.route
-    answer = (parse_response_json(content)
-              if route.cls != "lookup" or route.action is not None else None)
+    if route.cls != "lookup" and route.action != "list":
+        answer = response_fields(content)  # what metering needs, cheap on large answers
+    else:
+        answer = parse_response_json(content) if route.action is not None else None
     model, usage = usage_from_body(answer)
     object_id = answer.get("id") if isinstance(answer, dict) else None
     owned = list(_created_objects(call, resp.status, object_id))
