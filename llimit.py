@@ -3300,9 +3300,11 @@ def parse_json_body(body, environ):
     """The JSON object a POST carries, {} when there is none; 400 when it is broken."""
     if not body:
         return {}
-    content_type = environ.get("CONTENT_TYPE", "")
-    if "json" not in content_type and body[:1] not in (b"{", b"["):
-        return {}  # multipart uploads (audio, files) pass through unread
+    # Whatever the Content-Type says (text/plain, Application/JSON), a body that
+    # reads as JSON is JSON to the upstream; multipart uploads pass through unread.
+    if "json" not in environ.get("CONTENT_TYPE", "").lower() \
+            and body.lstrip()[:1] not in (b"{", b"["):
+        return {}
     try:
         payload = json.loads(body)
     except RecursionError:

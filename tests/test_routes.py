@@ -299,12 +299,20 @@ def test_a_batch_is_charged_once_at_the_batch_price_to_its_creator(gateway, fake
     assert batch.status == "validating"
     poller = client(gateway, other_key)
     assert poller.batches.retrieve(batch.id).status == "in_progress"
-    threads = [threading.Thread(target=poller.batches.retrieve, args=(batch.id,))
-               for _ in range(8)]
+    # The batch finishes upstream; then eight polls at once all see it finished and
+    # none charged yet (the upstream holds each answer while the others arrive).
+    assert requests.get(fake.url + f"/v1/batches/{batch.id}", headers={
+        "Authorization": "Bearer x"}).json()["status"] == "completed"
+    fake.behaviour["delay_first"] = 0.5
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(
+        poller.batches.retrieve(batch.id).status)) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    fake.behaviour.clear()
+    assert seen == ["completed"] * 8
     done = poller.batches.retrieve(batch.id)
     assert done.status == "completed" and done.usage.input_tokens == 3 * P
     assert [b.id for b in poller.batches.list()] == [batch.id]
@@ -441,7 +449,8 @@ def test_a_project_key_without_its_url_is_refused_and_never_sent_to_the_default(
 # --- 9. streams get include_usage whatever the Content-Type says ------------------------------
 
 @pytest.mark.parametrize("content_type, prefix", [
-    ("text/plain", b""), ("Application/JSON", b""), ("application/json", b"\n  \t")])
+    ("text/plain", b""), ("Application/JSON", b""), ("application/json", b"\n  \t"),
+    ("text/plain", b" \n"), ("", b"\t")])
 def test_include_usage_is_injected_whatever_the_content_type(gateway, fake, content_type,
                                                              prefix):
     raw_key, _ = gateway.create_key()
