@@ -9,7 +9,8 @@ budgets, quotas and rate limits per project, user and key.
 Run it with ``python llimit.py`` (the same as ``python llimit.py serve``): it
 serves on 127.0.0.1:8000 with ./llimit.db. Every setting is an environment
 variable ``LLIMIT_*`` with a matching flag (``python llimit.py serve --help``);
-README.md documents them all, and the public surface is in CONTRACT.md.
+README.md documents them all and the public surface (the proxy, keys, limits, the
+admin API, the pages and the CLI), with detail in docs/.
 
 Prompts and completions pass through; they are never stored or logged.
 """
