@@ -247,6 +247,9 @@ def is_https_or_loopback(url):
 # =============================================================================
 
 BUSY_TIMEOUT_MS = 5000
+# What other sections catch when the database fails, so none of them names the engine.
+DatabaseError = sqlite3.Error                 # any failure of the database
+DatabaseUnavailable = sqlite3.OperationalError  # locked, busy, or gone: try again later
 
 MIGRATIONS = [
     ("0001 keys, projects, prices and usage", """
@@ -1393,7 +1396,7 @@ class UsageWriter:
                 self._write(db, batch)
                 self.healthy = True
                 break
-            except sqlite3.Error:
+            except DatabaseError:
                 log.exception("usage write failed for %d events; retrying", len(batch))
                 self.healthy = False
                 self._price_ids.clear()  # ids made inside the rolled-back transaction
@@ -1415,7 +1418,7 @@ class UsageWriter:
         if follow_up:
             try:
                 self.after_commit(db, follow_up)
-            except sqlite3.Error:
+            except DatabaseError:
                 log.exception("usage follow-up (alerts) failed after commit")
 
     def _price_id(self, db, event):
@@ -1871,7 +1874,7 @@ def validate_limit(data, current=None):
         raise _field_error("each", "a user limit can only apply to each key")
     amount = merged.get("amount")
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0 \
-            or amount != amount or amount > 1e15:
+            or not math.isfinite(amount) or amount > 1e15:
         raise _field_error("amount", "must be a number >= 0")
     alert_at = merged.get("alert_at")
     if alert_at is not None:
@@ -2431,7 +2434,7 @@ def validate_project(data, current=None):
         raise _field_error("upstream_key", "env: must name an environment variable")
     allow = project["allow_user_keys"]
     # Stored as 0 or 1; from input only true or false, as the spec says.
-    if "allow_user_keys" in data and not isinstance(allow, bool) or allow not in (0, 1):
+    if ("allow_user_keys" in data and not isinstance(allow, bool)) or allow not in (0, 1):
         raise _field_error("allow_user_keys", "must be true or false")
     project["allow_user_keys"] = int(bool(allow))
     model_map = project["model_map"]
@@ -5401,7 +5404,7 @@ def ops_healthz(state):
     """GET /healthz: 200 when the database answers, 503 otherwise."""
     try:
         ping(state.database())
-    except sqlite3.Error:
+    except DatabaseError:
         log.exception("health check: database does not answer")
         raise LlimitError(503, "service_unavailable", "The database does not answer.")
     return {"status": "ok", "version": __version__, "usage_queue": state.writer.depth(),
@@ -5558,7 +5561,7 @@ class ErrorPlugin:
                 if error.status in (401, 403, 429, 503):
                     metrics.observe_rejection(error.code)
                 return error_response(error, bottle.request.path)
-            except sqlite3.OperationalError:
+            except DatabaseUnavailable:
                 log.exception("database busy or unavailable on %s", bottle.request.path)
                 return error_response(LlimitError(
                     503, "service_unavailable", "The database is busy; try again."),
@@ -5722,7 +5725,7 @@ def serve(config):
     log_writer = configure_logging(config)
     try:
         app = make_app(config)
-    except (sqlite3.Error, OSError, ValueError) as error:
+    except (DatabaseError, OSError, ValueError) as error:
         log.error("cannot start: %s", error)
         log_writer.stop()
         return 1
