@@ -509,6 +509,11 @@ def connect(path):
     return db
 
 
+def database_exists(path):
+    """Whether the database `path` names is there already (connecting would create it)."""
+    return os.path.exists(path)
+
+
 class Database:
     """Hands each thread its own connection to one SQLite file."""
 
@@ -5891,7 +5896,7 @@ def open_admin_database(config, reading):
     Reading from the wrong directory would otherwise create an empty
     llimit.db and report zeros as if they were the truth.
     """
-    existed = os.path.exists(config.db_path)
+    existed = database_exists(config.db_path)
     if reading and not existed:
         raise LlimitError(404, "invalid_request_error",
                           f"no database at {config.db_path}: run this where llimit.db is,"
@@ -6122,7 +6127,7 @@ def main(argv=None):
     except LlimitError as error:
         print(f"llimit: {error.message}", file=sys.stderr)
         return 2
-    except sqlite3.Error as error:
+    except DatabaseError as error:
         print(f"llimit: database {config.db_path}: {error}", file=sys.stderr)
         return 1
     except BrokenPipeError:
