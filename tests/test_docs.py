@@ -217,3 +217,29 @@ def test_a_sqlite_backup_taken_while_llimit_runs_holds_its_rows(processes, tmp_p
     copy = sqlite3.connect(backup)
     assert copy.execute("pragma integrity_check").fetchone()[0] == "ok"
     assert copy.execute("select id from api_keys").fetchall() == [(key_id,)]
+
+
+def python_blocks(text, heading):
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)\n```", section, re.S)
+
+
+def test_the_sdk_examples_of_the_clients_guide_run_against_llimit(gateway, fake):
+    # docs/clients.md's OpenAI and Anthropic examples, as written, but for HOST and the key.
+    guide = read("docs/clients.md")
+    host = gateway.url.removeprefix("http://").rsplit(":", 1)[0]
+    port = gateway.url.rsplit(":", 1)[1]
+    made = gateway.admin.post(gateway.url + "/admin/projects", json={
+        "id": "claude-team", "upstream_kind": "anthropic", "upstream_url": fake.url + "/v1",
+        "upstream_key": "sk-ant-upstream"})
+    assert made.status_code == 201, made.text
+    for heading, project, calls in (("OpenAI SDK", "default", 2),
+                                    ("Anthropic SDK", "claude-team", 1)):
+        raw_key, key_id = gateway.create_key(user="cy", project=project)
+        code = python_blocks(guide, heading)[0]
+        assert "HOST:8000" in code and '"llimit-..."' in code
+        exec(code.replace("HOST:8000", f"{host}:{port}").replace('"llimit-..."', repr(raw_key)),
+             {})
+        rows = [row for row in gateway.events() if row["key_id"] == key_id]
+        assert len(rows) == calls and {row["status_code"] for row in rows} == {200}, heading
+        assert {row["pricing"] for row in rows} == {"priced"}, heading
