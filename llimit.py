@@ -22,6 +22,7 @@ import collections
 import csv
 import dataclasses
 import datetime as dt
+import decimal
 import functools
 import hashlib
 import hmac
@@ -72,6 +73,20 @@ class LlimitError(Exception):
         """The OpenAI-shaped JSON error object."""
         return {"error": {"message": self.message, "type": self.error_type,
                           "param": None, "code": self.code}}
+
+    def anthropic_body(self):
+        """The same error in Anthropic's shape, for Anthropic's clients."""
+        return {"type": "error", "error": {
+            "type": ANTHROPIC_ERROR_TYPES.get(self.status, "api_error"),
+            "message": self.message}}
+
+
+# compat: the Anthropic SDKs read error.type; the statuses stay llimit's own.
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         403: "permission_error", 404: "not_found_error",
+                         405: "invalid_request_error", 413: "request_too_large",
+                         429: "rate_limit_error", 500: "api_error", 502: "api_error",
+                         503: "overloaded_error", 504: "api_error", 529: "overloaded_error"}
 
 
 # =============================================================================
@@ -1284,6 +1299,53 @@ def nusd_to_usd(nusd):
     return None if nusd is None else round(nusd / 1e9, 9)
 
 
+def usd_decimals(*amounts):
+    """How many decimals shows every one of these USD amounts alike: 2, 4 or 6.
+
+    Cents when they say it all ($2.50, $0.01), else 4 decimals down to a
+    hundredth of a cent, else 6; a column or an "x of y" pair shares one.
+    """
+    decimals = 2
+    for usd in amounts:
+        if not usd:
+            continue
+        for places in (2, 4, 6):
+            if abs(usd) >= 10 ** (2 - places) or abs(round(usd, places) - usd) < 1e-9:
+                break
+        decimals = max(decimals, places)
+    return decimals
+
+
+def format_usd(usd, decimals=None):
+    """USD as people read a bill: $1,234.50, $0.0123, $0.000585 (decimals: usd_decimals)."""
+    if usd is None:
+        return "–"
+    if usd and abs(usd) < 0.0000005:
+        return "<$0.000001"
+    return f"${usd:,.{usd_decimals(usd) if decimals is None else decimals}f}"
+
+
+def json_text(value):
+    """JSON like json.dumps, but numbers never in exponent form: 0.0000234, not 2.34e-05.
+
+    Costs are read by people and by scripts that parse decimals; nano-dollar
+    floats are exactly representable as short decimals.
+    """
+    if isinstance(value, float) and math.isfinite(value) and "e" in repr(value):
+        return format(decimal.Decimal(repr(value)), "f")
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(name))}: {json_text(item)}"
+                               for name, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(json_text(item) for item in value) + "]"
+    return json.dumps(value)
+
+
+def plural(count, noun, nouns=None):
+    """'1 request', '2 requests', '1,234 tokens'."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
+
+
 @dataclasses.dataclass
 class UsageEvent:
     """One metered call, as the usage writer stores it."""
@@ -1543,11 +1605,11 @@ def limit_amount_units(limit):
     return round(amount * NANO) if limit["metric"] == "usd" else amount
 
 
-def format_amount(metric, units):
-    """Counter units as people read them: $1.23, 1,234 tokens, 5 requests."""
+def format_amount(metric, units, decimals=None):
+    """Counter units as people read them: $2.50, 1,234 tokens, 1 request."""
     if metric == "usd":
-        return f"${units / NANO:,.4f}".rstrip("0").rstrip(".") if units else "$0"
-    return f"{int(units):,} {metric}"
+        return format_usd(units / NANO, decimals)
+    return plural(int(units), metric[:-1])
 
 
 def describe_limit(limit):
@@ -1800,18 +1862,45 @@ class Limits:
         self._alerted = {marker for marker in self._alerted if marker[2] >= current["month"]}
 
     def _refusal(self, limit, used, in_flight, end, now, limit_message):
-        metric = limit["metric"]
-        resets = "never (a prepaid total)" if end is None else utc_iso(end)
-        pending = f" (+{format_amount(metric, in_flight)} in calls under way)" if in_flight else ""
-        message = (f"{describe_limit(limit)} reached: used "
-                   f"{format_amount(metric, used)}{pending}; resets {resets}.")
-        if limit_message:
-            message += " " + limit_message
-        headers = {}
+        message = refusal_text(limit, used, in_flight, end, now, limit_message)
+        headers = {"X-LLimit-Limit-Id": limit["id"]}  # for the admin the holder asks
         if limit["window"] == "minute":
             headers["Retry-After"] = str(max(1, int(end - now + 0.999)))
             return LlimitError(429, "rate_limit_exceeded", message, headers=headers)
         return LlimitError(429, "budget_exceeded", message, headers=headers)
+
+
+WINDOW_ADJECTIVES = {"minute": "per-minute", "day": "daily", "week": "weekly",
+                     "month": "monthly", "total": "total"}
+
+
+def refusal_text(limit, used, in_flight, end, now, limit_message=None):
+    """What a key holder reads when a limit refuses a call: what ran out, until when, whom to ask.
+
+    Written for the person, not the admin: no limit ids (the X-LLimit-Limit-Id
+    header has it), no scope jargon.
+    """
+    metric, window = limit["metric"], limit["window"]
+    amount = limit_amount_units(limit)
+    decimals = usd_decimals(amount / NANO, (used + in_flight) / NANO)
+    whose = {"global": "This organisation's", "project": f"The project {limit['target']}'s"}
+    owner = "Your" if limit["each"] or limit["scope"] in ("user", "key") \
+        else whose[limit["scope"]]
+    allowance = "budget" if metric == "usd" else "allowance"
+    if window == "minute":
+        sentence = (f"{owner} limit of {format_amount(metric, amount)} per minute is reached."
+                    f" Try again in {plural(max(1, int(end - now + 0.999)), 'second')}.")
+    else:
+        spent = "spent" if metric == "usd" else "used"
+        sentence = (f"{owner} {WINDOW_ADJECTIVES[window]} {allowance} of"
+                    f" {format_amount(metric, amount, decimals)} is used up"
+                    f" ({format_amount(metric, used, decimals)} {spent}")
+        if in_flight:
+            sentence += f", {format_amount(metric, in_flight, decimals)} more in calls under way"
+        sentence += ")."
+        sentence += (" It does not reset." if end is None else
+                     f" It resets at {utc_iso(end)[:16].replace('T', ' ')} UTC.")
+    return sentence + " " + (limit_message or "Ask your llimit admin to raise it.")
 
 
 def _limit_headers(headers, limit, amount, used, start, end, now):
@@ -2232,10 +2321,16 @@ def read_upstream_body(resp):
                           code="upstream_broken") from None
 
 
-def client_response_headers(resp):
-    """(name, value) pairs of an upstream response that pass on to the client."""
+def client_response_headers(resp, own_headers=()):
+    """(name, value) pairs of an upstream response that pass on to the client.
+
+    One source of x-ratelimit-* per response: when llimit sends its own (a
+    minute limit applies), the upstream's are dropped, else they pass.
+    """
+    own_rate_limits = any(name.lower().startswith("x-ratelimit-") for name in own_headers)
     return [(name, value) for name, value in resp.headers.items()
-            if name.lower() not in DROPPED_RESPONSE_HEADERS]
+            if name.lower() not in DROPPED_RESPONSE_HEADERS
+            and not (own_rate_limits and name.lower().startswith("x-ratelimit-"))]
 
 
 def upstream_chunks(resp):
@@ -3150,6 +3245,7 @@ def _proxy(state, path, deployment=None):
         requested_model = deployment or _text(payload.get("model"))
         _check_model_allowed(key, requested_model)
         upstream = resolve_upstream(key, config)
+        environ["llimit.dialect"] = upstream.kind  # llimit's own errors speak it too
         body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
         # The URL first: a path it refuses must not leave a reservation behind.
         url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
@@ -3319,7 +3415,7 @@ def _relay_whole(state, call, resp):
     _meter(state, call, resp.status, model, usage,
            "priced" if usage is not None else "unpriced", stream=False)
     response = bottle.HTTPResponse(body=content, status=resp.status)
-    for name, value in client_response_headers(resp):
+    for name, value in client_response_headers(resp, call.admission.headers):
         response.add_header(name, value)
     for name, value in call.admission.headers.items():
         response.set_header(name, value)
@@ -3333,7 +3429,7 @@ def _relay_whole(state, call, resp):
 def _relay_stream(state, call, resp, kind, hide_usage_chunk):
     overhead_ms = (time.perf_counter() - call.started) * 1000 - call.upstream_ms
     response = bottle.HTTPResponse(status=resp.status)
-    for name, value in client_response_headers(resp):
+    for name, value in client_response_headers(resp, call.admission.headers):
         response.add_header(name, value)
     for name, value in call.admission.headers.items():
         response.set_header(name, value)
@@ -5516,11 +5612,24 @@ def _is_json_path(path):
     return path.startswith(JSON_PATH_PREFIXES)
 
 
-def error_response(error, path):
-    """A LlimitError as OpenAI's JSON shape (JSON routes) or an error page."""
-    if _is_json_path(path):
-        response = bottle.HTTPResponse(json.dumps(error.body()), status=error.status)
+# Statuses a retry cannot change: the client must change the call, the key or the limit.
+FINAL_STATUSES = frozenset((400, 401, 403, 404, 405, 413))
+# A client whose base URL lacks /v1 asks for these at the root.
+API_ROOT_NAMES = frozenset(("chat", "completions", "responses", "messages", "embeddings",
+                            "models", "images", "audio", "moderations", "files", "batches"))
+
+
+def error_response(error, path, as_json=False):
+    """A LlimitError as OpenAI's (or Anthropic's) JSON shape on JSON routes, else a page."""
+    if as_json or _is_json_path(path):
+        body = (error.anthropic_body() if _speaks_anthropic(path, bottle.request.environ)
+                else error.body())
+        response = bottle.HTTPResponse(json.dumps(body), status=error.status)
         response.content_type = "application/json"
+        if error.status in FINAL_STATUSES or error.error_type == "budget_exceeded":
+            # compat: the openai and anthropic SDKs (and Claude Code) retry a 429 or
+            # any error unless told not to; a spent budget stays spent.
+            response.set_header("x-should-retry", "false")
     else:
         response = bottle.HTTPResponse(_error_page(error), status=error.status)
         response.content_type = "text/html; charset=utf-8"
@@ -5529,6 +5638,13 @@ def error_response(error, path):
     for name, value in error.headers.items():
         response.set_header(name, value)
     return response
+
+
+def _speaks_anthropic(path, environ):
+    # Anthropic's routes, a call an Anthropic client made (it always sends the
+    # version header), or a call of a project whose upstream is Anthropic.
+    return (path.startswith("/v1/messages") or environ.get("llimit.dialect") == "anthropic"
+            or (path.startswith("/v1/") and "HTTP_ANTHROPIC_VERSION" in environ))
 
 
 def _error_page(error):
@@ -5635,6 +5751,8 @@ def make_app(config, state=None):
     app = bottle.Bottle()
     app.config["catchall"] = False  # ErrorPlugin answers; a crash must not turn into HTML
     app.llimit = state
+    app.uninstall(bottle.JSONPlugin)
+    app.install(bottle.JSONPlugin(json_dumps=json_text))
     app.install(ErrorPlugin(state))
     for method, path, handler in routes():
         app.route(path, method, _bind(handler, state), name=handler.__name__)
@@ -5655,10 +5773,18 @@ def _bottle_error(status):
     messages = {404: "Unknown URL.", 405: "Method not allowed for this URL."}
 
     def handle(error):
-        llimit_error = LlimitError(status, "invalid_request_error",
-                                   f"{messages[status]} ({bottle.request.method}"
-                                   f" {bottle.request.path})", code=f"http_{status}")
-        response = error_response(llimit_error, bottle.request.path)
+        request = bottle.request
+        message = f"{messages[status]} ({request.method} {request.path})"
+        missing_v1 = status == 404 and request.path.strip("/").split("/")[0] in API_ROOT_NAMES
+        if missing_v1:
+            base_url = public_base_url(request.app.llimit.config)
+            message += (f" llimit serves the API under /v1: use base_url {base_url}/v1"
+                        f" (Anthropic clients: {base_url}).")
+            log.warning("404 %s %s: a client's base URL without /v1?", request.method,
+                        encoded_path(request.path))
+        llimit_error = LlimitError(status, "invalid_request_error", message,
+                                   code=f"http_{status}")
+        response = error_response(llimit_error, request.path, as_json=missing_v1)
         for name, value in response.headers.items():
             bottle.response.set_header(name, value)
         return response.body
