@@ -66,7 +66,8 @@ def test_sign_in_get_a_key_use_it_and_see_the_spend_and_the_charts(make_llimit, 
     assert "gpt-4o-mini" in driver.page_source
 
     driver.get(server.url + "/reports")
-    assert "Reports are for admins" in driver.page_source
+    assert "Reports of everyone's spending are for llimit's admins" in driver.page_source
+    assert "LLIMIT_" not in driver.find_element(By.TAG_NAME, "main").text  # no internals
     sign_in_admin(driver, server.url, ADMIN_TOKEN, next_path="/reports")
     assert driver.current_url == server.url + "/reports"
     drawn = driver.execute_script("""
@@ -119,11 +120,16 @@ def test_users_see_and_revoke_only_their_own_keys(gateway):
     token = csrf_token(page)
     created = alice.post(gateway.url + "/keys", data={"csrf_token": token, "project": "default",
                                                       "note": "mine"})
-    assert created.status_code == 200
+    # POST/redirect/GET: the key is shown on the page the POST redirected to ...
+    assert created.status_code == 200 and created.url == gateway.url + "/keys#new"
+    assert created.history[0].status_code == 303
     alice_key = re.search(r'id="new-key" class="secret">([^<]+)<', created.text).group(1)
+    # ... and a reload makes no second key and shows the secret no more.
     page = alice.get(gateway.url + "/keys").text
     assert bob_id not in page and "bob's secret note" not in page and bob_key[-4:] not in page
     assert alice_key not in page  # shown once, at creation only
+    assert gateway.db().execute("select count(*) from api_keys where user_name = 'alice'"
+                                ).fetchone()[0] == 1
 
     refused = alice.post(f"{gateway.url}/keys/{bob_id}/revoke", data={"csrf_token": token})
     assert refused.status_code == 404
@@ -131,7 +137,13 @@ def test_users_see_and_revoke_only_their_own_keys(gateway):
 
     alice_id = gateway.db().execute("select id from api_keys where user_name = 'alice'"
                                     ).fetchone()[0]
-    revoked = alice.post(f"{gateway.url}/keys/{alice_id}/revoke", data={"csrf_token": token})
+    # Without the page script's confirm(), a revoke asks on a page first.
+    asked = alice.post(f"{gateway.url}/keys/{alice_id}/revoke", data={"csrf_token": token})
+    assert asked.status_code == 200 and "Revoke the key" in asked.text
+    assert 'name="confirm" value="1"' in asked.text and alice_key[:11] in asked.text
+    assert call(gateway, alice_key).choices  # not revoked yet
+    revoked = alice.post(f"{gateway.url}/keys/{alice_id}/revoke",
+                         data={"csrf_token": token, "confirm": "1"})
     assert revoked.status_code == 200 and revoked.url == gateway.url + "/keys"
     assert "revoked" in revoked.text
     with pytest.raises(openai.PermissionDeniedError):
@@ -301,11 +313,14 @@ def test_admin_dashboard_manages_projects_keys_limits_and_prices(gateway, fake, 
 
     key_id = gateway.db().execute("select id from api_keys where user_name = 'dana'"
                                   ).fetchone()[0]
-    assert "Key revoked." in act("revoke_key", key_id=key_id).text
+    assert "Revoke the key" in act("revoke_key", key_id=key_id).text  # asks first
+    assert call(gateway, raw_key, model="acme-7b").choices
+    assert "Key revoked." in act("revoke_key", key_id=key_id, confirm="1").text
     with pytest.raises(openai.PermissionDeniedError):
         call(gateway, raw_key, model="acme-7b")
     users = admin.get(gateway.url + "/admin").text
-    assert re.search(r"<td>dana</td><td class=\"n\">0</td>", users)
+    assert re.search(r'<td data-label="User">dana</td><td data-label="Active keys" class="n">0</td>',
+                     users)
     assert act("no_such_action").status_code == 400
 
 
@@ -345,7 +360,7 @@ def test_reports_data_feed_and_csv(make_llimit, clock):
     assert "<td>alice</td>" in page  # the same numbers as tables, for no-script readers
 
 
-def test_chartjs_comes_from_llimit_when_configured_else_a_pinned_cdn(make_llimit):
+def test_chartjs_comes_from_llimit_when_configured_else_a_pinned_cdn(make_llimit, monkeypatch):
     local = make_llimit(chartjs=VENDOR_CHARTJS)
     admin = http_sign_in(local.url, admin_token=ADMIN_TOKEN)
     page = admin.get(local.url + "/reports")
@@ -355,6 +370,15 @@ def test_chartjs_comes_from_llimit_when_configured_else_a_pinned_cdn(make_llimit
     assert script.status_code == 200 and script.content == open(VENDOR_CHARTJS, "rb").read()
     assert script.headers["Content-Type"].startswith("text/javascript")
 
+    # No LLIMIT_CHARTJS: vendor/chart.umd.js beside llimit.py when there is one ...
+    vendored = make_llimit()
+    page = http_sign_in(vendored.url, admin_token=ADMIN_TOKEN).get(vendored.url + "/reports")
+    assert '<script src="/static/chart.umd.js" defer>' in page.text
+    assert requests.get(vendored.url + "/static/chart.umd.js").content == \
+        open(llimit.VENDORED_CHARTJS, "rb").read()
+
+    # ... and the pinned CDN copy only when there is none.
+    monkeypatch.setattr(llimit, "VENDORED_CHARTJS", "/nonexistent/vendor/chart.umd.js")
     cdn = make_llimit()
     admin = http_sign_in(cdn.url, admin_token=ADMIN_TOKEN)
     page = admin.get(cdn.url + "/reports")
