@@ -1623,6 +1623,14 @@ def describe_limit(limit):
             f"{format_amount(limit['metric'], limit_amount_units(limit))}{window}")
 
 
+def limit_in_words(limit):
+    """A limit as its key holders read it: "$2.00 a day", "600 requests a minute for each user"."""
+    amount = format_amount(limit["metric"], limit_amount_units(limit))
+    period = "in total" if limit["window"] == "total" else f"a {limit['window']}"
+    each = f" for each {limit['each']}" if limit["each"] else ""
+    return f"{amount} {period}{each}"
+
+
 def describe_subject(subject):
     """A running total's subject in words: "user alice", "project team-a / user bob"."""
     kind, names = parse_subject(subject)
@@ -3596,7 +3604,7 @@ table.stack tr{border:1px solid var(--line);border-radius:6px;margin:0 0 .6rem;p
 table.stack td{display:flex;justify-content:space-between;gap:.8rem;border:0;text-align:right;
 padding:.2rem .3rem;overflow-wrap:anywhere}
 table.stack td::before{content:attr(data-label);color:var(--muted);font-size:.82rem;
-font-weight:600;text-align:left}
+font-weight:600;text-align:left;flex-shrink:0}
 table.stack td .bar{flex:1;align-self:center}
 pre{white-space:pre-wrap;word-break:break-all}}
 """
@@ -4834,13 +4842,13 @@ def _whose(subject, key):
 
 
 def _limit_row(status, whose=None):
+    # With `whose`, the row is for the key holder's own page: the limit in words, no ids.
     metric = status["metric"]
 
-    decimals = usd_decimals(status["used"], status["amount"]) if metric == "usd" else None
-
-    def shown(units):  # "$0.0120 of $0.0100": the pair shares its decimals
-        return format_usd(units, decimals) if metric == "usd" else format_amount(metric, units)
-    return {"id": status["id"], "text": describe_limit(status), "who": whose,
+    def shown(amount):  # each as it reads best: "$0.004705 of $25.00"
+        return format_usd(amount) if metric == "usd" else format_amount(metric, amount)
+    text = describe_limit(status) if whose is None else limit_in_words(status)
+    return {"id": status["id"], "text": text, "who": whose,
             "action": status["action"], "used": shown(status["used"]),
             "amount": shown(status["amount"]), "resets_at": status["resets_at"],
             "percent": percent(status["used"], status["amount"]), "status": status}

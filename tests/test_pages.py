@@ -64,7 +64,8 @@ def test_sign_in_get_a_key_use_it_and_see_the_spend_and_the_charts(make_llimit, 
     stats = [element.text for element in driver.find_elements(By.CLASS_NAME, "stat")]
     assert stats[:3] == ["$0.0250", "$0.0250", "1"]
     limits = driver.find_element(By.CSS_SELECTOR, "section table").text
-    assert "$0.0250 of $0.1000" in limits and "user alice" in limits
+    assert "$0.0250 of $0.10" in limits and "user alice" in limits
+    assert "$0.10 a day" in limits and "lim_" not in limits  # in words, no ids
     bar = driver.find_element(By.CSS_SELECTOR, "section table .bar span")
     assert bar.get_attribute("style") == "width: 25%;"
     assert "gpt-4o-mini" in driver.page_source
@@ -639,7 +640,7 @@ def test_keys_and_usage_fit_the_screen(make_llimit, browser, size):
         browser.get(server.url + "/usage")
         assert no_sideways_scroll(browser)
         amount = browser.find_element(By.CSS_SELECTOR, "td[data-label=Amount]")
-        assert in_view_horizontally(browser, amount) and "$0.0250 of $0.1000" in amount.text
+        assert in_view_horizontally(browser, amount) and "$0.0250 of $0.10" in amount.text
         cost = browser.find_element(By.CSS_SELECTOR, "td[data-label=Cost]")
         assert in_view_horizontally(browser, cost)
     finally:
