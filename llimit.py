@@ -90,6 +90,62 @@ ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_erro
                          503: "overloaded_error", 504: "api_error", 529: "overloaded_error"}
 
 
+# Also ahead of the sections, since sections 3, 4 and 6 validate admin input
+# with it and section 11 shows the same rules as the OpenAPI spec: each field's
+# rule is written once, as JSON schema, so a client that keeps to the spec is
+# never refused and the validators cannot drift from what the spec says.
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One field of admin input: its JSON-schema rule and what a 400 says when it is broken."""
+    schema: dict
+    problem: str
+
+
+def check_input(data, fields, what):
+    """Raise 400 unless `data` is an object whose every field is known and keeps to its rule."""
+    if not isinstance(data, dict):
+        raise LlimitError(400, "invalid_request_error", "expected a JSON object")
+    for name, value in data.items():
+        field = fields.get(name)
+        if field is None:
+            raise _field_error(name, f"is not a {what} field")
+        if not keeps_to(value, field.schema):
+            raise _field_error(name, field.problem)
+
+
+def keeps_to(value, schema):
+    """Whether a JSON value keeps to a schema of the subset llimit's spec uses."""
+    if value is None:
+        return bool(schema.get("nullable"))
+    if "enum" in schema and value not in schema["enum"]:
+        return False
+    kind = schema.get("type")
+    if kind == "string":
+        pattern = schema.get("pattern")
+        return (isinstance(value, str)
+                and schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
+                and (pattern is None or re.fullmatch(pattern, value) is not None))
+    if kind == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            return False
+        low = schema.get("minimum", -math.inf)
+        return (value > low if schema.get("exclusiveMinimum") else value >= low) \
+            and value <= schema.get("maximum", math.inf)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "array":
+        return isinstance(value, list) and all(keeps_to(item, schema["items"]) for item in value)
+    if kind == "object":
+        values = schema.get("additionalProperties")
+        return isinstance(value, dict) and (not isinstance(values, dict) or all(
+            keeps_to(item, values) for item in value.values()))
+    return True
+def _field_error(field, problem):
+    return LlimitError(400, "invalid_request_error", f"{field} {problem}",
+                       code="invalid_" + field if field.isidentifier() else "invalid_field")
+
+
 # =============================================================================
 # 1. Config
 #    Every setting: its environment variable, its flag, its default, in one
@@ -263,6 +319,9 @@ def is_https_or_loopback(url):
 # =============================================================================
 
 BUSY_TIMEOUT_MS = 5000
+# What other sections catch when the database fails, so none of them names the engine.
+DatabaseError = sqlite3.Error                 # any failure of the database
+DatabaseUnavailable = sqlite3.OperationalError  # locked, busy, or gone: try again later
 
 MIGRATIONS = [
     ("0001 keys, projects, prices and usage", """
@@ -1456,7 +1515,7 @@ class UsageWriter:
                 self._write(db, batch)
                 self.healthy = True
                 break
-            except sqlite3.Error:
+            except DatabaseError:
                 log.exception("usage write failed for %d events; retrying", len(batch))
                 self.healthy = False
                 self._price_ids.clear()  # ids made inside the rolled-back transaction
@@ -1478,7 +1537,7 @@ class UsageWriter:
         if follow_up:
             try:
                 self.after_commit(db, follow_up)
-            except sqlite3.Error:
+            except DatabaseError:
                 log.exception("usage follow-up (alerts) failed after commit")
 
     def _price_id(self, db, event):
@@ -1939,26 +1998,36 @@ def _alert_text(limit, subject, threshold, entry, end):
             f" ({used} used; {resets}).")
 
 
+def _one_of(values, nullable=False):
+    return Field({"type": "string", "enum": [*values, None] if nullable else list(values),
+                  "nullable": nullable}, "must be one of " + ", ".join(values))
+
+
+AMOUNT = {"type": "number", "minimum": 0, "maximum": 1e15}
+ALERT_AT = {"type": "array", "nullable": True, "items": {
+    "type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 100}}
+NULLABLE_STRING = {"type": "string", "nullable": True}
+LIMIT_FIELDS = {
+    "scope": _one_of(SCOPES), "target": Field(NULLABLE_STRING, "must be a string"),
+    "each": _one_of(("user", "key"), nullable=True), "metric": _one_of(LIMIT_METRICS),
+    "window": _one_of(WINDOWS), "amount": Field(AMOUNT, "must be a number >= 0"),
+    "action": _one_of(ACTIONS),
+    "alert_at": Field(ALERT_AT, "must be a list of percentages between 0 and 100"),
+    "note": Field(NULLABLE_STRING, "must be a string"),
+}
+
+
 def validate_limit(data, current=None):
     """A limit dict from JSON input (merged over `current` for PATCH); 400 names the field."""
-    if not isinstance(data, dict):
-        raise LlimitError(400, "invalid_request_error", "expected a JSON object")
+    check_input(data, LIMIT_FIELDS, "limit")
     merged = dict(current or {})
     if isinstance(merged.get("alert_at"), str):
         merged["alert_at"] = json.loads(merged["alert_at"])  # as stored; input must be a list
-    unknown = set(data) - {"scope", "target", "each", "metric", "window", "amount", "action",
-                           "alert_at", "note"}
-    if unknown:
-        raise _field_error(sorted(unknown)[0], "is not a limit field")
     merged.update(data)
     merged.setdefault("action", "block")
-    for field, allowed in (("scope", SCOPES), ("metric", LIMIT_METRICS), ("window", WINDOWS),
-                           ("action", ACTIONS), ("each", EACH)):
-        if merged.get(field) not in allowed:
-            names = ", ".join(a for a in allowed if a)
-            raise _field_error(field, f"must be one of {names}")
-    if merged.get("target") is not None and not isinstance(merged["target"], str):
-        raise _field_error("target", "must be a string")
+    for field in ("scope", "metric", "window"):
+        if merged.get(field) is None:
+            raise _field_error(field, LIMIT_FIELDS[field].problem)
     if merged["scope"] == "global":
         merged["target"] = None
     elif not isinstance(merged.get("target"), str) or not merged["target"]:
@@ -1967,28 +2036,15 @@ def validate_limit(data, current=None):
         raise _field_error("each", "does not apply to a key")
     if merged["scope"] == "user" and merged.get("each") == "user":
         raise _field_error("each", "a user limit can only apply to each key")
-    amount = merged.get("amount")
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0 \
-            or amount != amount or amount > 1e15:
-        raise _field_error("amount", "must be a number >= 0")
-    alert_at = merged.get("alert_at")
-    if alert_at is not None:
-        if not isinstance(alert_at, list) or not all(
-                isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 100
-                for p in alert_at):
-            raise _field_error("alert_at", "must be a list of percentages between 0 and 100")
-        alert_at = json.dumps(sorted(set(alert_at)))
-    merged["alert_at"] = alert_at
-    if merged.get("note") is not None and not isinstance(merged["note"], str):
-        raise _field_error("note", "must be a string")
+    if merged.get("amount") is None:
+        raise _field_error("amount", LIMIT_FIELDS["amount"].problem)
+    if merged.get("alert_at") is not None:
+        merged["alert_at"] = json.dumps(sorted(set(merged["alert_at"])))
+    merged.setdefault("alert_at", None)
     merged.setdefault("note", None)
     merged.setdefault("each", None)
     return merged
 
-
-def _field_error(field, problem):
-    return LlimitError(400, "invalid_request_error", f"{field} {problem}",
-                       code="invalid_" + field if field.isidentifier() else "invalid_field")
 
 
 def _must_exist(row, what, ident):
@@ -2434,30 +2490,29 @@ def parse_time_input(value, field):
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+SHORT_TEXT = {"type": "string", "nullable": True, "maxLength": 1000}
+KEY_FIELDS = {
+    "user": Field(SHORT_TEXT, "must be a string"),
+    "project": Field({**SHORT_TEXT, "description": "null: default"}, "must be a string"),
+    "note": Field(SHORT_TEXT, "must be a string"),
+    "expires_at": Field({"type": "string", "nullable": True, "format": "date-time"},
+                        "must be an ISO 8601 date or time, e.g. 2026-12-31"),
+    "models": Field({"type": "array", "nullable": True,
+                     "items": {"type": "string", "minLength": 1}},
+                    "must be a list of model names, or null for all"),
+}
+
+
 def validate_key_fields(data, allowed):
     """The editable fields of a key from JSON input; 400 names the field."""
-    if not isinstance(data, dict):
-        raise LlimitError(400, "invalid_request_error", "expected a JSON object")
-    unknown = set(data) - set(allowed)
-    if unknown:
-        raise _field_error(sorted(unknown)[0], "is not a key field here")
-    fields = {}
-    for name in ("user", "project", "note"):
-        if name in data:
-            value = data[name]
-            if value is not None and (not isinstance(value, str) or len(value) > 1000):
-                raise _field_error(name, "must be a string")
-            fields[name] = value
-    if "user" in fields and fields["user"] is not None:
+    check_input(data, {name: KEY_FIELDS[name] for name in allowed}, "key")
+    fields = {name: data[name] for name in ("user", "project", "note") if name in data}
+    if fields.get("user") is not None:
         fields["user"] = clean_user_name(fields["user"])
     if "expires_at" in data:
         fields["expires_at"] = parse_time_input(data["expires_at"], "expires_at")
     if "models" in data:
-        models = data["models"]
-        if models is not None and (not isinstance(models, list) or not all(
-                isinstance(m, str) and m for m in models)):
-            raise _field_error("models", "must be a list of model names, or null for all")
-        fields["models"] = json.dumps(models) if models else None
+        fields["models"] = json.dumps(data["models"]) if data["models"] else None
     return fields
 
 
@@ -2489,17 +2544,38 @@ def key_to_json(row, spend=None):
 
 
 PROJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+ONE_LINE = {"type": "string", "nullable": True, "maxLength": 2000, "pattern": r"^[^\r\n]*$"}
+SINGLE_LINE = "must be a single-line string"
+# A stored key, or env:NAME with NAME a variable's name.
+ENV_OR_KEY = (r"^([^e\r\n][^\r\n]*|e([^n\r\n][^\r\n]*)?|en([^v\r\n][^\r\n]*)?"
+              r"|env([^:\r\n][^\r\n]*)?|env:[A-Za-z_][A-Za-z0-9_]*)?$")
+PROJECT_FIELDS = {
+    "id": Field({"type": "string", "pattern": PROJECT_ID.pattern},
+                "must be 1-64 letters, digits, '_', '.' or '-'"),
+    "name": Field(ONE_LINE, SINGLE_LINE),
+    "upstream_kind": _one_of(UPSTREAM_KINDS),
+    "upstream_url": Field({**ONE_LINE, "pattern": r"^https?://[A-Za-z0-9.:-]+(/[^\r\n]*)?$"},
+                          "must be an http(s) URL"),
+    "upstream_key": Field({**ONE_LINE, "pattern": ENV_OR_KEY,
+                           "description": "write-only; env:NAME reads it from the environment"},
+                          "must be a single-line string; env: must name an environment variable"),
+    "api_version": Field(ONE_LINE, SINGLE_LINE),
+    "allow_user_keys": Field({"type": "boolean"}, "must be true or false"),
+    "limit_message": Field({**ONE_LINE, "pattern": r"^[^\r]*$"}, "must be a string without"
+                           " carriage returns"),
+    "model_map": Field({"type": "object", "additionalProperties": {"type": "string"},
+                        "nullable": True}, "must map deployment names to model names"),
+    # Checked by budget_limits, which makes limits of it; the spec shows its shape.
+    "budget": Field({"nullable": True, "description": 'e.g. {"usd": 10, "window": "day"}'},
+                    'must look like {"usd": 10, "window": "day"}'),
+}
 
 
 def validate_project(data, current=None):
     """A project dict from JSON input (merged over `current` for PATCH); 400 names the field."""
-    if not isinstance(data, dict):
-        raise LlimitError(400, "invalid_request_error", "expected a JSON object")
-    unknown = set(data) - set(PROJECT_COLUMNS) - {"budget"} | (
-        {"created_at"} & set(data))
-    if unknown:
-        raise _field_error(sorted(unknown)[0], "is not a project field")
+    check_input(data, PROJECT_FIELDS, "project")
     project = dict(current) if current else {
         "upstream_kind": "openai", "upstream_url": None, "upstream_key": None,
         "api_version": None, "allow_user_keys": 1, "limit_message": None, "model_map": None}
@@ -2508,43 +2584,17 @@ def validate_project(data, current=None):
     if isinstance(project.get("model_map"), str):
         project["model_map"] = json.loads(project["model_map"])  # as stored; input: an object
     project.update({k: v for k, v in data.items() if k in PROJECT_COLUMNS})
-    if not isinstance(project.get("id"), str) or not PROJECT_ID.fullmatch(project["id"]):
-        raise _field_error("id", "must be 1-64 letters, digits, '_', '.' or '-'")
+    if project.get("id") is None:
+        raise _field_error("id", PROJECT_FIELDS["id"].problem)
     if project.get("name") in (None, ""):  # not just falsy: {} is no name
         project["name"] = project["id"]
-    if project["upstream_kind"] not in UPSTREAM_KINDS:
-        raise _field_error("upstream_kind", "must be one of " + ", ".join(UPSTREAM_KINDS))
-    for field in ("name", "upstream_url", "upstream_key", "api_version", "limit_message"):
-        value = project.get(field)
-        if value is not None and (not isinstance(value, str) or len(value) > 2000
-                                  or "\r" in value or "\n" in value and field != "limit_message"):
-            raise _field_error(field, "must be a single-line string")
-    url = project["upstream_url"]
-    if url is not None:
-        try:
-            parts = urllib.parse.urlsplit(url)
-        except ValueError:  # e.g. "http://[x": a broken IPv6 address
-            parts = urllib.parse.SplitResult("", "", "", "", "")
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise _field_error("upstream_url", "must be an http(s) URL")
-        project["upstream_url"] = url.rstrip("/")
+    if project["upstream_url"] is not None:
+        project["upstream_url"] = project["upstream_url"].rstrip("/")
     elif project["upstream_kind"] != "openai" and project["id"] != "default":
         raise _field_error("upstream_url", f"is required for kind {project['upstream_kind']}")
-    key = project["upstream_key"]
-    if key and key.startswith("env:") and not ENV_NAME.fullmatch(key[4:]):
-        raise _field_error("upstream_key", "env: must name an environment variable")
-    allow = project["allow_user_keys"]
-    # Stored as 0 or 1; from input only true or false, as the spec says.
-    if "allow_user_keys" in data and not isinstance(allow, bool) or allow not in (0, 1):
-        raise _field_error("allow_user_keys", "must be true or false")
-    project["allow_user_keys"] = int(bool(allow))
-    model_map = project["model_map"]
-    if model_map is not None:
-        if not isinstance(model_map, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in model_map.items()):
-            raise _field_error("model_map", "must map deployment names to model names")
-        model_map = json.dumps(model_map, sort_keys=True)
-    project["model_map"] = model_map
+    project["allow_user_keys"] = int(bool(project["allow_user_keys"]))  # stored as 0 or 1
+    if project["model_map"] is not None:
+        project["model_map"] = json.dumps(project["model_map"], sort_keys=True)
     return project
 
 
@@ -5563,27 +5613,18 @@ def llimit_me(state):
 def _openapi_spec():
     # Every rule the validators apply is written here too, so a client (or a
     # fuzzer) that keeps to this spec is never refused with a 400.
-    string, nullable_string = {"type": "string"}, {"type": "string", "nullable": True}
+    string, nullable_string = {"type": "string"}, NULLABLE_STRING
     error = {"description": "an error in OpenAI's shape",
              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    short_text = {"type": "string", "nullable": True, "maxLength": 1000}
-    one_line = {"type": "string", "nullable": True, "maxLength": 2000, "pattern": r"^[^\r\n]*$"}
-    models = {"type": "array", "nullable": True, "items": {"type": "string", "minLength": 1}}
-    key_patch = {"type": "object", "additionalProperties": False, "properties": {
-        "user": short_text, "note": short_text, "models": models,
-        "expires_at": {"type": "string", "nullable": True, "format": "date-time"}}}
-    key_input = {**key_patch, "properties": {
-        **key_patch["properties"], "project": {**short_text, "description": "null: default"}}}
-    amount = {"type": "number", "minimum": 0, "maximum": 1e15}
-    alert_at = {"type": "array", "nullable": True, "items": {
-        "type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 100}}
-    limit_fields = {
-        "scope": {"type": "string", "enum": list(SCOPES)}, "target": nullable_string,
-        "each": {"type": "string", "enum": ["user", "key", None], "nullable": True},
-        "metric": {"type": "string", "enum": list(LIMIT_METRICS)},
-        "window": {"type": "string", "enum": list(WINDOWS)}, "amount": amount,
-        "action": {"type": "string", "enum": list(ACTIONS)}, "alert_at": alert_at,
-        "note": nullable_string}
+    def schemas(fields, *names):
+        return {name: fields[name].schema for name in names or fields}
+
+    models = KEY_FIELDS["models"].schema
+    key_patch = {"type": "object", "additionalProperties": False,
+                 "properties": schemas(KEY_FIELDS, "user", "note", "models", "expires_at")}
+    key_input = {**key_patch, "properties": schemas(KEY_FIELDS)}
+    amount, alert_at = AMOUNT, ALERT_AT
+    limit_fields = schemas(LIMIT_FIELDS)
     limit_patch = {"type": "object", "additionalProperties": False, "properties": limit_fields}
 
     def limit_of_scope(scope, each):
@@ -5607,20 +5648,8 @@ def _openapi_spec():
                                "each": limit_fields["each"], "alert_at": alert_at,
                                "note": nullable_string}}
     budget = {"oneOf": [budget_of(metric) for metric in LIMIT_METRICS]}
-    env_or_key = (r"^([^e\r\n][^\r\n]*|e([^n\r\n][^\r\n]*)?|en([^v\r\n][^\r\n]*)?"
-                  r"|env([^:\r\n][^\r\n]*)?|env:[A-Za-z_][A-Za-z0-9_]*)?$")
-    project_fields = {
-        "id": {"type": "string", "pattern": PROJECT_ID.pattern}, "name": one_line,
-        "upstream_kind": {"type": "string", "enum": list(UPSTREAM_KINDS)},
-        "upstream_url": {"type": "string", "nullable": True, "maxLength": 2000,
-                         "pattern": r"^https?://[A-Za-z0-9.:-]+(/[^\r\n]*)?$"},
-        "upstream_key": {**one_line, "pattern": env_or_key,
-                         "description": "write-only; env:NAME reads it from the environment"},
-        "api_version": one_line, "allow_user_keys": {"type": "boolean"},
-        "limit_message": {**one_line, "pattern": r"^[^\r]*$"},
-        "model_map": {"type": "object", "additionalProperties": string, "nullable": True},
-        "budget": {"nullable": True, "description": 'e.g. {"usd": 10, "window": "day"}',
-                   "oneOf": [budget, {"type": "array", "items": budget}]}}
+    project_fields = {**schemas(PROJECT_FIELDS), "budget": {
+        **PROJECT_FIELDS["budget"].schema, "oneOf": [budget, {"type": "array", "items": budget}]}}
     project_patch = {"type": "object", "additionalProperties": False,
                      "properties": project_fields}
     # Kinds other than openai need their own upstream_url.
@@ -5833,7 +5862,7 @@ def ops_healthz(state):
     """GET /healthz: 200 when the database answers, 503 otherwise."""
     try:
         ping(state.database())
-    except sqlite3.Error:
+    except DatabaseError:
         log.exception("health check: database does not answer")
         raise LlimitError(503, "service_unavailable", "The database does not answer.")
     return {"status": "ok", "version": __version__, "usage_queue": state.writer.depth(),
@@ -6012,7 +6041,7 @@ class ErrorPlugin:
                 if error.status in (401, 403, 429, 503):
                     metrics.observe_rejection(error.code)
                 return error_response(error, bottle.request.path)
-            except sqlite3.OperationalError:
+            except DatabaseUnavailable:
                 log.exception("database busy or unavailable on %s", bottle.request.path)
                 return error_response(LlimitError(
                     503, "service_unavailable", "The database is busy; try again."),
@@ -6187,7 +6216,7 @@ def serve(config):
     log_writer = configure_logging(config)
     try:
         app = make_app(config)
-    except (sqlite3.Error, OSError, ValueError) as error:
+    except (DatabaseError, OSError, ValueError) as error:
         log.error("cannot start: %s", error)
         log_writer.stop()
         return 1
