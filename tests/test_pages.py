@@ -664,3 +664,17 @@ def test_page_css_is_a_cached_static_file_with_a_versioned_url(gateway):
     assert llimit.ADMIN_PAGE.count("{{!csrf_field}}") == llimit.ADMIN_PAGE.count("<form")
     assert "csrf_token" not in llimit.ADMIN_PAGE + llimit.KEYS_PAGE + llimit.LAYOUT
     assert "{{!key_table}}" in llimit.KEYS_PAGE and "{{!key_table}}" in llimit.ADMIN_PAGE
+
+
+def test_a_bad_project_edit_reopens_that_projects_form_with_what_was_typed(gateway):
+    admin = http_sign_in(gateway.url, admin_token=ADMIN_TOKEN)
+    token = csrf_token(admin.get(gateway.url + "/admin").text)
+    page = admin.post(gateway.url + "/admin", data={
+        "csrf_token": token, "action": "update_project", "id": "default", "name": "Main <1>",
+        "upstream_kind": "openai", "limit_message": "Ask #help", "budget_usd": "five"})
+    assert page.status_code == 400 and "Not saved:" in page.text
+    form = re.search(r'<details open><summary>Edit</summary>(.*?)</form>', page.text, re.S)[1]
+    assert 'class="error"' in form and "budget_usd" in form
+    assert 'value="Main &lt;1&gt;"' in form and 'value="five"' in form
+    assert 'value="Ask #help"' in form
+    assert gateway.admin.get(gateway.url + "/admin/projects/default").json()["name"] != "Main <1>"
