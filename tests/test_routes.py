@@ -45,6 +45,15 @@ def async_project(gateway, fake, project_id="jobs", **fields):
     return project_id
 
 
+def anthropic_key(gateway, fake, user="alice", **fields):
+    """A key of a new project whose upstream speaks Anthropic: (raw key, key id)."""
+    resp = gateway.admin.post(gateway.url + "/admin/projects", json={
+        "id": "claude", "upstream_kind": "anthropic", "upstream_url": fake.url + "/v1",
+        "upstream_key": "sk-ant-x", **fields})
+    assert resp.status_code == 201, resp.text
+    return gateway.create_key(user=user, project="claude")
+
+
 def batch_file(*models):
     lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
                          "body": {**CHAT, "model": model}}) for i, model in enumerate(models)]
@@ -217,11 +226,7 @@ def test_lookups_are_never_charged_and_never_look_unpriced(gateway, fake, capsys
 
 
 def test_anthropic_count_tokens_and_models_are_free(gateway, fake):
-    resp = gateway.admin.post(gateway.url + "/admin/projects", json={
-        "id": "claude", "upstream_kind": "anthropic", "upstream_url": fake.url + "/v1",
-        "upstream_key": "sk-ant-x"})
-    assert resp.status_code == 201, resp.text
-    raw_key, _ = gateway.create_key(project="claude")
+    raw_key, _ = anthropic_key(gateway, fake)
     api = anthropic.Anthropic(base_url=gateway.url, api_key=raw_key, max_retries=0)
     counted = api.messages.count_tokens(model="claude-sonnet-4-5",
                                         messages=[{"role": "user", "content": "Hi"}])
@@ -380,11 +385,7 @@ def test_a_background_response_is_charged_once_when_it_completes(gateway, fake):
 
 
 def test_an_anthropic_message_batch_is_charged_once_from_its_results(gateway, fake):
-    resp = gateway.admin.post(gateway.url + "/admin/projects", json={
-        "id": "claude-jobs", "upstream_kind": "anthropic", "upstream_url": fake.url + "/v1",
-        "upstream_key": "sk-ant-x", "allow_async": True})
-    assert resp.status_code == 201, resp.text
-    raw_key, key_id = gateway.create_key(user="dan", project="claude-jobs")
+    raw_key, key_id = anthropic_key(gateway, fake, user="dan", allow_async=True)
     api = anthropic.Anthropic(base_url=gateway.url, api_key=raw_key, max_retries=0)
     params = {"model": "claude-haiku-4-5", "max_tokens": 100,
               "messages": [{"role": "user", "content": "Hi"}]}
@@ -468,11 +469,7 @@ def test_include_usage_is_injected_whatever_the_content_type(gateway, fake, cont
 
 
 def test_anthropic_projects_openai_compatible_streams_get_include_usage(gateway, fake):
-    resp = gateway.admin.post(gateway.url + "/admin/projects", json={
-        "id": "claude", "upstream_kind": "anthropic", "upstream_url": fake.url + "/v1",
-        "upstream_key": "sk-ant-x"})
-    assert resp.status_code == 201, resp.text
-    raw_key, _ = gateway.create_key(project="claude")
+    raw_key, _ = anthropic_key(gateway, fake)
     chunks = list(client(gateway, raw_key).chat.completions.create(
         model="claude-sonnet-4-5", messages=CHAT["messages"], stream=True))
     assert all(chunk.usage is None for chunk in chunks)
