@@ -82,7 +82,18 @@ class LlimitError(Exception):
             "type": ANTHROPIC_ERROR_TYPES.get(self.status, "api_error"),
             "message": self.message}}
 
+    def gemini_body(self):
+        """The same error in Google's shape, for Gemini's clients."""
+        return {"error": {"code": self.status, "message": self.message,
+                          "status": GEMINI_ERROR_STATUSES.get(self.status, "UNKNOWN")}}
 
+
+# compat: Google's clients read error.status (a google.rpc code name).
+GEMINI_ERROR_STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED",
+                         403: "PERMISSION_DENIED", 404: "NOT_FOUND", 405: "INVALID_ARGUMENT",
+                         409: "ABORTED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+                         500: "INTERNAL", 501: "UNIMPLEMENTED", 502: "UNAVAILABLE",
+                         503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 # compat: the Anthropic SDKs read error.type; the statuses stay llimit's own.
 ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                          403: "permission_error", 404: "not_found_error",
@@ -1289,10 +1300,41 @@ def usage_from_anthropic(usage):
         completion_tokens=_int(usage.get("output_tokens")))
 
 
+def usage_from_gemini(metadata):
+    """Usage from a Gemini `usageMetadata` object.
+
+    promptTokenCount already holds the cached content's tokens; tool-use
+    prompt tokens (search results fed back) are billed as input too, and
+    thinking tokens as output, beside the candidates' own.
+    """
+    thoughts = _int(metadata.get("thoughtsTokenCount"))
+    return Usage(
+        prompt_tokens=_int(metadata.get("promptTokenCount"))
+        + _int(metadata.get("toolUsePromptTokenCount")),
+        cached_tokens=_int(metadata.get("cachedContentTokenCount")),
+        completion_tokens=_int(metadata.get("candidatesTokenCount")) + thoughts,
+        reasoning_tokens=thoughts)
+
+
+def _gemini_usage(body):
+    # A Gemini answer: its model version and usageMetadata, both top-level.
+    model = body.get("modelVersion") if isinstance(body.get("modelVersion"), str) else None
+    metadata = body.get("usageMetadata")
+    return model, (usage_from_gemini(metadata) if isinstance(metadata, dict) else None)
+
+
 def usage_from_body(body):
     """(model, Usage or None) from a whole JSON response of any provider."""
+    if isinstance(body, list):
+        # compat: Gemini's streamGenerateContent without alt=sse answers a JSON
+        # array of chunks; each repeats the usage so far, so the last one counts.
+        chunks = [chunk for chunk in body if isinstance(chunk, dict)
+                  and isinstance(chunk.get("usageMetadata"), dict)]
+        return _gemini_usage(chunks[-1]) if chunks else (None, None)
     if not isinstance(body, dict):
         return None, None
+    if "usageMetadata" in body:
+        return _gemini_usage(body)
     if body.get("object") == "response" and isinstance(body.get("response"), dict):
         body = body["response"]
     model = body.get("model") if isinstance(body.get("model"), str) else None
@@ -1320,7 +1362,8 @@ def parse_response_json(content):
 
 
 # The top-level members metering needs; a large answer is read for these alone.
-METERED_FIELDS = ("id", "model", "usage", "type", "object", "response")
+METERED_FIELDS = ("id", "model", "usage", "type", "object", "response", "usageMetadata",
+                  "modelVersion", "responseId")
 LARGE_BODY_BYTES = 64 * 1024
 MAX_SCANNED_TOKENS = 20_000  # past this many strings and brackets, parsing whole is cheaper
 JSON_MARKS = (b'"', b"[", b"]", b"{", b"}")
@@ -1341,7 +1384,7 @@ def response_fields(content):
         if found is not None:
             return found
     answer = parse_response_json(content)
-    return answer if isinstance(answer, dict) else None
+    return answer if isinstance(answer, (dict, list)) else None
 
 
 def _top_level_members(content, names):
@@ -1449,6 +1492,7 @@ class StreamMeter:
         self.content_events = 0
         self.anthropic_input = None
         self.object_id = None  # the response or completion id the stream is about
+        self.final = False     # a Gemini chunk with a finishReason was seen
 
     def observe(self, data):
         """Read one event's data; True when it is an OpenAI usage-only chunk."""
@@ -1461,6 +1505,8 @@ class StreamMeter:
         if not isinstance(obj, dict):
             return False
         kind = obj.get("type")
+        if kind is None and ("usageMetadata" in obj or "candidates" in obj):
+            return self._gemini_chunk(obj)
         if kind is None or kind == "chat.completion.chunk":
             return self._openai_chunk(obj)
         if kind == "message_start":
@@ -1496,6 +1542,26 @@ class StreamMeter:
         if isinstance(usage, dict):
             self.usage = usage_from_openai(usage)
             return not obj.get("choices")
+        return False
+
+    def _gemini_chunk(self, obj):
+        # Every Gemini chunk repeats the usage so far; the one with a
+        # finishReason ends the answer and is held back like [DONE].
+        model, usage = _gemini_usage(obj)
+        self.model = model or self.model
+        self.object_id = self.object_id or _text_or_none(obj.get("responseId"))
+        if usage is not None:
+            self.usage = usage
+        candidates = obj.get("candidates")
+        for candidate in candidates if isinstance(candidates, list) else ():
+            if not isinstance(candidate, dict):
+                continue
+            parts = (candidate.get("content") or {}).get("parts")
+            if isinstance(parts, list) and any(isinstance(part, dict) and len(part) > 0
+                                               for part in parts):
+                self.content_events += 1
+            if candidate.get("finishReason"):
+                self.final = True
         return False
 
     def estimate(self, prompt_estimate):
@@ -2350,19 +2416,20 @@ class AlertSender:
 #    or limits; the handlers in section 8 put the pieces together.
 # =============================================================================
 
-UPSTREAM_KINDS = ("openai", "azure", "anthropic")
+UPSTREAM_KINDS = ("openai", "azure", "anthropic", "gemini")
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"))
 # The client's credentials, and what requests computes itself, never go upstream.
 DROPPED_REQUEST_HEADERS = HOP_BY_HOP | frozenset((
-    "host", "content-length", "authorization", "api-key", "x-api-key", "cookie",
-    "accept-encoding", "x-llimit-user"))
+    "host", "content-length", "authorization", "api-key", "x-api-key", "x-goog-api-key",
+    "cookie", "accept-encoding", "x-llimit-user"))
 # requests decodes gzip and we set the length of what we send.
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | frozenset(("content-length", "content-encoding"))
 AZURE_DEPLOYMENT_PATHS = ("chat/completions", "completions", "embeddings",
                           "audio/transcriptions", "audio/translations", "audio/speech",
                           "images/generations")
 ANTHROPIC_VERSION = "2023-06-01"
+GEMINI_VERSIONS = ("v1", "v1beta")  # the client's version prefix, kept upstream
 SSE_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # The last event of a stream is held back until the call's usage is committed.
 FINAL_SSE_DATA = ("[DONE]",)
@@ -2497,13 +2564,18 @@ def _ca_bundle():
             or requests.certs.where())
 
 
-def upstream_url(upstream, path, query_string, deployment=None, model=None, azure_v1=False):
+def upstream_url(upstream, path, query_string, deployment=None, model=None, azure_v1=False,
+                 version="v1"):
     """The URL a call goes to. `path` is what follows /v1/ (or a deployment).
 
     `azure_v1`: the call came in on Azure's GA v1 routes (/openai/v1/...), which
     an Azure upstream serves under /openai/v1/ and without an api-version.
+    `version`: the prefix the call came in under (v1 or v1beta), which a
+    Gemini upstream's URL (the API root) is given back. A `key` in the query
+    is the client's llimit key and never goes upstream.
     """
     path = _upstream_path(path)
+    query_string = query_without_key(query_string)
     if deployment is not None:
         # Refused for every kind: other kinds ignore it in the URL, but it may become the model.
         _refuse_dot_segments(deployment)
@@ -2519,12 +2591,23 @@ def upstream_url(upstream, path, query_string, deployment=None, model=None, azur
                    f"{urllib.parse.quote(deployment, safe='')}/{path}")
         else:
             url = f"{upstream.base_url}/openai/{path}"
+    elif upstream.kind == "gemini":
+        url = f"{upstream.base_url}/{version}/{path}"
     else:
         url = f"{upstream.base_url}/{path}"
     if upstream.api_version and "api-version=" not in query_string:
         query_string = (query_string + "&" if query_string else "") + \
             "api-version=" + urllib.parse.quote(upstream.api_version)
     return url + ("?" + query_string if query_string else "")
+
+
+def query_without_key(query_string):
+    """The query string less any `key=` parameter (a Gemini client's credential)."""
+    if "=" not in query_string:
+        return query_string
+    # By the decoded name, as the key was read: "ke%79=" is a key too.
+    return "&".join(part for part in query_string.split("&")
+                    if urllib.parse.unquote_plus(part.split("=", 1)[0]) != "key")
 
 
 def _upstream_path(path):
@@ -2566,6 +2649,8 @@ def upstream_headers(environ, upstream, extra_dropped=()):
             headers["api-key"] = upstream.key
         elif upstream.kind == "anthropic":
             headers["x-api-key"] = upstream.key
+        elif upstream.kind == "gemini":
+            headers["x-goog-api-key"] = upstream.key
         else:
             headers["authorization"] = "Bearer " + upstream.key
     if upstream.kind == "anthropic":
@@ -2665,6 +2750,9 @@ def sse_error_event(kind, message):
     if kind == "anthropic":
         body = {"type": "error", "error": {"type": "api_error", "message": message}}
         return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
+    if kind == "gemini":
+        body = {"error": {"code": 502, "message": message, "status": "UNAVAILABLE"}}
+        return b"data: " + json.dumps(body).encode() + b"\r\n\r\n"
     body = {"error": {"message": message, "type": "upstream_error",
                       "code": "upstream_stream_broken"}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
@@ -2935,11 +3023,17 @@ AUTH_THROTTLE_ENTRIES = 10000   # addresses and known-good secrets remembered, e
 
 
 def raw_key_from(environ):
-    """The key a client sent: Bearer (OpenAI), api-key (Azure) or x-api-key (Anthropic)."""
+    """The key a client sent: Bearer (OpenAI), api-key (Azure), x-api-key (Anthropic),
+    x-goog-api-key or ?key= (Gemini)."""
     authorization = environ.get("HTTP_AUTHORIZATION", "")
     if authorization[:7].lower() == "bearer ":
         return authorization[7:].strip()
-    return (environ.get("HTTP_API_KEY") or environ.get("HTTP_X_API_KEY") or "").strip()
+    raw_key = (environ.get("HTTP_API_KEY") or environ.get("HTTP_X_API_KEY")
+               or environ.get("HTTP_X_GOOG_API_KEY") or "").strip()
+    if not raw_key and "key" in environ.get("QUERY_STRING", ""):
+        # compat: Gemini's REST examples put the key in the URL; never logged (logged_path).
+        raw_key = (urllib.parse.parse_qs(environ["QUERY_STRING"]).get("key") or [""])[0].strip()
+    return raw_key
 
 
 class KeyCache:
@@ -3606,6 +3700,18 @@ ROUTE_TABLE = (
     ("POST", "realtime/sessions", "credential", None, None),
     ("POST", "realtime/transcription_sessions", "credential", None, None),
 )
+# Gemini's routes (what follows /v1/ or /v1beta/ for a project of kind gemini),
+# as the google-genai SDK sends them; the model is named in the path. Batches,
+# cached contents, files, tuned models and long-running jobs are refused.
+GEMINI_ROUTE_TABLE = (
+    ("POST", "models/{model}:generateContent", "generate", None, None),
+    ("POST", "models/{model}:streamGenerateContent", "generate", None, None),
+    ("POST", "models/{model}:embedContent", "generate", None, None),
+    ("POST", "models/{model}:batchEmbedContents", "generate", None, None),
+    ("POST", "models/{model}:countTokens", "lookup", None, None),
+    ("GET", "models", "lookup", None, None),
+    ("GET", "models/{model}", "lookup", None, None),
+)
 # Final states whose answer carries an async object's final usage.
 BATCH_FINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
 RESPONSE_FINAL_STATUSES = ("completed", "failed", "incomplete", "cancelled")
@@ -3619,32 +3725,46 @@ class RouteMatch:
     action: str | None = None       # create | own | list
     kind: str | None = None         # the object kind (owned_objects.kind)
     object_id: str | None = None
+    model: str | None = None        # the model a Gemini path names
 
 
-def _route_tables():
+def _route_tables(table, name_chars):
     static, dynamic = {}, []
-    for method, template, cls, action, kind in ROUTE_TABLE:
+    for method, template, cls, action, kind in table:
         route = RouteMatch(f"{method} {template}", cls, action, kind)
         if "{" not in template:
             static[(method, template)] = route
             continue
-        pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: rf"(?P<{m[1]}>[^/]+)",
+        pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: rf"(?P<{m[1]}>{name_chars})",
                          re.escape(template))
         dynamic.append((method, re.compile(pattern), route))
     return static, dynamic
 
 
-STATIC_ROUTES, DYNAMIC_ROUTES = _route_tables()
+# A Gemini model name ends at the ":" of its method; OpenAI's may hold colons (ft:...).
+ROUTE_TABLES = {"openai": _route_tables(ROUTE_TABLE, "[^/]+"),
+                "gemini": _route_tables(GEMINI_ROUTE_TABLE, "[^/:]+")}
 
 
-def match_route(method, path, payload):
-    """The RouteMatch of a call: one dict look-up for the generation routes."""
-    route = STATIC_ROUTES.get((method, path))
+def match_route(method, path, payload, kind="openai", version="v1"):
+    """The RouteMatch of a call: one dict look-up for the generation routes.
+
+    A project of kind gemini has Gemini's routes, under /v1/ or /v1beta/;
+    every other kind has the OpenAI and Anthropic ones, under /v1/ only.
+    """
+    gemini = kind == "gemini"
+    if (version in GEMINI_VERSIONS) if gemini else version != "v1beta":
+        static, dynamic = ROUTE_TABLES["gemini" if gemini else "openai"]
+    else:
+        return RouteMatch(f"{method} {path}", "refused")
+    route = static.get((method, path))
     if route is None:
-        for route_method, pattern, candidate in DYNAMIC_ROUTES:
+        for route_method, pattern, candidate in dynamic:
             match = route_method == method and pattern.fullmatch(path)
             if match:
-                route = dataclasses.replace(candidate, object_id=match["id"])
+                found = match.groupdict()
+                route = dataclasses.replace(candidate, object_id=found.get("id"),
+                                            model=found.get("model"))
                 break
         else:
             return RouteMatch(f"{method} {path}", "refused")
@@ -3731,8 +3851,13 @@ def _must_own(row, object_id, project_id, owner):
 
 
 def proxy_v1(state, path):
-    """/v1/<path>: OpenAI-style (and Anthropic /v1/messages) calls."""
-    return _proxy(state, path)
+    """/v1/<path>: OpenAI-style (and Anthropic /v1/messages, Gemini /v1/models/...) calls."""
+    return _proxy(state, path, version="v1")
+
+
+def proxy_v1beta(state, path):
+    """/v1beta/<path>: Gemini calls under Google's beta version prefix."""
+    return _proxy(state, path, version="v1beta")
 
 
 def proxy_azure(state, deployment, path):
@@ -3750,7 +3875,7 @@ def proxy_azure_plain(state, path):
     return _proxy(state, path)
 
 
-def _proxy(state, path, deployment=None, azure_v1=False):
+def _proxy(state, path, deployment=None, azure_v1=False, version=None):
     started = time.perf_counter()
     config = state.config
     environ = bottle.request.environ
@@ -3762,13 +3887,13 @@ def _proxy(state, path, deployment=None, azure_v1=False):
                               "WebSocket upgrades (such as the Realtime API) are not supported:"
                               " llimit could not meter them.", code="websocket_not_supported")
         key = authenticate_call(state, environ)
+        kind = environ["llimit.dialect"] = key["upstream_kind"] or "openai"  # errors speak it
         body = read_body(environ, config.max_body_bytes)
         payload = parse_json_body(body, environ)
-        route = match_route(environ["REQUEST_METHOD"], path, payload)
+        route = match_route(environ["REQUEST_METHOD"], path, payload, kind, version)
         _refuse_route(route, key, environ, payload)
         upstream = resolve_upstream(key, config)
-        environ["llimit.dialect"] = upstream.kind  # llimit's own errors speak it too
-        requested_model = _check_models(key, payload, deployment, upstream.kind)
+        requested_model = _check_models(key, payload, deployment, kind, route)
         owner = owner_of(key)
         owned_row = _check_ownership(db, route, key["project_id"], owner,
                                      environ["REQUEST_METHOD"], payload)
@@ -3777,7 +3902,7 @@ def _proxy(state, path, deployment=None, azure_v1=False):
         rewritten, body = sent_body is not body, sent_body
         # The URL first: a path it refuses must not leave a reservation behind.
         url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
-                           requested_model, azure_v1)
+                           requested_model, azure_v1, version)
         call = _new_call(state, key, environ, payload, body, path, requested_model, started)
         call.route, call.owner, call.owned_row = route, owner, owned_row
         if route.cls == "lookup":
@@ -3836,13 +3961,20 @@ def _text(value):
     return value if isinstance(value, str) and value else None
 
 
-def _check_models(key, payload, deployment, kind):
+def _check_models(key, payload, deployment, kind, route):
     """The model the upstream will use; 403 unless the key may use every model named.
 
     A deployment in the URL and a model in the body may differ: an Azure
     upstream acts on the deployment, any other on the body's model, so both
-    are checked against the key's allow-list.
+    are checked against the key's allow-list. Gemini names the model in the
+    path (and batchEmbedContents again in each request).
     """
+    if kind == "gemini":
+        named = {route.model} | {_text(request.get("model")) for request in
+                                 payload.get("requests") or () if isinstance(request, dict)}
+        for model in named - {None} or {None}:
+            _check_model_allowed(key, model.removeprefix("models/") if model else None)
+        return route.model
     body_model = _text(payload.get("model"))
     for model in {deployment, body_model} - {None} or {None}:
         _check_model_allowed(key, model)
@@ -3865,13 +3997,17 @@ def _check_model_allowed(key, model):
 
 def _new_call(state, key, environ, payload, body, path, model, started):
     user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers)
-    max_output = next((payload[name] for name in
+    bounds = payload
+    if isinstance(payload.get("generationConfig"), dict):  # compat: Gemini's names
+        options = payload["generationConfig"]
+        bounds = {"max_tokens": options.get("maxOutputTokens"), "n": options.get("candidateCount")}
+    max_output = next((bounds[name] for name in
                        ("max_tokens", "max_completion_tokens", "max_output_tokens")
-                       if isinstance(payload.get(name), int) and payload[name] >= 0), None)
+                       if isinstance(bounds.get(name), int) and bounds[name] >= 0), None)
     # About 3 bytes of request JSON per token errs high, which is the safe side.
     prompt_estimate = len(body) // 3
     output = state.config.default_max_tokens if max_output is None else max_output
-    n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 0) > 1 else 1
+    n = bounds.get("n") if isinstance(bounds.get("n"), int) and bounds.get("n", 0) > 1 else 1
     tokens = prompt_estimate + output * n
     resolved = state.pricebook.resolve(model)
     cost = cost_nusd(Usage(prompt_tokens=prompt_estimate, completion_tokens=output * n),
@@ -4110,7 +4246,7 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
                 began = time.perf_counter()
                 name, data = sse_fields(raw_event)
                 usage_chunk = meter.observe(data)
-                if data in FINAL_SSE_DATA or name in FINAL_SSE_EVENTS:
+                if data in FINAL_SSE_DATA or name in FINAL_SSE_EVENTS or meter.final:
                     held.append(raw_event)
                     continue
                 relay_ms += (time.perf_counter() - began) * 1000
@@ -6527,7 +6663,7 @@ def render_metrics(metrics, open_streams, queue_depth):
 #    registers every route and error handler, in one list.
 # =============================================================================
 
-JSON_PATH_PREFIXES = ("/v1/", "/openai/", "/admin/", "/llimit/", "/reports/data", "/healthz",
+JSON_PATH_PREFIXES = ("/v1/", "/v1beta/", "/openai/", "/admin/", "/llimit/", "/reports/data", "/healthz",
                       "/metrics")
 
 
@@ -6593,7 +6729,9 @@ API_ROOT_NAMES = frozenset(("chat", "completions", "responses", "messages", "emb
 def error_response(error, path, as_json=False):
     """A LlimitError as OpenAI's (or Anthropic's) JSON shape on JSON routes, else a page."""
     if as_json or _is_json_path(path):
-        body = (error.anthropic_body() if _speaks_anthropic(path, bottle.request.environ)
+        environ = bottle.request.environ
+        body = (error.gemini_body() if _speaks_gemini(path, environ)
+                else error.anthropic_body() if _speaks_anthropic(path, environ)
                 else error.body())
         response = bottle.HTTPResponse(json.dumps(body), status=error.status)
         response.content_type = "application/json"
@@ -6616,6 +6754,19 @@ def _speaks_anthropic(path, environ):
     # version header), or a call of a project whose upstream is Anthropic.
     return (path.startswith("/v1/messages") or environ.get("llimit.dialect") == "anthropic"
             or (path.startswith("/v1/") and "HTTP_ANTHROPIC_VERSION" in environ))
+
+
+GEMINI_METHOD_PATH = re.compile(r"/v1/models/[^/]+:\w+")
+
+
+def _speaks_gemini(path, environ):
+    # A Gemini project's call; before the key is known, Gemini's own paths
+    # (/v1beta/, /v1/models/<model>:<method>) or its key header.
+    dialect = environ.get("llimit.dialect")
+    if dialect:
+        return dialect == "gemini"
+    return (path.startswith("/v1beta/") or GEMINI_METHOD_PATH.fullmatch(path) is not None
+            or "HTTP_X_GOOG_API_KEY" in environ)
 
 
 def _error_page(error):
@@ -6666,6 +6817,7 @@ def routes():
     return [
         # the proxy
         ("ANY", "/v1/<path:path>", proxy_v1),
+        ("ANY", "/v1beta/<path:path>", proxy_v1beta),
         ("ANY", "/openai/deployments/<deployment>/<path:path>", proxy_azure),
         ("ANY", "/openai/v1/<path:path>", proxy_azure_v1),
         ("ANY", "/openai/<path:path>", proxy_azure_plain),
