@@ -541,6 +541,21 @@ create table owned_objects (
 ) without rowid;
 commit;
 """),
+    ("0006 refused calls per day, project and user", """
+begin;
+-- Calls llimit refused for a known key (a limit, a route, a model, a revoked
+-- or expired key), counted per reason, so admins see who hits their limits.
+-- No request content; '' for a call with no user.
+create table refusals_daily (
+    day text not null,
+    project_id text not null,
+    user_name text not null,
+    reason text not null,           -- the refusal's error code, e.g. budget_exceeded
+    refused integer not null,
+    primary key (day, project_id, user_name, reason)
+) without rowid;
+commit;
+"""),
 ]
 
 
@@ -893,6 +908,25 @@ def insert_usage_events(db, events, price_ids):
     db.executemany(UPSERT_USAGE_COUNTER_SQL, counter_rows)
     db.executemany("update api_keys set last_used_at = ? where id = ?",
                    [(used_at, key_id) for key_id, used_at in key_touches.items()])
+
+
+def insert_refusals(db, refusals):
+    """Count refused calls into refusals_daily (the caller holds the transaction)."""
+    db.executemany(
+        "insert into refusals_daily (day, project_id, user_name, reason, refused)"
+        " values (?, ?, ?, ?, 1) on conflict (day, project_id, user_name, reason)"
+        " do update set refused = refused + 1",
+        [(_iso_from_ms(refusal.created_ms)[:10], refusal.project_id, refusal.user_name or "",
+          refusal.reason) for refusal in refusals])
+
+
+def refusals_by_user(db, start_day, end_day):
+    """(user_name, project_id, reason, refused) over inclusive UTC days, most refused first."""
+    return db.execute(
+        "select user_name, project_id, reason, sum(refused) as refused from refusals_daily"
+        " where day >= ? and day <= ? group by user_name, project_id, reason"
+        " order by refused desc, user_name, project_id, reason",
+        (start_day, end_day)).fetchall()
 
 
 def insert_owned_objects(db, rows):
@@ -1678,6 +1712,16 @@ class UsageEvent:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
+@dataclasses.dataclass
+class Refusal:
+    """One call llimit refused for a known key, as the usage writer counts it."""
+    created_ms: int
+    project_id: str
+    user_name: str | None
+    reason: str                        # the error code: budget_exceeded, route_not_allowed...
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
 # OpenAI's Batch API and Anthropic's Message Batches cost half the standard price;
 # a batch's charge is stored under one of these endpoints, so repricing keeps it.
 BATCH_PRICE_FACTOR = 0.5
@@ -1794,6 +1838,10 @@ class UsageWriter:
         begin_write(db)
         # A charge for an async object is stored only if this transaction is
         # the one that marks the object charged: concurrent polls charge once.
+        refusals = [item for item in batch if isinstance(item, Refusal)]
+        if refusals:
+            insert_refusals(db, refusals)
+            batch = [item for item in batch if not isinstance(item, Refusal)]
         claimed = {}
         for event in batch:
             if event.claim is not None and event.claim not in claimed:
@@ -3083,16 +3131,21 @@ def authenticate_key(find_key, raw_key, key_hash, now):
                           f"Incorrect API key provided: {_shown_key(raw_key)}.",
                           code="invalid_api_key")
     if row["revoked_at"]:
-        raise LlimitError(403, "permission_denied",
-                          f"This key was revoked at {row['revoked_at']}.", code="key_revoked")
+        raise _refused_key(row, f"This key was revoked at {row['revoked_at']}.", "key_revoked")
     if row["expires_at"] and row["expires_at"] <= utc_iso(now):
-        raise LlimitError(403, "permission_denied",
-                          f"This key expired at {row['expires_at']}.", code="key_expired")
+        raise _refused_key(row, f"This key expired at {row['expires_at']}.", "key_expired")
     if row["project_exists"] is None:
         raise LlimitError(403, "permission_denied",
                           f"The project {row['project_id']} of this key no longer exists.",
                           code="project_deleted")
     return row
+
+
+def _refused_key(row, message, code):
+    # The row travels with the error: a refused known key is counted against its owner.
+    error = LlimitError(403, "permission_denied", message, code=code)
+    error.key_row = row
+    return error
 
 
 class AuthThrottle:
@@ -3880,7 +3933,7 @@ def _proxy(state, path, deployment=None, azure_v1=False, version=None):
     config = state.config
     environ = bottle.request.environ
     db = state.database()
-    key = requested_model = None
+    key = requested_model = payload = None
     try:
         if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             raise LlimitError(501, "not_implemented",
@@ -3913,7 +3966,10 @@ def _proxy(state, path, deployment=None, azure_v1=False, version=None):
                                                 call.user_name, call.key_id),
                 state.writer.healthy)
     except LlimitError as error:
+        key = key or getattr(error, "key_row", None)
         _log_refused(environ, error.status, started, key, requested_model)
+        if key is not None and error.status in REFUSALS_COUNTED:
+            _count_refusal(state, key, environ, payload, error.code)
         raise
     sent = time.perf_counter()
     try:
@@ -4062,6 +4118,19 @@ def _log_refused(environ, status_code, started, key=None, model=None):
     _log_call(None, environ["REQUEST_METHOD"], logged_path(environ), key and key["id"],
               key and key["user_name"], key and key["project_id"], model, status_code, 0, 0,
               None, "refused", elapsed_ms, elapsed_ms, None)
+
+
+# Refusals of a known key that reports count (limits, routes, models, the key
+# itself); malformed calls (400, 413) are the client's bug, not a user's limit.
+REFUSALS_COUNTED = (403, 429)
+
+
+def _count_refusal(state, key, environ, payload, reason):
+    # Queued to the usage writer, which counts it in its next transaction:
+    # no database round trip on the request path.
+    user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers)
+    state.writer.submit(Refusal(int(state.config.clock() * 1000), key["project_id"],
+                                user_name, reason))
 
 
 def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=True,
@@ -4707,7 +4776,7 @@ data-series="{{chart['series_json']}}"></canvas></div>
 % end
 </div>
 % for table in tables:
-<section><h2>{{table['title']}}</h2>
+<section{{!' id="%s"' % table['id'] if table.get('id') else ''}}><h2>{{table['title']}}</h2>
 % if table['rows']:
 <div class="scroll"><table>
 <tr>
@@ -4724,7 +4793,7 @@ data-series="{{chart['series_json']}}"></canvas></div>
 % end
 </table></div>
 % else:
-<p class="muted">No calls in this range.</p>
+<p class="muted">{{table.get('empty', 'No calls in this range.')}}</p>
 % end
 </section>
 % end
@@ -4881,6 +4950,19 @@ ADMIN_USERS_PART = """
 </table></div>
 % else:
 <p class="muted">No users yet.</p>
+% end
+<h3 id="refused">Refused calls, last {{refused_days}} days (who hits their limits)</h3>
+% if refused_calls:
+<div class="scroll"><table class="stack">
+<tr><th>User</th><th>Project</th><th>Reason</th><th class="n">Refused</th></tr>
+% for row in refused_calls:
+<tr><td data-label="User">{{row['user'] or '(no user)'}}</td><td data-label="Project">{{row['project']}}</td>
+<td data-label="Reason">{{reasons.get(row['reason'], row['reason'])}}</td>
+<td data-label="Refused" class="n">{{count(row['refused'])}}</td></tr>
+% end
+</table></div>
+% else:
+<p class="muted">No calls were refused.</p>
 % end
 </section>
 """
@@ -5701,7 +5783,15 @@ def report_data(db, start_day, end_day):
             "by_user": by_user["rows"],
             "by_model": usage_report(db, "model", start_day, end_day)["rows"],
             "by_project": usage_report(db, "project", start_day, end_day)["rows"],
-            "daily": daily, "daily_by_user": {"days": days, "series": series}}
+            "daily": daily, "daily_by_user": {"days": days, "series": series},
+            "refused": refused_report(db, start_day, end_day)}
+
+
+def refused_report(db, start_day, end_day):
+    """Who hits their limits: refused calls per user, project and reason, most first."""
+    return [{"user": row["user_name"] or None, "project": row["project_id"],
+             "reason": row["reason"], "refused": row["refused"]}
+            for row in refusals_by_user(db, start_day, end_day)]
 
 
 def report_charts(report):
@@ -5787,7 +5877,21 @@ def report_tables(report):
                           [count(day["requests"]) for day in daily],
                           column([day["cost_usd"] for day in daily]),
                           column([day["cumulative_usd"] for day in daily])))},
+        {"title": "Refused calls (who hits their limits)", "id": "refused",
+         "headings": ("User", "Project", "Reason", "Refused"),
+         "empty": "No calls were refused in this range.",
+         "rows": [(row["user"] or "(no user)", row["project"],
+                   REFUSAL_REASONS.get(row["reason"], row["reason"]), count(row["refused"]))
+                  for row in report["refused"]]},
     ]
+
+
+# How /reports and /admin name the codes of refused calls.
+REFUSAL_REASONS = {"budget_exceeded": "limit reached", "rate_limit_exceeded": "rate limit",
+                   "route_not_allowed": "route not allowed", "model_not_allowed":
+                   "model not allowed", "model_not_priced": "model has no price",
+                   "key_revoked": "revoked key", "key_expired": "expired key",
+                   "project_deleted": "project deleted"}
 
 
 def page_reports(state, session):
@@ -5904,7 +6008,9 @@ def _render_admin(state, session, notice=None, form=None, form_error=None):
         active_keys=sum(key["active"] for key in keys), projects=projects,
         users=_admin_users(db, keys, month_start, today), keys=keys, limits=limit_rows,
         missing=missing_prices(db, book), prices=prices, upstream_kinds=UPSTREAM_KINDS,
-        budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=LIMIT_METRICS, windows=WINDOWS)
+        budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=LIMIT_METRICS, windows=WINDOWS,
+        refused_calls=refused_report(db, _day(now - DEFAULT_REPORT_DAYS * 86400), today),
+        refused_days=DEFAULT_REPORT_DAYS, reasons=REFUSAL_REASONS)
 
 
 def _admin_users(db, keys, month_start, today):
