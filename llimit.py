@@ -226,6 +226,11 @@ SETTINGS = [
      "e-mail domains allowed to sign in with OIDC"),
     ("reports_public", "LLIMIT_REPORTS_PUBLIC", None, False, _bool,
      "open /reports to every signed-in user"),
+    ("upstream_user", "LLIMIT_UPSTREAM_USER", None, None, str,
+     "name the user to the provider: hash or name (OpenAI safety_identifier,"
+     " Anthropic metadata.user_id); unset: not sent"),
+    ("cors_origins", "LLIMIT_CORS_ORIGINS", None, (), _csv_list,
+     "browser origins allowed to call the proxy routes with a key (CORS)"),
     ("log_format", "LLIMIT_LOG_FORMAT", None, "text", str, "text or json"),
     ("log_level", "LLIMIT_LOG_LEVEL", None, "INFO", str, "logging level"),
 ]
@@ -297,7 +302,61 @@ def config_from_flags(flags, environ=None):
         _check_oidc_settings(values)
     if values["log_format"] not in ("text", "json"):
         raise SystemExit("llimit: LLIMIT_LOG_FORMAT must be text or json")
+    if values["upstream_user"] not in (None, "hash", "name"):
+        raise SystemExit("llimit: LLIMIT_UPSTREAM_USER must be hash or name")
+    for origin in values["cors_origins"]:
+        if origin != _origin_only(origin):
+            raise SystemExit(f"llimit: LLIMIT_CORS_ORIGINS: {origin!r} is not an origin"
+                             " (scheme://host[:port], no path)")
     return Config(**values)
+
+
+ENV_FILE_NAME = ".env"
+ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
+
+
+def env_file_paths(cwd=None):
+    """The .env files read at start: the working directory's, then the one beside llimit.py."""
+    paths = []
+    for folder in (cwd or os.getcwd(), HERE):
+        path = os.path.realpath(os.path.join(folder, ENV_FILE_NAME))
+        if path not in paths and os.path.isfile(path):
+            paths.append(path)
+    return paths
+
+
+def load_env_files(paths, environ):
+    """Add the settings of .env files to `environ` where it has none; returns those added.
+
+    KEY=VALUE lines, `#` comments, an optional `export ` and quotes. The real
+    environment wins, and an earlier file wins over a later one.
+    """
+    added = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                match = ENV_LINE.match(line)
+                if match is None:
+                    # The line is not echoed: it may hold a secret.
+                    print(f"llimit: {path} line {number} is not KEY=VALUE; ignored",
+                          file=sys.stderr)
+                    continue
+                name, value = match[1], _env_value(match[2])
+                if name not in environ:
+                    environ[name] = added[name] = value
+    return added
+
+
+def _env_value(raw):
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        inner = raw[1:-1]
+        if raw[0] == '"':  # as shells and python-dotenv read double quotes
+            inner = inner.replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
+        return inner
+    return re.split(r"\s+#", raw, maxsplit=1)[0].strip()  # an unquoted value ends at " #"
 
 
 def _apply_entra_shortcut(values, environ):
@@ -324,6 +383,12 @@ def _check_oidc_settings(values):
     # endpoint over TLS (see OidcClient), so plain http is only for this machine.
     if not is_https_or_loopback(values["oidc_issuer"]):
         raise SystemExit("llimit: LLIMIT_OIDC_ISSUER must be an https URL")
+
+
+def _origin_only(url):
+    # scheme://host[:port] of a URL, lowercased as browsers send Origin.
+    parts = urllib.parse.urlsplit(url.strip())
+    return f"{parts.scheme}://{parts.netloc}".lower() if parts.scheme and parts.netloc else ""
 
 
 def is_https_or_loopback(url):
@@ -3270,6 +3335,19 @@ def ensure_admin_token(db, admin_token):
     return generated
 
 
+def ensure_upstream_user_secret(db):
+    """The install's secret for hashing user names sent upstream; made once, kept in settings.
+
+    Kept (not derived from anything a client sees), so a user's hash is stable
+    across restarts and instances sharing the database, and unguessable.
+    """
+    secret = get_setting(db, "upstream_user_secret")
+    if secret is None:
+        secret = secrets.token_hex(32)
+        set_setting(db, "upstream_user_secret", secret)
+    return secret
+
+
 def require_admin(state):
     """Raise 401 unless the request carries the admin token (pages use sessions)."""
     environ = bottle.request.environ
@@ -3958,6 +4036,9 @@ def _proxy(state, path, deployment=None, azure_v1=False, version=None):
                            requested_model, azure_v1, version)
         call = _new_call(state, key, environ, payload, body, path, requested_model, started)
         call.route, call.owner, call.owned_row = route, owner, owned_row
+        if config.upstream_user and route.cls == "generate":
+            body, named = _with_upstream_user(state, call, payload, body, path, kind)
+            rewritten = rewritten or named
         if route.cls == "lookup":
             call.admission = Admission([], [], {})  # never charged, so never refused by limits
         else:
@@ -4011,6 +4092,30 @@ def _rewrite_body(payload, body, path, deployment, kind):
             payload["stream_options"] = {**options, "include_usage": True}
             changed = hide_usage_chunk = True
     return (json.dumps(payload).encode() if changed else body), hide_usage_chunk
+
+
+def _with_upstream_user(state, call, payload, body, path, kind):
+    """(body, changed): the call's user named to the provider, where it wants one.
+
+    OpenAI reads `safety_identifier` (and the older `user`), Anthropic
+    `metadata.user_id`. Whatever the client put there is replaced: a key
+    holder must not act upstream under another user's name.
+    """
+    name = call.user_name or "key:" + call.key_id
+    if state.config.upstream_user == "hash":
+        name = hmac.new(state.upstream_user_secret.encode(), name.encode(),
+                        hashlib.sha256).hexdigest()
+    if kind == "openai" and path in ("chat/completions", "responses") and payload:
+        payload["safety_identifier"] = name[:64]  # OpenAI's limit
+        if "user" in payload:
+            payload["user"] = name[:64]
+    elif kind == "anthropic" and path == "messages" and payload:
+        metadata = payload.get("metadata")
+        payload["metadata"] = {**(metadata if isinstance(metadata, dict) else {}),
+                               "user_id": name[:256]}
+    else:
+        return body, False
+    return json.dumps(payload).encode(), True
 
 
 def _text(value):
@@ -6799,6 +6904,7 @@ class State:
         self.chartjs_path = chartjs_file(config)
         self.new_keys = NewKeyStash(config.clock)
         self.generated_admin_token = None
+        self.upstream_user_secret = None  # set by make_app, from the database
 
     def start(self):
         """Start the background threads (usage writer, alert sender); returns self.
@@ -6918,6 +7024,76 @@ class ErrorPlugin:
         return handle
 
 
+# CORS, for browser apps that call the proxy with a key: only these paths, only
+# for LLIMIT_CORS_ORIGINS. Pages and the admin API open nothing (their
+# preflights fall to the 405 of a route without OPTIONS, with no CORS headers).
+CORS_PATH_PREFIXES = ("/v1/", "/v1beta/", "/openai/")
+CORS_ALLOWED_HEADERS = (
+    "authorization", "content-type", "x-api-key", "api-key", "x-goog-api-key",
+    "x-goog-api-client", "anthropic-version", "anthropic-beta",
+    "anthropic-dangerous-direct-browser-access", "openai-beta", "openai-organization",
+    "openai-project", "x-llimit-user")
+CORS_EXPOSED_HEADERS = (
+    "X-LLimit-Request-Id, X-LLimit-Overhead-Ms, X-LLimit-Limit-Id, X-LLimit-Warning,"
+    " x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests,"
+    " x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens,"
+    " Retry-After, x-should-retry, x-request-id, request-id")
+CORS_MAX_AGE_SECONDS = 600
+
+
+class CorsPlugin:
+    """Answers CORS preflights on the proxy routes (no key needed) and marks their
+    answers readable by an allowed origin; leaves every other route alone."""
+
+    name = "llimit_cors"
+    api = 2
+
+    def __init__(self, origins):
+        self.origins = frozenset(origin.lower() for origin in origins)
+
+    def apply(self, callback, route):
+        if not self.origins or not route.rule.startswith(CORS_PATH_PREFIXES):
+            return callback
+
+        def handle(*args, **kwargs):
+            environ = bottle.request.environ
+            origin = environ.get("HTTP_ORIGIN", "")
+            allowed = origin.lower() in self.origins
+            if environ["REQUEST_METHOD"] == "OPTIONS" and origin \
+                    and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ:
+                return self._preflight(environ, origin, allowed)
+            try:
+                result = callback(*args, **kwargs)
+            except bottle.HTTPResponse as response:
+                self._mark(response, origin, allowed)
+                raise
+            self._mark(result if isinstance(result, bottle.HTTPResponse) else bottle.response,
+                       origin, allowed)
+            return result
+        return handle
+
+    @staticmethod
+    def _preflight(environ, origin, allowed):
+        if not allowed:
+            return bottle.HTTPResponse(status=403, headers={"Vary": "Origin"})
+        asked = [name.strip().lower() for name in
+                 environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "").split(",")]
+        # compat: the openai and anthropic SDKs send x-stainless-* headers on every call.
+        stainless = [name for name in asked if name.startswith("x-stainless-")]
+        return bottle.HTTPResponse(status=204, headers={
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": ", ".join((*CORS_ALLOWED_HEADERS, *stainless)),
+            "Access-Control-Max-Age": str(CORS_MAX_AGE_SECONDS), "Vary": "Origin"})
+
+    @staticmethod
+    def _mark(response, origin, allowed):
+        response.set_header("Vary", "Origin")
+        if allowed:
+            response.set_header("Access-Control-Allow-Origin", origin)
+            response.set_header("Access-Control-Expose-Headers", CORS_EXPOSED_HEADERS)
+
+
 def routes():
     """Every route of llimit: (method, path, handler taking state first)."""
     return [
@@ -6980,10 +7156,12 @@ def make_app(config, state=None):
     state = state or State(config)
     with transaction(state.database()) as db:
         state.generated_admin_token = ensure_admin_token(db, config.admin_token)
+        state.upstream_user_secret = ensure_upstream_user_secret(db)
     app = bottle.Bottle()
     app.config["catchall"] = False  # ErrorPlugin answers; a crash must not turn into HTML
     app.llimit = state
     app.uninstall(bottle.JSONPlugin)
+    app.install(CorsPlugin(config.cors_origins))  # first: outermost, so errors carry it too
     app.install(bottle.JSONPlugin(json_dumps=json_text))
     app.install(ErrorPlugin(state))
     for method, path, handler in routes():
@@ -7414,6 +7592,8 @@ def main(argv=None):
     for field in flags:
         if relevant is not None and field not in relevant:
             parser.error(f"{SETTING_FLAG_FIELDS[field]} does not apply to {command}")
+    # Into os.environ, so env:NAME upstream keys may live in .env as well.
+    load_env_files(env_file_paths(), os.environ)
     config = config_from_flags(flags)
     if command == "serve":
         return serve(config)
