@@ -5379,7 +5379,8 @@ CHART_OTHER_COLOR = "#a3aab6"
 # The first of these that has a price; else any priced model of the provider.
 SNIPPET_MODELS = {"openai": ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"),
                   "azure": ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"),
-                  "anthropic": ("claude-haiku-4-5", "claude-sonnet-4-5", "claude-3-5-haiku")}
+                  "anthropic": ("claude-haiku-4-5", "claude-sonnet-4-5", "claude-3-5-haiku"),
+                  "gemini": ("gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.5-pro")}
 SNIPPET_AZURE_API_VERSION = "2024-10-21"
 BUDGET_WINDOWS = ("day", "week", "month", "total")
 ADMIN_NOTICES = {
@@ -5727,6 +5728,19 @@ def _new_key_html(state, project, raw_key, owner):
                   f"    messages={hello},\n"
                   ")\n"
                   "print(reply.content[0].text)")
+    elif kind == "gemini":
+        package = "google-genai"
+        curl = (f"curl \"{base_url}/v1beta/models/{model}:generateContent\" \\\n"
+                f"  -H \"x-goog-api-key: {raw_key}\" \\\n"
+                "  -H \"Content-Type: application/json\" \\\n"
+                "  -d '{\"contents\": [{\"parts\": [{\"text\": \"Hello!\"}]}]}'")
+        python = ("from google import genai\n"
+                  "from google.genai import types\n\n"
+                  f"client = genai.Client(api_key=\"{raw_key}\",\n"
+                  f"    http_options=types.HttpOptions(base_url=\"{base_url}\"))\n"
+                  "reply = client.models.generate_content(\n"
+                  f"    model=\"{model}\", contents=\"Hello!\")\n"
+                  "print(reply.text)")
     elif kind == "azure":
         package = "openai"
         version = ((project["api_version"] if project else None)
