@@ -86,8 +86,17 @@ def oidc_llimit(make_llimit, provider):
                        oidc_client_secret=CLIENT_SECRET, oidc_allowed_domains=("example.com",))
 
 
-def provider_sign_in(driver, llimit_url, email, next_path="/usage"):
+def verified_user(issuer, email, verified=True):
+    """Register an account at the provider whose ID tokens say email_verified."""
+    resp = requests.put(f"{issuer}/users/{email}",
+                        json={"email": email, "email_verified": verified})
+    assert resp.status_code < 300, resp.text
+
+
+def provider_sign_in(driver, llimit_url, email, next_path="/usage", issuer=None):
     """Sign in on llimit's page, through the provider's own page, and back."""
+    if issuer:
+        verified_user(issuer, email)
     fresh(driver, llimit_url, f"/login?next={next_path}")
     click_and_wait(driver, driver.find_element(
         By.XPATH, "//button[normalize-space()='Sign in with single sign-on']"))
@@ -97,13 +106,15 @@ def provider_sign_in(driver, llimit_url, email, next_path="/usage"):
 
 
 def test_oidc_sign_in_in_a_browser(oidc_llimit, browser):
-    provider_sign_in(browser, oidc_llimit.url, "Erin@Example.com")
+    provider_sign_in(browser, oidc_llimit.url, "Erin@Example.com",
+                     issuer=oidc_llimit.config.oidc_issuer)
     assert browser.current_url == oidc_llimit.url + "/usage"
     assert browser.find_element(By.CSS_SELECTOR, "header .who span").text == "erin"
     row, = [dict(r) for r in oidc_llimit.db().execute("select * from sessions")]
     assert row["user_name"] == "erin" and row["pending"] is None
 
-    provider_sign_in(browser, oidc_llimit.url, "mallory@evil.test")
+    provider_sign_in(browser, oidc_llimit.url, "mallory@evil.test",
+                     issuer=oidc_llimit.config.oidc_issuer)
     assert "Accounts of evil.test may not sign in" in browser.page_source
     assert browser.find_element(By.CSS_SELECTOR, "header .who").text == "Sign in"
     users = [row[0] for row in oidc_llimit.db().execute("select user_name from sessions")]
@@ -111,6 +122,7 @@ def test_oidc_sign_in_in_a_browser(oidc_llimit, browser):
 
 
 def test_oidc_callback_wants_the_state_this_browser_started(oidc_llimit):
+    verified_user(oidc_llimit.config.oidc_issuer, "gina@example.com")
     session = requests.Session()
     page = session.get(oidc_llimit.url + "/login")
     started = session.post(oidc_llimit.url + "/login", allow_redirects=False, data={
@@ -168,11 +180,16 @@ def test_id_token_claims_are_checked():
 
 
 def test_user_names_come_from_verified_emails_in_allowed_domains():
-    assert llimit.user_from_claims({"email": "Ann.Lee@Example.com"}, ("example.com",)) == \
-        "ann.lee"
+    assert llimit.user_from_claims({"email": "Ann.Lee@Example.com", "email_verified": True},
+                                   ("example.com",)) == "ann.lee"
     assert llimit.user_from_claims({"preferred_username": "bo@corp.example"}, ()) == "bo"
     for claims in ({"email": "ann@example.com", "email_verified": False}, {"sub": "123"},
-                   {"email": "eve@evil.example"}):
+                   {"email": "ann@example.com"},  # email_verified missing
+                   {"email": "ann@example.com", "email_verified": "false"},
+                   {"email": "ann@example.com", "email_verified": "true"},
+                   {"email": "ann@example.com", "email_verified": 1},
+                   {"email": "ann@example.com", "preferred_username": "ann@example.com"},
+                   {"email": "eve@evil.example", "email_verified": True}):
         with pytest.raises(llimit.LlimitError):
             llimit.user_from_claims(claims, ("example.com",))
 

@@ -57,7 +57,7 @@ def test_limits_and_projects_from_the_cli(gateway):
     assert bad.returncode == 2 and "target" in bad.stderr
     assert run_cli(gateway, "limits", "delete", limit_id).returncode == 0
     assert run_cli(gateway, "projects", "create", "ops", "--upstream-key",
-                   "env:OPS_KEY").returncode == 0
+                   "env:LLIMIT_UPSTREAM_KEY_OPS").returncode == 0
     assert "ops" in run_cli(gateway, "projects", "list").stdout
 
 
