@@ -2368,13 +2368,13 @@ def sse_fields(raw_event):
     return None, ""  # a comment or keep-alive: passed on, nothing to read
 
 
-def sse_error_event(kind, message):
-    """An error event in the stream's own dialect, for an upstream that broke off."""
+def sse_error_event(kind, message, error_type="upstream_error", code="upstream_stream_broken"):
+    """An error event in the stream's own dialect, for an upstream that broke off (or a
+    stream whose usage could not be recorded)."""
     if kind == "anthropic":
         body = {"type": "error", "error": {"type": "api_error", "message": message}}
         return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
-    body = {"error": {"message": message, "type": "upstream_error",
-                      "code": "upstream_stream_broken"}}
+    body = {"error": {"message": message, "type": error_type, "code": code}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
@@ -3619,7 +3619,8 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
                            "priced" if complete else "estimated", stream=True,
                            wait=finished, overhead_ms=overhead_ms + relay_ms)
     if not committed:  # the final event only once the call is durable
-        yield sse_error_event(kind, LEDGER_UNAVAILABLE)
+        yield sse_error_event(kind, LEDGER_UNAVAILABLE, "service_unavailable",
+                              "ledger_unavailable")
         return
     yield from held
 
