@@ -49,6 +49,9 @@ import requests
 import urllib3
 import sseclient
 import waitress
+import waitress.channel
+import waitress.parser
+import waitress.utilities
 import waitress.wasyncore
 
 log = logging.getLogger("llimit")
@@ -3384,6 +3387,12 @@ def _rewrite_body(payload, body, path, deployment, kind):
         options = payload.get("stream_options")
         options = options if isinstance(options, dict) else {}
         if options.get("include_usage") is not True:
+            if not changed and "stream_options" not in payload and body.rstrip().endswith(b"}"):
+                # Spliced onto the client's bytes: re-serialising a 32 MB body would
+                # hold two more copies of it (text and bytes) at once.
+                end = len(body.rstrip()) - 1
+                return b"".join((memoryview(body)[:end],
+                                 b', "stream_options": {"include_usage": true}}')), True
             payload["stream_options"] = {**options, "include_usage": True}
             changed = hide_usage_chunk = True
     return (json.dumps(payload).encode() if changed else body), hide_usage_chunk
@@ -6007,6 +6016,7 @@ def serve(config):
         log_writer.stop()
         return 1
     _close_idle_when_full(server, config.max_connections)
+    _check_keys_before_bodies(server, state)
     state.config = dataclasses.replace(config, port=server.effective_port)
     # Only now, with the port ours: a second `serve` on this database that could not
     # bind never touches the running server's token.
@@ -6028,6 +6038,53 @@ def serve(config):
     state.close()
     log_writer.stop()
     return 0
+
+
+EARLY_KEY_CHECK_BYTES = 256 * 1024  # bodies above this are refused unread without a good key
+
+
+def _check_keys_before_bodies(server, state):
+    # waitress reads a whole request body (spooling it to disk) before the app
+    # sees the request, so a stranger could make llimit take in 64 MB per call
+    # just to answer 401. For a large body on a proxy route, the key is checked
+    # as soon as the headers are in, in waitress's own thread: a key lookup is a
+    # read, which WAL never blocks. A refusal is answered at once, and the
+    # connection closed without reading the body. Reads waitress internals: the
+    # channel's parser_class, the parser's headers, path, error and completed.
+    class KeyCheckingParser(waitress.parser.HTTPRequestParser):
+        def received(self, data):
+            consumed = super().received(data)
+            if (self.headers_finished and not self.completed and self.error is None
+                    and self.content_length > EARLY_KEY_CHECK_BYTES
+                    and self.path.startswith(("/v1/", "/openai/"))):
+                environ = {"HTTP_" + name: value for name, value in self.headers.items()}
+                environ["REMOTE_ADDR"] = self.early_address
+                try:
+                    authenticate_call(state, environ)
+                except LlimitError as error:
+                    self.error, self.completed = _EarlyRefusal(error), True
+            return consumed
+
+    class KeyCheckingChannel(waitress.channel.HTTPChannel):
+        def parser_class(self, adj):
+            parser = KeyCheckingParser(adj)
+            parser.early_address = self.addr[0] if isinstance(self.addr, tuple) else ""
+            return parser
+
+    server.channel_class = KeyCheckingChannel
+
+
+class _EarlyRefusal(waitress.utilities.Error):
+    # A LlimitError answered by waitress itself (in OpenAI's shape), before the body.
+    def __init__(self, error):
+        super().__init__(error.message)
+        self.error = error
+        self.code = error.status
+        self.reason = bottle.HTTP_CODES.get(error.status, "Error")
+
+    def to_response(self, ident=None):
+        headers = [("Content-Type", "application/json"), *self.error.headers.items()]
+        return (f"{self.code} {self.reason}", headers, json.dumps(self.error.body()).encode())
 
 
 def _raise_open_files_limit(wanted):

@@ -449,3 +449,46 @@ def test_personal_keys_only_where_the_project_allows_them(gateway):
     assert browser.post(gateway.url + "/keys", data={
         "csrf_token": csrf_token(page.text), "project": "closed"}).status_code == 403
     assert gateway.db().execute("select count(*) from api_keys").fetchone()[0] == 1
+
+
+# --- 10: the key before the body; a large body without several copies -----------------
+
+def test_a_wrong_key_is_refused_before_its_body_is_read(processes):
+    proc = processes()
+    raw_key, _ = proc.create_key()
+    host, port = "127.0.0.1", int(proc.url.rsplit(":", 1)[1])
+    for key, status in (("llimit-" + "w" * 43, 401), ("", 401)):
+        sock = socket.create_connection((host, port), timeout=30)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 31457280\r\n"
+                     + (f"Authorization: Bearer {key}\r\n".encode() if key else b"") + b"\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)  # not one byte of the 30 MB body was sent
+            if not chunk:
+                break
+            answer += chunk
+        sock.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status}".encode()), head
+        assert json.loads(body)["error"]["code"] in ("invalid_api_key", "missing_api_key")
+    # A good key's large body is read and goes upstream as ever.
+    big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "a" * 2_000_000}]}
+    assert requests.post(proc.url + "/v1/chat/completions", json=big, timeout=60,
+                         headers={"Authorization": f"Bearer {raw_key}"}).status_code == 200
+
+
+def test_peak_memory_of_a_32_mb_body(processes):
+    proc = processes()
+    raw_key, _ = proc.create_key()
+    before = proc.peak_rss_kb()
+    body = json.dumps({"model": "gpt-4o", "stream": True, "messages": [
+        {"role": "user", "content": "a" * (32 * 1024 * 1024 - 200)}]}).encode()
+    resp = requests.post(proc.url + "/v1/chat/completions", data=body, timeout=120,
+                         headers={"Authorization": f"Bearer {raw_key}",
+                                  "Content-Type": "application/json"})
+    assert resp.status_code == 200
+    grown_mb = (proc.peak_rss_kb() - before) / 1024
+    print(f"\npeak RSS growth for one {len(body) / 2**20:.0f} MB JSON body (stream,"
+          f" include_usage injected): {grown_mb:.0f} MB")
+    assert grown_mb < 4 * 32 + 16
