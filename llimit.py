@@ -4761,10 +4761,26 @@ def page(handler):
         bottle.request.environ["llimit.session"] = session  # for the error page's header
         for name, value in page_headers(_script_sources(state)).items():
             bottle.response.set_header(name, value)
-        if bottle.request.method == "POST":
-            return handler(state, session, checked_form(state, session), **url_args)
-        return handler(state, session, **url_args)
+        try:
+            if bottle.request.method == "POST":
+                return handler(state, session, checked_form(state, session), **url_args)
+            return handler(state, session, **url_args)
+        except bottle.HTTPResponse as response:
+            _own_location(state.config, response)
+            raise
     return serve_page
+
+
+def _own_location(config, response):
+    # bottle.redirect makes a path absolute with the request's Host header, which
+    # the client chooses: a redirect to one of llimit's own pages names its base URL.
+    location = response.get_header("Location")
+    if not location:
+        return
+    parts = urllib.parse.urlsplit(location)
+    if f"{parts.scheme}://{parts.netloc}" == _origin(bottle.request.url):
+        response.set_header("Location", config.base_url + urllib.parse.urlunsplit(
+            ("", "", parts.path, parts.query, parts.fragment)))
 
 
 def page_headers(script_sources):

@@ -344,12 +344,15 @@ def test_a_second_serve_on_the_same_database_leaves_the_token_alone(processes, t
 def test_pages_never_take_their_base_url_from_the_host_header(gateway):
     browser = http_sign_in(gateway.url, user_name="ann")
     page = browser.get(gateway.url + "/keys")
-    created = requests.post(gateway.url + "/keys", data={
-        "csrf_token": csrf_token(page.text), "project": "default"}, headers={
-        "Host": "evil.example",  # requests sends no cookie for another Host: given here
-        "Cookie": f"{llimit.SESSION_COOKIE}={browser.cookies[llimit.SESSION_COOKIE]}"})
-    assert created.status_code == 200
-    assert "evil.example" not in created.text and gateway.url + "/v1" in created.text
+    evil = {"Host": "evil.example",  # requests sends no cookie for another Host: given here
+            "Cookie": f"{llimit.SESSION_COOKIE}={browser.cookies[llimit.SESSION_COOKIE]}"}
+    created = requests.post(gateway.url + "/keys", headers=evil, allow_redirects=False,
+                            data={"csrf_token": csrf_token(page.text), "project": "default"})
+    assert created.status_code == 303
+    assert created.headers["Location"].startswith(gateway.url + "/keys")
+    shown = requests.get(created.headers["Location"], headers=evil)
+    assert shown.status_code == 200 and "llimit-" in shown.text
+    assert "evil.example" not in shown.text and gateway.url + "/v1" in shown.text
     home = requests.get(gateway.url + "/", headers={"Host": "evil.example"})
     assert "evil.example" not in home.text
 
