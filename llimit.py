@@ -3754,9 +3754,11 @@ def _upstream_auth_failure(call, resp, content, upstream, headers):
         text = text.replace(upstream.key, "[upstream key]")
     log.warning("upstream refused llimit's credentials for request_id=%s project=%s: %s %s",
                 call.request_id, call.project_id, resp.status, _logfmt(text[:2000]))
-    body = {"error": {"message": f"The upstream refused llimit's credentials for this project"
-                                 f" ({resp.status}); llimit's admin can see why in its log.",
-                      "type": "upstream_error", "code": "upstream_auth_failed"}}
+    error = LlimitError(resp.status, "upstream_error",
+                        f"The upstream refused llimit's credentials for this project"
+                        f" ({resp.status}); llimit's admin can see why in its log.",
+                        code="upstream_auth_failed")
+    body = error.anthropic_body() if upstream.kind == "anthropic" else error.body()
     headers = [(name, value) for name, value in headers
                if name.lower() != "content-type"] + [("Content-Type", "application/json")]
     return json.dumps(body).encode(), headers
