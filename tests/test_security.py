@@ -495,3 +495,20 @@ def test_peak_memory_of_a_32_mb_body(processes):
     print(f"\npeak RSS growth for one {len(body) / 2**20:.0f} MB JSON body (stream,"
           f" include_usage injected): {grown_mb:.0f} MB")
     assert grown_mb < 4 * 32 + 16
+
+
+def test_anthropic_upstream_auth_errors_are_llimits_own_in_anthropics_shape(gateway, fake):
+    ant_key = "sk-ant-api03-secret-upstream-key"
+    assert gateway.admin.post(gateway.url + "/admin/projects", json={
+        "id": "claude", "upstream_kind": "anthropic", "upstream_url": fake.url + "/v1",
+        "upstream_key": ant_key}).status_code == 201
+    raw_key, _ = gateway.create_key(project="claude")
+    fake.behaviour.update(status=401, error_body={"type": "error", "error": {
+        "type": "authentication_error", "message": f"invalid x-api-key {ant_key[:12]}..."}})
+    resp = requests.post(gateway.url + "/v1/messages", headers={"x-api-key": raw_key},
+                         json={"model": "claude-3-5-haiku-latest", "max_tokens": 10,
+                               "messages": [{"role": "user", "content": "Hi"}]}, timeout=30)
+    assert resp.status_code == 401 and ant_key[:12] not in resp.text
+    body = resp.json()
+    assert body["type"] == "error" and body["error"]["type"] == "authentication_error"
+    assert "refused llimit's credentials" in body["error"]["message"]
