@@ -177,13 +177,13 @@ def test_serve_reads_a_dotenv_file_and_the_real_environment_wins(tmp_path, fake)
         "export LLIMIT_CORS_ORIGINS='https://from-dotenv.example'\n"
         'LLIMIT_UPSTREAM_USER="name"\n'
         "LLIMIT_DEFAULT_MAX_TOKENS=100 # a comment\n"
-        "MY_UPSTREAM_KEY=sk-from-dotenv\n"
+        "LLIMIT_UPSTREAM_KEY_DOTENV=sk-from-dotenv\n"
         "LLIMIT_ADMIN_TOKEN=from-dotenv-loses\n"
         "not a setting line\n")
     proc = LlimitProcess(tmp_path, fake.url + "/v1", cwd=str(work))
     try:
         resp = proc.admin.post(proc.url + "/admin/projects", json={
-            "id": "p", "upstream_url": fake.url + "/v1", "upstream_key": "env:MY_UPSTREAM_KEY"})
+            "id": "p", "upstream_url": fake.url + "/v1", "upstream_key": "env:LLIMIT_UPSTREAM_KEY_DOTENV"})
         assert resp.status_code == 201, resp.text  # the real ADMIN_TOKEN won over .env's
         raw_key = proc.admin.post(proc.url + "/admin/keys", json={
             "user": "alice", "project": "p"}).json()["key"]
