@@ -236,3 +236,19 @@ def test_gemini_openai_compatible_endpoint_as_an_openai_project(gateway, fake):
     assert (event["stream"], event["pricing"], event["prompt_tokens"],
             event["completion_tokens"]) == (1, "priced", 100, 40)
     assert usd(event) == pytest.approx((100 * 0.30 + 40 * 2.50) / 1e6)
+
+
+def test_the_upstream_refusing_llimits_gemini_key_reads_as_llimits_own_error(gateway, fake):
+    raw_key, _ = gemini_key(gateway, fake)
+    # What Google answers a wrong API key: 400 INVALID_ARGUMENT, reason API_KEY_INVALID.
+    fake.behaviour.update(status=400, error_body={"error": {
+        "code": 400, "message": f"API key not valid: {GEMINI_UPSTREAM_KEY}. Please pass a"
+                                " valid API key.", "status": "INVALID_ARGUMENT",
+        "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                     "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}})
+    client = sdk(gateway, raw_key)
+    with pytest.raises(errors.ClientError) as refused:
+        client.models.generate_content(model="gemini-2.5-flash", contents="Hi")
+    assert refused.value.code == 400 and refused.value.status == "INVALID_ARGUMENT"
+    assert "refused llimit's credentials" in refused.value.message
+    assert GEMINI_UPSTREAM_KEY not in str(refused.value.details)
