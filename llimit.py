@@ -705,6 +705,37 @@ def list_seen_models(db):
 
 # --- usage ----------------------------------------------------------------------
 
+# A limit's metric -> the Totals field that counts it.
+METRIC_FIELDS = {"requests": "requests", "tokens": "tokens", "usd": "cost_nusd"}
+
+
+@dataclasses.dataclass(slots=True)
+class Totals:
+    """Requests, tokens (prompt + completion) and cost in nano-dollars of some usage."""
+    requests: int = 0
+    tokens: int = 0
+    cost_nusd: int = 0
+
+    def metric(self, name):
+        """The count a limit of metric `name` (usd, tokens, requests) reads."""
+        return getattr(self, METRIC_FIELDS[name])
+
+    def add(self, other):
+        """Add another Totals into this one."""
+        self.requests += other.requests
+        self.tokens += other.tokens
+        self.cost_nusd += other.cost_nusd
+
+    def subtract(self, other):
+        """Take another Totals out of this one."""
+        self.requests -= other.requests
+        self.tokens -= other.tokens
+        self.cost_nusd -= other.cost_nusd
+
+    def __bool__(self):
+        return bool(self.requests or self.tokens or self.cost_nusd)
+
+
 INSERT_USAGE_EVENT_SQL = (
     "insert into usage_events (created_ms, key_id, user_name, project_id, model, endpoint,"
     " status_code, stream, prompt_tokens, cached_tokens, cache_write_tokens,"
@@ -763,12 +794,12 @@ def insert_usage_events(db, events, price_ids):
 
 
 def get_counter(db, subject, first_day, last_day):
-    """(requests, tokens, cost_nusd) of a subject summed over days first..last."""
+    """Totals of a subject summed over days first..last."""
     row = db.execute(
         "select coalesce(sum(requests), 0), coalesce(sum(tokens), 0),"
         " coalesce(sum(cost_nusd), 0) from usage_counters"
         " where subject = ? and day >= ? and day <= ?", (subject, first_day, last_day)).fetchone()
-    return [row[0], row[1], row[2]]
+    return Totals(row[0], row[1], row[2])
 
 
 def get_counter_max_member(db, subject_prefix, first_day, last_day, column):
@@ -785,7 +816,7 @@ def get_counter_max_member(db, subject_prefix, first_day, last_day, column):
 
 
 def get_events_total(db, subject, start_ms, end_ms):
-    """(requests, tokens, cost_nusd) of a subject's usage events in [start_ms, end_ms).
+    """Totals of a subject's usage events in [start_ms, end_ms).
 
     For minute windows, which have no rollup: a minute holds few events, and
     the created_ms index finds them.
@@ -797,11 +828,11 @@ def get_events_total(db, subject, start_ms, end_ms):
         " coalesce(sum(cost_nusd), 0) from usage_events"
         " where created_ms >= ? and created_ms < ?" + where,
         (start_ms, end_ms, *values)).fetchone()
-    return [row[0], row[1], row[2]]
+    return Totals(row[0], row[1], row[2])
 
 
 def get_lifetime_total(db, subject):
-    """(requests, tokens, cost_nusd) a subject has used since it first appeared."""
+    """Totals a subject has used since it first appeared."""
     return get_counter(db, subject, "total", "total")
 
 
@@ -1476,7 +1507,6 @@ EACH = (None, "user", "key")
 LIMIT_METRICS = ("usd", "tokens", "requests")
 WINDOWS = ("minute", "day", "week", "month", "total")
 ACTIONS = ("block", "warn")
-METRIC_INDEX = {"requests": 0, "tokens": 1, "usd": 2}   # into [requests, tokens, nusd]
 NANO = 1_000_000_000
 
 
@@ -1573,7 +1603,7 @@ def describe_subject(subject):
 @dataclasses.dataclass
 class Admission:
     """What the limits said about a call allowed through."""
-    reservation: list                 # [(counter key, [requests, tokens, nusd])]
+    reservation: list                 # [(counter key, Totals reserved)]
     alert_checks: list                # [(limit, subject)] for alerts after the call
     headers: dict                     # rate-limit and budget headers for the client
 
@@ -1591,8 +1621,8 @@ class Limits:
         self.database = database
         self.clock = clock
         self.lock = threading.Lock()
-        self._used = {}        # (subject, window, start) -> [requests, tokens, nusd]
-        self._reserved = {}    # same keys -> [requests, tokens, nusd] in flight
+        self._used = {}        # (subject, window, start) -> Totals
+        self._reserved = {}    # same keys -> Totals in flight
         self._alerted = set()  # (limit_id, subject, start, threshold) known sent
         self._pruned_minute = 0
         self._rows_lock = threading.Lock()
@@ -1621,7 +1651,7 @@ class Limits:
         """Check a call against its limits and reserve its worst case.
 
         `call` has project_id, user_name, key_id, limit_message, need
-        ([1, tokens, nusd] worst case) and strict (the call bounds its output).
+        (Totals of its worst case) and strict (the call bounds its output).
         Raises LlimitError 429 when a block limit is reached, 503 when a block
         limit applies but usage cannot be written.
         """
@@ -1635,10 +1665,11 @@ class Limits:
                 window = limit["window"]
                 start, end = window_bounds(window, now)
                 key = (subject, window, start)
-                index = METRIC_INDEX[limit["metric"]]
+                field = METRIC_FIELDS[limit["metric"]]
                 amount = limit_amount_units(limit)
-                used = self._used_entry(db, key, end)[index]
-                in_flight = self._reserved.get(key, (0, 0, 0))[index]
+                used = getattr(self._used_entry(db, key, end), field)
+                held = self._reserved.get(key)
+                in_flight = getattr(held, field) if held is not None else 0
                 if limit["alert_at"] or self._alerts_full(limit):
                     alert_checks.append((limit, subject))
                 _limit_headers(headers, limit, amount, used + in_flight, start, end, now)
@@ -1651,16 +1682,17 @@ class Limits:
                                       "The usage ledger cannot be written right now, so calls"
                                       " under a spending limit are refused. Try again shortly.",
                                       code="ledger_unavailable")
-                need = call.need[index]
+                need = getattr(call.need, field)
                 strict = call.strict or limit["metric"] == "requests"
                 if (used + in_flight + need > amount) if strict else (used + in_flight >= amount):
                     raise self._refusal(limit, used, in_flight, end, now, call.limit_message)
                 block_keys[key] = call.need
             reservation = list(block_keys.items())
             for key, need in reservation:
-                held = self._reserved.setdefault(key, [0, 0, 0])
-                for index in range(3):
-                    held[index] += need[index]
+                held = self._reserved.get(key)
+                if held is None:
+                    held = self._reserved[key] = Totals()
+                held.add(need)
         if warnings:
             headers["X-LLimit-Warning"] = "; ".join(warnings)
         return Admission(reservation, alert_checks, headers)
@@ -1676,16 +1708,16 @@ class Limits:
                 self._release(event.reservation.reservation)
             seconds = event.created_ms / 1000
             bounds = [(window, window_bounds(window, seconds)[0]) for window in WINDOWS]
-            vector = (1, event.prompt_tokens + event.completion_tokens, event.cost_nusd or 0)
+            tokens, cost = event.prompt_tokens + event.completion_tokens, event.cost_nusd or 0
             for subject in event.subjects:
                 for window, start in bounds:
                     entry = self._used.get((subject, window, start))
                     if entry is None and window == "minute":
-                        entry = self._used[(subject, window, start)] = [0, 0, 0]
+                        entry = self._used[(subject, window, start)] = Totals()
                     if entry is not None:
-                        entry[0] += vector[0]
-                        entry[1] += vector[1]
-                        entry[2] += vector[2]
+                        entry.requests += 1
+                        entry.tokens += tokens
+                        entry.cost_nusd += cost
             if event.reservation is not None:
                 alerts += self._alerts_due(event.reservation.alert_checks, seconds)
         self._prune(self.clock())
@@ -1696,7 +1728,7 @@ class Limits:
         start, end = window_bounds(limit["window"], self.clock())
         with self.lock:
             entry = self._used_entry(db, (subject, limit["window"], start), end)
-            return entry[METRIC_INDEX[limit["metric"]]], end
+            return entry.metric(limit["metric"]), end
 
     def used_by_top_member(self, db, limit):
         """For an `each` limit: the largest use among its members this window."""
@@ -1705,16 +1737,15 @@ class Limits:
             prefix = subject_members("project_user", limit["target"])
         else:
             prefix = subject_members(limit["each"])
-        index = METRIC_INDEX[limit["metric"]]
+        field = METRIC_FIELDS[limit["metric"]]
         with self.lock:
             if limit["window"] == "minute":
-                values = [entry[index] for (subject, window, entry_start), entry
+                values = [getattr(entry, field) for (subject, window, entry_start), entry
                           in self._used.items() if window == "minute"
                           and entry_start == start and subject.startswith(prefix)]
                 return max(values, default=0), end
         first, last = ("total", "total") if end is None else (_day(start), _day(end - 1))
-        column = ("requests", "tokens", "cost_nusd")[index]
-        return get_counter_max_member(db, prefix, first, last, column), end
+        return get_counter_max_member(db, prefix, first, last, field), end
 
     def status(self, db, limit):
         """A limit with `used` and `resets_at` for its current window (largest member for `each`)."""
@@ -1756,9 +1787,8 @@ class Limits:
             held = self._reserved.get(key)
             if held is None:
                 continue
-            for index in range(3):
-                held[index] -= need[index]
-            if not any(held):
+            held.subtract(need)
+            if not held:
                 del self._reserved[key]
 
     def _alerts_full(self, limit):
@@ -1774,7 +1804,7 @@ class Limits:
             amount = limit_amount_units(limit)
             if entry is None or amount <= 0:
                 continue
-            percent = 100.0 * entry[METRIC_INDEX[limit["metric"]]] / amount
+            percent = 100.0 * entry.metric(limit["metric"]) / amount
             thresholds = set(json.loads(limit["alert_at"] or "[]"))
             if self._alerts_full(limit):
                 thresholds.add(100)
@@ -1833,7 +1863,7 @@ def _limit_headers(headers, limit, amount, used, start, end, now):
 
 def _alert_text(limit, subject, threshold, entry, end):
     metric = limit["metric"]
-    used = format_amount(metric, entry[METRIC_INDEX[metric]])
+    used = format_amount(metric, entry.metric(metric))
     resets = "it does not reset" if end is None else f"it resets {utc_iso(end)}"
     verb = "reached" if threshold >= 100 else f"passed {threshold:g}% of"
     return (f":warning: llimit: {describe_subject(subject)} has {verb} the"
@@ -3119,7 +3149,7 @@ class Call:
     limit_message: str | None
     model: str | None
     prompt_estimate: int
-    need: list                      # worst case [requests, tokens, nusd]
+    need: Totals                    # the call's worst case
     strict: bool                    # the call bounds its output tokens
     admission: Admission | None = None
     upstream_ms: float = 0.0
@@ -3231,7 +3261,7 @@ def _new_call(state, key, environ, payload, body, path, model, started):
     return Call(request_id=secrets.token_hex(6), started=started, endpoint=path[:100],
                 key=key, project_id=key["project_id"], user_name=user_name, key_id=key["id"],
                 limit_message=key["limit_message"], model=model,
-                prompt_estimate=prompt_estimate, need=[1, tokens, cost],
+                prompt_estimate=prompt_estimate, need=Totals(1, tokens, cost),
                 strict=max_output is not None, method=environ["REQUEST_METHOD"],
                 path=logged_path(environ))
 
@@ -4426,8 +4456,8 @@ def page_usage(state, session):
     by_day = usage_report(db, "day", start, end, user_name)["rows"]
     return render_page(
         USAGE_PAGE, title="Usage", session=session,
-        today_usd=nusd_to_usd(get_counter(db, subject, today, today)[2]),
-        month_usd=nusd_to_usd(month[2]), month_requests=month[0],
+        today_usd=nusd_to_usd(get_counter(db, subject, today, today).cost_nusd),
+        month_usd=nusd_to_usd(month.cost_nusd), month_requests=month.requests,
         limits=_user_limits(state, db, user_name, active_keys), has_keys=bool(active_keys),
         start=start, end=end, by_model=usage_report(db, "model", start, end, user_name)["rows"],
         by_day=by_day[::-1], max_day_usd=max((row["cost_usd"] for row in by_day), default=0))
@@ -4708,8 +4738,8 @@ def _render_admin(state, session, notice=None, raw_key=None, key_owner=None):
         ADMIN_PAGE, title="Admin", session=session, scripts=[{"src": PAGES_SCRIPT_PATH}],
         notice=notice, new_key=raw_key,
         new_key_html=_new_key_html(state.config, raw_key, key_owner) if raw_key else "",
-        today_usd=nusd_to_usd(today_total[2]), today_requests=today_total[0],
-        month_usd=nusd_to_usd(month_total[2]), month_requests=month_total[0],
+        today_usd=nusd_to_usd(today_total.cost_nusd), today_requests=today_total.requests,
+        month_usd=nusd_to_usd(month_total.cost_nusd), month_requests=month_total.requests,
         active_keys=sum(key["active"] for key in keys), projects=projects,
         users=_admin_users(db, keys, month_start, today), keys=keys, limits=limit_rows,
         missing=missing_prices(db, book), prices=prices, upstream_kinds=UPSTREAM_KINDS,
