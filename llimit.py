@@ -117,6 +117,9 @@ SETTINGS = [
      "Bearer token /metrics asks for; open when unset"),
     ("user_headers", "LLIMIT_USER_HEADERS", None, (), _csv_list,
      "further headers naming the end user of a project key"),
+    ("user_domains", "LLIMIT_USER_DOMAINS", None, (), _csv_list,
+     "e-mail domains whose addresses name a user by their local part"
+     " (default: LLIMIT_OIDC_ALLOWED_DOMAINS)"),
     ("max_body_bytes", "LLIMIT_MAX_BODY_BYTES", None, 32 * 1024 * 1024, int,
      "largest request body accepted (413 above)"),
     ("upstream_timeout", "LLIMIT_UPSTREAM_TIMEOUT", None, 600.0, float,
@@ -935,6 +938,79 @@ def rebuild_rollups(db):
                " sum(cost_nusd) from usage_counters group by subject")
 
 
+# --- user names under the Identity rule ------------------------------------------
+
+def list_stored_user_names(db):
+    """Every user name stored: of keys, limits, sessions and running totals.
+
+    Each metered user has a lifetime running total, so this reads small tables
+    only, never the usage events.
+    """
+    names = set()
+    for sql in ("select distinct user_name from api_keys where user_name is not null",
+                "select distinct target from limits where scope = 'user'",
+                "select distinct user_name from sessions where user_name is not null"):
+        names.update(row[0] for row in db.execute(sql))
+    for subject in _user_subjects(db):
+        names.add(parse_subject(subject)[1][-1])
+    return names
+
+
+def _user_subjects(db):
+    return [row[0] for row in db.execute(
+        "select subject from usage_counters where day = 'total' and"
+        " ((subject >= ? and subject < ?) or (subject >= ? and subject < ?))",
+        (SUBJECT_PREFIXES["user"], SUBJECT_PREFIXES["user"] + "\uffff",
+         SUBJECT_PREFIXES["project_user"], SUBJECT_PREFIXES["project_user"] + "\uffff"))]
+
+
+def rename_users(db, renames):
+    """Rewrite user names {old: new} in every table; rows that meet are summed, none lost.
+
+    The caller holds the transaction. Usage events keep their rows; daily
+    rollups and running totals of an old name are added into the new one's.
+    """
+    db.execute("create temp table if not exists user_renames"
+               " (old text primary key, new text not null)")
+    db.execute("delete from user_renames")
+    db.executemany("insert into user_renames values (?, ?)", renames.items())
+    renamed = "(select new from user_renames where old = {0})"
+    for table, column, extra in (("api_keys", "user_name", ""), ("usage_events", "user_name", ""),
+                                 ("sessions", "user_name", ""),
+                                 ("limits", "target", " and scope = 'user'")):
+        # table and column are the constants above, never input.
+        db.execute(f"update {table} set {column} = {renamed.format(column)}"
+                   f" where {column} in (select old from user_renames){extra}")
+    db.execute(
+        "insert into usage_daily select d.day, d.project_id, r.new, d.key_id, d.model,"
+        " d.requests, d.prompt_tokens, d.cached_tokens, d.cache_write_tokens,"
+        " d.completion_tokens, d.cost_nusd, d.unpriced"
+        " from usage_daily d join user_renames r on r.old = d.user_name where true"
+        " on conflict (day, project_id, user_name, key_id, model) do update set"
+        " requests = requests + excluded.requests,"
+        " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+        " cached_tokens = cached_tokens + excluded.cached_tokens,"
+        " cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,"
+        " completion_tokens = completion_tokens + excluded.completion_tokens,"
+        " cost_nusd = cost_nusd + excluded.cost_nusd, unpriced = unpriced + excluded.unpriced")
+    db.execute("delete from usage_daily where user_name in (select old from user_renames)")
+    subject_renames = []
+    for subject in _user_subjects(db):
+        kind, names = parse_subject(subject)
+        if names[-1] in renames:
+            subject_renames.append((subject, subject_of(kind, *names[:-1], renames[names[-1]])
+                                    if kind == "project_user"
+                                    else subject_of(kind, renames[names[-1]])))
+    for old, new in subject_renames:
+        db.execute(
+            "insert into usage_counters select ?, day, requests, tokens, cost_nusd"
+            " from usage_counters where subject = ? on conflict (subject, day) do update set"
+            " requests = requests + excluded.requests, tokens = tokens + excluded.tokens,"
+            " cost_nusd = cost_nusd + excluded.cost_nusd", (new, old))
+        db.execute("delete from usage_counters where subject = ?", (old,))
+    db.execute("delete from user_renames")
+
+
 # --- limits and alerts ------------------------------------------------------------
 
 def list_limits(db):
@@ -1661,6 +1737,9 @@ class Limits:
             for limit in limits:
                 subject = limit_subject(limit, call.project_id, call.user_name, call.key_id)
                 if subject is None:
+                    if limit["each"] == "user" and not call.user_name \
+                            and limit["action"] == "block" and limit["scope"] != "user":
+                        raise _user_required(limit)
                     continue
                 window = limit["window"]
                 start, end = window_bounds(window, now)
@@ -1844,6 +1923,15 @@ class Limits:
         return LlimitError(429, "budget_exceeded", message, headers=headers)
 
 
+def _user_required(limit):
+    # A call that names no user would escape a per-user limit; for_call has
+    # already matched the limit to this call's project (or it is global).
+    return LlimitError(400, "invalid_request_error",
+                       f"The {describe_limit(limit)} applies to each user, and this call"
+                       " names none: a project key must name its user with the header"
+                       " X-LLimit-User (or the body's `user`).", code="user_required")
+
+
 def _limit_headers(headers, limit, amount, used, start, end, now):
     # compat: OpenAI's x-ratelimit-* headers, which clients and SDKs read, for
     # minute limits; the tightest limit of each kind wins.
@@ -1871,8 +1959,11 @@ def _alert_text(limit, subject, threshold, entry, end):
             f" ({used} used; {resets}).")
 
 
-def validate_limit(data, current=None):
-    """A limit dict from JSON input (merged over `current` for PATCH); 400 names the field."""
+def validate_limit(data, current=None, domains=()):
+    """A limit dict from JSON input (merged over `current` for PATCH); 400 names the field.
+
+    A user limit's target is put through the Identity rule of `domains` (user_domains).
+    """
     if not isinstance(data, dict):
         raise LlimitError(400, "invalid_request_error", "expected a JSON object")
     merged = dict(current or {})
@@ -1895,6 +1986,10 @@ def validate_limit(data, current=None):
         merged["target"] = None
     elif not isinstance(merged.get("target"), str) or not merged["target"]:
         raise _field_error("target", f"is required for scope {merged['scope']}")
+    if merged["scope"] == "user":
+        merged["target"] = canonical_user_name(merged["target"], domains)
+        if merged["target"] is None:
+            raise _field_error("target", "is required for scope user")
     if merged["scope"] == "key" and merged.get("each"):
         raise _field_error("each", "does not apply to a key")
     if merged["scope"] == "user" and merged.get("each") == "user":
@@ -2325,9 +2420,45 @@ MAX_USER_NAME = 200
 USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters
 
 
-def clean_user_name(value):
-    """A user name as stored: trimmed, no control characters, bounded length."""
-    return USER_NAME_JUNK.sub("", value).strip()[:MAX_USER_NAME] or None
+def user_domains(config):
+    """The e-mail domains of the Identity rule: LLIMIT_USER_DOMAINS, else the OIDC ones."""
+    return frozenset(domain.strip().lower().lstrip("@")
+                     for domain in config.user_domains or config.oidc_allowed_domains)
+
+
+def canonical_user_name(value, domains):
+    """The contract's Identity rule, for every source of a user name; None for no name.
+
+    Trimmed, lowercased, no control characters, bounded; an e-mail address of
+    one of `domains` becomes its local part, any other e-mail stays whole, so
+    Grace@corp.example is grace and boss@elsewhere.example is never boss.
+    """
+    if not isinstance(value, str):
+        return None
+    name = USER_NAME_JUNK.sub("", value).strip().lower()
+    local, at, domain = name.rpartition("@")
+    if at and local and domain in domains:
+        name = local.strip()
+    return name[:MAX_USER_NAME] or None
+
+
+def apply_identity_rule(db, domains):
+    """Bring every stored user name under the Identity rule; returns {old: new}.
+
+    Runs at every start (the rule depends on LLIMIT_USER_DOMAINS), so it is
+    idempotent: a name the rule leaves alone is never touched.
+    """
+    with transaction(db):
+        renames = {}
+        for name in list_stored_user_names(db):
+            canonical = canonical_user_name(name, domains)
+            if canonical and canonical != name:
+                renames[name] = canonical
+        if renames:
+            rename_users(db, renames)
+    if renames:
+        log.warning("user names brought under the Identity rule: %d renamed", len(renames))
+    return renames
 
 
 def hash_secret(raw):
@@ -2360,8 +2491,11 @@ def parse_time_input(value, field):
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def validate_key_fields(data, allowed):
-    """The editable fields of a key from JSON input; 400 names the field."""
+def validate_key_fields(data, allowed, domains):
+    """The editable fields of a key from JSON input; 400 names the field.
+
+    `domains` are the Identity rule's (user_domains), for the `user` field.
+    """
     if not isinstance(data, dict):
         raise LlimitError(400, "invalid_request_error", "expected a JSON object")
     unknown = set(data) - set(allowed)
@@ -2375,7 +2509,7 @@ def validate_key_fields(data, allowed):
                 raise _field_error(name, "must be a string")
             fields[name] = value
     if "user" in fields and fields["user"] is not None:
-        fields["user"] = clean_user_name(fields["user"])
+        fields["user"] = canonical_user_name(fields["user"], domains)
     if "expires_at" in data:
         fields["expires_at"] = parse_time_input(data["expires_at"], "expires_at")
     if "models" in data:
@@ -2711,14 +2845,14 @@ def _shown_key(raw_key):
     return raw_key[:3] + "*" * 4 + raw_key[-4:] if len(raw_key) > 12 else "****"
 
 
-def end_user(environ, payload, user_headers):
+def end_user(environ, payload, user_headers, domains):
     """The end user a project key names: X-LLimit-User, LLIMIT_USER_HEADERS, or body `user`."""
     for header in (END_USER_HEADER, *user_headers):
         value = environ.get("HTTP_" + header.upper().replace("-", "_"))
         if value:
-            return clean_user_name(_header_text(value))
+            return canonical_user_name(_header_text(value), domains)
     if isinstance(payload, dict) and isinstance(payload.get("user"), str) and payload["user"]:
-        return clean_user_name(payload["user"])
+        return canonical_user_name(payload["user"], domains)
     return None
 
 
@@ -2833,12 +2967,18 @@ def _session_view(config, row, user_name):
         return PageSession()
     token_admin = bool(row["is_admin"])
     is_admin = token_admin or bool(
-        user_name and config.auth != "open" and user_name in config.admin_users)
+        user_name and config.auth != "open" and user_name in admin_user_names(config))
     return PageSession(
         id_hash=row["id_hash"], user_name=user_name, token_admin=token_admin,
         is_admin=is_admin, csrf_token=row["csrf_token"],
         pending=json.loads(row["pending"]) if row["pending"] else None,
         sees_reports=is_admin or bool(config.reports_public and user_name))
+
+
+def admin_user_names(config):
+    """LLIMIT_ADMIN_USERS under the Identity rule: boss@elsewhere.example is never boss."""
+    domains = user_domains(config)
+    return {canonical_user_name(name, domains) for name in config.admin_users}
 
 
 def sign_in(state, session, user_name, token_admin=False):
@@ -2917,7 +3057,7 @@ def header_user(config, environ):
     value = environ.get("HTTP_" + config.auth_header.upper().replace("-", "_"))
     if not value or not _address_trusted(environ.get("REMOTE_ADDR"), config.trusted_proxies):
         return None
-    return user_from_email(value)
+    return canonical_user_name(_header_text(value), user_domains(config))
 
 
 def _address_trusted(address, trusted):
@@ -2932,12 +3072,6 @@ def _address_trusted(address, trusted):
         except ValueError:
             continue
     return False
-
-
-def user_from_email(value):
-    """A user name from an e-mail address (its local part, lower case) or a plain name."""
-    return clean_user_name(value.strip().rsplit("@", 1)[0].lower() if "@" in value
-                           else value.lower())
 
 
 def safe_next(path):
@@ -3078,7 +3212,7 @@ def _origin(url):
     return "/".join(url.split("/", 3)[:3])
 
 
-def user_from_claims(claims, allowed_domains):
+def user_from_claims(claims, allowed_domains, domains):
     """The user name of verified ID token claims; 403 outside the allowed e-mail domains."""
     email = claims.get("email")
     if not isinstance(email, str) or "@" not in email:
@@ -3092,7 +3226,7 @@ def user_from_claims(claims, allowed_domains):
     if allowed_domains and domain not in {d.lower().lstrip("@") for d in allowed_domains}:
         raise LlimitError(403, "sign_in_failed",
                           f"Accounts of {domain} may not sign in to this llimit.")
-    user_name = user_from_email(email)
+    user_name = canonical_user_name(email, domains)
     if not user_name:
         raise LlimitError(403, "sign_in_failed", "Sign-in failed: the e-mail has no user part.")
     return user_name
@@ -3246,7 +3380,8 @@ def _check_model_allowed(key, model):
 
 
 def _new_call(state, key, environ, payload, body, path, model, started):
-    user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers)
+    user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers,
+                                             state.user_domains)
     max_output = next((payload[name] for name in
                        ("max_tokens", "max_completion_tokens", "max_output_tokens")
                        if isinstance(payload.get(name), int) and payload[name] >= 0), None)
@@ -4312,7 +4447,7 @@ def page_login_post(state, session, form):
         sign_in(state, session, session.user_name, token_admin=True)
         bottle.redirect(next_path if next_path != "/" else "/admin", 303)
     if config.auth == "open":
-        user_name = clean_user_name(form.get("user", ""))
+        user_name = canonical_user_name(form.get("user", ""), state.user_domains)
         if not user_name:
             raise LlimitError(400, "invalid_request_error", "Type a user name to sign in.")
         sign_in(state, session, user_name)
@@ -4352,7 +4487,7 @@ def page_login_callback(state, session):
                           f"{query.get('error_description') or query.get('error')}.")
     claims = state.oidc.claims(query.get("code", ""), _oidc_redirect_uri(config), pending,
                                config.clock())
-    user_name = user_from_claims(claims, config.oidc_allowed_domains)
+    user_name = user_from_claims(claims, config.oidc_allowed_domains, state.user_domains)
     sign_in(state, session, user_name)
     log.info("page sign-in: %s by OpenID Connect", user_name)
     bottle.redirect(safe_next(pending.get("next")), 303)
@@ -4387,7 +4522,7 @@ def page_keys_create(state, session, form):
     user_name = _signed_in_user(session)
     fields = validate_key_fields({"project": form.get("project") or "default",
                                   "note": form.get("note", "").strip() or None},
-                                 ("project", "note"))
+                                 ("project", "note"), state.user_domains)
     db = state.database()
     with transaction(db):
         project = get_project(db, fields["project"])
@@ -4800,7 +4935,7 @@ def _admin_create_key(state, session, form):
         {"user": form.get("user", "").strip() or None, "project": form.get("project") or "default",
          "note": form.get("note", "").strip() or None,
          "expires_at": form.get("expires_at") or None},
-        ("user", "project", "note", "expires_at"))
+        ("user", "project", "note", "expires_at"), state.user_domains)
     db = state.database()
     with transaction(db):
         row, raw_key = create_key(db, state.config.clock(), fields["user"], fields["project"],
@@ -4829,7 +4964,7 @@ def _admin_create_limit(state, session, form):
     if form.get("alert_at", "").strip():
         data["alert_at"] = [_number(part, "alert_at") for part in form["alert_at"].split(",")
                             if part.strip()]
-    limit = validate_limit(data)
+    limit = validate_limit(data, domains=state.user_domains)
     db = state.database()
     with transaction(db):
         add_limit(db, limit, utc_iso(state.config.clock()))
@@ -4947,7 +5082,8 @@ def _created(payload):
 def admin_keys_create(state):
     """POST /admin/keys: issue a key; the secret is in this answer only."""
     fields = validate_key_fields(_json_input(),
-                                 ("user", "project", "note", "expires_at", "models"))
+                                 ("user", "project", "note", "expires_at", "models"),
+                                 state.user_domains)
     db = state.database()
     with transaction(db):
         row, raw_key = create_key(db, state.config.clock(), fields.get("user"),
@@ -4963,7 +5099,8 @@ def admin_keys_list(state):
     if active not in ("", "1", "true", "yes", "0", "false", "no"):
         raise _field_error("active", "must be true or false")  # found by the fuzzer
     db = state.database()
-    rows = list_keys(db, query.get("user") or None, query.get("project") or None,
+    rows = list_keys(db, canonical_user_name(query.get("user"), state.user_domains),
+                     query.get("project") or None,
                      utc_iso(state.config.clock()) if active in ("1", "true", "yes") else None)
     if active in ("0", "false", "no"):
         rows = [row for row in rows if row["revoked_at"] or
@@ -4981,7 +5118,8 @@ def admin_key_get(state, key_id):
 
 def admin_key_update(state, key_id):
     """PATCH /admin/keys/<id>: note, expires_at, models, user."""
-    fields = validate_key_fields(_json_input(), ("note", "expires_at", "models", "user"))
+    fields = validate_key_fields(_json_input(), ("note", "expires_at", "models", "user"),
+                                 state.user_domains)
     db = state.database()
     with transaction(db):
         row = dict(_must_exist(get_key(db, key_id), "key", key_id))
@@ -5045,7 +5183,7 @@ def admin_limits_list(state):
 
 def admin_limits_create(state):
     """POST /admin/limits"""
-    limit = validate_limit(_json_input())
+    limit = validate_limit(_json_input(), domains=state.user_domains)
     db = state.database()
     with transaction(db):
         limit_id = add_limit(db, limit, utc_iso(state.config.clock()))
@@ -5064,7 +5202,7 @@ def admin_limit_update(state, limit_id):
     db = state.database()
     with transaction(db):
         current = dict(_must_exist(get_limit(db, limit_id), "limit", limit_id))
-        update_limit(db, validate_limit(data, current))
+        update_limit(db, validate_limit(data, current, state.user_domains))
     return admin_limit_get(state, limit_id)
 
 
@@ -5152,7 +5290,8 @@ def llimit_me(state):
     db = state.database()
     environ = bottle.request.environ
     key = authenticate_call(state, environ)
-    user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers)
+    user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers,
+                                             state.user_domains)
     limits = [status for _, status in
               state.limits.statuses_for_call(db, key["project_id"], user_name, key["id"])]
     return {"user": user_name, "project": key["project_id"], "key": key["masked_key"],
@@ -5513,6 +5652,8 @@ class State:
         self.config = config
         self.database = Database(config.db_path)
         migrate(self.database())
+        self.user_domains = user_domains(config)
+        apply_identity_rule(self.database(), self.user_domains)
         self.file_prices = load_price_file(config.pricing_path)
         self.pricebook = Pricebook(self.file_prices, list_price_overrides(self.database()))
         self.metrics = Metrics()
@@ -5862,7 +6003,8 @@ def cli_keys(config, args):
         fields = validate_key_fields({"user": args.user, "project": args.project,
                                       "note": args.note, "expires_at": args.expires_at,
                                       "models": args.models.split(",") if args.models else None},
-                                     ("user", "project", "note", "expires_at", "models"))
+                                     ("user", "project", "note", "expires_at", "models"),
+                                     user_domains(config))
         with transaction(db):
             row, raw_key = create_key(db, now, fields["user"], fields["project"] or "default",
                                       fields["note"], fields["expires_at"], fields["models"])
@@ -5910,7 +6052,8 @@ def cli_limits(config, args):
                 "action": args.limit_action,
                 "alert_at": [float(p) for p in args.alert_at.split(",")] if args.alert_at
                 else None}
-        limit = validate_limit({k: v for k, v in data.items() if v is not None})
+        limit = validate_limit({k: v for k, v in data.items() if v is not None},
+                               domains=user_domains(config))
         with transaction(db):
             limit_id = add_limit(db, limit, utc_iso(config.clock()))
         print(f"created limit {limit_id}")

@@ -22,7 +22,8 @@ CLIENT_SECRET = "s3cret-for-tests"
 # --- header ----------------------------------------------------------------------
 
 def test_header_sign_in_trusts_only_the_proxy_addresses(make_llimit):
-    server = make_llimit(auth="header")  # trusted by default: 127.0.0.1 and ::1
+    # trusted by default: 127.0.0.1 and ::1
+    server = make_llimit(auth="header", user_domains=("example.com",))
     proxy = requests.Session()
     proxy.headers["X-Forwarded-Email"] = "Carol.Smith@Example.com"
     page = proxy.get(server.url + "/keys")
@@ -168,13 +169,18 @@ def test_id_token_claims_are_checked():
 
 
 def test_user_names_come_from_verified_emails_in_allowed_domains():
-    assert llimit.user_from_claims({"email": "Ann.Lee@Example.com"}, ("example.com",)) == \
-        "ann.lee"
-    assert llimit.user_from_claims({"preferred_username": "bo@corp.example"}, ()) == "bo"
+    domains = frozenset(("example.com", "corp.example"))
+    assert llimit.user_from_claims({"email": "Ann.Lee@Example.com"}, ("example.com",),
+                                   domains) == "ann.lee"
+    assert llimit.user_from_claims({"preferred_username": "bo@corp.example"}, (),
+                                   domains) == "bo"
+    # Every domain may sign in, but only the listed ones name a user by the local part.
+    assert llimit.user_from_claims({"email": "Bo@Else.example"}, (), domains) == \
+        "bo@else.example"
     for claims in ({"email": "ann@example.com", "email_verified": False}, {"sub": "123"},
                    {"email": "eve@evil.example"}):
         with pytest.raises(llimit.LlimitError):
-            llimit.user_from_claims(claims, ("example.com",))
+            llimit.user_from_claims(claims, ("example.com",), domains)
 
 
 def test_oidc_settings_are_checked_at_start():
