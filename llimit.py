@@ -127,7 +127,11 @@ SETTINGS = [
     ("connect_timeout", "LLIMIT_CONNECT_TIMEOUT", None, 10.0, float,
      "seconds to wait for an upstream connection"),
     ("default_max_tokens", "LLIMIT_DEFAULT_MAX_TOKENS", None, 4096, int,
-     "output tokens reserved for a call that sets no max_tokens"),
+     "output tokens reserved for a call that sets no max_tokens, when its model's"
+     " max_output_tokens is not in pricing.json"),
+    ("default_max_input_tokens", "LLIMIT_DEFAULT_MAX_INPUT_TOKENS", None, 200000, int,
+     "input tokens reserved for a call whose prompt lives upstream (previous_response_id,"
+     " files, image URLs...), when its model's max_input_tokens is not in pricing.json"),
     ("drain_seconds", "LLIMIT_DRAIN_SECONDS", None, 0.0, float,
      "after a client leaves mid-stream, keep reading the upstream this long for exact usage"),
     ("alert_webhook", "LLIMIT_ALERT_WEBHOOK", None, None, str,
@@ -1115,6 +1119,13 @@ def utc_iso(seconds):
 # (-2024-08-06, -20250929), old OpenAI -0613, Vertex -001, and -latest.
 DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|\d{3}|latest)$")
 PRICE_FIELDS = ("input", "cached_input", "output", "cache_write")
+# Beyond token prices, an entry of pricing.json may say (see docs/pricing-sources.md):
+# what a fine-tuned model of it costs, and the most it reads and writes per call,
+# which bound a call's reservation.
+SIZE_FIELDS = ("max_input_tokens", "max_output_tokens")
+FINE_TUNED_FIELD = "fine_tuned"
+FALLBACK_PRICE = "*"   # PUT /admin/pricing/*: the price of every model without its own
+FINE_TUNED_MODEL = re.compile(r"^ft:([^:]+):|^(.+?)\.ft-")  # OpenAI ft:BASE:..., Azure BASE.ft-...
 MAX_PRICE = 1e6  # USD per 1M tokens; far above any real price, and costs stay within int64
 NANO_PER_USD_PER_MTOK = 1000  # 1 token at $1/1M tokens is 1,000 nano-dollars
 
@@ -1132,13 +1143,22 @@ def load_price_file(path):
     return table
 
 
-def validate_price(price):
+def validate_price(price, extra_fields=(*SIZE_FIELDS, FINE_TUNED_FIELD)):
     """None when a price object is well formed, else what is wrong with it."""
     if not isinstance(price, dict):
         return "a price must be an object"
-    unknown = set(price) - set(PRICE_FIELDS)
+    unknown = set(price) - set(PRICE_FIELDS) - set(extra_fields)
     if unknown:
         return f"unknown price field {sorted(unknown)[0]!r}"
+    for field in SIZE_FIELDS:
+        value = price.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value <= 0):
+            return f"{field} must be a whole number of tokens above 0"
+    if FINE_TUNED_FIELD in price:
+        error = validate_price(price[FINE_TUNED_FIELD], ())
+        if error:
+            return f"{FINE_TUNED_FIELD}: {error}"
     for field in PRICE_FIELDS:
         value = price.get(field)
         if field in ("input", "output") and value is None:
@@ -1166,22 +1186,45 @@ class Pricebook:
 
         A dated name such as gpt-4o-2024-08-06 (or gpt-4-0613, gemini-2.0-flash-001)
         falls back to its base name, and a provider prefix (openai/gpt-4o, as
-        OpenRouter reports) to the bare name.
+        OpenRouter reports) to the bare name. A fine-tuned model (ft:gpt-4o-mini:org::id)
+        takes its base model's `fine_tuned` price, never the base price itself. A model
+        with no price of its own takes the fallback price (`*`) when an admin set one.
         """
+        found = self.entry(model)
+        if found is None:
+            return None
+        name, price = found
+        base = price["input"]
+        return name, (float(base), float(price.get("cached_input", base)),
+                      float(price["output"]), float(price.get("cache_write", base)))
+
+    def entry(self, model):
+        """(name, the pricing.json entry in force) for a model, as `resolve` finds it; or None."""
         if not model:
             return None
         table = self.table()
-        candidates = [model, DATE_SUFFIX.sub("", model)]
-        if "/" in model:
-            bare = model.rsplit("/", 1)[1]
-            candidates += [bare, DATE_SUFFIX.sub("", bare)]
-        for name in candidates:
-            price = table.get(name)
-            if price:
-                base = price["input"]
-                return name, (float(base), float(price.get("cached_input", base)),
-                              float(price["output"]), float(price.get("cache_write", base)))
-        return None
+        fine_tuned = FINE_TUNED_MODEL.match(model)
+        if fine_tuned:
+            base = self.entry(fine_tuned.group(1) or fine_tuned.group(2))
+            if base and base[0] != FALLBACK_PRICE and base[1].get(FINE_TUNED_FIELD):
+                return base[0] + " (fine-tuned)", base[1][FINE_TUNED_FIELD]
+        else:
+            candidates = [model, DATE_SUFFIX.sub("", model)]
+            if "/" in model:
+                bare = model.rsplit("/", 1)[1]
+                candidates += [bare, DATE_SUFFIX.sub("", bare)]
+            for name in candidates:
+                if table.get(name) and name != FALLBACK_PRICE:
+                    return name, table[name]
+        fallback = table.get(FALLBACK_PRICE)
+        return (FALLBACK_PRICE, fallback) if fallback else None
+
+    def sizes(self, model):
+        """(max_input_tokens, max_output_tokens) an entry states for a model; None where not."""
+        found = self.entry(model)
+        if found is None:
+            return None, None
+        return tuple(found[1].get(field) for field in SIZE_FIELDS)
 
 
 def save_price(db, model, price, now_iso):
@@ -1235,10 +1278,16 @@ def usage_from_anthropic(usage):
     """Usage from an Anthropic `usage` object: input_tokens excludes cache reads and writes."""
     cache_read = _int(usage.get("cache_read_input_tokens"))
     cache_write = _int(usage.get("cache_creation_input_tokens"))
+    # Anthropic counts thinking inside output_tokens; where a gateway reports it apart,
+    # it goes to the reasoning column (still inside completion tokens).
+    details = usage.get("output_tokens_details")
+    thinking = _int(details.get("reasoning_tokens") or details.get("thinking_tokens")) \
+        if isinstance(details, dict) else 0
+    output = _int(usage.get("output_tokens"))
     return Usage(
         prompt_tokens=_int(usage.get("input_tokens")) + cache_read + cache_write,
         cached_tokens=cache_read, cache_write_tokens=cache_write,
-        completion_tokens=_int(usage.get("output_tokens")))
+        completion_tokens=output, reasoning_tokens=min(thinking, output))
 
 
 def usage_from_body(body):
@@ -1251,9 +1300,36 @@ def usage_from_body(body):
     usage = body.get("usage")
     if not isinstance(usage, dict):
         return model, None
-    if body.get("type") == "message" or "cache_creation_input_tokens" in usage:
-        return model, usage_from_anthropic(usage)
-    return model, usage_from_openai(usage)
+    return model, usage_from_usage_object(usage, body.get("type"))
+
+
+def usage_from_usage_object(usage, body_type=None):
+    """A Usage from a `usage` object of any shape, decided by its token fields.
+
+    prompt_tokens is OpenAI's chat shape, even when a gateway in front of Claude
+    adds Anthropic's cache fields to it; input_tokens is Anthropic's or the
+    Responses API's, told apart by the details only the Responses API sends.
+    """
+    if "prompt_tokens" in usage:
+        found = usage_from_openai(usage)
+        # compat: LiteLLM and others put Claude's cache writes beside OpenAI's fields.
+        found.cache_write_tokens = min(_int(usage.get("cache_creation_input_tokens")),
+                                       max(found.prompt_tokens - found.cached_tokens, 0))
+        return found
+    if body_type == "message" or not ("input_tokens_details" in usage
+                                      or "output_tokens_details" in usage
+                                      or "total_tokens" in usage):
+        return usage_from_anthropic(usage)
+    return usage_from_openai(usage)
+
+
+def multipart_field(body, content_type, name):
+    """A short text field of a multipart/form-data body (e.g. an audio upload's model), or None."""
+    if not content_type.startswith("multipart/form-data") or not body:
+        return None
+    match = re.search(rb'Content-Disposition: *form-data; *name="' + re.escape(name.encode())
+                      + rb'"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,200})\r\n', body, re.I)
+    return match.group(1).decode("utf-8", "replace") if match else None
 
 
 LARGE_BODY_BYTES = 64 * 1024
@@ -1290,10 +1366,7 @@ def _usage_from_body_ends(content):
         return None
     match = MODEL_FIELD.search(content[:2048]) or MODEL_FIELD.search(tail)
     model = match.group(1).decode("utf-8", "replace") if match else None
-    body = {"model": model, "usage": usage}
-    if "cache_creation_input_tokens" in usage:
-        body["type"] = "message"
-    return usage_from_body(body)
+    return usage_from_body({"model": model, "usage": usage})
 
 
 class StreamMeter:
@@ -1353,17 +1426,22 @@ class StreamMeter:
             self.content_events += 1
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            self.usage = usage_from_openai(usage)
+            self.usage = usage_from_usage_object(usage)
             return not obj.get("choices")
         return False
 
-    def estimate(self, prompt_estimate):
-        """A Usage for a stream that ended without (complete) usage."""
-        if self.usage is not None:
-            usage = dataclasses.replace(self.usage)
-            usage.completion_tokens = max(usage.completion_tokens, self.content_events)
-            return usage
-        return Usage(prompt_tokens=prompt_estimate, completion_tokens=self.content_events)
+    def estimate(self, prompt_bound, completion_bound):
+        """A Usage for a stream that ended without (complete) usage: the call's worst case.
+
+        The upstream bills what it generated, reasoning included, however
+        little the client saw, so an estimate is never below the bounds the call
+        was reserved at; an input count the stream did report is kept.
+        """
+        usage = dataclasses.replace(self.usage) if self.usage is not None else Usage()
+        usage.prompt_tokens = usage.prompt_tokens or prompt_bound
+        usage.completion_tokens = max(usage.completion_tokens, self.content_events,
+                                      completion_bound)
+        return usage
 
 
 def _carries_output(choice):
@@ -1418,12 +1496,24 @@ class UsageEvent:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
-def price_event(event, usage, pricebook, status):
+def price_event(event, usage, pricebook, status, worst=None):
     """Fill an event's tokens, cost and pricing status.
 
     `status` is 'priced' for a complete response with usage, 'estimated' for a
-    guess, and 'unpriced' for a response without usage.
+    guess, and 'unpriced' for a response without usage. `worst` (the call's
+    WorstCase, given when a USD budget applies) costs a call that would
+    otherwise go uncosted, marked estimated: a budget never counts it as $0.
     """
+    _price_tokens(event, usage, pricebook, status)
+    if event.cost_nusd is None and worst is not None:
+        event.prompt_tokens = max(event.prompt_tokens, worst.prompt_tokens)
+        event.completion_tokens = max(event.completion_tokens, worst.completion_tokens)
+        event.cost_nusd = worst.need.cost_nusd
+        event.pricing = "estimated"
+    return event
+
+
+def _price_tokens(event, usage, pricebook, status):
     if usage is not None:
         event.prompt_tokens = usage.prompt_tokens
         event.cached_tokens = usage.cached_tokens
@@ -1586,6 +1676,55 @@ ACTIONS = ("block", "warn")
 NANO = 1_000_000_000
 
 
+# A request naming any of these makes the upstream read input llimit cannot see:
+# a stored response or conversation, an uploaded file, an image or file by URL,
+# a stored prompt, or a server-side tool that reads documents or the web.
+SERVER_SIDE_INPUT_MARKERS = (
+    b'"previous_response_id"', b'"conversation"', b'"file_id"', b'"file_url"', b'"image_url"',
+    b'"input_image"', b'"input_file"', b'"input_audio"', b'"document"', b'"url"',
+    b'"container_upload"', b'"file_search', b'"web_search', b'"mcp', b'"code_interpreter',
+    b'"vector_store_ids"')
+
+
+@dataclasses.dataclass
+class WorstCase:
+    """What a call may cost at most, as far as llimit can know before it goes upstream."""
+    need: Totals                  # reserved against every block limit
+    prompt_tokens: int            # the input bound used
+    completion_tokens: int        # the output bound used (all choices)
+    strict: bool                  # the call bounds its own output (max_tokens or the like)
+    priced: bool                  # a price covers the model
+
+
+def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_input_tokens):
+    """A call's WorstCase: its prompt bound, its output bound and their price.
+
+    The prompt is its request bytes / 3 (about 3 bytes of JSON per token errs
+    high) unless the request reads input upstream; then it is the model's
+    context window (max_input_tokens in pricing.json, else the default). The
+    output is the call's max_tokens, capped by the model's max_output_tokens,
+    or that maximum (else the default) when the call sets none.
+    """
+    max_input, max_output = pricebook.sizes(model)
+    prompt = len(body) // 3
+    if (isinstance(payload.get("prompt"), dict)
+            or any(marker in body for marker in SERVER_SIDE_INPUT_MARKERS)):
+        prompt = max(prompt, max_input or default_max_input_tokens)
+    asked = next((payload[name] for name in
+                  ("max_tokens", "max_completion_tokens", "max_output_tokens")
+                  if isinstance(payload.get(name), int) and not isinstance(payload[name], bool)
+                  and payload[name] >= 0), None)
+    output = (max_output or default_max_tokens) if asked is None else (
+        min(asked, max_output) if max_output else asked)
+    n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 0) > 1 else 1
+    resolved = pricebook.resolve(model)
+    cost = cost_nusd(Usage(prompt_tokens=prompt, completion_tokens=output * n),
+                     resolved[1]) if resolved else 0
+    return WorstCase(need=Totals(1, prompt + output * n, cost), prompt_tokens=prompt,
+                     completion_tokens=output * n, strict=asked is not None,
+                     priced=resolved is not None)
+
+
 def window_bounds(window, now):
     """(start, end) in epoch seconds of the UTC window holding `now`; (0, None) for total."""
     if window == "total":
@@ -1682,6 +1821,7 @@ class Admission:
     reservation: list                 # [(counter key, Totals reserved)]
     alert_checks: list                # [(limit, subject)] for alerts after the call
     headers: dict                     # rate-limit and budget headers for the client
+    usd_bound: bool = False           # a USD block limit applies: no call may go uncosted
 
 
 class Limits:
@@ -1726,13 +1866,15 @@ class Limits:
     def admit(self, db, call, limits, ledger_healthy):
         """Check a call against its limits and reserve its worst case.
 
-        `call` has project_id, user_name, key_id, limit_message, need
-        (Totals of its worst case) and strict (the call bounds its output).
-        Raises LlimitError 429 when a block limit is reached, 503 when a block
-        limit applies but usage cannot be written.
+        `call` has project_id, user_name, key_id, limit_message, model and
+        worst (its WorstCase). Raises LlimitError 429 when a block limit is
+        reached, 403 when a USD block limit applies and no price covers the
+        call, 400 when a per-user limit applies and the call names no user, 503
+        when a block limit applies but usage cannot be written.
         """
         now = self.clock()
         block_keys, alert_checks, headers, warnings = {}, [], {}, []
+        usd_bound, worst = False, call.worst
         with self.lock:
             for limit in limits:
                 subject = limit_subject(limit, call.project_id, call.user_name, call.key_id)
@@ -1756,16 +1898,20 @@ class Limits:
                     if used >= amount:
                         warnings.append(describe_limit(limit) + " reached")
                     continue
+                if limit["metric"] == "usd":
+                    if not worst.priced:
+                        raise _not_priced(limit, call.model)
+                    usd_bound = True
                 if not ledger_healthy:
                     raise LlimitError(503, "service_unavailable",
                                       "The usage ledger cannot be written right now, so calls"
                                       " under a spending limit are refused. Try again shortly.",
                                       code="ledger_unavailable")
-                need = getattr(call.need, field)
-                strict = call.strict or limit["metric"] == "requests"
+                need = getattr(worst.need, field)
+                strict = worst.strict or limit["metric"] == "requests"
                 if (used + in_flight + need > amount) if strict else (used + in_flight >= amount):
                     raise self._refusal(limit, used, in_flight, end, now, call.limit_message)
-                block_keys[key] = call.need
+                block_keys[key] = worst.need
             reservation = list(block_keys.items())
             for key, need in reservation:
                 held = self._reserved.get(key)
@@ -1774,7 +1920,7 @@ class Limits:
                 held.add(need)
         if warnings:
             headers["X-LLimit-Warning"] = "; ".join(warnings)
-        return Admission(reservation, alert_checks, headers)
+        return Admission(reservation, alert_checks, headers, usd_bound)
 
     def count_committed(self, events):
         """Count committed events and release their reservations; returns alerts due.
@@ -1921,6 +2067,17 @@ class Limits:
             headers["Retry-After"] = str(max(1, int(end - now + 0.999)))
             return LlimitError(429, "rate_limit_exceeded", message, headers=headers)
         return LlimitError(429, "budget_exceeded", message, headers=headers)
+
+
+def _not_priced(limit, model):
+    # Spend that no price covers would count $0 against a USD budget: refuse it.
+    asked = f"the model {model!r}" if model else "a call that names no model"
+    return LlimitError(403, "permission_denied",
+                       f"No price covers {asked}, and the {describe_limit(limit)} counts"
+                       " dollars, so the call is refused. An admin can price it in"
+                       " pricing.json or with PUT /admin/pricing/<model>, or set a fallback"
+                       " price for every unpriced model with PUT /admin/pricing/*.",
+                       code="model_not_priced")
 
 
 def _user_required(limit):
@@ -3281,10 +3438,8 @@ class Call:
     user_name: str | None
     key_id: str
     limit_message: str | None
-    model: str | None
-    prompt_estimate: int
-    need: Totals                    # the call's worst case
-    strict: bool                    # the call bounds its output tokens
+    model: str | None               # as asked for (an Azure deployment name, say)
+    worst: WorstCase                # what it may cost; reserved against the limits
     admission: Admission | None = None
     upstream_ms: float = 0.0
     method: str = ""
@@ -3311,7 +3466,8 @@ def _proxy(state, path, deployment=None):
         key = authenticate_call(state, environ)
         body = read_body(environ, config.max_body_bytes)
         payload = parse_json_body(body, environ)
-        requested_model = deployment or _text(payload.get("model"))
+        requested_model = deployment or _text(payload.get("model")) or multipart_field(
+            body, environ.get("CONTENT_TYPE", ""), "model")
         _check_model_allowed(key, requested_model)
         upstream = resolve_upstream(key, config)
         body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
@@ -3382,23 +3538,15 @@ def _check_model_allowed(key, model):
 def _new_call(state, key, environ, payload, body, path, model, started):
     user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers,
                                              state.user_domains)
-    max_output = next((payload[name] for name in
-                       ("max_tokens", "max_completion_tokens", "max_output_tokens")
-                       if isinstance(payload.get(name), int) and payload[name] >= 0), None)
-    # About 3 bytes of request JSON per token errs high, which is the safe side.
-    prompt_estimate = len(body) // 3
-    output = state.config.default_max_tokens if max_output is None else max_output
-    n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 0) > 1 else 1
-    tokens = prompt_estimate + output * n
-    resolved = state.pricebook.resolve(model)
-    cost = cost_nusd(Usage(prompt_tokens=prompt_estimate, completion_tokens=output * n),
-                     resolved[1]) if resolved else 0
+    config = state.config
+    worst = worst_case(state.pricebook, _mapped_model(key, model), payload, body,
+                       config.default_max_tokens, config.default_max_input_tokens)
+    if environ["REQUEST_METHOD"] in ("GET", "HEAD", "DELETE"):
+        worst.priced = True  # reads and deletes generate nothing to price
     return Call(request_id=secrets.token_hex(6), started=started, endpoint=path[:100],
                 key=key, project_id=key["project_id"], user_name=user_name, key_id=key["id"],
-                limit_message=key["limit_message"], model=model,
-                prompt_estimate=prompt_estimate, need=Totals(1, tokens, cost),
-                strict=max_output is not None, method=environ["REQUEST_METHOD"],
-                path=logged_path(environ))
+                limit_message=key["limit_message"], model=model, worst=worst,
+                method=environ["REQUEST_METHOD"], path=logged_path(environ))
 
 
 def logged_path(environ):
@@ -3408,10 +3556,13 @@ def logged_path(environ):
 
 def _pricing_model(call, reported_model):
     # Azure may report no model; the admin's deployment map, then the name asked for.
-    if reported_model:
-        return reported_model
-    model_map = json.loads(call.key["model_map"]) if call.key["model_map"] else {}
-    return model_map.get(call.model) or call.model
+    return reported_model or _mapped_model(call.key, call.model)
+
+
+def _mapped_model(key, model):
+    # An Azure deployment name is priced (and reserved) as the model the project maps it to.
+    model_map = json.loads(key["model_map"]) if key["model_map"] else {}
+    return model_map.get(model) or model
 
 
 # One line per call; JSON lines take the fields from the record's `call_fields`.
@@ -3458,7 +3609,9 @@ def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=
         stream=stream, latency_ms=elapsed_ms, overhead_ms=overhead_ms,
         subjects=call_subjects(call.project_id, call.user_name, call.key_id),
         reservation=call.admission)
-    price_event(event, usage, state.pricebook, pricing_status)
+    usd_bound = call.admission is not None and call.admission.usd_bound
+    price_event(event, usage, state.pricebook, pricing_status,
+                call.worst if usd_bound and 200 <= status_code < 300 else None)
     state.writer.submit(event)
     state.metrics.observe_call(event, call.upstream_ms)
     _log_call(call.request_id, call.method, call.path, call.key_id, call.user_name,
@@ -3547,7 +3700,8 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
         resp.close()
         call.upstream_ms += (time.perf_counter() - stream_started) * 1000 - relay_ms
         complete = finished and meter.usage is not None
-        usage = meter.usage if complete else meter.estimate(call.prompt_estimate)
+        usage = meter.usage if complete else meter.estimate(call.worst.prompt_tokens,
+                                                            call.worst.completion_tokens)
         _meter(state, call, resp.status, meter.model, usage,
                "priced" if complete else "estimated", stream=True,
                wait=finished, overhead_ms=overhead_ms + relay_ms)

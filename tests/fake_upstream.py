@@ -12,6 +12,10 @@ on demand.
 
 Routes (OpenAI ones with or without the /v1 prefix):
     POST /v1/chat/completions  /v1/completions  /v1/embeddings  /v1/responses
+    POST /v1/images/generations (dall-e: no usage; gpt-image-*: token usage)
+         /v1/audio/speech (binary audio/mpeg, no usage)
+         /v1/audio/transcriptions (multipart; usage {type: duration, seconds}, or with
+         response_format verbose_json a `duration` and no usage; behaviour audio_seconds 9)
     GET  /v1/models  /v1/models/{id}
     POST /openai/deployments/{deployment}/chat/completions|completions|embeddings
          (Azure: needs ?api-version=..., else 404 "Resource not found")
@@ -297,7 +301,8 @@ _ROUTES = (
                                  r"(?P<endpoint>chat/completions|completions|embeddings)")),
     ("POST", "anthropic", re.compile(r"(?:/v1)?/(?P<endpoint>messages(?:/count_tokens)?)")),
     ("POST", "openai", re.compile(r"(?:/v1)?/(?P<endpoint>chat/completions|completions"
-                                  r"|embeddings|responses)")),
+                                  r"|embeddings|responses|images/generations|audio/speech"
+                                  r"|audio/transcriptions)")),
     ("GET", "openai", re.compile(r"(?:/v1)?/(?P<endpoint>models(?:/.+)?)")),
 )
 
@@ -562,6 +567,31 @@ def count_tokens_body(call):
 
 
 # endpoint -> (JSON body builder, stream events builder or None)
+def image_body(call):
+    """images/generations: dall-e answers carry no usage; gpt-image-* answers count tokens."""
+    n = call.payload.get("n") if isinstance(call.payload.get("n"), int) else 1
+    body = {"created": call.created,
+            "data": [{"url": f"https://images.fake.example/{call.serial}-{i}.png",
+                      "revised_prompt": "A fake picture."} for i in range(n)]}
+    if call.model.startswith("gpt-image"):
+        body["usage"] = {"input_tokens": call.prompt_tokens, "output_tokens":
+                         call.completion_tokens, "total_tokens":
+                         call.prompt_tokens + call.completion_tokens,
+                         "input_tokens_details": {"text_tokens": call.prompt_tokens,
+                                                  "image_tokens": 0}}
+    return body
+
+
+def transcription_body(call):
+    """audio/transcriptions (multipart in): whisper-1 bills by duration."""
+    seconds = float(call.behaviour.get("audio_seconds", 9))
+    body = {"text": call.text, "usage": {"type": "duration", "seconds": int(seconds + 0.999)}}
+    if b'name="response_format"\r\n\r\nverbose_json' in call.request.body:
+        body = {"task": "transcribe", "language": "english", "duration": seconds,
+                "text": call.text, "segments": []}  # verbose_json: duration, no usage
+    return body
+
+
 ENDPOINTS = {
     "chat/completions": (chat_body, chat_events),
     "completions": (completion_body, completion_events),
@@ -569,6 +599,8 @@ ENDPOINTS = {
     "responses": (responses_body, responses_events),
     "messages": (message_body, message_events),
     "messages/count_tokens": (count_tokens_body, None),
+    "images/generations": (image_body, None),
+    "audio/transcriptions": (transcription_body, None),
 }
 
 
@@ -601,6 +633,9 @@ def respond(call):
         return json_reply(call, *problem)
     if call.endpoint.startswith("models"):
         return json_reply(call, 200, models_body(call))
+    if call.endpoint == "audio/speech":  # binary audio, no usage
+        return Reply(200, [("Content-Type", "audio/mpeg"), *call.headers()],
+                     b"ID3\x04fake-mp3" + b"\x00" * 1000)
     whole, stream = ENDPOINTS[call.endpoint]
     if call.stream and stream:
         return Reply(200, [("Content-Type", "text/event-stream; charset=utf-8"),
@@ -635,7 +670,8 @@ def _protocol_error(call):
         return 401, openai_error(401, "You didn't provide an API key. You need to provide "
                                       "your API key in an Authorization header using Bearer "
                                       "auth (i.e. Authorization: Bearer YOUR_KEY).")
-    if method == "POST" and call.request.json is None:
+    multipart = headers.get("content-type", "").startswith("multipart/form-data")
+    if method == "POST" and call.request.json is None and not multipart:
         if call.provider == "anthropic":
             return 400, anthropic_error(400, message="There was an error parsing the body "
                                                      "of your request as JSON")
