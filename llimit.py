@@ -430,6 +430,14 @@ create trigger api_keys_deleted after delete on api_keys
 begin update config_version set version = version + 1; end;
 commit;
 """),
+    ("0005 a cap on each user's personal keys per project", """
+begin;
+-- How many active personal keys a user may hold in a project through the
+-- keys page, so that limits on `each: key` do not multiply; null: no cap
+-- (every project before this migration).
+alter table projects add column max_keys_per_user integer;
+commit;
+"""),
 ]
 
 
@@ -570,7 +578,8 @@ def set_setting(db, name, value):
 # --- projects -------------------------------------------------------------------
 
 PROJECT_COLUMNS = ("id", "name", "upstream_kind", "upstream_url", "upstream_key",
-                   "api_version", "allow_user_keys", "limit_message", "model_map", "created_at")
+                   "api_version", "allow_user_keys", "limit_message", "model_map",
+                   "max_keys_per_user", "created_at")
 
 
 def get_project(db, project_id):
@@ -586,10 +595,10 @@ def list_projects(db):
 def insert_project(db, project):
     """Insert a project from a dict holding every PROJECT_COLUMNS field."""
     db.execute("insert into projects (id, name, upstream_kind, upstream_url, upstream_key,"
-               " api_version, allow_user_keys, limit_message, model_map, created_at)"
-               " values (:id, :name, :upstream_kind, :upstream_url, :upstream_key,"
-               " :api_version, :allow_user_keys, :limit_message, :model_map, :created_at)",
-               project)
+               " api_version, allow_user_keys, limit_message, model_map, max_keys_per_user,"
+               " created_at) values (:id, :name, :upstream_kind, :upstream_url, :upstream_key,"
+               " :api_version, :allow_user_keys, :limit_message, :model_map,"
+               " :max_keys_per_user, :created_at)", project)
 
 
 def update_project(db, project):
@@ -597,8 +606,8 @@ def update_project(db, project):
     db.execute("update projects set name = :name, upstream_kind = :upstream_kind,"
                " upstream_url = :upstream_url, upstream_key = :upstream_key,"
                " api_version = :api_version, allow_user_keys = :allow_user_keys,"
-               " limit_message = :limit_message, model_map = :model_map where id = :id",
-               project)
+               " limit_message = :limit_message, model_map = :model_map,"
+               " max_keys_per_user = :max_keys_per_user where id = :id", project)
 
 
 def delete_project(db, project_id, revoked_at):
@@ -610,6 +619,14 @@ def delete_project(db, project_id, revoked_at):
 
 
 # --- keys -----------------------------------------------------------------------
+
+def count_active_user_keys(db, user_name, project_id, now_iso):
+    """How many unrevoked, unexpired keys a user holds in a project."""
+    return db.execute(
+        "select count(*) from api_keys where user_name = ? and project_id = ?"
+        " and revoked_at is null and (expires_at is null or expires_at > ?)",
+        (user_name, project_id, now_iso)).fetchone()[0]
+
 
 def config_version(db):
     """The number 0004's triggers move with every change to keys, projects and limits."""
@@ -2690,6 +2707,17 @@ def create_key(db, now, user=None, project="default", note=None, expires_at=None
     return row, raw_key
 
 
+def check_key_cap(db, project, user_name, now):
+    """403 when a user already holds the project's max_keys_per_user active keys."""
+    cap = project["max_keys_per_user"]
+    if cap is not None and count_active_user_keys(db, user_name, project["id"],
+                                                  utc_iso(now)) >= cap:
+        raise LlimitError(403, "permission_denied",
+                          f"You hold {cap} active key{'s' * (cap != 1)} in project"
+                          f" {project['id']!r}, the most it allows per person. Revoke one"
+                          " you no longer use, then create a new one.", code="too_many_keys")
+
+
 def key_to_json(row, spend=None):
     """A key as listings show it: masked, never its hash."""
     requests_made, cost = spend or (0, 0)
@@ -2719,7 +2747,8 @@ def validate_project(data, current=None):
         raise _field_error(sorted(unknown)[0], "is not a project field")
     project = dict(current) if current else {
         "upstream_kind": "openai", "upstream_url": None, "upstream_key": None,
-        "api_version": None, "allow_user_keys": 1, "limit_message": None, "model_map": None}
+        "api_version": None, "allow_user_keys": 1, "limit_message": None, "model_map": None,
+        "max_keys_per_user": None}
     if current and "id" in data and data["id"] != current["id"]:
         raise _field_error("id", "cannot change")
     if isinstance(project.get("model_map"), str):
@@ -2762,6 +2791,9 @@ def validate_project(data, current=None):
             raise _field_error("model_map", "must map deployment names to model names")
         model_map = json.dumps(model_map, sort_keys=True)
     project["model_map"] = model_map
+    cap = project.get("max_keys_per_user")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+        raise _field_error("max_keys_per_user", "must be a whole number >= 0, or null for no cap")
     return project
 
 
@@ -2837,6 +2869,7 @@ def project_to_json(project):
         "allow_user_keys": bool(project["allow_user_keys"]),
         "limit_message": project["limit_message"],
         "model_map": json.loads(project["model_map"]) if project["model_map"] else None,
+        "max_keys_per_user": project["max_keys_per_user"],
         "created_at": project["created_at"],
     }
 
@@ -3950,7 +3983,7 @@ KEYS_PAGE = """<h1>Your keys</h1>
 <div class="row">
 <div><label for="project">Project</label><select id="project" name="project">
 % for project in projects:
-<option value="{{project['id']}}">{{project['name']}} ({{project['id']}})</option>
+<option value="{{project['id']}}">{{project['name']}} ({{project['id']}}{{key_caps[project['id']]}})</option>
 % end
 </select></div>
 <div><label for="note">Note <span class="muted">(what it is for)</span></label>
@@ -4164,6 +4197,9 @@ placeholder="{{'LLIMIT_UPSTREAM_URL' if project['id'] == 'default' else 'https:/
 <label>API version</label><input name="api_version" value="{{project['api_version'] or ''}}">
 <label><input type="checkbox" name="allow_user_keys" value="1"{{" checked" if project['allow_user_keys'] else ""}}>
 personal keys allowed</label>
+<label>Most active personal keys per person <span class="muted">(blank: no cap)</span></label>
+<input name="max_keys_per_user" inputmode="numeric" size="4"
+value="{{'' if project['max_keys_per_user'] is None else project['max_keys_per_user']}}">
 <label>Message when a limit is reached</label>
 <input name="limit_message" value="{{project['limit_message'] or ''}}" maxlength="500">
 <label>Add a budget (USD)</label>
@@ -4683,6 +4719,7 @@ def page_keys_create(state, session, form):
         if project is None or not project["allow_user_keys"]:
             raise LlimitError(403, "permission_denied",
                               f"The project {fields['project']!r} hands out no personal keys.")
+        check_key_cap(db, project, user_name, state.config.clock())
         row, raw_key = create_key(db, state.config.clock(), user_name, fields["project"],
                                   fields["note"])
     log.info("page: %s created key %s in project %s", user_name, row["id"], row["project_id"])
@@ -4710,6 +4747,8 @@ def _render_keys(state, session, user_name, raw_key=None):
         KEYS_PAGE, title="Keys", session=session, scripts=[{"src": PAGES_SCRIPT_PATH}],
         keys=[key_to_json(row, spend.get(row["id"])) for row in rows],
         projects=[row for row in list_projects(db) if row["allow_user_keys"]],
+        key_caps={row["id"]: "" if row["max_keys_per_user"] is None else
+                  f", at most {row['max_keys_per_user']} keys each" for row in list_projects(db)},
         new_key=raw_key, new_key_html=_new_key_html(state.config, raw_key) if raw_key else "")
 
 
@@ -5075,6 +5114,9 @@ def _project_form(form):
     data = {field: form.get(field, "").strip() or None
             for field in ("name", "upstream_url", "api_version", "limit_message")}
     data["allow_user_keys"] = form.get("allow_user_keys") == "1"
+    if "max_keys_per_user" in form:
+        cap = form.get("max_keys_per_user", "").strip()
+        data["max_keys_per_user"] = int(cap) if cap.isdigit() else (cap or None)
     for field in ("upstream_kind", "upstream_key"):
         if form.get(field, "").strip():
             data[field] = form[field].strip()
@@ -5511,6 +5553,7 @@ def _openapi_spec():
         "api_version": one_line, "allow_user_keys": {"type": "boolean"},
         "limit_message": {**one_line, "pattern": r"^[^\r]*$"},
         "model_map": {"type": "object", "additionalProperties": string, "nullable": True},
+        "max_keys_per_user": {"type": "integer", "minimum": 0, "nullable": True},
         "budget": {"nullable": True, "description": 'e.g. {"usd": 10, "window": "day"}',
                    "oneOf": [budget, {"type": "array", "items": budget}]}}
     project_patch = {"type": "object", "additionalProperties": False,
@@ -5576,12 +5619,13 @@ def _openapi_spec():
     project_out = record(
         ("id", "name", "upstream_kind", "upstream_url", "upstream_key_set",
          "upstream_key_source", "api_version", "allow_user_keys", "limit_message",
-         "model_map", "created_at"),
+         "model_map", "max_keys_per_user", "created_at"),
         id=string, name=string, upstream_kind=project_fields["upstream_kind"],
         upstream_url=nullable_string, upstream_key_set={"type": "boolean"},
         upstream_key_source=nullable_string, api_version=nullable_string,
         allow_user_keys={"type": "boolean"}, limit_message=nullable_string,
         model_map={"type": "object", "nullable": True, "additionalProperties": string},
+        max_keys_per_user={"type": "integer", "nullable": True},
         created_at=string, limits={"type": "array", "items": ref("Limit")})
     deleted = record(("id", "deleted"), id=string, deleted={"type": "boolean"})
     figures = {name: integer for name in ("requests", "prompt_tokens", "cached_tokens",

@@ -219,3 +219,36 @@ def test_an_unmapped_azure_deployment_is_refused_under_a_usd_budget(gateway, fak
         "?api-version=2024-10-21", json={"messages": CHAT}, headers={"api-key": raw_key})
     assert refused.status_code == 403
     assert refused.json()["error"]["code"] == "model_not_priced" and fake.requests == []
+
+
+# --- 11.6: a cap on each person's keys, so `each: key` limits do not multiply -------------
+
+def test_a_person_holds_at_most_max_keys_per_user_active_keys(gateway):
+    from tests.browser import csrf_token, http_sign_in
+
+    patched = gateway.admin.patch(gateway.url + "/admin/projects/default",
+                                  json={"max_keys_per_user": 2})
+    assert patched.status_code == 200 and patched.json()["max_keys_per_user"] == 2
+    bad = gateway.admin.patch(gateway.url + "/admin/projects/default",
+                              json={"max_keys_per_user": -1})
+    assert bad.status_code == 400 and "max_keys_per_user" in bad.json()["error"]["message"]
+    grace = http_sign_in(gateway.url, "grace")
+    page = grace.get(gateway.url + "/keys").text
+    assert "at most 2 keys each" in page
+    token = csrf_token(page)
+
+    def create():
+        return grace.post(gateway.url + "/keys", data={"csrf_token": token,
+                                                       "project": "default"})
+
+    assert create().status_code == 200 and create().status_code == 200
+    refused = create()
+    assert refused.status_code == 403 and "the most it allows per person" in refused.text
+    assert gateway.db().execute("select count(*) from api_keys where user_name = 'grace'"
+                                ).fetchone()[0] == 2
+    # Revoking one makes room again.
+    key_id = gateway.db().execute("select id from api_keys where user_name = 'grace'"
+                                  ).fetchone()[0]
+    assert grace.post(f"{gateway.url}/keys/{key_id}/revoke",
+                      data={"csrf_token": token}).status_code == 200
+    assert create().status_code == 200
