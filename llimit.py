@@ -438,6 +438,14 @@ begin;
 alter table projects add column max_keys_per_user integer;
 commit;
 """),
+    ("0006 what a call is billed by beyond tokens", """
+begin;
+-- JSON of images, audio seconds, characters, tool uses, 1-hour cache writes
+-- and service tier (Usage.units), so a reprice costs them again; null: tokens
+-- only (every event before this migration).
+alter table usage_events add column units text;
+commit;
+"""),
 ]
 
 
@@ -764,7 +772,7 @@ INSERT_USAGE_EVENT_SQL = (
     "insert into usage_events (created_ms, key_id, user_name, project_id, model, endpoint,"
     " status_code, stream, prompt_tokens, cached_tokens, cache_write_tokens,"
     " completion_tokens, reasoning_tokens, cost_nusd, price_id, pricing, latency_ms,"
-    " overhead_ms) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    " overhead_ms, units) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 UPSERT_USAGE_DAILY_SQL = (
     "insert into usage_daily (day, project_id, user_name, key_id, model, requests,"
@@ -799,7 +807,8 @@ def insert_usage_events(db, events, price_ids):
             event.endpoint, event.status_code, int(event.stream), event.prompt_tokens,
             event.cached_tokens, event.cache_write_tokens, event.completion_tokens,
             event.reasoning_tokens, event.cost_nusd, price_id, event.pricing,
-            round(event.latency_ms, 2), round(event.overhead_ms, 3)))
+            round(event.latency_ms, 2), round(event.overhead_ms, 3),
+            json.dumps(event.units, sort_keys=True) if event.units else None))
         daily_rows.append((
             day, event.project_id or "", event.user_name or "", event.key_id or "",
             event.model or "", event.prompt_tokens, event.cached_tokens,
@@ -1137,36 +1146,96 @@ def utc_iso(seconds):
 DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|\d{3}|latest)$")
 PRICE_FIELDS = ("input", "cached_input", "output", "cache_write")
 # Beyond token prices, an entry of pricing.json may say (see docs/pricing-sources.md):
-# what a fine-tuned model of it costs, and the most it reads and writes per call,
-# which bound a call's reservation.
+# what a fine-tuned model of it costs, the most it reads and writes per call
+# (which bound a call's reservation), and prices of things other than tokens.
 SIZE_FIELDS = ("max_input_tokens", "max_output_tokens")
 FINE_TUNED_FIELD = "fine_tuned"
+UNIT_PRICE_FIELDS = {               # field: what one unit of it is
+    "cache_write_1h": "USD per 1M tokens written to a 1-hour cache (default 2x input)",
+    "images": 'USD per image by "quality/size" or "size", e.g. {"hd/1024x1792": 0.12}',
+    "per_minute": "USD per minute of audio transcribed or translated",
+    "per_1m_characters": "USD per 1M characters of text spoken",
+    "per_1k_requests": 'USD per 1,000 server-side tool uses, e.g. {"web_search": 10}',
+    "long_context": 'above "above_input_tokens" input tokens, the token prices given here',
+    "service_tiers": 'token prices by the service_tier answered, e.g. {"priority": {...}}',
+}
+NON_TOKEN_FIELDS = ("images", "per_minute", "per_1m_characters")  # an entry may price only these
+PRICE_TIERS = {"long_context": ("above_input_tokens", *PRICE_FIELDS, "cache_write_1h"),
+               "service_tiers": (*PRICE_FIELDS, "cache_write_1h")}
+IMAGE_SIZE = re.compile(r"^(?:(?:standard|hd|low|medium|high)/)?(?:\d{2,5}x\d{2,5}|auto)$")
+TOOL_UNITS = ("web_search",)
 FALLBACK_PRICE = "*"   # PUT /admin/pricing/*: the price of every model without its own
 FINE_TUNED_MODEL = re.compile(r"^ft:([^:]+):|^(.+?)\.ft-")  # OpenAI ft:BASE:..., Azure BASE.ft-...
 MAX_PRICE = 1e6  # USD per 1M tokens; far above any real price, and costs stay within int64
 NANO_PER_USD_PER_MTOK = 1000  # 1 token at $1/1M tokens is 1,000 nano-dollars
 
 
+def _unit_price_error(price):
+    def number(value):
+        return (not isinstance(value, bool) and isinstance(value, (int, float))
+                and 0 <= value <= MAX_PRICE)
+
+    for field in ("cache_write_1h", "per_minute", "per_1m_characters"):
+        if field in price and not number(price[field]):
+            return f"{field} must be a number from 0 to {MAX_PRICE:g}"
+    for field, names in (("images", None), ("per_1k_requests", TOOL_UNITS)):
+        table = price.get(field)
+        if table is None:
+            continue
+        if not isinstance(table, dict) or not table:
+            return f"{field} must be an object of prices"
+        for name, value in table.items():
+            if (names is not None and name not in names) or (
+                    names is None and not IMAGE_SIZE.fullmatch(name)):
+                return f"{field}: {name!r} is not a known " + (
+                    "tool" if names else "quality/size such as hd/1024x1792")
+            if not number(value):
+                return f"{field}: {name} must be a number from 0 to {MAX_PRICE:g}"
+    for field, allowed in PRICE_TIERS.items():
+        tiers = price.get(field)
+        if tiers is None:
+            continue
+        for tier in ([tiers] if field == "long_context" else
+                     tiers.values() if isinstance(tiers, dict) else [None]):
+            if not isinstance(tier, dict) or set(tier) - set(allowed) or not all(
+                    number(value) for value in tier.values()):
+                return f"{field} must hold only {', '.join(allowed)}, as numbers"
+        if field == "long_context" and not isinstance(tiers.get("above_input_tokens"), int):
+            return "long_context needs above_input_tokens"
+    return None
+
+
 def load_price_file(path):
     """pricing.json as {model: {field: USD per 1M tokens}}; checks every entry."""
-    with open(path, encoding="utf-8") as handle:
-        table = json.load(handle)
-    if not isinstance(table, dict):
-        raise ValueError(f"{path}: expected an object of model prices")
-    for model, price in table.items():
-        error = validate_price(price)
-        if error:
-            raise ValueError(f"{path}: {model}: {error}")
+    table, errors = check_price_file(path)
+    if errors:
+        raise ValueError(f"{path}: {errors[0]}")
     return table
 
 
-def validate_price(price, extra_fields=(*SIZE_FIELDS, FINE_TUNED_FIELD)):
-    """None when a price object is well formed, else what is wrong with it."""
+def check_price_file(path):
+    """(the table, ["model: what is wrong", ...]) of a prices file, every entry checked."""
+    with open(path, encoding="utf-8") as handle:
+        table = json.load(handle)
+    if not isinstance(table, dict):
+        return {}, ["expected an object of model prices"]
+    return table, [f"{model}: {error}" for model, price in table.items()
+                   for error in [validate_price(price)] if error]
+
+
+def validate_price(price, extra_fields=(*SIZE_FIELDS, FINE_TUNED_FIELD, *UNIT_PRICE_FIELDS)):
+    """None when a price object is well formed, else what is wrong with it (the schema)."""
     if not isinstance(price, dict):
         return "a price must be an object"
     unknown = set(price) - set(PRICE_FIELDS) - set(extra_fields)
     if unknown:
         return f"unknown price field {sorted(unknown)[0]!r}"
+    error = _unit_price_error(price)
+    if error:
+        return error
+    if "input" not in price and "output" not in price and any(
+            field in price for field in NON_TOKEN_FIELDS):
+        return None  # priced by the image, minute or character only
     for field in SIZE_FIELDS:
         value = price.get(field)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -1208,12 +1277,12 @@ class Pricebook:
         with no price of its own takes the fallback price (`*`) when an admin set one.
         """
         found = self.entry(model)
-        if found is None:
-            return None
-        name, price = found
-        base = price["input"]
-        return name, (float(base), float(price.get("cached_input", base)),
-                      float(price["output"]), float(price.get("cache_write", base)))
+        return None if found is None else (found[0], price_usage(found[1], Usage())[0])
+
+    def cost(self, model, usage):
+        """(name, token prices applied, nano-dollars) of a Usage at a model's price; or None."""
+        found = self.entry(model)
+        return None if found is None else (found[0], *price_usage(found[1], usage))
 
     def entry(self, model):
         """(name, the pricing.json entry in force) for a model, as `resolve` finds it; or None."""
@@ -1262,12 +1331,30 @@ def missing_prices(db, pricebook):
 
 @dataclasses.dataclass
 class Usage:
-    """Tokens of one call, in the contract's terms (prompt includes cached)."""
+    """Tokens of one call, in the contract's terms (prompt includes cached), and the
+    other things it is billed by (see UNIT_PRICE_FIELDS)."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    cache_write_tokens: int = 0
+    cache_write_tokens: int = 0        # all cache writes, the 1-hour ones included
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    images: int = 0
+    image_kind: str | None = None      # "quality/size" as asked for
+    audio_seconds: float = 0.0
+    characters: int = 0
+    web_search: int = 0
+    service_tier: str | None = None
+
+    def units(self):
+        """What the call is billed by beyond its five token counts, for storage; None: nothing."""
+        units = {name: getattr(self, name) for name in UNIT_NAMES if getattr(self, name)}
+        return units or None
+
+
+# Usage fields stored in usage_events.units (JSON), so a reprice can cost them again.
+UNIT_NAMES = ("cache_write_1h_tokens", "images", "image_kind", "audio_seconds", "characters",
+              "web_search", "service_tier")
 
 
 def _int(value):
@@ -1301,10 +1388,21 @@ def usage_from_anthropic(usage):
     thinking = _int(details.get("reasoning_tokens") or details.get("thinking_tokens")) \
         if isinstance(details, dict) else 0
     output = _int(usage.get("output_tokens"))
+    creation = usage.get("cache_creation")
+    one_hour = _int(creation.get("ephemeral_1h_input_tokens")) \
+        if isinstance(creation, dict) else 0
+    tools = usage.get("server_tool_use")
     return Usage(
         prompt_tokens=_int(usage.get("input_tokens")) + cache_read + cache_write,
         cached_tokens=cache_read, cache_write_tokens=cache_write,
-        completion_tokens=output, reasoning_tokens=min(thinking, output))
+        completion_tokens=output, reasoning_tokens=min(thinking, output),
+        cache_write_1h_tokens=min(one_hour, cache_write),
+        web_search=_int(tools.get("web_search_requests")) if isinstance(tools, dict) else 0,
+        service_tier=_text_field(usage.get("service_tier")))
+
+
+def _text_field(value):
+    return value[:40] if isinstance(value, str) and value else None
 
 
 def usage_from_body(body):
@@ -1315,9 +1413,21 @@ def usage_from_body(body):
         body = body["response"]
     model = body.get("model") if isinstance(body.get("model"), str) else None
     usage = body.get("usage")
+    if isinstance(body.get("duration"), (int, float)) and body.get("task"):
+        return model, Usage(audio_seconds=float(body["duration"]))  # verbose_json transcription
+    if isinstance(body.get("data"), list) and "created" in body and not isinstance(usage, dict):
+        return model, Usage(images=len(body["data"]))  # an image answer without usage
     if not isinstance(usage, dict):
         return model, None
-    return model, usage_from_usage_object(usage, body.get("type"))
+    if usage.get("type") == "duration":  # a transcription billed by the second
+        seconds = usage.get("seconds")
+        return model, Usage(audio_seconds=float(seconds) if isinstance(
+            seconds, (int, float)) and seconds > 0 else 0.0)
+    found = usage_from_usage_object(usage, body.get("type"))
+    found.service_tier = _text_field(body.get("service_tier")) or found.service_tier
+    if isinstance(body.get("data"), list):
+        found.images = len(body["data"])
+    return model, found
 
 
 def usage_from_usage_object(usage, body_type=None):
@@ -1338,6 +1448,33 @@ def usage_from_usage_object(usage, body_type=None):
                                       or "total_tokens" in usage):
         return usage_from_anthropic(usage)
     return usage_from_openai(usage)
+
+
+IMAGE_ENDPOINTS = ("images/generations", "images/edits", "images/variations")
+
+
+def request_usage(endpoint, payload):
+    """What a request itself says it will be billed by: images asked for, characters to speak."""
+    if endpoint in IMAGE_ENDPOINTS:
+        n = payload.get("n")
+        quality = _text_field(payload.get("quality")) or "standard"
+        size = _text_field(payload.get("size")) or "1024x1024"
+        return Usage(images=n if isinstance(n, int) and not isinstance(n, bool) and n > 0
+                     else 1, image_kind=f"{quality}/{size}")
+    if endpoint == "audio/speech" and isinstance(payload.get("input"), str):
+        return Usage(characters=len(payload["input"]))
+    return Usage()
+
+
+def with_request_usage(usage, asked):
+    """A response's Usage (or None) completed by what the request asked for."""
+    if not (asked.images or asked.characters):
+        return usage
+    usage = dataclasses.replace(usage) if usage is not None else Usage()
+    usage.images = usage.images or asked.images
+    usage.image_kind = usage.image_kind or asked.image_kind
+    usage.characters = usage.characters or asked.characters
+    return usage
 
 
 def multipart_field(body, content_type, name):
@@ -1433,6 +1570,7 @@ class StreamMeter:
             self.model = response.get("model") or self.model
             if isinstance(response.get("usage"), dict):
                 self.usage = usage_from_openai(response["usage"])
+                self.usage.service_tier = _text_field(response.get("service_tier"))
         return False
 
     def _openai_chunk(self, obj):
@@ -1444,6 +1582,7 @@ class StreamMeter:
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.usage = usage_from_usage_object(usage)
+            self.usage.service_tier = _text_field(obj.get("service_tier"))
             return not obj.get("choices")
         return False
 
@@ -1471,13 +1610,51 @@ def _carries_output(choice):
                 or delta.get("refusal"))
 
 
-def cost_nusd(usage, prices):
-    """Cost in integer nano-dollars of a Usage at (input, cached, output, cache_write)."""
+def price_usage(entry, usage):
+    """(token prices applied, nano-dollars) of a Usage by a pricing.json entry.
+
+    The token prices are (input, cached, output, cache_write) per 1M tokens after
+    the service tier answered and the long-context tier; on top come 1-hour
+    cache writes, images, audio minutes, characters spoken and tool uses.
+    """
+    applied = dict(entry)
+    tier = (entry.get("service_tiers") or {}).get(usage.service_tier)
+    if tier:
+        applied.update(tier)
+    long_context = entry.get("long_context")
+    if long_context and usage.prompt_tokens > long_context["above_input_tokens"]:
+        applied.update({k: v for k, v in long_context.items() if k != "above_input_tokens"})
+    base = float(applied.get("input", 0.0))
+    prices = (base, float(applied.get("cached_input", base)), float(applied.get("output", 0.0)),
+              float(applied.get("cache_write", base)))
+    one_hour = float(applied.get("cache_write_1h", 2 * base))  # Anthropic: 2x input
+    # Everything in USD x 1M, the scale cost_nusd works in, rounded once.
+    extra = usage.cache_write_1h_tokens * (one_hour - prices[3])
+    if usage.images:
+        extra += usage.images * image_price(entry.get("images"), usage.image_kind) * 1e6
+    extra += usage.audio_seconds / 60 * entry.get("per_minute", 0.0) * 1e6
+    extra += usage.characters * entry.get("per_1m_characters", 0.0)
+    extra += usage.web_search * (entry.get("per_1k_requests") or {}).get("web_search", 0.0) * 1e3
+    return prices, cost_nusd(usage, prices, extra)
+
+
+def image_price(table, kind):
+    """USD for one image of `kind` ("quality/size"): that, else its size, else the dearest."""
+    if not table:
+        return 0.0
+    kind = kind or ""
+    price = table.get(kind, table.get(kind.rpartition("/")[2]))
+    return float(price if price is not None else max(table.values()))
+
+
+def cost_nusd(usage, prices, extra=0.0):
+    """Cost in integer nano-dollars of a Usage's tokens at (input, cached, output,
+    cache_write), plus `extra` in USD x 1M (what price_usage adds beyond tokens)."""
     input_price, cached_price, output_price, cache_write_price = prices
     uncached = max(usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens, 0)
     dollars_per_mtok = (uncached * input_price + usage.cached_tokens * cached_price
                         + usage.cache_write_tokens * cache_write_price
-                        + usage.completion_tokens * output_price)
+                        + usage.completion_tokens * output_price + extra)
     return round(dollars_per_mtok * NANO_PER_USD_PER_MTOK)
 
 
@@ -1503,6 +1680,7 @@ class UsageEvent:
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     cost_nusd: int | None = None
+    units: dict | None = None          # Usage.units(): what it was billed by beyond tokens
     prices: tuple | None = None        # (input, cached, output, cache_write) used
     price_model: str | None = None     # the name those prices are listed under
     pricing: str = "unpriced"
@@ -1537,12 +1715,12 @@ def _price_tokens(event, usage, pricebook, status):
         event.cache_write_tokens = usage.cache_write_tokens
         event.completion_tokens = usage.completion_tokens
         event.reasoning_tokens = usage.reasoning_tokens
-    resolved = pricebook.resolve(event.model) if usage is not None else None
-    if resolved is None:
+        event.units = usage.units()
+    costed = pricebook.cost(event.model, usage) if usage is not None else None
+    if costed is None:
         event.pricing = "unpriced" if status == "priced" else status
         return event
-    event.price_model, event.prices = resolved
-    event.cost_nusd = cost_nusd(usage, event.prices)
+    event.price_model, event.prices, event.cost_nusd = costed
     event.pricing = status
     return event
 
@@ -1652,17 +1830,18 @@ def reprice_all(state):
         for row in iter_usage_events(db, 0, 2 ** 62):
             seen += 1
             usage = Usage(row["prompt_tokens"], row["cached_tokens"], row["cache_write_tokens"],
-                          row["completion_tokens"], row["reasoning_tokens"])
-            resolved = book.resolve(row["model"])
-            has_tokens = usage.prompt_tokens or usage.completion_tokens
+                          row["completion_tokens"], row["reasoning_tokens"],
+                          **json.loads(row["units"] or "{}"))
+            costed = book.cost(row["model"], usage)
             status = "estimated" if row["pricing"] == "estimated" else None
-            if resolved is None or not has_tokens:
+            if costed is None or not (usage.prompt_tokens or usage.completion_tokens
+                                      or usage.units()):
                 update = (None, None, status or "unpriced")
             else:
+                resolved = costed[:2]
                 if resolved not in snapshot_ids:
                     snapshot_ids[resolved] = get_price_snapshot_id(db, *resolved)
-                update = (cost_nusd(usage, resolved[1]), snapshot_ids[resolved],
-                          status or "priced")
+                update = (costed[2], snapshot_ids[resolved], status or "priced")
             if update != (row["cost_nusd"], row["price_id"], row["pricing"]):
                 changes.append((*update, row["id"]))
         reprice_usage_events(db, changes)
@@ -1711,16 +1890,24 @@ class WorstCase:
     completion_tokens: int        # the output bound used (all choices)
     strict: bool                  # the call bounds its own output (max_tokens or the like)
     priced: bool                  # a price covers the model
+    asked: Usage                  # what the request itself says it is billed by (images...)
 
 
-def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_input_tokens):
+AUDIO_BYTES_PER_SECOND = 1000      # 8 kbit/s: audio is rarely smaller, so seconds <= bytes / 1000
+TRANSCRIPTION_ENDPOINTS = ("audio/transcriptions", "audio/translations")
+
+
+def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_input_tokens,
+               endpoint=""):
     """A call's WorstCase: its prompt bound, its output bound and their price.
 
     The prompt is its request bytes / 3 (about 3 bytes of JSON per token errs
     high) unless the request reads input upstream; then it is the model's
     context window (max_input_tokens in pricing.json, else the default). The
     output is the call's max_tokens, capped by the model's max_output_tokens,
-    or that maximum (else the default) when the call sets none.
+    or that maximum (else the default) when the call sets none. Images and
+    characters come from the request, exactly; audio is bounded by its bytes
+    (AUDIO_BYTES_PER_SECOND), web searches by the tool's max_uses.
     """
     max_input, max_output = pricebook.sizes(model)
     prompt = len(body) // 3
@@ -1734,12 +1921,20 @@ def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_
     output = (max_output or default_max_tokens) if asked is None else (
         min(asked, max_output) if max_output else asked)
     n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 0) > 1 else 1
-    resolved = pricebook.resolve(model)
-    cost = cost_nusd(Usage(prompt_tokens=prompt, completion_tokens=output * n),
-                     resolved[1]) if resolved else 0
-    return WorstCase(need=Totals(1, prompt + output * n, cost), prompt_tokens=prompt,
-                     completion_tokens=output * n, strict=asked is not None,
-                     priced=resolved is not None)
+    request = request_usage(endpoint, payload)
+    bound = dataclasses.replace(request, prompt_tokens=prompt, completion_tokens=output * n)
+    if endpoint in TRANSCRIPTION_ENDPOINTS:
+        bound.audio_seconds = len(body) / AUDIO_BYTES_PER_SECOND
+    tools = payload.get("tools")
+    bound.web_search = sum(tool["max_uses"] for tool in tools if isinstance(tool, dict)
+                           and str(tool.get("type", "")).startswith("web_search")
+                           and isinstance(tool.get("max_uses"), int) and tool["max_uses"] > 0
+                           ) if isinstance(tools, list) else 0
+    costed = pricebook.cost(model, bound)
+    return WorstCase(need=Totals(1, prompt + output * n, costed[2] if costed else 0),
+                     prompt_tokens=prompt, completion_tokens=output * n,
+                     strict=asked is not None or bool(request.images or request.characters),
+                     priced=costed is not None, asked=request)
 
 
 def window_bounds(window, now):
@@ -3573,7 +3768,7 @@ def _new_call(state, key, environ, payload, body, path, model, started):
                                              state.user_domains)
     config = state.config
     worst = worst_case(state.pricebook, _mapped_model(key, model), payload, body,
-                       config.default_max_tokens, config.default_max_input_tokens)
+                       config.default_max_tokens, config.default_max_input_tokens, path)
     if environ["REQUEST_METHOD"] in ("GET", "HEAD", "DELETE"):
         worst.priced = True  # reads and deletes generate nothing to price
     return Call(request_id=secrets.token_hex(6), started=started, endpoint=path[:100],
@@ -3643,6 +3838,10 @@ def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=
         subjects=call_subjects(call.project_id, call.user_name, call.key_id),
         reservation=call.admission)
     usd_bound = call.admission is not None and call.admission.usd_bound
+    if 200 <= status_code < 300:
+        usage = with_request_usage(usage, call.worst.asked)
+        if usage is not None and pricing_status == "unpriced":
+            pricing_status = "priced"  # billed by what the request asked for, exactly
     price_event(event, usage, state.pricebook, pricing_status,
                 call.worst if usd_bound and 200 <= status_code < 300 else None)
     state.writer.submit(event)
@@ -6284,7 +6483,17 @@ def cli_usage(config, args):
 
 
 def cli_pricing(config, args):
-    """pricing missing|list"""
+    """pricing missing|list|check"""
+    if args.action == "check":
+        try:
+            table, errors = check_price_file(config.pricing_path)
+        except (OSError, ValueError) as error:
+            errors, table = [str(error)], {}
+        for error in errors:
+            print(f"{config.pricing_path}: {error}", file=sys.stderr)
+        if not errors:
+            print(f"{len(table)} prices in {config.pricing_path}: all well formed")
+        return 1 if errors else 0
     state, db = _cli_state(config)
     if args.action == "missing":
         missing = missing_prices(db, state.pricebook)
@@ -6356,7 +6565,7 @@ def build_parser():
     usage.add_argument("--json", action="store_true")
 
     pricing = commands.add_parser("pricing", parents=[flags], help="prices in force")
-    pricing.add_argument("action", choices=("missing", "list"))
+    pricing.add_argument("action", choices=("missing", "list", "check"))
     return parser
 
 

@@ -123,5 +123,5 @@ def test_stream_without_usage_is_estimated(gateway, fake):
     api = openai.OpenAI(base_url=gateway.url + "/v1", api_key=raw_key, max_retries=0)
     list(api.chat.completions.create(model="gpt-4o", stream=True, messages=[]))
     (event,) = gateway.events()
-    # No usage at all: the worst case, LLIMIT_DEFAULT_MAX_TOKENS of output, not 3 chunks.
-    assert event["pricing"] == "estimated" and event["completion_tokens"] == 4096
+    # No usage at all: the worst case, gpt-4o's max_output_tokens (pricing.json), not 3 chunks.
+    assert event["pricing"] == "estimated" and event["completion_tokens"] == 16384
