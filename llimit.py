@@ -5689,8 +5689,15 @@ def llimit_me(state):
                                              state.user_domains)
     limits = [status for _, status in
               state.limits.statuses_for_call(db, key["project_id"], user_name, key["id"])]
+    # Spend is the user's (every key), or this key's for a project key naming no one.
+    subject = subject_of("user", user_name) if user_name else subject_of("key", key["id"])
+    now = state.config.clock()
+    today, month_start = _day(now), _day(window_bounds("month", now)[0])
     return {"user": user_name, "project": key["project_id"], "key": key["masked_key"],
-            "key_id": key["id"], "limits": limits}
+            "key_id": key["id"], "limits": limits,
+            "spend": {"today_usd": nusd_to_usd(get_counter(db, subject, today, today).cost_nusd),
+                      "month_usd": nusd_to_usd(
+                          get_counter(db, subject, month_start, today).cost_nusd)}}
 
 
 def _openapi_spec():

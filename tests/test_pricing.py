@@ -145,3 +145,28 @@ def test_priority_and_flex_service_tiers_from_the_answer(gateway, fake):
     assert priority["cost_nusd"] == round((11 * 2.5 + 7 * 20) * 1000)
     assert flex["cost_nusd"] == round((11 * 0.625 + 7 * 5) * 1000)
     assert default["cost_nusd"] == round((11 * 1.25 + 7 * 10) * 1000)
+
+
+def test_spend_beyond_tokens_shows_in_me_usage_reports_and_csv(gateway, fake):
+    from tests.browser import http_sign_in
+
+    raw_key, _ = gateway.create_key(user="ivy")
+    me = requests.get(gateway.url + "/llimit/me", headers={"Authorization": f"Bearer {raw_key}"})
+    assert me.json()["limits"] == [] and me.json()["spend"] == {"today_usd": 0.0,
+                                                                "month_usd": 0.0}
+    assert post(gateway, raw_key, "/v1/images/generations", {
+        "model": "dall-e-3", "prompt": "x", "quality": "hd", "size": "1024x1792"}
+    ).status_code == 200
+    assert post(gateway, raw_key, "/v1/audio/speech", {
+        "model": "tts-1", "input": "a" * 1000, "voice": "alloy"}).status_code == 200
+    gateway.wait_idle()
+    usd = 0.12 + 1000 * 15 / 1e6                       # $0.12 an image, $15 / 1M characters
+    me = requests.get(gateway.url + "/llimit/me", headers={"Authorization": f"Bearer {raw_key}"})
+    assert me.json()["spend"] == {"today_usd": usd, "month_usd": usd}
+    ivy = http_sign_in(gateway.url, "ivy")
+    assert "$0.1350" in ivy.get(gateway.url + "/usage").text
+    admin = http_sign_in(gateway.url, admin_token="test-admin-token")
+    report = admin.get(gateway.url + "/reports/data.csv").text
+    assert "dall-e-3" in report and "0.120000000" in report and "0.015000000" in report
+    events = gateway.admin.get(gateway.url + "/admin/usage.csv").text
+    assert "0.12" in events and "tts-1" in events
