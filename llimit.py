@@ -1262,10 +1262,15 @@ class Pricebook:
         self.file_prices = dict(file_prices)
         self.overrides = {row["model"]: {f: row[f] for f in PRICE_FIELDS if row[f] is not None}
                           for row in overrides}
+        # An override sets token prices; what the file says beyond them still holds.
+        self._table = {**self.file_prices, **{  # read on every call
+            model: {**{field: value for field, value in self.file_prices.get(model, {}).items()
+                       if field not in PRICE_FIELDS}, **price}
+            for model, price in self.overrides.items()}}
 
     def table(self):
         """{model: price dict} as in force now."""
-        return {**self.file_prices, **self.overrides}
+        return self._table
 
     def resolve(self, model):
         """(name the price is listed under, (input, cached, output, cache_write)) or None.
