@@ -52,14 +52,16 @@ def test_images_by_model_size_and_quality(gateway, fake):
     assert gateway.events()[0]["cost_nusd"] == round(0.12 * NANO)
 
 
-def test_twenty_hd_images_cannot_pass_a_tiny_budget(gateway, fake):
+def test_twenty_hd_images_or_speeches_cannot_pass_a_tiny_budget(gateway, fake):
     raw_key, _ = gateway.create_key()
     gateway.admin.post(gateway.url + "/admin/limits", json={
         "scope": "global", "metric": "usd", "window": "day", "amount": 0.0002})
-    body = {"model": "dall-e-3", "prompt": "a lighthouse", "size": "1024x1792",
-            "quality": "hd"}
-    codes = {post(gateway, raw_key, "/v1/images/generations", body).status_code
-             for _ in range(20)}
+    image = {"model": "dall-e-3", "prompt": "a lighthouse", "size": "1024x1792",
+             "quality": "hd"}                                       # $0.12 each
+    speech = {"model": "tts-1-hd", "input": "Hello there, world", "voice": "alloy"}
+    codes = {post(gateway, raw_key, path, body).status_code for _ in range(20)
+             for path, body in (("/v1/images/generations", image),   # 18 x $30/1M = $0.00054
+                                ("/v1/audio/speech", speech))}
     assert codes == {429} and fake.requests == []
 
 
