@@ -36,7 +36,7 @@ class LlimitServer:
     def __init__(self, config):
         self.config = config
         self.app = llimit.make_app(config)
-        self.state = self.app.llimit
+        self.state = self.app.llimit.start()  # as serve() does: the threads start here
         self.server = waitress.create_server(self.app, host="127.0.0.1", port=0,
                                              threads=config.threads, asyncore_use_poll=True)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"

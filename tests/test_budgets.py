@@ -250,5 +250,5 @@ def test_a_person_holds_at_most_max_keys_per_user_active_keys(gateway):
     key_id = gateway.db().execute("select id from api_keys where user_name = 'grace'"
                                   ).fetchone()[0]
     assert grace.post(f"{gateway.url}/keys/{key_id}/revoke",
-                      data={"csrf_token": token}).status_code == 200
+                      data={"csrf_token": token, "confirm": "1"}).status_code == 200
     assert create().status_code == 200
