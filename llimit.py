@@ -6336,9 +6336,18 @@ def _openapi_spec():
         rows={"type": "array", "items": record(
             figures, cost_usd=nullable_number, **figures)})
     price_out = {name: nullable_number for name in PRICE_FIELDS}
+    # A listed entry is pricing.json's: token prices (absent for a model priced only
+    # by the image, minute or character) and the fields beyond them.
+    price_table = {"type": "object", "additionalProperties": number}
+    beyond_tokens = {**{name: integer for name in SIZE_FIELDS},
+                     FINE_TUNED_FIELD: record(("input", "output"), **price_out),
+                     "cache_write_1h": number, "per_minute": number, "per_1m_characters": number,
+                     "images": price_table, "per_1k_requests": price_table,
+                     "long_context": price_table,
+                     "service_tiers": {"type": "object", "additionalProperties": price_table}}
     pricing_out = record(("models", "missing"), missing={"type": "array", "items": string},
                          models={"type": "object", "additionalProperties": record(
-                             ("input", "output", "source"), source=string, **price_out)})
+                             ("source",), source=string, **price_out, **beyond_tokens)})
     price_set = record(("model", "input", "output"), model=string, **price_out)
     repriced = record(("events", "changed"), events=integer, changed=integer)
 
