@@ -9,18 +9,14 @@ import threading
 import pytest
 import requests
 
+from tests.test_limits import add_limit
+
 TINY_BUDGET = 0.0002  # USD a day
 
 
 def post(server, raw_key, path, body, headers=None):
     return requests.post(server.url + path, json=body, timeout=30,
                          headers={"Authorization": f"Bearer {raw_key}", **(headers or {})})
-
-
-def add_limit(server, **fields):
-    resp = server.admin.post(server.url + "/admin/limits", json=fields)
-    assert resp.status_code == 201, resp.text
-    return resp.json()
 
 
 def limit_used(server, limit_id):

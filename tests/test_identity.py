@@ -4,20 +4,10 @@ migration brings names stored before the rule under it."""
 import requests
 
 import llimit
+from tests.test_limits import add_limit
+from tests.test_limits import call as chat
 
 CORP = ("corp.example",)
-
-
-def chat(server, raw_key, headers=None, **body):
-    return requests.post(server.url + "/v1/chat/completions",
-                         json={"model": "gpt-4o", "messages": [], **body},
-                         headers={"Authorization": f"Bearer {raw_key}", **(headers or {})})
-
-
-def add_limit(server, **fields):
-    resp = server.admin.post(server.url + "/admin/limits", json=fields)
-    assert resp.status_code == 201, resp.text
-    return resp.json()
 
 
 def test_one_person_under_every_spelling_is_one_user_with_one_budget(make_llimit, fake):
