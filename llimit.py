@@ -517,7 +517,27 @@ create trigger api_keys_deleted after delete on api_keys
 begin update config_version set version = version + 1; end;
 commit;
 """),
-    ("0005 a cap on each user's personal keys per project", """
+    ("0005 route policy: async projects and owned objects", """
+begin;
+alter table projects add column allow_async integer not null default 0;
+-- Objects (files, batches, stored responses...) made through llimit: the
+-- upstream knows one account, so llimit keeps whose each one is. An async
+-- object (a batch, a background response) is charged once, when its final
+-- usage is known: charged_ms is set in the transaction that stores the charge.
+create table owned_objects (
+    object_id text primary key,
+    kind text not null,
+    project_id text not null,
+    owner text not null,            -- 'u:<user>', or 'k:<key id>' for a key with no user
+    key_id text not null,
+    user_name text,                 -- whom a charge is attributed to
+    created_ms integer not null,
+    async integer not null default 0,
+    charged_ms integer
+) without rowid;
+commit;
+"""),
+    ("0006 a cap on each user's personal keys per project", """
 begin;
 -- How many active personal keys a user may hold in a project through the
 -- keys page, so that limits on `each: key` do not multiply; null: no cap
@@ -525,7 +545,7 @@ begin;
 alter table projects add column max_keys_per_user integer;
 commit;
 """),
-    ("0006 what a call is billed by beyond tokens", """
+    ("0007 what a call is billed by beyond tokens", """
 begin;
 -- JSON of images, audio seconds, characters, tool uses, 1-hour cache writes
 -- and service tier (Usage.units), so a reprice costs them again; null: tokens
@@ -678,8 +698,8 @@ def set_setting(db, name, value):
 # --- projects -------------------------------------------------------------------
 
 PROJECT_COLUMNS = ("id", "name", "upstream_kind", "upstream_url", "upstream_key",
-                   "api_version", "allow_user_keys", "limit_message", "model_map",
-                   "max_keys_per_user", "created_at")
+                   "api_version", "allow_user_keys", "allow_async", "limit_message",
+                   "model_map", "max_keys_per_user", "created_at")
 
 
 def get_project(db, project_id):
@@ -695,10 +715,11 @@ def list_projects(db):
 def insert_project(db, project):
     """Insert a project from a dict holding every PROJECT_COLUMNS field."""
     db.execute("insert into projects (id, name, upstream_kind, upstream_url, upstream_key,"
-               " api_version, allow_user_keys, limit_message, model_map, max_keys_per_user,"
-               " created_at) values (:id, :name, :upstream_kind, :upstream_url, :upstream_key,"
-               " :api_version, :allow_user_keys, :limit_message, :model_map,"
-               " :max_keys_per_user, :created_at)", project)
+               " api_version, allow_user_keys, allow_async, limit_message, model_map,"
+               " max_keys_per_user, created_at) values (:id, :name, :upstream_kind,"
+               " :upstream_url, :upstream_key, :api_version, :allow_user_keys, :allow_async,"
+               " :limit_message, :model_map, :max_keys_per_user, :created_at)",
+               project)
 
 
 def update_project(db, project):
@@ -706,8 +727,9 @@ def update_project(db, project):
     db.execute("update projects set name = :name, upstream_kind = :upstream_kind,"
                " upstream_url = :upstream_url, upstream_key = :upstream_key,"
                " api_version = :api_version, allow_user_keys = :allow_user_keys,"
-               " limit_message = :limit_message, model_map = :model_map,"
-               " max_keys_per_user = :max_keys_per_user where id = :id", project)
+               " allow_async = :allow_async, limit_message = :limit_message,"
+               " model_map = :model_map, max_keys_per_user = :max_keys_per_user"
+               " where id = :id", project)
 
 
 def delete_project(db, project_id, revoked_at):
@@ -743,6 +765,7 @@ def get_key_by_hash(db, key_hash):
         "select k.id, k.key_hash, k.masked_key, k.project_id, k.user_name, k.models,"
         " k.expires_at, k.revoked_at, p.id as project_exists, p.upstream_kind,"
         " p.upstream_url, p.upstream_key, p.api_version, p.limit_message, p.model_map,"
+        " p.allow_async,"
         " (select version from config_version) as config_version"
         " from api_keys k left join projects p on p.id = k.project_id"
         " where k.key_hash = ?", (key_hash,)).fetchone()
@@ -822,9 +845,15 @@ def get_price_snapshot_id(db, model, prices):
 
 
 def list_seen_models(db):
-    """Every model name that usage has been recorded for."""
+    """Every model name that billable usage has been recorded for.
+
+    Calls that cost nothing (look-ups, refusals by the upstream) store no
+    tokens and a cost of 0, so they do not make a model look unpriced.
+    """
     return [row[0] for row in db.execute(
-        "select distinct model from usage_daily where model != '' order by model")]
+        "select model from usage_daily where model != '' group by model"
+        " having sum(prompt_tokens + completion_tokens) > 0 or sum(cost_nusd) > 0"
+        " or sum(unpriced) > 0 order by model")]
 
 
 # --- usage ----------------------------------------------------------------------
@@ -916,6 +945,39 @@ def insert_usage_events(db, events, price_ids):
     db.executemany(UPSERT_USAGE_COUNTER_SQL, counter_rows)
     db.executemany("update api_keys set last_used_at = ? where id = ?",
                    [(used_at, key_id) for key_id, used_at in key_touches.items()])
+
+
+def insert_owned_objects(db, rows):
+    """Record objects made through llimit (a row for an id known already is ignored).
+
+    The caller holds the transaction; rows are dicts of owned_objects' columns.
+    """
+    db.executemany(
+        "insert or ignore into owned_objects (object_id, kind, project_id, owner, key_id,"
+        " user_name, created_ms, async) values (:object_id, :kind, :project_id, :owner,"
+        " :key_id, :user_name, :created_ms, :async)", rows)
+
+
+def get_owned_object(db, object_id):
+    """The owned_objects row of an id, or None (one primary-key look-up)."""
+    return db.execute("select * from owned_objects where object_id = ?",
+                      (object_id,)).fetchone()
+
+
+def owned_ids(db, project_id, owner, object_ids):
+    """The subset of `object_ids` that `owner` owns in a project."""
+    if not object_ids:
+        return set()
+    return {row[0] for row in db.execute(
+        "select object_id from owned_objects where object_id in"
+        " (select value from json_each(?)) and project_id = ? and owner = ?",
+        (json.dumps(list(object_ids)), project_id, owner))}
+
+
+def claim_object_charge(db, object_id, charged_ms):
+    """Mark an async object charged; False if it was already (the caller holds the transaction)."""
+    return db.execute("update owned_objects set charged_ms = ? where object_id = ?"
+                      " and charged_ms is null", (charged_ms, object_id)).rowcount == 1
 
 
 def get_counter(db, subject, first_day, last_day):
@@ -1443,6 +1505,15 @@ class Usage:
     web_search: int = 0
     service_tier: str | None = None
 
+    def add(self, other):
+        """Add another Usage's counts into this one (names such as the tier: the first kept)."""
+        for field in dataclasses.fields(self):
+            mine, theirs = getattr(self, field.name), getattr(other, field.name)
+            if isinstance(theirs, str) or theirs is None:
+                setattr(self, field.name, mine or theirs)
+            else:
+                setattr(self, field.name, mine + theirs)
+
     def units(self):
         """What the call is billed by beyond its five token counts, for storage; None: nothing."""
         units = {name: getattr(self, name) for name in UNIT_NAMES if getattr(self, name)}
@@ -1583,26 +1654,115 @@ def multipart_field(body, content_type, name):
     return match.group(1).decode("utf-8", "replace") if match else None
 
 
+def parse_response_json(content):
+    """The parsed JSON of a whole response body, or None when it is not JSON.
+
+    Usage and model are read only from the parsed object's own top-level
+    fields: text a client placed in the body (an echoed `metadata`, a prompt)
+    can never stand in for them, however large the body is.
+    """
+    if not content or content.lstrip()[:1] not in (b"{", b"["):
+        return None
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
+        return None
+
+
+# The top-level members metering needs; a large answer is read for these alone.
+METERED_FIELDS = ("id", "model", "usage", "type", "object", "response")
 LARGE_BODY_BYTES = 64 * 1024
-MODEL_FIELD = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+MAX_SCANNED_TOKENS = 20_000  # past this many strings and brackets, parsing whole is cheaper
+JSON_MARKS = (b'"', b"[", b"]", b"{", b"}")
+JSON_NAME_SEPARATOR = re.compile(rb"\s*:")
+
+
+def response_fields(content):
+    """The top-level members of METERED_FIELDS in a JSON answer, as a dict, or None.
+
+    A large answer (embeddings run to megabytes of floats) is walked backward
+    from its end, structure only: strings are skipped whole and nested
+    containers by depth, so text a client placed in the answer (an echoed
+    `metadata`, a prompt) is never taken for a top-level field. Anything the
+    walk cannot be sure of is parsed whole.
+    """
+    if content and len(content) > LARGE_BODY_BYTES:
+        found = _top_level_members(content, METERED_FIELDS)
+        if found is not None:
+            return found
+    answer = parse_response_json(content)
+    return answer if isinstance(answer, dict) else None
+
+
+def _top_level_members(content, names):
+    # Walk the body backward from its closing brace, from one string delimiter
+    # or bracket to the one before it (bytes.rfind: no per-byte Python work, so
+    # a megabyte of floats costs little). A quote delimits a string when an
+    # even number of backslashes stands before it.
+    end = len(content.rstrip())
+    if content[end - 1:end] != b"}":
+        return None
+    position = end - 1
+    marks = {char: content.rfind(char, 0, position) for char in JSON_MARKS}
+    depth, value_end, value_span, found, tokens = 1, None, None, {}, 0
+    while True:
+        for char, at in marks.items():
+            if at >= position:
+                marks[char] = content.rfind(char, 0, position)
+        i = max(marks.values())
+        tokens += 1
+        if i < 0 or tokens > MAX_SCANNED_TOKENS:
+            return None
+        char = content[i]
+        if char in b"]}":
+            depth += 1
+            if depth == 2:
+                value_end = i + 1
+        elif char in b"[{":
+            depth -= 1
+            if depth == 0:
+                return found
+            if depth == 1:
+                value_span = (i, value_end)
+        else:
+            j = _string_start(content, i)
+            if j < 0:
+                return None
+            if depth == 1:
+                separator = JSON_NAME_SEPARATOR.match(content, i + 1)
+                if separator:  # a member's name; its value is the last one seen
+                    name = json.loads(content[j:i + 1])
+                    if name in names and name not in found:
+                        found[name] = None  # a number, true or null: none of ours
+                        if value_span and not content[separator.end():value_span[0]].strip():
+                            try:
+                                found[name] = json.loads(content[value_span[0]:value_span[1]])
+                            except (ValueError, RecursionError):
+                                return None
+                    value_span = None
+                else:
+                    value_span = (j, i + 1)
+            i = j
+        position = i
+
+
+def _string_start(content, closing):
+    # The opening quote of the string whose closing quote is at `closing`; -1 if none.
+    at = closing
+    while True:
+        at = content.rfind(b'"', 0, at)
+        if at < 0:
+            return -1
+        slashes = at
+        while slashes and content[slashes - 1] == 0x5C:  # a backslash
+            slashes -= 1
+        if (at - slashes) % 2 == 0:
+            return at
 
 
 def usage_from_response_body(content):
-    """(model, Usage or None) from a non-stream body; cheap on large ones.
-
-    Embeddings answers run to megabytes of floats with usage at the end, so
-    a large body is read from its ends before it is ever parsed whole.
-    """
-    if not content or content[:1] not in (b"{", b" ", b"\n"):
-        return None, None
-    if len(content) > LARGE_BODY_BYTES:
-        found = _usage_from_body_ends(content)
-        if found is not None:
-            return found
-    try:
-        return usage_from_body(json.loads(content))
-    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
-        return None, None
+    """(model, Usage or None) from a non-stream body."""
+    return usage_from_body(response_fields(content))
 
 
 def _usage_from_body_ends(content):
@@ -1620,6 +1780,22 @@ def _usage_from_body_ends(content):
     return usage_from_body({"model": model, "usage": usage})
 
 
+def message_batch_usage(content):
+    """[(model, Usage)] summed per model over an Anthropic batch's results (JSON lines)."""
+    totals = {}
+    for line in content.splitlines():
+        try:
+            result = json.loads(line).get("result") or {}
+        except (ValueError, RecursionError, AttributeError):
+            continue
+        message = result.get("message") if isinstance(result, dict) else None
+        model, usage = usage_from_body(message if isinstance(message, dict) else None)
+        if usage is None:
+            continue
+        totals.setdefault(model, Usage()).add(usage)
+    return list(totals.items())
+
+
 class StreamMeter:
     """Follows an SSE stream event by event and keeps what it says about usage.
 
@@ -1635,6 +1811,7 @@ class StreamMeter:
         self.usage = None
         self.content_events = 0
         self.anthropic_input = None
+        self.object_id = None  # the response or completion id the stream is about
 
     def observe(self, data):
         """Read one event's data; True when it is an OpenAI usage-only chunk."""
@@ -1665,6 +1842,7 @@ class StreamMeter:
                       "response.failed"):
             response = obj.get("response") or {}
             self.model = response.get("model") or self.model
+            self.object_id = _text_or_none(response.get("id")) or self.object_id
             if isinstance(response.get("usage"), dict):
                 self.usage = usage_from_openai(response["usage"])
                 self.usage.service_tier = _text_field(response.get("service_tier"))
@@ -1673,6 +1851,8 @@ class StreamMeter:
     def _openai_chunk(self, obj):
         if obj.get("model"):
             self.model = obj["model"]
+        if self.object_id is None:
+            self.object_id = _text_or_none(obj.get("id"))
         choices = obj.get("choices")
         if choices and _carries_output(choices[0]):
             self.content_events += 1
@@ -1695,6 +1875,10 @@ class StreamMeter:
         usage.completion_tokens = max(usage.completion_tokens, self.content_events,
                                       completion_bound)
         return usage
+
+
+def _text_or_none(value):
+    return value if isinstance(value, str) and value else None
 
 
 def _carries_output(choice):
@@ -1832,18 +2016,31 @@ class UsageEvent:
     overhead_ms: float = 0.0
     subjects: tuple = ()               # running totals this call counts toward
     reservation: object = None         # released when the event is applied
+    owned: list = ()                   # owned_objects rows stored with the event
+    claim: str | None = None           # an async object this event charges, at most once
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
-def price_event(event, usage, pricebook, status, worst=None):
+# OpenAI's Batch API and Anthropic's Message Batches cost half the standard price;
+# a batch's charge is stored under one of these endpoints, so repricing keeps it.
+BATCH_PRICE_FACTOR = 0.5
+BATCH_ENDPOINTS = ("batches", "messages/batches")
+
+
+def price_event(event, usage, pricebook, status, factor=1.0, worst=None):
     """Fill an event's tokens, cost and pricing status.
 
     `status` is 'priced' for a complete response with usage, 'estimated' for a
-    guess, and 'unpriced' for a response without usage. `worst` (the call's
-    WorstCase, given when a USD budget applies) costs a call that would
-    otherwise go uncosted, marked estimated: a budget never counts it as $0.
+    guess, 'unpriced' for a response without usage, and 'free' for a call that
+    costs nothing by its route or its answer (a look-up, an upstream error):
+    cost 0, no tokens. `factor` scales the cost (BATCH_PRICE_FACTOR). `worst`
+    (the call's WorstCase, given when a USD budget applies) costs a call that
+    would otherwise go uncosted, marked estimated: a budget never counts it as $0.
     """
-    _price_tokens(event, usage, pricebook, status)
+    if status == "free":
+        event.cost_nusd, event.pricing = 0, "free"
+        return event
+    _price_tokens(event, usage, pricebook, status, factor)
     if event.cost_nusd is None and worst is not None:
         event.prompt_tokens = max(event.prompt_tokens, worst.prompt_tokens)
         event.completion_tokens = max(event.completion_tokens, worst.completion_tokens)
@@ -1852,7 +2049,7 @@ def price_event(event, usage, pricebook, status, worst=None):
     return event
 
 
-def _price_tokens(event, usage, pricebook, status):
+def _price_tokens(event, usage, pricebook, status, factor):
     if usage is not None:
         event.prompt_tokens = usage.prompt_tokens
         event.cached_tokens = usage.cached_tokens
@@ -1864,7 +2061,8 @@ def _price_tokens(event, usage, pricebook, status):
     if costed is None:
         event.pricing = "unpriced" if status == "priced" else status
         return event
-    event.price_model, event.prices, event.cost_nusd = costed
+    event.price_model, event.prices, full_nusd = costed
+    event.cost_nusd = round(full_nusd * factor)
     event.pricing = status
     return event
 
@@ -1895,12 +2093,12 @@ class UsageWriter:
         self._thread.start()
 
     def submit(self, event):
-        """Queue an event for the next commit."""
+        """Queue an event (or a list of events, committed together) for the next commit."""
         self._queue.put(event)
         return event
 
     def depth(self):
-        """Events waiting to be written."""
+        """Items (events, or lists of them) waiting to be written."""
         return self._queue.qsize()
 
     def close(self, timeout=30.0):
@@ -1915,10 +2113,14 @@ class UsageWriter:
         db = self.database()
         stopping = False
         while not stopping:
-            batch = [self._queue.get()]
-            while len(batch) < self.MAX_BATCH:
+            batch = []
+            item = self._queue.get()
+            while True:
+                batch.extend(item if isinstance(item, list) else [item])
+                if len(batch) >= self.MAX_BATCH:
+                    break
                 try:
-                    batch.append(self._queue.get_nowait())
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
             if None in batch:
@@ -1946,13 +2148,23 @@ class UsageWriter:
 
     def _write(self, db, batch):
         begin_write(db)
-        price_ids = [self._price_id(db, event) for event in batch]
-        insert_usage_events(db, batch, price_ids)
+        # A charge for an async object is stored only if this transaction is
+        # the one that marks the object charged: concurrent polls charge once.
+        claimed = {}
+        for event in batch:
+            if event.claim is not None and event.claim not in claimed:
+                claimed[event.claim] = claim_object_charge(db, event.claim, event.created_ms)
+        kept = [event for event in batch if event.claim is None or claimed[event.claim]]
+        price_ids = [self._price_id(db, event) for event in kept]
+        insert_usage_events(db, kept, price_ids)
+        owned = [row for event in kept for row in event.owned]
+        if owned:
+            insert_owned_objects(db, owned)
         # Limits read running totals lazily from the database; committing and
         # applying under one lock means each event is counted exactly once.
         with self.commit_lock:
             commit(db)
-            follow_up = self.on_commit(batch)
+            follow_up = self.on_commit(kept)
         if follow_up:
             try:
                 self.after_commit(db, follow_up)
@@ -1978,6 +2190,9 @@ def reprice_all(state):
     try:
         for row in iter_usage_events(db, 0, 2 ** 62):
             seen += 1
+            if row["pricing"] == "free":
+                continue
+            factor = BATCH_PRICE_FACTOR if row["endpoint"] in BATCH_ENDPOINTS else 1.0
             usage = Usage(row["prompt_tokens"], row["cached_tokens"], row["cache_write_tokens"],
                           row["completion_tokens"], row["reasoning_tokens"],
                           **json.loads(row["units"] or "{}"))
@@ -1990,7 +2205,7 @@ def reprice_all(state):
                 resolved = costed[:2]
                 if resolved not in snapshot_ids:
                     snapshot_ids[resolved] = get_price_snapshot_id(db, *resolved)
-                update = (costed[2], snapshot_ids[resolved], status or "priced")
+                update = (round(costed[2] * factor), snapshot_ids[resolved], status or "priced")
             if update != (row["cost_nusd"], row["price_id"], row["pricing"]):
                 changes.append((*update, row["id"]))
         reprice_usage_events(db, changes)
@@ -2694,12 +2909,18 @@ def resolve_upstream(project, config, environ=None):
     """The Upstream of a project row; the default project falls back to LLIMIT_UPSTREAM_*.
 
     `env:NAME` keys are read from the environment now, so rotating one needs
-    no restart; a missing variable is a 502 that names it.
+    no restart; a missing variable is a 502 that names it. A project's key
+    goes only to the project's URL and the default key only to the default
+    URL: a key without its URL (a row from before this was refused) is a 502.
     """
     environ = os.environ if environ is None else environ
     if project["upstream_url"]:
         base_url, stored_key = project["upstream_url"], project["upstream_key"]
         api_version = project["api_version"]
+    elif project["upstream_key"]:
+        raise LlimitError(502, "upstream_error",
+                          "This key's project has its own upstream key but no upstream URL;"
+                          " ask its admin to set the URL.", code="upstream_misconfigured")
     else:
         base_url, stored_key = config.upstream_url, config.upstream_key
         api_version = project["api_version"] or config.upstream_api_version
@@ -2800,12 +3021,19 @@ def _ca_bundle():
             or requests.certs.where())
 
 
-def upstream_url(upstream, path, query_string, deployment=None, model=None):
-    """The URL a call goes to. `path` is what follows /v1/ (or a deployment)."""
+def upstream_url(upstream, path, query_string, deployment=None, model=None, azure_v1=False):
+    """The URL a call goes to. `path` is what follows /v1/ (or a deployment).
+
+    `azure_v1`: the call came in on Azure's GA v1 routes (/openai/v1/...), which
+    an Azure upstream serves under /openai/v1/ and without an api-version.
+    """
     path = _upstream_path(path)
     if deployment is not None:
         # Refused for every kind: other kinds ignore it in the URL, but it may become the model.
         _refuse_dot_segments(deployment)
+    if upstream.kind == "azure" and azure_v1:
+        return f"{upstream.base_url}/openai/v1/{path}" + ("?" + query_string if query_string
+                                                         else "")
     if upstream.kind == "azure":
         if deployment is None and model and path in AZURE_DEPLOYMENT_PATHS:
             deployment = model  # compat: OpenAI-style clients name the deployment as model
@@ -3137,6 +3365,8 @@ PROJECT_FIELDS = {
                           "must be a single-line string; env: must name an environment variable"),
     "api_version": Field(ONE_LINE, SINGLE_LINE),
     "allow_user_keys": Field({"type": "boolean"}, "must be true or false"),
+    "allow_async": Field({"type": "boolean", "description": "allow batches and background"
+                          " responses, charged once when they finish"}, "must be true or false"),
     "limit_message": Field({**ONE_LINE, "pattern": r"^[^\r]*$"}, "must be a string without"
                            " carriage returns"),
     "model_map": Field({"type": "object", "additionalProperties": {"type": "string"},
@@ -3155,8 +3385,8 @@ def validate_project(data, current=None):
     check_input(data, PROJECT_FIELDS, "project")
     project = dict(current) if current else {
         "upstream_kind": "openai", "upstream_url": None, "upstream_key": None,
-        "api_version": None, "allow_user_keys": 1, "limit_message": None, "model_map": None,
-        "max_keys_per_user": None}
+        "api_version": None, "allow_user_keys": 1, "allow_async": 0, "limit_message": None,
+        "model_map": None, "max_keys_per_user": None}
     if current and "id" in data and data["id"] != current["id"]:
         raise _field_error("id", "cannot change")
     if isinstance(project.get("model_map"), str):
@@ -3170,7 +3400,12 @@ def validate_project(data, current=None):
         project["upstream_url"] = project["upstream_url"].rstrip("/")
     elif project["upstream_kind"] != "openai" and project["id"] != "default":
         raise _field_error("upstream_url", f"is required for kind {project['upstream_kind']}")
+    if project["upstream_key"] is not None and project["upstream_url"] is None:
+        # Else its calls would go to the default upstream, billed to the default key.
+        raise _field_error("upstream_key", "needs an upstream_url: a project's own key is"
+                                           " sent only to the project's own upstream")
     project["allow_user_keys"] = int(bool(project["allow_user_keys"]))  # stored as 0 or 1
+    project["allow_async"] = int(bool(project["allow_async"]))
     if project["model_map"] is not None:
         project["model_map"] = json.dumps(project["model_map"], sort_keys=True)
     cap = project.get("max_keys_per_user")
@@ -3258,6 +3493,7 @@ def project_to_json(project, config=None):
                                 key if key.startswith("env:") else "stored"),
         "api_version": project["api_version"],
         "allow_user_keys": bool(project["allow_user_keys"]),
+        "allow_async": bool(project["allow_async"]),
         "limit_message": project["limit_message"],
         "model_map": json.loads(project["model_map"]) if project["model_map"] else None,
         "max_keys_per_user": project["max_keys_per_user"],
@@ -3836,9 +4072,11 @@ def parse_json_body(body, environ):
     """The JSON object a POST carries, {} when there is none; 400 when it is broken."""
     if not body:
         return {}
-    content_type = environ.get("CONTENT_TYPE", "")
-    if "json" not in content_type and body[:1] not in (b"{", b"["):
-        return {}  # multipart uploads (audio, files) pass through unread
+    # Whatever the Content-Type says (text/plain, Application/JSON), a body that
+    # reads as JSON is JSON to the upstream; multipart uploads pass through unread.
+    if "json" not in environ.get("CONTENT_TYPE", "").lower() \
+            and body.lstrip()[:1] not in (b"{", b"["):
+        return {}
     try:
         payload = json.loads(body)
     except RecursionError:
@@ -3868,6 +4106,207 @@ class Call:
     upstream_ms: float = 0.0
     method: str = ""
     path: str = ""                  # as the client sent it, percent-encoded
+    route: object = None            # the RouteMatch the call falls under
+    owner: str = ""                 # whose objects the caller may see (owner_of)
+    owned_row: object = None        # the owned_objects row of the object the path names
+
+
+# --- route policy ---------------------------------------------------------------
+# Every upstream route has a class, decided by method and path (what follows
+# /v1/, /openai/, /openai/v1/ or a deployment), never by what an answer holds:
+#   generate    forwarded, metered from the parsed answer, counted against limits
+#   lookup      forwarded, never charged, only for objects the caller owns
+#   async       a job billed later: only with the project's allow_async; charged
+#               once, when an answer shows its final usage
+#   credential  mints a credential usable without llimit: refused
+# Anything not listed is refused. Actions: "create" records the answer's id as
+# the caller's object, "own" lets only its owner name the object in the path,
+# "list" filters a list answer down to the caller's own objects.
+
+ROUTE_TABLE = (
+    # (method, path template, class, action, object kind)
+    ("POST", "chat/completions", "generate", "create", "chat_completion"),  # with store: true
+    ("POST", "completions", "generate", None, None),
+    ("POST", "responses", "generate", "create", "response"),  # background: true is async
+    ("POST", "embeddings", "generate", None, None),
+    ("POST", "moderations", "generate", None, None),
+    ("POST", "images/generations", "generate", None, None),
+    ("POST", "images/edits", "generate", None, None),
+    ("POST", "images/variations", "generate", None, None),
+    ("POST", "audio/speech", "generate", None, None),
+    ("POST", "audio/transcriptions", "generate", None, None),
+    ("POST", "audio/translations", "generate", None, None),
+    ("POST", "messages", "generate", None, None),
+    ("GET", "models", "lookup", None, None),
+    ("GET", "models/{id}", "lookup", None, None),
+    ("POST", "messages/count_tokens", "lookup", None, None),
+    ("POST", "responses/input_tokens", "lookup", None, None),
+    ("GET", "responses/{id}", "lookup", "own", "response"),
+    ("DELETE", "responses/{id}", "lookup", "own", "response"),
+    ("POST", "responses/{id}/cancel", "lookup", "own", "response"),
+    ("GET", "responses/{id}/input_items", "lookup", "own", "response"),
+    ("GET", "chat/completions", "lookup", "list", "chat_completion"),
+    ("GET", "chat/completions/{id}", "lookup", "own", "chat_completion"),
+    ("POST", "chat/completions/{id}", "lookup", "own", "chat_completion"),
+    ("DELETE", "chat/completions/{id}", "lookup", "own", "chat_completion"),
+    ("GET", "chat/completions/{id}/messages", "lookup", "own", "chat_completion"),
+    ("GET", "files", "lookup", "list", "file"),
+    ("POST", "files", "lookup", "create", "file"),
+    ("GET", "files/{id}", "lookup", "own", "file"),
+    ("DELETE", "files/{id}", "lookup", "own", "file"),
+    ("GET", "files/{id}/content", "lookup", "own", "file"),
+    ("GET", "vector_stores", "lookup", "list", "vector_store"),
+    ("POST", "vector_stores", "lookup", "create", "vector_store"),
+    ("GET", "vector_stores/{id}", "lookup", "own", "vector_store"),
+    ("POST", "vector_stores/{id}", "lookup", "own", "vector_store"),
+    ("DELETE", "vector_stores/{id}", "lookup", "own", "vector_store"),
+    ("GET", "vector_stores/{id}/files", "lookup", "own", "vector_store"),
+    ("POST", "vector_stores/{id}/files", "lookup", "own", "vector_store"),
+    ("GET", "vector_stores/{id}/files/{file}", "lookup", "own", "vector_store"),
+    ("DELETE", "vector_stores/{id}/files/{file}", "lookup", "own", "vector_store"),
+    ("GET", "vector_stores/{id}/files/{file}/content", "lookup", "own", "vector_store"),
+    ("GET", "batches", "lookup", "list", "batch"),
+    ("GET", "batches/{id}", "lookup", "own", "batch"),
+    ("POST", "batches/{id}/cancel", "lookup", "own", "batch"),
+    ("GET", "messages/batches", "lookup", "list", "message_batch"),
+    ("GET", "messages/batches/{id}", "lookup", "own", "message_batch"),
+    ("GET", "messages/batches/{id}/results", "lookup", "own", "message_batch"),
+    ("POST", "messages/batches/{id}/cancel", "lookup", "own", "message_batch"),
+    ("DELETE", "messages/batches/{id}", "lookup", "own", "message_batch"),
+    ("GET", "fine_tuning/jobs", "lookup", "list", "fine_tuning_job"),
+    ("GET", "fine_tuning/jobs/{id}", "lookup", "own", "fine_tuning_job"),
+    ("GET", "fine_tuning/jobs/{id}/events", "lookup", "own", "fine_tuning_job"),
+    ("GET", "fine_tuning/jobs/{id}/checkpoints", "lookup", "own", "fine_tuning_job"),
+    ("POST", "fine_tuning/jobs/{id}/cancel", "lookup", "own", "fine_tuning_job"),
+    ("POST", "batches", "async", "create", "batch"),
+    ("POST", "messages/batches", "async", "create", "message_batch"),
+    ("POST", "fine_tuning/jobs", "async", "create", "fine_tuning_job"),
+    ("POST", "realtime/client_secrets", "credential", None, None),
+    ("POST", "realtime/sessions", "credential", None, None),
+    ("POST", "realtime/transcription_sessions", "credential", None, None),
+)
+# Final states whose answer carries an async object's final usage.
+BATCH_FINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
+RESPONSE_FINAL_STATUSES = ("completed", "failed", "incomplete", "cancelled")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteMatch:
+    """The class of one call's route, and the object its path names."""
+    name: str                       # "GET batches/{id}", or the path for a refused route
+    cls: str                        # generate | lookup | async | credential | refused
+    action: str | None = None       # create | own | list
+    kind: str | None = None         # the object kind (owned_objects.kind)
+    object_id: str | None = None
+
+
+def _route_tables():
+    static, dynamic = {}, []
+    for method, template, cls, action, kind in ROUTE_TABLE:
+        route = RouteMatch(f"{method} {template}", cls, action, kind)
+        if "{" not in template:
+            static[(method, template)] = route
+            continue
+        pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: rf"(?P<{m[1]}>[^/]+)",
+                         re.escape(template))
+        dynamic.append((method, re.compile(pattern), route))
+    return static, dynamic
+
+
+STATIC_ROUTES, DYNAMIC_ROUTES = _route_tables()
+
+
+def match_route(method, path, payload):
+    """The RouteMatch of a call: one dict look-up for the generation routes."""
+    route = STATIC_ROUTES.get((method, path))
+    if route is None:
+        for route_method, pattern, candidate in DYNAMIC_ROUTES:
+            match = route_method == method and pattern.fullmatch(path)
+            if match:
+                route = dataclasses.replace(candidate, object_id=match["id"])
+                break
+        else:
+            return RouteMatch(f"{method} {path}", "refused")
+    if route.kind == "response" and route.action == "create":
+        if payload.get("background") is True:
+            return dataclasses.replace(route, cls="async")
+        if payload.get("store") is False:
+            return dataclasses.replace(route, action=None)
+    if route.kind == "chat_completion" and route.action == "create" \
+            and payload.get("store") is not True:
+        return dataclasses.replace(route, action=None)
+    return route
+
+
+def owner_of(key):
+    """Whose objects a key's calls make and see: its user's, or the key's own."""
+    return "u:" + key["user_name"] if key["user_name"] else "k:" + key["id"]
+
+
+def _refuse_route(route, key, environ, payload):
+    name = f"{environ['REQUEST_METHOD']} {logged_path(environ)}"
+    if route.cls == "refused":
+        reason = ("llimit forwards only routes whose cost it can meter (README, Metering), and"
+                  " this is not one of them; no setting enables it")
+    elif route.cls == "credential":
+        reason = ("it mints a credential that is used without llimit, so its spend could not"
+                  " be metered; no setting enables it")
+    elif route.kind == "fine_tuning_job" and route.cls == "async":
+        reason = ("llimit has no training price to charge a fine-tuning job with, so it is"
+                  " refused even where a project allows async jobs")
+    elif route.cls == "async" and not key["allow_async"]:
+        reason = ("it starts a job that is billed later (a batch or a background response);"
+                  " an admin can allow such jobs for this key's project with"
+                  " allow_async: true")
+    elif route.cls == "async" and payload.get("stream") is True:
+        reason = "a background response cannot be streamed through llimit; poll it instead"
+    elif route.name == "GET responses/{id}" and "stream=true" in \
+            environ.get("QUERY_STRING", "").lower():
+        reason = "resuming a background response's stream is not metered; poll it instead"
+    else:
+        return
+    raise LlimitError(403, "permission_denied", f"{name} is not allowed through llimit: "
+                      f"{reason}.", code="route_not_allowed")
+
+
+def _referenced_ids(payload):
+    # Ids a request body points the upstream at: they must be the caller's too.
+    ids = [payload.get(field) for field in ("previous_response_id", "input_file_id", "file_id")]
+    file_ids = payload.get("file_ids")
+    if isinstance(file_ids, list):
+        ids += file_ids
+    return [object_id for object_id in ids if isinstance(object_id, str) and object_id]
+
+
+def _check_ownership(db, route, project_id, owner, method, payload):
+    """The owned row of the object the path names; 404 for anybody else's object.
+
+    Only object routes (and bodies that name an object) read the database:
+    one primary-key look-up each.
+    """
+    row = None
+    if route.action == "own":
+        row = get_owned_object(db, route.object_id)
+        _must_own(row, route.object_id, project_id, owner)
+        if method == "DELETE" and row["async"] and row["charged_ms"] is None:
+            raise LlimitError(409, "invalid_request_error",
+                              f"{route.object_id} has not been charged yet; fetch it once it"
+                              " has finished (or cancel it), then delete it.",
+                              code="object_not_settled")
+    for object_id in _referenced_ids(payload):
+        referenced = get_owned_object(db, object_id)
+        _must_own(referenced, object_id, project_id, owner)
+        if referenced["async"] and referenced["charged_ms"] is None:
+            raise LlimitError(409, "invalid_request_error",
+                              f"{object_id} has not been charged yet; fetch it once it has"
+                              " finished, then use it.", code="object_not_settled")
+    return row
+
+
+def _must_own(row, object_id, project_id, owner):
+    if row is None or row["owner"] != owner or row["project_id"] != project_id:
+        raise LlimitError(404, "invalid_request_error", f"No such object: {object_id}.",
+                          code="not_found")
 
 
 def proxy_v1(state, path):
@@ -3880,42 +4319,73 @@ def proxy_azure(state, deployment, path):
     return _proxy(state, path, deployment=deployment)
 
 
-def _proxy(state, path, deployment=None):
+def proxy_azure_v1(state, path):
+    """/openai/v1/<path>: Azure's GA v1 routes (AzureOpenAI with a .../openai/v1/ base URL)."""
+    return _proxy(state, path, azure_v1=True)
+
+
+def proxy_azure_plain(state, path):
+    """/openai/<path>: Azure routes outside a deployment (/openai/responses, files, batches)."""
+    return _proxy(state, path)
+
+
+def _proxy(state, path, deployment=None, azure_v1=False):
     started = time.perf_counter()
     config = state.config
     environ = bottle.request.environ
     db = state.database()
     key = requested_model = None
     try:
+        if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            raise LlimitError(501, "not_implemented",
+                              "WebSocket upgrades (such as the Realtime API) are not supported:"
+                              " llimit could not meter them.", code="websocket_not_supported")
         key = authenticate_call(state, environ)
         body = read_body(environ, config.max_body_bytes)
         payload = parse_json_body(body, environ)
-        requested_model = deployment or _text(payload.get("model")) or multipart_field(
-            body, environ.get("CONTENT_TYPE", ""), "model")
-        _check_model_allowed(key, requested_model)
+        route = match_route(environ["REQUEST_METHOD"], path, payload)
+        _refuse_route(route, key, environ, payload)
         upstream = resolve_upstream(key, config)
         environ["llimit.dialect"] = upstream.kind  # llimit's own errors speak it too
-        body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
+        requested_model = _check_models(key, payload, deployment, upstream.kind)
+        if requested_model is None:  # a multipart upload (audio) names it in a form field
+            requested_model = multipart_field(body, environ.get("CONTENT_TYPE", ""), "model")
+        owner = owner_of(key)
+        owned_row = _check_ownership(db, route, key["project_id"], owner,
+                                     environ["REQUEST_METHOD"], payload)
+        sent_body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment,
+                                                    upstream.kind)
+        rewritten, body = sent_body is not body, sent_body
         # The URL first: a path it refuses must not leave a reservation behind.
         url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
-                           requested_model)
+                           requested_model, azure_v1)
         call = _new_call(state, key, environ, payload, body, path, requested_model, started)
-        call.admission = state.limits.admit(
-            db, call, state.limits.for_call(db, key["config_version"], call.project_id,
-                                            call.user_name, call.key_id),
-            state.writer.healthy)
+        call.route, call.owner, call.owned_row = route, owner, owned_row
+        if route.cls != "generate":
+            call.worst.priced = True  # a look-up costs nothing; async work is charged when done
+        if route.cls == "lookup":
+            call.admission = Admission([], [], {})  # never charged, so never refused by limits
+        else:
+            call.admission = state.limits.admit(
+                db, call, state.limits.for_call(db, key["config_version"], call.project_id,
+                                                call.user_name, call.key_id),
+                state.writer.healthy)
     except LlimitError as error:
         _log_refused(environ, error.status, started, key, requested_model)
         raise
     sent = time.perf_counter()
     try:
         headers = upstream_headers(environ, upstream, state.user_header_names)
+        if rewritten:
+            headers["content-type"] = "application/json"  # what we send is JSON we wrote
         resp = send_upstream(state.pool, environ["REQUEST_METHOD"], url, headers, body)
     except BaseException as error:
         # Metered even so: one event per call, and it releases the reservation.
         call.upstream_ms = (time.perf_counter() - sent) * 1000
         status = error.status if isinstance(error, LlimitError) else 500
-        _meter(state, call, status, None, None, "unpriced", stream=False, wait=False)
+        # Nothing was served when the upstream could not be reached; a timeout may have cost.
+        _meter(state, call, status, None, None, "free" if status == 502 else "unpriced",
+               stream=False, wait=False)
         raise
     call.upstream_ms = (time.perf_counter() - sent) * 1000
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
@@ -3933,7 +4403,8 @@ def _rewrite_body(payload, body, path, deployment, kind):
         payload["model"] = deployment  # compat: Azure clients name the model in the URL
         changed = True
     hide_usage_chunk = False
-    streams_usage = path in ("chat/completions", "completions") and kind != "anthropic"
+    # Anthropic's OpenAI-compatible chat/completions honours stream_options too.
+    streams_usage = path == "chat/completions" or path == "completions" and kind != "anthropic"
     if payload.get("stream") is True and streams_usage:
         # OpenAI sends usage in a stream only when include_usage is set.
         options = payload.get("stream_options")
@@ -3946,6 +4417,21 @@ def _rewrite_body(payload, body, path, deployment, kind):
 
 def _text(value):
     return value if isinstance(value, str) and value else None
+
+
+def _check_models(key, payload, deployment, kind):
+    """The model the upstream will use; 403 unless the key may use every model named.
+
+    A deployment in the URL and a model in the body may differ: an Azure
+    upstream acts on the deployment, any other on the body's model, so both
+    are checked against the key's allow-list.
+    """
+    body_model = _text(payload.get("model"))
+    for model in {deployment, body_model} - {None} or {None}:
+        _check_model_allowed(key, model)
+    if kind == "azure":
+        return deployment or body_model
+    return body_model or deployment
 
 
 def _check_model_allowed(key, model):
@@ -3966,8 +4452,6 @@ def _new_call(state, key, environ, payload, body, path, model, started):
     config = state.config
     worst = worst_case(state.pricebook, _mapped_model(key, model), payload, body,
                        config.default_max_tokens, config.default_max_input_tokens, path)
-    if environ["REQUEST_METHOD"] in ("GET", "HEAD", "DELETE"):
-        worst.priced = True  # reads and deletes generate nothing to price
     return Call(request_id=secrets.token_hex(6), started=started, endpoint=path[:100],
                 key=key, project_id=key["project_id"], user_name=user_name, key_id=key["id"],
                 limit_message=key["limit_message"], model=model, worst=worst,
@@ -4022,8 +4506,16 @@ def _log_refused(environ, status_code, started, key=None, model=None):
 
 
 def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=True,
-           overhead_ms=None):
-    """Record one call's usage event; with `wait`, until it is committed."""
+           overhead_ms=None, owned=()):
+    """Record one call's usage event; with `wait`, until it is committed.
+
+    Only a generation is charged; a look-up, an async job's creation (charged
+    when it ends) and an upstream's refusal cost nothing and are stored as
+    'free'. Look-ups count toward no limit.
+    """
+    generate = call.route is None or call.route.cls == "generate"
+    if not generate or (status_code >= 400 and usage is None and pricing_status != "estimated"):
+        pricing_status, usage = "free", None
     elapsed_ms = (time.perf_counter() - call.started) * 1000
     if overhead_ms is None:
         overhead_ms = max(elapsed_ms - call.upstream_ms, 0.0)
@@ -4032,15 +4524,16 @@ def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=
         user_name=call.user_name, project_id=call.project_id,
         model=_pricing_model(call, model), endpoint=call.endpoint, status_code=status_code,
         stream=stream, latency_ms=elapsed_ms, overhead_ms=overhead_ms,
-        subjects=call_subjects(call.project_id, call.user_name, call.key_id),
-        reservation=call.admission)
+        subjects=(call_subjects(call.project_id, call.user_name, call.key_id)
+                  if call.route is None or call.route.cls != "lookup" else ()),
+        reservation=call.admission, owned=owned)
     usd_bound = call.admission is not None and call.admission.usd_bound
     if 200 <= status_code < 300:
         usage = with_request_usage(usage, call.worst.asked)
         if usage is not None and pricing_status == "unpriced":
             pricing_status = "priced"  # billed by what the request asked for, exactly
     price_event(event, usage, state.pricebook, pricing_status,
-                call.worst if usd_bound and 200 <= status_code < 300 else None)
+                worst=call.worst if usd_bound and 200 <= status_code < 300 else None)
     state.writer.submit(event)
     state.metrics.observe_call(event, call.upstream_ms)
     _log_call(call.request_id, call.method, call.path, call.key_id, call.user_name,
@@ -4062,9 +4555,27 @@ def _relay_whole(state, call, resp):
         _meter(state, call, error.status, None, None, "unpriced", stream=False, wait=False)
         raise
     call.upstream_ms += (time.perf_counter() - before_body) * 1000
-    model, usage = usage_from_response_body(content)
+    route = call.route
+    if route.cls != "lookup" and route.action != "list":
+        answer = response_fields(content)  # what metering needs, cheap on large answers
+    else:
+        answer = parse_response_json(content) if route.action is not None else None
+    model, usage = usage_from_body(answer)
+    object_id = answer.get("id") if isinstance(answer, dict) else None
+    owned = list(_created_objects(call, resp.status, object_id))
+    if resp.status == 200 and route.action is not None:
+        if route.action == "list" and isinstance(answer, dict) \
+                and isinstance(answer.get("data"), list):
+            content = json.dumps(_own_list(state, call, answer)).encode()
+        settlement = _settlement(state, call, answer, content)
+        if settlement:
+            state.writer.submit(settlement)  # before the call's own event: committed first
+        if route.kind == "batch" and isinstance(answer, dict):
+            # A finished batch's result files are its owner's to read.
+            owned += _created_files(call, answer.get("output_file_id"),
+                                    answer.get("error_file_id"))
     _meter(state, call, resp.status, model, usage,
-           "priced" if usage is not None else "unpriced", stream=False)
+           "priced" if usage is not None else "unpriced", stream=False, owned=owned)
     response = bottle.HTTPResponse(body=content, status=resp.status)
     for name, value in client_response_headers(resp, call.admission.headers):
         response.add_header(name, value)
@@ -4075,6 +4586,78 @@ def _relay_whole(state, call, resp):
     overhead_ms = (time.perf_counter() - call.started) * 1000 - call.upstream_ms
     response.set_header("X-LLimit-Overhead-Ms", f"{max(overhead_ms, 0.0):.2f}")
     return response
+
+
+def _created_objects(call, status_code, object_id):
+    """The owned_objects row for an object this call made, if it made one."""
+    route = call.route
+    if route.action != "create" or not 200 <= status_code < 300 \
+            or not isinstance(object_id, str) or not object_id:
+        return ()
+    return (_owned_row(call, object_id, route.kind, route.cls == "async"),)
+
+
+def _created_files(call, *file_ids):
+    return [_owned_row(call, file_id, "file", False) for file_id in file_ids
+            if isinstance(file_id, str) and file_id]
+
+
+def _owned_row(call, object_id, kind, is_async):
+    return {"object_id": object_id[:200], "kind": kind, "project_id": call.project_id,
+            "owner": call.owner, "key_id": call.key_id, "user_name": call.user_name,
+            "created_ms": int(time.time() * 1000), "async": int(is_async)}
+
+
+def _own_list(state, call, answer):
+    """A list answer with only the caller's own objects in its `data`."""
+    items = [item for item in answer["data"] if isinstance(item, dict)]
+    mine = owned_ids(state.database(), call.project_id, call.owner,
+                     [item.get("id") for item in items if isinstance(item.get("id"), str)])
+    kept = [item for item in items if item.get("id") in mine]
+    filtered = {**answer, "data": kept}
+    if "first_id" in answer or "last_id" in answer:
+        filtered["first_id"] = kept[0]["id"] if kept else None
+        filtered["last_id"] = kept[-1]["id"] if kept else None
+    return filtered
+
+
+def _settlement(state, call, answer, content):
+    """The charge events for an async object this answer shows finished, once.
+
+    Attributed to the project, user and key that created the object; the
+    usage writer stores them only if it is the first to mark the object
+    charged (owned_objects.charged_ms), so concurrent polls charge once.
+    """
+    row = call.owned_row
+    if row is None or not row["async"] or row["charged_ms"] is not None:
+        return []
+    found = []  # [(model, Usage)]
+    endpoint, factor = row["kind"], 1.0
+    if row["kind"] == "batch" and isinstance(answer, dict) \
+            and answer.get("status") in BATCH_FINAL_STATUSES \
+            and isinstance(answer.get("usage"), dict):
+        found = [(_text(answer.get("model")), usage_from_openai(answer["usage"]))]
+        endpoint, factor = "batches", BATCH_PRICE_FACTOR
+    elif row["kind"] == "response" and isinstance(answer, dict) \
+            and answer.get("status") in RESPONSE_FINAL_STATUSES \
+            and isinstance(answer.get("usage"), dict):
+        found = [usage_from_body(answer)]
+        endpoint = "responses"
+    elif row["kind"] == "message_batch" and call.route.name.endswith("/results"):
+        found = message_batch_usage(content)
+        endpoint, factor = "messages/batches", BATCH_PRICE_FACTOR
+    events = []
+    for model, usage in found:
+        event = UsageEvent(
+            created_ms=int(state.config.clock() * 1000), key_id=row["key_id"],
+            user_name=row["user_name"], project_id=row["project_id"], model=model,
+            endpoint=endpoint, status_code=200, stream=False,
+            subjects=call_subjects(row["project_id"], row["user_name"], row["key_id"]),
+            claim=row["object_id"])
+        events.append(price_event(event, usage, state.pricebook, "priced", factor))
+        log.info("async %s %s finished: charging key %s %s USD (once)", row["kind"],
+                 row["object_id"], row["key_id"], nusd_to_usd(event.cost_nusd))
+    return events
 
 
 def _relay_stream(state, call, resp, kind, hide_usage_chunk):
@@ -4133,7 +4716,8 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
                                                             call.worst.completion_tokens)
         _meter(state, call, resp.status, meter.model, usage,
                "priced" if complete else "estimated", stream=True,
-               wait=finished, overhead_ms=overhead_ms + relay_ms)
+               wait=finished, overhead_ms=overhead_ms + relay_ms,
+               owned=_created_objects(call, resp.status, meter.object_id))
     yield from held
 
 
@@ -4674,6 +5258,8 @@ placeholder="{{project['upstream_url_in_force'] if not project['upstream_url'] e
 <label>API version</label><input name="api_version" value="{{value('api_version', project['api_version'] or '')}}">
 <label><input type="checkbox" name="allow_user_keys" value="1"{{" checked" if project['allow_user_keys'] else ""}}>
 personal keys allowed</label>
+<label><input type="checkbox" name="allow_async" value="1"{{" checked" if project['allow_async'] else ""}}>
+async jobs allowed (batches, background responses; charged when they finish)</label>
 <label>Most active personal keys per person <span class="muted">(blank: no cap)</span></label>
 <input name="max_keys_per_user" inputmode="numeric" size="4"
 value="{{'' if project['max_keys_per_user'] is None else project['max_keys_per_user']}}">
@@ -4720,6 +5306,7 @@ value="{{typed('create_project', 'budget_usd')}}"></div>
 % end
 </select></div>
 <div><label><input type="checkbox" name="allow_user_keys" value="1" checked> personal keys</label></div>
+<div><label><input type="checkbox" name="allow_async" value="1"> async jobs</label></div>
 <button type="submit">Create project</button>
 </div>
 <p class="muted small">A stored upstream key is never shown again; <code>env:NAME</code> reads it from
@@ -5814,6 +6401,7 @@ def _project_form(form):
     data = {field: form.get(field, "").strip() or None
             for field in ("name", "upstream_url", "api_version", "limit_message")}
     data["allow_user_keys"] = form.get("allow_user_keys") == "1"
+    data["allow_async"] = form.get("allow_async") == "1"
     if "max_keys_per_user" in form:
         cap = form.get("max_keys_per_user", "").strip()
         data["max_keys_per_user"] = int(cap) if cap.isdigit() else (cap or None)
@@ -6256,10 +6844,14 @@ def _openapi_spec():
         **PROJECT_FIELDS["budget"].schema, "oneOf": [budget, {"type": "array", "items": budget}]}}
     project_patch = {"type": "object", "additionalProperties": False,
                      "properties": project_fields}
-    # Kinds other than openai need their own upstream_url.
+    # Kinds other than openai need their own upstream_url, and so does a project's own key.
+    without_key = {k: v for k, v in project_fields.items() if k != "upstream_key"}
     project_input = {"oneOf": [
         {**project_patch, "required": ["id"], "properties": {
-            **project_fields, "upstream_kind": {"type": "string", "enum": ["openai"]}}},
+            **without_key, "upstream_kind": {"type": "string", "enum": ["openai"]}}},
+        {**project_patch, "required": ["id", "upstream_url", "upstream_key"], "properties": {
+            **project_fields, "upstream_kind": {"type": "string", "enum": ["openai"]},
+            "upstream_url": {**project_fields["upstream_url"], "nullable": False}}},
         {**project_patch, "required": ["id", "upstream_kind", "upstream_url"], "properties": {
             **project_fields, "upstream_kind": {"type": "string", "enum": ["azure", "anthropic"]},
             "upstream_url": {**project_fields["upstream_url"], "nullable": False}}}]}
@@ -6317,12 +6909,14 @@ def _openapi_spec():
     project_out = record(
         ("id", "name", "upstream_kind", "upstream_url", "upstream_url_in_force",
          "upstream_key_set", "upstream_key_source", "api_version", "allow_user_keys",
+         "allow_async",
          "limit_message", "model_map", "max_keys_per_user", "created_at"),
         id=string, name=string, upstream_kind=project_fields["upstream_kind"],
         upstream_url=nullable_string, upstream_url_in_force=string,
         upstream_key_set={"type": "boolean"},
         upstream_key_source=nullable_string, api_version=nullable_string,
-        allow_user_keys={"type": "boolean"}, limit_message=nullable_string,
+        allow_user_keys={"type": "boolean"}, allow_async={"type": "boolean"},
+        limit_message=nullable_string,
         model_map={"type": "object", "nullable": True, "additionalProperties": string},
         max_keys_per_user={"type": "integer", "nullable": True},
         created_at=string, limits={"type": "array", "items": ref("Limit")})
@@ -6689,6 +7283,8 @@ def routes():
         # the proxy
         ("ANY", "/v1/<path:path>", proxy_v1),
         ("ANY", "/openai/deployments/<deployment>/<path:path>", proxy_azure),
+        ("ANY", "/openai/v1/<path:path>", proxy_azure_v1),
+        ("ANY", "/openai/<path:path>", proxy_azure_plain),
         ("GET", "/llimit/me", llimit_me),
         # the admin API
         ("POST", "/admin/keys", admin(admin_keys_create)),
@@ -7004,7 +7600,8 @@ def cli_projects(config, args):
     if args.action == "create":
         data = {"id": args.id, "name": args.name, "upstream_kind": args.kind,
                 "upstream_url": args.url, "upstream_key": args.upstream_key,
-                "api_version": args.api_version, "allow_user_keys": not args.no_user_keys}
+                "api_version": args.api_version, "allow_user_keys": not args.no_user_keys,
+                "allow_async": args.allow_async}
         project = validate_project({k: v for k, v in data.items() if v is not None})
         project["created_at"] = utc_iso(config.clock())
         with transaction(db):
@@ -7013,7 +7610,7 @@ def cli_projects(config, args):
         return 0
     _print_table([project_to_json(row) for row in list_projects(db)],
                  ("id", "name", "upstream_kind", "upstream_url", "upstream_key_source",
-                  "allow_user_keys"))
+                  "allow_user_keys", "allow_async"))
     return 0
 
 
@@ -7138,6 +7735,8 @@ def build_parser():
     create.add_argument("--api-version", help="Azure api-version added to calls that lack it")
     create.add_argument("--no-user-keys", action="store_true",
                         help="users may not make their own keys for it on /keys")
+    create.add_argument("--allow-async", action="store_true",
+                        help="allow batches and background responses (charged when they finish)")
 
     limits = command(commands, "limits", admin, help="list, create, delete limits")
     limit_actions = limits.add_subparsers(dest="action", required=True, metavar="ACTION")

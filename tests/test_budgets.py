@@ -167,15 +167,17 @@ def test_40_calls_without_max_tokens_stay_within_one_calls_overrun(gateway, fake
 def test_40_calls_reading_a_stored_conversation_stay_within_the_budget(gateway, fake):
     # A few bytes of request, but previous_response_id makes the upstream read a
     # 100,000-token conversation: the reservation is gpt-4o's 128,000-token window.
-    fake.behaviour.update(prompt_tokens=100000, completion_tokens=10, delay_first=0.3)
     raw_key, _ = gateway.create_key()
+    first = post(gateway, raw_key, "/v1/responses", {"model": "gpt-4o", "input": "hello"})
+    first_usd = (11 * 2.5 + 7 * 10) / 1e6               # the fake's 11 + 7 tokens
+    fake.behaviour.update(prompt_tokens=100000, completion_tokens=10, delay_first=0.3)
     call_usd = (100000 * 2.5 + 10 * 10) / 1e6          # $0.2501 a call
     limit = add_limit(gateway, scope="global", metric="usd", window="day", amount=1)
     codes = fire_at_once(40, lambda: post(gateway, raw_key, "/v1/responses", {
-        "model": "gpt-4o", "previous_response_id": "resp_earlier", "input": "go on",
+        "model": "gpt-4o", "previous_response_id": first.json()["id"], "input": "go on",
         "max_output_tokens": 10}))
     used = limit_used(gateway, limit["id"])
-    assert codes.count(200) * call_usd == pytest.approx(used)
+    assert first_usd + codes.count(200) * call_usd == pytest.approx(used)
     # max_output_tokens bounds the call, so the reservation is a true upper bound:
     # (128,000 * $2.50 + 10 * $10) / 1M = $0.3201 a call, 3 fit in $1.
     assert codes.count(200) == 3 and used <= 1

@@ -403,14 +403,15 @@ def test_an_encoded_slash_stays_a_path_under_the_upstream_base(gateway, fake):
 def test_a_path_with_any_unicode_is_a_clean_answer_and_travels_encoded(gateway, fake):
     # bottle hands over the path decoded as UTF-8: "€" is no latin-1 character.
     raw_key, _ = gateway.create_key()
-    for path, sent_path in (("/v1/chat/compl%E2%82%ACtions", "/v1/chat/compl%E2%82%ACtions"),
-                            ("/v1/caf%C3%A9", "/v1/caf%C3%A9")):
-        resp = requests.post(gateway.url + path, json={"model": "gpt-4o", "messages": []},
-                             headers={"Authorization": f"Bearer {raw_key}"})
-        assert resp.status_code == 404, resp.text  # the fake upstream knows no such route
-        assert fake.requests[-1].path == sent_path
-    calls = [event["endpoint"] for event in gateway.events()]
-    assert calls == ["chat/compl\u20actions", "caf\u00e9"]
+    headers = {"Authorization": f"Bearer {raw_key}"}
+    resp = requests.post(gateway.url + "/v1/chat/compl%E2%82%ACtions",
+                         json={"model": "gpt-4o", "messages": []}, headers=headers)
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "route_not_allowed"
+    assert "/v1/chat/compl%E2%82%ACtions" in resp.json()["error"]["message"]
+    resp = requests.get(gateway.url + "/v1/models/caf%C3%A9", headers=headers)
+    assert resp.status_code == 200, resp.text  # a look-up route: forwarded
+    assert [sent.path for sent in fake.requests] == ["/v1/models/caf%C3%A9"]
+    assert [event["endpoint"] for event in gateway.events()] == ["models/caf\u00e9"]
 
 
 @pytest.mark.parametrize("model", ["..", "../../x", "..\\x", "."])
@@ -544,10 +545,10 @@ def test_csv_exports_never_start_a_cell_with_a_formula(make_llimit, fake):
         resp = requests.post(server.url + "/v1/chat/completions", json=CHAT,
                              headers={"Authorization": f"Bearer {raw_key}"})
         assert resp.status_code == 200, resp.text
-    # A path of the client's choosing is stored as the endpoint.
+    # A path of the client's choosing is refused (route policy), so never stored.
     resp = requests.post(server.url + "/v1/=1+1", json=CHAT,
                          headers={"Authorization": f"Bearer {raw_key}"})
-    assert resp.status_code == 404  # the upstream's answer, passed through
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "route_not_allowed"
     admin_csv = server.admin.get(server.url + "/admin/usage.csv")
     admin_session = http_sign_in(server.url, admin_token=ADMIN_TOKEN)
     report_csv = admin_session.get(server.url + "/reports/data.csv")
@@ -563,7 +564,7 @@ def test_csv_exports_never_start_a_cell_with_a_formula(make_llimit, fake):
             {row["user"] for row in rows}
         assert {"'" + text for text in FORMULAS} <= {row["model"] for row in rows}
     endpoints = [row["endpoint"] for row in csv.DictReader(io.StringIO(admin_csv.text))]
-    assert "'=1+1" in endpoints
+    assert set(endpoints) == {"chat/completions"}
 
 
 # --- guessing keys and admin tokens ----------------------------------------------------------
@@ -686,8 +687,7 @@ class _NestedJsonUpstream(http.server.BaseHTTPRequestHandler):
     NESTED = b'{"usage": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        stream = self.path.endswith("/stream")
+        stream = b'"stream": true' in self.rfile.read(int(self.headers.get("Content-Length") or 0))
         body = (b"data: " + self.NESTED + b"\n\ndata: [DONE]\n\n") if stream else self.NESTED
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream" if stream else "application/json")
@@ -709,14 +709,14 @@ def test_an_upstream_answering_json_nested_too_deep_is_relayed_and_metered(gatew
             "upstream_key": "sk-deep"})
         assert resp.status_code == 201, resp.text
         raw_key, _ = gateway.create_key(project="deep")
-        for path in ("/v1/whole", "/v1/stream"):
-            resp = requests.post(gateway.url + path, json=CHAT, timeout=30,
+        for payload in (CHAT, {**CHAT, "stream": True}):
+            resp = requests.post(gateway.url + "/v1/chat/completions", json=payload, timeout=30,
                                  headers={"Authorization": f"Bearer {raw_key}"})
             assert resp.status_code == 200
             assert _NestedJsonUpstream.NESTED in resp.content  # passed on as it came
         events = gateway.events()
         assert [(event["endpoint"], event["status_code"]) for event in events] == [
-            ("whole", 200), ("stream", 200)]
+            ("chat/completions", 200), ("chat/completions", 200)]
     finally:
         upstream.shutdown()
         upstream.server_close()

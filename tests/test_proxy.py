@@ -160,7 +160,7 @@ def test_upstream_refusing_connections_is_a_502(make_llimit):
                          headers={"Authorization": f"Bearer {raw_key}"})
     assert_openai_error(resp, 502, code="upstream_unreachable")
     (event,) = gateway.events()
-    assert event["status_code"] == 502 and event["cost_nusd"] is None
+    assert event["status_code"] == 502 and event["cost_nusd"] == 0 and event["pricing"] == "free"
 
 
 def test_upstream_timeout_is_a_504(make_llimit, fake):
@@ -183,7 +183,7 @@ def test_upstream_errors_pass_through_unchanged(gateway, fake, status):
     assert resp.status_code == status
     assert resp.json() == body
     (event,) = gateway.events()
-    assert event["status_code"] == status and event["pricing"] == "unpriced"
+    assert event["status_code"] == status and event["pricing"] == "free" and event["cost_nusd"] == 0
 
 
 def test_garbage_from_upstream_passes_and_is_metered_unpriced(gateway, fake):
