@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import datetime as dt
 import decimal
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -39,6 +40,7 @@ import queue
 import re
 import secrets
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -50,6 +52,9 @@ import requests
 import urllib3
 import sseclient
 import waitress
+import waitress.channel
+import waitress.parser
+import waitress.utilities
 import waitress.wasyncore
 
 log = logging.getLogger("llimit")
@@ -222,6 +227,16 @@ SETTINGS = [
      "e-mail domains allowed to sign in with OIDC"),
     ("reports_public", "LLIMIT_REPORTS_PUBLIC", None, False, _bool,
      "open /reports to every signed-in user"),
+    ("upstream_env_pattern", "LLIMIT_UPSTREAM_ENV_PATTERN", None, "LLIMIT_UPSTREAM_KEY_*", str,
+     "environment variables a project's upstream_key may name as env:NAME (fnmatch)"),
+    ("commit_wait_seconds", "LLIMIT_COMMIT_WAIT_SECONDS", None, 10.0, float,
+     "how long an answer waits for its usage row to commit before it becomes a 503"),
+    ("max_concurrent_per_key", "LLIMIT_MAX_CONCURRENT_PER_KEY", None, 16, int,
+     "calls one key may have under way at once (429 above)"),
+    ("max_concurrent_per_user", "LLIMIT_MAX_CONCURRENT_PER_USER", None, 16, int,
+     "calls one user may have under way at once, over all their keys (429 above)"),
+    ("max_connections", "LLIMIT_MAX_CONNECTIONS", None, 1000, int,
+     "open client connections; past it the longest idle one is closed"),
     ("log_format", "LLIMIT_LOG_FORMAT", None, "text", str, "text or json"),
     ("log_level", "LLIMIT_LOG_LEVEL", None, "INFO", str, "logging level"),
 ]
@@ -537,7 +552,15 @@ create table owned_objects (
 ) without rowid;
 commit;
 """),
-    ("0006 a cap on each user's personal keys per project", """
+    ("0006 admin session token", """
+begin;
+-- A session signed in with the admin token ends when the token changes: it
+-- keeps a fingerprint of the token's hash it was signed in with. Null (older
+-- rows, user sessions): an admin-token session made before this is signed out.
+alter table sessions add column admin_token_fingerprint text;
+commit;
+"""),
+    ("0007 a cap on each user's personal keys per project", """
 begin;
 -- How many active personal keys a user may hold in a project through the
 -- keys page, so that limits on `each: key` do not multiply; null: no cap
@@ -545,7 +568,7 @@ begin;
 alter table projects add column max_keys_per_user integer;
 commit;
 """),
-    ("0007 what a call is billed by beyond tokens", """
+    ("0008 what a call is billed by beyond tokens", """
 begin;
 -- JSON of images, audio seconds, characters, tool uses, 1-hour cache writes
 -- and service tier (Usage.units), so a reprice costs them again; null: tokens
@@ -1253,8 +1276,9 @@ def mark_alert_delivered(db, alert, delivered_at):
 def insert_session(db, session):
     """Store a new session from a dict."""
     db.execute("insert into sessions (id_hash, user_name, is_admin, csrf_token, pending,"
-               " created_at, expires_at) values (:id_hash, :user_name, :is_admin,"
-               " :csrf_token, :pending, :created_at, :expires_at)", session)
+               " created_at, expires_at, admin_token_fingerprint) values (:id_hash, :user_name,"
+               " :is_admin, :csrf_token, :pending, :created_at, :expires_at,"
+               " :admin_token_fingerprint)", session)
 
 
 def get_session(db, id_hash, now_iso):
@@ -2814,6 +2838,46 @@ def add_limit(db, limit, now_iso):
     return limit["id"]
 
 
+class CallSlots:
+    """Calls under way, bounded per key, per user and overall; thread-safe.
+
+    One key holder with slow calls could otherwise hold every worker thread:
+    LLIMIT_MAX_CONCURRENT_PER_KEY / _PER_USER bound them, and proxied calls
+    together may use all threads but RESERVED_THREADS, so /healthz and the
+    pages always find a free one. Past a bound a call gets 429 at once.
+    """
+
+    def __init__(self, per_key, per_user, total):
+        self.per_key, self.per_user, self.total = per_key, per_user, max(total, 1)
+        self._lock = threading.Lock()
+        self._running = collections.Counter()  # ("key", id), ("user", name), ("all",) -> calls
+
+    def take(self, key_id, user_name):
+        """Hold a slot for a call of this key and user, or raise 429."""
+        counts = self._running
+        bounds = [(("key", key_id), self.per_key, "This key"), (("all",), self.total, "llimit")]
+        if user_name is not None:
+            bounds.insert(1, (("user", user_name), self.per_user, f"User {user_name}"))
+        with self._lock:
+            for slot, bound, who in bounds:
+                if counts[slot] >= bound:
+                    raise LlimitError(429, "rate_limit_exceeded",
+                                      f"{who} has {bound} calls under way already; wait for one"
+                                      " to finish.", code="too_many_concurrent_calls",
+                                      headers={"Retry-After": "1"})
+            for slot, _bound, _who in bounds:
+                counts[slot] += 1
+
+    def give_back(self, key_id, user_name):
+        """Free the slot of a call that has ended."""
+        with self._lock:
+            for slot in (("key", key_id), ("user", user_name), ("all",)):
+                if slot[0] != "user" or user_name is not None:
+                    self._running[slot] -= 1
+                    if not self._running[slot]:
+                        del self._running[slot]
+
+
 class AlertSender:
     """Delivers limit alerts to LLIMIT_ALERT_WEBHOOK from its own thread.
 
@@ -2877,10 +2941,20 @@ class AlertSender:
 UPSTREAM_KINDS = ("openai", "azure", "anthropic")
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"))
-# The client's credentials, and what requests computes itself, never go upstream.
-DROPPED_REQUEST_HEADERS = HOP_BY_HOP | frozenset((
-    "host", "content-length", "authorization", "api-key", "x-api-key", "cookie",
-    "accept-encoding", "x-llimit-user"))
+# Request headers that go upstream: an allowlist per upstream kind, as WSGI
+# names them, so nothing else the client or a proxy in front sent (cookies, SSO
+# tokens, X-Forwarded-*, OpenAI-Organization / -Project, llimit's own X-LLimit-User
+# and LLIMIT_USER_HEADERS) reaches the provider. The rest are what the official
+# SDKs send; x-stainless-* (SDK telemetry) pass by prefix.
+_COMMON_REQUEST_HEADERS = ("accept", "user-agent", "idempotency-key")
+FORWARDED_REQUEST_HEADERS = {
+    kind: frozenset("HTTP_" + name.upper().replace("-", "_")
+                    for name in _COMMON_REQUEST_HEADERS + extra)
+    for kind, extra in (
+        ("openai", ("openai-beta",)),
+        ("azure", ("openai-beta", "x-ms-client-request-id", "x-ms-useragent")),
+        ("anthropic", ("anthropic-version", "anthropic-beta")))}
+FORWARDED_HEADER_PREFIX = "HTTP_X_STAINLESS_"
 # requests decodes gzip and we set the length of what we send.
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | frozenset(("content-length", "content-encoding"))
 AZURE_DEPLOYMENT_PATHS = ("chat/completions", "completions", "embeddings",
@@ -2905,6 +2979,22 @@ class Upstream:
     key: str | None = dataclasses.field(repr=False)
 
 
+# Variables an `env:` upstream key may never name, whatever LLIMIT_UPSTREAM_ENV_PATTERN says:
+# llimit's own settings (the admin token, the default upstream key...) and Entra's secret.
+OWN_VARIABLES = frozenset(env for _field, env, *_rest in SETTINGS) | frozenset((
+    "AZURE_AD_TENANT_ID", "AZURE_AD_CLIENT_ID", "AZURE_AD_CLIENT_SECRET",
+    "AZURE_AD_CORPORATE_DOMAIN"))
+
+
+def upstream_env_allowed(name, pattern):
+    """Whether a project's upstream key may be read from variable `name` (env:NAME).
+
+    Admins (SSO users in LLIMIT_ADMIN_USERS too) set upstream keys; without this
+    they could send any of llimit's own secrets to an upstream URL they control.
+    """
+    return name not in OWN_VARIABLES and fnmatch.fnmatchcase(name, pattern)
+
+
 def resolve_upstream(project, config, environ=None):
     """The Upstream of a project row; the default project falls back to LLIMIT_UPSTREAM_*.
 
@@ -2926,6 +3016,12 @@ def resolve_upstream(project, config, environ=None):
         api_version = project["api_version"] or config.upstream_api_version
     key = stored_key
     if stored_key and stored_key.startswith("env:"):
+        # Checked again here: a project stored before the rule, or the pattern narrowed.
+        if not upstream_env_allowed(stored_key[4:], config.upstream_env_pattern):
+            raise LlimitError(502, "upstream_error",
+                              f"The upstream key variable {stored_key[4:]} is not one projects"
+                              " may use (LLIMIT_UPSTREAM_ENV_PATTERN); ask the admin.",
+                              code="upstream_key_missing")
         key = environ.get(stored_key[4:])
         if not key:
             raise LlimitError(502, "upstream_error",
@@ -3075,14 +3171,17 @@ def _refuse_dot_segments(path):
                           "The path may not contain '.' or '..' segments.", code="invalid_path")
 
 
-def upstream_headers(environ, upstream, extra_dropped=()):
-    """Request headers for the upstream: the client's, less credentials, plus the upstream's."""
+def upstream_headers(environ, upstream):
+    """Request headers for the upstream: the client's that its kind allows, plus the upstream's."""
+    allowed = FORWARDED_REQUEST_HEADERS[upstream.kind]
+    named_in_connection = environ.get("HTTP_CONNECTION")
     headers = {}
     for name, value in environ.items():
-        if name.startswith("HTTP_"):
-            header = name[5:].replace("_", "-").lower()
-            if header not in DROPPED_REQUEST_HEADERS and header not in extra_dropped:
-                headers[header] = value
+        if name in allowed or name.startswith(FORWARDED_HEADER_PREFIX):
+            headers[name[5:].replace("_", "-").lower()] = value
+    if named_in_connection:  # hop-by-hop by the client's own word (RFC 9110 7.6.1)
+        for token in named_in_connection.split(","):
+            headers.pop(token.strip().lower(), None)
     if environ.get("CONTENT_TYPE"):
         headers["content-type"] = environ["CONTENT_TYPE"]
     if upstream.key:
@@ -3184,13 +3283,13 @@ def sse_fields(raw_event):
     return None, ""  # a comment or keep-alive: passed on, nothing to read
 
 
-def sse_error_event(kind, message):
-    """An error event in the stream's own dialect, for an upstream that broke off."""
+def sse_error_event(kind, message, error_type="upstream_error", code="upstream_stream_broken"):
+    """An error event in the stream's own dialect, for an upstream that broke off (or a
+    stream whose usage could not be recorded)."""
     if kind == "anthropic":
         body = {"type": "error", "error": {"type": "api_error", "message": message}}
         return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
-    body = {"error": {"message": message, "type": "upstream_error",
-                      "code": "upstream_stream_broken"}}
+    body = {"error": {"message": message, "type": error_type, "code": code}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
@@ -3204,6 +3303,7 @@ def sse_error_event(kind, message):
 
 KEY_PREFIX = "llimit-"
 MAX_USER_NAME = 200
+MAX_MODEL_NAME = 200
 USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters
 
 
@@ -3380,8 +3480,17 @@ PROJECT_FIELDS = {
 }
 
 
-def validate_project(data, current=None):
-    """A project dict from JSON input (merged over `current` for PATCH); 400 names the field."""
+# Cloud metadata services answer anyone on the machine with its credentials; an
+# upstream URL naming one would relay them to an admin's client.
+METADATA_HOSTS = frozenset(("metadata.google.internal", "metadata", "169.254.169.254",
+                            "fd00:ec2::254", "100.100.100.200"))
+
+
+def validate_project(data, current=None, env_pattern=Config().upstream_env_pattern):
+    """A project dict from JSON input (merged over `current` for PATCH); 400 names the field.
+
+    `env_pattern` is LLIMIT_UPSTREAM_ENV_PATTERN: which variables env:NAME may name.
+    """
     check_input(data, PROJECT_FIELDS, "project")
     project = dict(current) if current else {
         "upstream_kind": "openai", "upstream_url": None, "upstream_key": None,
@@ -3397,13 +3506,23 @@ def validate_project(data, current=None):
     if project.get("name") in (None, ""):  # not just falsy: {} is no name
         project["name"] = project["id"]
     if project["upstream_url"] is not None:
+        _refuse_metadata_host(urllib.parse.urlsplit(project["upstream_url"]).hostname or "")
         project["upstream_url"] = project["upstream_url"].rstrip("/")
+        if current and project["upstream_url"] != (current["upstream_url"] or None) \
+                and "upstream_key" not in data:
+            # Else a new URL would receive the key stored for the old one.
+            raise _field_error("upstream_key", "must be given again when upstream_url changes")
     elif project["upstream_kind"] != "openai" and project["id"] != "default":
         raise _field_error("upstream_url", f"is required for kind {project['upstream_kind']}")
     if project["upstream_key"] is not None and project["upstream_url"] is None:
         # Else its calls would go to the default upstream, billed to the default key.
         raise _field_error("upstream_key", "needs an upstream_url: a project's own key is"
                                            " sent only to the project's own upstream")
+    key = project["upstream_key"]
+    if key and key.startswith("env:") and "upstream_key" in data \
+            and not upstream_env_allowed(key[4:], env_pattern):
+        raise _field_error("upstream_key", f"env: may name only variables matching {env_pattern}"
+                           " (LLIMIT_UPSTREAM_ENV_PATTERN), never llimit's own settings")
     project["allow_user_keys"] = int(bool(project["allow_user_keys"]))  # stored as 0 or 1
     project["allow_async"] = int(bool(project["allow_async"]))
     if project["model_map"] is not None:
@@ -3412,6 +3531,31 @@ def validate_project(data, current=None):
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
         raise _field_error("max_keys_per_user", "must be a whole number >= 0, or null for no cap")
     return project
+
+
+def _refuse_metadata_host(host):
+    # Private ranges stay allowed (intranet upstreams are normal); link-local
+    # addresses and metadata services never are, named or resolved.
+    host = host.lower().rstrip(".")
+    addresses = {host}
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            addresses |= {info[4][0].split("%")[0] for info in socket.getaddrinfo(host, None)}
+        except (OSError, UnicodeError):
+            pass  # not resolvable now: calls will get 502 until it is
+    for address in addresses:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            ip = None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if address in METADATA_HOSTS or (ip is not None and (
+                ip.is_link_local or str(ip) in METADATA_HOSTS)):
+            raise _field_error("upstream_url", "may not name a link-local or cloud metadata"
+                               " address")
 
 
 def budget_limits(project_id, budget):
@@ -3434,9 +3578,9 @@ def budget_limits(project_id, budget):
     return limits
 
 
-def create_project(db, data, now_iso):
+def create_project(db, data, now_iso, env_pattern):
     """Add a project from input, its `budget` shorthand as limits; 409 if the id is taken."""
-    project = validate_project(data)
+    project = validate_project(data, env_pattern=env_pattern)
     # Only an absent or null budget is no budget: {} is a mistake, said so.
     limits = budget_limits(project["id"], data["budget"]) if data.get("budget") is not None \
         else []
@@ -3453,11 +3597,12 @@ def create_project(db, data, now_iso):
     return project
 
 
-def change_project(db, project_id, data, now_iso):
+def change_project(db, project_id, data, now_iso, env_pattern):
     """Change a project from input (a `budget` adds limits); 404 if there is none."""
     with transaction(db):
         project = validate_project(
-            data, dict(_must_exist(get_project(db, project_id), "project", project_id)))
+            data, dict(_must_exist(get_project(db, project_id), "project", project_id)),
+            env_pattern)
         update_project(db, project)
         for limit in (budget_limits(project_id, data["budget"])
                       if data.get("budget") is not None else []):
@@ -3510,7 +3655,6 @@ def project_to_json(project, config=None):
 # =============================================================================
 
 END_USER_HEADER = "X-LLimit-User"
-COMMIT_WAIT_SECONDS = 10.0
 AUTH_FAILURES_PER_MINUTE = 20   # wrong keys or admin tokens from one address, then 429
 AUTH_THROTTLE_ENTRIES = 10000   # addresses and known-good secrets remembered, each
 
@@ -3565,7 +3709,7 @@ def authenticate_key(find_key, raw_key, key_hash, now):
     `key_hash` is hash_secret(raw_key); `find_key(key_hash)` gives the row, or None.
     """
     row = find_key(key_hash) if raw_key.startswith(KEY_PREFIX) else None
-    if row is None or not hmac.compare_digest(row["key_hash"], key_hash):
+    if row is None or not secrets_match(row["key_hash"], key_hash):
         raise LlimitError(401, "invalid_request_error",
                           f"Incorrect API key provided: {_shown_key(raw_key)}.",
                           code="invalid_api_key")
@@ -3583,56 +3727,44 @@ def authenticate_key(find_key, raw_key, key_hash, now):
 
 
 class AuthThrottle:
-    """Slows down guessing of keys and admin tokens, per client address.
+    """Slows down guessing of every secret (keys, the admin token on the API and
+    on the sign-in page, the metrics token), per client address.
 
-    After AUTH_FAILURES_PER_MINUTE wrong secrets from one address within a
-    minute, that address gets 429 (with Retry-After) without a lookup until
-    the minute has passed; a secret that has worked before is still let
-    through, so the good keys of everyone behind one NAT or proxy address keep
-    working while a bad one is throttled. Memory is bounded (the least recent
-    entries are forgotten first). Thread-safe; `clock` gives seconds.
+    The presented secret is always checked first (a hash lookup is cheap), so a
+    correct one passes from any address, used before or not: the good keys of
+    everyone behind one NAT or proxy address keep working while a guesser there
+    is throttled. Only wrong secrets count: after AUTH_FAILURES_PER_MINUTE of
+    them from one address within a minute, its further wrong ones get 429 (with
+    Retry-After) instead of 401, without being counted, which tells the guesser
+    nothing more than "wrong". Memory is bounded (the least recent addresses are
+    forgotten first). Thread-safe; `clock` gives seconds.
     """
 
     def __init__(self, clock):
         self.clock = clock
         self._lock = threading.Lock()
         self._failures = collections.OrderedDict()  # address -> deque of failure times
-        self._good = {}                             # hashes of secrets that worked
 
-    def check(self, address, secret_hash):
-        """Raise 429 when `address` is throttled and the secret is not known to be good."""
-        if secret_hash in self._good:
-            return
-        with self._lock:
-            times = self._failures.get(address)
-            if times is None or len(times) < AUTH_FAILURES_PER_MINUTE:
-                return
-            wait = 60 - (self.clock() - times[0])
-        if wait > 0:
-            raise LlimitError(429, "rate_limit_exceeded",
-                              "Too many wrong keys or tokens from this address; wait"
-                              f" {int(wait + 0.999)} s.", code="too_many_failed_attempts",
-                              headers={"Retry-After": str(int(wait + 0.999))})
-
-    def failed(self, address):
-        """Count a wrong secret from `address`."""
+    def wrong(self, address, error):
+        """Raise `error` (the 401) for a wrong secret from `address`, counted; 429 instead
+        once the address is over its allowance."""
+        now = self.clock()
         with self._lock:
             times = self._failures.pop(address, None)
             if times is None:
                 times = collections.deque(maxlen=AUTH_FAILURES_PER_MINUTE)
-            times.append(self.clock())
+            wait = 60 - (now - times[0]) if len(times) == AUTH_FAILURES_PER_MINUTE else 0
+            if wait <= 0:
+                times.append(now)
             self._failures[address] = times
             if len(self._failures) > AUTH_THROTTLE_ENTRIES:
                 self._failures.popitem(last=False)
-
-    def succeeded(self, secret_hash):
-        """Remember a secret that worked, so a throttle on its address lets it through."""
-        if secret_hash in self._good:
-            return
-        with self._lock:
-            self._good[secret_hash] = True
-            if len(self._good) > AUTH_THROTTLE_ENTRIES:
-                del self._good[next(iter(self._good))]
+        if wait > 0:
+            seconds = str(int(wait + 0.999))
+            raise LlimitError(429, "rate_limit_exceeded",
+                              f"Too many wrong keys or tokens from this address; wait {seconds} s.",
+                              code="too_many_failed_attempts", headers={"Retry-After": seconds})
+        raise error
 
 
 def authenticate_call(state, environ):
@@ -3643,18 +3775,13 @@ def authenticate_call(state, environ):
         raise LlimitError(401, "invalid_request_error",
                           "No API key provided. Send your llimit key as"
                           " 'Authorization: Bearer llimit-...'.", code="missing_api_key")
-    address = environ.get("REMOTE_ADDR", "")
-    key_hash = hash_secret(raw_key)
-    state.auth_throttle.check(address, key_hash)
     find_key = functools.partial(state.keys.row, state.database())
     try:
-        key = authenticate_key(find_key, raw_key, key_hash, state.config.clock())
+        return authenticate_key(find_key, raw_key, hash_secret(raw_key), state.config.clock())
     except LlimitError as error:
-        if error.status == 401:
-            state.auth_throttle.failed(address)
-        raise
-    state.auth_throttle.succeeded(key_hash)
-    return key
+        if error.status != 401:
+            raise
+        state.auth_throttle.wrong(environ.get("REMOTE_ADDR", ""), error)
 
 
 def _shown_key(raw_key):
@@ -3682,14 +3809,30 @@ def _header_text(value):
 
 
 def secrets_match(presented, expected):
-    """Whether a presented secret equals the expected one, in constant time."""
+    """Whether a presented secret equals the expected one, in constant time.
+
+    Every comparison of a secret (or of its hash) goes through here: a plain
+    == stops at the first differing byte, and its timing would let a guesser
+    find a secret byte by byte. A timing test cannot catch a lapse reliably,
+    so this holds by construction: one helper, no other comparison of secrets.
+    """
     return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))
 
 
 def admin_token_matches(db, presented):
     """Whether a presented admin token is the current one (constant-time)."""
     stored = get_setting(db, "admin_token_sha256")
-    return bool(presented and stored) and hmac.compare_digest(hash_secret(presented), stored)
+    return bool(presented and stored) and secrets_match(hash_secret(presented), stored)
+
+
+def check_admin_token(state, presented, address):
+    """Pass when `presented` is the admin token; else 401, or 429 for a throttled address."""
+    if admin_token_matches(state.database(), presented):
+        return
+    state.auth_throttle.wrong(address, LlimitError(
+        401, "invalid_request_error",
+        "This needs the admin token: 'Authorization: Bearer <admin token>'.",
+        code="invalid_admin_token"))
 
 
 def ensure_admin_token(db, admin_token):
@@ -3709,21 +3852,17 @@ def require_admin(state):
     environ = bottle.request.environ
     authorization = environ.get("HTTP_AUTHORIZATION", "")
     token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
-    if token:
-        address, token_hash = environ.get("REMOTE_ADDR", ""), hash_secret(token)
-        state.auth_throttle.check(address, token_hash)
-        if admin_token_matches(state.database(), token):
-            state.auth_throttle.succeeded(token_hash)
-            return
-        state.auth_throttle.failed(address)
-    raise LlimitError(401, "invalid_request_error",
-                      "This needs the admin token: 'Authorization: Bearer <admin token>'.",
-                      code="invalid_admin_token")
+    if not token:
+        raise LlimitError(401, "invalid_request_error",
+                          "This needs the admin token: 'Authorization: Bearer <admin token>'.",
+                          code="invalid_admin_token")
+    check_admin_token(state, token, environ.get("REMOTE_ADDR", ""))
 
 
 # --- page sign-in: sessions, CSRF, and the three ways in --------------------------
 
 SESSION_COOKIE = "llimit_session"
+LOGIN_CSRF_COOKIE = "llimit_login_csrf"
 SESSION_SECONDS = 7 * 86400
 PENDING_SESSION_SECONDS = 3600     # a browser on its way to signing in
 FORM_MAX_BYTES = 64 * 1024
@@ -3757,6 +3896,10 @@ def sign_in_warnings(config):
         if config.admin_users:
             warnings.append("LLIMIT_AUTH=open: LLIMIT_ADMIN_USERS is ignored, as anyone could"
                             " type those names; admins sign in with the admin token")
+    if config.auth == "oidc" and not config.public_url:
+        warnings.append("LLIMIT_AUTH=oidc without LLIMIT_PUBLIC_URL: the provider sends"
+                        f" browsers back to {config.base_url}/login/callback; set"
+                        " LLIMIT_PUBLIC_URL to the address people use")
     if config.auth == "oidc" and not config.oidc_allowed_domains:
         warnings.append("LLIMIT_AUTH=oidc without LLIMIT_OIDC_ALLOWED_DOMAINS: every account"
                         " the provider signs in may use llimit")
@@ -3766,10 +3909,18 @@ def sign_in_warnings(config):
 def page_session(state):
     """The PageSession of this request: its cookie, or with --auth header the proxy's user."""
     config = state.config
+    db = state.database()
     raw_id = bottle.request.get_cookie(SESSION_COOKIE)
-    row = (get_session(state.database(), hash_secret(raw_id), utc_iso(config.clock()))
-           if raw_id else None)
+    row = get_session(db, hash_secret(raw_id), utc_iso(config.clock())) if raw_id else None
+    if row is not None and row["is_admin"] and not secrets_match(
+            row["admin_token_fingerprint"] or "", _admin_token_fingerprint(db)):
+        row = None  # signed in with an admin token that has since changed
     session = _session_view(config, row, row["user_name"] if row else None)
+    if row is None:
+        # No session row for a browser that only looks at /login: its form's CSRF
+        # token is a double-submit cookie until a form is posted.
+        session = dataclasses.replace(session,
+                                      csrf_token=bottle.request.get_cookie(LOGIN_CSRF_COOKIE))
     if config.auth == "header":
         user_name = header_user(config, bottle.request.environ)
         if user_name and user_name != session.user_name:
@@ -3777,6 +3928,22 @@ def page_session(state):
         elif user_name is None and session.user_name:
             session = _session_view(config, row, None)  # the proxy vouches for no one now
     return session
+
+
+def _admin_token_fingerprint(db):
+    return hash_secret("session:" + (get_setting(db, "admin_token_sha256") or ""))[:32]
+
+
+def login_csrf(state, session):
+    """The session with a CSRF token for the sign-in form: the session's own, or a
+    double-submit cookie (set here) for a browser that has no session yet."""
+    if session.csrf_token:
+        return session
+    token = secrets.token_urlsafe(32)
+    bottle.response.set_cookie(LOGIN_CSRF_COOKIE, token, max_age=PENDING_SESSION_SECONDS,
+                               path="/login", httponly=True, samesite="lax",
+                               secure=state.config.base_url.startswith("https:"))
+    return dataclasses.replace(session, csrf_token=token)
 
 
 def _session_view(config, row, user_name):
@@ -3804,7 +3971,7 @@ def sign_in(state, session, user_name, token_admin=False):
 
 
 def ensure_session(state, session):
-    """A session for a browser that has none yet, so its sign-in form can carry a CSRF token."""
+    """A session row for a browser that has none yet, to carry an OIDC sign-in under way."""
     if session.id_hash:
         return session
     return _new_session(state, session, None, False, PENDING_SESSION_SECONDS)
@@ -3813,10 +3980,11 @@ def ensure_session(state, session):
 def _new_session(state, old, user_name, token_admin, seconds):
     now = state.config.clock()
     raw_id = secrets.token_urlsafe(32)
+    db = state.database()
     row = {"id_hash": hash_secret(raw_id), "user_name": user_name,
            "is_admin": int(token_admin), "csrf_token": secrets.token_urlsafe(32),
-           "pending": None, "created_at": utc_iso(now), "expires_at": utc_iso(now + seconds)}
-    db = state.database()
+           "pending": None, "created_at": utc_iso(now), "expires_at": utc_iso(now + seconds),
+           "admin_token_fingerprint": _admin_token_fingerprint(db) if token_admin else None}
     with transaction(db):
         if old.id_hash:  # a new id at every sign-in: a planted cookie signs no one in
             delete_session(db, old.id_hash)
@@ -3891,11 +4059,28 @@ def _address_trusted(address, trusted):
     return False
 
 
+UNSAFE_NEXT_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
 def safe_next(path):
-    """A path on this server to go to after sign-in; anything else becomes '/'."""
-    if isinstance(path, str) and path.startswith("/") and not path.startswith(("//", "/\\")):
-        return path
-    return "/"
+    """A path on this server to go to after sign-in; anything else becomes '/'.
+
+    Parsed, not pattern-matched: no scheme, no host, one leading '/', and no
+    backslash, whitespace or control character even once percent-decoded
+    (browsers drop tabs and newlines and read '\\' as '/', so '/%09/evil.example'
+    or '/\\evil.example' would leave llimit).
+    """
+    if not isinstance(path, str) or not path.startswith("/"):
+        return "/"
+    try:
+        parts = urllib.parse.urlsplit(path)
+    except ValueError:
+        return "/"
+    decoded = urllib.parse.unquote(path)
+    if (parts.scheme or parts.netloc or decoded.startswith("//") or "\\" in decoded
+            or UNSAFE_NEXT_CHAR.search(decoded)):
+        return "/"
+    return path
 
 
 class OidcClient:
@@ -4032,11 +4217,14 @@ def _origin(url):
 def user_from_claims(claims, allowed_domains, domains):
     """The user name of verified ID token claims; 403 outside the allowed e-mail domains."""
     email = claims.get("email")
-    if not isinstance(email, str) or "@" not in email:
-        # compat: Entra ID often sends the e-mail only as preferred_username (or upn).
+    if "email" not in claims:
+        # compat: Entra ID often sends the e-mail only as preferred_username (or upn),
+        # names its tenant issues and vouches for, without email_verified.
         email = next((claims[name] for name in ("preferred_username", "upn")
                       if isinstance(claims.get(name), str) and "@" in claims[name]), None)
-    if email is None or claims.get("email_verified") is False:
+    elif claims.get("email_verified") is not True:  # exactly JSON true: not "true", not absent
+        email = None
+    if not isinstance(email, str) or "@" not in email:
         raise LlimitError(403, "sign_in_failed",
                           "Sign-in failed: the provider sent no verified e-mail address.")
     domain = email.rsplit("@", 1)[1].lower()
@@ -4363,22 +4551,28 @@ def _proxy(state, path, deployment=None, azure_v1=False):
         call.route, call.owner, call.owned_row = route, owner, owned_row
         if route.cls != "generate":
             call.worst.priced = True  # a look-up costs nothing; async work is charged when done
-        if route.cls == "lookup":
-            call.admission = Admission([], [], {})  # never charged, so never refused by limits
-        else:
-            call.admission = state.limits.admit(
-                db, call, state.limits.for_call(db, key["config_version"], call.project_id,
-                                                call.user_name, call.key_id),
-                state.writer.healthy)
+        state.slots.take(call.key_id, call.user_name)  # given back when the call is metered
+        try:
+            if route.cls == "lookup":
+                call.admission = Admission([], [], {})  # never charged, never refused by limits
+            else:
+                call.admission = state.limits.admit(
+                    db, call, state.limits.for_call(db, key["config_version"], call.project_id,
+                                                    call.user_name, call.key_id),
+                    state.writer.healthy)
+        except LlimitError:
+            state.slots.give_back(call.key_id, call.user_name)
+            raise
     except LlimitError as error:
         _log_refused(environ, error.status, started, key, requested_model)
         raise
     sent = time.perf_counter()
     try:
-        headers = upstream_headers(environ, upstream, state.user_header_names)
+        headers = upstream_headers(environ, upstream)
         if rewritten:
             headers["content-type"] = "application/json"  # what we send is JSON we wrote
         resp = send_upstream(state.pool, environ["REQUEST_METHOD"], url, headers, body)
+        del body, payload  # a large body is not held while the answer is relayed
     except BaseException as error:
         # Metered even so: one event per call, and it releases the reservation.
         call.upstream_ms = (time.perf_counter() - sent) * 1000
@@ -4390,7 +4584,7 @@ def _proxy(state, path, deployment=None, azure_v1=False):
     call.upstream_ms = (time.perf_counter() - sent) * 1000
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
         return _relay_stream(state, call, resp, upstream.kind, hide_usage_chunk)
-    return _relay_whole(state, call, resp)
+    return _relay_whole(state, call, resp, upstream)
 
 
 def _rewrite_body(payload, body, path, deployment, kind):
@@ -4404,12 +4598,18 @@ def _rewrite_body(payload, body, path, deployment, kind):
         changed = True
     hide_usage_chunk = False
     # Anthropic's OpenAI-compatible chat/completions honours stream_options too.
-    streams_usage = path == "chat/completions" or path == "completions" and kind != "anthropic"
+    streams_usage = path == "chat/completions" or (path == "completions" and kind != "anthropic")
     if payload.get("stream") is True and streams_usage:
         # OpenAI sends usage in a stream only when include_usage is set.
         options = payload.get("stream_options")
         options = options if isinstance(options, dict) else {}
         if options.get("include_usage") is not True:
+            if not changed and "stream_options" not in payload and body.rstrip().endswith(b"}"):
+                # Spliced onto the client's bytes: re-serialising a 32 MB body would
+                # hold two more copies of it (text and bytes) at once.
+                end = len(body.rstrip()) - 1
+                return b"".join((memoryview(body)[:end],
+                                 b', "stream_options": {"include_usage": true}}')), True
             payload["stream_options"] = {**options, "include_usage": True}
             changed = hide_usage_chunk = True
     return (json.dumps(payload).encode() if changed else body), hide_usage_chunk
@@ -4426,12 +4626,22 @@ def _check_models(key, payload, deployment, kind):
     upstream acts on the deployment, any other on the body's model, so both
     are checked against the key's allow-list.
     """
-    body_model = _text(payload.get("model"))
+    body_model = _client_model(_text(payload.get("model")))
+    deployment = _client_model(deployment)
     for model in {deployment, body_model} - {None} or {None}:
         _check_model_allowed(key, model)
     if kind == "azure":
         return deployment or body_model
     return body_model or deployment
+
+
+def _client_model(model):
+    # A model name is stored, logged and a metric label: bounded before any of that.
+    if model is not None and len(model) > MAX_MODEL_NAME:
+        raise LlimitError(400, "invalid_request_error",
+                          f"The model name is longer than {MAX_MODEL_NAME} characters.",
+                          code="model_name_too_long")
+    return model
 
 
 def _check_model_allowed(key, model):
@@ -4465,7 +4675,9 @@ def logged_path(environ):
 
 def _pricing_model(call, reported_model):
     # Azure may report no model; the admin's deployment map, then the name asked for.
-    return reported_model or _mapped_model(call.key, call.model)
+    if reported_model:
+        return reported_model[:MAX_MODEL_NAME]
+    return _mapped_model(call.key, call.model)
 
 
 def _mapped_model(key, model):
@@ -4507,7 +4719,8 @@ def _log_refused(environ, status_code, started, key=None, model=None):
 
 def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=True,
            overhead_ms=None, owned=()):
-    """Record one call's usage event; with `wait`, until it is committed.
+    """Record one call's usage event and free its CallSlots slot; with `wait`, until it
+    is committed: False when LLIMIT_COMMIT_WAIT_SECONDS passed first.
 
     Only a generation is charged; a look-up, an async job's creation (charged
     when it ends) and an upstream's refusal cost nothing and are stored as
@@ -4540,13 +4753,22 @@ def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=
               call.project_id, event.model, status_code, event.prompt_tokens,
               event.completion_tokens, nusd_to_usd(event.cost_nusd), event.pricing,
               round(elapsed_ms, 1), round(overhead_ms, 2), stream)
-    if wait and not event.done.wait(COMMIT_WAIT_SECONDS):
-        log.error("usage of request_id=%s not yet committed after %ss; it stays queued",
-                  call.request_id, COMMIT_WAIT_SECONDS)
-    return event
+    try:
+        if wait and not event.done.wait(state.config.commit_wait_seconds):
+            log.error("usage of request_id=%s not yet committed after %ss; it stays queued,"
+                      " and the client gets 503 instead of the answer", call.request_id,
+                      state.config.commit_wait_seconds)
+            return False
+        return True
+    finally:
+        state.slots.give_back(call.key_id, call.user_name)
 
 
-def _relay_whole(state, call, resp):
+LEDGER_UNAVAILABLE = ("The usage ledger could not record this call in time, so its answer is"
+                      " withheld (the usage is still counted). Try again shortly.")
+
+
+def _relay_whole(state, call, resp, upstream):
     before_body = time.perf_counter()
     try:
         content = read_upstream_body(resp)
@@ -4574,10 +4796,17 @@ def _relay_whole(state, call, resp):
             # A finished batch's result files are its owner's to read.
             owned += _created_files(call, answer.get("output_file_id"),
                                     answer.get("error_file_id"))
-    _meter(state, call, resp.status, model, usage,
-           "priced" if usage is not None else "unpriced", stream=False, owned=owned)
+    if not _meter(state, call, resp.status, model, usage,
+                  "priced" if usage is not None else "unpriced", stream=False, owned=owned):
+        # No answer without a durable row: a kill now would lose an answered call.
+        raise LlimitError(503, "service_unavailable", LEDGER_UNAVAILABLE,
+                          code="ledger_unavailable")
+    upstream_headers_out = client_response_headers(resp, call.admission.headers)
+    if resp.status in (401, 403):
+        content, upstream_headers_out = _upstream_auth_failure(call, resp, content, upstream,
+                                                               upstream_headers_out)
     response = bottle.HTTPResponse(body=content, status=resp.status)
-    for name, value in client_response_headers(resp, call.admission.headers):
+    for name, value in upstream_headers_out:
         response.add_header(name, value)
     for name, value in call.admission.headers.items():
         response.set_header(name, value)
@@ -4658,6 +4887,23 @@ def _settlement(state, call, answer, content):
         log.info("async %s %s finished: charging key %s %s USD (once)", row["kind"],
                  row["object_id"], row["key_id"], nusd_to_usd(event.cost_nusd))
     return events
+def _upstream_auth_failure(call, resp, content, upstream, headers):
+    # The upstream refused llimit's own credentials: its body may show a masked
+    # form of the upstream key, so the client gets llimit's message instead, and
+    # the admin the upstream's (less the key itself) in the log.
+    text = content.decode("utf-8", "replace")
+    if upstream.key:
+        text = text.replace(upstream.key, "[upstream key]")
+    log.warning("upstream refused llimit's credentials for request_id=%s project=%s: %s %s",
+                call.request_id, call.project_id, resp.status, _logfmt(text[:2000]))
+    error = LlimitError(resp.status, "upstream_error",
+                        f"The upstream refused llimit's credentials for this project"
+                        f" ({resp.status}); llimit's admin can see why in its log.",
+                        code="upstream_auth_failed")
+    body = error.anthropic_body() if upstream.kind == "anthropic" else error.body()
+    headers = [(name, value) for name, value in headers
+               if name.lower() != "content-type"] + [("Content-Type", "application/json")]
+    return json.dumps(body).encode(), headers
 
 
 def _relay_stream(state, call, resp, kind, hide_usage_chunk):
@@ -4714,10 +4960,14 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
         complete = finished and meter.usage is not None
         usage = meter.usage if complete else meter.estimate(call.worst.prompt_tokens,
                                                             call.worst.completion_tokens)
-        _meter(state, call, resp.status, meter.model, usage,
-               "priced" if complete else "estimated", stream=True,
-               wait=finished, overhead_ms=overhead_ms + relay_ms,
-               owned=_created_objects(call, resp.status, meter.object_id))
+        committed = _meter(state, call, resp.status, meter.model, usage,
+                           "priced" if complete else "estimated", stream=True,
+                           wait=finished, overhead_ms=overhead_ms + relay_ms,
+                           owned=_created_objects(call, resp.status, meter.object_id))
+    if not committed:  # the final event only once the call is durable
+        yield sse_error_event(kind, LEDGER_UNAVAILABLE, "service_unavailable",
+                              "ledger_unavailable")
+        return
     yield from held
 
 
@@ -5663,10 +5913,26 @@ def page(handler):
         bottle.request.environ["llimit.session"] = session  # for the error page's header
         for name, value in page_headers(_script_sources(state)).items():
             bottle.response.set_header(name, value)
-        if bottle.request.method == "POST":
-            return handler(state, session, checked_form(state, session), **url_args)
-        return handler(state, session, **url_args)
+        try:
+            if bottle.request.method == "POST":
+                return handler(state, session, checked_form(state, session), **url_args)
+            return handler(state, session, **url_args)
+        except bottle.HTTPResponse as response:
+            _own_location(state.config, response)
+            raise
     return serve_page
+
+
+def _own_location(config, response):
+    # bottle.redirect makes a path absolute with the request's Host header, which
+    # the client chooses: a redirect to one of llimit's own pages names its base URL.
+    location = response.get_header("Location")
+    if not location:
+        return
+    parts = urllib.parse.urlsplit(location)
+    if f"{parts.scheme}://{parts.netloc}" == _origin(bottle.request.url):
+        response.set_header("Location", config.base_url + urllib.parse.urlunsplit(
+            ("", "", parts.path, parts.query, parts.fragment)))
 
 
 def page_headers(script_sources):
@@ -5711,11 +5977,9 @@ def _chart_scripts(state):
 
 
 def public_base_url(config):
-    """Where people reach llimit: LLIMIT_PUBLIC_URL, else the address this request used."""
-    if config.public_url:
-        return config.public_url.rstrip("/")
-    parts = bottle.request.urlparts
-    return f"{parts.scheme}://{parts.netloc}"
+    """Where people reach llimit: LLIMIT_PUBLIC_URL, else http://HOST:PORT of the
+    config; never the request's Host header, which the client chooses."""
+    return config.base_url
 
 
 def _signed_in_user(session):
@@ -5767,7 +6031,7 @@ def page_home(state, session):
 def page_login(state, session):
     """GET /login: the sign-in form of LLIMIT_AUTH, and the admin token's."""
     config = state.config
-    session = ensure_session(state, session)
+    session = login_csrf(state, session)
     return render_page(LOGIN_PAGE, title="Sign in", session=session, auth=config.auth,
                        next_path=safe_next(bottle.request.query.get("next")),
                        auth_header=config.auth_header,
@@ -5779,11 +6043,12 @@ def page_login_post(state, session, form):
     config = state.config
     next_path = safe_next(form.get("next"))
     if form.get("admin_token"):
+        address = bottle.request.environ.get("REMOTE_ADDR", "")
         if not admin_token_matches(state.database(), form["admin_token"]):
-            log.warning("page sign-in with a wrong admin token from %s",
-                        bottle.request.environ.get("REMOTE_ADDR"))
-            raise LlimitError(401, "invalid_request_error", "That is not the admin token.",
-                              code="invalid_admin_token")
+            log.warning("page sign-in with a wrong admin token from %s", address)
+            state.auth_throttle.wrong(address, LlimitError(
+                401, "invalid_request_error", "That is not the admin token.",
+                code="invalid_admin_token"))
         sign_in(state, session, session.user_name, token_admin=True)
         bottle.redirect(next_path if next_path != "/" else "/admin", 303)
     if config.auth == "open":
@@ -5792,7 +6057,8 @@ def page_login_post(state, session, form):
             raise LlimitError(400, "invalid_request_error", "Type a user name to sign in.")
         sign_in(state, session, user_name)
         bottle.redirect(next_path, 303)
-    if config.auth == "oidc" and session.id_hash:
+    if config.auth == "oidc":
+        session = ensure_session(state, session)
         pending = {"state": secrets.token_urlsafe(24), "nonce": secrets.token_urlsafe(24),
                    "verifier": secrets.token_urlsafe(48), "next": next_path}
         url = state.oidc.authorization_url(_oidc_redirect_uri(config), pending)
@@ -6384,7 +6650,8 @@ def _admin_done(notice, anchor):
 def _admin_create_project(state, session, form):
     data = _project_form(form)
     data["id"] = form.get("id", "").strip()
-    create_project(state.database(), data, utc_iso(state.config.clock()))
+    create_project(state.database(), data, utc_iso(state.config.clock()),
+                   state.config.upstream_env_pattern)
     _admin_done("project_created", "projects")
 
 
@@ -6392,7 +6659,8 @@ def _admin_update_project(state, session, form):
     data = _project_form(form)
     if form.get("clear_upstream_key"):
         data["upstream_key"] = None
-    change_project(state.database(), form.get("id", ""), data, utc_iso(state.config.clock()))
+    change_project(state.database(), form.get("id", ""), data, utc_iso(state.config.clock()),
+                   state.config.upstream_env_pattern)
     _admin_done("project_saved", "projects")
 
 
@@ -6641,7 +6909,8 @@ def admin_projects_list(state):
 
 def admin_projects_create(state):
     """POST /admin/projects, with an optional `budget` shorthand that becomes limits."""
-    project = create_project(state.database(), _json_input(), utc_iso(state.config.clock()))
+    project = create_project(state.database(), _json_input(), utc_iso(state.config.clock()),
+                             state.config.upstream_env_pattern)
     return _created(admin_project_get(state, project["id"]))
 
 
@@ -6657,7 +6926,8 @@ def admin_project_get(state, project_id):
 
 def admin_project_update(state, project_id):
     """PATCH /admin/projects/<id>"""
-    change_project(state.database(), project_id, _json_input(), utc_iso(state.config.clock()))
+    change_project(state.database(), project_id, _json_input(), utc_iso(state.config.clock()),
+                   state.config.upstream_env_pattern)
     return admin_project_get(state, project_id)
 
 
@@ -7028,6 +7298,9 @@ LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 300
                       120000)
 
 
+METRICS_MAX_MODELS = 200
+
+
 class Metrics:
     """In-process counters behind /metrics (Prometheus text format); thread-safe."""
 
@@ -7040,11 +7313,18 @@ class Metrics:
         self.latency_sum_ms = 0.0
         self.latency_count = 0
         self.rejections = {}       # error type -> count
+        self.models = set()        # model label values in use, at most METRICS_MAX_MODELS
 
     def observe_call(self, event, upstream_ms):
         """Count one metered call."""
         project, model = event.project_id or "", event.model or ""
         with self._lock:
+            if model not in self.models:
+                # Model names come from clients: past the bound they share one label.
+                if len(self.models) < METRICS_MAX_MODELS:
+                    self.models.add(model)
+                else:
+                    model = "other"
             key = (project, model, str(event.status_code))
             self.calls[key] = self.calls.get(key, 0) + 1
             for kind, count in (("prompt", event.prompt_tokens),
@@ -7082,8 +7362,10 @@ def ops_metrics(state):
     token = state.config.metrics_token
     if token:
         authorization = bottle.request.environ.get("HTTP_AUTHORIZATION", "")
-        if not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
-            raise LlimitError(401, "invalid_request_error", "This needs the metrics token.")
+        if not secrets_match(authorization, f"Bearer {token}"):
+            state.auth_throttle.wrong(
+                bottle.request.environ.get("REMOTE_ADDR", ""),
+                LlimitError(401, "invalid_request_error", "This needs the metrics token."))
     bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
     return render_metrics(state.metrics, len(state.streams), state.writer.depth())
 
@@ -7158,6 +7440,8 @@ class State:
         self.pricebook = Pricebook(self.file_prices, list_price_overrides(self.database()))
         self.metrics = Metrics()
         self.limits = Limits(self.database, config.clock)
+        self.slots = CallSlots(config.max_concurrent_per_key, config.max_concurrent_per_user,
+                               config.threads - RESERVED_THREADS)
         self.auth_throttle = AuthThrottle(config.clock)
         self.keys = KeyCache()
         self.alerts = AlertSender(self.database, config.alert_webhook)
@@ -7165,7 +7449,6 @@ class State:
                                   self.alerts.record)
         self.pool = UpstreamPool(config.threads, config.connect_timeout, config.upstream_timeout)
         self.streams = OpenStreams()
-        self.user_header_names = frozenset(header.lower() for header in config.user_headers)
         self.openapi = _openapi_spec()
         self.oidc = OidcClient(config) if config.auth == "oidc" else None
         if config.chartjs and not os.path.isfile(config.chartjs):
@@ -7193,6 +7476,9 @@ class State:
         written = self.writer.close()
         self.pool.close()
         return written
+
+
+RESERVED_THREADS = 4  # worker threads proxied calls leave to /healthz and the pages
 
 
 def _is_json_path(path):
@@ -7333,11 +7619,16 @@ def routes():
     ]
 
 
-def make_app(config, state=None):
-    """The WSGI app of llimit for a Config; its State is `app.llimit`."""
+def make_app(config, state=None, ensure_token=True):
+    """The WSGI app of llimit for a Config; its State is `app.llimit`.
+
+    `ensure_token=False` leaves the admin token to the caller (`serve` writes it
+    only once it has its port).
+    """
     state = state or State(config)
-    with transaction(state.database()) as db:
-        state.generated_admin_token = ensure_admin_token(db, config.admin_token)
+    if ensure_token:
+        with transaction(state.database()) as db:
+            state.generated_admin_token = ensure_admin_token(db, config.admin_token)
     app = bottle.Bottle()
     app.config["catchall"] = False  # ErrorPlugin answers; a crash must not turn into HTML
     app.llimit = state
@@ -7437,19 +7728,13 @@ def serve(config):
     """Run the server until SIGTERM or Ctrl-C; open streams may finish first."""
     log_writer = configure_logging(config)
     try:
-        app = make_app(config)
+        app = make_app(config, ensure_token=False)
     except (DatabaseError, OSError, ValueError) as error:
         log.error("cannot start: %s", error)
         log_writer.stop()
         return 1
     state = app.llimit
-    if state.generated_admin_token:
-        print(f"llimit: generated an admin token (shown this once, only its hash is kept):\n"
-              f"  {state.generated_admin_token}", file=sys.stderr, flush=True)
-    _warn_missing_upstream_keys(state)
-    log.info("Chart.js for /reports: %s", chartjs_origin(state))
-    for warning in sign_in_warnings(config):
-        log.warning("%s", warning)
+    _raise_open_files_limit(config.max_connections + config.threads + 64)
     try:
         server = waitress.create_server(
             app, host=config.host, port=config.port, threads=config.threads, ident="llimit",
@@ -7457,13 +7742,30 @@ def serve(config):
             # 64 KiB of headers is far above any client's; more gets 431 from waitress
             # instead of being carried upstream (waitress would take 256 KiB).
             max_request_header_size=64 * 1024,
-            connection_limit=max(100, config.threads * 4), channel_timeout=300,
-            asyncore_use_poll=True)  # select() fails once a descriptor passes 1023
-    except OSError as error:  # the port is taken, or the address is not this machine's
+            # Idle connections cost no thread; they are closed after a minute, and
+            # the longest idle first when there are too many (_close_idle_when_full).
+            connection_limit=config.max_connections, channel_timeout=60, cleanup_interval=10,
+            backlog=2048, asyncore_use_poll=True)  # select() fails past descriptor 1023
+    except OSError as error:
         log.error("cannot listen on %s:%s: %s", config.host, config.port,
                   error.strerror or error)
+        state.close()
         log_writer.stop()
         return 1
+    _close_idle_when_full(server, config.max_connections)
+    _check_keys_before_bodies(server, state)
+    state.config = dataclasses.replace(config, port=server.effective_port)
+    # Only now, with the port ours: a second `serve` on this database that could not
+    # bind never touches the running server's token.
+    with transaction(state.database()) as db:
+        generated = ensure_admin_token(db, config.admin_token)
+    if generated:
+        print(f"llimit: generated an admin token (shown this once, only its hash is kept):\n"
+              f"  {generated}", file=sys.stderr, flush=True)
+    _warn_missing_upstream_keys(state)
+    log.info("Chart.js for /reports: %s", chartjs_origin(state))
+    for warning in sign_in_warnings(state.config):
+        log.warning("%s", warning)
     state.start()
     signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state, log_writer))
     log.info("llimit %s serving on http://%s:%s (database %s)", __version__,
@@ -7475,6 +7777,85 @@ def serve(config):
     state.close()
     log_writer.stop()
     return 0
+
+
+EARLY_KEY_CHECK_BYTES = 256 * 1024  # bodies above this are refused unread without a good key
+
+
+def _check_keys_before_bodies(server, state):
+    # waitress reads a whole request body (spooling it to disk) before the app
+    # sees the request, so a stranger could make llimit take in 64 MB per call
+    # just to answer 401. For a large body on a proxy route, the key is checked
+    # as soon as the headers are in, in waitress's own thread: a key lookup is a
+    # read, which WAL never blocks. A refusal is answered at once, and the
+    # connection closed without reading the body. Reads waitress internals: the
+    # channel's parser_class, the parser's headers, path, error and completed.
+    class KeyCheckingParser(waitress.parser.HTTPRequestParser):
+        def received(self, data):
+            consumed = super().received(data)
+            if (self.headers_finished and not self.completed and self.error is None
+                    and self.content_length > EARLY_KEY_CHECK_BYTES
+                    and self.path.startswith(("/v1/", "/openai/"))):
+                environ = {"HTTP_" + name: value for name, value in self.headers.items()}
+                environ["REMOTE_ADDR"] = self.early_address
+                try:
+                    authenticate_call(state, environ)
+                except LlimitError as error:
+                    self.error, self.completed = _EarlyRefusal(error), True
+            return consumed
+
+    class KeyCheckingChannel(waitress.channel.HTTPChannel):
+        def parser_class(self, adj):
+            parser = KeyCheckingParser(adj)
+            parser.early_address = self.addr[0] if isinstance(self.addr, tuple) else ""
+            return parser
+
+    server.channel_class = KeyCheckingChannel
+
+
+class _EarlyRefusal(waitress.utilities.Error):
+    # A LlimitError answered by waitress itself (in OpenAI's shape), before the body.
+    def __init__(self, error):
+        super().__init__(error.message)
+        self.error = error
+        self.code = error.status
+        self.reason = bottle.HTTP_CODES.get(error.status, "Error")
+
+    def to_response(self, ident=None):
+        headers = [("Content-Type", "application/json"), *self.error.headers.items()]
+        return (f"{self.code} {self.reason}", headers, json.dumps(self.error.body()).encode())
+
+
+def _raise_open_files_limit(wanted):
+    try:
+        import resource  # not on Windows
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        log.warning("could not raise the open files limit to %d", wanted)
+
+
+def _close_idle_when_full(server, connection_limit):
+    # Slowloris: waitress stops accepting at its connection limit until idle
+    # connections time out, so a few hundred idle sockets would lock everyone
+    # out for minutes. Instead, at the limit, the longest idle connections that
+    # have no request under way are closed, and new ones are let in.
+    # Reads waitress internals: active_channels, requests, last_activity, will_close.
+    readable = server.readable
+
+    def readable_closing_idle():
+        excess = len(server._map) - connection_limit + 1
+        if excess > 0 and server.accepting:
+            idle = sorted((channel for channel in server.active_channels.values()
+                           if not channel.requests and not channel.will_close
+                           and not channel.total_outbufs_len),
+                          key=lambda channel: channel.last_activity)
+            for channel in idle[:excess]:
+                channel.will_close = True
+        return readable()
+    server.readable = readable_closing_idle
 
 
 def _warn_missing_upstream_keys(state):
@@ -7602,7 +7983,8 @@ def cli_projects(config, args):
                 "upstream_url": args.url, "upstream_key": args.upstream_key,
                 "api_version": args.api_version, "allow_user_keys": not args.no_user_keys,
                 "allow_async": args.allow_async}
-        project = validate_project({k: v for k, v in data.items() if v is not None})
+        project = validate_project({k: v for k, v in data.items() if v is not None},
+                                   env_pattern=config.upstream_env_pattern)
         project["created_at"] = utc_iso(config.clock())
         with transaction(db):
             insert_project(db, project)

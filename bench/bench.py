@@ -511,6 +511,10 @@ class Llimit:
         env = child_env({"LLIMIT_ADMIN_TOKEN": ADMIN_TOKEN,
                          "LLIMIT_UPSTREAM_KEY": UPSTREAM_KEY,
                          "LLIMIT_THREADS": str(self.threads),
+                         # One key carries every call here; the per-key and per-user
+                         # caps (16 by default) would refuse the c=32 phase's extras.
+                         "LLIMIT_MAX_CONCURRENT_PER_KEY": str(self.threads),
+                         "LLIMIT_MAX_CONCURRENT_PER_USER": str(self.threads),
                          "LLIMIT_GRACE_SECONDS": "5"})
         beside = os.path.join(os.path.dirname(os.path.abspath(self.script)), "pricing.json")
         if not os.path.exists(beside):

@@ -1062,6 +1062,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(reply, call.behaviour)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client left
+            fake._client_left(request)
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
@@ -1119,12 +1120,14 @@ class FakeUpstream:
     """The fake upstream, serving from a daemon thread until close().
 
     requests: every RecordedRequest, in arrival order, recorded before any delay.
+    left: the RecordedRequests whose client closed the connection before the answer ended.
     behaviour: the dict of BEHAVIOUR keys (see the module docstring).
     last_completion_text: the completion text the latest request was answered with.
     """
 
     def __init__(self, host="127.0.0.1", port=0):
         self.requests = []
+        self.left = []       # requests whose client (llimit) closed the connection mid-answer
         self.behaviour = {}
         self.store = ObjectStore()
         self.last_completion_text = EXPECTED["text"]
@@ -1140,6 +1143,10 @@ class FakeUpstream:
     def _record(self, request):
         with self._lock:
             self.requests.append(request)
+
+    def _client_left(self, request):
+        with self._lock:
+            self.left.append(request)
 
     def reset(self):
         """Forget recorded requests and behaviour (the same list and dict are kept)."""

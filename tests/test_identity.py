@@ -108,7 +108,8 @@ def test_migration_merges_stored_names_keeps_every_row_and_is_idempotent(
     with llimit.transaction(before.db()) as db:
         db.execute("update api_keys set user_name = 'Frank@Corp.example'"
                    " where user_name = 'frank@corp.example'")
-        db.execute("insert into sessions values ('h', 'Grace@corp.example', 0, 'c', null,"
+        db.execute("insert into sessions (id_hash, user_name, is_admin, csrf_token, pending,"
+                   " created_at, expires_at) values ('h', 'Grace@corp.example', 0, 'c', null,"
                    " '2026-01-01T00:00:00Z', '2999-01-01T00:00:00Z')")
     events_before = before.events()
     before.stop()

@@ -257,13 +257,17 @@ def test_failed_calls_release_their_reservation(make_llimit, fake):
     assert gateway.state.limits._reserved == {}
 
 
-def test_fail_closed_when_usage_cannot_be_written(gateway, fake):
+def test_fail_closed_when_usage_cannot_be_written(make_llimit, fake):
+    gateway = make_llimit(commit_wait_seconds=1)
     raw_key, key_id = gateway.create_key()
     add_limit(gateway, scope="key", target=key_id, metric="usd", window="day", amount=100)
     blocker = sqlite3.connect(gateway.config.db_path, isolation_level=None)
     blocker.execute("begin exclusive")
     try:
-        assert call(gateway, raw_key).status_code == 200  # its usage waits in the queue
+        # Its answer is withheld (no answer without a durable row); its usage waits in the queue.
+        withheld = call(gateway, raw_key)
+        assert withheld.status_code == 503
+        assert withheld.json()["error"]["code"] == "ledger_unavailable"
         deadline = time.monotonic() + 20
         while gateway.state.writer.healthy and time.monotonic() < deadline:
             time.sleep(0.1)

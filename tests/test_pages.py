@@ -268,14 +268,14 @@ def test_admin_dashboard_manages_projects_keys_limits_and_prices(gateway, fake, 
         return admin.post(gateway.url + "/admin", data={"csrf_token": token, "action": action,
                                                         **fields})
 
-    monkeypatch.setenv("TEAM_A_KEY", "sk-team-a-secret")
+    monkeypatch.setenv("LLIMIT_UPSTREAM_KEY_TEAM_A", "sk-team-a-secret")
     created = act("create_project", id="team-a", name="Team <A>", upstream_kind="openai",
-                  upstream_url=fake.url + "/v1", upstream_key="env:TEAM_A_KEY",
+                  upstream_url=fake.url + "/v1", upstream_key="env:LLIMIT_UPSTREAM_KEY_TEAM_A",
                   allow_user_keys="1", budget_usd="5", budget_window="day")
     assert created.status_code == 200 and "Project created." in created.text
-    assert "Team &lt;A&gt;" in created.text and "env:TEAM_A_KEY" in created.text
+    assert "Team &lt;A&gt;" in created.text and "env:LLIMIT_UPSTREAM_KEY_TEAM_A" in created.text
     project = gateway.admin.get(gateway.url + "/admin/projects/team-a").json()
-    assert project["upstream_key_source"] == "env:TEAM_A_KEY"
+    assert project["upstream_key_source"] == "env:LLIMIT_UPSTREAM_KEY_TEAM_A"
     assert [(l["metric"], l["window"], l["amount"]) for l in project["limits"]] == \
         [("usd", "day", 5.0)]
     bad = act("create_project", id="bad id!", upstream_kind="openai")
