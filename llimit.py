@@ -210,6 +210,8 @@ SETTINGS = [
     ("default_max_input_tokens", "LLIMIT_DEFAULT_MAX_INPUT_TOKENS", None, 200000, int,
      "input tokens reserved for a call whose prompt lives upstream (previous_response_id,"
      " files, image URLs...), when its model's max_input_tokens is not in pricing.json"),
+    ("async_sweep_seconds", "LLIMIT_ASYNC_SWEEP_SECONDS", None, 300.0, float,
+     "how often unpolled batches and background responses are checked, to charge them"),
     ("drain_seconds", "LLIMIT_DRAIN_SECONDS", None, 0.0, float,
      "after a client leaves mid-stream, keep reading the upstream this long for exact usage"),
     ("alert_webhook", "LLIMIT_ALERT_WEBHOOK", None, None, str,
@@ -560,7 +562,14 @@ begin;
 alter table sessions add column admin_token_fingerprint text;
 commit;
 """),
-    ("0007 a cap on each user's personal keys per project", """
+    ("0007 async jobs not yet charged", """
+begin;
+-- The async sweeper asks the upstream about these; the index holds only them.
+create index owned_objects_unsettled on owned_objects (created_ms)
+    where async = 1 and charged_ms is null;
+commit;
+"""),
+    ("0008 a cap on each user's personal keys per project", """
 begin;
 -- How many active personal keys a user may hold in a project through the
 -- keys page, so that limits on `each: key` do not multiply; null: no cap
@@ -568,7 +577,7 @@ begin;
 alter table projects add column max_keys_per_user integer;
 commit;
 """),
-    ("0008 what a call is billed by beyond tokens", """
+    ("0009 what a call is billed by beyond tokens", """
 begin;
 -- JSON of images, audio seconds, characters, tool uses, 1-hour cache writes
 -- and service tier (Usage.units), so a reprice costs them again; null: tokens
@@ -995,6 +1004,13 @@ def owned_ids(db, project_id, owner, object_ids):
         "select object_id from owned_objects where object_id in"
         " (select value from json_each(?)) and project_id = ? and owner = ?",
         (json.dumps(list(object_ids)), project_id, owner))}
+
+
+def list_unsettled_async_objects(db, created_after_ms, limit=1000):
+    """Async objects (batches, background responses) made since a time and not yet charged."""
+    return db.execute("select * from owned_objects where async = 1 and charged_ms is null"
+                      " and created_ms > ? order by created_ms limit ?",
+                      (created_after_ms, limit)).fetchall()
 
 
 def claim_object_charge(db, object_id, charged_ms):
@@ -4789,7 +4805,8 @@ def _relay_whole(state, call, resp, upstream):
         if route.action == "list" and isinstance(answer, dict) \
                 and isinstance(answer.get("data"), list):
             content = json.dumps(_own_list(state, call, answer)).encode()
-        settlement = _settlement(state, call, answer, content)
+        settlement = _settlement(state, call.owned_row, answer, content,
+                                 route.name.endswith("/results"))
         if settlement:
             state.writer.submit(settlement)  # before the call's own event: committed first
         if route.kind == "batch" and isinstance(answer, dict):
@@ -4850,14 +4867,14 @@ def _own_list(state, call, answer):
     return filtered
 
 
-def _settlement(state, call, answer, content):
-    """The charge events for an async object this answer shows finished, once.
+def _settlement(state, row, answer, content, results=False):
+    """The charge events for an async object (its owned_objects `row`) that this
+    answer shows finished, once; `results`: the answer is a batch's results.
 
     Attributed to the project, user and key that created the object; the
     usage writer stores them only if it is the first to mark the object
     charged (owned_objects.charged_ms), so concurrent polls charge once.
     """
-    row = call.owned_row
     if row is None or not row["async"] or row["charged_ms"] is not None:
         return []
     found = []  # [(model, Usage)]
@@ -4872,7 +4889,7 @@ def _settlement(state, call, answer, content):
             and isinstance(answer.get("usage"), dict):
         found = [usage_from_body(answer)]
         endpoint = "responses"
-    elif row["kind"] == "message_batch" and call.route.name.endswith("/results"):
+    elif row["kind"] == "message_batch" and results:
         found = message_batch_usage(content)
         endpoint, factor = "messages/batches", BATCH_PRICE_FACTOR
     events = []
@@ -4887,6 +4904,84 @@ def _settlement(state, call, answer, content):
         log.info("async %s %s finished: charging key %s %s USD (once)", row["kind"],
                  row["object_id"], row["key_id"], nusd_to_usd(event.cost_nusd))
     return events
+# Where the sweeper asks about each kind of async object (then, once a message
+# batch has ended, its results). Jobs older than this are no longer asked about:
+# providers end batches within 24 hours and background responses sooner.
+ASYNC_OBJECT_PATHS = {"batch": "batches/{id}", "response": "responses/{id}",
+                      "message_batch": "messages/batches/{id}"}
+ASYNC_SWEEP_MAX_AGE_SECONDS = 8 * 86400
+
+
+class AsyncSweeper:
+    """Charges async jobs that finish while nobody asks about them.
+
+    A poll through llimit charges a batch or background response once it
+    shows its final usage, but the provider bills the job whether anyone
+    polls or not. So every LLIMIT_ASYNC_SWEEP_SECONDS this thread asks the
+    upstream, with the project's own key, about each job not yet charged,
+    and charges it the same way: once, as the claim on owned_objects decides.
+    """
+
+    def __init__(self, state):
+        self.state = state
+        self.interval = state.config.async_sweep_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llimit-async-sweeper",
+                                        daemon=True)
+
+    def start(self):
+        """Start sweeping (the server only; 0 seconds turns it off)."""
+        if self.interval > 0:
+            self._thread.start()
+
+    def stop(self):
+        """Stop after the current sweep."""
+        self._stop.set()
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            try:
+                self.sweep()
+            except Exception:  # a failed sweep must not end the thread: try next time
+                log.exception("async sweep failed")
+
+    def sweep(self):
+        """Ask the upstream about every job not yet charged; returns how many were charged."""
+        db = self.state.database()
+        since_ms = int((self.state.config.clock() - ASYNC_SWEEP_MAX_AGE_SECONDS) * 1000)
+        charged = 0
+        for row in list_unsettled_async_objects(db, since_ms):
+            project = get_project(db, row["project_id"])
+            if project is None or row["kind"] not in ASYNC_OBJECT_PATHS:
+                continue
+            try:
+                events = self._settle(row, resolve_upstream(project, self.state.config))
+            except LlimitError as error:
+                log.warning("async sweep: %s %s not checked: %s", row["kind"],
+                            row["object_id"], error.message)
+                continue
+            if events:
+                self.state.writer.submit(events)
+                charged += 1
+        return charged
+
+    def _settle(self, row, upstream):
+        path = ASYNC_OBJECT_PATHS[row["kind"]].format(id=urllib.parse.quote(row["object_id"]))
+        answer = parse_response_json(self._get(upstream, path))
+        if row["kind"] == "message_batch":
+            if not isinstance(answer, dict) or answer.get("processing_status") != "ended":
+                return []
+            return _settlement(self.state, row, answer, self._get(upstream, path + "/results"),
+                               results=True)
+        return _settlement(self.state, row, answer, b"")
+
+    def _get(self, upstream, path):
+        url = upstream_url(upstream, path, "")
+        resp = send_upstream(self.state.pool, "GET", url, upstream_headers({}, upstream), None)
+        content = read_upstream_body(resp)
+        return content if resp.status == 200 else b""
+
+
 def _upstream_auth_failure(call, resp, content, upstream, headers):
     # The upstream refused llimit's own credentials: its body may show a masked
     # form of the upstream key, so the client gets llimit's message instead, and
@@ -7455,6 +7550,7 @@ class State:
             raise ValueError(f"LLIMIT_CHARTJS names no file: {config.chartjs}")
         self.chartjs_path = chartjs_file(config)
         self.new_keys = NewKeyStash(config.clock)
+        self.sweeper = AsyncSweeper(self)
         self.generated_admin_token = None
 
     def start(self):
@@ -7465,6 +7561,7 @@ class State:
         """
         self.writer.start()
         self.alerts.start()
+        self.sweeper.start()
         return self
 
     def reload_prices(self):
@@ -7473,6 +7570,7 @@ class State:
 
     def close(self):
         """Write all queued usage and close upstream connections; False if usage is left."""
+        self.sweeper.stop()
         written = self.writer.close()
         self.pool.close()
         return written
