@@ -206,6 +206,9 @@ SETTINGS = [
      "Bearer token /metrics asks for; open when unset"),
     ("user_headers", "LLIMIT_USER_HEADERS", None, (), _csv_list,
      "further headers naming the end user of a project key"),
+    ("user_domains", "LLIMIT_USER_DOMAINS", None, (), _csv_list,
+     "e-mail domains whose addresses name a user by their local part"
+     " (default: LLIMIT_OIDC_ALLOWED_DOMAINS)"),
     ("max_body_bytes", "LLIMIT_MAX_BODY_BYTES", None, 32 * 1024 * 1024, int,
      "largest request body accepted (413 above)"),
     ("upstream_timeout", "LLIMIT_UPSTREAM_TIMEOUT", None, 600.0, float,
@@ -213,7 +216,13 @@ SETTINGS = [
     ("connect_timeout", "LLIMIT_CONNECT_TIMEOUT", None, 10.0, float,
      "seconds to wait for an upstream connection"),
     ("default_max_tokens", "LLIMIT_DEFAULT_MAX_TOKENS", None, 4096, int,
-     "output tokens reserved for a call that sets no max_tokens"),
+     "output tokens reserved for a call that sets no max_tokens, when its model's"
+     " max_output_tokens is not in pricing.json"),
+    ("default_max_input_tokens", "LLIMIT_DEFAULT_MAX_INPUT_TOKENS", None, 200000, int,
+     "input tokens reserved for a call whose prompt lives upstream (previous_response_id,"
+     " files, image URLs...), when its model's max_input_tokens is not in pricing.json"),
+    ("async_sweep_seconds", "LLIMIT_ASYNC_SWEEP_SECONDS", None, 300.0, float,
+     "how often unpolled batches and background responses are checked, to charge them"),
     ("drain_seconds", "LLIMIT_DRAIN_SECONDS", None, 0.0, float,
      "after a client leaves mid-stream, keep reading the upstream this long for exact usage"),
     ("alert_webhook", "LLIMIT_ALERT_WEBHOOK", None, None, str,
@@ -629,7 +638,30 @@ begin;
 alter table sessions add column admin_token_fingerprint text;
 commit;
 """),
-    ("0007 refused calls per day, project and user", """
+    ("0007 async jobs not yet charged", """
+begin;
+-- The async sweeper asks the upstream about these; the index holds only them.
+create index owned_objects_unsettled on owned_objects (created_ms)
+    where async = 1 and charged_ms is null;
+commit;
+"""),
+    ("0008 a cap on each user's personal keys per project", """
+begin;
+-- How many active personal keys a user may hold in a project through the
+-- keys page, so that limits on `each: key` do not multiply; null: no cap
+-- (every project before this migration).
+alter table projects add column max_keys_per_user integer;
+commit;
+"""),
+    ("0009 what a call is billed by beyond tokens", """
+begin;
+-- JSON of images, audio seconds, characters, tool uses, 1-hour cache writes
+-- and service tier (Usage.units), so a reprice costs them again; null: tokens
+-- only (every event before this migration).
+alter table usage_events add column units text;
+commit;
+"""),
+    ("0010 refused calls per day, project and user", """
 begin;
 -- Calls llimit refused for a known key (a limit, a route, a model, a revoked
 -- or expired key), counted per reason, so admins see who hits their limits.
@@ -790,7 +822,7 @@ def set_setting(db, name, value):
 
 PROJECT_COLUMNS = ("id", "name", "upstream_kind", "upstream_url", "upstream_key",
                    "api_version", "allow_user_keys", "allow_async", "limit_message",
-                   "model_map", "created_at")
+                   "model_map", "max_keys_per_user", "created_at")
 
 
 def get_project(db, project_id):
@@ -807,9 +839,9 @@ def insert_project(db, project):
     """Insert a project from a dict holding every PROJECT_COLUMNS field."""
     db.execute("insert into projects (id, name, upstream_kind, upstream_url, upstream_key,"
                " api_version, allow_user_keys, allow_async, limit_message, model_map,"
-               " created_at) values (:id, :name, :upstream_kind, :upstream_url,"
-               " :upstream_key, :api_version, :allow_user_keys, :allow_async, :limit_message,"
-               " :model_map, :created_at)",
+               " max_keys_per_user, created_at) values (:id, :name, :upstream_kind,"
+               " :upstream_url, :upstream_key, :api_version, :allow_user_keys, :allow_async,"
+               " :limit_message, :model_map, :max_keys_per_user, :created_at)",
                project)
 
 
@@ -819,8 +851,8 @@ def update_project(db, project):
                " upstream_url = :upstream_url, upstream_key = :upstream_key,"
                " api_version = :api_version, allow_user_keys = :allow_user_keys,"
                " allow_async = :allow_async, limit_message = :limit_message,"
-               " model_map = :model_map where id = :id",
-               project)
+               " model_map = :model_map, max_keys_per_user = :max_keys_per_user"
+               " where id = :id", project)
 
 
 def delete_project(db, project_id, revoked_at):
@@ -832,6 +864,14 @@ def delete_project(db, project_id, revoked_at):
 
 
 # --- keys -----------------------------------------------------------------------
+
+def count_active_user_keys(db, user_name, project_id, now_iso):
+    """How many unrevoked, unexpired keys a user holds in a project."""
+    return db.execute(
+        "select count(*) from api_keys where user_name = ? and project_id = ?"
+        " and revoked_at is null and (expires_at is null or expires_at > ?)",
+        (user_name, project_id, now_iso)).fetchone()[0]
+
 
 def config_version(db):
     """The number 0004's triggers move with every change to keys, projects and limits."""
@@ -941,11 +981,42 @@ def list_seen_models(db):
 
 # --- usage ----------------------------------------------------------------------
 
+# A limit's metric -> the Totals field that counts it.
+METRIC_FIELDS = {"requests": "requests", "tokens": "tokens", "usd": "cost_nusd"}
+
+
+@dataclasses.dataclass(slots=True)
+class Totals:
+    """Requests, tokens (prompt + completion) and cost in nano-dollars of some usage."""
+    requests: int = 0
+    tokens: int = 0
+    cost_nusd: int = 0
+
+    def metric(self, name):
+        """The count a limit of metric `name` (usd, tokens, requests) reads."""
+        return getattr(self, METRIC_FIELDS[name])
+
+    def add(self, other):
+        """Add another Totals into this one."""
+        self.requests += other.requests
+        self.tokens += other.tokens
+        self.cost_nusd += other.cost_nusd
+
+    def subtract(self, other):
+        """Take another Totals out of this one."""
+        self.requests -= other.requests
+        self.tokens -= other.tokens
+        self.cost_nusd -= other.cost_nusd
+
+    def __bool__(self):
+        return bool(self.requests or self.tokens or self.cost_nusd)
+
+
 INSERT_USAGE_EVENT_SQL = (
     "insert into usage_events (created_ms, key_id, user_name, project_id, model, endpoint,"
     " status_code, stream, prompt_tokens, cached_tokens, cache_write_tokens,"
     " completion_tokens, reasoning_tokens, cost_nusd, price_id, pricing, latency_ms,"
-    " overhead_ms) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    " overhead_ms, units) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 UPSERT_USAGE_DAILY_SQL = (
     "insert into usage_daily (day, project_id, user_name, key_id, model, requests,"
@@ -980,7 +1051,8 @@ def insert_usage_events(db, events, price_ids):
             event.endpoint, event.status_code, int(event.stream), event.prompt_tokens,
             event.cached_tokens, event.cache_write_tokens, event.completion_tokens,
             event.reasoning_tokens, event.cost_nusd, price_id, event.pricing,
-            round(event.latency_ms, 2), round(event.overhead_ms, 3)))
+            round(event.latency_ms, 2), round(event.overhead_ms, 3),
+            json.dumps(event.units, sort_keys=True) if event.units else None))
         daily_rows.append((
             day, event.project_id or "", event.user_name or "", event.key_id or "",
             event.model or "", event.prompt_tokens, event.cached_tokens,
@@ -1044,6 +1116,13 @@ def owned_ids(db, project_id, owner, object_ids):
         (json.dumps(list(object_ids)), project_id, owner))}
 
 
+def list_unsettled_async_objects(db, created_after_ms, limit=1000):
+    """Async objects (batches, background responses) made since a time and not yet charged."""
+    return db.execute("select * from owned_objects where async = 1 and charged_ms is null"
+                      " and created_ms > ? order by created_ms limit ?",
+                      (created_after_ms, limit)).fetchall()
+
+
 def claim_object_charge(db, object_id, charged_ms):
     """Mark an async object charged; False if it was already (the caller holds the transaction)."""
     return db.execute("update owned_objects set charged_ms = ? where object_id = ?"
@@ -1051,12 +1130,12 @@ def claim_object_charge(db, object_id, charged_ms):
 
 
 def get_counter(db, subject, first_day, last_day):
-    """(requests, tokens, cost_nusd) of a subject summed over days first..last."""
+    """Totals of a subject summed over days first..last."""
     row = db.execute(
         "select coalesce(sum(requests), 0), coalesce(sum(tokens), 0),"
         " coalesce(sum(cost_nusd), 0) from usage_counters"
         " where subject = ? and day >= ? and day <= ?", (subject, first_day, last_day)).fetchone()
-    return [row[0], row[1], row[2]]
+    return Totals(row[0], row[1], row[2])
 
 
 def get_counter_max_member(db, subject_prefix, first_day, last_day, column):
@@ -1073,7 +1152,7 @@ def get_counter_max_member(db, subject_prefix, first_day, last_day, column):
 
 
 def get_events_total(db, subject, start_ms, end_ms):
-    """(requests, tokens, cost_nusd) of a subject's usage events in [start_ms, end_ms).
+    """Totals of a subject's usage events in [start_ms, end_ms).
 
     For minute windows, which have no rollup: a minute holds few events, and
     the created_ms index finds them.
@@ -1085,11 +1164,11 @@ def get_events_total(db, subject, start_ms, end_ms):
         " coalesce(sum(cost_nusd), 0) from usage_events"
         " where created_ms >= ? and created_ms < ?" + where,
         (start_ms, end_ms, *values)).fetchone()
-    return [row[0], row[1], row[2]]
+    return Totals(row[0], row[1], row[2])
 
 
 def get_lifetime_total(db, subject):
-    """(requests, tokens, cost_nusd) a subject has used since it first appeared."""
+    """Totals a subject has used since it first appeared."""
     return get_counter(db, subject, "total", "total")
 
 
@@ -1190,6 +1269,79 @@ def rebuild_rollups(db):
             parts + parts)
     db.execute("insert into usage_counters select subject, 'total', sum(requests), sum(tokens),"
                " sum(cost_nusd) from usage_counters group by subject")
+
+
+# --- user names under the Identity rule ------------------------------------------
+
+def list_stored_user_names(db):
+    """Every user name stored: of keys, limits, sessions and running totals.
+
+    Each metered user has a lifetime running total, so this reads small tables
+    only, never the usage events.
+    """
+    names = set()
+    for sql in ("select distinct user_name from api_keys where user_name is not null",
+                "select distinct target from limits where scope = 'user'",
+                "select distinct user_name from sessions where user_name is not null"):
+        names.update(row[0] for row in db.execute(sql))
+    for subject in _user_subjects(db):
+        names.add(parse_subject(subject)[1][-1])
+    return names
+
+
+def _user_subjects(db):
+    return [row[0] for row in db.execute(
+        "select subject from usage_counters where day = 'total' and"
+        " ((subject >= ? and subject < ?) or (subject >= ? and subject < ?))",
+        (SUBJECT_PREFIXES["user"], SUBJECT_PREFIXES["user"] + "\uffff",
+         SUBJECT_PREFIXES["project_user"], SUBJECT_PREFIXES["project_user"] + "\uffff"))]
+
+
+def rename_users(db, renames):
+    """Rewrite user names {old: new} in every table; rows that meet are summed, none lost.
+
+    The caller holds the transaction. Usage events keep their rows; daily
+    rollups and running totals of an old name are added into the new one's.
+    """
+    db.execute("create temp table if not exists user_renames"
+               " (old text primary key, new text not null)")
+    db.execute("delete from user_renames")
+    db.executemany("insert into user_renames values (?, ?)", renames.items())
+    renamed = "(select new from user_renames where old = {0})"
+    for table, column, extra in (("api_keys", "user_name", ""), ("usage_events", "user_name", ""),
+                                 ("sessions", "user_name", ""),
+                                 ("limits", "target", " and scope = 'user'")):
+        # table and column are the constants above, never input.
+        db.execute(f"update {table} set {column} = {renamed.format(column)}"
+                   f" where {column} in (select old from user_renames){extra}")
+    db.execute(
+        "insert into usage_daily select d.day, d.project_id, r.new, d.key_id, d.model,"
+        " d.requests, d.prompt_tokens, d.cached_tokens, d.cache_write_tokens,"
+        " d.completion_tokens, d.cost_nusd, d.unpriced"
+        " from usage_daily d join user_renames r on r.old = d.user_name where true"
+        " on conflict (day, project_id, user_name, key_id, model) do update set"
+        " requests = requests + excluded.requests,"
+        " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+        " cached_tokens = cached_tokens + excluded.cached_tokens,"
+        " cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,"
+        " completion_tokens = completion_tokens + excluded.completion_tokens,"
+        " cost_nusd = cost_nusd + excluded.cost_nusd, unpriced = unpriced + excluded.unpriced")
+    db.execute("delete from usage_daily where user_name in (select old from user_renames)")
+    subject_renames = []
+    for subject in _user_subjects(db):
+        kind, names = parse_subject(subject)
+        if names[-1] in renames:
+            subject_renames.append((subject, subject_of(kind, *names[:-1], renames[names[-1]])
+                                    if kind == "project_user"
+                                    else subject_of(kind, renames[names[-1]])))
+    for old, new in subject_renames:
+        db.execute(
+            "insert into usage_counters select ?, day, requests, tokens, cost_nusd"
+            " from usage_counters where subject = ? on conflict (subject, day) do update set"
+            " requests = requests + excluded.requests, tokens = tokens + excluded.tokens,"
+            " cost_nusd = cost_nusd + excluded.cost_nusd", (new, old))
+        db.execute("delete from usage_counters where subject = ?", (old,))
+    db.execute("delete from user_renames")
 
 
 # --- limits and alerts ------------------------------------------------------------
@@ -1297,30 +1449,106 @@ def utc_iso(seconds):
 # (-2024-08-06, -20250929), old OpenAI -0613, Vertex -001, and -latest.
 DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|\d{3}|latest)$")
 PRICE_FIELDS = ("input", "cached_input", "output", "cache_write")
+# Beyond token prices, an entry of pricing.json may say (see docs/pricing-sources.md):
+# what a fine-tuned model of it costs, the most it reads and writes per call
+# (which bound a call's reservation), and prices of things other than tokens.
+SIZE_FIELDS = ("max_input_tokens", "max_output_tokens")
+FINE_TUNED_FIELD = "fine_tuned"
+UNIT_PRICE_FIELDS = {               # field: what one unit of it is
+    "cache_write_1h": "USD per 1M tokens written to a 1-hour cache (default 2x input)",
+    "images": 'USD per image by "quality/size" or "size", e.g. {"hd/1024x1792": 0.12}',
+    "per_minute": "USD per minute of audio transcribed or translated",
+    "per_1m_characters": "USD per 1M characters of text spoken",
+    "per_1k_requests": 'USD per 1,000 server-side tool uses, e.g. {"web_search": 10}',
+    "long_context": 'above "above_input_tokens" input tokens, the token prices given here',
+    "service_tiers": 'token prices by the service_tier answered, e.g. {"priority": {...}}',
+}
+NON_TOKEN_FIELDS = ("images", "per_minute", "per_1m_characters")  # an entry may price only these
+PRICE_TIERS = {"long_context": ("above_input_tokens", *PRICE_FIELDS, "cache_write_1h"),
+               "service_tiers": (*PRICE_FIELDS, "cache_write_1h")}
+IMAGE_SIZE = re.compile(r"^(?:(?:standard|hd|low|medium|high)/)?(?:\d{2,5}x\d{2,5}|auto)$")
+TOOL_UNITS = ("web_search",)
+FALLBACK_PRICE = "*"   # PUT /admin/pricing/*: the price of every model without its own
+FINE_TUNED_MODEL = re.compile(r"^ft:([^:]+):|^(.+?)\.ft-")  # OpenAI ft:BASE:..., Azure BASE.ft-...
 MAX_PRICE = 1e6  # USD per 1M tokens; far above any real price, and costs stay within int64
 NANO_PER_USD_PER_MTOK = 1000  # 1 token at $1/1M tokens is 1,000 nano-dollars
 
 
+def _unit_price_error(price):
+    def number(value):
+        return (not isinstance(value, bool) and isinstance(value, (int, float))
+                and 0 <= value <= MAX_PRICE)
+
+    for field in ("cache_write_1h", "per_minute", "per_1m_characters"):
+        if field in price and not number(price[field]):
+            return f"{field} must be a number from 0 to {MAX_PRICE:g}"
+    for field, names in (("images", None), ("per_1k_requests", TOOL_UNITS)):
+        table = price.get(field)
+        if table is None:
+            continue
+        if not isinstance(table, dict) or not table:
+            return f"{field} must be an object of prices"
+        for name, value in table.items():
+            if (names is not None and name not in names) or (
+                    names is None and not IMAGE_SIZE.fullmatch(name)):
+                return f"{field}: {name!r} is not a known " + (
+                    "tool" if names else "quality/size such as hd/1024x1792")
+            if not number(value):
+                return f"{field}: {name} must be a number from 0 to {MAX_PRICE:g}"
+    for field, allowed in PRICE_TIERS.items():
+        tiers = price.get(field)
+        if tiers is None:
+            continue
+        for tier in ([tiers] if field == "long_context" else
+                     tiers.values() if isinstance(tiers, dict) else [None]):
+            if not isinstance(tier, dict) or set(tier) - set(allowed) or not all(
+                    number(value) for value in tier.values()):
+                return f"{field} must hold only {', '.join(allowed)}, as numbers"
+        if field == "long_context" and not isinstance(tiers.get("above_input_tokens"), int):
+            return "long_context needs above_input_tokens"
+    return None
+
+
 def load_price_file(path):
     """pricing.json as {model: {field: USD per 1M tokens}}; checks every entry."""
-    with open(path, encoding="utf-8") as handle:
-        table = json.load(handle)
-    if not isinstance(table, dict):
-        raise ValueError(f"{path}: expected an object of model prices")
-    for model, price in table.items():
-        error = validate_price(price)
-        if error:
-            raise ValueError(f"{path}: {model}: {error}")
+    table, errors = check_price_file(path)
+    if errors:
+        raise ValueError(f"{path}: {errors[0]}")
     return table
 
 
-def validate_price(price):
-    """None when a price object is well formed, else what is wrong with it."""
+def check_price_file(path):
+    """(the table, ["model: what is wrong", ...]) of a prices file, every entry checked."""
+    with open(path, encoding="utf-8") as handle:
+        table = json.load(handle)
+    if not isinstance(table, dict):
+        return {}, ["expected an object of model prices"]
+    return table, [f"{model}: {error}" for model, price in table.items()
+                   for error in [validate_price(price)] if error]
+
+
+def validate_price(price, extra_fields=(*SIZE_FIELDS, FINE_TUNED_FIELD, *UNIT_PRICE_FIELDS)):
+    """None when a price object is well formed, else what is wrong with it (the schema)."""
     if not isinstance(price, dict):
         return "a price must be an object"
-    unknown = set(price) - set(PRICE_FIELDS)
+    unknown = set(price) - set(PRICE_FIELDS) - set(extra_fields)
     if unknown:
         return f"unknown price field {sorted(unknown)[0]!r}"
+    error = _unit_price_error(price)
+    if error:
+        return error
+    if "input" not in price and "output" not in price and any(
+            field in price for field in NON_TOKEN_FIELDS):
+        return None  # priced by the image, minute or character only
+    for field in SIZE_FIELDS:
+        value = price.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value <= 0):
+            return f"{field} must be a whole number of tokens above 0"
+    if FINE_TUNED_FIELD in price:
+        error = validate_price(price[FINE_TUNED_FIELD], ())
+        if error:
+            return f"{FINE_TUNED_FIELD}: {error}"
     for field in PRICE_FIELDS:
         value = price.get(field)
         if field in ("input", "output") and value is None:
@@ -1338,32 +1566,60 @@ class Pricebook:
         self.file_prices = dict(file_prices)
         self.overrides = {row["model"]: {f: row[f] for f in PRICE_FIELDS if row[f] is not None}
                           for row in overrides}
+        # An override sets token prices; what the file says beyond them still holds.
+        self._table = {**self.file_prices, **{  # read on every call
+            model: {**{field: value for field, value in self.file_prices.get(model, {}).items()
+                       if field not in PRICE_FIELDS}, **price}
+            for model, price in self.overrides.items()}}
 
     def table(self):
         """{model: price dict} as in force now."""
-        return {**self.file_prices, **self.overrides}
+        return self._table
 
     def resolve(self, model):
         """(name the price is listed under, (input, cached, output, cache_write)) or None.
 
         A dated name such as gpt-4o-2024-08-06 (or gpt-4-0613, gemini-2.0-flash-001)
         falls back to its base name, and a provider prefix (openai/gpt-4o, as
-        OpenRouter reports) to the bare name.
+        OpenRouter reports) to the bare name. A fine-tuned model (ft:gpt-4o-mini:org::id)
+        takes its base model's `fine_tuned` price, never the base price itself. A model
+        with no price of its own takes the fallback price (`*`) when an admin set one.
         """
+        found = self.entry(model)
+        return None if found is None else (found[0], price_usage(found[1], Usage())[0])
+
+    def cost(self, model, usage):
+        """(name, token prices applied, nano-dollars) of a Usage at a model's price; or None."""
+        found = self.entry(model)
+        return None if found is None else (found[0], *price_usage(found[1], usage))
+
+    def entry(self, model):
+        """(name, the pricing.json entry in force) for a model, as `resolve` finds it; or None."""
         if not model:
             return None
         table = self.table()
-        candidates = [model, DATE_SUFFIX.sub("", model)]
-        if "/" in model:
-            bare = model.rsplit("/", 1)[1]
-            candidates += [bare, DATE_SUFFIX.sub("", bare)]
-        for name in candidates:
-            price = table.get(name)
-            if price:
-                base = price["input"]
-                return name, (float(base), float(price.get("cached_input", base)),
-                              float(price["output"]), float(price.get("cache_write", base)))
-        return None
+        fine_tuned = FINE_TUNED_MODEL.match(model)
+        if fine_tuned:
+            base = self.entry(fine_tuned.group(1) or fine_tuned.group(2))
+            if base and base[0] != FALLBACK_PRICE and base[1].get(FINE_TUNED_FIELD):
+                return base[0] + " (fine-tuned)", base[1][FINE_TUNED_FIELD]
+        else:
+            candidates = [model, DATE_SUFFIX.sub("", model)]
+            if "/" in model:
+                bare = model.rsplit("/", 1)[1]
+                candidates += [bare, DATE_SUFFIX.sub("", bare)]
+            for name in candidates:
+                if table.get(name) and name != FALLBACK_PRICE:
+                    return name, table[name]
+        fallback = table.get(FALLBACK_PRICE)
+        return (FALLBACK_PRICE, fallback) if fallback else None
+
+    def sizes(self, model):
+        """(max_input_tokens, max_output_tokens) an entry states for a model; None where not."""
+        found = self.entry(model)
+        if found is None:
+            return None, None
+        return tuple(found[1].get(field) for field in SIZE_FIELDS)
 
 
 def save_price(db, model, price, now_iso):
@@ -1384,12 +1640,39 @@ def missing_prices(db, pricebook):
 
 @dataclasses.dataclass
 class Usage:
-    """Tokens of one call, in the contract's terms (prompt includes cached)."""
+    """Tokens of one call, in the contract's terms (prompt includes cached), and the
+    other things it is billed by (see UNIT_PRICE_FIELDS)."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    cache_write_tokens: int = 0
+    cache_write_tokens: int = 0        # all cache writes, the 1-hour ones included
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    images: int = 0
+    image_kind: str | None = None      # "quality/size" as asked for
+    audio_seconds: float = 0.0
+    characters: int = 0
+    web_search: int = 0
+    service_tier: str | None = None
+
+    def add(self, other):
+        """Add another Usage's counts into this one (names such as the tier: the first kept)."""
+        for field in dataclasses.fields(self):
+            mine, theirs = getattr(self, field.name), getattr(other, field.name)
+            if isinstance(theirs, str) or theirs is None:
+                setattr(self, field.name, mine or theirs)
+            else:
+                setattr(self, field.name, mine + theirs)
+
+    def units(self):
+        """What the call is billed by beyond its five token counts, for storage; None: nothing."""
+        units = {name: getattr(self, name) for name in UNIT_NAMES if getattr(self, name)}
+        return units or None
+
+
+# Usage fields stored in usage_events.units (JSON), so a reprice can cost them again.
+UNIT_NAMES = ("cache_write_1h_tokens", "images", "image_kind", "audio_seconds", "characters",
+              "web_search", "service_tier")
 
 
 def _int(value):
@@ -1417,10 +1700,27 @@ def usage_from_anthropic(usage):
     """Usage from an Anthropic `usage` object: input_tokens excludes cache reads and writes."""
     cache_read = _int(usage.get("cache_read_input_tokens"))
     cache_write = _int(usage.get("cache_creation_input_tokens"))
+    # Anthropic counts thinking inside output_tokens; where a gateway reports it apart,
+    # it goes to the reasoning column (still inside completion tokens).
+    details = usage.get("output_tokens_details")
+    thinking = _int(details.get("reasoning_tokens") or details.get("thinking_tokens")) \
+        if isinstance(details, dict) else 0
+    output = _int(usage.get("output_tokens"))
+    creation = usage.get("cache_creation")
+    one_hour = _int(creation.get("ephemeral_1h_input_tokens")) \
+        if isinstance(creation, dict) else 0
+    tools = usage.get("server_tool_use")
     return Usage(
         prompt_tokens=_int(usage.get("input_tokens")) + cache_read + cache_write,
         cached_tokens=cache_read, cache_write_tokens=cache_write,
-        completion_tokens=_int(usage.get("output_tokens")))
+        completion_tokens=output, reasoning_tokens=min(thinking, output),
+        cache_write_1h_tokens=min(one_hour, cache_write),
+        web_search=_int(tools.get("web_search_requests")) if isinstance(tools, dict) else 0,
+        service_tier=_text_field(usage.get("service_tier")))
+
+
+def _text_field(value):
+    return value[:40] if isinstance(value, str) and value else None
 
 
 def usage_from_gemini(metadata):
@@ -1462,11 +1762,77 @@ def usage_from_body(body):
         body = body["response"]
     model = body.get("model") if isinstance(body.get("model"), str) else None
     usage = body.get("usage")
+    if isinstance(body.get("duration"), (int, float)) and body.get("task"):
+        return model, Usage(audio_seconds=float(body["duration"]))  # verbose_json transcription
+    if isinstance(body.get("data"), list) and "created" in body and not isinstance(usage, dict):
+        return model, Usage(images=len(body["data"]))  # an image answer without usage
     if not isinstance(usage, dict):
         return model, None
-    if body.get("type") == "message" or "cache_creation_input_tokens" in usage:
-        return model, usage_from_anthropic(usage)
-    return model, usage_from_openai(usage)
+    if usage.get("type") == "duration":  # a transcription billed by the second
+        seconds = usage.get("seconds")
+        return model, Usage(audio_seconds=float(seconds) if isinstance(
+            seconds, (int, float)) and seconds > 0 else 0.0)
+    found = usage_from_usage_object(usage, body.get("type"))
+    found.service_tier = _text_field(body.get("service_tier")) or found.service_tier
+    if isinstance(body.get("data"), list):
+        found.images = len(body["data"])
+    return model, found
+
+
+def usage_from_usage_object(usage, body_type=None):
+    """A Usage from a `usage` object of any shape, decided by its token fields.
+
+    prompt_tokens is OpenAI's chat shape, even when a gateway in front of Claude
+    adds Anthropic's cache fields to it; input_tokens is Anthropic's or the
+    Responses API's, told apart by the details only the Responses API sends.
+    """
+    if "prompt_tokens" in usage:
+        found = usage_from_openai(usage)
+        # compat: LiteLLM and others put Claude's cache writes beside OpenAI's fields.
+        found.cache_write_tokens = min(_int(usage.get("cache_creation_input_tokens")),
+                                       max(found.prompt_tokens - found.cached_tokens, 0))
+        return found
+    if body_type == "message" or not ("input_tokens_details" in usage
+                                      or "output_tokens_details" in usage
+                                      or "total_tokens" in usage):
+        return usage_from_anthropic(usage)
+    return usage_from_openai(usage)
+
+
+IMAGE_ENDPOINTS = ("images/generations", "images/edits", "images/variations")
+
+
+def request_usage(endpoint, payload):
+    """What a request itself says it will be billed by: images asked for, characters to speak."""
+    if endpoint in IMAGE_ENDPOINTS:
+        n = payload.get("n")
+        quality = _text_field(payload.get("quality")) or "standard"
+        size = _text_field(payload.get("size")) or "1024x1024"
+        return Usage(images=n if isinstance(n, int) and not isinstance(n, bool) and n > 0
+                     else 1, image_kind=f"{quality}/{size}")
+    if endpoint == "audio/speech" and isinstance(payload.get("input"), str):
+        return Usage(characters=len(payload["input"]))
+    return Usage()
+
+
+def with_request_usage(usage, asked):
+    """A response's Usage (or None) completed by what the request asked for."""
+    if not (asked.images or asked.characters):
+        return usage
+    usage = dataclasses.replace(usage) if usage is not None else Usage()
+    usage.images = usage.images or asked.images
+    usage.image_kind = usage.image_kind or asked.image_kind
+    usage.characters = usage.characters or asked.characters
+    return usage
+
+
+def multipart_field(body, content_type, name):
+    """A short text field of a multipart/form-data body (e.g. an audio upload's model), or None."""
+    if not content_type.startswith("multipart/form-data") or not body:
+        return None
+    match = re.search(rb'Content-Disposition: *form-data; *name="' + re.escape(name.encode())
+                      + rb'"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,200})\r\n', body, re.I)
+    return match.group(1).decode("utf-8", "replace") if match else None
 
 
 def parse_response_json(content):
@@ -1581,6 +1947,21 @@ def usage_from_response_body(content):
     return usage_from_body(response_fields(content))
 
 
+def _usage_from_body_ends(content):
+    tail = content[-4096:]
+    at = tail.rfind(b'"usage"')
+    if at < 0:
+        return None
+    brace = tail.find(b"{", at)
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(tail[brace:].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    match = MODEL_FIELD.search(content[:2048]) or MODEL_FIELD.search(tail)
+    model = match.group(1).decode("utf-8", "replace") if match else None
+    return usage_from_body({"model": model, "usage": usage})
+
+
 def message_batch_usage(content):
     """[(model, Usage)] summed per model over an Anthropic batch's results (JSON lines)."""
     totals = {}
@@ -1593,9 +1974,7 @@ def message_batch_usage(content):
         model, usage = usage_from_body(message if isinstance(message, dict) else None)
         if usage is None:
             continue
-        total = totals.setdefault(model, Usage())
-        for field in dataclasses.fields(Usage):
-            setattr(total, field.name, getattr(total, field.name) + getattr(usage, field.name))
+        totals.setdefault(model, Usage()).add(usage)
     return list(totals.items())
 
 
@@ -1651,6 +2030,7 @@ class StreamMeter:
             self.object_id = _text_or_none(response.get("id")) or self.object_id
             if isinstance(response.get("usage"), dict):
                 self.usage = usage_from_openai(response["usage"])
+                self.usage.service_tier = _text_field(response.get("service_tier"))
         return False
 
     def _openai_chunk(self, obj):
@@ -1663,7 +2043,8 @@ class StreamMeter:
             self.content_events += 1
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            self.usage = usage_from_openai(usage)
+            self.usage = usage_from_usage_object(usage)
+            self.usage.service_tier = _text_field(obj.get("service_tier"))
             return not obj.get("choices")
         return False
 
@@ -1687,13 +2068,18 @@ class StreamMeter:
                 self.final = True
         return False
 
-    def estimate(self, prompt_estimate):
-        """A Usage for a stream that ended without (complete) usage."""
-        if self.usage is not None:
-            usage = dataclasses.replace(self.usage)
-            usage.completion_tokens = max(usage.completion_tokens, self.content_events)
-            return usage
-        return Usage(prompt_tokens=prompt_estimate, completion_tokens=self.content_events)
+    def estimate(self, prompt_bound, completion_bound):
+        """A Usage for a stream that ended without (complete) usage: the call's worst case.
+
+        The upstream bills what it generated, reasoning included, however
+        little the client saw, so an estimate is never below the bounds the call
+        was reserved at; an input count the stream did report is kept.
+        """
+        usage = dataclasses.replace(self.usage) if self.usage is not None else Usage()
+        usage.prompt_tokens = usage.prompt_tokens or prompt_bound
+        usage.completion_tokens = max(usage.completion_tokens, self.content_events,
+                                      completion_bound)
+        return usage
 
 
 def _text_or_none(value):
@@ -1710,13 +2096,51 @@ def _carries_output(choice):
                 or delta.get("refusal"))
 
 
-def cost_nusd(usage, prices):
-    """Cost in integer nano-dollars of a Usage at (input, cached, output, cache_write)."""
+def price_usage(entry, usage):
+    """(token prices applied, nano-dollars) of a Usage by a pricing.json entry.
+
+    The token prices are (input, cached, output, cache_write) per 1M tokens after
+    the service tier answered and the long-context tier; on top come 1-hour
+    cache writes, images, audio minutes, characters spoken and tool uses.
+    """
+    applied = dict(entry)
+    tier = (entry.get("service_tiers") or {}).get(usage.service_tier)
+    if tier:
+        applied.update(tier)
+    long_context = entry.get("long_context")
+    if long_context and usage.prompt_tokens > long_context["above_input_tokens"]:
+        applied.update({k: v for k, v in long_context.items() if k != "above_input_tokens"})
+    base = float(applied.get("input", 0.0))
+    prices = (base, float(applied.get("cached_input", base)), float(applied.get("output", 0.0)),
+              float(applied.get("cache_write", base)))
+    one_hour = float(applied.get("cache_write_1h", 2 * base))  # Anthropic: 2x input
+    # Everything in USD x 1M, the scale cost_nusd works in, rounded once.
+    extra = usage.cache_write_1h_tokens * (one_hour - prices[3])
+    if usage.images:
+        extra += usage.images * image_price(entry.get("images"), usage.image_kind) * 1e6
+    extra += usage.audio_seconds / 60 * entry.get("per_minute", 0.0) * 1e6
+    extra += usage.characters * entry.get("per_1m_characters", 0.0)
+    extra += usage.web_search * (entry.get("per_1k_requests") or {}).get("web_search", 0.0) * 1e3
+    return prices, cost_nusd(usage, prices, extra)
+
+
+def image_price(table, kind):
+    """USD for one image of `kind` ("quality/size"): that, else its size, else the dearest."""
+    if not table:
+        return 0.0
+    kind = kind or ""
+    price = table.get(kind, table.get(kind.rpartition("/")[2]))
+    return float(price if price is not None else max(table.values()))
+
+
+def cost_nusd(usage, prices, extra=0.0):
+    """Cost in integer nano-dollars of a Usage's tokens at (input, cached, output,
+    cache_write), plus `extra` in USD x 1M (what price_usage adds beyond tokens)."""
     input_price, cached_price, output_price, cache_write_price = prices
     uncached = max(usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens, 0)
     dollars_per_mtok = (uncached * input_price + usage.cached_tokens * cached_price
                         + usage.cache_write_tokens * cache_write_price
-                        + usage.completion_tokens * output_price)
+                        + usage.completion_tokens * output_price + extra)
     return round(dollars_per_mtok * NANO_PER_USD_PER_MTOK)
 
 
@@ -1789,6 +2213,7 @@ class UsageEvent:
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     cost_nusd: int | None = None
+    units: dict | None = None          # Usage.units(): what it was billed by beyond tokens
     prices: tuple | None = None        # (input, cached, output, cache_write) used
     price_model: str | None = None     # the name those prices are listed under
     pricing: str = "unpriced"
@@ -1817,29 +2242,42 @@ BATCH_PRICE_FACTOR = 0.5
 BATCH_ENDPOINTS = ("batches", "messages/batches")
 
 
-def price_event(event, usage, pricebook, status, factor=1.0):
+def price_event(event, usage, pricebook, status, factor=1.0, worst=None):
     """Fill an event's tokens, cost and pricing status.
 
     `status` is 'priced' for a complete response with usage, 'estimated' for a
     guess, 'unpriced' for a response without usage, and 'free' for a call that
     costs nothing by its route or its answer (a look-up, an upstream error):
-    cost 0, no tokens. `factor` scales the cost (BATCH_PRICE_FACTOR).
+    cost 0, no tokens. `factor` scales the cost (BATCH_PRICE_FACTOR). `worst`
+    (the call's WorstCase, given when a USD budget applies) costs a call that
+    would otherwise go uncosted, marked estimated: a budget never counts it as $0.
     """
     if status == "free":
         event.cost_nusd, event.pricing = 0, "free"
         return event
+    _price_tokens(event, usage, pricebook, status, factor)
+    if event.cost_nusd is None and worst is not None:
+        event.prompt_tokens = max(event.prompt_tokens, worst.prompt_tokens)
+        event.completion_tokens = max(event.completion_tokens, worst.completion_tokens)
+        event.cost_nusd = worst.need.cost_nusd
+        event.pricing = "estimated"
+    return event
+
+
+def _price_tokens(event, usage, pricebook, status, factor):
     if usage is not None:
         event.prompt_tokens = usage.prompt_tokens
         event.cached_tokens = usage.cached_tokens
         event.cache_write_tokens = usage.cache_write_tokens
         event.completion_tokens = usage.completion_tokens
         event.reasoning_tokens = usage.reasoning_tokens
-    resolved = pricebook.resolve(event.model) if usage is not None else None
-    if resolved is None:
+        event.units = usage.units()
+    costed = pricebook.cost(event.model, usage) if usage is not None else None
+    if costed is None:
         event.pricing = "unpriced" if status == "priced" else status
         return event
-    event.price_model, event.prices = resolved
-    event.cost_nusd = round(cost_nusd(usage, event.prices) * factor)
+    event.price_model, event.prices, full_nusd = costed
+    event.cost_nusd = round(full_nusd * factor)
     event.pricing = status
     return event
 
@@ -1975,17 +2413,18 @@ def reprice_all(state):
                 continue
             factor = BATCH_PRICE_FACTOR if row["endpoint"] in BATCH_ENDPOINTS else 1.0
             usage = Usage(row["prompt_tokens"], row["cached_tokens"], row["cache_write_tokens"],
-                          row["completion_tokens"], row["reasoning_tokens"])
-            resolved = book.resolve(row["model"])
-            has_tokens = usage.prompt_tokens or usage.completion_tokens
+                          row["completion_tokens"], row["reasoning_tokens"],
+                          **json.loads(row["units"] or "{}"))
+            costed = book.cost(row["model"], usage)
             status = "estimated" if row["pricing"] == "estimated" else None
-            if resolved is None or not has_tokens:
+            if costed is None or not (usage.prompt_tokens or usage.completion_tokens
+                                      or usage.units()):
                 update = (None, None, status or "unpriced")
             else:
+                resolved = costed[:2]
                 if resolved not in snapshot_ids:
                     snapshot_ids[resolved] = get_price_snapshot_id(db, *resolved)
-                update = (round(cost_nusd(usage, resolved[1]) * factor), snapshot_ids[resolved],
-                          status or "priced")
+                update = (round(costed[2] * factor), snapshot_ids[resolved], status or "priced")
             if update != (row["cost_nusd"], row["price_id"], row["pricing"]):
                 changes.append((*update, row["id"]))
         reprice_usage_events(db, changes)
@@ -2013,8 +2452,72 @@ EACH = (None, "user", "key")
 LIMIT_METRICS = ("usd", "tokens", "requests")
 WINDOWS = ("minute", "day", "week", "month", "total")
 ACTIONS = ("block", "warn")
-METRIC_INDEX = {"requests": 0, "tokens": 1, "usd": 2}   # into [requests, tokens, nusd]
 NANO = 1_000_000_000
+
+
+# A request naming any of these makes the upstream read input llimit cannot see:
+# a stored response or conversation, an uploaded file, an image or file by URL,
+# a stored prompt, or a server-side tool that reads documents or the web.
+SERVER_SIDE_INPUT_MARKERS = (
+    b'"previous_response_id"', b'"conversation"', b'"file_id"', b'"file_url"', b'"image_url"',
+    b'"input_image"', b'"input_file"', b'"input_audio"', b'"document"', b'"url"',
+    b'"container_upload"', b'"file_search', b'"web_search', b'"mcp', b'"code_interpreter',
+    b'"vector_store_ids"')
+
+
+@dataclasses.dataclass
+class WorstCase:
+    """What a call may cost at most, as far as llimit can know before it goes upstream."""
+    need: Totals                  # reserved against every block limit
+    prompt_tokens: int            # the input bound used
+    completion_tokens: int        # the output bound used (all choices)
+    strict: bool                  # the call bounds its own output (max_tokens or the like)
+    priced: bool                  # a price covers the model
+    asked: Usage                  # what the request itself says it is billed by (images...)
+
+
+AUDIO_BYTES_PER_SECOND = 1000      # 8 kbit/s: audio is rarely smaller, so seconds <= bytes / 1000
+TRANSCRIPTION_ENDPOINTS = ("audio/transcriptions", "audio/translations")
+
+
+def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_input_tokens,
+               endpoint=""):
+    """A call's WorstCase: its prompt bound, its output bound and their price.
+
+    The prompt is its request bytes / 3 (about 3 bytes of JSON per token errs
+    high) unless the request reads input upstream; then it is the model's
+    context window (max_input_tokens in pricing.json, else the default). The
+    output is the call's max_tokens, capped by the model's max_output_tokens,
+    or that maximum (else the default) when the call sets none. Images and
+    characters come from the request, exactly; audio is bounded by its bytes
+    (AUDIO_BYTES_PER_SECOND), web searches by the tool's max_uses.
+    """
+    max_input, max_output = pricebook.sizes(model)
+    prompt = len(body) // 3
+    if (isinstance(payload.get("prompt"), dict)
+            or any(marker in body for marker in SERVER_SIDE_INPUT_MARKERS)):
+        prompt = max(prompt, max_input or default_max_input_tokens)
+    asked = next((payload[name] for name in
+                  ("max_tokens", "max_completion_tokens", "max_output_tokens")
+                  if isinstance(payload.get(name), int) and not isinstance(payload[name], bool)
+                  and payload[name] >= 0), None)
+    output = (max_output or default_max_tokens) if asked is None else (
+        min(asked, max_output) if max_output else asked)
+    n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 0) > 1 else 1
+    request = request_usage(endpoint, payload)
+    bound = dataclasses.replace(request, prompt_tokens=prompt, completion_tokens=output * n)
+    if endpoint in TRANSCRIPTION_ENDPOINTS:
+        bound.audio_seconds = len(body) / AUDIO_BYTES_PER_SECOND
+    tools = payload.get("tools")
+    bound.web_search = sum(tool["max_uses"] for tool in tools if isinstance(tool, dict)
+                           and str(tool.get("type", "")).startswith("web_search")
+                           and isinstance(tool.get("max_uses"), int) and tool["max_uses"] > 0
+                           ) if isinstance(tools, list) else 0
+    costed = pricebook.cost(model, bound)
+    return WorstCase(need=Totals(1, prompt + output * n, costed[2] if costed else 0),
+                     prompt_tokens=prompt, completion_tokens=output * n,
+                     strict=asked is not None or bool(request.images or request.characters),
+                     priced=costed is not None, asked=request)
 
 
 def window_bounds(window, now):
@@ -2118,9 +2621,10 @@ def describe_subject(subject):
 @dataclasses.dataclass
 class Admission:
     """What the limits said about a call allowed through."""
-    reservation: list                 # [(counter key, [requests, tokens, nusd])]
+    reservation: list                 # [(counter key, Totals reserved)]
     alert_checks: list                # [(limit, subject)] for alerts after the call
     headers: dict                     # rate-limit and budget headers for the client
+    usd_bound: bool = False           # a USD block limit applies: no call may go uncosted
 
 
 class Limits:
@@ -2136,8 +2640,8 @@ class Limits:
         self.database = database
         self.clock = clock
         self.lock = threading.Lock()
-        self._used = {}        # (subject, window, start) -> [requests, tokens, nusd]
-        self._reserved = {}    # same keys -> [requests, tokens, nusd] in flight
+        self._used = {}        # (subject, window, start) -> Totals
+        self._reserved = {}    # same keys -> Totals in flight
         self._alerted = set()  # (limit_id, subject, start, threshold) known sent
         self._pruned_minute = 0
         self._rows_lock = threading.Lock()
@@ -2165,25 +2669,31 @@ class Limits:
     def admit(self, db, call, limits, ledger_healthy):
         """Check a call against its limits and reserve its worst case.
 
-        `call` has project_id, user_name, key_id, limit_message, need
-        ([1, tokens, nusd] worst case) and strict (the call bounds its output).
-        Raises LlimitError 429 when a block limit is reached, 503 when a block
-        limit applies but usage cannot be written.
+        `call` has project_id, user_name, key_id, limit_message, model and
+        worst (its WorstCase). Raises LlimitError 429 when a block limit is
+        reached, 403 when a USD block limit applies and no price covers the
+        call, 400 when a per-user limit applies and the call names no user, 503
+        when a block limit applies but usage cannot be written.
         """
         now = self.clock()
         block_keys, alert_checks, headers, warnings = {}, [], {}, []
+        usd_bound, worst = False, call.worst
         with self.lock:
             for limit in limits:
                 subject = limit_subject(limit, call.project_id, call.user_name, call.key_id)
                 if subject is None:
+                    if limit["each"] == "user" and not call.user_name \
+                            and limit["action"] == "block" and limit["scope"] != "user":
+                        raise _user_required(limit)
                     continue
                 window = limit["window"]
                 start, end = window_bounds(window, now)
                 key = (subject, window, start)
-                index = METRIC_INDEX[limit["metric"]]
+                field = METRIC_FIELDS[limit["metric"]]
                 amount = limit_amount_units(limit)
-                used = self._used_entry(db, key, end)[index]
-                in_flight = self._reserved.get(key, (0, 0, 0))[index]
+                used = getattr(self._used_entry(db, key, end), field)
+                held = self._reserved.get(key)
+                in_flight = getattr(held, field) if held is not None else 0
                 if limit["alert_at"] or self._alerts_full(limit):
                     alert_checks.append((limit, subject))
                 _limit_headers(headers, limit, amount, used + in_flight, start, end, now)
@@ -2191,24 +2701,29 @@ class Limits:
                     if used >= amount:
                         warnings.append(describe_limit(limit) + " reached")
                     continue
+                if limit["metric"] == "usd":
+                    if not worst.priced:
+                        raise _not_priced(limit, call.model)
+                    usd_bound = True
                 if not ledger_healthy:
                     raise LlimitError(503, "service_unavailable",
                                       "The usage ledger cannot be written right now, so calls"
                                       " under a spending limit are refused. Try again shortly.",
                                       code="ledger_unavailable")
-                need = call.need[index]
-                strict = call.strict or limit["metric"] == "requests"
+                need = getattr(worst.need, field)
+                strict = worst.strict or limit["metric"] == "requests"
                 if (used + in_flight + need > amount) if strict else (used + in_flight >= amount):
                     raise self._refusal(limit, used, in_flight, end, now, call.limit_message)
-                block_keys[key] = call.need
+                block_keys[key] = worst.need
             reservation = list(block_keys.items())
             for key, need in reservation:
-                held = self._reserved.setdefault(key, [0, 0, 0])
-                for index in range(3):
-                    held[index] += need[index]
+                held = self._reserved.get(key)
+                if held is None:
+                    held = self._reserved[key] = Totals()
+                held.add(need)
         if warnings:
             headers["X-LLimit-Warning"] = "; ".join(warnings)
-        return Admission(reservation, alert_checks, headers)
+        return Admission(reservation, alert_checks, headers, usd_bound)
 
     def count_committed(self, events):
         """Count committed events and release their reservations; returns alerts due.
@@ -2221,16 +2736,16 @@ class Limits:
                 self._release(event.reservation.reservation)
             seconds = event.created_ms / 1000
             bounds = [(window, window_bounds(window, seconds)[0]) for window in WINDOWS]
-            vector = (1, event.prompt_tokens + event.completion_tokens, event.cost_nusd or 0)
+            tokens, cost = event.prompt_tokens + event.completion_tokens, event.cost_nusd or 0
             for subject in event.subjects:
                 for window, start in bounds:
                     entry = self._used.get((subject, window, start))
                     if entry is None and window == "minute":
-                        entry = self._used[(subject, window, start)] = [0, 0, 0]
+                        entry = self._used[(subject, window, start)] = Totals()
                     if entry is not None:
-                        entry[0] += vector[0]
-                        entry[1] += vector[1]
-                        entry[2] += vector[2]
+                        entry.requests += 1
+                        entry.tokens += tokens
+                        entry.cost_nusd += cost
             if event.reservation is not None:
                 alerts += self._alerts_due(event.reservation.alert_checks, seconds)
         self._prune(self.clock())
@@ -2241,7 +2756,7 @@ class Limits:
         start, end = window_bounds(limit["window"], self.clock())
         with self.lock:
             entry = self._used_entry(db, (subject, limit["window"], start), end)
-            return entry[METRIC_INDEX[limit["metric"]]], end
+            return entry.metric(limit["metric"]), end
 
     def used_by_top_member(self, db, limit):
         """For an `each` limit: the largest use among its members this window."""
@@ -2250,16 +2765,15 @@ class Limits:
             prefix = subject_members("project_user", limit["target"])
         else:
             prefix = subject_members(limit["each"])
-        index = METRIC_INDEX[limit["metric"]]
+        field = METRIC_FIELDS[limit["metric"]]
         with self.lock:
             if limit["window"] == "minute":
-                values = [entry[index] for (subject, window, entry_start), entry
+                values = [getattr(entry, field) for (subject, window, entry_start), entry
                           in self._used.items() if window == "minute"
                           and entry_start == start and subject.startswith(prefix)]
                 return max(values, default=0), end
         first, last = ("total", "total") if end is None else (_day(start), _day(end - 1))
-        column = ("requests", "tokens", "cost_nusd")[index]
-        return get_counter_max_member(db, prefix, first, last, column), end
+        return get_counter_max_member(db, prefix, first, last, field), end
 
     def status(self, db, limit):
         """A limit with `used` and `resets_at` for its current window (largest member for `each`)."""
@@ -2301,9 +2815,8 @@ class Limits:
             held = self._reserved.get(key)
             if held is None:
                 continue
-            for index in range(3):
-                held[index] -= need[index]
-            if not any(held):
+            held.subtract(need)
+            if not held:
                 del self._reserved[key]
 
     def _alerts_full(self, limit):
@@ -2319,7 +2832,7 @@ class Limits:
             amount = limit_amount_units(limit)
             if entry is None or amount <= 0:
                 continue
-            percent = 100.0 * entry[METRIC_INDEX[limit["metric"]]] / amount
+            percent = 100.0 * entry.metric(limit["metric"]) / amount
             thresholds = set(json.loads(limit["alert_at"] or "[]"))
             if self._alerts_full(limit):
                 thresholds.add(100)
@@ -2351,6 +2864,26 @@ class Limits:
             headers["Retry-After"] = str(max(1, int(end - now + 0.999)))
             return LlimitError(429, "rate_limit_exceeded", message, headers=headers)
         return LlimitError(429, "budget_exceeded", message, headers=headers)
+
+
+def _not_priced(limit, model):
+    # Spend that no price covers would count $0 against a USD budget: refuse it.
+    asked = f"the model {model!r}" if model else "a call that names no model"
+    return LlimitError(403, "permission_denied",
+                       f"No price covers {asked}, and the {describe_limit(limit)} counts"
+                       " dollars, so the call is refused. An admin can price it in"
+                       " pricing.json or with PUT /admin/pricing/<model>, or set a fallback"
+                       " price for every unpriced model with PUT /admin/pricing/*.",
+                       code="model_not_priced")
+
+
+def _user_required(limit):
+    # A call that names no user would escape a per-user limit; for_call has
+    # already matched the limit to this call's project (or it is global).
+    return LlimitError(400, "invalid_request_error",
+                       f"The {describe_limit(limit)} applies to each user, and this call"
+                       " names none: a project key must name its user with the header"
+                       " X-LLimit-User (or the body's `user`).", code="user_required")
 
 
 WINDOW_ADJECTIVES = {"minute": "per-minute", "day": "daily", "week": "weekly",
@@ -2405,7 +2938,7 @@ def _limit_headers(headers, limit, amount, used, start, end, now):
 
 def _alert_text(limit, subject, threshold, entry, end):
     metric = limit["metric"]
-    used = format_amount(metric, entry[METRIC_INDEX[metric]])
+    used = format_amount(metric, entry.metric(metric))
     resets = "it does not reset" if end is None else f"it resets {utc_iso(end)}"
     verb = "reached" if threshold >= 100 else f"passed {threshold:g}% of"
     return (f":warning: llimit: {describe_subject(subject)} has {verb} the"
@@ -2432,8 +2965,11 @@ LIMIT_FIELDS = {
 }
 
 
-def validate_limit(data, current=None):
-    """A limit dict from JSON input (merged over `current` for PATCH); 400 names the field."""
+def validate_limit(data, current=None, domains=()):
+    """A limit dict from JSON input (merged over `current` for PATCH); 400 names the field.
+
+    A user limit's target is put through the Identity rule of `domains` (user_domains).
+    """
     check_input(data, LIMIT_FIELDS, "limit")
     merged = dict(current or {})
     if isinstance(merged.get("alert_at"), str):
@@ -2447,6 +2983,10 @@ def validate_limit(data, current=None):
         merged["target"] = None
     elif not isinstance(merged.get("target"), str) or not merged["target"]:
         raise _field_error("target", f"is required for scope {merged['scope']}")
+    if merged["scope"] == "user":
+        merged["target"] = canonical_user_name(merged["target"], domains)
+        if merged["target"] is None:
+            raise _field_error("target", "is required for scope user")
     if merged["scope"] == "key" and merged.get("each"):
         raise _field_error("each", "does not apply to a key")
     if merged["scope"] == "user" and merged.get("each") == "user":
@@ -2985,9 +3525,45 @@ MAX_MODEL_NAME = 200
 USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters
 
 
-def clean_user_name(value):
-    """A user name as stored: trimmed, no control characters, bounded length."""
-    return USER_NAME_JUNK.sub("", value).strip()[:MAX_USER_NAME] or None
+def user_domains(config):
+    """The e-mail domains of the Identity rule: LLIMIT_USER_DOMAINS, else the OIDC ones."""
+    return frozenset(domain.strip().lower().lstrip("@")
+                     for domain in config.user_domains or config.oidc_allowed_domains)
+
+
+def canonical_user_name(value, domains):
+    """The contract's Identity rule, for every source of a user name; None for no name.
+
+    Trimmed, lowercased, no control characters, bounded; an e-mail address of
+    one of `domains` becomes its local part, any other e-mail stays whole, so
+    Grace@corp.example is grace and boss@elsewhere.example is never boss.
+    """
+    if not isinstance(value, str):
+        return None
+    name = USER_NAME_JUNK.sub("", value).strip().lower()
+    local, at, domain = name.rpartition("@")
+    if at and local and domain in domains:
+        name = local.strip()
+    return name[:MAX_USER_NAME] or None
+
+
+def apply_identity_rule(db, domains):
+    """Bring every stored user name under the Identity rule; returns {old: new}.
+
+    Runs at every start (the rule depends on LLIMIT_USER_DOMAINS), so it is
+    idempotent: a name the rule leaves alone is never touched.
+    """
+    with transaction(db):
+        renames = {}
+        for name in list_stored_user_names(db):
+            canonical = canonical_user_name(name, domains)
+            if canonical and canonical != name:
+                renames[name] = canonical
+        if renames:
+            rename_users(db, renames)
+    if renames:
+        log.warning("user names brought under the Identity rule: %d renamed", len(renames))
+    return renames
 
 
 def hash_secret(raw):
@@ -3033,12 +3609,15 @@ KEY_FIELDS = {
 }
 
 
-def validate_key_fields(data, allowed):
-    """The editable fields of a key from JSON input; 400 names the field."""
+def validate_key_fields(data, allowed, domains):
+    """The editable fields of a key from JSON input; 400 names the field.
+
+    `domains` are the Identity rule's (user_domains), for the `user` field.
+    """
     check_input(data, {name: KEY_FIELDS[name] for name in allowed}, "key")
     fields = {name: data[name] for name in ("user", "project", "note") if name in data}
     if fields.get("user") is not None:
-        fields["user"] = clean_user_name(fields["user"])
+        fields["user"] = canonical_user_name(fields["user"], domains)
     if "expires_at" in data:
         fields["expires_at"] = parse_time_input(data["expires_at"], "expires_at")
     if "models" in data:
@@ -3056,6 +3635,17 @@ def create_key(db, now, user=None, project="default", note=None, expires_at=None
            "expires_at": expires_at, "revoked_at": None, "last_used_at": None}
     insert_key(db, row)
     return row, raw_key
+
+
+def check_key_cap(db, project, user_name, now):
+    """403 when a user already holds the project's max_keys_per_user active keys."""
+    cap = project["max_keys_per_user"]
+    if cap is not None and count_active_user_keys(db, user_name, project["id"],
+                                                  utc_iso(now)) >= cap:
+        raise LlimitError(403, "permission_denied",
+                          f"You hold {cap} active key{'s' * (cap != 1)} in project"
+                          f" {project['id']!r}, the most it allows per person. Revoke one"
+                          " you no longer use, then create a new one.", code="too_many_keys")
 
 
 def key_to_json(row, spend=None):
@@ -3099,6 +3689,9 @@ PROJECT_FIELDS = {
                            " carriage returns"),
     "model_map": Field({"type": "object", "additionalProperties": {"type": "string"},
                         "nullable": True}, "must map deployment names to model names"),
+    # keeps_to has no integers; validate_project checks it is a whole number.
+    "max_keys_per_user": Field({"type": "integer", "minimum": 0, "nullable": True},
+                               "must be a whole number >= 0, or null for no cap"),
     # Checked by budget_limits, which makes limits of it; the spec shows its shape.
     "budget": Field({"nullable": True, "description": 'e.g. {"usd": 10, "window": "day"}'},
                     'must look like {"usd": 10, "window": "day"}'),
@@ -3120,7 +3713,7 @@ def validate_project(data, current=None, env_pattern=Config().upstream_env_patte
     project = dict(current) if current else {
         "upstream_kind": "openai", "upstream_url": None, "upstream_key": None,
         "api_version": None, "allow_user_keys": 1, "allow_async": 0, "limit_message": None,
-        "model_map": None}
+        "model_map": None, "max_keys_per_user": None}
     if current and "id" in data and data["id"] != current["id"]:
         raise _field_error("id", "cannot change")
     if isinstance(project.get("model_map"), str):
@@ -3152,6 +3745,9 @@ def validate_project(data, current=None, env_pattern=Config().upstream_env_patte
     project["allow_async"] = int(bool(project["allow_async"]))
     if project["model_map"] is not None:
         project["model_map"] = json.dumps(project["model_map"], sort_keys=True)
+    cap = project.get("max_keys_per_user")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+        raise _field_error("max_keys_per_user", "must be a whole number >= 0, or null for no cap")
     return project
 
 
@@ -3263,6 +3859,7 @@ def project_to_json(project, config=None):
         "allow_async": bool(project["allow_async"]),
         "limit_message": project["limit_message"],
         "model_map": json.loads(project["model_map"]) if project["model_map"] else None,
+        "max_keys_per_user": project["max_keys_per_user"],
         "created_at": project["created_at"],
     }
 
@@ -3421,14 +4018,14 @@ def _shown_key(raw_key):
     return raw_key[:3] + "*" * 4 + raw_key[-4:] if len(raw_key) > 12 else "****"
 
 
-def end_user(environ, payload, user_headers):
+def end_user(environ, payload, user_headers, domains):
     """The end user a project key names: X-LLimit-User, LLIMIT_USER_HEADERS, or body `user`."""
     for header in (END_USER_HEADER, *user_headers):
         value = environ.get("HTTP_" + header.upper().replace("-", "_"))
         if value:
-            return clean_user_name(_header_text(value))
+            return canonical_user_name(_header_text(value), domains)
     if isinstance(payload, dict) and isinstance(payload.get("user"), str) and payload["user"]:
-        return clean_user_name(payload["user"])
+        return canonical_user_name(payload["user"], domains)
     return None
 
 
@@ -3596,12 +4193,18 @@ def _session_view(config, row, user_name):
         return PageSession()
     token_admin = bool(row["is_admin"])
     is_admin = token_admin or bool(
-        user_name and config.auth != "open" and user_name in config.admin_users)
+        user_name and config.auth != "open" and user_name in admin_user_names(config))
     return PageSession(
         id_hash=row["id_hash"], user_name=user_name, token_admin=token_admin,
         is_admin=is_admin, csrf_token=row["csrf_token"],
         pending=json.loads(row["pending"]) if row["pending"] else None,
         sees_reports=is_admin or bool(config.reports_public and user_name))
+
+
+def admin_user_names(config):
+    """LLIMIT_ADMIN_USERS under the Identity rule: boss@elsewhere.example is never boss."""
+    domains = user_domains(config)
+    return {canonical_user_name(name, domains) for name in config.admin_users}
 
 
 def sign_in(state, session, user_name, token_admin=False):
@@ -3681,7 +4284,7 @@ def header_user(config, environ):
     value = environ.get("HTTP_" + config.auth_header.upper().replace("-", "_"))
     if not value or not _address_trusted(environ.get("REMOTE_ADDR"), config.trusted_proxies):
         return None
-    return user_from_email(value)
+    return canonical_user_name(_header_text(value), user_domains(config))
 
 
 def _address_trusted(address, trusted):
@@ -3696,12 +4299,6 @@ def _address_trusted(address, trusted):
         except ValueError:
             continue
     return False
-
-
-def user_from_email(value):
-    """A user name from an e-mail address (its local part, lower case) or a plain name."""
-    return clean_user_name(value.strip().rsplit("@", 1)[0].lower() if "@" in value
-                           else value.lower())
 
 
 UNSAFE_NEXT_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
@@ -3859,7 +4456,7 @@ def _origin(url):
     return "/".join(url.split("/", 3)[:3])
 
 
-def user_from_claims(claims, allowed_domains):
+def user_from_claims(claims, allowed_domains, domains):
     """The user name of verified ID token claims; 403 outside the allowed e-mail domains."""
     email = claims.get("email")
     if "email" not in claims:
@@ -3876,7 +4473,7 @@ def user_from_claims(claims, allowed_domains):
     if allowed_domains and domain not in {d.lower().lstrip("@") for d in allowed_domains}:
         raise LlimitError(403, "sign_in_failed",
                           f"Accounts of {domain} may not sign in to this llimit.")
-    user_name = user_from_email(email)
+    user_name = canonical_user_name(email, domains)
     if not user_name:
         raise LlimitError(403, "sign_in_failed", "Sign-in failed: the e-mail has no user part.")
     return user_name
@@ -3933,10 +4530,8 @@ class Call:
     user_name: str | None
     key_id: str
     limit_message: str | None
-    model: str | None
-    prompt_estimate: int
-    need: list                      # worst case [requests, tokens, nusd]
-    strict: bool                    # the call bounds its output tokens
+    model: str | None               # as asked for (an Azure deployment name, say)
+    worst: WorstCase                # what it may cost; reserved against the limits
     admission: Admission | None = None
     upstream_ms: float = 0.0
     method: str = ""
@@ -4214,6 +4809,8 @@ def _proxy(state, path, deployment=None, azure_v1=False, version=None):
         _refuse_route(route, key, environ, payload)
         upstream = resolve_upstream(key, config)
         requested_model = _check_models(key, payload, deployment, kind, route)
+        if requested_model is None:  # a multipart upload (audio) names it in a form field
+            requested_model = multipart_field(body, environ.get("CONTENT_TYPE", ""), "model")
         owner = owner_of(key)
         owned_row = _check_ownership(db, route, key["project_id"], owner,
                                      environ["REQUEST_METHOD"], payload)
@@ -4228,6 +4825,8 @@ def _proxy(state, path, deployment=None, azure_v1=False, version=None):
         if config.upstream_user and route.cls == "generate":
             body, named = _with_upstream_user(state, call, payload, body, path, kind)
             rewritten = rewritten or named
+        if route.cls != "generate":
+            call.worst.priced = True  # a look-up costs nothing; async work is charged when done
         state.slots.take(call.key_id, call.user_name)  # given back when the call is metered
         try:
             if route.cls == "lookup":
@@ -4369,28 +4968,20 @@ def _check_model_allowed(key, model):
 
 
 def _new_call(state, key, environ, payload, body, path, model, started):
-    user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers)
+    user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers,
+                                             state.user_domains)
+    config = state.config
     bounds = payload
     if isinstance(payload.get("generationConfig"), dict):  # compat: Gemini's names
         options = payload["generationConfig"]
-        bounds = {"max_tokens": options.get("maxOutputTokens"), "n": options.get("candidateCount")}
-    max_output = next((bounds[name] for name in
-                       ("max_tokens", "max_completion_tokens", "max_output_tokens")
-                       if isinstance(bounds.get(name), int) and bounds[name] >= 0), None)
-    # About 3 bytes of request JSON per token errs high, which is the safe side.
-    prompt_estimate = len(body) // 3
-    output = state.config.default_max_tokens if max_output is None else max_output
-    n = bounds.get("n") if isinstance(bounds.get("n"), int) and bounds.get("n", 0) > 1 else 1
-    tokens = prompt_estimate + output * n
-    resolved = state.pricebook.resolve(model)
-    cost = cost_nusd(Usage(prompt_tokens=prompt_estimate, completion_tokens=output * n),
-                     resolved[1]) if resolved else 0
+        bounds = {**payload, "max_tokens": options.get("maxOutputTokens"),
+                  "n": options.get("candidateCount")}
+    worst = worst_case(state.pricebook, _mapped_model(key, model), bounds, body,
+                       config.default_max_tokens, config.default_max_input_tokens, path)
     return Call(request_id=secrets.token_hex(6), started=started, endpoint=path[:100],
                 key=key, project_id=key["project_id"], user_name=user_name, key_id=key["id"],
-                limit_message=key["limit_message"], model=model,
-                prompt_estimate=prompt_estimate, need=[1, tokens, cost],
-                strict=max_output is not None, method=environ["REQUEST_METHOD"],
-                path=logged_path(environ))
+                limit_message=key["limit_message"], model=model, worst=worst,
+                method=environ["REQUEST_METHOD"], path=logged_path(environ))
 
 
 def logged_path(environ):
@@ -4402,8 +4993,13 @@ def _pricing_model(call, reported_model):
     # Azure may report no model; the admin's deployment map, then the name asked for.
     if reported_model:
         return reported_model[:MAX_MODEL_NAME]
-    model_map = json.loads(call.key["model_map"]) if call.key["model_map"] else {}
-    return model_map.get(call.model) or call.model
+    return _mapped_model(call.key, call.model)
+
+
+def _mapped_model(key, model):
+    # An Azure deployment name is priced (and reserved) as the model the project maps it to.
+    model_map = json.loads(key["model_map"]) if key["model_map"] else {}
+    return model_map.get(model) or model
 
 
 # One line per call; JSON lines take the fields from the record's `call_fields`.
@@ -4445,7 +5041,8 @@ REFUSALS_COUNTED = (403, 429)
 def _count_refusal(state, key, environ, payload, reason):
     # Queued to the usage writer, which counts it in its next transaction:
     # no database round trip on the request path.
-    user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers)
+    user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers,
+                                             state.user_domains)
     state.writer.submit(Refusal(int(state.config.clock() * 1000), key["project_id"],
                                 user_name, reason))
 
@@ -4473,7 +5070,13 @@ def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=
         subjects=(call_subjects(call.project_id, call.user_name, call.key_id)
                   if call.route is None or call.route.cls != "lookup" else ()),
         reservation=call.admission, owned=owned)
-    price_event(event, usage, state.pricebook, pricing_status)
+    usd_bound = call.admission is not None and call.admission.usd_bound
+    if 200 <= status_code < 300:
+        usage = with_request_usage(usage, call.worst.asked)
+        if usage is not None and pricing_status == "unpriced":
+            pricing_status = "priced"  # billed by what the request asked for, exactly
+    price_event(event, usage, state.pricebook, pricing_status,
+                worst=call.worst if usd_bound and 200 <= status_code < 300 else None)
     state.writer.submit(event)
     state.metrics.observe_call(event, call.upstream_ms)
     _log_call(call.request_id, call.method, call.path, call.key_id, call.user_name,
@@ -4516,7 +5119,8 @@ def _relay_whole(state, call, resp, upstream):
         if route.action == "list" and isinstance(answer, dict) \
                 and isinstance(answer.get("data"), list):
             content = json.dumps(_own_list(state, call, answer)).encode()
-        settlement = _settlement(state, call, answer, content)
+        settlement = _settlement(state, call.owned_row, answer, content,
+                                 route.name.endswith("/results"))
         if settlement:
             state.writer.submit(settlement)  # before the call's own event: committed first
         if route.kind == "batch" and isinstance(answer, dict):
@@ -4579,14 +5183,14 @@ def _own_list(state, call, answer):
     return filtered
 
 
-def _settlement(state, call, answer, content):
-    """The charge events for an async object this answer shows finished, once.
+def _settlement(state, row, answer, content, results=False):
+    """The charge events for an async object (its owned_objects `row`) that this
+    answer shows finished, once; `results`: the answer is a batch's results.
 
     Attributed to the project, user and key that created the object; the
     usage writer stores them only if it is the first to mark the object
     charged (owned_objects.charged_ms), so concurrent polls charge once.
     """
-    row = call.owned_row
     if row is None or not row["async"] or row["charged_ms"] is not None:
         return []
     found = []  # [(model, Usage)]
@@ -4601,7 +5205,7 @@ def _settlement(state, call, answer, content):
             and isinstance(answer.get("usage"), dict):
         found = [usage_from_body(answer)]
         endpoint = "responses"
-    elif row["kind"] == "message_batch" and call.route.name.endswith("/results"):
+    elif row["kind"] == "message_batch" and results:
         found = message_batch_usage(content)
         endpoint, factor = "messages/batches", BATCH_PRICE_FACTOR
     events = []
@@ -4616,6 +5220,84 @@ def _settlement(state, call, answer, content):
         log.info("async %s %s finished: charging key %s %s USD (once)", row["kind"],
                  row["object_id"], row["key_id"], nusd_to_usd(event.cost_nusd))
     return events
+
+
+# Where the sweeper asks about each kind of async object (then, once a message
+# batch has ended, its results). Jobs older than this are no longer asked about:
+# providers end batches within 24 hours and background responses sooner.
+ASYNC_OBJECT_PATHS = {"batch": "batches/{id}", "response": "responses/{id}",
+                      "message_batch": "messages/batches/{id}"}
+ASYNC_SWEEP_MAX_AGE_SECONDS = 8 * 86400
+
+
+class AsyncSweeper:
+    """Charges async jobs that finish while nobody asks about them.
+
+    A poll through llimit charges a batch or background response once it
+    shows its final usage, but the provider bills the job whether anyone
+    polls or not. So every LLIMIT_ASYNC_SWEEP_SECONDS this thread asks the
+    upstream, with the project's own key, about each job not yet charged,
+    and charges it the same way: once, as the claim on owned_objects decides.
+    """
+
+    def __init__(self, state):
+        self.state = state
+        self.interval = state.config.async_sweep_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llimit-async-sweeper",
+                                        daemon=True)
+
+    def start(self):
+        """Start sweeping (the server only; 0 seconds turns it off)."""
+        if self.interval > 0:
+            self._thread.start()
+
+    def stop(self):
+        """Stop after the current sweep."""
+        self._stop.set()
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            try:
+                self.sweep()
+            except Exception:  # a failed sweep must not end the thread: try next time
+                log.exception("async sweep failed")
+
+    def sweep(self):
+        """Ask the upstream about every job not yet charged; returns how many were charged."""
+        db = self.state.database()
+        since_ms = int((self.state.config.clock() - ASYNC_SWEEP_MAX_AGE_SECONDS) * 1000)
+        charged = 0
+        for row in list_unsettled_async_objects(db, since_ms):
+            project = get_project(db, row["project_id"])
+            if project is None or row["kind"] not in ASYNC_OBJECT_PATHS:
+                continue
+            try:
+                events = self._settle(row, resolve_upstream(project, self.state.config))
+            except LlimitError as error:
+                log.warning("async sweep: %s %s not checked: %s", row["kind"],
+                            row["object_id"], error.message)
+                continue
+            if events:
+                self.state.writer.submit(events)
+                charged += 1
+        return charged
+
+    def _settle(self, row, upstream):
+        path = ASYNC_OBJECT_PATHS[row["kind"]].format(id=urllib.parse.quote(row["object_id"]))
+        answer = parse_response_json(self._get(upstream, path))
+        if row["kind"] == "message_batch":
+            if not isinstance(answer, dict) or answer.get("processing_status") != "ended":
+                return []
+            return _settlement(self.state, row, answer, self._get(upstream, path + "/results"),
+                               results=True)
+        return _settlement(self.state, row, answer, b"")
+
+    def _get(self, upstream, path):
+        url = upstream_url(upstream, path, "")
+        resp = send_upstream(self.state.pool, "GET", url, upstream_headers({}, upstream), None)
+        content = read_upstream_body(resp)
+        return content if resp.status == 200 else b""
 
 
 def _upstream_auth_failure(call, resp, content, upstream, headers):
@@ -4690,7 +5372,8 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
         resp.close()
         call.upstream_ms += (time.perf_counter() - stream_started) * 1000 - relay_ms
         complete = finished and meter.usage is not None
-        usage = meter.usage if complete else meter.estimate(call.prompt_estimate)
+        usage = meter.usage if complete else meter.estimate(call.worst.prompt_tokens,
+                                                            call.worst.completion_tokens)
         committed = _meter(state, call, resp.status, meter.model, usage,
                            "priced" if complete else "estimated", stream=True,
                            wait=finished, overhead_ms=overhead_ms + relay_ms,
@@ -5016,7 +5699,7 @@ KEYS_PAGE = """<h1>Your keys</h1>
 <div class="row">
 <div><label for="project">Project</label><select id="project" name="project">
 % for project in projects:
-<option value="{{project['id']}}">{{project['name']}} ({{project['id']}})</option>
+<option value="{{project['id']}}">{{project['name']}} ({{project['id']}}{{key_caps[project['id']]}})</option>
 % end
 </select></div>
 <div><label for="note">Note <span class="muted">(what it is for)</span></label>
@@ -5241,6 +5924,9 @@ placeholder="{{project['upstream_url_in_force'] if not project['upstream_url'] e
 personal keys allowed</label>
 <label><input type="checkbox" name="allow_async" value="1"{{" checked" if project['allow_async'] else ""}}>
 async jobs allowed (batches, background responses; charged when they finish)</label>
+<label>Most active personal keys per person <span class="muted">(blank: no cap)</span></label>
+<input name="max_keys_per_user" inputmode="numeric" size="4"
+value="{{'' if project['max_keys_per_user'] is None else project['max_keys_per_user']}}">
 <label>Message when a limit is reached</label>
 <input name="limit_message" value="{{value('limit_message', project['limit_message'] or '')}}" maxlength="500">
 <label>Add a budget (USD)</label>
@@ -5794,7 +6480,7 @@ def page_login_post(state, session, form):
         sign_in(state, session, session.user_name, token_admin=True)
         bottle.redirect(next_path if next_path != "/" else "/admin", 303)
     if config.auth == "open":
-        user_name = clean_user_name(form.get("user", ""))
+        user_name = canonical_user_name(form.get("user", ""), state.user_domains)
         if not user_name:
             raise LlimitError(400, "invalid_request_error", "Type a user name to sign in.")
         sign_in(state, session, user_name)
@@ -5835,7 +6521,7 @@ def page_login_callback(state, session):
                           f"{query.get('error_description') or query.get('error')}.")
     claims = state.oidc.claims(query.get("code", ""), _oidc_redirect_uri(config), pending,
                                config.clock())
-    user_name = user_from_claims(claims, config.oidc_allowed_domains)
+    user_name = user_from_claims(claims, config.oidc_allowed_domains, state.user_domains)
     sign_in(state, session, user_name)
     log.info("page sign-in: %s by OpenID Connect", user_name)
     bottle.redirect(safe_next(pending.get("next")), 303)
@@ -5916,13 +6602,14 @@ def page_keys_create(state, session, form):
     user_name = _signed_in_user(session)
     fields = validate_key_fields({"project": form.get("project") or "default",
                                   "note": form.get("note", "").strip() or None},
-                                 ("project", "note"))
+                                 ("project", "note"), state.user_domains)
     db = state.database()
     with transaction(db):
         project = get_project(db, fields["project"])
         if project is None or not project["allow_user_keys"]:
             raise LlimitError(403, "permission_denied",
                               f"The project {fields['project']!r} hands out no personal keys.")
+        check_key_cap(db, project, user_name, state.config.clock())
         row, raw_key = create_key(db, state.config.clock(), user_name, fields["project"],
                                   fields["note"])
     log.info("page: %s created key %s in project %s", user_name, row["id"], row["project_id"])
@@ -5966,6 +6653,8 @@ def _render_keys(state, session, user_name):
         KEYS_PAGE, title="Keys", session=session, scripts=[{"src": PAGES_SCRIPT_URL}],
         keys=keys, key_table=key_table(session, keys),
         projects=[row for row in list_projects(db) if row["allow_user_keys"]],
+        key_caps={row["id"]: "" if row["max_keys_per_user"] is None else
+                  f", at most {row['max_keys_per_user']} keys each" for row in list_projects(db)},
         new_key=bool(new_key_html), new_key_html=new_key_html)
 
 
@@ -6061,8 +6750,8 @@ def page_usage(state, session):
     by_day = usage_report(db, "day", start, end, user_name)["rows"]
     return render_page(
         USAGE_PAGE, title="Usage", session=session,
-        today_usd=nusd_to_usd(get_counter(db, subject, today, today)[2]),
-        month_usd=nusd_to_usd(month[2]), month_requests=month[0],
+        today_usd=nusd_to_usd(get_counter(db, subject, today, today).cost_nusd),
+        month_usd=nusd_to_usd(month.cost_nusd), month_requests=month.requests,
         limits=_user_limits(state, db, user_name, active_keys), has_keys=bool(active_keys),
         start=start, end=end, by_model=usage_report(db, "model", start, end, user_name)["rows"],
         by_day=by_day[::-1], max_day_usd=max((row["cost_usd"] for row in by_day), default=0))
@@ -6393,8 +7082,8 @@ def _render_admin(state, session, notice=None, form=None, form_error=None):
         form_error=form_error and {"message": form_error,
                                    "anchor": ADMIN_ANCHORS.get(refused, "")},
         typed=typed, error_for=error_for, key_table=key_table(session, keys, admin=True),
-        today_usd=nusd_to_usd(today_total[2]), today_requests=today_total[0],
-        month_usd=nusd_to_usd(month_total[2]), month_requests=month_total[0],
+        today_usd=nusd_to_usd(today_total.cost_nusd), today_requests=today_total.requests,
+        month_usd=nusd_to_usd(month_total.cost_nusd), month_requests=month_total.requests,
         active_keys=sum(key["active"] for key in keys), projects=projects,
         users=_admin_users(db, keys, month_start, today), keys=keys, limits=limit_rows,
         missing=missing_prices(db, book), prices=prices, upstream_kinds=UPSTREAM_KINDS,
@@ -6446,6 +7135,9 @@ def _project_form(form):
             for field in ("name", "upstream_url", "api_version", "limit_message")}
     data["allow_user_keys"] = form.get("allow_user_keys") == "1"
     data["allow_async"] = form.get("allow_async") == "1"
+    if "max_keys_per_user" in form:
+        cap = form.get("max_keys_per_user", "").strip()
+        data["max_keys_per_user"] = int(cap) if cap.isdigit() else (cap or None)
     for field in ("upstream_kind", "upstream_key"):
         if form.get(field, "").strip():
             data[field] = form[field].strip()
@@ -6460,7 +7152,7 @@ def _admin_create_key(state, session, form):
         {"user": form.get("user", "").strip() or None, "project": form.get("project") or "default",
          "note": form.get("note", "").strip() or None,
          "expires_at": form.get("expires_at") or None},
-        ("user", "project", "note", "expires_at"))
+        ("user", "project", "note", "expires_at"), state.user_domains)
     db = state.database()
     with transaction(db):
         row, raw_key = create_key(db, state.config.clock(), fields["user"], fields["project"],
@@ -6491,7 +7183,7 @@ def _admin_create_limit(state, session, form):
     if form.get("alert_at", "").strip():
         data["alert_at"] = [_number(part, "alert_at") for part in form["alert_at"].split(",")
                             if part.strip()]
-    limit = validate_limit(data)
+    limit = validate_limit(data, domains=state.user_domains)
     db = state.database()
     with transaction(db):
         add_limit(db, limit, utc_iso(state.config.clock()))
@@ -6618,7 +7310,8 @@ def _created(payload):
 def admin_keys_create(state):
     """POST /admin/keys: issue a key; the secret is in this answer only."""
     fields = validate_key_fields(_json_input(),
-                                 ("user", "project", "note", "expires_at", "models"))
+                                 ("user", "project", "note", "expires_at", "models"),
+                                 state.user_domains)
     db = state.database()
     with transaction(db):
         row, raw_key = create_key(db, state.config.clock(), fields.get("user"),
@@ -6634,7 +7327,8 @@ def admin_keys_list(state):
     if active not in ("", "1", "true", "yes", "0", "false", "no"):
         raise _field_error("active", "must be true or false")  # found by the fuzzer
     db = state.database()
-    rows = list_keys(db, query.get("user") or None, query.get("project") or None,
+    rows = list_keys(db, canonical_user_name(query.get("user"), state.user_domains),
+                     query.get("project") or None,
                      utc_iso(state.config.clock()) if active in ("1", "true", "yes") else None)
     if active in ("0", "false", "no"):
         rows = [row for row in rows if row["revoked_at"] or
@@ -6652,7 +7346,8 @@ def admin_key_get(state, key_id):
 
 def admin_key_update(state, key_id):
     """PATCH /admin/keys/<id>: note, expires_at, models, user."""
-    fields = validate_key_fields(_json_input(), ("note", "expires_at", "models", "user"))
+    fields = validate_key_fields(_json_input(), ("note", "expires_at", "models", "user"),
+                                 state.user_domains)
     db = state.database()
     with transaction(db):
         row = dict(_must_exist(get_key(db, key_id), "key", key_id))
@@ -6720,7 +7415,7 @@ def admin_limits_list(state):
 
 def admin_limits_create(state):
     """POST /admin/limits"""
-    limit = validate_limit(_json_input())
+    limit = validate_limit(_json_input(), domains=state.user_domains)
     db = state.database()
     with transaction(db):
         limit_id = add_limit(db, limit, utc_iso(state.config.clock()))
@@ -6739,7 +7434,7 @@ def admin_limit_update(state, limit_id):
     db = state.database()
     with transaction(db):
         current = dict(_must_exist(get_limit(db, limit_id), "limit", limit_id))
-        update_limit(db, validate_limit(data, current))
+        update_limit(db, validate_limit(data, current, state.user_domains))
     return admin_limit_get(state, limit_id)
 
 
@@ -6827,11 +7522,19 @@ def llimit_me(state):
     db = state.database()
     environ = bottle.request.environ
     key = authenticate_call(state, environ)
-    user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers)
+    user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers,
+                                             state.user_domains)
     limits = [status for _, status in
               state.limits.statuses_for_call(db, key["project_id"], user_name, key["id"])]
+    # Spend is the user's (every key), or this key's for a project key naming no one.
+    subject = subject_of("user", user_name) if user_name else subject_of("key", key["id"])
+    now = state.config.clock()
+    today, month_start = _day(now), _day(window_bounds("month", now)[0])
     return {"user": user_name, "project": key["project_id"], "key": key["masked_key"],
-            "key_id": key["id"], "limits": limits}
+            "key_id": key["id"], "limits": limits,
+            "spend": {"today_usd": nusd_to_usd(get_counter(db, subject, today, today).cost_nusd),
+                      "month_usd": nusd_to_usd(
+                          get_counter(db, subject, month_start, today).cost_nusd)}}
 
 
 def _openapi_spec():
@@ -6942,7 +7645,7 @@ def _openapi_spec():
         ("id", "name", "upstream_kind", "upstream_url", "upstream_url_in_force",
          "upstream_key_set", "upstream_key_source", "api_version", "allow_user_keys",
          "allow_async",
-         "limit_message", "model_map", "created_at"),
+         "limit_message", "model_map", "max_keys_per_user", "created_at"),
         id=string, name=string, upstream_kind=project_fields["upstream_kind"],
         upstream_url=nullable_string, upstream_url_in_force=string,
         upstream_key_set={"type": "boolean"},
@@ -6950,6 +7653,7 @@ def _openapi_spec():
         allow_user_keys={"type": "boolean"}, allow_async={"type": "boolean"},
         limit_message=nullable_string,
         model_map={"type": "object", "nullable": True, "additionalProperties": string},
+        max_keys_per_user={"type": "integer", "nullable": True},
         created_at=string, limits={"type": "array", "items": ref("Limit")})
     deleted = record(("id", "deleted"), id=string, deleted={"type": "boolean"})
     figures = {name: integer for name in ("requests", "prompt_tokens", "cached_tokens",
@@ -6961,9 +7665,18 @@ def _openapi_spec():
         rows={"type": "array", "items": record(
             figures, cost_usd=nullable_number, **figures)})
     price_out = {name: nullable_number for name in PRICE_FIELDS}
+    # A listed entry is pricing.json's: token prices (absent for a model priced only
+    # by the image, minute or character) and the fields beyond them.
+    price_table = {"type": "object", "additionalProperties": number}
+    beyond_tokens = {**{name: integer for name in SIZE_FIELDS},
+                     FINE_TUNED_FIELD: record(("input", "output"), **price_out),
+                     "cache_write_1h": number, "per_minute": number, "per_1m_characters": number,
+                     "images": price_table, "per_1k_requests": price_table,
+                     "long_context": price_table,
+                     "service_tiers": {"type": "object", "additionalProperties": price_table}}
     pricing_out = record(("models", "missing"), missing={"type": "array", "items": string},
                          models={"type": "object", "additionalProperties": record(
-                             ("input", "output", "source"), source=string, **price_out)})
+                             ("source",), source=string, **price_out, **beyond_tokens)})
     price_set = record(("model", "input", "output"), model=string, **price_out)
     repriced = record(("events", "changed"), events=integer, changed=integer)
 
@@ -7186,6 +7899,8 @@ class State:
         self.config = config
         self.database = Database(config.db_path)
         migrate(self.database())
+        self.user_domains = user_domains(config)
+        apply_identity_rule(self.database(), self.user_domains)
         self.file_prices = load_price_file(config.pricing_path)
         self.pricebook = Pricebook(self.file_prices, list_price_overrides(self.database()))
         self.metrics = Metrics()
@@ -7205,6 +7920,7 @@ class State:
             raise ValueError(f"LLIMIT_CHARTJS names no file: {config.chartjs}")
         self.chartjs_path = chartjs_file(config)
         self.new_keys = NewKeyStash(config.clock)
+        self.sweeper = AsyncSweeper(self)
         self.generated_admin_token = None
         self.upstream_user_secret = None  # set by make_app, from the database
 
@@ -7216,6 +7932,7 @@ class State:
         """
         self.writer.start()
         self.alerts.start()
+        self.sweeper.start()
         return self
 
     def reload_prices(self):
@@ -7224,6 +7941,7 @@ class State:
 
     def close(self):
         """Write all queued usage and close upstream connections; False if usage is left."""
+        self.sweeper.stop()
         written = self.writer.close()
         self.pool.close()
         return written
@@ -7794,7 +8512,8 @@ def cli_keys(config, args):
         fields = validate_key_fields({"user": args.user, "project": args.project,
                                       "note": args.note, "expires_at": args.expires_at,
                                       "models": args.models.split(",") if args.models else None},
-                                     ("user", "project", "note", "expires_at", "models"))
+                                     ("user", "project", "note", "expires_at", "models"),
+                                     user_domains(config))
         with transaction(db):
             row, raw_key = create_key(db, now, fields["user"], fields["project"] or "default",
                                       fields["note"], fields["expires_at"], fields["models"])
@@ -7844,7 +8563,8 @@ def cli_limits(config, args):
                 "action": args.limit_action,
                 "alert_at": [float(p) for p in args.alert_at.split(",")] if args.alert_at
                 else None}
-        limit = validate_limit({k: v for k, v in data.items() if v is not None})
+        limit = validate_limit({k: v for k, v in data.items() if v is not None},
+                               domains=user_domains(config))
         with transaction(db):
             limit_id = add_limit(db, limit, utc_iso(config.clock()))
         print(f"created limit {limit_id}")
@@ -7878,7 +8598,17 @@ def cli_usage(config, args):
 
 
 def cli_pricing(config, args):
-    """pricing missing|list"""
+    """pricing missing|list|check"""
+    if args.action == "check":
+        try:
+            table, errors = check_price_file(config.pricing_path)
+        except (OSError, ValueError) as error:
+            errors, table = [str(error)], {}
+        for error in errors:
+            print(f"{config.pricing_path}: {error}", file=sys.stderr)
+        if not errors:
+            print(f"{len(table)} prices in {config.pricing_path}: all well formed")
+        return 1 if errors else 0
     db = open_admin_database(config, reading=True)
     pricebook = Pricebook(load_price_file(config.pricing_path), list_price_overrides(db))
     if args.action == "missing":
@@ -7974,8 +8704,9 @@ def build_parser():
     usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     pricing = command(commands, "pricing", PRICING_FLAG_FIELDS, help="prices in force")
-    pricing.add_argument("action", choices=("missing", "list"),
-                         help="missing: models seen without a price; list: every price")
+    pricing.add_argument("action", choices=("missing", "list", "check"),
+                         help="missing: models seen without a price; list: every price;"
+                         " check: validate the prices file against its schema")
     return parser
 
 

@@ -12,6 +12,10 @@ on demand.
 
 Routes (OpenAI ones with or without the /v1 prefix):
     POST /v1/chat/completions  /v1/completions  /v1/embeddings  /v1/responses
+    POST /v1/images/generations (dall-e: no usage; gpt-image-*: token usage)
+         /v1/audio/speech (binary audio/mpeg, no usage)
+         /v1/audio/transcriptions (multipart; usage {type: duration, seconds}, or with
+         response_format verbose_json a `duration` and no usage; behaviour audio_seconds 9)
     GET  /v1/models  /v1/models/{id}
     POST /openai/deployments/{deployment}/chat/completions|completions|embeddings
          (Azure: needs ?api-version=..., else 404 "Resource not found")
@@ -361,7 +365,8 @@ _ROUTES = (
                                  r"(?P<endpoint>chat/completions|completions|embeddings)")),
     ("POST", "anthropic", re.compile(r"(?:/v1)?/(?P<endpoint>messages(?:/count_tokens)?)")),
     ("POST", "openai", re.compile(r"(?:/v1|/v1beta/openai)?/(?P<endpoint>chat/completions"
-                                  r"|completions|embeddings|responses)")),
+                                  r"|completions|embeddings|responses|images/generations"
+                                  r"|audio/speech|audio/transcriptions)")),
     ("GET", "openai", re.compile(r"(?:/v1|/v1beta/openai)?/(?P<endpoint>models(?:/.+)?)")),
     ("POST", "azure", re.compile(r"/openai(?:/v1)?/(?P<endpoint>chat/completions|responses"
                                  r"|embeddings)")),
@@ -735,6 +740,31 @@ def gemini_reply(call):
 
 
 # endpoint -> (JSON body builder, stream events builder or None)
+def image_body(call):
+    """images/generations: dall-e answers carry no usage; gpt-image-* answers count tokens."""
+    n = call.payload.get("n") if isinstance(call.payload.get("n"), int) else 1
+    body = {"created": call.created,
+            "data": [{"url": f"https://images.fake.example/{call.serial}-{i}.png",
+                      "revised_prompt": "A fake picture."} for i in range(n)]}
+    if call.model.startswith("gpt-image"):
+        body["usage"] = {"input_tokens": call.prompt_tokens, "output_tokens":
+                         call.completion_tokens, "total_tokens":
+                         call.prompt_tokens + call.completion_tokens,
+                         "input_tokens_details": {"text_tokens": call.prompt_tokens,
+                                                  "image_tokens": 0}}
+    return body
+
+
+def transcription_body(call):
+    """audio/transcriptions (multipart in): whisper-1 bills by duration."""
+    seconds = float(call.behaviour.get("audio_seconds", 9))
+    body = {"text": call.text, "usage": {"type": "duration", "seconds": int(seconds + 0.999)}}
+    if b'name="response_format"\r\n\r\nverbose_json' in call.request.body:
+        body = {"task": "transcribe", "language": "english", "duration": seconds,
+                "text": call.text, "segments": []}  # verbose_json: duration, no usage
+    return body
+
+
 ENDPOINTS = {
     "chat/completions": (chat_body, chat_events),
     "completions": (completion_body, completion_events),
@@ -742,6 +772,8 @@ ENDPOINTS = {
     "responses": (responses_body, responses_events),
     "messages": (message_body, message_events),
     "messages/count_tokens": (count_tokens_body, None),
+    "images/generations": (image_body, None),
+    "audio/transcriptions": (transcription_body, None),
 }
 
 
@@ -776,6 +808,9 @@ def respond(call):
         return gemini_reply(call)
     if call.endpoint.startswith("models"):
         return json_reply(call, 200, models_body(call))
+    if call.endpoint == "audio/speech":  # binary audio, no usage
+        return Reply(200, [("Content-Type", "audio/mpeg"), *call.headers()],
+                     b"ID3\x04fake-mp3" + b"\x00" * 1000)
     if call.endpoint not in ENDPOINTS or call.request.method != "POST":
         return call.store.answer(call)
     whole, stream = ENDPOINTS[call.endpoint]
@@ -831,7 +866,9 @@ def _protocol_error(call):
         return 401, openai_error(401, "You didn't provide an API key. You need to provide "
                                       "your API key in an Authorization header using Bearer "
                                       "auth (i.e. Authorization: Bearer YOUR_KEY).")
-    if method == "POST" and call.request.json is None and call.endpoint != "files":
+    multipart = headers.get("content-type", "").startswith("multipart/form-data")
+    if method == "POST" and call.request.json is None and call.endpoint != "files" \
+            and not multipart:
         if call.provider == "anthropic":
             return 400, anthropic_error(400, message="There was an error parsing the body "
                                                      "of your request as JSON")

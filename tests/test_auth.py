@@ -23,7 +23,8 @@ CLIENT_SECRET = "s3cret-for-tests"
 # --- header ----------------------------------------------------------------------
 
 def test_header_sign_in_trusts_only_the_proxy_addresses(make_llimit):
-    server = make_llimit(auth="header")  # trusted by default: 127.0.0.1 and ::1
+    # trusted by default: 127.0.0.1 and ::1
+    server = make_llimit(auth="header", user_domains=("example.com",))
     proxy = requests.Session()
     proxy.headers["X-Forwarded-Email"] = "Carol.Smith@Example.com"
     page = proxy.get(server.url + "/keys")
@@ -227,9 +228,14 @@ def test_id_token_claims_are_checked():
 
 
 def test_user_names_come_from_verified_emails_in_allowed_domains():
+    domains = frozenset(("example.com", "corp.example"))
     assert llimit.user_from_claims({"email": "Ann.Lee@Example.com", "email_verified": True},
-                                   ("example.com",)) == "ann.lee"
-    assert llimit.user_from_claims({"preferred_username": "bo@corp.example"}, ()) == "bo"
+                                   ("example.com",), domains) == "ann.lee"
+    assert llimit.user_from_claims({"preferred_username": "bo@corp.example"}, (),
+                                   domains) == "bo"
+    # Every domain may sign in, but only the listed ones name a user by the local part.
+    assert llimit.user_from_claims({"email": "Bo@Else.example", "email_verified": True}, (),
+                                   domains) == "bo@else.example"
     for claims in ({"email": "ann@example.com", "email_verified": False}, {"sub": "123"},
                    {"email": "ann@example.com"},  # email_verified missing
                    {"email": "ann@example.com", "email_verified": "false"},
@@ -238,7 +244,7 @@ def test_user_names_come_from_verified_emails_in_allowed_domains():
                    {"email": "ann@example.com", "preferred_username": "ann@example.com"},
                    {"email": "eve@evil.example", "email_verified": True}):
         with pytest.raises(llimit.LlimitError):
-            llimit.user_from_claims(claims, ("example.com",))
+            llimit.user_from_claims(claims, ("example.com",), domains)
 
 
 def test_oidc_settings_are_checked_at_start():

@@ -97,13 +97,15 @@ def test_a_stream_cut_short_is_metered_as_estimated(gateway, fake):
     fake.behaviour.update(chunks=5, cut_after=2, prompt_tokens=30)
     resp = requests.post(gateway.url + "/v1/models/gemini-2.5-flash:streamGenerateContent"
                          "?alt=sse", headers={"x-goog-api-key": raw_key},
-                         json={"contents": [{"parts": [{"text": "Hi"}]}]}, stream=True)
+                         json={"contents": [{"parts": [{"text": "Hi"}]}],
+                               "generationConfig": {"maxOutputTokens": 50}}, stream=True)
     body = resp.raw.read()
     assert b'"UNAVAILABLE"' in body  # the error event in Gemini's own shape
     [event] = gateway.events()
-    # The prompt as the upstream counted it, and one token per content chunk seen.
+    # The prompt as the upstream counted it, and the output the call was bounded at
+    # (generationConfig.maxOutputTokens): the upstream bills what it generated.
     assert (event["pricing"], event["prompt_tokens"], event["completion_tokens"]) == \
-        ("estimated", 30, 2)
+        ("estimated", 30, 50)
 
 
 def test_count_tokens_and_model_lists_are_free_lookups(make_llimit, fake):

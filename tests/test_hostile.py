@@ -304,8 +304,8 @@ def test_control_characters_in_a_header_are_refused_before_llimit(gateway, fake,
 
 @pytest.mark.parametrize("header, user", [
     # A folded line (obs-fold) is joined into one value: no second header appears.
-    (b"X-LLimit-User: a\r\n X-Evil: 1\r\n", "a X-Evil: 1"),
-    (b"X-LLimit-User: a%0d%0aX-Evil: 1\r\n", "a%0d%0aX-Evil: 1"),
+    (b"X-LLimit-User: a\r\n X-Evil: 1\r\n", "a x-evil: 1"),  # lowercased: Identity
+    (b"X-LLimit-User: a%0d%0aX-Evil: 1\r\n", "a%0d%0ax-evil: 1"),
     (b"X-LLimit-User: \xc3\xa9mile\xc2\x85\r\n", "\u00e9mile"),  # UTF-8, with a C1 NEL
 ])
 def test_a_user_header_cannot_add_a_header_upstream_or_in_the_response(gateway, fake,
@@ -323,14 +323,14 @@ def test_a_user_header_cannot_add_a_header_upstream_or_in_the_response(gateway, 
 def test_user_names_with_control_characters_are_cleaned_everywhere(gateway, fake):
     raw_key, key_id = gateway.create_key(user="bob\r\nX-Evil: 1\x00\x85")
     assert gateway.admin.get(gateway.url + f"/admin/keys/{key_id}").json()["user"] == \
-        "bobX-Evil: 1"
+        "bobx-evil: 1"
     project_key, _ = gateway.create_key(user=None)
     resp = requests.post(gateway.url + "/v1/chat/completions",
                          json={**CHAT, "user": "carol\r\nX-Evil: 1\t"},
                          headers={"Authorization": f"Bearer {project_key}"})
     assert resp.status_code == 200 and "X-Evil" not in resp.headers
     assert "X-Evil" not in fake.requests[-1].headers
-    assert [event["user_name"] for event in gateway.events()] == ["carolX-Evil: 1"]
+    assert [event["user_name"] for event in gateway.events()] == ["carolx-evil: 1"]
     page = http_sign_in(gateway.url, "dave\r\n\x1b[31m").get(gateway.url + "/keys")
     assert "Keys of dave" in page.text and "\x1b" not in page.text
 
@@ -558,8 +558,10 @@ def test_csv_exports_never_start_a_cell_with_a_formula(make_llimit, fake):
         for row in rows:
             for cell in row.values():
                 assert cell[:1] not in ("=", "+", "-", "@", "\t", "\r"), (cell, row)
-        # A tab is no part of a user name (cleaned away); the model keeps it.
-        assert {"'" + text.lstrip("\t") for text in FORMULAS} <= {row["user"] for row in rows}
+        # A tab is no part of a user name (cleaned away, and the name lowercased by the
+        # Identity rule); the model keeps it.
+        assert {"'" + text.lstrip("\t").lower() for text in FORMULAS} <= \
+            {row["user"] for row in rows}
         assert {"'" + text for text in FORMULAS} <= {row["model"] for row in rows}
     endpoints = [row["endpoint"] for row in csv.DictReader(io.StringIO(admin_csv.text))]
     assert set(endpoints) == {"chat/completions"}

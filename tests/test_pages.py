@@ -292,14 +292,18 @@ def test_admin_dashboard_manages_projects_keys_limits_and_prices(gateway, fake, 
     raw_key = re.search(r'id="new-key" class="secret">([^<]+)<', issued.text).group(1)
     assert "Your new key for dana" in issued.text
     fake.reset()
-    assert call(gateway, raw_key, model="acme-7b").choices
-    assert fake.requests[-1].headers["Authorization"] == "Bearer sk-stored-secret-999"
+    # Unpriced spend under team-a's USD budget is refused; without a budget it is metered.
+    with pytest.raises(openai.PermissionDeniedError, match="No price covers"):
+        call(gateway, raw_key, model="acme-7b")
+    assert call(gateway, gateway.create_key(user="erin")[0], model="acme-7b").choices
     page = admin.get(gateway.url + "/admin").text
     assert raw_key not in page and "dana" in page
     assert re.search(r'id="missing-prices".*acme-7b', page, re.S)
 
     priced_page = act("set_price", model="acme-7b", input="1000", output="2000")
     assert "Price set" in priced_page.text and 'id="missing-prices"' not in priced_page.text
+    assert call(gateway, raw_key, model="acme-7b").choices
+    assert fake.requests[-1].headers["Authorization"] == "Bearer sk-stored-secret-999"
     assert act("set_price", model="acme-7b", input="lots", output="1").status_code == 400
     assert act("set_price", model="acme-7b", input="inf", output="1").status_code == 400
 

@@ -8,6 +8,7 @@ import json
 import pathlib
 import re
 import threading
+import time
 
 import anthropic
 import openai
@@ -505,3 +506,33 @@ def test_azure_responses_and_v1_routes(gateway, fake):
     assert [(e["endpoint"], e["model"], e["pricing"]) for e in events] == [
         ("responses", "gpt-4o", "priced"), ("responses", "gpt-4o", "priced"),
         ("chat/completions", "gpt-4o", "priced"), (f"responses/{reply.id}", "gpt-4o", "free")]
+
+
+def test_a_job_nobody_polls_is_charged_once_by_the_sweeper(make_llimit, fake):
+    # The provider bills a batch whether or not anyone asks about it: llimit asks itself.
+    gateway = make_llimit(async_sweep_seconds=0.2)
+    project = async_project(gateway, fake)
+    raw_key, key_id = gateway.create_key(user="alice", project=project)
+    alice = client(gateway, raw_key)
+    upload = alice.files.create(file=("in.jsonl", batch_file(*["gpt-4o-mini"] * 2)),
+                                purpose="batch")
+    batch = alice.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h")
+    background = alice.responses.create(model="gpt-4o", input="Hi", background=True)
+    deadline = time.monotonic() + 30
+    charges = []
+    while time.monotonic() < deadline and len(charges) < 2:
+        time.sleep(0.2)
+        charges = [e for e in gateway.events() if e["pricing"] != "free"]
+    time.sleep(1)  # more sweeps, and a client's poll: none charges again
+    assert alice.batches.retrieve(batch.id).status == "completed"
+    assert alice.responses.retrieve(background.id).status == "completed"
+    charges = sorted((e for e in gateway.events() if e["pricing"] != "free"),
+                     key=lambda e: e["endpoint"])
+    assert [(e["endpoint"], e["key_id"], e["user_name"]) for e in charges] == [
+        ("batches", key_id, "alice"), ("responses", key_id, "alice")], charges
+    # gpt-4o-mini: $0.15 in, $0.60 out per 1M, batches at half price; gpt-4o: $2.50, $10.
+    assert usd(charges[0]) == pytest.approx((2 * P * 0.15 + 2 * C * 0.60) / 1e6 * 0.5)
+    assert usd(charges[1]) == pytest.approx(
+        (charges[1]["prompt_tokens"] * 2.5 + charges[1]["completion_tokens"] * 10) / 1e6)
+    assert charges[1]["prompt_tokens"] > 0
