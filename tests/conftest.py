@@ -40,16 +40,10 @@ class LlimitServer:
         self.server = waitress.create_server(self.app, host="127.0.0.1", port=0,
                                              threads=config.threads, asyncore_use_poll=True)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         self.admin = requests.Session()
         self.admin.headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
-
-    def _run(self):
-        try:
-            self.server.run()
-        except (OSError, ValueError):
-            pass  # the map was closed under the loop at stop()
 
     def create_key(self, user="alice", project="default", **fields):
         """A fresh key: (raw key, key id)."""
@@ -75,9 +69,16 @@ class LlimitServer:
         time.sleep(0.05)  # the last batch may still be committing
 
     def stop(self):
+        """Stop serving and close llimit (its usage writer included); safe to call twice."""
         self.server.task_dispatcher.shutdown(timeout=2)
-        waitress.wasyncore.close_all(self.server._map)
-        self.thread.join(5)
+        if self.thread.is_alive():
+            # Closed from inside waitress's loop, which the trigger wakes at once, the
+            # loop ends now; closed from here, it would first sit out its poll
+            # interval (a second), on every test.
+            self.server.trigger.pull_trigger(
+                lambda: waitress.wasyncore.close_all(self.server._map))
+            self.thread.join(10)
+            assert not self.thread.is_alive(), "waitress's loop did not stop"
         self.state.close()
 
 
