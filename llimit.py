@@ -113,6 +113,10 @@ SETTINGS = [
      "path of a local chart.umd.js to serve; a CDN URL when unset"),
     ("grace_seconds", "LLIMIT_GRACE_SECONDS", None, 30.0, float,
      "on SIGTERM, how long open streams may finish"),
+    ("commit_wait_seconds", "LLIMIT_COMMIT_WAIT_SECONDS", None, 10.0, float,
+     "how long an answer's last bytes wait for its usage row to commit"),
+    ("writer_close_seconds", "LLIMIT_WRITER_CLOSE_SECONDS", None, 30.0, float,
+     "at shutdown, how long to wait for the usage writer to commit what is queued"),
     ("metrics_token", "LLIMIT_METRICS_TOKEN", None, None, str,
      "Bearer token /metrics asks for; open when unset"),
     ("user_headers", "LLIMIT_USER_HEADERS", None, (), _csv_list,
@@ -163,6 +167,8 @@ class Config:
     public_url: str | None = None
     chartjs: str | None = None
     grace_seconds: float = 30.0
+    commit_wait_seconds: float = 10.0
+    writer_close_seconds: float = 30.0
     metrics_token: str | None = dataclasses.field(default=None, repr=False)
     user_headers: tuple = ()
     max_body_bytes: int = 32 * 1024 * 1024
@@ -2404,7 +2410,6 @@ def project_to_json(project):
 
 KEY_PREFIX = "llimit-"
 END_USER_HEADER = "X-LLimit-User"
-COMMIT_WAIT_SECONDS = 10.0
 MAX_USER_NAME = 200
 USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters
 AUTH_FAILURES_PER_MINUTE = 20   # wrong keys or admin tokens from one address, then 429
@@ -3262,9 +3267,9 @@ def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=
               call.project_id, event.model, status_code, event.prompt_tokens,
               event.completion_tokens, nusd_to_usd(event.cost_nusd), event.pricing,
               round(elapsed_ms, 1), round(overhead_ms, 2), stream)
-    if wait and not event.done.wait(COMMIT_WAIT_SECONDS):
+    if wait and not event.done.wait(state.config.commit_wait_seconds):
         log.error("usage of request_id=%s not yet committed after %ss; it stays queued",
-                  call.request_id, COMMIT_WAIT_SECONDS)
+                  call.request_id, state.config.commit_wait_seconds)
     return event
 
 
@@ -5472,7 +5477,7 @@ class State:
 
     def close(self):
         """Write all queued usage and close upstream connections; False if usage is left."""
-        written = self.writer.close()
+        written = self.writer.close(self.config.writer_close_seconds)
         self.pool.close()
         return written
 

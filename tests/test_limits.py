@@ -252,7 +252,8 @@ def test_failed_calls_release_their_reservation(make_llimit, fake):
     assert gateway.state.limits._reserved == {}
 
 
-def test_fail_closed_when_usage_cannot_be_written(gateway, fake):
+def test_fail_closed_when_usage_cannot_be_written(make_llimit, fake):
+    gateway = make_llimit(commit_wait_seconds=1.0)  # the answer need not wait 10 s
     raw_key, key_id = gateway.create_key()
     add_limit(gateway, scope="key", target=key_id, metric="usd", window="day", amount=100)
     blocker = sqlite3.connect(gateway.config.db_path, isolation_level=None)
