@@ -1303,6 +1303,12 @@ class UsageWriter:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def flush(self, timeout=None):
+        """Wait until every event submitted before this call is committed; False on timeout."""
+        flushed = threading.Event()
+        self._queue.put(flushed)  # taken after those events, set once they are committed
+        return flushed.wait(timeout)
+
     def _run(self):
         db = self.database()
         stopping = False
@@ -1315,9 +1321,12 @@ class UsageWriter:
                     break
             if None in batch:
                 stopping = True
-                batch = [event for event in batch if event is not None]
+            flushes = [item for item in batch if isinstance(item, threading.Event)]
+            batch = [event for event in batch if isinstance(event, UsageEvent)]
             if batch:
                 self._write_until_done(db, batch)
+            for flushed in flushes:
+                flushed.set()
 
     def _write_until_done(self, db, batch):
         delay = 0.05

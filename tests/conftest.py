@@ -62,11 +62,9 @@ class LlimitServer:
         return [dict(row) for row in self.db().execute(
             "select * from usage_events order by id")]
 
-    def wait_idle(self, timeout=10):
-        deadline = time.monotonic() + timeout
-        while self.state.writer.depth() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.05)  # the last batch may still be committing
+    def wait_idle(self, timeout=60):
+        """Return once every usage event submitted so far is committed (and counted)."""
+        assert self.state.writer.flush(timeout), f"usage still uncommitted after {timeout} s"
 
     def stop(self):
         """Stop serving and close llimit (its usage writer included); safe to call twice."""

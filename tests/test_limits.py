@@ -342,7 +342,15 @@ def test_alerts_fire_once_per_threshold_even_across_restart(make_llimit, fake, t
     posts = hook.wait_for(2)
     call(again, raw_key)  # refused: still no further alert
     again.wait_idle()
-    time.sleep(0.5)
+    # Every alert is stored before it is posted: once both stored ones are delivered,
+    # no further post can come.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        stored = again.db().execute("select delivered_at from alerts_sent").fetchall()
+        if all(row["delivered_at"] for row in stored):
+            break
+        time.sleep(0.05)
+    assert len(stored) == 2 and all(row["delivered_at"] for row in stored)
     texts = [post["text"] for post in hook.posts]
     assert len(texts) == 2 and "reached" in texts[1]
 
