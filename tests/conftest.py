@@ -17,6 +17,11 @@ ADMIN_TOKEN = "test-admin-token"
 UPSTREAM_KEY = "sk-upstream-secret-123"
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: a long load test; CI runs it, `-m \"not slow\"` skips it locally")
+
+
 class Clock:
     """A settable clock for llimit's config, so window tests never sleep."""
 
