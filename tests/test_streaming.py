@@ -89,6 +89,11 @@ def test_client_leaving_midway_closes_upstream_and_meters_estimate(gateway, fake
     (event,) = gateway.events()
     assert event["pricing"] == "estimated"
     assert 1 <= event["completion_tokens"] < 50
+    # llimit closed its upstream call: the upstream's next writes failed, long before
+    # its 50 events (and [DONE]) were all sent.
+    reply = fake.requests[-1].reply
+    assert reply.wait() == "client left"
+    assert reply.events_sent < 51
 
 
 def test_drain_seconds_reads_the_exact_usage_after_the_client_left(make_llimit, fake):
@@ -105,6 +110,7 @@ def test_drain_seconds_reads_the_exact_usage_after_the_client_left(make_llimit, 
         time.sleep(0.1)
     (event,) = gateway.events()
     assert (event["pricing"], event["completion_tokens"]) == ("priced", 7)
+    assert fake.requests[-1].reply.wait() == "complete"  # read to its end
 
 
 def test_stream_without_usage_is_estimated(gateway, fake):
