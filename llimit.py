@@ -2125,6 +2125,9 @@ def _refuse_dot_segments(path):
 def upstream_headers(environ, upstream, extra_dropped=()):
     """Request headers for the upstream: the client's, less credentials, plus the upstream's."""
     headers = {}
+    if "HTTP_CONNECTION" in environ:  # the headers it names are hop-by-hop too
+        extra_dropped = {*extra_dropped, *(name.strip().lower()
+                                           for name in environ["HTTP_CONNECTION"].split(","))}
     for name, value in environ.items():
         if name.startswith("HTTP_"):
             header = name[5:].replace("_", "-").lower()

@@ -2,6 +2,7 @@
 
 import json
 import socket
+import time
 
 import openai
 import pytest
@@ -51,18 +52,29 @@ def test_every_openai_endpoint_passes(gateway, fake, call):
 
 def test_query_string_and_headers_pass_both_ways(gateway, fake):
     raw_key, _ = gateway.create_key()
+    upstream_wait_ms = 500
+    fake.behaviour["delay_first"] = upstream_wait_ms / 1000
+    started = time.perf_counter()
     resp = requests.post(gateway.url + "/v1/chat/completions?trace=1&x=a%20b",
                          headers={"Authorization": f"Bearer {raw_key}",
-                                  "OpenAI-Organization": "org-1", "Connection": "keep-alive",
-                                  "X-Custom": "kept"},
+                                  "OpenAI-Organization": "org-1",
+                                  "Connection": "keep-alive, X-Hop-Secret",
+                                  "X-Hop-Secret": "for-the-next-hop-only", "X-Custom": "kept"},
                          json={"model": "gpt-4o", "messages": []})
+    elapsed_ms = (time.perf_counter() - started) * 1000
     assert resp.status_code == 200
     sent = fake.requests[-1]
     assert sent.query == {"trace": "1", "x": "a b"}
     assert sent.headers.get("X-Custom") == "kept"
     assert sent.headers.get("OpenAI-Organization") == "org-1"
+    # Hop-by-hop (RFC 9110, 7.6.1): neither Connection nor a header it names goes on.
+    assert "Connection" not in sent.headers
+    assert "X-Hop-Secret" not in sent.headers
     assert "x-request-id" in {name.lower() for name in resp.headers}
-    assert float(resp.headers["X-LLimit-Overhead-Ms"]) >= 0
+    # llimit's own time: something, and none of the upstream's wait, which the client's
+    # elapsed time holds along with it.
+    overhead_ms = float(resp.headers["X-LLimit-Overhead-Ms"])
+    assert 0 < overhead_ms <= elapsed_ms - upstream_wait_ms
 
 
 def test_upstream_api_version_is_added_when_missing(make_llimit, fake):
