@@ -128,7 +128,7 @@ def test_unknown_model_is_metered_with_null_cost_and_listed_missing(gateway, fak
     assert gateway.admin.get(gateway.url + "/admin/pricing").json()["missing"] == ["acme-llm-7b"]
     out = subprocess.run([sys.executable, "llimit.py", "pricing", "missing",
                           "--db", gateway.config.db_path], capture_output=True, text=True,
-                         check=True).stdout
+                         check=True, timeout=60).stdout
     assert out.split() == ["acme-llm-7b"]
 
 

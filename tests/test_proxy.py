@@ -163,13 +163,14 @@ def test_oversized_body_is_a_413(make_llimit, fake):
 
 
 def test_upstream_refusing_connections_is_a_502(make_llimit):
+    # Bound and never listening, the port refuses connections; held, no one else takes it.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    gateway = make_llimit(upstream_url=f"http://127.0.0.1:{port}/v1")
-    raw_key, _ = gateway.create_key()
-    resp = requests.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-4o"},
-                         headers={"Authorization": f"Bearer {raw_key}"})
+        gateway = make_llimit(upstream_url=f"http://127.0.0.1:{port}/v1")
+        raw_key, _ = gateway.create_key()
+        resp = requests.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                             headers={"Authorization": f"Bearer {raw_key}"})
     assert_openai_error(resp, 502, code="upstream_unreachable")
     (event,) = gateway.events()
     assert event["status_code"] == 502 and event["cost_nusd"] is None
