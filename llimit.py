@@ -1590,7 +1590,8 @@ class Limits:
                 in_flight = self._reserved.get(key, (0, 0, 0))[index]
                 if limit["alert_at"] or self._alerts_full(limit):
                     alert_checks.append((limit, subject))
-                _limit_headers(headers, limit, amount, used + in_flight, start, end, now)
+                _limit_headers(headers, limit, amount, used + in_flight, call.need[index],
+                               start, end, now)
                 if limit["action"] == "warn":
                     if used >= amount:
                         warnings.append(describe_limit(limit) + " reached")
@@ -1765,16 +1766,18 @@ class Limits:
         return LlimitError(429, "budget_exceeded", message, headers=headers)
 
 
-def _limit_headers(headers, limit, amount, used, start, end, now):
+def _limit_headers(headers, limit, amount, used, need, start, end, now):
     # compat: OpenAI's x-ratelimit-* headers, which clients and SDKs read, for
-    # minute limits; the tightest limit of each kind wins.
+    # minute limits; the tightest limit of each kind wins. As OpenAI's, remaining
+    # counts this call (`need`, its reserved worst case): what is left after it.
     remaining = max(amount - used, 0)
     if limit["window"] == "minute" and limit["metric"] in ("requests", "tokens"):
         metric = limit["metric"]
         name = f"x-ratelimit-remaining-{metric}"
-        if name not in headers or remaining < int(headers[name]):
+        after = max(remaining - need, 0)
+        if name not in headers or after < int(headers[name]):
             headers[f"x-ratelimit-limit-{metric}"] = str(int(amount))
-            headers[name] = str(int(remaining))
+            headers[name] = str(int(after))
             headers[f"x-ratelimit-reset-{metric}"] = f"{max(int(end - now), 0)}s"
     elif limit["metric"] == "usd":
         current = headers.get("X-LLimit-Budget-Remaining")

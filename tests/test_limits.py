@@ -56,10 +56,12 @@ def test_rate_limit_per_minute_with_retry_after_and_headers(gateway, fake, clock
     raw_key, key_id = gateway.create_key()
     add_limit(gateway, scope="key", target=key_id, metric="requests", window="minute",
               amount=2)
+    # OpenAI's meaning: what remains once this call is counted, so 0 on the last one allowed.
     first = call(gateway, raw_key)
     assert first.headers["x-ratelimit-limit-requests"] == "2"
-    assert first.headers["x-ratelimit-remaining-requests"] == "2"
-    assert call(gateway, raw_key).headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-reset-requests"] == "10s"  # 50 s into the minute
+    assert call(gateway, raw_key).headers["x-ratelimit-remaining-requests"] == "0"
     blocked = call(gateway, raw_key)
     assert blocked.status_code == 429
     assert blocked.json()["error"]["type"] == "rate_limit_exceeded"
