@@ -58,12 +58,19 @@ def serve(config):
     app = llimit.make_app(config)
     server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4,
                                     asyncore_use_poll=True)
-    thread = threading.Thread(target=server.run, daemon=True)
+    stopping = threading.Event()
+
+    def run():  # waitress's loop in 50 ms slices; it closes its sockets itself at the end
+        while not stopping.is_set():
+            waitress.wasyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
+        waitress.wasyncore.close_all(server._map)
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
 
     def stop():
         server.task_dispatcher.shutdown(timeout=2)
-        server.trigger.pull_trigger(lambda: waitress.wasyncore.close_all(server._map))
+        stopping.set()
         thread.join(10)
         app.llimit.close()
 

@@ -45,10 +45,21 @@ class LlimitServer:
         self.server = waitress.create_server(self.app, host="127.0.0.1", port=0,
                                              threads=config.threads, asyncore_use_poll=True)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self._stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
         self.admin = requests.Session()
         self.admin.headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
+
+    def _serve(self):
+        # waitress's loop in slices of at most 50 ms, so that it sees stop() soon and
+        # closes every socket itself: nothing is closed under its poll, and no other
+        # thread writes to its trigger (a thunk that closed the trigger could run, on
+        # a wake-up already pending, before pull_trigger had written to it).
+        while not self._stopping.is_set():
+            waitress.wasyncore.loop(timeout=0.05, map=self.server._map, use_poll=True,
+                                    count=1)
+        waitress.wasyncore.close_all(self.server._map)
 
     def create_key(self, user="alice", project="default", **fields):
         """A fresh key: (raw key, key id)."""
@@ -74,14 +85,9 @@ class LlimitServer:
     def stop(self):
         """Stop serving and close llimit (its usage writer included); safe to call twice."""
         self.server.task_dispatcher.shutdown(timeout=2)
-        if self.thread.is_alive():
-            # Closed from inside waitress's loop, which the trigger wakes at once, the
-            # loop ends now; closed from here, it would first sit out its poll
-            # interval (a second), on every test.
-            self.server.trigger.pull_trigger(
-                lambda: waitress.wasyncore.close_all(self.server._map))
-            self.thread.join(10)
-            assert not self.thread.is_alive(), "waitress's loop did not stop"
+        self._stopping.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "waitress's loop did not stop"
         self.state.close()
 
 
