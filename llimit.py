@@ -9,7 +9,8 @@ budgets, quotas and rate limits per project, user and key.
 Run it with ``python llimit.py`` (the same as ``python llimit.py serve``): it
 serves on 127.0.0.1:8000 with ./llimit.db. Every setting is an environment
 variable ``LLIMIT_*`` with a matching flag (``python llimit.py serve --help``);
-README.md documents them all, and the public surface is in CONTRACT.md.
+README.md documents them all and the public surface (the proxy, keys, limits, the
+admin API, the pages and the CLI), with detail in docs/.
 
 Prompts and completions pass through; they are never stored or logged.
 """
@@ -22,9 +23,12 @@ import collections
 import csv
 import dataclasses
 import datetime as dt
+import decimal
+import fnmatch
 import functools
 import hashlib
 import hmac
+import html
 import io
 import ipaddress
 import json
@@ -36,6 +40,7 @@ import queue
 import re
 import secrets
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -47,6 +52,9 @@ import requests
 import urllib3
 import sseclient
 import waitress
+import waitress.channel
+import waitress.parser
+import waitress.utilities
 import waitress.wasyncore
 
 log = logging.getLogger("llimit")
@@ -72,6 +80,76 @@ class LlimitError(Exception):
         """The OpenAI-shaped JSON error object."""
         return {"error": {"message": self.message, "type": self.error_type,
                           "param": None, "code": self.code}}
+
+    def anthropic_body(self):
+        """The same error in Anthropic's shape, for Anthropic's clients."""
+        return {"type": "error", "error": {
+            "type": ANTHROPIC_ERROR_TYPES.get(self.status, "api_error"),
+            "message": self.message}}
+
+
+# compat: the Anthropic SDKs read error.type; the statuses stay llimit's own.
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         403: "permission_error", 404: "not_found_error",
+                         405: "invalid_request_error", 413: "request_too_large",
+                         429: "rate_limit_error", 500: "api_error", 502: "api_error",
+                         503: "overloaded_error", 504: "api_error", 529: "overloaded_error"}
+
+
+# Also ahead of the sections, since sections 3, 4 and 6 validate admin input
+# with it and section 11 shows the same rules as the OpenAPI spec: each field's
+# rule is written once, as JSON schema, so a client that keeps to the spec is
+# never refused and the validators cannot drift from what the spec says.
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One field of admin input: its JSON-schema rule and what a 400 says when it is broken."""
+    schema: dict
+    problem: str
+
+
+def check_input(data, fields, what):
+    """Raise 400 unless `data` is an object whose every field is known and keeps to its rule."""
+    if not isinstance(data, dict):
+        raise LlimitError(400, "invalid_request_error", "expected a JSON object")
+    for name, value in data.items():
+        field = fields.get(name)
+        if field is None:
+            raise _field_error(name, f"is not a {what} field")
+        if not keeps_to(value, field.schema):
+            raise _field_error(name, field.problem)
+
+
+def keeps_to(value, schema):
+    """Whether a JSON value keeps to a schema of the subset llimit's spec uses."""
+    if value is None:
+        return bool(schema.get("nullable"))
+    if "enum" in schema and value not in schema["enum"]:
+        return False
+    kind = schema.get("type")
+    if kind == "string":
+        pattern = schema.get("pattern")
+        return (isinstance(value, str)
+                and schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
+                and (pattern is None or re.fullmatch(pattern, value) is not None))
+    if kind == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            return False
+        low = schema.get("minimum", -math.inf)
+        return (value > low if schema.get("exclusiveMinimum") else value >= low) \
+            and value <= schema.get("maximum", math.inf)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "array":
+        return isinstance(value, list) and all(keeps_to(item, schema["items"]) for item in value)
+    if kind == "object":
+        values = schema.get("additionalProperties")
+        return isinstance(value, dict) and (not isinstance(values, dict) or all(
+            keeps_to(item, values) for item in value.values()))
+    return True
+def _field_error(field, problem):
+    return LlimitError(400, "invalid_request_error", f"{field} {problem}",
+                       code="invalid_" + field if field.isidentifier() else "invalid_field")
 
 
 # =============================================================================
@@ -114,13 +192,16 @@ SETTINGS = [
     ("grace_seconds", "LLIMIT_GRACE_SECONDS", None, 30.0, float,
      "on SIGTERM, how long open streams may finish"),
     ("commit_wait_seconds", "LLIMIT_COMMIT_WAIT_SECONDS", None, 10.0, float,
-     "how long an answer's last bytes wait for its usage row to commit"),
+     "how long an answer waits for its usage row to commit before it becomes a 503"),
     ("writer_close_seconds", "LLIMIT_WRITER_CLOSE_SECONDS", None, 30.0, float,
      "at shutdown, how long to wait for the usage writer to commit what is queued"),
     ("metrics_token", "LLIMIT_METRICS_TOKEN", None, None, str,
      "Bearer token /metrics asks for; open when unset"),
     ("user_headers", "LLIMIT_USER_HEADERS", None, (), _csv_list,
      "further headers naming the end user of a project key"),
+    ("user_domains", "LLIMIT_USER_DOMAINS", None, (), _csv_list,
+     "e-mail domains whose addresses name a user by their local part"
+     " (default: LLIMIT_OIDC_ALLOWED_DOMAINS)"),
     ("max_body_bytes", "LLIMIT_MAX_BODY_BYTES", None, 32 * 1024 * 1024, int,
      "largest request body accepted (413 above)"),
     ("upstream_timeout", "LLIMIT_UPSTREAM_TIMEOUT", None, 600.0, float,
@@ -128,7 +209,13 @@ SETTINGS = [
     ("connect_timeout", "LLIMIT_CONNECT_TIMEOUT", None, 10.0, float,
      "seconds to wait for an upstream connection"),
     ("default_max_tokens", "LLIMIT_DEFAULT_MAX_TOKENS", None, 4096, int,
-     "output tokens reserved for a call that sets no max_tokens"),
+     "output tokens reserved for a call that sets no max_tokens, when its model's"
+     " max_output_tokens is not in pricing.json"),
+    ("default_max_input_tokens", "LLIMIT_DEFAULT_MAX_INPUT_TOKENS", None, 200000, int,
+     "input tokens reserved for a call whose prompt lives upstream (previous_response_id,"
+     " files, image URLs...), when its model's max_input_tokens is not in pricing.json"),
+    ("async_sweep_seconds", "LLIMIT_ASYNC_SWEEP_SECONDS", None, 300.0, float,
+     "how often unpolled batches and background responses are checked, to charge them"),
     ("drain_seconds", "LLIMIT_DRAIN_SECONDS", None, 0.0, float,
      "after a client leaves mid-stream, keep reading the upstream this long for exact usage"),
     ("alert_webhook", "LLIMIT_ALERT_WEBHOOK", None, None, str,
@@ -146,71 +233,67 @@ SETTINGS = [
      "e-mail domains allowed to sign in with OIDC"),
     ("reports_public", "LLIMIT_REPORTS_PUBLIC", None, False, _bool,
      "open /reports to every signed-in user"),
+    ("upstream_env_pattern", "LLIMIT_UPSTREAM_ENV_PATTERN", None, "LLIMIT_UPSTREAM_KEY_*", str,
+     "environment variables a project's upstream_key may name as env:NAME (fnmatch)"),
+    ("max_concurrent_per_key", "LLIMIT_MAX_CONCURRENT_PER_KEY", None, 16, int,
+     "calls one key may have under way at once (429 above)"),
+    ("max_concurrent_per_user", "LLIMIT_MAX_CONCURRENT_PER_USER", None, 16, int,
+     "calls one user may have under way at once, over all their keys (429 above)"),
+    ("max_connections", "LLIMIT_MAX_CONNECTIONS", None, 1000, int,
+     "open client connections; past it the longest idle one is closed"),
     ("log_format", "LLIMIT_LOG_FORMAT", None, "text", str, "text or json"),
     ("log_level", "LLIMIT_LOG_LEVEL", None, "INFO", str, "logging level"),
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Every setting of one llimit process; built once by `load_config`."""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    db_path: str = "./llimit.db"
-    threads: int = 64
-    admin_token: str | None = dataclasses.field(default=None, repr=False)
-    upstream_url: str = "https://api.openai.com/v1"
-    upstream_key: str | None = dataclasses.field(default=None, repr=False)
-    upstream_api_version: str | None = None
-    pricing_path: str = os.path.join(HERE, "pricing.json")
-    auth: str = "open"
-    public_url: str | None = None
-    chartjs: str | None = None
-    grace_seconds: float = 30.0
-    commit_wait_seconds: float = 10.0
-    writer_close_seconds: float = 30.0
-    metrics_token: str | None = dataclasses.field(default=None, repr=False)
-    user_headers: tuple = ()
-    max_body_bytes: int = 32 * 1024 * 1024
-    upstream_timeout: float = 600.0
-    connect_timeout: float = 10.0
-    default_max_tokens: int = 4096
-    drain_seconds: float = 0.0
-    alert_webhook: str | None = None
-    admin_users: tuple = ()
-    auth_header: str = "X-Forwarded-Email"
-    trusted_proxies: tuple = ("127.0.0.1", "::1")
-    oidc_issuer: str | None = None
-    oidc_client_id: str | None = None
-    oidc_client_secret: str | None = dataclasses.field(default=None, repr=False)
-    oidc_allowed_domains: tuple = ()
-    reports_public: bool = False
-    log_format: str = "text"
-    log_level: str = "INFO"
-    clock: object = time.time  # seconds since the epoch; tests pass their own
+SETTING_FLAG_FIELDS = {field: flag for field, _env, flag, *_ in SETTINGS if flag}
 
-    @property
-    def base_url(self):
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+SECRET_SETTINGS = frozenset(("admin_token", "upstream_key", "metrics_token",
+                             "oidc_client_secret"))
 
 
-def config_flags():
-    """An argparse parent parser holding every setting that has a flag."""
-    parser = argparse.ArgumentParser(add_help=False)
+def _base_url(config):
+    return (config.public_url or f"http://{config.host}:{config.port}").rstrip("/")
+
+
+# Every setting of one llimit process, with its default from SETTINGS (written
+# once, there); `clock` gives seconds since the epoch, and tests pass their own.
+Config = dataclasses.make_dataclass(
+    "Config",
+    [(field, object, dataclasses.field(default=default, repr=field not in SECRET_SETTINGS))
+     for field, _env, _flag, default, _parse, _help in SETTINGS]
+    + [("clock", object, dataclasses.field(default=time.time))],
+    frozen=True,
+    namespace={"__doc__": "Every setting of one llimit process; built once by `load_config`.",
+               "base_url": property(_base_url)})
+
+
+def config_flags(fields=None):
+    """An argparse parent parser holding the settings that have a flag (or those in `fields`).
+
+    A flag not given is absent from the parsed namespace (SUPPRESS), so the same flag
+    may stand before a subcommand or after it without one overwriting the other.
+    """
+    parser = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     for field, env, flag, default, parse, help_text in SETTINGS:
-        if flag:
-            parser.add_argument(flag, dest=field, default=None,
+        if flag and (fields is None or field in fields):
+            parser.add_argument(flag, dest=field,
                                 help=f"{help_text} (${env}, default {default})")
     return parser
 
 
 def load_config(argv=(), environ=None):
     """Build the Config from flags (which win) and LLIMIT_* variables."""
-    environ = os.environ if environ is None else environ
     flags, _ = config_flags().parse_known_args(list(argv))
+    return config_from_flags(vars(flags), environ)
+
+
+def config_from_flags(flags, environ=None):
+    """Build the Config from parsed flag values ({field: text}) and LLIMIT_* variables."""
+    environ = os.environ if environ is None else environ
     values = {}
     for field, env, flag, default, parse, _help in SETTINGS:
-        raw = getattr(flags, field, None) if flag else None
+        raw = flags.get(field) if flag else None
         if raw is None:
             raw = environ.get(env)
         if raw is None or raw == "":
@@ -274,6 +357,9 @@ def is_https_or_loopback(url):
 # =============================================================================
 
 BUSY_TIMEOUT_MS = 5000
+# What other sections catch when the database fails, so none of them names the engine.
+DatabaseError = sqlite3.Error                 # any failure of the database
+DatabaseUnavailable = sqlite3.OperationalError  # locked, busy, or gone: try again later
 
 MIGRATIONS = [
     ("0001 keys, projects, prices and usage", """
@@ -450,6 +536,57 @@ create trigger api_keys_deleted after delete on api_keys
 begin update config_version set version = version + 1; end;
 commit;
 """),
+    ("0005 route policy: async projects and owned objects", """
+begin;
+alter table projects add column allow_async integer not null default 0;
+-- Objects (files, batches, stored responses...) made through llimit: the
+-- upstream knows one account, so llimit keeps whose each one is. An async
+-- object (a batch, a background response) is charged once, when its final
+-- usage is known: charged_ms is set in the transaction that stores the charge.
+create table owned_objects (
+    object_id text primary key,
+    kind text not null,
+    project_id text not null,
+    owner text not null,            -- 'u:<user>', or 'k:<key id>' for a key with no user
+    key_id text not null,
+    user_name text,                 -- whom a charge is attributed to
+    created_ms integer not null,
+    async integer not null default 0,
+    charged_ms integer
+) without rowid;
+commit;
+"""),
+    ("0006 admin session token", """
+begin;
+-- A session signed in with the admin token ends when the token changes: it
+-- keeps a fingerprint of the token's hash it was signed in with. Null (older
+-- rows, user sessions): an admin-token session made before this is signed out.
+alter table sessions add column admin_token_fingerprint text;
+commit;
+"""),
+    ("0007 async jobs not yet charged", """
+begin;
+-- The async sweeper asks the upstream about these; the index holds only them.
+create index owned_objects_unsettled on owned_objects (created_ms)
+    where async = 1 and charged_ms is null;
+commit;
+"""),
+    ("0008 a cap on each user's personal keys per project", """
+begin;
+-- How many active personal keys a user may hold in a project through the
+-- keys page, so that limits on `each: key` do not multiply; null: no cap
+-- (every project before this migration).
+alter table projects add column max_keys_per_user integer;
+commit;
+"""),
+    ("0009 what a call is billed by beyond tokens", """
+begin;
+-- JSON of images, audio seconds, characters, tool uses, 1-hour cache writes
+-- and service tier (Usage.units), so a reprice costs them again; null: tokens
+-- only (every event before this migration).
+alter table usage_events add column units text;
+commit;
+"""),
 ]
 
 
@@ -463,6 +600,11 @@ def connect(path):
     db.execute("pragma synchronous = normal")
     db.execute("pragma foreign_keys = on")
     return db
+
+
+def database_exists(path):
+    """Whether the database `path` names is there already (connecting would create it)."""
+    return os.path.exists(path)
 
 
 class Database:
@@ -486,12 +628,33 @@ class transaction:
         self.db = db
 
     def __enter__(self):
-        self.db.execute("begin immediate")
+        begin_write(self.db)
         return self.db
 
     def __exit__(self, exc_type, exc, tb):
-        self.db.execute("rollback" if exc_type else "commit")
+        (rollback if exc_type else commit)(self.db)
         return False
+
+
+def begin_write(db):
+    """Start a write transaction now (BEGIN IMMEDIATE), not at its first write."""
+    db.execute("begin immediate")
+
+
+def commit(db):
+    """Commit the open transaction."""
+    db.execute("commit")
+
+
+def rollback(db):
+    """Roll back the open transaction, if there is one."""
+    if db.in_transaction:
+        db.execute("rollback")
+
+
+def ping(db):
+    """Raise unless the database answers a query."""
+    db.execute("select 1 from settings limit 1").fetchone()
 
 
 def migrate(db):
@@ -517,6 +680,41 @@ def _sql_quote(text):
     return "'" + text.replace("'", "''") + "'"
 
 
+# --- running totals' subjects ------------------------------------------------------
+# usage_counters.subject says whose running total a row is: all usage, one
+# project, user or key, or one user within one project. This codec is the only
+# place that knows how a subject is spelled.
+
+SUBJECT_ALL = "*"
+SUBJECT_PREFIXES = {"project": "p:", "user": "u:", "key": "k:", "project_user": "pu:"}
+SUBJECT_SEPARATOR = "\x1f"  # between a project and a user: no name holds it
+SUBJECT_COLUMNS = {"project": ("project_id",), "user": ("user_name",), "key": ("key_id",),
+                   "project_user": ("project_id", "user_name")}
+
+
+def subject_of(kind, name, user_name=None):
+    """The subject of a project, user or key `name`, or of `user_name` within project `name`."""
+    if kind == "project_user":
+        return SUBJECT_PREFIXES[kind] + name + SUBJECT_SEPARATOR + user_name
+    return SUBJECT_PREFIXES[kind] + name
+
+
+def subject_members(kind, project_id=None):
+    """The prefix shared by every subject of a kind (of one project's users for project_user)."""
+    if kind == "project_user":
+        return SUBJECT_PREFIXES[kind] + project_id + SUBJECT_SEPARATOR
+    return SUBJECT_PREFIXES[kind]
+
+
+def parse_subject(subject):
+    """(kind, names) of a subject: ("all", ()), ("key", (id,)), ("project_user", (p, u))."""
+    if subject == SUBJECT_ALL:
+        return "all", ()
+    prefix, _, name = subject.partition(":")
+    kind = next(k for k, p in SUBJECT_PREFIXES.items() if p == prefix + ":")
+    return kind, tuple(name.split(SUBJECT_SEPARATOR)) if kind == "project_user" else (name,)
+
+
 # --- settings -----------------------------------------------------------------
 
 def get_setting(db, name):
@@ -534,7 +732,8 @@ def set_setting(db, name, value):
 # --- projects -------------------------------------------------------------------
 
 PROJECT_COLUMNS = ("id", "name", "upstream_kind", "upstream_url", "upstream_key",
-                   "api_version", "allow_user_keys", "limit_message", "model_map", "created_at")
+                   "api_version", "allow_user_keys", "allow_async", "limit_message",
+                   "model_map", "max_keys_per_user", "created_at")
 
 
 def get_project(db, project_id):
@@ -550,9 +749,10 @@ def list_projects(db):
 def insert_project(db, project):
     """Insert a project from a dict holding every PROJECT_COLUMNS field."""
     db.execute("insert into projects (id, name, upstream_kind, upstream_url, upstream_key,"
-               " api_version, allow_user_keys, limit_message, model_map, created_at)"
-               " values (:id, :name, :upstream_kind, :upstream_url, :upstream_key,"
-               " :api_version, :allow_user_keys, :limit_message, :model_map, :created_at)",
+               " api_version, allow_user_keys, allow_async, limit_message, model_map,"
+               " max_keys_per_user, created_at) values (:id, :name, :upstream_kind,"
+               " :upstream_url, :upstream_key, :api_version, :allow_user_keys, :allow_async,"
+               " :limit_message, :model_map, :max_keys_per_user, :created_at)",
                project)
 
 
@@ -561,8 +761,9 @@ def update_project(db, project):
     db.execute("update projects set name = :name, upstream_kind = :upstream_kind,"
                " upstream_url = :upstream_url, upstream_key = :upstream_key,"
                " api_version = :api_version, allow_user_keys = :allow_user_keys,"
-               " limit_message = :limit_message, model_map = :model_map where id = :id",
-               project)
+               " allow_async = :allow_async, limit_message = :limit_message,"
+               " model_map = :model_map, max_keys_per_user = :max_keys_per_user"
+               " where id = :id", project)
 
 
 def delete_project(db, project_id, revoked_at):
@@ -574,6 +775,14 @@ def delete_project(db, project_id, revoked_at):
 
 
 # --- keys -----------------------------------------------------------------------
+
+def count_active_user_keys(db, user_name, project_id, now_iso):
+    """How many unrevoked, unexpired keys a user holds in a project."""
+    return db.execute(
+        "select count(*) from api_keys where user_name = ? and project_id = ?"
+        " and revoked_at is null and (expires_at is null or expires_at > ?)",
+        (user_name, project_id, now_iso)).fetchone()[0]
+
 
 def config_version(db):
     """The number 0004's triggers move with every change to keys, projects and limits."""
@@ -590,6 +799,7 @@ def get_key_by_hash(db, key_hash):
         "select k.id, k.key_hash, k.masked_key, k.project_id, k.user_name, k.models,"
         " k.expires_at, k.revoked_at, p.id as project_exists, p.upstream_kind,"
         " p.upstream_url, p.upstream_key, p.api_version, p.limit_message, p.model_map,"
+        " p.allow_async,"
         " (select version from config_version) as config_version"
         " from api_keys k left join projects p on p.id = k.project_id"
         " where k.key_hash = ?", (key_hash,)).fetchone()
@@ -636,8 +846,9 @@ def key_spend(db, key_ids):
         return {}
     rows = db.execute(
         "select subject, requests, cost_nusd from usage_counters where day = 'total'"
-        " and subject in (select 'k:' || value from json_each(?))", (json.dumps(key_ids),))
-    return {row[0][2:]: (row[1], row[2]) for row in rows}
+        " and subject in (select ? || value from json_each(?))",
+        (SUBJECT_PREFIXES["key"], json.dumps(key_ids)))
+    return {parse_subject(row[0])[1][0]: (row[1], row[2]) for row in rows}
 
 
 # --- prices ---------------------------------------------------------------------
@@ -668,18 +879,55 @@ def get_price_snapshot_id(db, model, prices):
 
 
 def list_seen_models(db):
-    """Every model name that usage has been recorded for."""
+    """Every model name that billable usage has been recorded for.
+
+    Calls that cost nothing (look-ups, refusals by the upstream) store no
+    tokens and a cost of 0, so they do not make a model look unpriced.
+    """
     return [row[0] for row in db.execute(
-        "select distinct model from usage_daily where model != '' order by model")]
+        "select model from usage_daily where model != '' group by model"
+        " having sum(prompt_tokens + completion_tokens) > 0 or sum(cost_nusd) > 0"
+        " or sum(unpriced) > 0 order by model")]
 
 
 # --- usage ----------------------------------------------------------------------
+
+# A limit's metric -> the Totals field that counts it.
+METRIC_FIELDS = {"requests": "requests", "tokens": "tokens", "usd": "cost_nusd"}
+
+
+@dataclasses.dataclass(slots=True)
+class Totals:
+    """Requests, tokens (prompt + completion) and cost in nano-dollars of some usage."""
+    requests: int = 0
+    tokens: int = 0
+    cost_nusd: int = 0
+
+    def metric(self, name):
+        """The count a limit of metric `name` (usd, tokens, requests) reads."""
+        return getattr(self, METRIC_FIELDS[name])
+
+    def add(self, other):
+        """Add another Totals into this one."""
+        self.requests += other.requests
+        self.tokens += other.tokens
+        self.cost_nusd += other.cost_nusd
+
+    def subtract(self, other):
+        """Take another Totals out of this one."""
+        self.requests -= other.requests
+        self.tokens -= other.tokens
+        self.cost_nusd -= other.cost_nusd
+
+    def __bool__(self):
+        return bool(self.requests or self.tokens or self.cost_nusd)
+
 
 INSERT_USAGE_EVENT_SQL = (
     "insert into usage_events (created_ms, key_id, user_name, project_id, model, endpoint,"
     " status_code, stream, prompt_tokens, cached_tokens, cache_write_tokens,"
     " completion_tokens, reasoning_tokens, cost_nusd, price_id, pricing, latency_ms,"
-    " overhead_ms) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    " overhead_ms, units) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 UPSERT_USAGE_DAILY_SQL = (
     "insert into usage_daily (day, project_id, user_name, key_id, model, requests,"
@@ -714,7 +962,8 @@ def insert_usage_events(db, events, price_ids):
             event.endpoint, event.status_code, int(event.stream), event.prompt_tokens,
             event.cached_tokens, event.cache_write_tokens, event.completion_tokens,
             event.reasoning_tokens, event.cost_nusd, price_id, event.pricing,
-            round(event.latency_ms, 2), round(event.overhead_ms, 3)))
+            round(event.latency_ms, 2), round(event.overhead_ms, 3),
+            json.dumps(event.units, sort_keys=True) if event.units else None))
         daily_rows.append((
             day, event.project_id or "", event.user_name or "", event.key_id or "",
             event.model or "", event.prompt_tokens, event.cached_tokens,
@@ -732,13 +981,53 @@ def insert_usage_events(db, events, price_ids):
                    [(used_at, key_id) for key_id, used_at in key_touches.items()])
 
 
+def insert_owned_objects(db, rows):
+    """Record objects made through llimit (a row for an id known already is ignored).
+
+    The caller holds the transaction; rows are dicts of owned_objects' columns.
+    """
+    db.executemany(
+        "insert or ignore into owned_objects (object_id, kind, project_id, owner, key_id,"
+        " user_name, created_ms, async) values (:object_id, :kind, :project_id, :owner,"
+        " :key_id, :user_name, :created_ms, :async)", rows)
+
+
+def get_owned_object(db, object_id):
+    """The owned_objects row of an id, or None (one primary-key look-up)."""
+    return db.execute("select * from owned_objects where object_id = ?",
+                      (object_id,)).fetchone()
+
+
+def owned_ids(db, project_id, owner, object_ids):
+    """The subset of `object_ids` that `owner` owns in a project."""
+    if not object_ids:
+        return set()
+    return {row[0] for row in db.execute(
+        "select object_id from owned_objects where object_id in"
+        " (select value from json_each(?)) and project_id = ? and owner = ?",
+        (json.dumps(list(object_ids)), project_id, owner))}
+
+
+def list_unsettled_async_objects(db, created_after_ms, limit=1000):
+    """Async objects (batches, background responses) made since a time and not yet charged."""
+    return db.execute("select * from owned_objects where async = 1 and charged_ms is null"
+                      " and created_ms > ? order by created_ms limit ?",
+                      (created_after_ms, limit)).fetchall()
+
+
+def claim_object_charge(db, object_id, charged_ms):
+    """Mark an async object charged; False if it was already (the caller holds the transaction)."""
+    return db.execute("update owned_objects set charged_ms = ? where object_id = ?"
+                      " and charged_ms is null", (charged_ms, object_id)).rowcount == 1
+
+
 def get_counter(db, subject, first_day, last_day):
-    """(requests, tokens, cost_nusd) of a subject summed over days first..last."""
+    """Totals of a subject summed over days first..last."""
     row = db.execute(
         "select coalesce(sum(requests), 0), coalesce(sum(tokens), 0),"
         " coalesce(sum(cost_nusd), 0) from usage_counters"
         " where subject = ? and day >= ? and day <= ?", (subject, first_day, last_day)).fetchone()
-    return [row[0], row[1], row[2]]
+    return Totals(row[0], row[1], row[2])
 
 
 def get_counter_max_member(db, subject_prefix, first_day, last_day, column):
@@ -754,31 +1043,24 @@ def get_counter_max_member(db, subject_prefix, first_day, last_day, column):
     return row[0] or 0
 
 
-SUBJECT_COLUMNS = {"p": ("project_id",), "u": ("user_name",), "k": ("key_id",),
-                   "pu": ("project_id", "user_name")}
-
-
 def get_events_total(db, subject, start_ms, end_ms):
-    """(requests, tokens, cost_nusd) of a subject's usage events in [start_ms, end_ms).
+    """Totals of a subject's usage events in [start_ms, end_ms).
 
     For minute windows, which have no rollup: a minute holds few events, and
     the created_ms index finds them.
     """
-    where, values = "", ()
-    if subject != "*":
-        kind, _, name = subject.partition(":")
-        values = tuple(name.split(SUBJECT_SEPARATOR)) if kind == "pu" else (name,)
-        where = "".join(f" and {column} = ?" for column in SUBJECT_COLUMNS[kind])
+    kind, values = parse_subject(subject)
+    where = "".join(f" and {column} = ?" for column in SUBJECT_COLUMNS.get(kind, ()))
     row = db.execute(
         "select count(*), coalesce(sum(prompt_tokens + completion_tokens), 0),"
         " coalesce(sum(cost_nusd), 0) from usage_events"
         " where created_ms >= ? and created_ms < ?" + where,
         (start_ms, end_ms, *values)).fetchone()
-    return [row[0], row[1], row[2]]
+    return Totals(row[0], row[1], row[2])
 
 
 def get_lifetime_total(db, subject):
-    """(requests, tokens, cost_nusd) a subject has used since it first appeared."""
+    """Totals a subject has used since it first appeared."""
     return get_counter(db, subject, "total", "total")
 
 
@@ -817,10 +1099,11 @@ def usage_by_day_and_group(db, group_by, start_day, end_day):
 
 def list_user_totals(db):
     """(user_name, requests, tokens, cost_nusd) of every user ever metered, by lifetime cost."""
-    return [(row[0][2:], row[1], row[2], row[3]) for row in db.execute(
+    prefix = subject_members("user")
+    return [(parse_subject(row[0])[1][0], row[1], row[2], row[3]) for row in db.execute(
         "select subject, requests, tokens, cost_nusd from usage_counters"
-        " where day = 'total' and subject >= 'u:' and subject < 'u;'"
-        " order by cost_nusd desc, subject")]
+        " where day = 'total' and subject >= ? and subject < ?"
+        " order by cost_nusd desc, subject", (prefix, prefix + "\uffff"))]
 
 
 def iter_usage_daily(db, start_day, end_day):
@@ -864,17 +1147,93 @@ def rebuild_rollups(db):
         " sum(cache_write_tokens), sum(completion_tokens), coalesce(sum(cost_nusd), 0),"
         " sum(cost_nusd is null) from usage_events group by 1, 2, 3, 4, 5")
     db.execute("delete from usage_counters")
-    for subject_sql in (
-            "'*'", "'p:' || project_id", "'k:' || key_id", "'u:' || user_name",
-            "'pu:' || project_id || char(31) || user_name"):
+    prefix = SUBJECT_PREFIXES
+    for subject_sql, parts in (
+            ("?", (SUBJECT_ALL,)), ("? || project_id", (prefix["project"],)),
+            ("? || key_id", (prefix["key"],)), ("? || user_name", (prefix["user"],)),
+            ("? || project_id || ? || user_name", (prefix["project_user"], SUBJECT_SEPARATOR))):
         # subject_sql is one of the constant expressions above, never user input.
         db.execute(
             f"insert into usage_counters select {subject_sql} as subject,"
             " strftime('%Y-%m-%d', created_ms / 1000, 'unixepoch') as d, count(*),"
             " sum(prompt_tokens + completion_tokens), coalesce(sum(cost_nusd), 0)"
-            f" from usage_events where {subject_sql} is not null group by subject, d")
+            f" from usage_events where {subject_sql} is not null group by subject, d",
+            parts + parts)
     db.execute("insert into usage_counters select subject, 'total', sum(requests), sum(tokens),"
                " sum(cost_nusd) from usage_counters group by subject")
+
+
+# --- user names under the Identity rule ------------------------------------------
+
+def list_stored_user_names(db):
+    """Every user name stored: of keys, limits, sessions and running totals.
+
+    Each metered user has a lifetime running total, so this reads small tables
+    only, never the usage events.
+    """
+    names = set()
+    for sql in ("select distinct user_name from api_keys where user_name is not null",
+                "select distinct target from limits where scope = 'user'",
+                "select distinct user_name from sessions where user_name is not null"):
+        names.update(row[0] for row in db.execute(sql))
+    for subject in _user_subjects(db):
+        names.add(parse_subject(subject)[1][-1])
+    return names
+
+
+def _user_subjects(db):
+    return [row[0] for row in db.execute(
+        "select subject from usage_counters where day = 'total' and"
+        " ((subject >= ? and subject < ?) or (subject >= ? and subject < ?))",
+        (SUBJECT_PREFIXES["user"], SUBJECT_PREFIXES["user"] + "\uffff",
+         SUBJECT_PREFIXES["project_user"], SUBJECT_PREFIXES["project_user"] + "\uffff"))]
+
+
+def rename_users(db, renames):
+    """Rewrite user names {old: new} in every table; rows that meet are summed, none lost.
+
+    The caller holds the transaction. Usage events keep their rows; daily
+    rollups and running totals of an old name are added into the new one's.
+    """
+    db.execute("create temp table if not exists user_renames"
+               " (old text primary key, new text not null)")
+    db.execute("delete from user_renames")
+    db.executemany("insert into user_renames values (?, ?)", renames.items())
+    renamed = "(select new from user_renames where old = {0})"
+    for table, column, extra in (("api_keys", "user_name", ""), ("usage_events", "user_name", ""),
+                                 ("sessions", "user_name", ""),
+                                 ("limits", "target", " and scope = 'user'")):
+        # table and column are the constants above, never input.
+        db.execute(f"update {table} set {column} = {renamed.format(column)}"
+                   f" where {column} in (select old from user_renames){extra}")
+    db.execute(
+        "insert into usage_daily select d.day, d.project_id, r.new, d.key_id, d.model,"
+        " d.requests, d.prompt_tokens, d.cached_tokens, d.cache_write_tokens,"
+        " d.completion_tokens, d.cost_nusd, d.unpriced"
+        " from usage_daily d join user_renames r on r.old = d.user_name where true"
+        " on conflict (day, project_id, user_name, key_id, model) do update set"
+        " requests = requests + excluded.requests,"
+        " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+        " cached_tokens = cached_tokens + excluded.cached_tokens,"
+        " cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,"
+        " completion_tokens = completion_tokens + excluded.completion_tokens,"
+        " cost_nusd = cost_nusd + excluded.cost_nusd, unpriced = unpriced + excluded.unpriced")
+    db.execute("delete from usage_daily where user_name in (select old from user_renames)")
+    subject_renames = []
+    for subject in _user_subjects(db):
+        kind, names = parse_subject(subject)
+        if names[-1] in renames:
+            subject_renames.append((subject, subject_of(kind, *names[:-1], renames[names[-1]])
+                                    if kind == "project_user"
+                                    else subject_of(kind, renames[names[-1]])))
+    for old, new in subject_renames:
+        db.execute(
+            "insert into usage_counters select ?, day, requests, tokens, cost_nusd"
+            " from usage_counters where subject = ? on conflict (subject, day) do update set"
+            " requests = requests + excluded.requests, tokens = tokens + excluded.tokens,"
+            " cost_nusd = cost_nusd + excluded.cost_nusd", (new, old))
+        db.execute("delete from usage_counters where subject = ?", (old,))
+    db.execute("delete from user_renames")
 
 
 # --- limits and alerts ------------------------------------------------------------
@@ -935,8 +1294,9 @@ def mark_alert_delivered(db, alert, delivered_at):
 def insert_session(db, session):
     """Store a new session from a dict."""
     db.execute("insert into sessions (id_hash, user_name, is_admin, csrf_token, pending,"
-               " created_at, expires_at) values (:id_hash, :user_name, :is_admin,"
-               " :csrf_token, :pending, :created_at, :expires_at)", session)
+               " created_at, expires_at, admin_token_fingerprint) values (:id_hash, :user_name,"
+               " :is_admin, :csrf_token, :pending, :created_at, :expires_at,"
+               " :admin_token_fingerprint)", session)
 
 
 def get_session(db, id_hash, now_iso):
@@ -981,30 +1341,106 @@ def utc_iso(seconds):
 # (-2024-08-06, -20250929), old OpenAI -0613, Vertex -001, and -latest.
 DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|\d{3}|latest)$")
 PRICE_FIELDS = ("input", "cached_input", "output", "cache_write")
+# Beyond token prices, an entry of pricing.json may say (see docs/pricing-sources.md):
+# what a fine-tuned model of it costs, the most it reads and writes per call
+# (which bound a call's reservation), and prices of things other than tokens.
+SIZE_FIELDS = ("max_input_tokens", "max_output_tokens")
+FINE_TUNED_FIELD = "fine_tuned"
+UNIT_PRICE_FIELDS = {               # field: what one unit of it is
+    "cache_write_1h": "USD per 1M tokens written to a 1-hour cache (default 2x input)",
+    "images": 'USD per image by "quality/size" or "size", e.g. {"hd/1024x1792": 0.12}',
+    "per_minute": "USD per minute of audio transcribed or translated",
+    "per_1m_characters": "USD per 1M characters of text spoken",
+    "per_1k_requests": 'USD per 1,000 server-side tool uses, e.g. {"web_search": 10}',
+    "long_context": 'above "above_input_tokens" input tokens, the token prices given here',
+    "service_tiers": 'token prices by the service_tier answered, e.g. {"priority": {...}}',
+}
+NON_TOKEN_FIELDS = ("images", "per_minute", "per_1m_characters")  # an entry may price only these
+PRICE_TIERS = {"long_context": ("above_input_tokens", *PRICE_FIELDS, "cache_write_1h"),
+               "service_tiers": (*PRICE_FIELDS, "cache_write_1h")}
+IMAGE_SIZE = re.compile(r"^(?:(?:standard|hd|low|medium|high)/)?(?:\d{2,5}x\d{2,5}|auto)$")
+TOOL_UNITS = ("web_search",)
+FALLBACK_PRICE = "*"   # PUT /admin/pricing/*: the price of every model without its own
+FINE_TUNED_MODEL = re.compile(r"^ft:([^:]+):|^(.+?)\.ft-")  # OpenAI ft:BASE:..., Azure BASE.ft-...
 MAX_PRICE = 1e6  # USD per 1M tokens; far above any real price, and costs stay within int64
 NANO_PER_USD_PER_MTOK = 1000  # 1 token at $1/1M tokens is 1,000 nano-dollars
 
 
+def _unit_price_error(price):
+    def number(value):
+        return (not isinstance(value, bool) and isinstance(value, (int, float))
+                and 0 <= value <= MAX_PRICE)
+
+    for field in ("cache_write_1h", "per_minute", "per_1m_characters"):
+        if field in price and not number(price[field]):
+            return f"{field} must be a number from 0 to {MAX_PRICE:g}"
+    for field, names in (("images", None), ("per_1k_requests", TOOL_UNITS)):
+        table = price.get(field)
+        if table is None:
+            continue
+        if not isinstance(table, dict) or not table:
+            return f"{field} must be an object of prices"
+        for name, value in table.items():
+            if (names is not None and name not in names) or (
+                    names is None and not IMAGE_SIZE.fullmatch(name)):
+                return f"{field}: {name!r} is not a known " + (
+                    "tool" if names else "quality/size such as hd/1024x1792")
+            if not number(value):
+                return f"{field}: {name} must be a number from 0 to {MAX_PRICE:g}"
+    for field, allowed in PRICE_TIERS.items():
+        tiers = price.get(field)
+        if tiers is None:
+            continue
+        for tier in ([tiers] if field == "long_context" else
+                     tiers.values() if isinstance(tiers, dict) else [None]):
+            if not isinstance(tier, dict) or set(tier) - set(allowed) or not all(
+                    number(value) for value in tier.values()):
+                return f"{field} must hold only {', '.join(allowed)}, as numbers"
+        if field == "long_context" and not isinstance(tiers.get("above_input_tokens"), int):
+            return "long_context needs above_input_tokens"
+    return None
+
+
 def load_price_file(path):
     """pricing.json as {model: {field: USD per 1M tokens}}; checks every entry."""
-    with open(path, encoding="utf-8") as handle:
-        table = json.load(handle)
-    if not isinstance(table, dict):
-        raise ValueError(f"{path}: expected an object of model prices")
-    for model, price in table.items():
-        error = validate_price(price)
-        if error:
-            raise ValueError(f"{path}: {model}: {error}")
+    table, errors = check_price_file(path)
+    if errors:
+        raise ValueError(f"{path}: {errors[0]}")
     return table
 
 
-def validate_price(price):
-    """None when a price object is well formed, else what is wrong with it."""
+def check_price_file(path):
+    """(the table, ["model: what is wrong", ...]) of a prices file, every entry checked."""
+    with open(path, encoding="utf-8") as handle:
+        table = json.load(handle)
+    if not isinstance(table, dict):
+        return {}, ["expected an object of model prices"]
+    return table, [f"{model}: {error}" for model, price in table.items()
+                   for error in [validate_price(price)] if error]
+
+
+def validate_price(price, extra_fields=(*SIZE_FIELDS, FINE_TUNED_FIELD, *UNIT_PRICE_FIELDS)):
+    """None when a price object is well formed, else what is wrong with it (the schema)."""
     if not isinstance(price, dict):
         return "a price must be an object"
-    unknown = set(price) - set(PRICE_FIELDS)
+    unknown = set(price) - set(PRICE_FIELDS) - set(extra_fields)
     if unknown:
         return f"unknown price field {sorted(unknown)[0]!r}"
+    error = _unit_price_error(price)
+    if error:
+        return error
+    if "input" not in price and "output" not in price and any(
+            field in price for field in NON_TOKEN_FIELDS):
+        return None  # priced by the image, minute or character only
+    for field in SIZE_FIELDS:
+        value = price.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value <= 0):
+            return f"{field} must be a whole number of tokens above 0"
+    if FINE_TUNED_FIELD in price:
+        error = validate_price(price[FINE_TUNED_FIELD], ())
+        if error:
+            return f"{FINE_TUNED_FIELD}: {error}"
     for field in PRICE_FIELDS:
         value = price.get(field)
         if field in ("input", "output") and value is None:
@@ -1022,32 +1458,60 @@ class Pricebook:
         self.file_prices = dict(file_prices)
         self.overrides = {row["model"]: {f: row[f] for f in PRICE_FIELDS if row[f] is not None}
                           for row in overrides}
+        # An override sets token prices; what the file says beyond them still holds.
+        self._table = {**self.file_prices, **{  # read on every call
+            model: {**{field: value for field, value in self.file_prices.get(model, {}).items()
+                       if field not in PRICE_FIELDS}, **price}
+            for model, price in self.overrides.items()}}
 
     def table(self):
         """{model: price dict} as in force now."""
-        return {**self.file_prices, **self.overrides}
+        return self._table
 
     def resolve(self, model):
         """(name the price is listed under, (input, cached, output, cache_write)) or None.
 
         A dated name such as gpt-4o-2024-08-06 (or gpt-4-0613, gemini-2.0-flash-001)
         falls back to its base name, and a provider prefix (openai/gpt-4o, as
-        OpenRouter reports) to the bare name.
+        OpenRouter reports) to the bare name. A fine-tuned model (ft:gpt-4o-mini:org::id)
+        takes its base model's `fine_tuned` price, never the base price itself. A model
+        with no price of its own takes the fallback price (`*`) when an admin set one.
         """
+        found = self.entry(model)
+        return None if found is None else (found[0], price_usage(found[1], Usage())[0])
+
+    def cost(self, model, usage):
+        """(name, token prices applied, nano-dollars) of a Usage at a model's price; or None."""
+        found = self.entry(model)
+        return None if found is None else (found[0], *price_usage(found[1], usage))
+
+    def entry(self, model):
+        """(name, the pricing.json entry in force) for a model, as `resolve` finds it; or None."""
         if not model:
             return None
         table = self.table()
-        candidates = [model, DATE_SUFFIX.sub("", model)]
-        if "/" in model:
-            bare = model.rsplit("/", 1)[1]
-            candidates += [bare, DATE_SUFFIX.sub("", bare)]
-        for name in candidates:
-            price = table.get(name)
-            if price:
-                base = price["input"]
-                return name, (float(base), float(price.get("cached_input", base)),
-                              float(price["output"]), float(price.get("cache_write", base)))
-        return None
+        fine_tuned = FINE_TUNED_MODEL.match(model)
+        if fine_tuned:
+            base = self.entry(fine_tuned.group(1) or fine_tuned.group(2))
+            if base and base[0] != FALLBACK_PRICE and base[1].get(FINE_TUNED_FIELD):
+                return base[0] + " (fine-tuned)", base[1][FINE_TUNED_FIELD]
+        else:
+            candidates = [model, DATE_SUFFIX.sub("", model)]
+            if "/" in model:
+                bare = model.rsplit("/", 1)[1]
+                candidates += [bare, DATE_SUFFIX.sub("", bare)]
+            for name in candidates:
+                if table.get(name) and name != FALLBACK_PRICE:
+                    return name, table[name]
+        fallback = table.get(FALLBACK_PRICE)
+        return (FALLBACK_PRICE, fallback) if fallback else None
+
+    def sizes(self, model):
+        """(max_input_tokens, max_output_tokens) an entry states for a model; None where not."""
+        found = self.entry(model)
+        if found is None:
+            return None, None
+        return tuple(found[1].get(field) for field in SIZE_FIELDS)
 
 
 def save_price(db, model, price, now_iso):
@@ -1068,12 +1532,39 @@ def missing_prices(db, pricebook):
 
 @dataclasses.dataclass
 class Usage:
-    """Tokens of one call, in the contract's terms (prompt includes cached)."""
+    """Tokens of one call, in the contract's terms (prompt includes cached), and the
+    other things it is billed by (see UNIT_PRICE_FIELDS)."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    cache_write_tokens: int = 0
+    cache_write_tokens: int = 0        # all cache writes, the 1-hour ones included
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    images: int = 0
+    image_kind: str | None = None      # "quality/size" as asked for
+    audio_seconds: float = 0.0
+    characters: int = 0
+    web_search: int = 0
+    service_tier: str | None = None
+
+    def add(self, other):
+        """Add another Usage's counts into this one (names such as the tier: the first kept)."""
+        for field in dataclasses.fields(self):
+            mine, theirs = getattr(self, field.name), getattr(other, field.name)
+            if isinstance(theirs, str) or theirs is None:
+                setattr(self, field.name, mine or theirs)
+            else:
+                setattr(self, field.name, mine + theirs)
+
+    def units(self):
+        """What the call is billed by beyond its five token counts, for storage; None: nothing."""
+        units = {name: getattr(self, name) for name in UNIT_NAMES if getattr(self, name)}
+        return units or None
+
+
+# Usage fields stored in usage_events.units (JSON), so a reprice can cost them again.
+UNIT_NAMES = ("cache_write_1h_tokens", "images", "image_kind", "audio_seconds", "characters",
+              "web_search", "service_tier")
 
 
 def _int(value):
@@ -1101,10 +1592,27 @@ def usage_from_anthropic(usage):
     """Usage from an Anthropic `usage` object: input_tokens excludes cache reads and writes."""
     cache_read = _int(usage.get("cache_read_input_tokens"))
     cache_write = _int(usage.get("cache_creation_input_tokens"))
+    # Anthropic counts thinking inside output_tokens; where a gateway reports it apart,
+    # it goes to the reasoning column (still inside completion tokens).
+    details = usage.get("output_tokens_details")
+    thinking = _int(details.get("reasoning_tokens") or details.get("thinking_tokens")) \
+        if isinstance(details, dict) else 0
+    output = _int(usage.get("output_tokens"))
+    creation = usage.get("cache_creation")
+    one_hour = _int(creation.get("ephemeral_1h_input_tokens")) \
+        if isinstance(creation, dict) else 0
+    tools = usage.get("server_tool_use")
     return Usage(
         prompt_tokens=_int(usage.get("input_tokens")) + cache_read + cache_write,
         cached_tokens=cache_read, cache_write_tokens=cache_write,
-        completion_tokens=_int(usage.get("output_tokens")))
+        completion_tokens=output, reasoning_tokens=min(thinking, output),
+        cache_write_1h_tokens=min(one_hour, cache_write),
+        web_search=_int(tools.get("web_search_requests")) if isinstance(tools, dict) else 0,
+        service_tier=_text_field(usage.get("service_tier")))
+
+
+def _text_field(value):
+    return value[:40] if isinstance(value, str) and value else None
 
 
 def usage_from_body(body):
@@ -1115,11 +1623,219 @@ def usage_from_body(body):
         body = body["response"]
     model = body.get("model") if isinstance(body.get("model"), str) else None
     usage = body.get("usage")
+    if isinstance(body.get("duration"), (int, float)) and body.get("task"):
+        return model, Usage(audio_seconds=float(body["duration"]))  # verbose_json transcription
+    if isinstance(body.get("data"), list) and "created" in body and not isinstance(usage, dict):
+        return model, Usage(images=len(body["data"]))  # an image answer without usage
     if not isinstance(usage, dict):
         return model, None
-    if body.get("type") == "message" or "cache_creation_input_tokens" in usage:
-        return model, usage_from_anthropic(usage)
-    return model, usage_from_openai(usage)
+    if usage.get("type") == "duration":  # a transcription billed by the second
+        seconds = usage.get("seconds")
+        return model, Usage(audio_seconds=float(seconds) if isinstance(
+            seconds, (int, float)) and seconds > 0 else 0.0)
+    found = usage_from_usage_object(usage, body.get("type"))
+    found.service_tier = _text_field(body.get("service_tier")) or found.service_tier
+    if isinstance(body.get("data"), list):
+        found.images = len(body["data"])
+    return model, found
+
+
+def usage_from_usage_object(usage, body_type=None):
+    """A Usage from a `usage` object of any shape, decided by its token fields.
+
+    prompt_tokens is OpenAI's chat shape, even when a gateway in front of Claude
+    adds Anthropic's cache fields to it; input_tokens is Anthropic's or the
+    Responses API's, told apart by the details only the Responses API sends.
+    """
+    if "prompt_tokens" in usage:
+        found = usage_from_openai(usage)
+        # compat: LiteLLM and others put Claude's cache writes beside OpenAI's fields.
+        found.cache_write_tokens = min(_int(usage.get("cache_creation_input_tokens")),
+                                       max(found.prompt_tokens - found.cached_tokens, 0))
+        return found
+    if body_type == "message" or not ("input_tokens_details" in usage
+                                      or "output_tokens_details" in usage
+                                      or "total_tokens" in usage):
+        return usage_from_anthropic(usage)
+    return usage_from_openai(usage)
+
+
+IMAGE_ENDPOINTS = ("images/generations", "images/edits", "images/variations")
+
+
+def request_usage(endpoint, payload):
+    """What a request itself says it will be billed by: images asked for, characters to speak."""
+    if endpoint in IMAGE_ENDPOINTS:
+        n = payload.get("n")
+        quality = _text_field(payload.get("quality")) or "standard"
+        size = _text_field(payload.get("size")) or "1024x1024"
+        return Usage(images=n if isinstance(n, int) and not isinstance(n, bool) and n > 0
+                     else 1, image_kind=f"{quality}/{size}")
+    if endpoint == "audio/speech" and isinstance(payload.get("input"), str):
+        return Usage(characters=len(payload["input"]))
+    return Usage()
+
+
+def with_request_usage(usage, asked):
+    """A response's Usage (or None) completed by what the request asked for."""
+    if not (asked.images or asked.characters):
+        return usage
+    usage = dataclasses.replace(usage) if usage is not None else Usage()
+    usage.images = usage.images or asked.images
+    usage.image_kind = usage.image_kind or asked.image_kind
+    usage.characters = usage.characters or asked.characters
+    return usage
+
+
+def multipart_field(body, content_type, name):
+    """A short text field of a multipart/form-data body (e.g. an audio upload's model), or None."""
+    if not content_type.startswith("multipart/form-data") or not body:
+        return None
+    match = re.search(rb'Content-Disposition: *form-data; *name="' + re.escape(name.encode())
+                      + rb'"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,200})\r\n', body, re.I)
+    return match.group(1).decode("utf-8", "replace") if match else None
+
+
+def parse_response_json(content):
+    """The parsed JSON of a whole response body, or None when it is not JSON.
+
+    Usage and model are read only from the parsed object's own top-level
+    fields: text a client placed in the body (an echoed `metadata`, a prompt)
+    can never stand in for them, however large the body is.
+    """
+    if not content or content.lstrip()[:1] not in (b"{", b"["):
+        return None
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
+        return None
+
+
+# The top-level members metering needs; a large answer is read for these alone.
+METERED_FIELDS = ("id", "model", "usage", "type", "object", "response")
+LARGE_BODY_BYTES = 64 * 1024
+MAX_SCANNED_TOKENS = 20_000  # past this many strings and brackets, parsing whole is cheaper
+JSON_MARKS = (b'"', b"[", b"]", b"{", b"}")
+JSON_NAME_SEPARATOR = re.compile(rb"\s*:")
+
+
+def response_fields(content):
+    """The top-level members of METERED_FIELDS in a JSON answer, as a dict, or None.
+
+    A large answer (embeddings run to megabytes of floats) is walked backward
+    from its end, structure only: strings are skipped whole and nested
+    containers by depth, so text a client placed in the answer (an echoed
+    `metadata`, a prompt) is never taken for a top-level field. Anything the
+    walk cannot be sure of is parsed whole.
+    """
+    if content and len(content) > LARGE_BODY_BYTES:
+        found = _top_level_members(content, METERED_FIELDS)
+        if found is not None:
+            return found
+    answer = parse_response_json(content)
+    return answer if isinstance(answer, dict) else None
+
+
+def _top_level_members(content, names):
+    # Walk the body backward from its closing brace, from one string delimiter
+    # or bracket to the one before it (bytes.rfind: no per-byte Python work, so
+    # a megabyte of floats costs little). A quote delimits a string when an
+    # even number of backslashes stands before it.
+    end = len(content.rstrip())
+    if content[end - 1:end] != b"}":
+        return None
+    position = end - 1
+    marks = {char: content.rfind(char, 0, position) for char in JSON_MARKS}
+    depth, value_end, value_span, found, tokens = 1, None, None, {}, 0
+    while True:
+        for char, at in marks.items():
+            if at >= position:
+                marks[char] = content.rfind(char, 0, position)
+        i = max(marks.values())
+        tokens += 1
+        if i < 0 or tokens > MAX_SCANNED_TOKENS:
+            return None
+        char = content[i]
+        if char in b"]}":
+            depth += 1
+            if depth == 2:
+                value_end = i + 1
+        elif char in b"[{":
+            depth -= 1
+            if depth == 0:
+                return found
+            if depth == 1:
+                value_span = (i, value_end)
+        else:
+            j = _string_start(content, i)
+            if j < 0:
+                return None
+            if depth == 1:
+                separator = JSON_NAME_SEPARATOR.match(content, i + 1)
+                if separator:  # a member's name; its value is the last one seen
+                    name = json.loads(content[j:i + 1])
+                    if name in names and name not in found:
+                        found[name] = None  # a number, true or null: none of ours
+                        if value_span and not content[separator.end():value_span[0]].strip():
+                            try:
+                                found[name] = json.loads(content[value_span[0]:value_span[1]])
+                            except (ValueError, RecursionError):
+                                return None
+                    value_span = None
+                else:
+                    value_span = (j, i + 1)
+            i = j
+        position = i
+
+
+def _string_start(content, closing):
+    # The opening quote of the string whose closing quote is at `closing`; -1 if none.
+    at = closing
+    while True:
+        at = content.rfind(b'"', 0, at)
+        if at < 0:
+            return -1
+        slashes = at
+        while slashes and content[slashes - 1] == 0x5C:  # a backslash
+            slashes -= 1
+        if (at - slashes) % 2 == 0:
+            return at
+
+
+def usage_from_response_body(content):
+    """(model, Usage or None) from a non-stream body."""
+    return usage_from_body(response_fields(content))
+
+
+def _usage_from_body_ends(content):
+    tail = content[-4096:]
+    at = tail.rfind(b'"usage"')
+    if at < 0:
+        return None
+    brace = tail.find(b"{", at)
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(tail[brace:].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    match = MODEL_FIELD.search(content[:2048]) or MODEL_FIELD.search(tail)
+    model = match.group(1).decode("utf-8", "replace") if match else None
+    return usage_from_body({"model": model, "usage": usage})
+
+
+def message_batch_usage(content):
+    """[(model, Usage)] summed per model over an Anthropic batch's results (JSON lines)."""
+    totals = {}
+    for line in content.splitlines():
+        try:
+            result = json.loads(line).get("result") or {}
+        except (ValueError, RecursionError, AttributeError):
+            continue
+        message = result.get("message") if isinstance(result, dict) else None
+        model, usage = usage_from_body(message if isinstance(message, dict) else None)
+        if usage is None:
+            continue
+        totals.setdefault(model, Usage()).add(usage)
+    return list(totals.items())
 
 
 class StreamMeter:
@@ -1137,6 +1853,7 @@ class StreamMeter:
         self.usage = None
         self.content_events = 0
         self.anthropic_input = None
+        self.object_id = None  # the response or completion id the stream is about
 
     def observe(self, data):
         """Read one event's data; True when it is an OpenAI usage-only chunk."""
@@ -1167,29 +1884,43 @@ class StreamMeter:
                       "response.failed"):
             response = obj.get("response") or {}
             self.model = response.get("model") or self.model
+            self.object_id = _text_or_none(response.get("id")) or self.object_id
             if isinstance(response.get("usage"), dict):
                 self.usage = usage_from_openai(response["usage"])
+                self.usage.service_tier = _text_field(response.get("service_tier"))
         return False
 
     def _openai_chunk(self, obj):
         if obj.get("model"):
             self.model = obj["model"]
+        if self.object_id is None:
+            self.object_id = _text_or_none(obj.get("id"))
         choices = obj.get("choices")
         if choices and _carries_output(choices[0]):
             self.content_events += 1
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            self.usage = usage_from_openai(usage)
+            self.usage = usage_from_usage_object(usage)
+            self.usage.service_tier = _text_field(obj.get("service_tier"))
             return not obj.get("choices")
         return False
 
-    def estimate(self, prompt_estimate):
-        """A Usage for a stream that ended without (complete) usage."""
-        if self.usage is not None:
-            usage = dataclasses.replace(self.usage)
-            usage.completion_tokens = max(usage.completion_tokens, self.content_events)
-            return usage
-        return Usage(prompt_tokens=prompt_estimate, completion_tokens=self.content_events)
+    def estimate(self, prompt_bound, completion_bound):
+        """A Usage for a stream that ended without (complete) usage: the call's worst case.
+
+        The upstream bills what it generated, reasoning included, however
+        little the client saw, so an estimate is never below the bounds the call
+        was reserved at; an input count the stream did report is kept.
+        """
+        usage = dataclasses.replace(self.usage) if self.usage is not None else Usage()
+        usage.prompt_tokens = usage.prompt_tokens or prompt_bound
+        usage.completion_tokens = max(usage.completion_tokens, self.content_events,
+                                      completion_bound)
+        return usage
+
+
+def _text_or_none(value):
+    return value if isinstance(value, str) and value else None
 
 
 def _carries_output(choice):
@@ -1202,19 +1933,104 @@ def _carries_output(choice):
                 or delta.get("refusal"))
 
 
-def cost_nusd(usage, prices):
-    """Cost in integer nano-dollars of a Usage at (input, cached, output, cache_write)."""
+def price_usage(entry, usage):
+    """(token prices applied, nano-dollars) of a Usage by a pricing.json entry.
+
+    The token prices are (input, cached, output, cache_write) per 1M tokens after
+    the service tier answered and the long-context tier; on top come 1-hour
+    cache writes, images, audio minutes, characters spoken and tool uses.
+    """
+    applied = dict(entry)
+    tier = (entry.get("service_tiers") or {}).get(usage.service_tier)
+    if tier:
+        applied.update(tier)
+    long_context = entry.get("long_context")
+    if long_context and usage.prompt_tokens > long_context["above_input_tokens"]:
+        applied.update({k: v for k, v in long_context.items() if k != "above_input_tokens"})
+    base = float(applied.get("input", 0.0))
+    prices = (base, float(applied.get("cached_input", base)), float(applied.get("output", 0.0)),
+              float(applied.get("cache_write", base)))
+    one_hour = float(applied.get("cache_write_1h", 2 * base))  # Anthropic: 2x input
+    # Everything in USD x 1M, the scale cost_nusd works in, rounded once.
+    extra = usage.cache_write_1h_tokens * (one_hour - prices[3])
+    if usage.images:
+        extra += usage.images * image_price(entry.get("images"), usage.image_kind) * 1e6
+    extra += usage.audio_seconds / 60 * entry.get("per_minute", 0.0) * 1e6
+    extra += usage.characters * entry.get("per_1m_characters", 0.0)
+    extra += usage.web_search * (entry.get("per_1k_requests") or {}).get("web_search", 0.0) * 1e3
+    return prices, cost_nusd(usage, prices, extra)
+
+
+def image_price(table, kind):
+    """USD for one image of `kind` ("quality/size"): that, else its size, else the dearest."""
+    if not table:
+        return 0.0
+    kind = kind or ""
+    price = table.get(kind, table.get(kind.rpartition("/")[2]))
+    return float(price if price is not None else max(table.values()))
+
+
+def cost_nusd(usage, prices, extra=0.0):
+    """Cost in integer nano-dollars of a Usage's tokens at (input, cached, output,
+    cache_write), plus `extra` in USD x 1M (what price_usage adds beyond tokens)."""
     input_price, cached_price, output_price, cache_write_price = prices
     uncached = max(usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens, 0)
     dollars_per_mtok = (uncached * input_price + usage.cached_tokens * cached_price
                         + usage.cache_write_tokens * cache_write_price
-                        + usage.completion_tokens * output_price)
+                        + usage.completion_tokens * output_price + extra)
     return round(dollars_per_mtok * NANO_PER_USD_PER_MTOK)
 
 
 def nusd_to_usd(nusd):
     """Nano-dollars as a float of USD (None stays None)."""
     return None if nusd is None else round(nusd / 1e9, 9)
+
+
+def usd_decimals(*amounts):
+    """How many decimals shows every one of these USD amounts alike: 2, 4 or 6.
+
+    Cents when they say it all ($2.50, $0.01), else 4 decimals down to a
+    hundredth of a cent, else 6; a column or an "x of y" pair shares one.
+    """
+    decimals = 2
+    for usd in amounts:
+        if not usd:
+            continue
+        for places in (2, 4, 6):
+            if abs(usd) >= 10 ** (2 - places) or abs(round(usd, places) - usd) < 1e-9:
+                break
+        decimals = max(decimals, places)
+    return decimals
+
+
+def format_usd(usd, decimals=None):
+    """USD as people read a bill: $1,234.50, $0.0123, $0.000585 (decimals: usd_decimals)."""
+    if usd is None:
+        return "–"
+    if usd and abs(usd) < 0.0000005:
+        return "<$0.000001"
+    return f"${usd:,.{usd_decimals(usd) if decimals is None else decimals}f}"
+
+
+def json_text(value):
+    """JSON like json.dumps, but numbers never in exponent form: 0.0000234, not 2.34e-05.
+
+    Costs are read by people and by scripts that parse decimals; nano-dollar
+    floats are exactly representable as short decimals.
+    """
+    if isinstance(value, float) and math.isfinite(value) and "e" in repr(value):
+        return format(decimal.Decimal(repr(value)), "f")
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(name))}: {json_text(item)}"
+                               for name, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(json_text(item) for item in value) + "]"
+    return json.dumps(value)
+
+
+def plural(count, noun, nouns=None):
+    """'1 request', '2 requests', '1,234 tokens'."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
 
 
 @dataclasses.dataclass
@@ -1234,6 +2050,7 @@ class UsageEvent:
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     cost_nusd: int | None = None
+    units: dict | None = None          # Usage.units(): what it was billed by beyond tokens
     prices: tuple | None = None        # (input, cached, output, cache_write) used
     price_model: str | None = None     # the name those prices are listed under
     pricing: str = "unpriced"
@@ -1241,27 +2058,53 @@ class UsageEvent:
     overhead_ms: float = 0.0
     subjects: tuple = ()               # running totals this call counts toward
     reservation: object = None         # released when the event is applied
+    owned: list = ()                   # owned_objects rows stored with the event
+    claim: str | None = None           # an async object this event charges, at most once
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
-def price_event(event, usage, pricebook, status):
+# OpenAI's Batch API and Anthropic's Message Batches cost half the standard price;
+# a batch's charge is stored under one of these endpoints, so repricing keeps it.
+BATCH_PRICE_FACTOR = 0.5
+BATCH_ENDPOINTS = ("batches", "messages/batches")
+
+
+def price_event(event, usage, pricebook, status, factor=1.0, worst=None):
     """Fill an event's tokens, cost and pricing status.
 
     `status` is 'priced' for a complete response with usage, 'estimated' for a
-    guess, and 'unpriced' for a response without usage.
+    guess, 'unpriced' for a response without usage, and 'free' for a call that
+    costs nothing by its route or its answer (a look-up, an upstream error):
+    cost 0, no tokens. `factor` scales the cost (BATCH_PRICE_FACTOR). `worst`
+    (the call's WorstCase, given when a USD budget applies) costs a call that
+    would otherwise go uncosted, marked estimated: a budget never counts it as $0.
     """
+    if status == "free":
+        event.cost_nusd, event.pricing = 0, "free"
+        return event
+    _price_tokens(event, usage, pricebook, status, factor)
+    if event.cost_nusd is None and worst is not None:
+        event.prompt_tokens = max(event.prompt_tokens, worst.prompt_tokens)
+        event.completion_tokens = max(event.completion_tokens, worst.completion_tokens)
+        event.cost_nusd = worst.need.cost_nusd
+        event.pricing = "estimated"
+    return event
+
+
+def _price_tokens(event, usage, pricebook, status, factor):
     if usage is not None:
         event.prompt_tokens = usage.prompt_tokens
         event.cached_tokens = usage.cached_tokens
         event.cache_write_tokens = usage.cache_write_tokens
         event.completion_tokens = usage.completion_tokens
         event.reasoning_tokens = usage.reasoning_tokens
-    resolved = pricebook.resolve(event.model) if usage is not None else None
-    if resolved is None:
+        event.units = usage.units()
+    costed = pricebook.cost(event.model, usage) if usage is not None else None
+    if costed is None:
         event.pricing = "unpriced" if status == "priced" else status
         return event
-    event.price_model, event.prices = resolved
-    event.cost_nusd = cost_nusd(usage, event.prices)
+    event.price_model, event.prices, full_nusd = costed
+    event.cost_nusd = round(full_nusd * factor)
     event.pricing = status
     return event
 
@@ -1286,19 +2129,24 @@ class UsageWriter:
         self._price_ids = {}
         self._thread = threading.Thread(target=self._run, name="llimit-usage-writer",
                                         daemon=True)
+
+    def start(self):
+        """Start writing (the server's thread; the CLI never starts one)."""
         self._thread.start()
 
     def submit(self, event):
-        """Queue an event for the next commit."""
+        """Queue an event (or a list of events, committed together) for the next commit."""
         self._queue.put(event)
         return event
 
     def depth(self):
-        """Events waiting to be written."""
+        """Items (events, or lists of them) waiting to be written."""
         return self._queue.qsize()
 
     def close(self, timeout=30.0):
         """Write everything queued, then stop the thread; False if it could not in time."""
+        if not self._thread.is_alive():
+            return self._queue.empty()  # never started: nothing was written, or queued
         self._queue.put(None)
         self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -1313,10 +2161,14 @@ class UsageWriter:
         db = self.database()
         stopping = False
         while not stopping:
-            batch = [self._queue.get()]
-            while len(batch) < self.MAX_BATCH:
+            batch = []
+            item = self._queue.get()
+            while True:
+                batch.extend(item if isinstance(item, list) else [item])
+                if len(batch) >= self.MAX_BATCH:
+                    break
                 try:
-                    batch.append(self._queue.get_nowait())
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
             if None in batch:
@@ -1335,30 +2187,39 @@ class UsageWriter:
                 self._write(db, batch)
                 self.healthy = True
                 break
-            except sqlite3.Error:
+            except DatabaseError:
                 log.exception("usage write failed for %d events; retrying", len(batch))
                 self.healthy = False
                 self._price_ids.clear()  # ids made inside the rolled-back transaction
-                if db.in_transaction:
-                    db.execute("rollback")
+                rollback(db)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
         for event in batch:
             event.done.set()
 
     def _write(self, db, batch):
-        db.execute("begin immediate")
-        price_ids = [self._price_id(db, event) for event in batch]
-        insert_usage_events(db, batch, price_ids)
+        begin_write(db)
+        # A charge for an async object is stored only if this transaction is
+        # the one that marks the object charged: concurrent polls charge once.
+        claimed = {}
+        for event in batch:
+            if event.claim is not None and event.claim not in claimed:
+                claimed[event.claim] = claim_object_charge(db, event.claim, event.created_ms)
+        kept = [event for event in batch if event.claim is None or claimed[event.claim]]
+        price_ids = [self._price_id(db, event) for event in kept]
+        insert_usage_events(db, kept, price_ids)
+        owned = [row for event in kept for row in event.owned]
+        if owned:
+            insert_owned_objects(db, owned)
         # Limits read running totals lazily from the database; committing and
         # applying under one lock means each event is counted exactly once.
         with self.commit_lock:
-            db.execute("commit")
-            follow_up = self.on_commit(batch)
+            commit(db)
+            follow_up = self.on_commit(kept)
         if follow_up:
             try:
                 self.after_commit(db, follow_up)
-            except sqlite3.Error:
+            except DatabaseError:
                 log.exception("usage follow-up (alerts) failed after commit")
 
     def _price_id(self, db, event):
@@ -1371,47 +2232,41 @@ class UsageWriter:
         return self._price_ids[cache_key]
 
 
-LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
-                      120000)
-
-
-class Metrics:
-    """In-process counters behind /metrics (Prometheus text format); thread-safe."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.calls = {}            # (project, model, status) -> count
-        self.tokens = {}           # (project, model, kind) -> count
-        self.cost_nusd = {}        # (project, model) -> nano-dollars
-        self.latency = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-        self.latency_sum_ms = 0.0
-        self.latency_count = 0
-        self.rejections = {}       # error type -> count
-
-    def observe_call(self, event, upstream_ms):
-        """Count one metered call."""
-        project, model = event.project_id or "", event.model or ""
-        with self._lock:
-            key = (project, model, str(event.status_code))
-            self.calls[key] = self.calls.get(key, 0) + 1
-            for kind, count in (("prompt", event.prompt_tokens),
-                                ("completion", event.completion_tokens),
-                                ("cached", event.cached_tokens)):
-                self.tokens[(project, model, kind)] = \
-                    self.tokens.get((project, model, kind), 0) + count
-            self.cost_nusd[(project, model)] = \
-                self.cost_nusd.get((project, model), 0) + (event.cost_nusd or 0)
-            bucket = next((i for i, edge in enumerate(LATENCY_BUCKETS_MS) if upstream_ms <= edge),
-                          len(LATENCY_BUCKETS_MS))
-            self.latency[bucket] += 1
-            self.latency_sum_ms += upstream_ms
-            self.latency_count += 1
-
-    def observe_rejection(self, error_type):
-        """Count a call llimit refused itself (limits, keys)."""
-        with self._lock:
-            self.rejections[error_type] = self.rejections.get(error_type, 0) + 1
-
+def reprice_all(state):
+    """Recompute every stored event's cost from the prices in force; returns counts."""
+    db = state.database()
+    book = state.pricebook
+    snapshot_ids, changes, seen = {}, [], 0
+    begin_write(db)  # the usage writer waits until we are done
+    try:
+        for row in iter_usage_events(db, 0, 2 ** 62):
+            seen += 1
+            if row["pricing"] == "free":
+                continue
+            factor = BATCH_PRICE_FACTOR if row["endpoint"] in BATCH_ENDPOINTS else 1.0
+            usage = Usage(row["prompt_tokens"], row["cached_tokens"], row["cache_write_tokens"],
+                          row["completion_tokens"], row["reasoning_tokens"],
+                          **json.loads(row["units"] or "{}"))
+            costed = book.cost(row["model"], usage)
+            status = "estimated" if row["pricing"] == "estimated" else None
+            if costed is None or not (usage.prompt_tokens or usage.completion_tokens
+                                      or usage.units()):
+                update = (None, None, status or "unpriced")
+            else:
+                resolved = costed[:2]
+                if resolved not in snapshot_ids:
+                    snapshot_ids[resolved] = get_price_snapshot_id(db, *resolved)
+                update = (round(costed[2] * factor), snapshot_ids[resolved], status or "priced")
+            if update != (row["cost_nusd"], row["price_id"], row["pricing"]):
+                changes.append((*update, row["id"]))
+        reprice_usage_events(db, changes)
+        # Running totals change under the limits' feet: swap them in one step.
+        with state.limits.lock:
+            commit(db)
+            state.limits.forget_locked()
+    finally:
+        rollback(db)
+    return {"events": seen, "changed": len(changes)}
 
 
 # =============================================================================
@@ -1426,12 +2281,75 @@ class Metrics:
 
 SCOPES = ("global", "project", "user", "key")
 EACH = (None, "user", "key")
-METRICS = ("usd", "tokens", "requests")
+LIMIT_METRICS = ("usd", "tokens", "requests")
 WINDOWS = ("minute", "day", "week", "month", "total")
 ACTIONS = ("block", "warn")
-METRIC_INDEX = {"requests": 0, "tokens": 1, "usd": 2}   # into [requests, tokens, nusd]
 NANO = 1_000_000_000
-SUBJECT_SEPARATOR = "\x1f"
+
+
+# A request naming any of these makes the upstream read input llimit cannot see:
+# a stored response or conversation, an uploaded file, an image or file by URL,
+# a stored prompt, or a server-side tool that reads documents or the web.
+SERVER_SIDE_INPUT_MARKERS = (
+    b'"previous_response_id"', b'"conversation"', b'"file_id"', b'"file_url"', b'"image_url"',
+    b'"input_image"', b'"input_file"', b'"input_audio"', b'"document"', b'"url"',
+    b'"container_upload"', b'"file_search', b'"web_search', b'"mcp', b'"code_interpreter',
+    b'"vector_store_ids"')
+
+
+@dataclasses.dataclass
+class WorstCase:
+    """What a call may cost at most, as far as llimit can know before it goes upstream."""
+    need: Totals                  # reserved against every block limit
+    prompt_tokens: int            # the input bound used
+    completion_tokens: int        # the output bound used (all choices)
+    strict: bool                  # the call bounds its own output (max_tokens or the like)
+    priced: bool                  # a price covers the model
+    asked: Usage                  # what the request itself says it is billed by (images...)
+
+
+AUDIO_BYTES_PER_SECOND = 1000      # 8 kbit/s: audio is rarely smaller, so seconds <= bytes / 1000
+TRANSCRIPTION_ENDPOINTS = ("audio/transcriptions", "audio/translations")
+
+
+def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_input_tokens,
+               endpoint=""):
+    """A call's WorstCase: its prompt bound, its output bound and their price.
+
+    The prompt is its request bytes / 3 (about 3 bytes of JSON per token errs
+    high) unless the request reads input upstream; then it is the model's
+    context window (max_input_tokens in pricing.json, else the default). The
+    output is the call's max_tokens, capped by the model's max_output_tokens,
+    or that maximum (else the default) when the call sets none. Images and
+    characters come from the request, exactly; audio is bounded by its bytes
+    (AUDIO_BYTES_PER_SECOND), web searches by the tool's max_uses.
+    """
+    max_input, max_output = pricebook.sizes(model)
+    prompt = len(body) // 3
+    if (isinstance(payload.get("prompt"), dict)
+            or any(marker in body for marker in SERVER_SIDE_INPUT_MARKERS)):
+        prompt = max(prompt, max_input or default_max_input_tokens)
+    asked = next((payload[name] for name in
+                  ("max_tokens", "max_completion_tokens", "max_output_tokens")
+                  if isinstance(payload.get(name), int) and not isinstance(payload[name], bool)
+                  and payload[name] >= 0), None)
+    output = (max_output or default_max_tokens) if asked is None else (
+        min(asked, max_output) if max_output else asked)
+    n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 0) > 1 else 1
+    request = request_usage(endpoint, payload)
+    bound = dataclasses.replace(request, prompt_tokens=prompt, completion_tokens=output * n)
+    if endpoint in TRANSCRIPTION_ENDPOINTS:
+        bound.audio_seconds = len(body) / AUDIO_BYTES_PER_SECOND
+    tools = payload.get("tools")
+    bound.web_search = sum(tool["max_uses"] for tool in tools if isinstance(tool, dict)
+                           and str(tool.get("type", "")).startswith("web_search")
+                           and isinstance(tool.get("max_uses"), int) and tool["max_uses"] > 0
+                           ) if isinstance(tools, list) else 0
+    costed = pricebook.cost(model, bound)
+    return WorstCase(need=Totals(1, prompt + output * n, costed[2] if costed else 0),
+                     prompt_tokens=prompt, completion_tokens=output * n,
+                     strict=asked is not None or bool(request.images or request.characters),
+                     priced=costed is not None, asked=request)
 
 
 def window_bounds(window, now):
@@ -1459,9 +2377,10 @@ def _day(seconds):
 
 def call_subjects(project_id, user_name, key_id):
     """The running totals a call counts toward."""
-    subjects = ["*", "p:" + project_id, "k:" + key_id]
+    subjects = [SUBJECT_ALL, subject_of("project", project_id), subject_of("key", key_id)]
     if user_name:
-        subjects += ["u:" + user_name, "pu:" + project_id + SUBJECT_SEPARATOR + user_name]
+        subjects += [subject_of("user", user_name),
+                     subject_of("project_user", project_id, user_name)]
     return tuple(subjects)
 
 
@@ -1473,16 +2392,21 @@ def limit_subject(limit, project_id, user_name, key_id):
     if scope == "user" and limit["target"] != user_name:
         return None
     if scope == "key":
-        return "k:" + key_id if limit["target"] == key_id else None
+        return subject_of("key", key_id) if limit["target"] == key_id else None
     if each == "key":
-        return "k:" + key_id
+        return subject_of("key", key_id)
     if each == "user":
         if not user_name:
             return None
         if scope == "project":
-            return "pu:" + project_id + SUBJECT_SEPARATOR + user_name
-        return "u:" + user_name
-    return {"global": "*", "project": "p:" + project_id, "user": "u:" + str(user_name)}[scope]
+            return subject_of("project_user", project_id, user_name)
+        return subject_of("user", user_name)
+    return scope_subject(scope, {"project": project_id, "user": user_name}.get(scope))
+
+
+def scope_subject(scope, target):
+    """The running total of a limit's whole scope (no `each`)."""
+    return SUBJECT_ALL if scope == "global" else subject_of(scope, str(target))
 
 
 def limit_amount_units(limit):
@@ -1491,11 +2415,11 @@ def limit_amount_units(limit):
     return round(amount * NANO) if limit["metric"] == "usd" else amount
 
 
-def format_amount(metric, units):
-    """Counter units as people read them: $1.23, 1,234 tokens, 5 requests."""
+def format_amount(metric, units, decimals=None):
+    """Counter units as people read them: $2.50, 1,234 tokens, 1 request."""
     if metric == "usd":
-        return f"${units / NANO:,.4f}".rstrip("0").rstrip(".") if units else "$0"
-    return f"{int(units):,} {metric}"
+        return format_usd(units / NANO, decimals)
+    return plural(int(units), metric[:-1])
 
 
 def describe_limit(limit):
@@ -1508,23 +2432,31 @@ def describe_limit(limit):
             f"{format_amount(limit['metric'], limit_amount_units(limit))}{window}")
 
 
+def limit_in_words(limit):
+    """A limit as its key holders read it: "$2.00 a day", "600 requests a minute for each user"."""
+    amount = format_amount(limit["metric"], limit_amount_units(limit))
+    period = "in total" if limit["window"] == "total" else f"a {limit['window']}"
+    each = f" for each {limit['each']}" if limit["each"] else ""
+    return f"{amount} {period}{each}"
+
+
 def describe_subject(subject):
     """A running total's subject in words: "user alice", "project team-a / user bob"."""
-    if subject == "*":
+    kind, names = parse_subject(subject)
+    if kind == "all":
         return "all usage"
-    kind, _, name = subject.partition(":")
-    if kind == "pu":
-        project, _, user = name.partition(SUBJECT_SEPARATOR)
-        return f"project {project} / user {user}"
-    return {"p": "project", "u": "user", "k": "key"}[kind] + " " + name
+    if kind == "project_user":
+        return f"project {names[0]} / user {names[1]}"
+    return f"{kind} {names[0]}"
 
 
 @dataclasses.dataclass
 class Admission:
     """What the limits said about a call allowed through."""
-    reservation: list                 # [(counter key, [requests, tokens, nusd])]
+    reservation: list                 # [(counter key, Totals reserved)]
     alert_checks: list                # [(limit, subject)] for alerts after the call
     headers: dict                     # rate-limit and budget headers for the client
+    usd_bound: bool = False           # a USD block limit applies: no call may go uncosted
 
 
 class Limits:
@@ -1540,8 +2472,8 @@ class Limits:
         self.database = database
         self.clock = clock
         self.lock = threading.Lock()
-        self._used = {}        # (subject, window, start) -> [requests, tokens, nusd]
-        self._reserved = {}    # same keys -> [requests, tokens, nusd] in flight
+        self._used = {}        # (subject, window, start) -> Totals
+        self._reserved = {}    # same keys -> Totals in flight
         self._alerted = set()  # (limit_id, subject, start, threshold) known sent
         self._pruned_minute = 0
         self._rows_lock = threading.Lock()
@@ -1569,53 +2501,64 @@ class Limits:
     def admit(self, db, call, limits, ledger_healthy):
         """Check a call against its limits and reserve its worst case.
 
-        `call` has project_id, user_name, key_id, limit_message, need
-        ([1, tokens, nusd] worst case) and strict (the call bounds its output).
-        Raises LlimitError 429 when a block limit is reached, 503 when a block
-        limit applies but usage cannot be written.
+        `call` has project_id, user_name, key_id, limit_message, model and
+        worst (its WorstCase). Raises LlimitError 429 when a block limit is
+        reached, 403 when a USD block limit applies and no price covers the
+        call, 400 when a per-user limit applies and the call names no user, 503
+        when a block limit applies but usage cannot be written.
         """
         now = self.clock()
         block_keys, alert_checks, headers, warnings = {}, [], {}, []
+        usd_bound, worst = False, call.worst
         with self.lock:
             for limit in limits:
                 subject = limit_subject(limit, call.project_id, call.user_name, call.key_id)
                 if subject is None:
+                    if limit["each"] == "user" and not call.user_name \
+                            and limit["action"] == "block" and limit["scope"] != "user":
+                        raise _user_required(limit)
                     continue
                 window = limit["window"]
                 start, end = window_bounds(window, now)
                 key = (subject, window, start)
-                index = METRIC_INDEX[limit["metric"]]
+                field = METRIC_FIELDS[limit["metric"]]
                 amount = limit_amount_units(limit)
-                used = self._used_entry(db, key, end)[index]
-                in_flight = self._reserved.get(key, (0, 0, 0))[index]
+                used = getattr(self._used_entry(db, key, end), field)
+                held = self._reserved.get(key)
+                in_flight = getattr(held, field) if held is not None else 0
                 if limit["alert_at"] or self._alerts_full(limit):
                     alert_checks.append((limit, subject))
-                _limit_headers(headers, limit, amount, used + in_flight, call.need[index],
+                _limit_headers(headers, limit, amount, used + in_flight, getattr(call.need, field),
                                start, end, now)
                 if limit["action"] == "warn":
                     if used >= amount:
                         warnings.append(describe_limit(limit) + " reached")
                     continue
+                if limit["metric"] == "usd":
+                    if not worst.priced:
+                        raise _not_priced(limit, call.model)
+                    usd_bound = True
                 if not ledger_healthy:
                     raise LlimitError(503, "service_unavailable",
                                       "The usage ledger cannot be written right now, so calls"
                                       " under a spending limit are refused. Try again shortly.",
                                       code="ledger_unavailable")
-                need = call.need[index]
-                strict = call.strict or limit["metric"] == "requests"
+                need = getattr(worst.need, field)
+                strict = worst.strict or limit["metric"] == "requests"
                 if (used + in_flight + need > amount) if strict else (used + in_flight >= amount):
                     raise self._refusal(limit, used, in_flight, end, now, call.limit_message)
-                block_keys[key] = call.need
+                block_keys[key] = worst.need
             reservation = list(block_keys.items())
             for key, need in reservation:
-                held = self._reserved.setdefault(key, [0, 0, 0])
-                for index in range(3):
-                    held[index] += need[index]
+                held = self._reserved.get(key)
+                if held is None:
+                    held = self._reserved[key] = Totals()
+                held.add(need)
         if warnings:
             headers["X-LLimit-Warning"] = "; ".join(warnings)
-        return Admission(reservation, alert_checks, headers)
+        return Admission(reservation, alert_checks, headers, usd_bound)
 
-    def apply(self, events):
+    def count_committed(self, events):
         """Count committed events and release their reservations; returns alerts due.
 
         Called by the usage writer with `lock` held, right after the commit.
@@ -1626,16 +2569,16 @@ class Limits:
                 self._release(event.reservation.reservation)
             seconds = event.created_ms / 1000
             bounds = [(window, window_bounds(window, seconds)[0]) for window in WINDOWS]
-            vector = (1, event.prompt_tokens + event.completion_tokens, event.cost_nusd or 0)
+            tokens, cost = event.prompt_tokens + event.completion_tokens, event.cost_nusd or 0
             for subject in event.subjects:
                 for window, start in bounds:
                     entry = self._used.get((subject, window, start))
                     if entry is None and window == "minute":
-                        entry = self._used[(subject, window, start)] = [0, 0, 0]
+                        entry = self._used[(subject, window, start)] = Totals()
                     if entry is not None:
-                        entry[0] += vector[0]
-                        entry[1] += vector[1]
-                        entry[2] += vector[2]
+                        entry.requests += 1
+                        entry.tokens += tokens
+                        entry.cost_nusd += cost
             if event.reservation is not None:
                 alerts += self._alerts_due(event.reservation.alert_checks, seconds)
         self._prune(self.clock())
@@ -1646,37 +2589,34 @@ class Limits:
         start, end = window_bounds(limit["window"], self.clock())
         with self.lock:
             entry = self._used_entry(db, (subject, limit["window"], start), end)
-            return entry[METRIC_INDEX[limit["metric"]]], end
+            return entry.metric(limit["metric"]), end
 
     def used_by_top_member(self, db, limit):
         """For an `each` limit: the largest use among its members this window."""
         start, end = window_bounds(limit["window"], self.clock())
-        prefix = {("global", "user"): "u:", ("global", "key"): "k:",
-                  ("user", "key"): "k:", ("project", "key"): "k:",
-                  ("project", "user"): f"pu:{limit['target']}{SUBJECT_SEPARATOR}",
-                  }[(limit["scope"], limit["each"])]
-        index = METRIC_INDEX[limit["metric"]]
+        if limit["scope"] == "project" and limit["each"] == "user":
+            prefix = subject_members("project_user", limit["target"])
+        else:
+            prefix = subject_members(limit["each"])
+        field = METRIC_FIELDS[limit["metric"]]
         with self.lock:
             if limit["window"] == "minute":
-                values = [entry[index] for (subject, window, entry_start), entry
+                values = [getattr(entry, field) for (subject, window, entry_start), entry
                           in self._used.items() if window == "minute"
                           and entry_start == start and subject.startswith(prefix)]
                 return max(values, default=0), end
         first, last = ("total", "total") if end is None else (_day(start), _day(end - 1))
-        column = ("requests", "tokens", "cost_nusd")[index]
-        return get_counter_max_member(db, prefix, first, last, column), end
+        return get_counter_max_member(db, prefix, first, last, field), end
 
     def status(self, db, limit):
         """A limit with `used` and `resets_at` for its current window (largest member for `each`)."""
         if limit["each"]:
             used, end = self.used_by_top_member(db, limit)
         else:
-            subject = {"global": "*", "project": f"p:{limit['target']}",
-                       "user": f"u:{limit['target']}", "key": f"k:{limit['target']}"}
-            used, end = self.used(db, limit, subject[limit["scope"]])
+            used, end = self.used(db, limit, scope_subject(limit["scope"], limit["target"]))
         return limit_to_json(limit, used, end)
 
-    def applying(self, db, project_id, user_name, key_id):
+    def statuses_for_call(self, db, project_id, user_name, key_id):
         """(subject, limit_to_json) of every limit a call of this project, user and key is under."""
         applying = []
         for limit in self.for_call(db, config_version(db), project_id, user_name, key_id):
@@ -1708,9 +2648,8 @@ class Limits:
             held = self._reserved.get(key)
             if held is None:
                 continue
-            for index in range(3):
-                held[index] -= need[index]
-            if not any(held):
+            held.subtract(need)
+            if not held:
                 del self._reserved[key]
 
     def _alerts_full(self, limit):
@@ -1726,7 +2665,7 @@ class Limits:
             amount = limit_amount_units(limit)
             if entry is None or amount <= 0:
                 continue
-            percent = 100.0 * entry[METRIC_INDEX[limit["metric"]]] / amount
+            percent = 100.0 * entry.metric(limit["metric"]) / amount
             thresholds = set(json.loads(limit["alert_at"] or "[]"))
             if self._alerts_full(limit):
                 thresholds.add(100)
@@ -1752,18 +2691,65 @@ class Limits:
         self._alerted = {marker for marker in self._alerted if marker[2] >= current["month"]}
 
     def _refusal(self, limit, used, in_flight, end, now, limit_message):
-        metric = limit["metric"]
-        resets = "never (a prepaid total)" if end is None else utc_iso(end)
-        pending = f" (+{format_amount(metric, in_flight)} in calls under way)" if in_flight else ""
-        message = (f"{describe_limit(limit)} reached: used "
-                   f"{format_amount(metric, used)}{pending}; resets {resets}.")
-        if limit_message:
-            message += " " + limit_message
-        headers = {}
+        message = refusal_text(limit, used, in_flight, end, now, limit_message)
+        headers = {"X-LLimit-Limit-Id": limit["id"]}  # for the admin the holder asks
         if limit["window"] == "minute":
             headers["Retry-After"] = str(max(1, int(end - now + 0.999)))
             return LlimitError(429, "rate_limit_exceeded", message, headers=headers)
         return LlimitError(429, "budget_exceeded", message, headers=headers)
+
+
+def _not_priced(limit, model):
+    # Spend that no price covers would count $0 against a USD budget: refuse it.
+    asked = f"the model {model!r}" if model else "a call that names no model"
+    return LlimitError(403, "permission_denied",
+                       f"No price covers {asked}, and the {describe_limit(limit)} counts"
+                       " dollars, so the call is refused. An admin can price it in"
+                       " pricing.json or with PUT /admin/pricing/<model>, or set a fallback"
+                       " price for every unpriced model with PUT /admin/pricing/*.",
+                       code="model_not_priced")
+
+
+def _user_required(limit):
+    # A call that names no user would escape a per-user limit; for_call has
+    # already matched the limit to this call's project (or it is global).
+    return LlimitError(400, "invalid_request_error",
+                       f"The {describe_limit(limit)} applies to each user, and this call"
+                       " names none: a project key must name its user with the header"
+                       " X-LLimit-User (or the body's `user`).", code="user_required")
+
+
+WINDOW_ADJECTIVES = {"minute": "per-minute", "day": "daily", "week": "weekly",
+                     "month": "monthly", "total": "total"}
+
+
+def refusal_text(limit, used, in_flight, end, now, limit_message=None):
+    """What a key holder reads when a limit refuses a call: what ran out, until when, whom to ask.
+
+    Written for the person, not the admin: no limit ids (the X-LLimit-Limit-Id
+    header has it), no scope jargon.
+    """
+    metric, window = limit["metric"], limit["window"]
+    amount = limit_amount_units(limit)
+    decimals = usd_decimals(amount / NANO, (used + in_flight) / NANO)
+    whose = {"global": "This organisation's", "project": f"The project {limit['target']}'s"}
+    owner = "Your" if limit["each"] or limit["scope"] in ("user", "key") \
+        else whose[limit["scope"]]
+    allowance = "budget" if metric == "usd" else "allowance"
+    if window == "minute":
+        sentence = (f"{owner} limit of {format_amount(metric, amount)} per minute is reached."
+                    f" Try again in {plural(max(1, int(end - now + 0.999)), 'second')}.")
+    else:
+        spent = "spent" if metric == "usd" else "used"
+        sentence = (f"{owner} {WINDOW_ADJECTIVES[window]} {allowance} of"
+                    f" {format_amount(metric, amount, decimals)} is used up"
+                    f" ({format_amount(metric, used, decimals)} {spent}")
+        if in_flight:
+            sentence += f", {format_amount(metric, in_flight, decimals)} more in calls under way"
+        sentence += ")."
+        sentence += (" It does not reset." if end is None else
+                     f" It resets at {utc_iso(end)[:16].replace('T', ' ')} UTC.")
+    return sentence + " " + (limit_message or "Ask your llimit admin to raise it.")
 
 
 def _limit_headers(headers, limit, amount, used, need, start, end, now):
@@ -1787,7 +2773,7 @@ def _limit_headers(headers, limit, amount, used, need, start, end, now):
 
 def _alert_text(limit, subject, threshold, entry, end):
     metric = limit["metric"]
-    used = format_amount(metric, entry[METRIC_INDEX[metric]])
+    used = format_amount(metric, entry.metric(metric))
     resets = "it does not reset" if end is None else f"it resets {utc_iso(end)}"
     verb = "reached" if threshold >= 100 else f"passed {threshold:g}% of"
     return (f":warning: llimit: {describe_subject(subject)} has {verb} the"
@@ -1795,56 +2781,60 @@ def _alert_text(limit, subject, threshold, entry, end):
             f" ({used} used; {resets}).")
 
 
-def validate_limit(data, current=None):
-    """A limit dict from JSON input (merged over `current` for PATCH); 400 names the field."""
-    if not isinstance(data, dict):
-        raise LlimitError(400, "invalid_request_error", "expected a JSON object")
+def _one_of(values, nullable=False):
+    return Field({"type": "string", "enum": [*values, None] if nullable else list(values),
+                  "nullable": nullable}, "must be one of " + ", ".join(values))
+
+
+AMOUNT = {"type": "number", "minimum": 0, "maximum": 1e15}
+ALERT_AT = {"type": "array", "nullable": True, "items": {
+    "type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 100}}
+NULLABLE_STRING = {"type": "string", "nullable": True}
+LIMIT_FIELDS = {
+    "scope": _one_of(SCOPES), "target": Field(NULLABLE_STRING, "must be a string"),
+    "each": _one_of(("user", "key"), nullable=True), "metric": _one_of(LIMIT_METRICS),
+    "window": _one_of(WINDOWS), "amount": Field(AMOUNT, "must be a number >= 0"),
+    "action": _one_of(ACTIONS),
+    "alert_at": Field(ALERT_AT, "must be a list of percentages between 0 and 100"),
+    "note": Field(NULLABLE_STRING, "must be a string"),
+}
+
+
+def validate_limit(data, current=None, domains=()):
+    """A limit dict from JSON input (merged over `current` for PATCH); 400 names the field.
+
+    A user limit's target is put through the Identity rule of `domains` (user_domains).
+    """
+    check_input(data, LIMIT_FIELDS, "limit")
     merged = dict(current or {})
     if isinstance(merged.get("alert_at"), str):
         merged["alert_at"] = json.loads(merged["alert_at"])  # as stored; input must be a list
-    unknown = set(data) - {"scope", "target", "each", "metric", "window", "amount", "action",
-                           "alert_at", "note"}
-    if unknown:
-        raise _field_error(sorted(unknown)[0], "is not a limit field")
     merged.update(data)
     merged.setdefault("action", "block")
-    for field, allowed in (("scope", SCOPES), ("metric", METRICS), ("window", WINDOWS),
-                           ("action", ACTIONS), ("each", EACH)):
-        if merged.get(field) not in allowed:
-            names = ", ".join(a for a in allowed if a)
-            raise _field_error(field, f"must be one of {names}")
-    if merged.get("target") is not None and not isinstance(merged["target"], str):
-        raise _field_error("target", "must be a string")
+    for field in ("scope", "metric", "window"):
+        if merged.get(field) is None:
+            raise _field_error(field, LIMIT_FIELDS[field].problem)
     if merged["scope"] == "global":
         merged["target"] = None
     elif not isinstance(merged.get("target"), str) or not merged["target"]:
         raise _field_error("target", f"is required for scope {merged['scope']}")
+    if merged["scope"] == "user":
+        merged["target"] = canonical_user_name(merged["target"], domains)
+        if merged["target"] is None:
+            raise _field_error("target", "is required for scope user")
     if merged["scope"] == "key" and merged.get("each"):
         raise _field_error("each", "does not apply to a key")
     if merged["scope"] == "user" and merged.get("each") == "user":
         raise _field_error("each", "a user limit can only apply to each key")
-    amount = merged.get("amount")
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0 \
-            or amount != amount or amount > 1e15:
-        raise _field_error("amount", "must be a number >= 0")
-    alert_at = merged.get("alert_at")
-    if alert_at is not None:
-        if not isinstance(alert_at, list) or not all(
-                isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 100
-                for p in alert_at):
-            raise _field_error("alert_at", "must be a list of percentages between 0 and 100")
-        alert_at = json.dumps(sorted(set(alert_at)))
-    merged["alert_at"] = alert_at
-    if merged.get("note") is not None and not isinstance(merged["note"], str):
-        raise _field_error("note", "must be a string")
+    if merged.get("amount") is None:
+        raise _field_error("amount", LIMIT_FIELDS["amount"].problem)
+    if merged.get("alert_at") is not None:
+        merged["alert_at"] = json.dumps(sorted(set(merged["alert_at"])))
+    merged.setdefault("alert_at", None)
     merged.setdefault("note", None)
     merged.setdefault("each", None)
     return merged
 
-
-def _field_error(field, problem):
-    return LlimitError(400, "invalid_request_error", f"{field} {problem}",
-                       code="invalid_" + field if field.isidentifier() else "invalid_field")
 
 
 def _must_exist(row, what, ident):
@@ -1878,6 +2868,46 @@ def add_limit(db, limit, now_iso):
     return limit["id"]
 
 
+class CallSlots:
+    """Calls under way, bounded per key, per user and overall; thread-safe.
+
+    One key holder with slow calls could otherwise hold every worker thread:
+    LLIMIT_MAX_CONCURRENT_PER_KEY / _PER_USER bound them, and proxied calls
+    together may use all threads but RESERVED_THREADS, so /healthz and the
+    pages always find a free one. Past a bound a call gets 429 at once.
+    """
+
+    def __init__(self, per_key, per_user, total):
+        self.per_key, self.per_user, self.total = per_key, per_user, max(total, 1)
+        self._lock = threading.Lock()
+        self._running = collections.Counter()  # ("key", id), ("user", name), ("all",) -> calls
+
+    def take(self, key_id, user_name):
+        """Hold a slot for a call of this key and user, or raise 429."""
+        counts = self._running
+        bounds = [(("key", key_id), self.per_key, "This key"), (("all",), self.total, "llimit")]
+        if user_name is not None:
+            bounds.insert(1, (("user", user_name), self.per_user, f"User {user_name}"))
+        with self._lock:
+            for slot, bound, who in bounds:
+                if counts[slot] >= bound:
+                    raise LlimitError(429, "rate_limit_exceeded",
+                                      f"{who} has {bound} calls under way already; wait for one"
+                                      " to finish.", code="too_many_concurrent_calls",
+                                      headers={"Retry-After": "1"})
+            for slot, _bound, _who in bounds:
+                counts[slot] += 1
+
+    def give_back(self, key_id, user_name):
+        """Free the slot of a call that has ended."""
+        with self._lock:
+            for slot in (("key", key_id), ("user", user_name), ("all",)):
+                if slot[0] != "user" or user_name is not None:
+                    self._running[slot] -= 1
+                    if not self._running[slot]:
+                        del self._running[slot]
+
+
 class AlertSender:
     """Delivers limit alerts to LLIMIT_ALERT_WEBHOOK from its own thread.
 
@@ -1894,10 +2924,13 @@ class AlertSender:
         self._queue = queue.SimpleQueue()
         self._session = requests.Session()
         self._thread = threading.Thread(target=self._run, name="llimit-alerts", daemon=True)
-        self._thread.start()
-        if webhook_url:
-            for alert in list_undelivered_alerts(database()):
+
+    def start(self):
+        """Start delivering, the undelivered alerts of earlier runs first (the server only)."""
+        if self.webhook_url:
+            for alert in list_undelivered_alerts(self.database()):
                 self._queue.put(dict(alert))
+        self._thread.start()
 
     def record(self, db, alerts):
         """Store alerts that are due (once each) and queue the new ones for delivery."""
@@ -1932,16 +2965,26 @@ class AlertSender:
 #    header rewriting (the client's credentials out, the upstream's in,
 #    hop-by-hop headers dropped), and the SSE relay that passes each event on
 #    as it arrives while a StreamMeter reads its usage. Knows nothing of keys
-#    or limits; the handlers in section 6 put the pieces together.
+#    or limits; the handlers in section 8 put the pieces together.
 # =============================================================================
 
 UPSTREAM_KINDS = ("openai", "azure", "anthropic")
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"))
-# The client's credentials, and what requests computes itself, never go upstream.
-DROPPED_REQUEST_HEADERS = HOP_BY_HOP | frozenset((
-    "host", "content-length", "authorization", "api-key", "x-api-key", "cookie",
-    "accept-encoding", "x-llimit-user"))
+# Request headers that go upstream: an allowlist per upstream kind, as WSGI
+# names them, so nothing else the client or a proxy in front sent (cookies, SSO
+# tokens, X-Forwarded-*, OpenAI-Organization / -Project, llimit's own X-LLimit-User
+# and LLIMIT_USER_HEADERS) reaches the provider. The rest are what the official
+# SDKs send; x-stainless-* (SDK telemetry) pass by prefix.
+_COMMON_REQUEST_HEADERS = ("accept", "user-agent", "idempotency-key")
+FORWARDED_REQUEST_HEADERS = {
+    kind: frozenset("HTTP_" + name.upper().replace("-", "_")
+                    for name in _COMMON_REQUEST_HEADERS + extra)
+    for kind, extra in (
+        ("openai", ("openai-beta",)),
+        ("azure", ("openai-beta", "x-ms-client-request-id", "x-ms-useragent")),
+        ("anthropic", ("anthropic-version", "anthropic-beta")))}
+FORWARDED_HEADER_PREFIX = "HTTP_X_STAINLESS_"
 # requests decodes gzip and we set the length of what we send.
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | frozenset(("content-length", "content-encoding"))
 AZURE_DEPLOYMENT_PATHS = ("chat/completions", "completions", "embeddings",
@@ -1952,8 +2995,6 @@ SSE_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # The last event of a stream is held back until the call's usage is committed.
 FINAL_SSE_DATA = ("[DONE]",)
 FINAL_SSE_EVENTS = ("message_stop", "response.completed")
-LARGE_BODY_BYTES = 64 * 1024
-MODEL_FIELD = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
 DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.{1,2}(?:[/\\]|$)")
 PATH_SAFE_CHARS = "/:@!$&'()*+,;=-._~"
 UNSAFE_PATH_CHAR = re.compile(r"[^A-Za-z0-9/:@!$&'()*+,;=._~-]")
@@ -1968,21 +3009,49 @@ class Upstream:
     key: str | None = dataclasses.field(repr=False)
 
 
+# Variables an `env:` upstream key may never name, whatever LLIMIT_UPSTREAM_ENV_PATTERN says:
+# llimit's own settings (the admin token, the default upstream key...) and Entra's secret.
+OWN_VARIABLES = frozenset(env for _field, env, *_rest in SETTINGS) | frozenset((
+    "AZURE_AD_TENANT_ID", "AZURE_AD_CLIENT_ID", "AZURE_AD_CLIENT_SECRET",
+    "AZURE_AD_CORPORATE_DOMAIN"))
+
+
+def upstream_env_allowed(name, pattern):
+    """Whether a project's upstream key may be read from variable `name` (env:NAME).
+
+    Admins (SSO users in LLIMIT_ADMIN_USERS too) set upstream keys; without this
+    they could send any of llimit's own secrets to an upstream URL they control.
+    """
+    return name not in OWN_VARIABLES and fnmatch.fnmatchcase(name, pattern)
+
+
 def resolve_upstream(project, config, environ=None):
     """The Upstream of a project row; the default project falls back to LLIMIT_UPSTREAM_*.
 
     `env:NAME` keys are read from the environment now, so rotating one needs
-    no restart; a missing variable is a 502 that names it.
+    no restart; a missing variable is a 502 that names it. A project's key
+    goes only to the project's URL and the default key only to the default
+    URL: a key without its URL (a row from before this was refused) is a 502.
     """
     environ = os.environ if environ is None else environ
     if project["upstream_url"]:
         base_url, stored_key = project["upstream_url"], project["upstream_key"]
         api_version = project["api_version"]
+    elif project["upstream_key"]:
+        raise LlimitError(502, "upstream_error",
+                          "This key's project has its own upstream key but no upstream URL;"
+                          " ask its admin to set the URL.", code="upstream_misconfigured")
     else:
         base_url, stored_key = config.upstream_url, config.upstream_key
         api_version = project["api_version"] or config.upstream_api_version
     key = stored_key
     if stored_key and stored_key.startswith("env:"):
+        # Checked again here: a project stored before the rule, or the pattern narrowed.
+        if not upstream_env_allowed(stored_key[4:], config.upstream_env_pattern):
+            raise LlimitError(502, "upstream_error",
+                              f"The upstream key variable {stored_key[4:]} is not one projects"
+                              " may use (LLIMIT_UPSTREAM_ENV_PATTERN); ask the admin.",
+                              code="upstream_key_missing")
         key = environ.get(stored_key[4:])
         if not key:
             raise LlimitError(502, "upstream_error",
@@ -2078,12 +3147,19 @@ def _ca_bundle():
             or requests.certs.where())
 
 
-def upstream_url(upstream, path, query_string, deployment=None, model=None):
-    """The URL a call goes to. `path` is what follows /v1/ (or a deployment)."""
+def upstream_url(upstream, path, query_string, deployment=None, model=None, azure_v1=False):
+    """The URL a call goes to. `path` is what follows /v1/ (or a deployment).
+
+    `azure_v1`: the call came in on Azure's GA v1 routes (/openai/v1/...), which
+    an Azure upstream serves under /openai/v1/ and without an api-version.
+    """
     path = _upstream_path(path)
     if deployment is not None:
         # Refused for every kind: other kinds ignore it in the URL, but it may become the model.
         _refuse_dot_segments(deployment)
+    if upstream.kind == "azure" and azure_v1:
+        return f"{upstream.base_url}/openai/v1/{path}" + ("?" + query_string if query_string
+                                                         else "")
     if upstream.kind == "azure":
         if deployment is None and model and path in AZURE_DEPLOYMENT_PATHS:
             deployment = model  # compat: OpenAI-style clients name the deployment as model
@@ -2125,17 +3201,17 @@ def _refuse_dot_segments(path):
                           "The path may not contain '.' or '..' segments.", code="invalid_path")
 
 
-def upstream_headers(environ, upstream, extra_dropped=()):
-    """Request headers for the upstream: the client's, less credentials, plus the upstream's."""
+def upstream_headers(environ, upstream):
+    """Request headers for the upstream: the client's that its kind allows, plus the upstream's."""
+    allowed = FORWARDED_REQUEST_HEADERS[upstream.kind]
+    named_in_connection = environ.get("HTTP_CONNECTION")
     headers = {}
-    if "HTTP_CONNECTION" in environ:  # the headers it names are hop-by-hop too
-        extra_dropped = {*extra_dropped, *(name.strip().lower()
-                                           for name in environ["HTTP_CONNECTION"].split(","))}
     for name, value in environ.items():
-        if name.startswith("HTTP_"):
-            header = name[5:].replace("_", "-").lower()
-            if header not in DROPPED_REQUEST_HEADERS and header not in extra_dropped:
-                headers[header] = value
+        if name in allowed or name.startswith(FORWARDED_HEADER_PREFIX):
+            headers[name[5:].replace("_", "-").lower()] = value
+    if named_in_connection:  # hop-by-hop by the client's own word (RFC 9110 7.6.1)
+        for token in named_in_connection.split(","):
+            headers.pop(token.strip().lower(), None)
     if environ.get("CONTENT_TYPE"):
         headers["content-type"] = environ["CONTENT_TYPE"]
     if upstream.key:
@@ -2191,46 +3267,16 @@ def read_upstream_body(resp):
                           code="upstream_broken") from None
 
 
-def client_response_headers(resp):
-    """(name, value) pairs of an upstream response that pass on to the client."""
-    return [(name, value) for name, value in resp.headers.items()
-            if name.lower() not in DROPPED_RESPONSE_HEADERS]
+def client_response_headers(resp, own_headers=()):
+    """(name, value) pairs of an upstream response that pass on to the client.
 
-
-def usage_from_response_body(content):
-    """(model, Usage or None) from a non-stream body; cheap on large ones.
-
-    Embeddings answers run to megabytes of floats with usage at the end, so
-    a large body is read from its ends before it is ever parsed whole.
+    One source of x-ratelimit-* per response: when llimit sends its own (a
+    minute limit applies), the upstream's are dropped, else they pass.
     """
-    if not content or content[:1] not in (b"{", b" ", b"\n"):
-        return None, None
-    if len(content) > LARGE_BODY_BYTES:
-        found = _usage_from_body_ends(content)
-        if found is not None:
-            return found
-    try:
-        return usage_from_body(json.loads(content))
-    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
-        return None, None
-
-
-def _usage_from_body_ends(content):
-    tail = content[-4096:]
-    at = tail.rfind(b'"usage"')
-    if at < 0:
-        return None
-    brace = tail.find(b"{", at)
-    try:
-        usage, _ = json.JSONDecoder().raw_decode(tail[brace:].decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    match = MODEL_FIELD.search(content[:2048]) or MODEL_FIELD.search(tail)
-    model = match.group(1).decode("utf-8", "replace") if match else None
-    body = {"model": model, "usage": usage}
-    if "cache_creation_input_tokens" in usage:
-        body["type"] = "message"
-    return usage_from_body(body)
+    own_rate_limits = any(name.lower().startswith("x-ratelimit-") for name in own_headers)
+    return [(name, value) for name, value in resp.headers.items()
+            if name.lower() not in DROPPED_RESPONSE_HEADERS
+            and not (own_rate_limits and name.lower().startswith("x-ratelimit-"))]
 
 
 def upstream_chunks(resp):
@@ -2267,74 +3313,279 @@ def sse_fields(raw_event):
     return None, ""  # a comment or keep-alive: passed on, nothing to read
 
 
-def sse_error_event(kind, message):
-    """An error event in the stream's own dialect, for an upstream that broke off."""
+def sse_error_event(kind, message, error_type="upstream_error", code="upstream_stream_broken"):
+    """An error event in the stream's own dialect, for an upstream that broke off (or a
+    stream whose usage could not be recorded)."""
     if kind == "anthropic":
         body = {"type": "error", "error": {"type": "api_error", "message": message}}
         return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
-    body = {"error": {"message": message, "type": "upstream_error",
-                      "code": "upstream_stream_broken"}}
+    body = {"error": {"message": message, "type": error_type, "code": code}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+# =============================================================================
+# 6. Keys and projects
+#    What an admin hands out and configures: llimit keys (created here, shown
+#    once, stored as their SHA-256) and projects (where a key's calls go, and
+#    the limits a project's `budget` shorthand makes). Validates admin input
+#    for both; the admin API, the pages and the CLI all come through here.
+# =============================================================================
+
+KEY_PREFIX = "llimit-"
+MAX_USER_NAME = 200
+MAX_MODEL_NAME = 200
+USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters
+
+
+def user_domains(config):
+    """The e-mail domains of the Identity rule: LLIMIT_USER_DOMAINS, else the OIDC ones."""
+    return frozenset(domain.strip().lower().lstrip("@")
+                     for domain in config.user_domains or config.oidc_allowed_domains)
+
+
+def canonical_user_name(value, domains):
+    """The contract's Identity rule, for every source of a user name; None for no name.
+
+    Trimmed, lowercased, no control characters, bounded; an e-mail address of
+    one of `domains` becomes its local part, any other e-mail stays whole, so
+    Grace@corp.example is grace and boss@elsewhere.example is never boss.
+    """
+    if not isinstance(value, str):
+        return None
+    name = USER_NAME_JUNK.sub("", value).strip().lower()
+    local, at, domain = name.rpartition("@")
+    if at and local and domain in domains:
+        name = local.strip()
+    return name[:MAX_USER_NAME] or None
+
+
+def apply_identity_rule(db, domains):
+    """Bring every stored user name under the Identity rule; returns {old: new}.
+
+    Runs at every start (the rule depends on LLIMIT_USER_DOMAINS), so it is
+    idempotent: a name the rule leaves alone is never touched.
+    """
+    with transaction(db):
+        renames = {}
+        for name in list_stored_user_names(db):
+            canonical = canonical_user_name(name, domains)
+            if canonical and canonical != name:
+                renames[name] = canonical
+        if renames:
+            rename_users(db, renames)
+    if renames:
+        log.warning("user names brought under the Identity rule: %d renamed", len(renames))
+    return renames
+
+
+def hash_secret(raw):
+    """SHA-256 hex digest of a key or token."""
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()
+
+
+def new_raw_key():
+    """A fresh key: llimit- and 43 URL-safe random characters (256 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def mask_key(raw_key):
+    """The form keys are listed in, e.g. llimit-Ab3x…9fQz."""
+    return f"{raw_key[:len(KEY_PREFIX) + 4]}…{raw_key[-4:]}"
+
+
+def parse_time_input(value, field):
+    """An ISO 8601 date or time from input as UTC 'YYYY-MM-DDTHH:MM:SSZ' (None stays None)."""
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise _field_error(field, "must be an ISO 8601 date or time, e.g. 2026-12-31")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+SHORT_TEXT = {"type": "string", "nullable": True, "maxLength": 1000}
+KEY_FIELDS = {
+    "user": Field(SHORT_TEXT, "must be a string"),
+    "project": Field({**SHORT_TEXT, "description": "null: default"}, "must be a string"),
+    "note": Field(SHORT_TEXT, "must be a string"),
+    "expires_at": Field({"type": "string", "nullable": True, "format": "date-time"},
+                        "must be an ISO 8601 date or time, e.g. 2026-12-31"),
+    "models": Field({"type": "array", "nullable": True,
+                     "items": {"type": "string", "minLength": 1}},
+                    "must be a list of model names, or null for all"),
+}
+
+
+def validate_key_fields(data, allowed, domains):
+    """The editable fields of a key from JSON input; 400 names the field.
+
+    `domains` are the Identity rule's (user_domains), for the `user` field.
+    """
+    check_input(data, {name: KEY_FIELDS[name] for name in allowed}, "key")
+    fields = {name: data[name] for name in ("user", "project", "note") if name in data}
+    if fields.get("user") is not None:
+        fields["user"] = canonical_user_name(fields["user"], domains)
+    if "expires_at" in data:
+        fields["expires_at"] = parse_time_input(data["expires_at"], "expires_at")
+    if "models" in data:
+        fields["models"] = json.dumps(data["models"]) if data["models"] else None
+    return fields
+
+
+def create_key(db, now, user=None, project="default", note=None, expires_at=None, models=None):
+    """Issue a key; returns (row dict, raw key). The raw key exists only in this return."""
+    _must_exist(get_project(db, project), "project", project)
+    raw_key = new_raw_key()
+    row = {"id": "key_" + secrets.token_hex(8), "key_hash": hash_secret(raw_key),
+           "masked_key": mask_key(raw_key), "project_id": project, "user_name": user,
+           "note": note, "models": models, "created_at": utc_iso(now),
+           "expires_at": expires_at, "revoked_at": None, "last_used_at": None}
+    insert_key(db, row)
+    return row, raw_key
+
+
+def check_key_cap(db, project, user_name, now):
+    """403 when a user already holds the project's max_keys_per_user active keys."""
+    cap = project["max_keys_per_user"]
+    if cap is not None and count_active_user_keys(db, user_name, project["id"],
+                                                  utc_iso(now)) >= cap:
+        raise LlimitError(403, "permission_denied",
+                          f"You hold {cap} active key{'s' * (cap != 1)} in project"
+                          f" {project['id']!r}, the most it allows per person. Revoke one"
+                          " you no longer use, then create a new one.", code="too_many_keys")
+
+
+def key_to_json(row, spend=None):
+    """A key as listings show it: masked, never its hash."""
+    requests_made, cost = spend or (0, 0)
+    return {
+        "id": row["id"], "masked_key": row["masked_key"],
+        "user": row["user_name"], "project": row["project_id"], "note": row["note"],
+        "models": json.loads(row["models"]) if row["models"] else None,
+        "created_at": row["created_at"], "expires_at": row["expires_at"],
+        "revoked_at": row["revoked_at"], "last_used_at": row["last_used_at"],
+        "active": row["revoked_at"] is None and (
+            row["expires_at"] is None or row["expires_at"] > utc_iso(time.time())),
+        "requests": requests_made, "cost_usd": nusd_to_usd(cost),
+    }
+
+
 PROJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def validate_project(data, current=None):
-    """A project dict from JSON input (merged over `current` for PATCH); 400 names the field."""
-    if not isinstance(data, dict):
-        raise LlimitError(400, "invalid_request_error", "expected a JSON object")
-    unknown = set(data) - set(PROJECT_COLUMNS) - {"budget"} | (
-        {"created_at"} & set(data))
-    if unknown:
-        raise _field_error(sorted(unknown)[0], "is not a project field")
+ONE_LINE = {"type": "string", "nullable": True, "maxLength": 2000, "pattern": r"^[^\r\n]*$"}
+SINGLE_LINE = "must be a single-line string"
+# A stored key, or env:NAME with NAME a variable's name.
+ENV_OR_KEY = (r"^([^e\r\n][^\r\n]*|e([^n\r\n][^\r\n]*)?|en([^v\r\n][^\r\n]*)?"
+              r"|env([^:\r\n][^\r\n]*)?|env:[A-Za-z_][A-Za-z0-9_]*)?$")
+PROJECT_FIELDS = {
+    "id": Field({"type": "string", "pattern": PROJECT_ID.pattern},
+                "must be 1-64 letters, digits, '_', '.' or '-'"),
+    "name": Field(ONE_LINE, SINGLE_LINE),
+    "upstream_kind": _one_of(UPSTREAM_KINDS),
+    "upstream_url": Field({**ONE_LINE, "pattern": r"^https?://[A-Za-z0-9.:-]+(/[^\r\n]*)?$"},
+                          "must be an http(s) URL"),
+    "upstream_key": Field({**ONE_LINE, "pattern": ENV_OR_KEY,
+                           "description": "write-only; env:NAME reads it from the environment"},
+                          "must be a single-line string; env: must name an environment variable"),
+    "api_version": Field(ONE_LINE, SINGLE_LINE),
+    "allow_user_keys": Field({"type": "boolean"}, "must be true or false"),
+    "allow_async": Field({"type": "boolean", "description": "allow batches and background"
+                          " responses, charged once when they finish"}, "must be true or false"),
+    "limit_message": Field({**ONE_LINE, "pattern": r"^[^\r]*$"}, "must be a string without"
+                           " carriage returns"),
+    "model_map": Field({"type": "object", "additionalProperties": {"type": "string"},
+                        "nullable": True}, "must map deployment names to model names"),
+    # keeps_to has no integers; validate_project checks it is a whole number.
+    "max_keys_per_user": Field({"type": "integer", "minimum": 0, "nullable": True},
+                               "must be a whole number >= 0, or null for no cap"),
+    # Checked by budget_limits, which makes limits of it; the spec shows its shape.
+    "budget": Field({"nullable": True, "description": 'e.g. {"usd": 10, "window": "day"}'},
+                    'must look like {"usd": 10, "window": "day"}'),
+}
+
+
+# Cloud metadata services answer anyone on the machine with its credentials; an
+# upstream URL naming one would relay them to an admin's client.
+METADATA_HOSTS = frozenset(("metadata.google.internal", "metadata", "169.254.169.254",
+                            "fd00:ec2::254", "100.100.100.200"))
+
+
+def validate_project(data, current=None, env_pattern=Config().upstream_env_pattern):
+    """A project dict from JSON input (merged over `current` for PATCH); 400 names the field.
+
+    `env_pattern` is LLIMIT_UPSTREAM_ENV_PATTERN: which variables env:NAME may name.
+    """
+    check_input(data, PROJECT_FIELDS, "project")
     project = dict(current) if current else {
         "upstream_kind": "openai", "upstream_url": None, "upstream_key": None,
-        "api_version": None, "allow_user_keys": 1, "limit_message": None, "model_map": None}
+        "api_version": None, "allow_user_keys": 1, "allow_async": 0, "limit_message": None,
+        "model_map": None, "max_keys_per_user": None}
     if current and "id" in data and data["id"] != current["id"]:
         raise _field_error("id", "cannot change")
     if isinstance(project.get("model_map"), str):
         project["model_map"] = json.loads(project["model_map"])  # as stored; input: an object
     project.update({k: v for k, v in data.items() if k in PROJECT_COLUMNS})
-    if not isinstance(project.get("id"), str) or not PROJECT_ID.fullmatch(project["id"]):
-        raise _field_error("id", "must be 1-64 letters, digits, '_', '.' or '-'")
+    if project.get("id") is None:
+        raise _field_error("id", PROJECT_FIELDS["id"].problem)
     if project.get("name") in (None, ""):  # not just falsy: {} is no name
         project["name"] = project["id"]
-    if project["upstream_kind"] not in UPSTREAM_KINDS:
-        raise _field_error("upstream_kind", "must be one of " + ", ".join(UPSTREAM_KINDS))
-    for field in ("name", "upstream_url", "upstream_key", "api_version", "limit_message"):
-        value = project.get(field)
-        if value is not None and (not isinstance(value, str) or len(value) > 2000
-                                  or "\r" in value or "\n" in value and field != "limit_message"):
-            raise _field_error(field, "must be a single-line string")
-    url = project["upstream_url"]
-    if url is not None:
-        try:
-            parts = urllib.parse.urlsplit(url)
-        except ValueError:  # e.g. "http://[x": a broken IPv6 address
-            parts = urllib.parse.SplitResult("", "", "", "", "")
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise _field_error("upstream_url", "must be an http(s) URL")
-        project["upstream_url"] = url.rstrip("/")
+    if project["upstream_url"] is not None:
+        _refuse_metadata_host(urllib.parse.urlsplit(project["upstream_url"]).hostname or "")
+        project["upstream_url"] = project["upstream_url"].rstrip("/")
+        if current and project["upstream_url"] != (current["upstream_url"] or None) \
+                and "upstream_key" not in data:
+            # Else a new URL would receive the key stored for the old one.
+            raise _field_error("upstream_key", "must be given again when upstream_url changes")
     elif project["upstream_kind"] != "openai" and project["id"] != "default":
         raise _field_error("upstream_url", f"is required for kind {project['upstream_kind']}")
+    if project["upstream_key"] is not None and project["upstream_url"] is None:
+        # Else its calls would go to the default upstream, billed to the default key.
+        raise _field_error("upstream_key", "needs an upstream_url: a project's own key is"
+                                           " sent only to the project's own upstream")
     key = project["upstream_key"]
-    if key and key.startswith("env:") and not ENV_NAME.fullmatch(key[4:]):
-        raise _field_error("upstream_key", "env: must name an environment variable")
-    allow = project["allow_user_keys"]
-    # Stored as 0 or 1; from input only true or false, as the spec says.
-    if "allow_user_keys" in data and not isinstance(allow, bool) or allow not in (0, 1):
-        raise _field_error("allow_user_keys", "must be true or false")
-    project["allow_user_keys"] = int(bool(allow))
-    model_map = project["model_map"]
-    if model_map is not None:
-        if not isinstance(model_map, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in model_map.items()):
-            raise _field_error("model_map", "must map deployment names to model names")
-        model_map = json.dumps(model_map, sort_keys=True)
-    project["model_map"] = model_map
+    if key and key.startswith("env:") and "upstream_key" in data \
+            and not upstream_env_allowed(key[4:], env_pattern):
+        raise _field_error("upstream_key", f"env: may name only variables matching {env_pattern}"
+                           " (LLIMIT_UPSTREAM_ENV_PATTERN), never llimit's own settings")
+    project["allow_user_keys"] = int(bool(project["allow_user_keys"]))  # stored as 0 or 1
+    project["allow_async"] = int(bool(project["allow_async"]))
+    if project["model_map"] is not None:
+        project["model_map"] = json.dumps(project["model_map"], sort_keys=True)
+    cap = project.get("max_keys_per_user")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+        raise _field_error("max_keys_per_user", "must be a whole number >= 0, or null for no cap")
     return project
+
+
+def _refuse_metadata_host(host):
+    # Private ranges stay allowed (intranet upstreams are normal); link-local
+    # addresses and metadata services never are, named or resolved.
+    host = host.lower().rstrip(".")
+    addresses = {host}
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            addresses |= {info[4][0].split("%")[0] for info in socket.getaddrinfo(host, None)}
+        except (OSError, UnicodeError):
+            pass  # not resolvable now: calls will get 502 until it is
+    for address in addresses:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            ip = None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if address in METADATA_HOSTS or (ip is not None and (
+                ip.is_link_local or str(ip) in METADATA_HOSTS)):
+            raise _field_error("upstream_url", "may not name a link-local or cloud metadata"
+                               " address")
 
 
 def budget_limits(project_id, budget):
@@ -2344,7 +3595,7 @@ def budget_limits(project_id, budget):
     for item in budgets:
         if not isinstance(item, dict):
             raise _field_error("budget", 'must look like {"usd": 10, "window": "day"}')
-        metrics = [m for m in METRICS if m in item]
+        metrics = [m for m in LIMIT_METRICS if m in item]
         if len(metrics) != 1:
             raise _field_error("budget", "needs exactly one of usd, tokens, requests")
         extra = set(item) - {metrics[0], "window", "action", "each", "alert_at", "note"}
@@ -2357,9 +3608,9 @@ def budget_limits(project_id, budget):
     return limits
 
 
-def create_project(db, data, now_iso):
+def create_project(db, data, now_iso, env_pattern):
     """Add a project from input, its `budget` shorthand as limits; 409 if the id is taken."""
-    project = validate_project(data)
+    project = validate_project(data, env_pattern=env_pattern)
     # Only an absent or null budget is no budget: {} is a mistake, said so.
     limits = budget_limits(project["id"], data["budget"]) if data.get("budget") is not None \
         else []
@@ -2376,11 +3627,12 @@ def create_project(db, data, now_iso):
     return project
 
 
-def change_project(db, project_id, data, now_iso):
+def change_project(db, project_id, data, now_iso, env_pattern):
     """Change a project from input (a `budget` adds limits); 404 if there is none."""
     with transaction(db):
         project = validate_project(
-            data, dict(_must_exist(get_project(db, project_id), "project", project_id)))
+            data, dict(_must_exist(get_project(db, project_id), "project", project_id)),
+            env_pattern)
         update_project(db, project)
         for limit in (budget_limits(project_id, data["budget"])
                       if data.get("budget") is not None else []):
@@ -2396,54 +3648,45 @@ def _warn_missing_upstream_key(project):
                     project["id"], key[4:])
 
 
-def project_to_json(project):
-    """A project as the admin API shows it: the upstream key only as where it comes from."""
-    key = project["upstream_key"]
+def project_to_json(project, config=None):
+    """A project as the admin API shows it: the upstream key only as where it comes from.
+
+    `upstream_url` is what is stored (null: LLIMIT_UPSTREAM_URL's); with a
+    config, `upstream_url_in_force` and the key fields say what calls use.
+    """
+    key, source = project["upstream_key"], None
+    in_force = project["upstream_url"]
+    if config is not None and not project["upstream_url"]:
+        # resolve_upstream: no URL of its own means the LLIMIT_UPSTREAM_* upstream.
+        in_force, key, source = config.upstream_url, config.upstream_key, "LLIMIT_UPSTREAM_KEY"
     return {
         "id": project["id"], "name": project["name"],
         "upstream_kind": project["upstream_kind"], "upstream_url": project["upstream_url"],
+        "upstream_url_in_force": in_force,
         "upstream_key_set": bool(key),
-        "upstream_key_source": (key if key and key.startswith("env:") else
-                                "stored" if key else None),
+        "upstream_key_source": (None if not key else source if source else
+                                key if key.startswith("env:") else "stored"),
         "api_version": project["api_version"],
         "allow_user_keys": bool(project["allow_user_keys"]),
+        "allow_async": bool(project["allow_async"]),
         "limit_message": project["limit_message"],
         "model_map": json.loads(project["model_map"]) if project["model_map"] else None,
+        "max_keys_per_user": project["max_keys_per_user"],
         "created_at": project["created_at"],
     }
 
 
 # =============================================================================
-# 6. Auth and the proxy handlers
-#    Who is calling: llimit keys (only their SHA-256 is stored), the admin
-#    token, the end user a project key speaks for, and who is looking at a
-#    page (server-side sessions, the CSRF check, open / header / OIDC
-#    sign-in). Then the proxy
-#    handlers, which sit here because the first thing they do is call auth:
-#    auth -> limits (4) -> upstream (5) -> metering (3).
+# 7. Auth
+#    Who is calling: a presented llimit key, the admin token (one throttle for
+#    wrong secrets of either kind), the end user a project key speaks for, and
+#    who is looking at a page (server-side sessions, the CSRF check, open /
+#    header / OIDC sign-in).
 # =============================================================================
 
-KEY_PREFIX = "llimit-"
 END_USER_HEADER = "X-LLimit-User"
-MAX_USER_NAME = 200
-USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters
 AUTH_FAILURES_PER_MINUTE = 20   # wrong keys or admin tokens from one address, then 429
 AUTH_THROTTLE_ENTRIES = 10000   # addresses and known-good secrets remembered, each
-
-
-def hash_secret(raw):
-    """SHA-256 hex digest of a key or token."""
-    return hashlib.sha256(raw.encode("utf-8")).hexdigest()
-
-
-def new_raw_key():
-    """A fresh key: llimit- and 43 URL-safe random characters (256 bits)."""
-    return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def mask_key(raw_key):
-    """The form keys are listed in, e.g. llimit-Ab3x…9fQz."""
-    return f"{raw_key[:len(KEY_PREFIX) + 4]}…{raw_key[-4:]}"
 
 
 def raw_key_from(environ):
@@ -2496,7 +3739,7 @@ def authenticate_key(find_key, raw_key, key_hash, now):
     `key_hash` is hash_secret(raw_key); `find_key(key_hash)` gives the row, or None.
     """
     row = find_key(key_hash) if raw_key.startswith(KEY_PREFIX) else None
-    if row is None or not hmac.compare_digest(row["key_hash"], key_hash):
+    if row is None or not secrets_match(row["key_hash"], key_hash):
         raise LlimitError(401, "invalid_request_error",
                           f"Incorrect API key provided: {_shown_key(raw_key)}.",
                           code="invalid_api_key")
@@ -2514,56 +3757,44 @@ def authenticate_key(find_key, raw_key, key_hash, now):
 
 
 class AuthThrottle:
-    """Slows down guessing of keys and admin tokens, per client address.
+    """Slows down guessing of every secret (keys, the admin token on the API and
+    on the sign-in page, the metrics token), per client address.
 
-    After AUTH_FAILURES_PER_MINUTE wrong secrets from one address within a
-    minute, that address gets 429 (with Retry-After) without a lookup until
-    the minute has passed; a secret that has worked before is still let
-    through, so the good keys of everyone behind one NAT or proxy address keep
-    working while a bad one is throttled. Memory is bounded (the least recent
-    entries are forgotten first). Thread-safe; `clock` gives seconds.
+    The presented secret is always checked first (a hash lookup is cheap), so a
+    correct one passes from any address, used before or not: the good keys of
+    everyone behind one NAT or proxy address keep working while a guesser there
+    is throttled. Only wrong secrets count: after AUTH_FAILURES_PER_MINUTE of
+    them from one address within a minute, its further wrong ones get 429 (with
+    Retry-After) instead of 401, without being counted, which tells the guesser
+    nothing more than "wrong". Memory is bounded (the least recent addresses are
+    forgotten first). Thread-safe; `clock` gives seconds.
     """
 
     def __init__(self, clock):
         self.clock = clock
         self._lock = threading.Lock()
         self._failures = collections.OrderedDict()  # address -> deque of failure times
-        self._good = {}                             # hashes of secrets that worked
 
-    def check(self, address, secret_hash):
-        """Raise 429 when `address` is throttled and the secret is not known to be good."""
-        if secret_hash in self._good:
-            return
-        with self._lock:
-            times = self._failures.get(address)
-            if times is None or len(times) < AUTH_FAILURES_PER_MINUTE:
-                return
-            wait = 60 - (self.clock() - times[0])
-        if wait > 0:
-            raise LlimitError(429, "rate_limit_exceeded",
-                              "Too many wrong keys or tokens from this address; wait"
-                              f" {int(wait + 0.999)} s.", code="too_many_failed_attempts",
-                              headers={"Retry-After": str(int(wait + 0.999))})
-
-    def failed(self, address):
-        """Count a wrong secret from `address`."""
+    def wrong(self, address, error):
+        """Raise `error` (the 401) for a wrong secret from `address`, counted; 429 instead
+        once the address is over its allowance."""
+        now = self.clock()
         with self._lock:
             times = self._failures.pop(address, None)
             if times is None:
                 times = collections.deque(maxlen=AUTH_FAILURES_PER_MINUTE)
-            times.append(self.clock())
+            wait = 60 - (now - times[0]) if len(times) == AUTH_FAILURES_PER_MINUTE else 0
+            if wait <= 0:
+                times.append(now)
             self._failures[address] = times
             if len(self._failures) > AUTH_THROTTLE_ENTRIES:
                 self._failures.popitem(last=False)
-
-    def succeeded(self, secret_hash):
-        """Remember a secret that worked, so a throttle on its address lets it through."""
-        if secret_hash in self._good:
-            return
-        with self._lock:
-            self._good[secret_hash] = True
-            if len(self._good) > AUTH_THROTTLE_ENTRIES:
-                del self._good[next(iter(self._good))]
+        if wait > 0:
+            seconds = str(int(wait + 0.999))
+            raise LlimitError(429, "rate_limit_exceeded",
+                              f"Too many wrong keys or tokens from this address; wait {seconds} s.",
+                              code="too_many_failed_attempts", headers={"Retry-After": seconds})
+        raise error
 
 
 def authenticate_call(state, environ):
@@ -2574,18 +3805,13 @@ def authenticate_call(state, environ):
         raise LlimitError(401, "invalid_request_error",
                           "No API key provided. Send your llimit key as"
                           " 'Authorization: Bearer llimit-...'.", code="missing_api_key")
-    address = environ.get("REMOTE_ADDR", "")
-    key_hash = hash_secret(raw_key)
-    state.auth_throttle.check(address, key_hash)
     find_key = functools.partial(state.keys.row, state.database())
     try:
-        key = authenticate_key(find_key, raw_key, key_hash, state.config.clock())
+        return authenticate_key(find_key, raw_key, hash_secret(raw_key), state.config.clock())
     except LlimitError as error:
-        if error.status == 401:
-            state.auth_throttle.failed(address)
-        raise
-    state.auth_throttle.succeeded(key_hash)
-    return key
+        if error.status != 401:
+            raise
+        state.auth_throttle.wrong(environ.get("REMOTE_ADDR", ""), error)
 
 
 def _shown_key(raw_key):
@@ -2593,14 +3819,14 @@ def _shown_key(raw_key):
     return raw_key[:3] + "*" * 4 + raw_key[-4:] if len(raw_key) > 12 else "****"
 
 
-def end_user(environ, payload, user_headers):
+def end_user(environ, payload, user_headers, domains):
     """The end user a project key names: X-LLimit-User, LLIMIT_USER_HEADERS, or body `user`."""
     for header in (END_USER_HEADER, *user_headers):
         value = environ.get("HTTP_" + header.upper().replace("-", "_"))
         if value:
-            return clean_user_name(_header_text(value))
+            return canonical_user_name(_header_text(value), domains)
     if isinstance(payload, dict) and isinstance(payload.get("user"), str) and payload["user"]:
-        return clean_user_name(payload["user"])
+        return canonical_user_name(payload["user"], domains)
     return None
 
 
@@ -2612,20 +3838,31 @@ def _header_text(value):
         return value
 
 
-def clean_user_name(value):
-    """A user name as stored: trimmed, no control characters, bounded length."""
-    return USER_NAME_JUNK.sub("", value).strip()[:MAX_USER_NAME] or None
-
-
 def secrets_match(presented, expected):
-    """Whether a presented secret equals the expected one, in constant time."""
+    """Whether a presented secret equals the expected one, in constant time.
+
+    Every comparison of a secret (or of its hash) goes through here: a plain
+    == stops at the first differing byte, and its timing would let a guesser
+    find a secret byte by byte. A timing test cannot catch a lapse reliably,
+    so this holds by construction: one helper, no other comparison of secrets.
+    """
     return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))
 
 
 def admin_token_matches(db, presented):
     """Whether a presented admin token is the current one (constant-time)."""
     stored = get_setting(db, "admin_token_sha256")
-    return bool(presented and stored) and hmac.compare_digest(hash_secret(presented), stored)
+    return bool(presented and stored) and secrets_match(hash_secret(presented), stored)
+
+
+def check_admin_token(state, presented, address):
+    """Pass when `presented` is the admin token; else 401, or 429 for a throttled address."""
+    if admin_token_matches(state.database(), presented):
+        return
+    state.auth_throttle.wrong(address, LlimitError(
+        401, "invalid_request_error",
+        "This needs the admin token: 'Authorization: Bearer <admin token>'.",
+        code="invalid_admin_token"))
 
 
 def ensure_admin_token(db, admin_token):
@@ -2645,122 +3882,17 @@ def require_admin(state):
     environ = bottle.request.environ
     authorization = environ.get("HTTP_AUTHORIZATION", "")
     token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
-    if token:
-        address, token_hash = environ.get("REMOTE_ADDR", ""), hash_secret(token)
-        state.auth_throttle.check(address, token_hash)
-        if admin_token_matches(state.database(), token):
-            state.auth_throttle.succeeded(token_hash)
-            return
-        state.auth_throttle.failed(address)
-    raise LlimitError(401, "invalid_request_error",
-                      "This needs the admin token: 'Authorization: Bearer <admin token>'.",
-                      code="invalid_admin_token")
-
-
-def read_body(environ, max_bytes):
-    """The request body; 413 above `max_bytes`."""
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise LlimitError(400, "invalid_request_error", "Bad Content-Length.") from None
-    if length > max_bytes:
-        raise LlimitError(413, "invalid_request_error",
-                          f"The request body is {length} bytes; the limit is {max_bytes}.",
-                          code="request_too_large")
-    return environ["wsgi.input"].read(length) if length else b""
-
-
-def parse_json_body(body, environ):
-    """The JSON object a POST carries, {} when there is none; 400 when it is broken."""
-    if not body:
-        return {}
-    content_type = environ.get("CONTENT_TYPE", "")
-    if "json" not in content_type and body[:1] not in (b"{", b"["):
-        return {}  # multipart uploads (audio, files) pass through unread
-    try:
-        payload = json.loads(body)
-    except RecursionError:
-        raise LlimitError(400, "invalid_request_error", "The request body is nested too deep.",
-                          code="invalid_json") from None
-    except ValueError as error:
-        raise LlimitError(400, "invalid_request_error",
-                          f"The request body is not valid JSON: {error}.",
-                          code="invalid_json") from None
-    return payload if isinstance(payload, dict) else {}
-
-
-def parse_time_input(value, field):
-    """An ISO 8601 date or time from input as UTC 'YYYY-MM-DDTHH:MM:SSZ' (None stays None)."""
-    if value is None:
-        return None
-    try:
-        moment = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        moment = None
-    if moment is None:
-        raise _field_error(field, "must be an ISO 8601 date or time, e.g. 2026-12-31")
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def validate_key_fields(data, allowed):
-    """The editable fields of a key from JSON input; 400 names the field."""
-    if not isinstance(data, dict):
-        raise LlimitError(400, "invalid_request_error", "expected a JSON object")
-    unknown = set(data) - set(allowed)
-    if unknown:
-        raise _field_error(sorted(unknown)[0], "is not a key field here")
-    fields = {}
-    for name in ("user", "project", "note"):
-        if name in data:
-            value = data[name]
-            if value is not None and (not isinstance(value, str) or len(value) > 1000):
-                raise _field_error(name, "must be a string")
-            fields[name] = value
-    if "user" in fields and fields["user"] is not None:
-        fields["user"] = clean_user_name(fields["user"])
-    if "expires_at" in data:
-        fields["expires_at"] = parse_time_input(data["expires_at"], "expires_at")
-    if "models" in data:
-        models = data["models"]
-        if models is not None and (not isinstance(models, list) or not all(
-                isinstance(m, str) and m for m in models)):
-            raise _field_error("models", "must be a list of model names, or null for all")
-        fields["models"] = json.dumps(models) if models else None
-    return fields
-
-
-def create_key(db, now, user=None, project="default", note=None, expires_at=None, models=None):
-    """Issue a key; returns (row dict, raw key). The raw key exists only in this return."""
-    _must_exist(get_project(db, project), "project", project)
-    raw_key = new_raw_key()
-    row = {"id": "key_" + secrets.token_hex(8), "key_hash": hash_secret(raw_key),
-           "masked_key": mask_key(raw_key), "project_id": project, "user_name": user,
-           "note": note, "models": models, "created_at": utc_iso(now),
-           "expires_at": expires_at, "revoked_at": None, "last_used_at": None}
-    insert_key(db, row)
-    return row, raw_key
-
-
-def key_to_json(row, spend=None):
-    """A key as listings show it: masked, never its hash."""
-    requests_made, cost = spend or (0, 0)
-    return {
-        "id": row["id"], "masked_key": row["masked_key"],
-        "user": row["user_name"], "project": row["project_id"], "note": row["note"],
-        "models": json.loads(row["models"]) if row["models"] else None,
-        "created_at": row["created_at"], "expires_at": row["expires_at"],
-        "revoked_at": row["revoked_at"], "last_used_at": row["last_used_at"],
-        "active": row["revoked_at"] is None and (
-            row["expires_at"] is None or row["expires_at"] > utc_iso(time.time())),
-        "requests": requests_made, "cost_usd": nusd_to_usd(cost),
-    }
+    if not token:
+        raise LlimitError(401, "invalid_request_error",
+                          "This needs the admin token: 'Authorization: Bearer <admin token>'.",
+                          code="invalid_admin_token")
+    check_admin_token(state, token, environ.get("REMOTE_ADDR", ""))
 
 
 # --- page sign-in: sessions, CSRF, and the three ways in --------------------------
 
 SESSION_COOKIE = "llimit_session"
+LOGIN_CSRF_COOKIE = "llimit_login_csrf"
 SESSION_SECONDS = 7 * 86400
 PENDING_SESSION_SECONDS = 3600     # a browser on its way to signing in
 FORM_MAX_BYTES = 64 * 1024
@@ -2794,6 +3926,10 @@ def sign_in_warnings(config):
         if config.admin_users:
             warnings.append("LLIMIT_AUTH=open: LLIMIT_ADMIN_USERS is ignored, as anyone could"
                             " type those names; admins sign in with the admin token")
+    if config.auth == "oidc" and not config.public_url:
+        warnings.append("LLIMIT_AUTH=oidc without LLIMIT_PUBLIC_URL: the provider sends"
+                        f" browsers back to {config.base_url}/login/callback; set"
+                        " LLIMIT_PUBLIC_URL to the address people use")
     if config.auth == "oidc" and not config.oidc_allowed_domains:
         warnings.append("LLIMIT_AUTH=oidc without LLIMIT_OIDC_ALLOWED_DOMAINS: every account"
                         " the provider signs in may use llimit")
@@ -2803,10 +3939,18 @@ def sign_in_warnings(config):
 def page_session(state):
     """The PageSession of this request: its cookie, or with --auth header the proxy's user."""
     config = state.config
+    db = state.database()
     raw_id = bottle.request.get_cookie(SESSION_COOKIE)
-    row = (get_session(state.database(), hash_secret(raw_id), utc_iso(config.clock()))
-           if raw_id else None)
+    row = get_session(db, hash_secret(raw_id), utc_iso(config.clock())) if raw_id else None
+    if row is not None and row["is_admin"] and not secrets_match(
+            row["admin_token_fingerprint"] or "", _admin_token_fingerprint(db)):
+        row = None  # signed in with an admin token that has since changed
     session = _session_view(config, row, row["user_name"] if row else None)
+    if row is None:
+        # No session row for a browser that only looks at /login: its form's CSRF
+        # token is a double-submit cookie until a form is posted.
+        session = dataclasses.replace(session,
+                                      csrf_token=bottle.request.get_cookie(LOGIN_CSRF_COOKIE))
     if config.auth == "header":
         user_name = header_user(config, bottle.request.environ)
         if user_name and user_name != session.user_name:
@@ -2816,17 +3960,39 @@ def page_session(state):
     return session
 
 
+def _admin_token_fingerprint(db):
+    return hash_secret("session:" + (get_setting(db, "admin_token_sha256") or ""))[:32]
+
+
+def login_csrf(state, session):
+    """The session with a CSRF token for the sign-in form: the session's own, or a
+    double-submit cookie (set here) for a browser that has no session yet."""
+    if session.csrf_token:
+        return session
+    token = secrets.token_urlsafe(32)
+    bottle.response.set_cookie(LOGIN_CSRF_COOKIE, token, max_age=PENDING_SESSION_SECONDS,
+                               path="/login", httponly=True, samesite="lax",
+                               secure=state.config.base_url.startswith("https:"))
+    return dataclasses.replace(session, csrf_token=token)
+
+
 def _session_view(config, row, user_name):
     if row is None:
         return PageSession()
     token_admin = bool(row["is_admin"])
     is_admin = token_admin or bool(
-        user_name and config.auth != "open" and user_name in config.admin_users)
+        user_name and config.auth != "open" and user_name in admin_user_names(config))
     return PageSession(
         id_hash=row["id_hash"], user_name=user_name, token_admin=token_admin,
         is_admin=is_admin, csrf_token=row["csrf_token"],
         pending=json.loads(row["pending"]) if row["pending"] else None,
         sees_reports=is_admin or bool(config.reports_public and user_name))
+
+
+def admin_user_names(config):
+    """LLIMIT_ADMIN_USERS under the Identity rule: boss@elsewhere.example is never boss."""
+    domains = user_domains(config)
+    return {canonical_user_name(name, domains) for name in config.admin_users}
 
 
 def sign_in(state, session, user_name, token_admin=False):
@@ -2835,7 +4001,7 @@ def sign_in(state, session, user_name, token_admin=False):
 
 
 def ensure_session(state, session):
-    """A session for a browser that has none yet, so its sign-in form can carry a CSRF token."""
+    """A session row for a browser that has none yet, to carry an OIDC sign-in under way."""
     if session.id_hash:
         return session
     return _new_session(state, session, None, False, PENDING_SESSION_SECONDS)
@@ -2844,10 +4010,11 @@ def ensure_session(state, session):
 def _new_session(state, old, user_name, token_admin, seconds):
     now = state.config.clock()
     raw_id = secrets.token_urlsafe(32)
+    db = state.database()
     row = {"id_hash": hash_secret(raw_id), "user_name": user_name,
            "is_admin": int(token_admin), "csrf_token": secrets.token_urlsafe(32),
-           "pending": None, "created_at": utc_iso(now), "expires_at": utc_iso(now + seconds)}
-    db = state.database()
+           "pending": None, "created_at": utc_iso(now), "expires_at": utc_iso(now + seconds),
+           "admin_token_fingerprint": _admin_token_fingerprint(db) if token_admin else None}
     with transaction(db):
         if old.id_hash:  # a new id at every sign-in: a planted cookie signs no one in
             delete_session(db, old.id_hash)
@@ -2905,7 +4072,7 @@ def header_user(config, environ):
     value = environ.get("HTTP_" + config.auth_header.upper().replace("-", "_"))
     if not value or not _address_trusted(environ.get("REMOTE_ADDR"), config.trusted_proxies):
         return None
-    return user_from_email(value)
+    return canonical_user_name(_header_text(value), user_domains(config))
 
 
 def _address_trusted(address, trusted):
@@ -2922,17 +4089,28 @@ def _address_trusted(address, trusted):
     return False
 
 
-def user_from_email(value):
-    """A user name from an e-mail address (its local part, lower case) or a plain name."""
-    return clean_user_name(value.strip().rsplit("@", 1)[0].lower() if "@" in value
-                           else value.lower())
+UNSAFE_NEXT_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
 
 def safe_next(path):
-    """A path on this server to go to after sign-in; anything else becomes '/'."""
-    if isinstance(path, str) and path.startswith("/") and not path.startswith(("//", "/\\")):
-        return path
-    return "/"
+    """A path on this server to go to after sign-in; anything else becomes '/'.
+
+    Parsed, not pattern-matched: no scheme, no host, one leading '/', and no
+    backslash, whitespace or control character even once percent-decoded
+    (browsers drop tabs and newlines and read '\\' as '/', so '/%09/evil.example'
+    or '/\\evil.example' would leave llimit).
+    """
+    if not isinstance(path, str) or not path.startswith("/"):
+        return "/"
+    try:
+        parts = urllib.parse.urlsplit(path)
+    except ValueError:
+        return "/"
+    decoded = urllib.parse.unquote(path)
+    if (parts.scheme or parts.netloc or decoded.startswith("//") or "\\" in decoded
+            or UNSAFE_NEXT_CHAR.search(decoded)):
+        return "/"
+    return path
 
 
 class OidcClient:
@@ -3066,27 +4244,68 @@ def _origin(url):
     return "/".join(url.split("/", 3)[:3])
 
 
-def user_from_claims(claims, allowed_domains):
+def user_from_claims(claims, allowed_domains, domains):
     """The user name of verified ID token claims; 403 outside the allowed e-mail domains."""
     email = claims.get("email")
-    if not isinstance(email, str) or "@" not in email:
-        # compat: Entra ID often sends the e-mail only as preferred_username (or upn).
+    if "email" not in claims:
+        # compat: Entra ID often sends the e-mail only as preferred_username (or upn),
+        # names its tenant issues and vouches for, without email_verified.
         email = next((claims[name] for name in ("preferred_username", "upn")
                       if isinstance(claims.get(name), str) and "@" in claims[name]), None)
-    if email is None or claims.get("email_verified") is False:
+    elif claims.get("email_verified") is not True:  # exactly JSON true: not "true", not absent
+        email = None
+    if not isinstance(email, str) or "@" not in email:
         raise LlimitError(403, "sign_in_failed",
                           "Sign-in failed: the provider sent no verified e-mail address.")
     domain = email.rsplit("@", 1)[1].lower()
     if allowed_domains and domain not in {d.lower().lstrip("@") for d in allowed_domains}:
         raise LlimitError(403, "sign_in_failed",
                           f"Accounts of {domain} may not sign in to this llimit.")
-    user_name = user_from_email(email)
+    user_name = canonical_user_name(email, domains)
     if not user_name:
         raise LlimitError(403, "sign_in_failed", "Sign-in failed: the e-mail has no user part.")
     return user_name
 
 
-# --- proxy handlers --------------------------------------------------------------
+# =============================================================================
+# 8. Proxy handlers
+#    /v1/... and /openai/deployments/...: auth (7) -> limits (4) -> upstream
+#    (5) -> metering (3), for whole answers and for streams.
+# =============================================================================
+
+def read_body(environ, max_bytes):
+    """The request body; 413 above `max_bytes`."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise LlimitError(400, "invalid_request_error", "Bad Content-Length.") from None
+    if length > max_bytes:
+        raise LlimitError(413, "invalid_request_error",
+                          f"The request body is {length} bytes; the limit is {max_bytes}.",
+                          code="request_too_large")
+    return environ["wsgi.input"].read(length) if length else b""
+
+
+def parse_json_body(body, environ):
+    """The JSON object a POST carries, {} when there is none; 400 when it is broken."""
+    if not body:
+        return {}
+    # Whatever the Content-Type says (text/plain, Application/JSON), a body that
+    # reads as JSON is JSON to the upstream; multipart uploads pass through unread.
+    if "json" not in environ.get("CONTENT_TYPE", "").lower() \
+            and body.lstrip()[:1] not in (b"{", b"["):
+        return {}
+    try:
+        payload = json.loads(body)
+    except RecursionError:
+        raise LlimitError(400, "invalid_request_error", "The request body is nested too deep.",
+                          code="invalid_json") from None
+    except ValueError as error:
+        raise LlimitError(400, "invalid_request_error",
+                          f"The request body is not valid JSON: {error}.",
+                          code="invalid_json") from None
+    return payload if isinstance(payload, dict) else {}
+
 
 @dataclasses.dataclass
 class Call:
@@ -3099,14 +4318,213 @@ class Call:
     user_name: str | None
     key_id: str
     limit_message: str | None
-    model: str | None
-    prompt_estimate: int
-    need: list                      # worst case [requests, tokens, nusd]
-    strict: bool                    # the call bounds its output tokens
+    model: str | None               # as asked for (an Azure deployment name, say)
+    worst: WorstCase                # what it may cost; reserved against the limits
     admission: Admission | None = None
     upstream_ms: float = 0.0
     method: str = ""
     path: str = ""                  # as the client sent it, percent-encoded
+    route: object = None            # the RouteMatch the call falls under
+    owner: str = ""                 # whose objects the caller may see (owner_of)
+    owned_row: object = None        # the owned_objects row of the object the path names
+
+
+# --- route policy ---------------------------------------------------------------
+# Every upstream route has a class, decided by method and path (what follows
+# /v1/, /openai/, /openai/v1/ or a deployment), never by what an answer holds:
+#   generate    forwarded, metered from the parsed answer, counted against limits
+#   lookup      forwarded, never charged, only for objects the caller owns
+#   async       a job billed later: only with the project's allow_async; charged
+#               once, when an answer shows its final usage
+#   credential  mints a credential usable without llimit: refused
+# Anything not listed is refused. Actions: "create" records the answer's id as
+# the caller's object, "own" lets only its owner name the object in the path,
+# "list" filters a list answer down to the caller's own objects.
+
+ROUTE_TABLE = (
+    # (method, path template, class, action, object kind)
+    ("POST", "chat/completions", "generate", "create", "chat_completion"),  # with store: true
+    ("POST", "completions", "generate", None, None),
+    ("POST", "responses", "generate", "create", "response"),  # background: true is async
+    ("POST", "embeddings", "generate", None, None),
+    ("POST", "moderations", "generate", None, None),
+    ("POST", "images/generations", "generate", None, None),
+    ("POST", "images/edits", "generate", None, None),
+    ("POST", "images/variations", "generate", None, None),
+    ("POST", "audio/speech", "generate", None, None),
+    ("POST", "audio/transcriptions", "generate", None, None),
+    ("POST", "audio/translations", "generate", None, None),
+    ("POST", "messages", "generate", None, None),
+    ("GET", "models", "lookup", None, None),
+    ("GET", "models/{id}", "lookup", None, None),
+    ("POST", "messages/count_tokens", "lookup", None, None),
+    ("POST", "responses/input_tokens", "lookup", None, None),
+    ("GET", "responses/{id}", "lookup", "own", "response"),
+    ("DELETE", "responses/{id}", "lookup", "own", "response"),
+    ("POST", "responses/{id}/cancel", "lookup", "own", "response"),
+    ("GET", "responses/{id}/input_items", "lookup", "own", "response"),
+    ("GET", "chat/completions", "lookup", "list", "chat_completion"),
+    ("GET", "chat/completions/{id}", "lookup", "own", "chat_completion"),
+    ("POST", "chat/completions/{id}", "lookup", "own", "chat_completion"),
+    ("DELETE", "chat/completions/{id}", "lookup", "own", "chat_completion"),
+    ("GET", "chat/completions/{id}/messages", "lookup", "own", "chat_completion"),
+    ("GET", "files", "lookup", "list", "file"),
+    ("POST", "files", "lookup", "create", "file"),
+    ("GET", "files/{id}", "lookup", "own", "file"),
+    ("DELETE", "files/{id}", "lookup", "own", "file"),
+    ("GET", "files/{id}/content", "lookup", "own", "file"),
+    ("GET", "vector_stores", "lookup", "list", "vector_store"),
+    ("POST", "vector_stores", "lookup", "create", "vector_store"),
+    ("GET", "vector_stores/{id}", "lookup", "own", "vector_store"),
+    ("POST", "vector_stores/{id}", "lookup", "own", "vector_store"),
+    ("DELETE", "vector_stores/{id}", "lookup", "own", "vector_store"),
+    ("GET", "vector_stores/{id}/files", "lookup", "own", "vector_store"),
+    ("POST", "vector_stores/{id}/files", "lookup", "own", "vector_store"),
+    ("GET", "vector_stores/{id}/files/{file}", "lookup", "own", "vector_store"),
+    ("DELETE", "vector_stores/{id}/files/{file}", "lookup", "own", "vector_store"),
+    ("GET", "vector_stores/{id}/files/{file}/content", "lookup", "own", "vector_store"),
+    ("GET", "batches", "lookup", "list", "batch"),
+    ("GET", "batches/{id}", "lookup", "own", "batch"),
+    ("POST", "batches/{id}/cancel", "lookup", "own", "batch"),
+    ("GET", "messages/batches", "lookup", "list", "message_batch"),
+    ("GET", "messages/batches/{id}", "lookup", "own", "message_batch"),
+    ("GET", "messages/batches/{id}/results", "lookup", "own", "message_batch"),
+    ("POST", "messages/batches/{id}/cancel", "lookup", "own", "message_batch"),
+    ("DELETE", "messages/batches/{id}", "lookup", "own", "message_batch"),
+    ("GET", "fine_tuning/jobs", "lookup", "list", "fine_tuning_job"),
+    ("GET", "fine_tuning/jobs/{id}", "lookup", "own", "fine_tuning_job"),
+    ("GET", "fine_tuning/jobs/{id}/events", "lookup", "own", "fine_tuning_job"),
+    ("GET", "fine_tuning/jobs/{id}/checkpoints", "lookup", "own", "fine_tuning_job"),
+    ("POST", "fine_tuning/jobs/{id}/cancel", "lookup", "own", "fine_tuning_job"),
+    ("POST", "batches", "async", "create", "batch"),
+    ("POST", "messages/batches", "async", "create", "message_batch"),
+    ("POST", "fine_tuning/jobs", "async", "create", "fine_tuning_job"),
+    ("POST", "realtime/client_secrets", "credential", None, None),
+    ("POST", "realtime/sessions", "credential", None, None),
+    ("POST", "realtime/transcription_sessions", "credential", None, None),
+)
+# Final states whose answer carries an async object's final usage.
+BATCH_FINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
+RESPONSE_FINAL_STATUSES = ("completed", "failed", "incomplete", "cancelled")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteMatch:
+    """The class of one call's route, and the object its path names."""
+    name: str                       # "GET batches/{id}", or the path for a refused route
+    cls: str                        # generate | lookup | async | credential | refused
+    action: str | None = None       # create | own | list
+    kind: str | None = None         # the object kind (owned_objects.kind)
+    object_id: str | None = None
+
+
+def _route_tables():
+    static, dynamic = {}, []
+    for method, template, cls, action, kind in ROUTE_TABLE:
+        route = RouteMatch(f"{method} {template}", cls, action, kind)
+        if "{" not in template:
+            static[(method, template)] = route
+            continue
+        pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: rf"(?P<{m[1]}>[^/]+)",
+                         re.escape(template))
+        dynamic.append((method, re.compile(pattern), route))
+    return static, dynamic
+
+
+STATIC_ROUTES, DYNAMIC_ROUTES = _route_tables()
+
+
+def match_route(method, path, payload):
+    """The RouteMatch of a call: one dict look-up for the generation routes."""
+    route = STATIC_ROUTES.get((method, path))
+    if route is None:
+        for route_method, pattern, candidate in DYNAMIC_ROUTES:
+            match = route_method == method and pattern.fullmatch(path)
+            if match:
+                route = dataclasses.replace(candidate, object_id=match["id"])
+                break
+        else:
+            return RouteMatch(f"{method} {path}", "refused")
+    if route.kind == "response" and route.action == "create":
+        if payload.get("background") is True:
+            return dataclasses.replace(route, cls="async")
+        if payload.get("store") is False:
+            return dataclasses.replace(route, action=None)
+    if route.kind == "chat_completion" and route.action == "create" \
+            and payload.get("store") is not True:
+        return dataclasses.replace(route, action=None)
+    return route
+
+
+def owner_of(key):
+    """Whose objects a key's calls make and see: its user's, or the key's own."""
+    return "u:" + key["user_name"] if key["user_name"] else "k:" + key["id"]
+
+
+def _refuse_route(route, key, environ, payload):
+    name = f"{environ['REQUEST_METHOD']} {logged_path(environ)}"
+    if route.cls == "refused":
+        reason = ("llimit forwards only routes whose cost it can meter (README, Metering), and"
+                  " this is not one of them; no setting enables it")
+    elif route.cls == "credential":
+        reason = ("it mints a credential that is used without llimit, so its spend could not"
+                  " be metered; no setting enables it")
+    elif route.kind == "fine_tuning_job" and route.cls == "async":
+        reason = ("llimit has no training price to charge a fine-tuning job with, so it is"
+                  " refused even where a project allows async jobs")
+    elif route.cls == "async" and not key["allow_async"]:
+        reason = ("it starts a job that is billed later (a batch or a background response);"
+                  " an admin can allow such jobs for this key's project with"
+                  " allow_async: true")
+    elif route.cls == "async" and payload.get("stream") is True:
+        reason = "a background response cannot be streamed through llimit; poll it instead"
+    elif route.name == "GET responses/{id}" and "stream=true" in \
+            environ.get("QUERY_STRING", "").lower():
+        reason = "resuming a background response's stream is not metered; poll it instead"
+    else:
+        return
+    raise LlimitError(403, "permission_denied", f"{name} is not allowed through llimit: "
+                      f"{reason}.", code="route_not_allowed")
+
+
+def _referenced_ids(payload):
+    # Ids a request body points the upstream at: they must be the caller's too.
+    ids = [payload.get(field) for field in ("previous_response_id", "input_file_id", "file_id")]
+    file_ids = payload.get("file_ids")
+    if isinstance(file_ids, list):
+        ids += file_ids
+    return [object_id for object_id in ids if isinstance(object_id, str) and object_id]
+
+
+def _check_ownership(db, route, project_id, owner, method, payload):
+    """The owned row of the object the path names; 404 for anybody else's object.
+
+    Only object routes (and bodies that name an object) read the database:
+    one primary-key look-up each.
+    """
+    row = None
+    if route.action == "own":
+        row = get_owned_object(db, route.object_id)
+        _must_own(row, route.object_id, project_id, owner)
+        if method == "DELETE" and row["async"] and row["charged_ms"] is None:
+            raise LlimitError(409, "invalid_request_error",
+                              f"{route.object_id} has not been charged yet; fetch it once it"
+                              " has finished (or cancel it), then delete it.",
+                              code="object_not_settled")
+    for object_id in _referenced_ids(payload):
+        referenced = get_owned_object(db, object_id)
+        _must_own(referenced, object_id, project_id, owner)
+        if referenced["async"] and referenced["charged_ms"] is None:
+            raise LlimitError(409, "invalid_request_error",
+                              f"{object_id} has not been charged yet; fetch it once it has"
+                              " finished, then use it.", code="object_not_settled")
+    return row
+
+
+def _must_own(row, object_id, project_id, owner):
+    if row is None or row["owner"] != owner or row["project_id"] != project_id:
+        raise LlimitError(404, "invalid_request_error", f"No such object: {object_id}.",
+                          code="not_found")
 
 
 def proxy_v1(state, path):
@@ -3119,45 +4537,84 @@ def proxy_azure(state, deployment, path):
     return _proxy(state, path, deployment=deployment)
 
 
-def _proxy(state, path, deployment=None):
+def proxy_azure_v1(state, path):
+    """/openai/v1/<path>: Azure's GA v1 routes (AzureOpenAI with a .../openai/v1/ base URL)."""
+    return _proxy(state, path, azure_v1=True)
+
+
+def proxy_azure_plain(state, path):
+    """/openai/<path>: Azure routes outside a deployment (/openai/responses, files, batches)."""
+    return _proxy(state, path)
+
+
+def _proxy(state, path, deployment=None, azure_v1=False):
     started = time.perf_counter()
     config = state.config
     environ = bottle.request.environ
     db = state.database()
     key = requested_model = None
     try:
+        if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            raise LlimitError(501, "not_implemented",
+                              "WebSocket upgrades (such as the Realtime API) are not supported:"
+                              " llimit could not meter them.", code="websocket_not_supported")
         key = authenticate_call(state, environ)
         body = read_body(environ, config.max_body_bytes)
         payload = parse_json_body(body, environ)
-        requested_model = deployment or _text(payload.get("model"))
-        _check_model_allowed(key, requested_model)
+        route = match_route(environ["REQUEST_METHOD"], path, payload)
+        _refuse_route(route, key, environ, payload)
         upstream = resolve_upstream(key, config)
-        body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
+        environ["llimit.dialect"] = upstream.kind  # llimit's own errors speak it too
+        requested_model = _check_models(key, payload, deployment, upstream.kind)
+        if requested_model is None:  # a multipart upload (audio) names it in a form field
+            requested_model = multipart_field(body, environ.get("CONTENT_TYPE", ""), "model")
+        owner = owner_of(key)
+        owned_row = _check_ownership(db, route, key["project_id"], owner,
+                                     environ["REQUEST_METHOD"], payload)
+        sent_body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment,
+                                                    upstream.kind)
+        rewritten, body = sent_body is not body, sent_body
         # The URL first: a path it refuses must not leave a reservation behind.
         url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
-                           requested_model)
+                           requested_model, azure_v1)
         call = _new_call(state, key, environ, payload, body, path, requested_model, started)
-        call.admission = state.limits.admit(
-            db, call, state.limits.for_call(db, key["config_version"], call.project_id,
-                                            call.user_name, call.key_id),
-            state.writer.healthy)
+        call.route, call.owner, call.owned_row = route, owner, owned_row
+        if route.cls != "generate":
+            call.worst.priced = True  # a look-up costs nothing; async work is charged when done
+        state.slots.take(call.key_id, call.user_name)  # given back when the call is metered
+        try:
+            if route.cls == "lookup":
+                call.admission = Admission([], [], {})  # never charged, never refused by limits
+            else:
+                call.admission = state.limits.admit(
+                    db, call, state.limits.for_call(db, key["config_version"], call.project_id,
+                                                    call.user_name, call.key_id),
+                    state.writer.healthy)
+        except LlimitError:
+            state.slots.give_back(call.key_id, call.user_name)
+            raise
     except LlimitError as error:
         _log_refused(environ, error.status, started, key, requested_model)
         raise
     sent = time.perf_counter()
     try:
-        headers = upstream_headers(environ, upstream, state.user_header_names)
+        headers = upstream_headers(environ, upstream)
+        if rewritten:
+            headers["content-type"] = "application/json"  # what we send is JSON we wrote
         resp = send_upstream(state.pool, environ["REQUEST_METHOD"], url, headers, body)
+        del body, payload  # a large body is not held while the answer is relayed
     except BaseException as error:
         # Metered even so: one event per call, and it releases the reservation.
         call.upstream_ms = (time.perf_counter() - sent) * 1000
         status = error.status if isinstance(error, LlimitError) else 500
-        _meter(state, call, status, None, None, "unpriced", stream=False, wait=False)
+        # Nothing was served when the upstream could not be reached; a timeout may have cost.
+        _meter(state, call, status, None, None, "free" if status == 502 else "unpriced",
+               stream=False, wait=False)
         raise
     call.upstream_ms = (time.perf_counter() - sent) * 1000
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
         return _relay_stream(state, call, resp, upstream.kind, hide_usage_chunk)
-    return _relay_whole(state, call, resp)
+    return _relay_whole(state, call, resp, upstream)
 
 
 def _rewrite_body(payload, body, path, deployment, kind):
@@ -3170,12 +4627,19 @@ def _rewrite_body(payload, body, path, deployment, kind):
         payload["model"] = deployment  # compat: Azure clients name the model in the URL
         changed = True
     hide_usage_chunk = False
-    streams_usage = path in ("chat/completions", "completions") and kind != "anthropic"
+    # Anthropic's OpenAI-compatible chat/completions honours stream_options too.
+    streams_usage = path == "chat/completions" or (path == "completions" and kind != "anthropic")
     if payload.get("stream") is True and streams_usage:
         # OpenAI sends usage in a stream only when include_usage is set.
         options = payload.get("stream_options")
         options = options if isinstance(options, dict) else {}
         if options.get("include_usage") is not True:
+            if not changed and "stream_options" not in payload and body.rstrip().endswith(b"}"):
+                # Spliced onto the client's bytes: re-serialising a 32 MB body would
+                # hold two more copies of it (text and bytes) at once.
+                end = len(body.rstrip()) - 1
+                return b"".join((memoryview(body)[:end],
+                                 b', "stream_options": {"include_usage": true}}')), True
             payload["stream_options"] = {**options, "include_usage": True}
             changed = hide_usage_chunk = True
     return (json.dumps(payload).encode() if changed else body), hide_usage_chunk
@@ -3183,6 +4647,31 @@ def _rewrite_body(payload, body, path, deployment, kind):
 
 def _text(value):
     return value if isinstance(value, str) and value else None
+
+
+def _check_models(key, payload, deployment, kind):
+    """The model the upstream will use; 403 unless the key may use every model named.
+
+    A deployment in the URL and a model in the body may differ: an Azure
+    upstream acts on the deployment, any other on the body's model, so both
+    are checked against the key's allow-list.
+    """
+    body_model = _client_model(_text(payload.get("model")))
+    deployment = _client_model(deployment)
+    for model in {deployment, body_model} - {None} or {None}:
+        _check_model_allowed(key, model)
+    if kind == "azure":
+        return deployment or body_model
+    return body_model or deployment
+
+
+def _client_model(model):
+    # A model name is stored, logged and a metric label: bounded before any of that.
+    if model is not None and len(model) > MAX_MODEL_NAME:
+        raise LlimitError(400, "invalid_request_error",
+                          f"The model name is longer than {MAX_MODEL_NAME} characters.",
+                          code="model_name_too_long")
+    return model
 
 
 def _check_model_allowed(key, model):
@@ -3198,24 +4687,15 @@ def _check_model_allowed(key, model):
 
 
 def _new_call(state, key, environ, payload, body, path, model, started):
-    user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers)
-    max_output = next((payload[name] for name in
-                       ("max_tokens", "max_completion_tokens", "max_output_tokens")
-                       if isinstance(payload.get(name), int) and payload[name] >= 0), None)
-    # About 3 bytes of request JSON per token errs high, which is the safe side.
-    prompt_estimate = len(body) // 3
-    output = state.config.default_max_tokens if max_output is None else max_output
-    n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 0) > 1 else 1
-    tokens = prompt_estimate + output * n
-    resolved = state.pricebook.resolve(model)
-    cost = cost_nusd(Usage(prompt_tokens=prompt_estimate, completion_tokens=output * n),
-                     resolved[1]) if resolved else 0
+    user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers,
+                                             state.user_domains)
+    config = state.config
+    worst = worst_case(state.pricebook, _mapped_model(key, model), payload, body,
+                       config.default_max_tokens, config.default_max_input_tokens, path)
     return Call(request_id=secrets.token_hex(6), started=started, endpoint=path[:100],
                 key=key, project_id=key["project_id"], user_name=user_name, key_id=key["id"],
-                limit_message=key["limit_message"], model=model,
-                prompt_estimate=prompt_estimate, need=[1, tokens, cost],
-                strict=max_output is not None, method=environ["REQUEST_METHOD"],
-                path=logged_path(environ))
+                limit_message=key["limit_message"], model=model, worst=worst,
+                method=environ["REQUEST_METHOD"], path=logged_path(environ))
 
 
 def logged_path(environ):
@@ -3226,9 +4706,14 @@ def logged_path(environ):
 def _pricing_model(call, reported_model):
     # Azure may report no model; the admin's deployment map, then the name asked for.
     if reported_model:
-        return reported_model
-    model_map = json.loads(call.key["model_map"]) if call.key["model_map"] else {}
-    return model_map.get(call.model) or call.model
+        return reported_model[:MAX_MODEL_NAME]
+    return _mapped_model(call.key, call.model)
+
+
+def _mapped_model(key, model):
+    # An Azure deployment name is priced (and reserved) as the model the project maps it to.
+    model_map = json.loads(key["model_map"]) if key["model_map"] else {}
+    return model_map.get(model) or model
 
 
 # One line per call; JSON lines take the fields from the record's `call_fields`.
@@ -3263,8 +4748,17 @@ def _log_refused(environ, status_code, started, key=None, model=None):
 
 
 def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=True,
-           overhead_ms=None):
-    """Record one call's usage event; with `wait`, until it is committed."""
+           overhead_ms=None, owned=()):
+    """Record one call's usage event and free its CallSlots slot; with `wait`, until it
+    is committed: False when LLIMIT_COMMIT_WAIT_SECONDS passed first.
+
+    Only a generation is charged; a look-up, an async job's creation (charged
+    when it ends) and an upstream's refusal cost nothing and are stored as
+    'free'. Look-ups count toward no limit.
+    """
+    generate = call.route is None or call.route.cls == "generate"
+    if not generate or (status_code >= 400 and usage is None and pricing_status != "estimated"):
+        pricing_status, usage = "free", None
     elapsed_ms = (time.perf_counter() - call.started) * 1000
     if overhead_ms is None:
         overhead_ms = max(elapsed_ms - call.upstream_ms, 0.0)
@@ -3273,22 +4767,38 @@ def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=
         user_name=call.user_name, project_id=call.project_id,
         model=_pricing_model(call, model), endpoint=call.endpoint, status_code=status_code,
         stream=stream, latency_ms=elapsed_ms, overhead_ms=overhead_ms,
-        subjects=call_subjects(call.project_id, call.user_name, call.key_id),
-        reservation=call.admission)
-    price_event(event, usage, state.pricebook, pricing_status)
+        subjects=(call_subjects(call.project_id, call.user_name, call.key_id)
+                  if call.route is None or call.route.cls != "lookup" else ()),
+        reservation=call.admission, owned=owned)
+    usd_bound = call.admission is not None and call.admission.usd_bound
+    if 200 <= status_code < 300:
+        usage = with_request_usage(usage, call.worst.asked)
+        if usage is not None and pricing_status == "unpriced":
+            pricing_status = "priced"  # billed by what the request asked for, exactly
+    price_event(event, usage, state.pricebook, pricing_status,
+                worst=call.worst if usd_bound and 200 <= status_code < 300 else None)
     state.writer.submit(event)
     state.metrics.observe_call(event, call.upstream_ms)
     _log_call(call.request_id, call.method, call.path, call.key_id, call.user_name,
               call.project_id, event.model, status_code, event.prompt_tokens,
               event.completion_tokens, nusd_to_usd(event.cost_nusd), event.pricing,
               round(elapsed_ms, 1), round(overhead_ms, 2), stream)
-    if wait and not event.done.wait(state.config.commit_wait_seconds):
-        log.error("usage of request_id=%s not yet committed after %ss; it stays queued",
-                  call.request_id, state.config.commit_wait_seconds)
-    return event
+    try:
+        if wait and not event.done.wait(state.config.commit_wait_seconds):
+            log.error("usage of request_id=%s not yet committed after %ss; it stays queued,"
+                      " and the client gets 503 instead of the answer", call.request_id,
+                      state.config.commit_wait_seconds)
+            return False
+        return True
+    finally:
+        state.slots.give_back(call.key_id, call.user_name)
 
 
-def _relay_whole(state, call, resp):
+LEDGER_UNAVAILABLE = ("The usage ledger could not record this call in time, so its answer is"
+                      " withheld (the usage is still counted). Try again shortly.")
+
+
+def _relay_whole(state, call, resp, upstream):
     before_body = time.perf_counter()
     try:
         content = read_upstream_body(resp)
@@ -3297,11 +4807,37 @@ def _relay_whole(state, call, resp):
         _meter(state, call, error.status, None, None, "unpriced", stream=False, wait=False)
         raise
     call.upstream_ms += (time.perf_counter() - before_body) * 1000
-    model, usage = usage_from_response_body(content)
-    _meter(state, call, resp.status, model, usage,
-           "priced" if usage is not None else "unpriced", stream=False)
+    route = call.route
+    if route.cls != "lookup" and route.action != "list":
+        answer = response_fields(content)  # what metering needs, cheap on large answers
+    else:
+        answer = parse_response_json(content) if route.action is not None else None
+    model, usage = usage_from_body(answer)
+    object_id = answer.get("id") if isinstance(answer, dict) else None
+    owned = list(_created_objects(call, resp.status, object_id))
+    if resp.status == 200 and route.action is not None:
+        if route.action == "list" and isinstance(answer, dict) \
+                and isinstance(answer.get("data"), list):
+            content = json.dumps(_own_list(state, call, answer)).encode()
+        settlement = _settlement(state, call.owned_row, answer, content,
+                                 route.name.endswith("/results"))
+        if settlement:
+            state.writer.submit(settlement)  # before the call's own event: committed first
+        if route.kind == "batch" and isinstance(answer, dict):
+            # A finished batch's result files are its owner's to read.
+            owned += _created_files(call, answer.get("output_file_id"),
+                                    answer.get("error_file_id"))
+    if not _meter(state, call, resp.status, model, usage,
+                  "priced" if usage is not None else "unpriced", stream=False, owned=owned):
+        # No answer without a durable row: a kill now would lose an answered call.
+        raise LlimitError(503, "service_unavailable", LEDGER_UNAVAILABLE,
+                          code="ledger_unavailable")
+    upstream_headers_out = client_response_headers(resp, call.admission.headers)
+    if resp.status in (401, 403):
+        content, upstream_headers_out = _upstream_auth_failure(call, resp, content, upstream,
+                                                               upstream_headers_out)
     response = bottle.HTTPResponse(body=content, status=resp.status)
-    for name, value in client_response_headers(resp):
+    for name, value in upstream_headers_out:
         response.add_header(name, value)
     for name, value in call.admission.headers.items():
         response.set_header(name, value)
@@ -3312,10 +4848,177 @@ def _relay_whole(state, call, resp):
     return response
 
 
+def _created_objects(call, status_code, object_id):
+    """The owned_objects row for an object this call made, if it made one."""
+    route = call.route
+    if route.action != "create" or not 200 <= status_code < 300 \
+            or not isinstance(object_id, str) or not object_id:
+        return ()
+    return (_owned_row(call, object_id, route.kind, route.cls == "async"),)
+
+
+def _created_files(call, *file_ids):
+    return [_owned_row(call, file_id, "file", False) for file_id in file_ids
+            if isinstance(file_id, str) and file_id]
+
+
+def _owned_row(call, object_id, kind, is_async):
+    return {"object_id": object_id[:200], "kind": kind, "project_id": call.project_id,
+            "owner": call.owner, "key_id": call.key_id, "user_name": call.user_name,
+            "created_ms": int(time.time() * 1000), "async": int(is_async)}
+
+
+def _own_list(state, call, answer):
+    """A list answer with only the caller's own objects in its `data`."""
+    items = [item for item in answer["data"] if isinstance(item, dict)]
+    mine = owned_ids(state.database(), call.project_id, call.owner,
+                     [item.get("id") for item in items if isinstance(item.get("id"), str)])
+    kept = [item for item in items if item.get("id") in mine]
+    filtered = {**answer, "data": kept}
+    if "first_id" in answer or "last_id" in answer:
+        filtered["first_id"] = kept[0]["id"] if kept else None
+        filtered["last_id"] = kept[-1]["id"] if kept else None
+    return filtered
+
+
+def _settlement(state, row, answer, content, results=False):
+    """The charge events for an async object (its owned_objects `row`) that this
+    answer shows finished, once; `results`: the answer is a batch's results.
+
+    Attributed to the project, user and key that created the object; the
+    usage writer stores them only if it is the first to mark the object
+    charged (owned_objects.charged_ms), so concurrent polls charge once.
+    """
+    if row is None or not row["async"] or row["charged_ms"] is not None:
+        return []
+    found = []  # [(model, Usage)]
+    endpoint, factor = row["kind"], 1.0
+    if row["kind"] == "batch" and isinstance(answer, dict) \
+            and answer.get("status") in BATCH_FINAL_STATUSES \
+            and isinstance(answer.get("usage"), dict):
+        found = [(_text(answer.get("model")), usage_from_openai(answer["usage"]))]
+        endpoint, factor = "batches", BATCH_PRICE_FACTOR
+    elif row["kind"] == "response" and isinstance(answer, dict) \
+            and answer.get("status") in RESPONSE_FINAL_STATUSES \
+            and isinstance(answer.get("usage"), dict):
+        found = [usage_from_body(answer)]
+        endpoint = "responses"
+    elif row["kind"] == "message_batch" and results:
+        found = message_batch_usage(content)
+        endpoint, factor = "messages/batches", BATCH_PRICE_FACTOR
+    events = []
+    for model, usage in found:
+        event = UsageEvent(
+            created_ms=int(state.config.clock() * 1000), key_id=row["key_id"],
+            user_name=row["user_name"], project_id=row["project_id"], model=model,
+            endpoint=endpoint, status_code=200, stream=False,
+            subjects=call_subjects(row["project_id"], row["user_name"], row["key_id"]),
+            claim=row["object_id"])
+        events.append(price_event(event, usage, state.pricebook, "priced", factor))
+        log.info("async %s %s finished: charging key %s %s USD (once)", row["kind"],
+                 row["object_id"], row["key_id"], nusd_to_usd(event.cost_nusd))
+    return events
+# Where the sweeper asks about each kind of async object (then, once a message
+# batch has ended, its results). Jobs older than this are no longer asked about:
+# providers end batches within 24 hours and background responses sooner.
+ASYNC_OBJECT_PATHS = {"batch": "batches/{id}", "response": "responses/{id}",
+                      "message_batch": "messages/batches/{id}"}
+ASYNC_SWEEP_MAX_AGE_SECONDS = 8 * 86400
+
+
+class AsyncSweeper:
+    """Charges async jobs that finish while nobody asks about them.
+
+    A poll through llimit charges a batch or background response once it
+    shows its final usage, but the provider bills the job whether anyone
+    polls or not. So every LLIMIT_ASYNC_SWEEP_SECONDS this thread asks the
+    upstream, with the project's own key, about each job not yet charged,
+    and charges it the same way: once, as the claim on owned_objects decides.
+    """
+
+    def __init__(self, state):
+        self.state = state
+        self.interval = state.config.async_sweep_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llimit-async-sweeper",
+                                        daemon=True)
+
+    def start(self):
+        """Start sweeping (the server only; 0 seconds turns it off)."""
+        if self.interval > 0:
+            self._thread.start()
+
+    def stop(self):
+        """Stop after the current sweep."""
+        self._stop.set()
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            try:
+                self.sweep()
+            except Exception:  # a failed sweep must not end the thread: try next time
+                log.exception("async sweep failed")
+
+    def sweep(self):
+        """Ask the upstream about every job not yet charged; returns how many were charged."""
+        db = self.state.database()
+        since_ms = int((self.state.config.clock() - ASYNC_SWEEP_MAX_AGE_SECONDS) * 1000)
+        charged = 0
+        for row in list_unsettled_async_objects(db, since_ms):
+            project = get_project(db, row["project_id"])
+            if project is None or row["kind"] not in ASYNC_OBJECT_PATHS:
+                continue
+            try:
+                events = self._settle(row, resolve_upstream(project, self.state.config))
+            except LlimitError as error:
+                log.warning("async sweep: %s %s not checked: %s", row["kind"],
+                            row["object_id"], error.message)
+                continue
+            if events:
+                self.state.writer.submit(events)
+                charged += 1
+        return charged
+
+    def _settle(self, row, upstream):
+        path = ASYNC_OBJECT_PATHS[row["kind"]].format(id=urllib.parse.quote(row["object_id"]))
+        answer = parse_response_json(self._get(upstream, path))
+        if row["kind"] == "message_batch":
+            if not isinstance(answer, dict) or answer.get("processing_status") != "ended":
+                return []
+            return _settlement(self.state, row, answer, self._get(upstream, path + "/results"),
+                               results=True)
+        return _settlement(self.state, row, answer, b"")
+
+    def _get(self, upstream, path):
+        url = upstream_url(upstream, path, "")
+        resp = send_upstream(self.state.pool, "GET", url, upstream_headers({}, upstream), None)
+        content = read_upstream_body(resp)
+        return content if resp.status == 200 else b""
+
+
+def _upstream_auth_failure(call, resp, content, upstream, headers):
+    # The upstream refused llimit's own credentials: its body may show a masked
+    # form of the upstream key, so the client gets llimit's message instead, and
+    # the admin the upstream's (less the key itself) in the log.
+    text = content.decode("utf-8", "replace")
+    if upstream.key:
+        text = text.replace(upstream.key, "[upstream key]")
+    log.warning("upstream refused llimit's credentials for request_id=%s project=%s: %s %s",
+                call.request_id, call.project_id, resp.status, _logfmt(text[:2000]))
+    error = LlimitError(resp.status, "upstream_error",
+                        f"The upstream refused llimit's credentials for this project"
+                        f" ({resp.status}); llimit's admin can see why in its log.",
+                        code="upstream_auth_failed")
+    body = error.anthropic_body() if upstream.kind == "anthropic" else error.body()
+    headers = [(name, value) for name, value in headers
+               if name.lower() != "content-type"] + [("Content-Type", "application/json")]
+    return json.dumps(body).encode(), headers
+
+
 def _relay_stream(state, call, resp, kind, hide_usage_chunk):
     overhead_ms = (time.perf_counter() - call.started) * 1000 - call.upstream_ms
     response = bottle.HTTPResponse(status=resp.status)
-    for name, value in client_response_headers(resp):
+    for name, value in client_response_headers(resp, call.admission.headers):
         response.add_header(name, value)
     for name, value in call.admission.headers.items():
         response.set_header(name, value)
@@ -3364,10 +5067,16 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
         resp.close()
         call.upstream_ms += (time.perf_counter() - stream_started) * 1000 - relay_ms
         complete = finished and meter.usage is not None
-        usage = meter.usage if complete else meter.estimate(call.prompt_estimate)
-        _meter(state, call, resp.status, meter.model, usage,
-               "priced" if complete else "estimated", stream=True,
-               wait=finished, overhead_ms=overhead_ms + relay_ms)
+        usage = meter.usage if complete else meter.estimate(call.worst.prompt_tokens,
+                                                            call.worst.completion_tokens)
+        committed = _meter(state, call, resp.status, meter.model, usage,
+                           "priced" if complete else "estimated", stream=True,
+                           wait=finished, overhead_ms=overhead_ms + relay_ms,
+                           owned=_created_objects(call, resp.status, meter.object_id))
+    if not committed:  # the final event only once the call is durable
+        yield sse_error_event(kind, LEDGER_UNAVAILABLE, "service_unavailable",
+                              "ledger_unavailable")
+        return
     yield from held
 
 
@@ -3384,29 +5093,23 @@ def _drain(resp, meter, seconds):
         return False
 
 
-
 # =============================================================================
-# 7. Templates
+# 9. Templates
 #    The HTML of every page as bottle SimpleTemplate strings: LAYOUT around one
 #    *_PAGE per page, and the one small script the pages share (the copy
 #    button and the charts). `{{value}}` escapes; `{{!value}}` only for HTML
-#    built here. No SQL, no state: section 8 hands each page its data.
+#    built here. No SQL, no state: section 10 hands each page its data.
 # =============================================================================
 
 # Pinned, with Subresource Integrity: the file of the chart.js npm package.
 CHARTJS_CDN_URL = "https://cdn.jsdelivr.net/npm/chart.js@4.6.1/dist/chart.umd.min.js"
 CHARTJS_CDN_INTEGRITY = "sha384-Emf5ZVIUiarAdhkgtqK+5/Z5qIvM6QoVrS+qAVtfyZVuD5lIHrac0me485+Antp0"
 PAGES_SCRIPT_PATH = "/static/llimit.js"
+PAGES_CSS_PATH = "/static/llimit.css"
 CHARTJS_PATH = "/static/chart.umd.js"
+VENDORED_CHARTJS = os.path.join(HERE, "vendor", "chart.umd.js")
 
-LAYOUT = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{title}} · llimit</title>
-<style>
-:root{--fg:#1d2330;--muted:#5d6678;--line:#dfe3ea;--bg:#f5f6f8;--card:#fff;--accent:#2a5bd7;
+PAGES_CSS = """:root{--fg:#1d2330;--muted:#5d6678;--line:#dfe3ea;--bg:#f5f6f8;--card:#fff;--accent:#2a5bd7;
 --warn:#c27c0e;--bad:#c53030;--ok:#2f855a}
 *{box-sizing:border-box}
 body{margin:0;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);
@@ -3466,14 +5169,35 @@ word-break:break-all}
 .tag.bad{background:#fde2e2;color:#8a1c1c}
 .tag.ok{background:#def7e8;color:#1f5e3d}
 details summary{cursor:pointer;color:var(--accent)}
+.chart-note{margin:.4rem 0 0}
+.error{color:var(--bad);font-weight:600}
+.field-error{border-color:var(--bad)}
 @media (max-width:640px){main{padding:.6rem}.charts{grid-template-columns:1fr}
-th,td{padding:.3rem .35rem}.chart{height:240px}}
-</style>
+th,td{padding:.3rem .35rem}.chart{height:240px}
+/* A table of stack class becomes one card per row: every figure and button in view. */
+table.stack,table.stack tbody,table.stack tr,table.stack td{display:block;width:100%}
+table.stack tr:first-child{display:none}
+table.stack tr{border:1px solid var(--line);border-radius:6px;margin:0 0 .6rem;padding:.2rem .3rem}
+table.stack td{display:flex;justify-content:space-between;gap:.8rem;border:0;text-align:right;
+padding:.2rem .3rem;overflow-wrap:anywhere}
+table.stack td::before{content:attr(data-label);color:var(--muted);font-size:.82rem;
+font-weight:600;text-align:left;flex-shrink:0}
+table.stack td .bar{flex:1;align-self:center}
+pre{white-space:pre-wrap;word-break:break-all}}
+"""
+
+LAYOUT = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{title}} · llimit</title>
+<link rel="stylesheet" href="{{css_url}}">
 </head>
 <body>
 <header><nav>
 <a class="brand" href="/">llimit</a>
-% if session.signed_in:
+% if session.user_name:
 <a href="/keys">Keys</a>
 <a href="/usage">Usage</a>
 % end
@@ -3487,7 +5211,7 @@ th,td{padding:.3rem .35rem}.chart{height:240px}}
 % if session.signed_in:
 <span>{{session.user_name or "admin"}}{{" · admin" if session.is_admin and session.user_name else ""}}</span>
 <form class="inline" method="post" action="/logout">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <button type="submit">Sign out</button></form>
 % else:
 <a href="/login">Sign in</a>
@@ -3528,10 +5252,12 @@ as base URL).</p>
 </section>
 % if session.signed_in:
 <div class="grid">
+% if session.user_name:
 <a class="card" href="/keys"><h2>Keys</h2><p class="muted">Get a personal API key with a
 ready curl and Python snippet; see and revoke your keys.</p></a>
 <a class="card" href="/usage"><h2>Usage</h2><p class="muted">What you spent today and this
 month, against every limit that applies to you.</p></a>
+% end
 % if session.sees_reports:
 <a class="card" href="/reports"><h2>Reports</h2><p class="muted">Cost by user, day, model and
 project, as charts, tables and CSV.</p></a>
@@ -3552,7 +5278,7 @@ LOGIN_PAGE = """<h1>Sign in</h1>
 % if auth == "open":
 <section>
 <form method="post" action="/login">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="next" value="{{next_path}}">
 <label for="user">Your user name</label>
 <div class="row"><div><input id="user" name="user" required maxlength="200"
@@ -3567,7 +5293,7 @@ trusted proxy: open llimit at its usual address.</p></section>
 % else:
 <section>
 <form method="post" action="/login">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="next" value="{{next_path}}">
 <input type="hidden" name="oidc" value="1">
 <p>Sign in with your organisation's account at <b>{{provider}}</b>.</p>
@@ -3578,7 +5304,7 @@ trusted proxy: open llimit at its usual address.</p></section>
 <section>
 <details{{" open" if next_path == "/admin" else ""}}><summary>Sign in with the admin token</summary>
 <form method="post" action="/login">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="next" value="{{next_path}}">
 <label for="admin_token">Admin token</label>
 <div class="row"><div><input id="admin_token" name="admin_token" type="password" required
@@ -3596,10 +5322,64 @@ NEW_KEY_SNIPPETS = """<section class="notice" id="new">
 <div class="row"><h3>curl</h3>
 <button type="button" class="quiet" data-copy="snippet-curl" hidden>Copy</button></div>
 <pre id="snippet-curl">{{curl_snippet}}</pre>
-<div class="row"><h3>Python (the openai package)</h3>
+<div class="row"><h3>Python (the {{package}} package)</h3>
 <button type="button" class="quiet" data-copy="snippet-python" hidden>Copy</button></div>
 <pre id="snippet-python">{{python_snippet}}</pre>
 </section>
+"""
+
+KEY_TABLE_PART = """<div class="scroll"><table class="stack keys">
+% decimals = decimals_of(*[key['cost_usd'] for key in keys])
+<tr><th>Key</th>
+% if admin:
+<th>User</th>
+% end
+<th>Project</th><th>Note</th><th>Created</th><th>Last used</th>
+<th class="n">Requests</th><th class="n">Spend</th><th></th></tr>
+% for key in keys:
+<tr><td data-label="Key"><code>{{key['masked_key']}}</code>
+% if admin:
+<br><span class="muted small">{{key['id']}}</span>
+% end
+</td>
+% if admin:
+<td data-label="User">{{key['user'] or "(project key)"}}</td>
+% end
+<td data-label="Project">{{key['project']}}</td><td data-label="Note">{{key['note'] or ""}}</td>
+<td data-label="Created" class="small">{{when(key['created_at'])}}</td>
+<td data-label="Last used" class="small">{{when(key['last_used_at'], "never")}}</td>
+<td data-label="Requests" class="n">{{count(key['requests'])}}</td>
+<td data-label="Spend" class="n">{{money(key['cost_usd'], decimals)}}</td>
+<td data-label="">
+% if key['active']:
+<form class="inline" method="post" action="{{'/admin' if admin else '/keys/' + key['id'] + '/revoke'}}"
+data-confirm="Revoke the key {{key['masked_key']}}? Calls with it stop at once.">
+{{!csrf_field}}
+% if admin:
+<input type="hidden" name="action" value="revoke_key">
+<input type="hidden" name="key_id" value="{{key['id']}}">
+% end
+<button type="submit" class="danger">Revoke</button></form>
+% else:
+<span class="tag">{{"revoked" if key['revoked_at'] else "expired"}}</span>
+% end
+</td></tr>
+% end
+</table></div>
+"""
+
+REVOKE_CONFIRM_PAGE = """<h1>Revoke a key</h1>
+<section class="alert"><p>Revoke the key <code>{{masked_key}}</code>{{" of " + owner if owner else ""}}?
+Calls with it stop at once; this cannot be undone.</p>
+<form method="post" action="{{action}}" class="row">
+{{!csrf_field}}
+% for name, value in hidden:
+<input type="hidden" name="{{name}}" value="{{value}}">
+% end
+<input type="hidden" name="confirm" value="1">
+<button type="submit" class="danger">Revoke</button>
+<a href="{{back}}">Keep it</a>
+</form></section>
 """
 
 KEYS_PAGE = """<h1>Your keys</h1>
@@ -3610,11 +5390,11 @@ KEYS_PAGE = """<h1>Your keys</h1>
 <h2>Request a key</h2>
 % if projects:
 <form method="post" action="/keys">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <div class="row">
 <div><label for="project">Project</label><select id="project" name="project">
 % for project in projects:
-<option value="{{project['id']}}">{{project['name']}} ({{project['id']}})</option>
+<option value="{{project['id']}}">{{project['name']}} ({{project['id']}}{{key_caps[project['id']]}})</option>
 % end
 </select></div>
 <div><label for="note">Note <span class="muted">(what it is for)</span></label>
@@ -3629,25 +5409,7 @@ KEYS_PAGE = """<h1>Your keys</h1>
 <section>
 <h2>Keys of {{session.user_name}}</h2>
 % if keys:
-<div class="scroll"><table>
-<tr><th>Key</th><th>Project</th><th>Note</th><th>Created</th><th>Last used</th>
-<th class="n">Requests</th><th class="n">Spend</th><th></th></tr>
-% for key in keys:
-<tr><td><code>{{key['masked_key']}}</code></td><td>{{key['project']}}</td>
-<td>{{key['note'] or ""}}</td><td class="small">{{when(key['created_at'])}}</td>
-<td class="small">{{when(key['last_used_at'], "never")}}</td>
-<td class="n">{{"{:,}".format(key['requests'])}}</td><td class="n">{{money(key['cost_usd'])}}</td>
-<td>
-% if key['active']:
-<form class="inline" method="post" action="/keys/{{key['id']}}/revoke">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
-<button type="submit" class="danger">Revoke</button></form>
-% else:
-<span class="tag">{{"revoked" if key['revoked_at'] else "expired"}}</span>
-% end
-</td></tr>
-% end
-</table></div>
+{{!key_table}}
 % else:
 <p class="muted">You have no keys yet.</p>
 % end
@@ -3659,20 +5421,20 @@ USAGE_PAGE = """<h1>Your usage</h1>
 <div class="card"><div class="muted small">Today (UTC)</div><div class="stat">{{money(today_usd)}}</div></div>
 <div class="card"><div class="muted small">This month</div><div class="stat">{{money(month_usd)}}</div></div>
 <div class="card"><div class="muted small">Requests this month</div>
-<div class="stat">{{"{:,}".format(month_requests)}}</div></div>
+<div class="stat">{{count(month_requests)}}</div></div>
 </div>
 <section>
 <h2>Limits</h2>
 % if limits:
-<div class="scroll"><table>
+<div class="scroll"><table class="stack">
 <tr><th>Limit</th><th>Applies to</th><th>Used</th><th class="n"></th><th>Resets</th></tr>
 % for limit in limits:
-<tr><td>{{limit['text']}}{{!' <span class="tag">warning only</span>' if limit['action'] == 'warn' else ''}}</td>
-<td>{{limit['who']}}</td>
-<td><div class="bar{{' full' if limit['percent'] >= 100 else ' warn' if limit['percent'] >= 80 else ''}}"
+<tr><td data-label="Limit">{{limit['text']}}{{!' <span class="tag">warning only</span>' if limit['action'] == 'warn' else ''}}</td>
+<td data-label="Applies to">{{limit['who']}}</td>
+<td data-label="Used"><div class="bar{{' full' if limit['percent'] >= 100 else ' warn' if limit['percent'] >= 80 else ''}}"
 title="{{limit['percent']}}%"><span style="width:{{limit['percent']}}%"></span></div></td>
-<td class="n">{{limit['used']}} of {{limit['amount']}}</td>
-<td class="small">{{when(limit['resets_at'], "never")}}</td></tr>
+<td data-label="Amount" class="n">{{limit['used']}} of {{limit['amount']}}</td>
+<td data-label="Resets" class="small">{{when(limit['resets_at'], "never")}}</td></tr>
 % end
 </table></div>
 % elif has_keys:
@@ -3684,14 +5446,16 @@ title="{{limit['percent']}}%"><span style="width:{{limit['percent']}}%"></span><
 <section>
 <h2>By model, {{start}} to {{end}}</h2>
 % if by_model:
-<div class="scroll"><table>
+% decimals = decimals_of(*[row['cost_usd'] for row in by_model])
+<div class="scroll"><table class="stack">
 <tr><th>Model</th><th class="n">Requests</th><th class="n">Input tokens</th>
 <th class="n">Output tokens</th><th class="n">Cost</th></tr>
 % for row in by_model:
-<tr><td>{{row['model'] or "(unknown)"}}</td><td class="n">{{"{:,}".format(row['requests'])}}</td>
-<td class="n">{{"{:,}".format(row['prompt_tokens'])}}</td>
-<td class="n">{{"{:,}".format(row['completion_tokens'])}}</td>
-<td class="n">{{money(row['cost_usd'])}}</td></tr>
+<tr><td data-label="Model">{{row['model'] or "(unknown)"}}</td>
+<td data-label="Requests" class="n">{{count(row['requests'])}}</td>
+<td data-label="Input tokens" class="n">{{count(row['prompt_tokens'])}}</td>
+<td data-label="Output tokens" class="n">{{count(row['completion_tokens'])}}</td>
+<td data-label="Cost" class="n">{{money(row['cost_usd'], decimals)}}</td></tr>
 % end
 </table></div>
 % else:
@@ -3701,13 +5465,14 @@ title="{{limit['percent']}}%"><span style="width:{{limit['percent']}}%"></span><
 <section>
 <h2>By day</h2>
 % if by_day:
-<div class="scroll"><table>
+% decimals = decimals_of(*[row['cost_usd'] for row in by_day])
+<div class="scroll"><table class="stack">
 <tr><th>Day (UTC)</th><th class="n">Requests</th><th class="n">Tokens</th><th class="n">Cost</th><th></th></tr>
 % for row in by_day:
-<tr><td>{{row['day']}}</td><td class="n">{{"{:,}".format(row['requests'])}}</td>
-<td class="n">{{"{:,}".format(row['prompt_tokens'] + row['completion_tokens'])}}</td>
-<td class="n">{{money(row['cost_usd'])}}</td>
-<td><div class="bar"><span style="width:{{percent(row['cost_usd'], max_day_usd)}}%"></span></div></td></tr>
+<tr><td data-label="Day (UTC)">{{row['day']}}</td><td data-label="Requests" class="n">{{count(row['requests'])}}</td>
+<td data-label="Tokens" class="n">{{count(row['prompt_tokens'] + row['completion_tokens'])}}</td>
+<td data-label="Cost" class="n">{{money(row['cost_usd'], decimals)}}</td>
+<td data-label=""><div class="bar"><span style="width:{{percent(row['cost_usd'], max_day_usd)}}%"></span></div></td></tr>
 % end
 </table></div>
 % else:
@@ -3728,20 +5493,24 @@ REPORTS_PAGE = """<h1>Reports</h1>
 </section>
 <div class="grid">
 <div class="card"><div class="muted small">Cost</div><div class="stat">{{money(totals['cost_usd'])}}</div></div>
-<div class="card"><div class="muted small">Requests</div><div class="stat">{{"{:,}".format(totals['requests'])}}</div></div>
+<div class="card"><div class="muted small">Requests</div><div class="stat">{{count(totals['requests'])}}</div></div>
 <div class="card"><div class="muted small">Tokens in / out</div>
 <div class="stat">{{compact(totals['prompt_tokens'])}} / {{compact(totals['completion_tokens'])}}</div></div>
 <div class="card"><div class="muted small">Users</div><div class="stat">{{len(by_user)}}</div></div>
 </div>
 % if totals['unpriced_requests']:
-<section class="alert"><p>{{"{:,}".format(totals['unpriced_requests'])}} requests in this range
+<section class="alert"><p>{{count(totals['unpriced_requests'])}} requests in this range
 have no price, so their cost is missing from these figures.</p></section>
 % end
 <div class="charts">
 % for chart in charts:
 <section><h2>{{chart['title']}}</h2>
 <div class="chart"><canvas id="chart-{{chart['name']}}" role="img" aria-label="{{chart['title']}}"
-data-series="{{chart['series_json']}}"></canvas></div></section>
+data-series="{{chart['series_json']}}"></canvas></div>
+<p class="muted small chart-note" hidden>This chart could not be drawn: Chart.js did not load
+(no internet?). The tables below have every number.</p>
+<noscript><p class="muted small">Charts need JavaScript; the tables below have every number.</p></noscript>
+</section>
 % end
 </div>
 % for table in tables:
@@ -3768,20 +5537,27 @@ data-series="{{chart['series_json']}}"></canvas></div></section>
 % end
 """
 
-ADMIN_PAGE = """<h1>Admin</h1>
+# The admin page, in the order it shows; each part is one section of the page.
+# `typed(action, field, default)` gives back what was typed in a form that was
+# refused, and `error_for(action)` the reason, shown at that form.
+ADMIN_SUMMARY_PART = """<h1>Admin</h1>
 % if notice:
 <section class="notice"><p>{{notice}}</p></section>
 % end
 % if new_key:
 {{!new_key_html}}
 % end
+% if form_error:
+<section class="alert"><p>Not saved: {{form_error['message']}}
+<a href="#{{form_error['anchor']}}">Back to the form</a>.</p></section>
+% end
 <div class="grid">
 <div class="card"><div class="muted small">Spend today (UTC)</div><div class="stat">{{money(today_usd)}}</div>
-<div class="muted small">{{"{:,}".format(today_requests)}} requests</div></div>
+<div class="muted small">{{plural(today_requests, "request")}}</div></div>
 <div class="card"><div class="muted small">Spend this month</div><div class="stat">{{money(month_usd)}}</div>
-<div class="muted small">{{"{:,}".format(month_requests)}} requests</div></div>
+<div class="muted small">{{plural(month_requests, "request")}}</div></div>
 <div class="card"><div class="muted small">Active keys</div><div class="stat">{{active_keys}}</div>
-<div class="muted small">{{len(users)}} users seen</div></div>
+<div class="muted small">{{plural(len(users), "user")}} seen</div></div>
 </div>
 % if missing:
 <section class="alert" id="missing-prices"><h2>Models without a price</h2>
@@ -3795,148 +5571,166 @@ have a price (set one <a href="#prices">below</a>):
 <p class="small"><a href="#projects">Projects</a> · <a href="#users">Users</a> ·
 <a href="#keys">Keys</a> · <a href="#limits">Limits</a> · <a href="#prices">Prices</a> ·
 <a href="/reports">Reports</a></p>
+"""
 
+ADMIN_PROJECTS_PART = """
 <section id="projects"><h2>Projects</h2>
 <div class="scroll"><table>
 <tr><th>Project</th><th>Upstream</th><th>Upstream key</th><th>Personal keys</th><th>Budgets</th><th></th></tr>
 % for project in projects:
+% editing = typed("update_project", "id", None) == project['id']
 <tr><td><b>{{project['id']}}</b><br><span class="muted small">{{project['name']}}</span></td>
-<td class="small">{{project['upstream_kind']}}<br>{{project['upstream_url'] or "LLIMIT_UPSTREAM_URL"}}</td>
-<td class="small">{{project['upstream_key_source'] or ("LLIMIT_UPSTREAM_KEY" if project['id'] == 'default' and not project['upstream_url'] else "none")}}</td>
+<td class="small">{{project['upstream_kind']}}<br>{{project['upstream_url_in_force']}}
+% if not project['upstream_url']:
+<br><span class="muted">(LLIMIT_UPSTREAM_URL)</span>
+% end
+</td>
+<td class="small">{{project['upstream_key_source'] or "none"}}</td>
 <td>{{!'<span class="tag ok">allowed</span>' if project['allow_user_keys'] else '<span class="tag">no</span>'}}</td>
 <td class="small">
 % for limit in project['limits']:
 {{limit['text']}} ({{limit['used']}} used)<br>
 % end
 </td>
-<td><details><summary>Edit</summary>
+<td><details{{" open" if editing else ""}}><summary>Edit</summary>
+% if editing:
+{{!error_for("update_project")}}
+% end
 <form method="post" action="/admin">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="action" value="update_project">
 <input type="hidden" name="id" value="{{project['id']}}">
-<label>Name</label><input name="name" value="{{project['name']}}" maxlength="200">
+% def value(field, default):
+%   return typed("update_project", field, default) if editing else default
+% end
+<label>Name</label><input name="name" value="{{value('name', project['name'])}}" maxlength="200">
 <label>Kind</label><select name="upstream_kind">
 % for kind in upstream_kinds:
-<option{{" selected" if kind == project['upstream_kind'] else ""}}>{{kind}}</option>
+<option{{" selected" if kind == value('upstream_kind', project['upstream_kind']) else ""}}>{{kind}}</option>
 % end
 </select>
-<label>Upstream URL</label><input name="upstream_url" value="{{project['upstream_url'] or ''}}"
-placeholder="{{'LLIMIT_UPSTREAM_URL' if project['id'] == 'default' else 'https://…'}}">
+<label>Upstream URL</label><input name="upstream_url" value="{{value('upstream_url', project['upstream_url'] or '')}}"
+placeholder="{{project['upstream_url_in_force'] if not project['upstream_url'] else 'https://…'}}">
 <label>Upstream key <span class="muted">(blank keeps it)</span></label>
 <input name="upstream_key" type="password" autocomplete="off" placeholder="env:NAME or the key">
 <label><input type="checkbox" name="clear_upstream_key" value="1"> remove the stored key</label>
-<label>API version</label><input name="api_version" value="{{project['api_version'] or ''}}">
+<label>API version</label><input name="api_version" value="{{value('api_version', project['api_version'] or '')}}">
 <label><input type="checkbox" name="allow_user_keys" value="1"{{" checked" if project['allow_user_keys'] else ""}}>
 personal keys allowed</label>
+<label><input type="checkbox" name="allow_async" value="1"{{" checked" if project['allow_async'] else ""}}>
+async jobs allowed (batches, background responses; charged when they finish)</label>
+<label>Most active personal keys per person <span class="muted">(blank: no cap)</span></label>
+<input name="max_keys_per_user" inputmode="numeric" size="4"
+value="{{'' if project['max_keys_per_user'] is None else project['max_keys_per_user']}}">
 <label>Message when a limit is reached</label>
-<input name="limit_message" value="{{project['limit_message'] or ''}}" maxlength="500">
+<input name="limit_message" value="{{value('limit_message', project['limit_message'] or '')}}" maxlength="500">
 <label>Add a budget (USD)</label>
-<div class="row"><input name="budget_usd" inputmode="decimal" size="8" placeholder="e.g. 50">
+<div class="row"><input name="budget_usd" inputmode="decimal" size="8" placeholder="e.g. 50"
+value="{{value('budget_usd', '')}}">
 <select name="budget_window">
 % for window in budget_windows:
-<option{{" selected" if window == "month" else ""}}>{{window}}</option>
+<option{{" selected" if window == value('budget_window', 'month') else ""}}>{{window}}</option>
 % end
 </select></div>
 <p><button type="submit">Save</button></p>
 </form></details></td></tr>
 % end
 </table></div>
-<details><summary>New project</summary>
+<details{{" open" if error_for("create_project") else ""}}><summary>New project</summary>
+{{!error_for("create_project")}}
 <form method="post" action="/admin">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="action" value="create_project">
 <div class="row">
-<div><label for="p-id">Id</label><input id="p-id" name="id" required maxlength="64" placeholder="team-a"></div>
-<div><label for="p-name">Name</label><input id="p-name" name="name" maxlength="200"></div>
+<div><label for="p-id">Id</label><input id="p-id" name="id" required maxlength="64" placeholder="team-a"
+value="{{typed('create_project', 'id')}}"></div>
+<div><label for="p-name">Name</label><input id="p-name" name="name" maxlength="200"
+value="{{typed('create_project', 'name')}}"></div>
 <div><label for="p-kind">Kind</label><select id="p-kind" name="upstream_kind">
 % for kind in upstream_kinds:
-<option>{{kind}}</option>
+<option{{" selected" if kind == typed('create_project', 'upstream_kind') else ""}}>{{kind}}</option>
 % end
 </select></div>
-<div><label for="p-url">Upstream URL</label><input id="p-url" name="upstream_url" placeholder="https://api.openai.com/v1"></div>
+<div><label for="p-url">Upstream URL</label><input id="p-url" name="upstream_url" placeholder="https://api.openai.com/v1"
+value="{{typed('create_project', 'upstream_url')}}"></div>
 <div><label for="p-key">Upstream key</label><input id="p-key" name="upstream_key" type="password"
 autocomplete="off" placeholder="env:NAME or the key"></div>
-<div><label for="p-version">API version</label><input id="p-version" name="api_version" size="12"></div>
-<div><label for="p-budget">Budget (USD)</label><input id="p-budget" name="budget_usd" inputmode="decimal" size="8"></div>
+<div><label for="p-version">API version</label><input id="p-version" name="api_version" size="12"
+value="{{typed('create_project', 'api_version')}}"></div>
+<div><label for="p-budget">Budget (USD)</label><input id="p-budget" name="budget_usd" inputmode="decimal" size="8"
+value="{{typed('create_project', 'budget_usd')}}"></div>
 <div><label for="p-window">per</label><select id="p-window" name="budget_window">
 % for window in budget_windows:
-<option{{" selected" if window == "month" else ""}}>{{window}}</option>
+<option{{" selected" if window == typed('create_project', 'budget_window', 'month') else ""}}>{{window}}</option>
 % end
 </select></div>
 <div><label><input type="checkbox" name="allow_user_keys" value="1" checked> personal keys</label></div>
+<div><label><input type="checkbox" name="allow_async" value="1"> async jobs</label></div>
 <button type="submit">Create project</button>
 </div>
 <p class="muted small">A stored upstream key is never shown again; <code>env:NAME</code> reads it from
 llimit's environment at each call instead.</p>
 </form></details>
 </section>
+"""
 
+ADMIN_USERS_PART = """
 <section id="users"><h2>Users</h2>
 % if users:
-<div class="scroll"><table>
+% month_decimals = decimals_of(*[user['month_usd'] for user in users])
+% total_decimals = decimals_of(*[user['total_usd'] for user in users])
+<div class="scroll"><table class="stack">
 <tr><th>User</th><th class="n">Active keys</th><th class="n">Requests this month</th>
 <th class="n">Spend this month</th><th class="n">Spend, all time</th></tr>
 % for user in users:
-<tr><td>{{user['user']}}</td><td class="n">{{user['active_keys']}}</td>
-<td class="n">{{"{:,}".format(user['month_requests'])}}</td><td class="n">{{money(user['month_usd'])}}</td>
-<td class="n">{{money(user['total_usd'])}}</td></tr>
+<tr><td data-label="User">{{user['user']}}</td><td data-label="Active keys" class="n">{{user['active_keys']}}</td>
+<td data-label="Requests this month" class="n">{{count(user['month_requests'])}}</td>
+<td data-label="Spend this month" class="n">{{money(user['month_usd'], month_decimals)}}</td>
+<td data-label="Spend, all time" class="n">{{money(user['total_usd'], total_decimals)}}</td></tr>
 % end
 </table></div>
 % else:
 <p class="muted">No users yet.</p>
 % end
 </section>
+"""
 
+ADMIN_KEYS_PART = """
 <section id="keys"><h2>Keys</h2>
+{{!error_for("create_key")}}
 <form method="post" action="/admin" class="row">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="action" value="create_key">
 <div><label for="k-user">User <span class="muted">(blank: a project key)</span></label>
-<input id="k-user" name="user" maxlength="200"></div>
+<input id="k-user" name="user" maxlength="200" value="{{typed('create_key', 'user')}}"></div>
 <div><label for="k-project">Project</label><select id="k-project" name="project">
 % for project in projects:
-<option>{{project['id']}}</option>
+<option{{" selected" if project['id'] == typed('create_key', 'project') else ""}}>{{project['id']}}</option>
 % end
 </select></div>
-<div><label for="k-note">Note</label><input id="k-note" name="note" maxlength="200"></div>
-<div><label for="k-expires">Expires (UTC)</label><input id="k-expires" name="expires_at" type="date"></div>
+<div><label for="k-note">Note</label><input id="k-note" name="note" maxlength="200"
+value="{{typed('create_key', 'note')}}"></div>
+<div><label for="k-expires">Expires (UTC)</label><input id="k-expires" name="expires_at" type="date"
+value="{{typed('create_key', 'expires_at')}}"></div>
 <button type="submit">Create key</button>
 </form>
-<div class="scroll"><table>
-<tr><th>Key</th><th>User</th><th>Project</th><th>Note</th><th>Created</th><th>Last used</th>
-<th class="n">Spend</th><th></th></tr>
-% for key in keys:
-<tr><td><code>{{key['masked_key']}}</code><br><span class="muted small">{{key['id']}}</span></td>
-<td>{{key['user'] or "(project key)"}}</td><td>{{key['project']}}</td><td>{{key['note'] or ""}}</td>
-<td class="small">{{when(key['created_at'])}}</td><td class="small">{{when(key['last_used_at'], "never")}}</td>
-<td class="n">{{money(key['cost_usd'])}}</td>
-<td>
-% if key['active']:
-<form class="inline" method="post" action="/admin">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
-<input type="hidden" name="action" value="revoke_key">
-<input type="hidden" name="key_id" value="{{key['id']}}">
-<button type="submit" class="danger">Revoke</button></form>
-% else:
-<span class="tag">{{"revoked" if key['revoked_at'] else "expired"}}</span>
-% end
-</td></tr>
-% end
-</table></div>
+{{!key_table}}
 </section>
+"""
 
+ADMIN_LIMITS_PART = """
 <section id="limits"><h2>Limits</h2>
 % if limits:
-<div class="scroll"><table>
+<div class="scroll"><table class="stack">
 <tr><th>Limit</th><th>Action</th><th>Used</th><th class="n"></th><th>Resets</th><th></th></tr>
 % for limit in limits:
-<tr><td>{{limit['text']}}</td><td>{{limit['action']}}</td>
-<td><div class="bar{{' full' if limit['percent'] >= 100 else ' warn' if limit['percent'] >= 80 else ''}}">
+<tr><td data-label="Limit">{{limit['text']}}</td><td data-label="Action">{{limit['action']}}</td>
+<td data-label="Used"><div class="bar{{' full' if limit['percent'] >= 100 else ' warn' if limit['percent'] >= 80 else ''}}">
 <span style="width:{{limit['percent']}}%"></span></div></td>
-<td class="n">{{limit['used']}} of {{limit['amount']}}</td>
-<td class="small">{{when(limit['resets_at'], "never")}}</td>
-<td><form class="inline" method="post" action="/admin">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<td data-label="Amount" class="n">{{limit['used']}} of {{limit['amount']}}</td>
+<td data-label="Resets" class="small">{{when(limit['resets_at'], "never")}}</td>
+<td data-label=""><form class="inline" method="post" action="/admin">
+{{!csrf_field}}
 <input type="hidden" name="action" value="delete_limit">
 <input type="hidden" name="limit_id" value="{{limit['id']}}">
 <button type="submit" class="danger">Delete</button></form></td></tr>
@@ -3945,57 +5739,74 @@ llimit's environment at each call instead.</p>
 % else:
 <p class="muted">No limits: every key may spend without bound.</p>
 % end
-<details><summary>New limit</summary>
+<details{{" open" if error_for("create_limit") else ""}}><summary>New limit</summary>
+{{!error_for("create_limit")}}
 <form method="post" action="/admin" class="row">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="action" value="create_limit">
 <div><label for="l-scope">Scope</label><select id="l-scope" name="scope">
 % for scope in scopes:
-<option>{{scope}}</option>
+<option{{" selected" if scope == typed('create_limit', 'scope') else ""}}>{{scope}}</option>
 % end
 </select></div>
 <div><label for="l-target">Target <span class="muted">(project id, user or key id)</span></label>
-<input id="l-target" name="target"></div>
+<input id="l-target" name="target" value="{{typed('create_limit', 'target')}}"></div>
 <div><label for="l-each">Each</label><select id="l-each" name="each">
-<option value="">(the scope as a whole)</option><option>user</option><option>key</option></select></div>
-<div><label for="l-metric">Metric</label><select id="l-metric" name="metric">
-% for metric in metrics:
-<option>{{metric}}</option>
+<option value="">(the scope as a whole)</option>
+% for each in ("user", "key"):
+<option{{" selected" if each == typed('create_limit', 'each') else ""}}>{{each}}</option>
 % end
 </select></div>
-<div><label for="l-amount">Amount</label><input id="l-amount" name="amount" inputmode="decimal" size="8" required></div>
+<div><label for="l-metric">Metric</label><select id="l-metric" name="metric">
+% for metric in metrics:
+<option{{" selected" if metric == typed('create_limit', 'metric') else ""}}>{{metric}}</option>
+% end
+</select></div>
+<div><label for="l-amount">Amount</label><input id="l-amount" name="amount" inputmode="decimal" size="8" required
+value="{{typed('create_limit', 'amount')}}"></div>
 <div><label for="l-window">Window</label><select id="l-window" name="window">
 % for window in windows:
-<option{{" selected" if window == "month" else ""}}>{{window}}</option>
+<option{{" selected" if window == typed('create_limit', 'window', 'month') else ""}}>{{window}}</option>
 % end
 </select></div>
 <div><label for="l-action">Action</label><select id="l-action" name="limit_action">
-<option>block</option><option>warn</option></select></div>
-<div><label for="l-alert">Alert at %</label><input id="l-alert" name="alert_at" size="8" placeholder="80,90"></div>
+% for action in ("block", "warn"):
+<option{{" selected" if action == typed('create_limit', 'limit_action') else ""}}>{{action}}</option>
+% end
+</select></div>
+<div><label for="l-alert">Alert at %</label><input id="l-alert" name="alert_at" size="8" placeholder="80,90"
+value="{{typed('create_limit', 'alert_at')}}"></div>
 <button type="submit">Add limit</button>
 </form></details>
 </section>
+"""
 
+ADMIN_PRICES_PART = """
 <section id="prices"><h2>Prices <span class="muted small">(USD per 1M tokens)</span></h2>
+{{!error_for("set_price")}}
 <form method="post" action="/admin" class="row">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="action" value="set_price">
 <div><label for="m-model">Model</label><input id="m-model" name="model" required list="missing-models"
-value="{{missing[0] if missing else ''}}">
+value="{{typed('set_price', 'model', missing[0] if missing else '')}}">
 <datalist id="missing-models">
 % for model in missing:
 <option value="{{model}}">
 % end
 </datalist></div>
-<div><label for="m-input">Input</label><input id="m-input" name="input" inputmode="decimal" size="7" required></div>
-<div><label for="m-cached">Cached input</label><input id="m-cached" name="cached_input" inputmode="decimal" size="7"></div>
-<div><label for="m-output">Output</label><input id="m-output" name="output" inputmode="decimal" size="7" required></div>
-<div><label for="m-write">Cache write</label><input id="m-write" name="cache_write" inputmode="decimal" size="7"></div>
+<div><label for="m-input">Input</label><input id="m-input" name="input" inputmode="decimal" size="7" required
+value="{{typed('set_price', 'input')}}"></div>
+<div><label for="m-cached">Cached input</label><input id="m-cached" name="cached_input" inputmode="decimal" size="7"
+value="{{typed('set_price', 'cached_input')}}"></div>
+<div><label for="m-output">Output</label><input id="m-output" name="output" inputmode="decimal" size="7" required
+value="{{typed('set_price', 'output')}}"></div>
+<div><label for="m-write">Cache write</label><input id="m-write" name="cache_write" inputmode="decimal" size="7"
+value="{{typed('set_price', 'cache_write')}}"></div>
 <button type="submit">Set price</button>
 </form>
 <p class="muted small">A price set here wins over pricing.json and applies to calls from now on;
 <code>POST /admin/reprice</code> recomputes stored costs.</p>
-<details><summary>{{len(prices)}} models with a price</summary>
+<details><summary>{{plural(len(prices), "model")}} with a price</summary>
 <div class="scroll"><table>
 <tr><th>Model</th><th class="n">Input</th><th class="n">Cached input</th><th class="n">Output</th>
 <th class="n">Cache write</th><th>From</th></tr>
@@ -4010,10 +5821,13 @@ value="{{missing[0] if missing else ''}}">
 </section>
 """
 
+ADMIN_PAGE = "".join((ADMIN_SUMMARY_PART, ADMIN_PROJECTS_PART, ADMIN_USERS_PART,
+                      ADMIN_KEYS_PART, ADMIN_LIMITS_PART, ADMIN_PRICES_PART))
+
 LOGOUT_PAGE = """<h1>Sign out</h1>
 <section><p>Signed in as <b>{{session.user_name or "admin"}}</b>.</p>
 <form method="post" action="/logout">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <button type="submit">Sign out</button></form></section>
 """
 
@@ -4026,7 +5840,7 @@ ERROR_PAGE = """<h1>{{status}}: {{reason}}</h1>
 </p></section>
 """
 
-PAGES_SCRIPT_JS = r"""// llimit's pages: the copy buttons and the charts. Everything works without it.
+PAGES_SCRIPT_JS = r"""// llimit's pages: copy buttons, confirmations and charts. Everything works without it.
 "use strict";
 (function () {
   function copyText(text, done) {
@@ -4052,18 +5866,45 @@ PAGES_SCRIPT_JS = r"""// llimit's pages: the copy buttons and the charts. Everyt
     });
   });
 
-  if (typeof window.Chart === "undefined") {
-    return;  // no Chart.js (offline, blocked): the tables say it all
+  // Revoking asks first; without this script the server asks on a page of its own.
+  document.querySelectorAll("form[data-confirm]").forEach(function (form) {
+    form.addEventListener("submit", function (event) {
+      if (!window.confirm(form.dataset.confirm)) {
+        event.preventDefault();
+        return;
+      }
+      var confirmed = document.createElement("input");
+      confirmed.type = "hidden";
+      confirmed.name = "confirm";
+      confirmed.value = "1";
+      form.appendChild(confirmed);
+    });
+  });
+
+  var charts = document.querySelectorAll("canvas[data-series]");
+  if (charts.length && typeof window.Chart === "undefined") {
+    // No Chart.js (offline, blocked): say so where the charts would be.
+    document.querySelectorAll(".chart-note").forEach(function (note) { note.hidden = false; });
+    document.querySelectorAll(".chart").forEach(function (box) { box.hidden = true; });
+    return;
   }
+  // Money as the pages show it: cents, else 4 decimals, else 6.
   function money(value, digits) {
-    digits = digits || (Math.abs(value) >= 0.01 || value === 0 ? 2 : 6);
+    if (digits === undefined) {
+      var size = Math.abs(value);
+      digits = size === 0 || size >= 1 || Math.abs(Math.round(value * 100) - value * 100) < 1e-7
+        ? 2 : size >= 0.01 ? 4 : 6;
+    }
     return "$" + Number(value).toLocaleString(undefined,
       {minimumFractionDigits: digits, maximumFractionDigits: digits});
   }
-  function moneyTick(value) {
-    return money(value, Math.abs(value) >= 0.01 || value === 0 ? 2 : 4);
+  // An axis shows as many decimals as its step needs, so no two ticks read alike.
+  function moneyTick(value, index, ticks) {
+    var step = ticks.length > 1 ? Math.abs(ticks[1].value - ticks[0].value) : Math.abs(value);
+    var digits = step > 0 ? Math.min(6, Math.max(2, Math.ceil(-Math.log10(step) - 1e-9))) : 2;
+    return money(value, digits);
   }
-  document.querySelectorAll("canvas[data-series]").forEach(function (canvas) {
+  charts.forEach(function (canvas) {
     var config = JSON.parse(canvas.dataset.series);
     var options = config.options || (config.options = {});
     Object.keys(options.scales || {}).forEach(function (axis) {
@@ -4083,17 +5924,6 @@ PAGES_SCRIPT_JS = r"""// llimit's pages: the copy buttons and the charts. Everyt
   });
 })();
 """
-
-def money(usd):
-    """USD as people read a bill: $1,234.50, $0.0123, $0.000585."""
-    if usd is None:
-        return "–"
-    if abs(usd) >= 1 or usd == 0:
-        return f"${usd:,.2f}"
-    if abs(usd) >= 0.01:
-        return f"${usd:,.4f}"
-    return f"${usd:,.6f}" if abs(usd) >= 0.000001 else "<$0.000001"
-
 
 def when(iso, missing="–"):
     """An ISO 8601 UTC time as 2026-11-23 07:00 UTC."""
@@ -4115,22 +5945,50 @@ def compact(count):
     return str(count)
 
 
-TEMPLATE_HELPERS = {"money": money, "when": when, "percent": percent, "compact": compact}
+def csrf_field(session):
+    """The hidden CSRF field every POST form of the pages carries."""
+    return (f'<input type="hidden" name="csrf_token"'
+            f' value="{html.escape(session.csrf_token or "", quote=True)}">')
+
+
+def count(number):
+    """A whole number with thousands separators: 1,234."""
+    return f"{number:,}"
+
+
+def _versioned(path, text):
+    # The content's hash in the URL: a browser keeps the file a year, and a new
+    # llimit with a changed file names a new URL.
+    return f"{path}?v={hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+PAGES_CSS_URL = _versioned(PAGES_CSS_PATH, PAGES_CSS)
+PAGES_SCRIPT_URL = _versioned(PAGES_SCRIPT_PATH, PAGES_SCRIPT_JS)
+STATIC_CACHE_CONTROL = "public, max-age=31536000, immutable"
+TEMPLATE_HELPERS = {"money": format_usd, "decimals_of": usd_decimals, "when": when,
+                    "percent": percent, "compact": compact, "count": count, "plural": plural}
+
+
+def render_part(part, **context):
+    """One *_PART template as HTML, for a page to place with {{!...}}."""
+    return bottle.template(part, **TEMPLATE_HELPERS, **context)
 
 
 def render_page(page, *, title, session, scripts=(), **context):
     """A *_PAGE template inside LAYOUT, as a string of HTML."""
-    body = bottle.template(page, session=session, **TEMPLATE_HELPERS, **context)
-    return bottle.template(LAYOUT, title=title, session=session, body=body,
-                           scripts=list(scripts))
+    field = csrf_field(session)
+    body = bottle.template(page, session=session, csrf_field=field, **TEMPLATE_HELPERS,
+                           **context)
+    return bottle.template(LAYOUT, title=title, session=session, body=body, csrf_field=field,
+                           css_url=PAGES_CSS_URL, scripts=list(scripts))
 
 
 # =============================================================================
-# 8. Pages
+# 10. Pages
 #    What people see in a browser: home, sign-in, their keys and usage, the
 #    reports (with their JSON and CSV feeds) and the admin dashboard. Each page
 #    handler is wrapped by `page`, which finds the session and checks every
-#    POST in one place (section 6). Changes go through the same validators and
+#    POST in one place (section 7). Changes go through the same validators and
 #    storage functions as the admin API; GET changes nothing but a sign-in.
 # =============================================================================
 
@@ -4141,7 +5999,11 @@ REPORT_TOP_ROWS = 20          # cost by user or model: these bars, then "other"
 CHART_COLORS = ("#2a5bd7", "#e07b39", "#2f9e6e", "#c94f7c", "#7b61c9", "#d4a72c", "#3aa6b9",
                 "#8c6d46")
 CHART_OTHER_COLOR = "#a3aab6"
-SNIPPET_MODEL = "gpt-4o-mini"
+# The first of these that has a price; else any priced model of the provider.
+SNIPPET_MODELS = {"openai": ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"),
+                  "azure": ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"),
+                  "anthropic": ("claude-haiku-4-5", "claude-sonnet-4-5", "claude-3-5-haiku")}
+SNIPPET_AZURE_API_VERSION = "2024-10-21"
 BUDGET_WINDOWS = ("day", "week", "month", "total")
 ADMIN_NOTICES = {
     "project_created": "Project created.", "project_saved": "Project saved.",
@@ -4158,12 +6020,28 @@ def page(handler):
     def serve_page(state, **url_args):
         session = page_session(state)
         bottle.request.environ["llimit.session"] = session  # for the error page's header
-        for name, value in page_headers(_script_sources(state.config)).items():
+        for name, value in page_headers(_script_sources(state)).items():
             bottle.response.set_header(name, value)
-        if bottle.request.method == "POST":
-            return handler(state, session, checked_form(state, session), **url_args)
-        return handler(state, session, **url_args)
+        try:
+            if bottle.request.method == "POST":
+                return handler(state, session, checked_form(state, session), **url_args)
+            return handler(state, session, **url_args)
+        except bottle.HTTPResponse as response:
+            _own_location(state.config, response)
+            raise
     return serve_page
+
+
+def _own_location(config, response):
+    # bottle.redirect makes a path absolute with the request's Host header, which
+    # the client chooses: a redirect to one of llimit's own pages names its base URL.
+    location = response.get_header("Location")
+    if not location:
+        return
+    parts = urllib.parse.urlsplit(location)
+    if f"{parts.scheme}://{parts.netloc}" == _origin(bottle.request.url):
+        response.set_header("Location", config.base_url + urllib.parse.urlunsplit(
+            ("", "", parts.path, parts.query, parts.fragment)))
 
 
 def page_headers(script_sources):
@@ -4179,22 +6057,38 @@ def page_headers(script_sources):
     }
 
 
-def _script_sources(config):
-    return "'self'" if config.chartjs else f"'self' {CHARTJS_CDN_URL}"
+def chartjs_file(config):
+    """The local Chart.js the pages use, or None for the CDN.
+
+    LLIMIT_CHARTJS when set; else vendor/chart.umd.js beside llimit.py (what
+    tests/install.sh fetches) when it is there, so an offline llimit draws charts.
+    """
+    if config.chartjs:
+        return config.chartjs
+    return VENDORED_CHARTJS if os.path.isfile(VENDORED_CHARTJS) else None
 
 
-def _chart_scripts(config):
-    chart = ({"src": CHARTJS_PATH} if config.chartjs
+def chartjs_origin(state):
+    """Where the pages' Chart.js comes from, in words for the start-up log."""
+    if state.chartjs_path:
+        return f"served by llimit from {state.chartjs_path}"
+    return f"the CDN, {CHARTJS_CDN_URL} (offline, /reports shows tables only)"
+
+
+def _script_sources(state):
+    return "'self'" if state.chartjs_path else f"'self' {CHARTJS_CDN_URL}"
+
+
+def _chart_scripts(state):
+    chart = ({"src": CHARTJS_PATH} if state.chartjs_path
              else {"src": CHARTJS_CDN_URL, "integrity": CHARTJS_CDN_INTEGRITY})
-    return [chart, {"src": PAGES_SCRIPT_PATH}]
+    return [chart, {"src": PAGES_SCRIPT_URL}]
 
 
 def public_base_url(config):
-    """Where people reach llimit: LLIMIT_PUBLIC_URL, else the address this request used."""
-    if config.public_url:
-        return config.public_url.rstrip("/")
-    parts = bottle.request.urlparts
-    return f"{parts.scheme}://{parts.netloc}"
+    """Where people reach llimit: LLIMIT_PUBLIC_URL, else http://HOST:PORT of the
+    config; never the request's Host header, which the client chooses."""
+    return config.base_url
 
 
 def _signed_in_user(session):
@@ -4219,8 +6113,9 @@ def _require_admin_page(session):
     if not session.signed_in:
         _redirect_to_login()
     raise LlimitError(403, "permission_denied",
-                      "This page is for llimit's admins: sign in with the admin token"
-                      " (on the sign-in page), or ask to be named in LLIMIT_ADMIN_USERS.")
+                      "This page is for llimit's admins. If you are one, sign in with the"
+                      " admin token on the sign-in page; if you need something changed,"
+                      " ask your llimit admin.")
 
 
 def _require_reports(session):
@@ -4230,8 +6125,8 @@ def _require_reports(session):
         raise LlimitError(401, "invalid_request_error", "Sign in to see reports.",
                           code="sign_in_required")
     raise LlimitError(403, "permission_denied",
-                      "Reports are for admins here; LLIMIT_REPORTS_PUBLIC=1 opens them to"
-                      " everyone signed in.")
+                      "Reports of everyone's spending are for llimit's admins here. Your own"
+                      " spending is on the Usage page; ask your llimit admin for more.")
 
 
 # --- home, sign-in ----------------------------------------------------------------
@@ -4245,7 +6140,7 @@ def page_home(state, session):
 def page_login(state, session):
     """GET /login: the sign-in form of LLIMIT_AUTH, and the admin token's."""
     config = state.config
-    session = ensure_session(state, session)
+    session = login_csrf(state, session)
     return render_page(LOGIN_PAGE, title="Sign in", session=session, auth=config.auth,
                        next_path=safe_next(bottle.request.query.get("next")),
                        auth_header=config.auth_header,
@@ -4257,20 +6152,22 @@ def page_login_post(state, session, form):
     config = state.config
     next_path = safe_next(form.get("next"))
     if form.get("admin_token"):
+        address = bottle.request.environ.get("REMOTE_ADDR", "")
         if not admin_token_matches(state.database(), form["admin_token"]):
-            log.warning("page sign-in with a wrong admin token from %s",
-                        bottle.request.environ.get("REMOTE_ADDR"))
-            raise LlimitError(401, "invalid_request_error", "That is not the admin token.",
-                              code="invalid_admin_token")
+            log.warning("page sign-in with a wrong admin token from %s", address)
+            state.auth_throttle.wrong(address, LlimitError(
+                401, "invalid_request_error", "That is not the admin token.",
+                code="invalid_admin_token"))
         sign_in(state, session, session.user_name, token_admin=True)
         bottle.redirect(next_path if next_path != "/" else "/admin", 303)
     if config.auth == "open":
-        user_name = clean_user_name(form.get("user", ""))
+        user_name = canonical_user_name(form.get("user", ""), state.user_domains)
         if not user_name:
             raise LlimitError(400, "invalid_request_error", "Type a user name to sign in.")
         sign_in(state, session, user_name)
         bottle.redirect(next_path, 303)
-    if config.auth == "oidc" and session.id_hash:
+    if config.auth == "oidc":
+        session = ensure_session(state, session)
         pending = {"state": secrets.token_urlsafe(24), "nonce": secrets.token_urlsafe(24),
                    "verifier": secrets.token_urlsafe(48), "next": next_path}
         url = state.oidc.authorization_url(_oidc_redirect_uri(config), pending)
@@ -4305,7 +6202,7 @@ def page_login_callback(state, session):
                           f"{query.get('error_description') or query.get('error')}.")
     claims = state.oidc.claims(query.get("code", ""), _oidc_redirect_uri(config), pending,
                                config.clock())
-    user_name = user_from_claims(claims, config.oidc_allowed_domains)
+    user_name = user_from_claims(claims, config.oidc_allowed_domains, state.user_domains)
     sign_in(state, session, user_name)
     log.info("page sign-in: %s by OpenID Connect", user_name)
     bottle.redirect(safe_next(pending.get("next")), 303)
@@ -4330,8 +6227,54 @@ def page_logout(state, session, form):
 
 # --- a user's keys and usage ----------------------------------------------------------
 
+class NewKeyStash:
+    """A new key's secret between the POST that made it and the one GET that shows it.
+
+    POST/redirect/GET, so a reload makes no second key: the secret waits here,
+    in memory only (never in the database), for its session's next page, for
+    a few minutes at most, and is dropped as it is shown.
+    """
+    SECONDS = 300
+    MAX_ENTRIES = 10000
+
+    def __init__(self, clock):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._entries = {}   # session id hash -> (expires, what to show)
+
+    def put(self, session_id_hash, shown):
+        now = self.clock()
+        with self._lock:
+            self._entries = {ident: entry for ident, entry in self._entries.items()
+                             if entry[0] > now}
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[session_id_hash] = (now + self.SECONDS, shown)
+
+    def take(self, session_id_hash):
+        """What was put for this session, once; None when nothing (or too late)."""
+        with self._lock:
+            entry = self._entries.pop(session_id_hash, None)
+        return entry[1] if entry and entry[0] > self.clock() else None
+
+
+def _show_new_key_once(state, session, row, raw_key, page_path):
+    state.new_keys.put(session.id_hash, {
+        "raw_key": raw_key, "project_id": row["project_id"],
+        "owner": row["user_name"] or f"project {row['project_id']}"})
+    bottle.redirect(page_path + "#new", 303)
+
+
+def _new_key_shown(state, session):
+    shown = state.new_keys.take(session.id_hash) if session.id_hash else None
+    if shown is None:
+        return ""
+    project = get_project(state.database(), shown["project_id"])
+    return _new_key_html(state, project, shown["raw_key"], shown["owner"])
+
+
 def page_keys(state, session):
-    """GET /keys: the user's keys, and a form to get one."""
+    """GET /keys: the user's keys (and a new one's secret, once), and a form to get one."""
     return _render_keys(state, session, _signed_in_user(session))
 
 
@@ -4340,17 +6283,18 @@ def page_keys_create(state, session, form):
     user_name = _signed_in_user(session)
     fields = validate_key_fields({"project": form.get("project") or "default",
                                   "note": form.get("note", "").strip() or None},
-                                 ("project", "note"))
+                                 ("project", "note"), state.user_domains)
     db = state.database()
     with transaction(db):
         project = get_project(db, fields["project"])
         if project is None or not project["allow_user_keys"]:
             raise LlimitError(403, "permission_denied",
                               f"The project {fields['project']!r} hands out no personal keys.")
+        check_key_cap(db, project, user_name, state.config.clock())
         row, raw_key = create_key(db, state.config.clock(), user_name, fields["project"],
                                   fields["note"])
     log.info("page: %s created key %s in project %s", user_name, row["id"], row["project_id"])
-    return _render_keys(state, session, user_name, raw_key)
+    _show_new_key_once(state, session, row, raw_key, "/keys")
 
 
 def page_key_revoke(state, session, form, key_id):
@@ -4362,38 +6306,103 @@ def page_key_revoke(state, session, form, key_id):
         if row is None or row["user_name"] != user_name:
             raise LlimitError(404, "invalid_request_error", "You have no such key.",
                               code="key_not_found")
+        if form.get("confirm") != "1":
+            return _confirm_revoke(session, row, f"/keys/{key_id}/revoke", (), "/keys")
         revoke_key(db, key_id, utc_iso(state.config.clock()))
     bottle.redirect("/keys", 303)
 
 
-def _render_keys(state, session, user_name, raw_key=None):
+def _confirm_revoke(session, row, action, hidden, back):
+    # Without the page script's confirm() (or with it off), the POST lands here first.
+    return render_page(REVOKE_CONFIRM_PAGE, title="Revoke a key", session=session,
+                       masked_key=row["masked_key"],
+                       owner=row["user_name"], action=action, hidden=hidden, back=back)
+
+
+def key_table(session, keys, admin=False):
+    """The keys table of /keys (a user's own) and /admin (everyone's, with users and ids)."""
+    return render_part(KEY_TABLE_PART, keys=keys, admin=admin, csrf_field=csrf_field(session))
+
+
+def _render_keys(state, session, user_name):
     db = state.database()
     rows = list_keys(db, user_name=user_name)
     spend = key_spend(db, [row["id"] for row in rows])
+    keys = [key_to_json(row, spend.get(row["id"])) for row in rows]
+    new_key_html = _new_key_shown(state, session)
     return render_page(
-        KEYS_PAGE, title="Keys", session=session, scripts=[{"src": PAGES_SCRIPT_PATH}],
-        keys=[key_to_json(row, spend.get(row["id"])) for row in rows],
+        KEYS_PAGE, title="Keys", session=session, scripts=[{"src": PAGES_SCRIPT_URL}],
+        keys=keys, key_table=key_table(session, keys),
         projects=[row for row in list_projects(db) if row["allow_user_keys"]],
-        new_key=raw_key, new_key_html=_new_key_html(state.config, raw_key) if raw_key else "")
+        key_caps={row["id"]: "" if row["max_keys_per_user"] is None else
+                  f", at most {row['max_keys_per_user']} keys each" for row in list_projects(db)},
+        new_key=bool(new_key_html), new_key_html=new_key_html)
 
 
-def _new_key_html(config, raw_key, owner=None):
-    base_url = public_base_url(config)
-    curl_snippet = (f"curl {base_url}/v1/chat/completions \\\n"
-                    f"  -H \"Authorization: Bearer {raw_key}\" \\\n"
-                    "  -H \"Content-Type: application/json\" \\\n"
-                    f"  -d '{{\"model\": \"{SNIPPET_MODEL}\", \"messages\": "
-                    "[{\"role\": \"user\", \"content\": \"Hello!\"}]}'")
-    python_snippet = ("from openai import OpenAI\n\n"
-                      f"client = OpenAI(base_url=\"{base_url}/v1\",\n"
-                      f"                api_key=\"{raw_key}\")\n"
-                      "reply = client.chat.completions.create(\n"
-                      f"    model=\"{SNIPPET_MODEL}\",\n"
-                      "    messages=[{\"role\": \"user\", \"content\": \"Hello!\"}],\n"
-                      ")\n"
-                      "print(reply.choices[0].message.content)")
-    return bottle.template(NEW_KEY_SNIPPETS, new_key=raw_key, new_key_owner=owner,
-                           curl_snippet=curl_snippet, python_snippet=python_snippet)
+def snippet_model(pricebook, kind):
+    """A model to name in a new key's snippets: one llimit prices, of the project's provider."""
+    prices = pricebook.table()
+    wanted = SNIPPET_MODELS[kind]
+    return next((model for model in wanted if pricebook.resolve(model)),
+                next((model for model in sorted(prices)
+                      if model.startswith(wanted[0].split("-")[0] + "-")), wanted[0]))
+
+
+def _new_key_html(state, project, raw_key, owner):
+    base_url = public_base_url(state.config)
+    kind = project["upstream_kind"] if project else "openai"
+    model = snippet_model(state.pricebook, kind)
+    hello = '[{"role": "user", "content": "Hello!"}]'
+    if kind == "anthropic":
+        package = "anthropic"
+        curl = (f"curl {base_url}/v1/messages \\\n"
+                f"  -H \"x-api-key: {raw_key}\" \\\n"
+                f"  -H \"anthropic-version: {ANTHROPIC_VERSION}\" \\\n"
+                "  -H \"Content-Type: application/json\" \\\n"
+                f"  -d '{{\"model\": \"{model}\", \"max_tokens\": 256, \"messages\": {hello}}}'")
+        python = ("from anthropic import Anthropic\n\n"
+                  f"client = Anthropic(base_url=\"{base_url}\",\n"
+                  f"                   api_key=\"{raw_key}\")\n"
+                  "reply = client.messages.create(\n"
+                  f"    model=\"{model}\",\n"
+                  "    max_tokens=256,\n"
+                  f"    messages={hello},\n"
+                  ")\n"
+                  "print(reply.content[0].text)")
+    elif kind == "azure":
+        package = "openai"
+        version = ((project["api_version"] if project else None)
+                   or state.config.upstream_api_version or SNIPPET_AZURE_API_VERSION)
+        curl = (f"curl \"{base_url}/openai/deployments/{model}/chat/completions"
+                f"?api-version={version}\" \\\n"
+                f"  -H \"api-key: {raw_key}\" \\\n"
+                "  -H \"Content-Type: application/json\" \\\n"
+                f"  -d '{{\"messages\": {hello}}}'")
+        python = ("from openai import AzureOpenAI\n\n"
+                  f"client = AzureOpenAI(azure_endpoint=\"{base_url}\",\n"
+                  f"                     api_key=\"{raw_key}\",\n"
+                  f"                     api_version=\"{version}\")\n"
+                  "reply = client.chat.completions.create(\n"
+                  f"    model=\"{model}\",  # the deployment's name\n"
+                  f"    messages={hello},\n"
+                  ")\n"
+                  "print(reply.choices[0].message.content)")
+    else:
+        package = "openai"
+        curl = (f"curl {base_url}/v1/chat/completions \\\n"
+                f"  -H \"Authorization: Bearer {raw_key}\" \\\n"
+                "  -H \"Content-Type: application/json\" \\\n"
+                f"  -d '{{\"model\": \"{model}\", \"messages\": {hello}}}'")
+        python = ("from openai import OpenAI\n\n"
+                  f"client = OpenAI(base_url=\"{base_url}/v1\",\n"
+                  f"                api_key=\"{raw_key}\")\n"
+                  "reply = client.chat.completions.create(\n"
+                  f"    model=\"{model}\",\n"
+                  f"    messages={hello},\n"
+                  ")\n"
+                  "print(reply.choices[0].message.content)")
+    return render_part(NEW_KEY_SNIPPETS, new_key=raw_key, new_key_owner=owner, package=package,
+                       curl_snippet=curl, python_snippet=python)
 
 
 def page_usage(state, session):
@@ -4402,15 +6411,15 @@ def page_usage(state, session):
     db = state.database()
     now = state.config.clock()
     today = _day(now)
-    subject = "u:" + user_name
+    subject = subject_of("user", user_name)
     month = get_counter(db, subject, _day(window_bounds("month", now)[0]), today)
     active_keys = list_keys(db, user_name=user_name, active_at=utc_iso(now))
     start, end = report_range({}, now)
     by_day = usage_report(db, "day", start, end, user_name)["rows"]
     return render_page(
         USAGE_PAGE, title="Usage", session=session,
-        today_usd=nusd_to_usd(get_counter(db, subject, today, today)[2]),
-        month_usd=nusd_to_usd(month[2]), month_requests=month[0],
+        today_usd=nusd_to_usd(get_counter(db, subject, today, today).cost_nusd),
+        month_usd=nusd_to_usd(month.cost_nusd), month_requests=month.requests,
         limits=_user_limits(state, db, user_name, active_keys), has_keys=bool(active_keys),
         start=start, end=end, by_model=usage_report(db, "model", start, end, user_name)["rows"],
         by_day=by_day[::-1], max_day_usd=max((row["cost_usd"] for row in by_day), default=0))
@@ -4420,7 +6429,7 @@ def _user_limits(state, db, user_name, keys):
     # A user's calls go through their keys; a limit reached through two keys is one row.
     seen, rows = set(), []
     for key in keys:
-        for subject, status in state.limits.applying(db, key["project_id"], user_name,
+        for subject, status in state.limits.statuses_for_call(db, key["project_id"], user_name,
                                                      key["id"]):
             if (status["id"], subject) not in seen:
                 seen.add((status["id"], subject))
@@ -4430,15 +6439,18 @@ def _user_limits(state, db, user_name, keys):
 
 def _whose(subject, key):
     # A key's own total is named as /keys lists the key: masked, not by id.
-    return f"key {key['masked_key']}" if subject.startswith("k:") else describe_subject(subject)
+    return f"key {key['masked_key']}" if parse_subject(subject)[0] == "key" \
+        else describe_subject(subject)
 
 
 def _limit_row(status, whose=None):
+    # With `whose`, the row is for the key holder's own page: the limit in words, no ids.
     metric = status["metric"]
 
-    def shown(units):
-        return money(units) if metric == "usd" else format_amount(metric, units)
-    return {"id": status["id"], "text": describe_limit(status), "who": whose,
+    def shown(amount):  # each as it reads best: "$0.004705 of $25.00"
+        return format_usd(amount) if metric == "usd" else format_amount(metric, amount)
+    text = describe_limit(status) if whose is None else limit_in_words(status)
+    return {"id": status["id"], "text": text, "who": whose,
             "action": status["action"], "used": shown(status["used"]),
             "amount": shown(status["amount"]), "resets_at": status["resets_at"],
             "percent": percent(status["used"], status["amount"]), "status": status}
@@ -4583,22 +6595,27 @@ def _chart_options(legend=True, **options):
 
 def report_tables(report):
     """The report's numbers as tables: one per chart's grouping, and by day."""
-    def count(n):
-        return f"{n:,}"
+    def column(values):  # one column of costs, all with the same decimals
+        decimals = usd_decimals(*values)
+        return [format_usd(value, decimals) for value in values]
 
     def grouped(title, group, rows, empty):
+        costs = column([row["cost_usd"] for row in rows])
         return {"title": title,
                 "headings": (group.title(), "Requests", "Input tokens", "Output tokens", "Cost"),
                 "rows": [(row[group] or empty, count(row["requests"]),
-                          count(row["prompt_tokens"]), count(row["completion_tokens"]),
-                          money(row["cost_usd"])) for row in rows]}
+                          count(row["prompt_tokens"]), count(row["completion_tokens"]), cost)
+                         for row, cost in zip(rows, costs)]}
+    daily = report["daily"]
     return [
         grouped("By user", "user", report["by_user"], "(no user)"),
         grouped("By model", "model", report["by_model"], "(unknown)"),
         grouped("By project", "project", report["by_project"], "(none)"),
         {"title": "By day", "headings": ("Day (UTC)", "Requests", "Cost", "Running total"),
-         "rows": [(day["day"], count(day["requests"]), money(day["cost_usd"]),
-                   money(day["cumulative_usd"])) for day in report["daily"]]},
+         "rows": list(zip([day["day"] for day in daily],
+                          [count(day["requests"]) for day in daily],
+                          column([day["cost_usd"] for day in daily]),
+                          column([day["cumulative_usd"] for day in daily])))},
     ]
 
 
@@ -4610,7 +6627,7 @@ def page_reports(state, session):
     start, end = report_range(bottle.request.query, state.config.clock())
     report = report_data(state.database(), start, end)
     return render_page(REPORTS_PAGE, title="Reports", session=session,
-                       scripts=_chart_scripts(state.config), start=start, end=end,
+                       scripts=_chart_scripts(state), start=start, end=end,
                        totals=report["totals"], by_user=report["by_user"],
                        charts=report_charts(report), tables=report_tables(report))
 
@@ -4656,25 +6673,35 @@ def page_admin(state, session):
 
 
 def page_admin_post(state, session, form):
-    """POST /admin: one change from a dashboard form, named by its `action` field."""
+    """POST /admin: one change from a dashboard form, named by its `action` field.
+
+    A refused change (a bad amount, an unknown user) shows the page again with
+    the reason at its form and what was typed still in it.
+    """
     _require_admin_page(session)
     action = ADMIN_ACTIONS.get(form.get("action"))
     if action is None:
         raise LlimitError(400, "invalid_request_error", "Unknown admin action.")
-    return action(state, session, form)
+    try:
+        return action(state, session, form)
+    except LlimitError as error:
+        if error.status not in (400, 404, 409):
+            raise
+        bottle.response.status = error.status
+        return _render_admin(state, session, form=form, form_error=error.message)
 
 
-def _render_admin(state, session, notice=None, raw_key=None, key_owner=None):
+def _render_admin(state, session, notice=None, form=None, form_error=None):
     db = state.database()
     now = state.config.clock()
     today = _day(now)
     month_start = _day(window_bounds("month", now)[0])
-    today_total = get_counter(db, "*", today, today)
-    month_total = get_counter(db, "*", month_start, today)
+    today_total = get_counter(db, SUBJECT_ALL, today, today)
+    month_total = get_counter(db, SUBJECT_ALL, month_start, today)
     limit_rows = [_limit_row(state.limits.status(db, row)) for row in list_limits(db)]
     projects = []
     for row in list_projects(db):
-        project = project_to_json(row)
+        project = project_to_json(row, state.config)
         project["limits"] = [limit for limit in limit_rows
                              if limit["status"]["scope"] == "project"
                              and limit["status"]["target"] == row["id"]]
@@ -4686,16 +6713,27 @@ def _render_admin(state, session, notice=None, raw_key=None, key_owner=None):
     prices = [{"model": model, **{field: price.get(field) for field in PRICE_FIELDS},
                "source": "set here" if model in book.overrides else "pricing.json"}
               for model, price in sorted(book.table().items())]
+    new_key_html = _new_key_shown(state, session)
+    refused = form.get("action") if form_error else None
+
+    def typed(action, field, default=""):
+        return form.get(field, default) if refused == action else default
+
+    def error_for(action):
+        return (f'<p class="error" role="alert">{html.escape(form_error)}</p>'
+                if refused == action else "")
     return render_page(
-        ADMIN_PAGE, title="Admin", session=session, scripts=[{"src": PAGES_SCRIPT_PATH}],
-        notice=notice, new_key=raw_key,
-        new_key_html=_new_key_html(state.config, raw_key, key_owner) if raw_key else "",
-        today_usd=nusd_to_usd(today_total[2]), today_requests=today_total[0],
-        month_usd=nusd_to_usd(month_total[2]), month_requests=month_total[0],
+        ADMIN_PAGE, title="Admin", session=session, scripts=[{"src": PAGES_SCRIPT_URL}],
+        notice=notice, new_key=bool(new_key_html), new_key_html=new_key_html,
+        form_error=form_error and {"message": form_error,
+                                   "anchor": ADMIN_ANCHORS.get(refused, "")},
+        typed=typed, error_for=error_for, key_table=key_table(session, keys, admin=True),
+        today_usd=nusd_to_usd(today_total.cost_nusd), today_requests=today_total.requests,
+        month_usd=nusd_to_usd(month_total.cost_nusd), month_requests=month_total.requests,
         active_keys=sum(key["active"] for key in keys), projects=projects,
         users=_admin_users(db, keys, month_start, today), keys=keys, limits=limit_rows,
         missing=missing_prices(db, book), prices=prices, upstream_kinds=UPSTREAM_KINDS,
-        budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=METRICS, windows=WINDOWS)
+        budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=LIMIT_METRICS, windows=WINDOWS)
 
 
 def _admin_users(db, keys, month_start, today):
@@ -4721,7 +6759,8 @@ def _admin_done(notice, anchor):
 def _admin_create_project(state, session, form):
     data = _project_form(form)
     data["id"] = form.get("id", "").strip()
-    create_project(state.database(), data, utc_iso(state.config.clock()))
+    create_project(state.database(), data, utc_iso(state.config.clock()),
+                   state.config.upstream_env_pattern)
     _admin_done("project_created", "projects")
 
 
@@ -4729,7 +6768,8 @@ def _admin_update_project(state, session, form):
     data = _project_form(form)
     if form.get("clear_upstream_key"):
         data["upstream_key"] = None
-    change_project(state.database(), form.get("id", ""), data, utc_iso(state.config.clock()))
+    change_project(state.database(), form.get("id", ""), data, utc_iso(state.config.clock()),
+                   state.config.upstream_env_pattern)
     _admin_done("project_saved", "projects")
 
 
@@ -4738,6 +6778,10 @@ def _project_form(form):
     data = {field: form.get(field, "").strip() or None
             for field in ("name", "upstream_url", "api_version", "limit_message")}
     data["allow_user_keys"] = form.get("allow_user_keys") == "1"
+    data["allow_async"] = form.get("allow_async") == "1"
+    if "max_keys_per_user" in form:
+        cap = form.get("max_keys_per_user", "").strip()
+        data["max_keys_per_user"] = int(cap) if cap.isdigit() else (cap or None)
     for field in ("upstream_kind", "upstream_key"):
         if form.get(field, "").strip():
             data[field] = form[field].strip()
@@ -4752,22 +6796,24 @@ def _admin_create_key(state, session, form):
         {"user": form.get("user", "").strip() or None, "project": form.get("project") or "default",
          "note": form.get("note", "").strip() or None,
          "expires_at": form.get("expires_at") or None},
-        ("user", "project", "note", "expires_at"))
+        ("user", "project", "note", "expires_at"), state.user_domains)
     db = state.database()
     with transaction(db):
         row, raw_key = create_key(db, state.config.clock(), fields["user"], fields["project"],
                                   fields["note"], fields["expires_at"])
     log.info("admin page: created key %s for %s in project %s", row["id"],
              row["user_name"] or "(project)", row["project_id"])
-    return _render_admin(state, session, raw_key=raw_key,
-                         key_owner=row["user_name"] or f"project {row['project_id']}")
+    _show_new_key_once(state, session, row, raw_key, "/admin")
 
 
 def _admin_revoke_key(state, session, form):
     db = state.database()
     key_id = form.get("key_id", "")
     with transaction(db):
-        _must_exist(get_key(db, key_id), "key", key_id)
+        row = _must_exist(get_key(db, key_id), "key", key_id)
+        if form.get("confirm") != "1":
+            return _confirm_revoke(session, row, "/admin",
+                                   (("action", "revoke_key"), ("key_id", key_id)), "/admin#keys")
         revoke_key(db, key_id, utc_iso(state.config.clock()))
     _admin_done("key_revoked", "keys")
 
@@ -4781,7 +6827,7 @@ def _admin_create_limit(state, session, form):
     if form.get("alert_at", "").strip():
         data["alert_at"] = [_number(part, "alert_at") for part in form["alert_at"].split(",")
                             if part.strip()]
-    limit = validate_limit(data)
+    limit = validate_limit(data, domains=state.user_domains)
     db = state.database()
     with transaction(db):
         add_limit(db, limit, utc_iso(state.config.clock()))
@@ -4806,6 +6852,8 @@ def _admin_set_price(state, session, form):
     _admin_done("price_set", "prices")
 
 
+ADMIN_ANCHORS = {"create_project": "projects", "update_project": "projects",
+                 "create_key": "keys", "create_limit": "limits", "set_price": "prices"}
 ADMIN_ACTIONS = {
     "create_project": _admin_create_project, "update_project": _admin_update_project,
     "create_key": _admin_create_key, "revoke_key": _admin_revoke_key,
@@ -4831,15 +6879,22 @@ def _number(text, field):
 # --- static files ------------------------------------------------------------------
 
 def static_pages_script(state):
-    """GET /static/llimit.js: the pages' copy buttons and charts."""
+    """GET /static/llimit.js: the pages' copy buttons, confirmations and charts."""
     bottle.response.content_type = "text/javascript; charset=utf-8"
-    bottle.response.set_header("Cache-Control", "public, max-age=3600")
+    bottle.response.set_header("Cache-Control", STATIC_CACHE_CONTROL)
     return PAGES_SCRIPT_JS
 
 
+def static_pages_css(state):
+    """GET /static/llimit.css: the pages' style sheet."""
+    bottle.response.content_type = "text/css; charset=utf-8"
+    bottle.response.set_header("Cache-Control", STATIC_CACHE_CONTROL)
+    return PAGES_CSS
+
+
 def static_chartjs(state):
-    """GET /static/chart.umd.js: the local Chart.js named by LLIMIT_CHARTJS."""
-    path = state.config.chartjs
+    """GET /static/chart.umd.js: the local Chart.js (LLIMIT_CHARTJS, or vendor/ beside llimit.py)."""
+    path = state.chartjs_path
     if not path:
         raise LlimitError(404, "invalid_request_error",
                           "No local Chart.js here; the pages load it from a CDN.")
@@ -4851,14 +6906,23 @@ def static_chartjs(state):
 
 
 # =============================================================================
-# 9. Admin API and /llimit/me
+# 11. Admin API and /llimit/me
 #    JSON over HTTP for scripts and curl, behind the admin token; and what a
 #    key holder may ask about their own key. Every change goes through the
-#    validators of the section that owns the thing (limits 4, projects 5,
-#    keys 6) and the storage functions of section 2.
+#    validators of the section that owns the thing (limits 4, keys and
+#    projects 6) and the storage functions of section 2.
 # =============================================================================
 
 ADMIN_BODY_MAX_BYTES = 1024 * 1024
+
+
+def admin(handler):
+    """An admin API handler behind the admin token: 401 before it runs, without it."""
+    @functools.wraps(handler)
+    def guarded(state, **url_args):
+        require_admin(state)
+        return handler(state, **url_args)
+    return guarded
 
 
 def _json_input():
@@ -4889,9 +6953,9 @@ def _created(payload):
 
 def admin_keys_create(state):
     """POST /admin/keys: issue a key; the secret is in this answer only."""
-    require_admin(state)
     fields = validate_key_fields(_json_input(),
-                                 ("user", "project", "note", "expires_at", "models"))
+                                 ("user", "project", "note", "expires_at", "models"),
+                                 state.user_domains)
     db = state.database()
     with transaction(db):
         row, raw_key = create_key(db, state.config.clock(), fields.get("user"),
@@ -4902,13 +6966,13 @@ def admin_keys_create(state):
 
 def admin_keys_list(state):
     """GET /admin/keys?user=&project=&active=true"""
-    require_admin(state)
     query = bottle.request.query
     active = query.get("active", "").lower()
     if active not in ("", "1", "true", "yes", "0", "false", "no"):
         raise _field_error("active", "must be true or false")  # found by the fuzzer
     db = state.database()
-    rows = list_keys(db, query.get("user") or None, query.get("project") or None,
+    rows = list_keys(db, canonical_user_name(query.get("user"), state.user_domains),
+                     query.get("project") or None,
                      utc_iso(state.config.clock()) if active in ("1", "true", "yes") else None)
     if active in ("0", "false", "no"):
         rows = [row for row in rows if row["revoked_at"] or
@@ -4917,10 +6981,8 @@ def admin_keys_list(state):
     return {"data": [key_to_json(row, spend.get(row["id"])) for row in rows]}
 
 
-
 def admin_key_get(state, key_id):
     """GET /admin/keys/<id>"""
-    require_admin(state)
     db = state.database()
     row = _must_exist(get_key(db, key_id), "key", key_id)
     return key_to_json(row, key_spend(db, [key_id]).get(key_id))
@@ -4928,8 +6990,8 @@ def admin_key_get(state, key_id):
 
 def admin_key_update(state, key_id):
     """PATCH /admin/keys/<id>: note, expires_at, models, user."""
-    require_admin(state)
-    fields = validate_key_fields(_json_input(), ("note", "expires_at", "models", "user"))
+    fields = validate_key_fields(_json_input(), ("note", "expires_at", "models", "user"),
+                                 state.user_domains)
     db = state.database()
     with transaction(db):
         row = dict(_must_exist(get_key(db, key_id), "key", key_id))
@@ -4941,7 +7003,6 @@ def admin_key_update(state, key_id):
 
 def admin_key_revoke(state, key_id):
     """POST /admin/keys/<id>/revoke: the key's next call gets 403."""
-    require_admin(state)
     db = state.database()
     with transaction(db):
         _must_exist(get_key(db, key_id), "key", key_id)
@@ -4951,22 +7012,22 @@ def admin_key_revoke(state, key_id):
 
 def admin_projects_list(state):
     """GET /admin/projects"""
-    require_admin(state)
-    return {"data": [project_to_json(row) for row in list_projects(state.database())]}
+    return {"data": [project_to_json(row, state.config)
+                     for row in list_projects(state.database())]}
 
 
 def admin_projects_create(state):
     """POST /admin/projects, with an optional `budget` shorthand that becomes limits."""
-    require_admin(state)
-    project = create_project(state.database(), _json_input(), utc_iso(state.config.clock()))
+    project = create_project(state.database(), _json_input(), utc_iso(state.config.clock()),
+                             state.config.upstream_env_pattern)
     return _created(admin_project_get(state, project["id"]))
 
 
 def admin_project_get(state, project_id):
     """GET /admin/projects/<id>, with the limits that target it."""
-    require_admin(state)
     db = state.database()
-    project = project_to_json(_must_exist(get_project(db, project_id), "project", project_id))
+    project = project_to_json(_must_exist(get_project(db, project_id), "project", project_id),
+                              state.config)
     project["limits"] = [state.limits.status(db, row) for row in list_limits(db)
                          if row["scope"] == "project" and row["target"] == project_id]
     return project
@@ -4974,14 +7035,13 @@ def admin_project_get(state, project_id):
 
 def admin_project_update(state, project_id):
     """PATCH /admin/projects/<id>"""
-    require_admin(state)
-    change_project(state.database(), project_id, _json_input(), utc_iso(state.config.clock()))
+    change_project(state.database(), project_id, _json_input(), utc_iso(state.config.clock()),
+                   state.config.upstream_env_pattern)
     return admin_project_get(state, project_id)
 
 
 def admin_project_delete(state, project_id):
     """DELETE /admin/projects/<id>: its keys are revoked, its usage history stays."""
-    require_admin(state)
     if project_id == "default":
         raise LlimitError(400, "invalid_request_error", "The default project always exists.")
     db = state.database()
@@ -4993,15 +7053,13 @@ def admin_project_delete(state, project_id):
 
 def admin_limits_list(state):
     """GET /admin/limits"""
-    require_admin(state)
     db = state.database()
     return {"data": [state.limits.status(db, row) for row in list_limits(db)]}
 
 
 def admin_limits_create(state):
     """POST /admin/limits"""
-    require_admin(state)
-    limit = validate_limit(_json_input())
+    limit = validate_limit(_json_input(), domains=state.user_domains)
     db = state.database()
     with transaction(db):
         limit_id = add_limit(db, limit, utc_iso(state.config.clock()))
@@ -5010,25 +7068,22 @@ def admin_limits_create(state):
 
 def admin_limit_get(state, limit_id):
     """GET /admin/limits/<id>"""
-    require_admin(state)
     db = state.database()
     return state.limits.status(db, _must_exist(get_limit(db, limit_id), "limit", limit_id))
 
 
 def admin_limit_update(state, limit_id):
     """PATCH /admin/limits/<id>: takes effect on the next call."""
-    require_admin(state)
     data = _json_input()
     db = state.database()
     with transaction(db):
         current = dict(_must_exist(get_limit(db, limit_id), "limit", limit_id))
-        update_limit(db, validate_limit(data, current))
+        update_limit(db, validate_limit(data, current, state.user_domains))
     return admin_limit_get(state, limit_id)
 
 
 def admin_limit_delete(state, limit_id):
     """DELETE /admin/limits/<id>"""
-    require_admin(state)
     db = state.database()
     with transaction(db):
         _must_exist(get_limit(db, limit_id), "limit", limit_id)
@@ -5038,7 +7093,6 @@ def admin_limit_delete(state, limit_id):
 
 def admin_usage(state):
     """GET /admin/usage?start=&end=&group_by=user|key|project|model|day"""
-    require_admin(state)
     query = bottle.request.query
     start, end = report_range(query, state.config.clock())
     return usage_report(state.database(), query.get("group_by") or "user", start, end,
@@ -5054,7 +7108,6 @@ USAGE_CSV_COLUMNS = (
 
 def admin_usage_csv(state):
     """GET /admin/usage.csv?start=&end=: the raw events of the range, streamed."""
-    require_admin(state)
     start, end = report_range(bottle.request.query, state.config.clock())
     start_ms = int(dt.datetime.fromisoformat(start).replace(tzinfo=UTC).timestamp() * 1000)
     end_ms = int((dt.datetime.fromisoformat(end).replace(tzinfo=UTC)
@@ -5089,7 +7142,6 @@ def _usage_csv_lines(database, start_ms, end_ms):
 
 def admin_pricing_list(state):
     """GET /admin/pricing: prices in force, and models seen without one."""
-    require_admin(state)
     book = state.pricebook
     models = {model: {**price, "source": "override" if model in book.overrides else "file"}
               for model, price in sorted(book.table().items())}
@@ -5098,50 +7150,14 @@ def admin_pricing_list(state):
 
 def admin_pricing_put(state, model):
     """PUT /admin/pricing/<model>: set a model's USD per 1M tokens (kept in the database)."""
-    require_admin(state)
     price = _json_input()
     save_price(state.database(), model, price, utc_iso(state.config.clock()))
     state.reload_prices()
     return {"model": model, **{f: price.get(f) for f in PRICE_FIELDS if f in price}}
 
 
-def reprice_all(state):
-    """Recompute every stored event's cost from the prices in force; returns counts."""
-    db = state.database()
-    book = state.pricebook
-    snapshot_ids, changes, seen = {}, [], 0
-    db.execute("begin immediate")  # the usage writer waits until we are done
-    try:
-        for row in iter_usage_events(db, 0, 2 ** 62):
-            seen += 1
-            usage = Usage(row["prompt_tokens"], row["cached_tokens"], row["cache_write_tokens"],
-                          row["completion_tokens"], row["reasoning_tokens"])
-            resolved = book.resolve(row["model"])
-            has_tokens = usage.prompt_tokens or usage.completion_tokens
-            status = "estimated" if row["pricing"] == "estimated" else None
-            if resolved is None or not has_tokens:
-                update = (None, None, status or "unpriced")
-            else:
-                if resolved not in snapshot_ids:
-                    snapshot_ids[resolved] = get_price_snapshot_id(db, *resolved)
-                update = (cost_nusd(usage, resolved[1]), snapshot_ids[resolved],
-                          status or "priced")
-            if update != (row["cost_nusd"], row["price_id"], row["pricing"]):
-                changes.append((*update, row["id"]))
-        reprice_usage_events(db, changes)
-        # Running totals change under the limits' feet: swap them in one step.
-        with state.limits.lock:
-            db.execute("commit")
-            state.limits.forget_locked()
-    finally:
-        if db.in_transaction:
-            db.execute("rollback")
-    return {"events": seen, "changed": len(changes)}
-
-
 def admin_reprice(state):
     """POST /admin/reprice: recompute stored costs from current prices."""
-    require_admin(state)
     return reprice_all(state)
 
 
@@ -5150,37 +7166,36 @@ def llimit_me(state):
     db = state.database()
     environ = bottle.request.environ
     key = authenticate_call(state, environ)
-    user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers)
+    user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers,
+                                             state.user_domains)
     limits = [status for _, status in
-              state.limits.applying(db, key["project_id"], user_name, key["id"])]
+              state.limits.statuses_for_call(db, key["project_id"], user_name, key["id"])]
+    # Spend is the user's (every key), or this key's for a project key naming no one.
+    subject = subject_of("user", user_name) if user_name else subject_of("key", key["id"])
+    now = state.config.clock()
+    today, month_start = _day(now), _day(window_bounds("month", now)[0])
     return {"user": user_name, "project": key["project_id"], "key": key["masked_key"],
-            "key_id": key["id"], "limits": limits}
+            "key_id": key["id"], "limits": limits,
+            "spend": {"today_usd": nusd_to_usd(get_counter(db, subject, today, today).cost_nusd),
+                      "month_usd": nusd_to_usd(
+                          get_counter(db, subject, month_start, today).cost_nusd)}}
 
 
 def _openapi_spec():
     # Every rule the validators apply is written here too, so a client (or a
     # fuzzer) that keeps to this spec is never refused with a 400.
-    string, nullable_string = {"type": "string"}, {"type": "string", "nullable": True}
+    string, nullable_string = {"type": "string"}, NULLABLE_STRING
     error = {"description": "an error in OpenAI's shape",
              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    short_text = {"type": "string", "nullable": True, "maxLength": 1000}
-    one_line = {"type": "string", "nullable": True, "maxLength": 2000, "pattern": r"^[^\r\n]*$"}
-    models = {"type": "array", "nullable": True, "items": {"type": "string", "minLength": 1}}
-    key_patch = {"type": "object", "additionalProperties": False, "properties": {
-        "user": short_text, "note": short_text, "models": models,
-        "expires_at": {"type": "string", "nullable": True, "format": "date-time"}}}
-    key_input = {**key_patch, "properties": {
-        **key_patch["properties"], "project": {**short_text, "description": "null: default"}}}
-    amount = {"type": "number", "minimum": 0, "maximum": 1e15}
-    alert_at = {"type": "array", "nullable": True, "items": {
-        "type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 100}}
-    limit_fields = {
-        "scope": {"type": "string", "enum": list(SCOPES)}, "target": nullable_string,
-        "each": {"type": "string", "enum": ["user", "key", None], "nullable": True},
-        "metric": {"type": "string", "enum": list(METRICS)},
-        "window": {"type": "string", "enum": list(WINDOWS)}, "amount": amount,
-        "action": {"type": "string", "enum": list(ACTIONS)}, "alert_at": alert_at,
-        "note": nullable_string}
+    def schemas(fields, *names):
+        return {name: fields[name].schema for name in names or fields}
+
+    models = KEY_FIELDS["models"].schema
+    key_patch = {"type": "object", "additionalProperties": False,
+                 "properties": schemas(KEY_FIELDS, "user", "note", "models", "expires_at")}
+    key_input = {**key_patch, "properties": schemas(KEY_FIELDS)}
+    amount, alert_at = AMOUNT, ALERT_AT
+    limit_fields = schemas(LIMIT_FIELDS)
     limit_patch = {"type": "object", "additionalProperties": False, "properties": limit_fields}
 
     def limit_of_scope(scope, each):
@@ -5203,27 +7218,19 @@ def _openapi_spec():
                                "action": limit_fields["action"],
                                "each": limit_fields["each"], "alert_at": alert_at,
                                "note": nullable_string}}
-    budget = {"oneOf": [budget_of(metric) for metric in METRICS]}
-    env_or_key = (r"^([^e\r\n][^\r\n]*|e([^n\r\n][^\r\n]*)?|en([^v\r\n][^\r\n]*)?"
-                  r"|env([^:\r\n][^\r\n]*)?|env:[A-Za-z_][A-Za-z0-9_]*)?$")
-    project_fields = {
-        "id": {"type": "string", "pattern": PROJECT_ID.pattern}, "name": one_line,
-        "upstream_kind": {"type": "string", "enum": list(UPSTREAM_KINDS)},
-        "upstream_url": {"type": "string", "nullable": True, "maxLength": 2000,
-                         "pattern": r"^https?://[A-Za-z0-9.:-]+(/[^\r\n]*)?$"},
-        "upstream_key": {**one_line, "pattern": env_or_key,
-                         "description": "write-only; env:NAME reads it from the environment"},
-        "api_version": one_line, "allow_user_keys": {"type": "boolean"},
-        "limit_message": {**one_line, "pattern": r"^[^\r]*$"},
-        "model_map": {"type": "object", "additionalProperties": string, "nullable": True},
-        "budget": {"nullable": True, "description": 'e.g. {"usd": 10, "window": "day"}',
-                   "oneOf": [budget, {"type": "array", "items": budget}]}}
+    budget = {"oneOf": [budget_of(metric) for metric in LIMIT_METRICS]}
+    project_fields = {**schemas(PROJECT_FIELDS), "budget": {
+        **PROJECT_FIELDS["budget"].schema, "oneOf": [budget, {"type": "array", "items": budget}]}}
     project_patch = {"type": "object", "additionalProperties": False,
                      "properties": project_fields}
-    # Kinds other than openai need their own upstream_url.
+    # Kinds other than openai need their own upstream_url, and so does a project's own key.
+    without_key = {k: v for k, v in project_fields.items() if k != "upstream_key"}
     project_input = {"oneOf": [
         {**project_patch, "required": ["id"], "properties": {
-            **project_fields, "upstream_kind": {"type": "string", "enum": ["openai"]}}},
+            **without_key, "upstream_kind": {"type": "string", "enum": ["openai"]}}},
+        {**project_patch, "required": ["id", "upstream_url", "upstream_key"], "properties": {
+            **project_fields, "upstream_kind": {"type": "string", "enum": ["openai"]},
+            "upstream_url": {**project_fields["upstream_url"], "nullable": False}}},
         {**project_patch, "required": ["id", "upstream_kind", "upstream_url"], "properties": {
             **project_fields, "upstream_kind": {"type": "string", "enum": ["azure", "anthropic"]},
             "upstream_url": {**project_fields["upstream_url"], "nullable": False}}}]}
@@ -5279,14 +7286,18 @@ def _openapi_spec():
                                                  "items": number},
         note=nullable_string, used=number, remaining=number, resets_at=nullable_string)
     project_out = record(
-        ("id", "name", "upstream_kind", "upstream_url", "upstream_key_set",
-         "upstream_key_source", "api_version", "allow_user_keys", "limit_message",
-         "model_map", "created_at"),
+        ("id", "name", "upstream_kind", "upstream_url", "upstream_url_in_force",
+         "upstream_key_set", "upstream_key_source", "api_version", "allow_user_keys",
+         "allow_async",
+         "limit_message", "model_map", "max_keys_per_user", "created_at"),
         id=string, name=string, upstream_kind=project_fields["upstream_kind"],
-        upstream_url=nullable_string, upstream_key_set={"type": "boolean"},
+        upstream_url=nullable_string, upstream_url_in_force=string,
+        upstream_key_set={"type": "boolean"},
         upstream_key_source=nullable_string, api_version=nullable_string,
-        allow_user_keys={"type": "boolean"}, limit_message=nullable_string,
+        allow_user_keys={"type": "boolean"}, allow_async={"type": "boolean"},
+        limit_message=nullable_string,
         model_map={"type": "object", "nullable": True, "additionalProperties": string},
+        max_keys_per_user={"type": "integer", "nullable": True},
         created_at=string, limits={"type": "array", "items": ref("Limit")})
     deleted = record(("id", "deleted"), id=string, deleted={"type": "boolean"})
     figures = {name: integer for name in ("requests", "prompt_tokens", "cached_tokens",
@@ -5298,9 +7309,18 @@ def _openapi_spec():
         rows={"type": "array", "items": record(
             figures, cost_usd=nullable_number, **figures)})
     price_out = {name: nullable_number for name in PRICE_FIELDS}
+    # A listed entry is pricing.json's: token prices (absent for a model priced only
+    # by the image, minute or character) and the fields beyond them.
+    price_table = {"type": "object", "additionalProperties": number}
+    beyond_tokens = {**{name: integer for name in SIZE_FIELDS},
+                     FINE_TUNED_FIELD: record(("input", "output"), **price_out),
+                     "cache_write_1h": number, "per_minute": number, "per_1m_characters": number,
+                     "images": price_table, "per_1k_requests": price_table,
+                     "long_context": price_table,
+                     "service_tiers": {"type": "object", "additionalProperties": price_table}}
     pricing_out = record(("models", "missing"), missing={"type": "array", "items": string},
                          models={"type": "object", "additionalProperties": record(
-                             ("input", "output", "source"), source=string, **price_out)})
+                             ("source",), source=string, **price_out, **beyond_tokens)})
     price_set = record(("model", "input", "output"), model=string, **price_out)
     repriced = record(("events", "changed"), events=integer, changed=integer)
 
@@ -5378,15 +7398,68 @@ def admin_openapi(state):
 
 
 # =============================================================================
-# 10. Operations
-#    /healthz for load balancers and Docker, /metrics for Prometheus.
+# 12. Operations
+#    /healthz for load balancers and Docker, /metrics for Prometheus, and
+#    `Metrics`, the in-process counters behind it.
 # =============================================================================
+
+LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+                      120000)
+
+
+METRICS_MAX_MODELS = 200
+
+
+class Metrics:
+    """In-process counters behind /metrics (Prometheus text format); thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.calls = {}            # (project, model, status) -> count
+        self.tokens = {}           # (project, model, kind) -> count
+        self.cost_nusd = {}        # (project, model) -> nano-dollars
+        self.latency = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.latency_sum_ms = 0.0
+        self.latency_count = 0
+        self.rejections = {}       # error type -> count
+        self.models = set()        # model label values in use, at most METRICS_MAX_MODELS
+
+    def observe_call(self, event, upstream_ms):
+        """Count one metered call."""
+        project, model = event.project_id or "", event.model or ""
+        with self._lock:
+            if model not in self.models:
+                # Model names come from clients: past the bound they share one label.
+                if len(self.models) < METRICS_MAX_MODELS:
+                    self.models.add(model)
+                else:
+                    model = "other"
+            key = (project, model, str(event.status_code))
+            self.calls[key] = self.calls.get(key, 0) + 1
+            for kind, count in (("prompt", event.prompt_tokens),
+                                ("completion", event.completion_tokens),
+                                ("cached", event.cached_tokens)):
+                self.tokens[(project, model, kind)] = \
+                    self.tokens.get((project, model, kind), 0) + count
+            self.cost_nusd[(project, model)] = \
+                self.cost_nusd.get((project, model), 0) + (event.cost_nusd or 0)
+            bucket = next((i for i, edge in enumerate(LATENCY_BUCKETS_MS) if upstream_ms <= edge),
+                          len(LATENCY_BUCKETS_MS))
+            self.latency[bucket] += 1
+            self.latency_sum_ms += upstream_ms
+            self.latency_count += 1
+
+    def observe_rejection(self, error_type):
+        """Count a call llimit refused itself (limits, keys)."""
+        with self._lock:
+            self.rejections[error_type] = self.rejections.get(error_type, 0) + 1
+
 
 def ops_healthz(state):
     """GET /healthz: 200 when the database answers, 503 otherwise."""
     try:
-        state.database().execute("select 1 from settings limit 1").fetchone()
-    except sqlite3.Error:
+        ping(state.database())
+    except DatabaseError:
         log.exception("health check: database does not answer")
         raise LlimitError(503, "service_unavailable", "The database does not answer.")
     return {"status": "ok", "version": __version__, "usage_queue": state.writer.depth(),
@@ -5398,8 +7471,10 @@ def ops_metrics(state):
     token = state.config.metrics_token
     if token:
         authorization = bottle.request.environ.get("HTTP_AUTHORIZATION", "")
-        if not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
-            raise LlimitError(401, "invalid_request_error", "This needs the metrics token.")
+        if not secrets_match(authorization, f"Bearer {token}"):
+            state.auth_throttle.wrong(
+                bottle.request.environ.get("REMOTE_ADDR", ""),
+                LlimitError(401, "invalid_request_error", "This needs the metrics token."))
     bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
     return render_metrics(state.metrics, len(state.streams), state.writer.depth())
 
@@ -5451,7 +7526,7 @@ def render_metrics(metrics, open_streams, queue_depth):
 
 
 # =============================================================================
-# 11. App assembly
+# 13. App assembly
 #    `State` holds the long-lived parts of one llimit (database, prices,
 #    limits, usage writer, upstream pool); `make_app(config)` builds it and
 #    registers every route and error handler, in one list.
@@ -5468,23 +7543,40 @@ class State:
         self.config = config
         self.database = Database(config.db_path)
         migrate(self.database())
+        self.user_domains = user_domains(config)
+        apply_identity_rule(self.database(), self.user_domains)
         self.file_prices = load_price_file(config.pricing_path)
         self.pricebook = Pricebook(self.file_prices, list_price_overrides(self.database()))
         self.metrics = Metrics()
         self.limits = Limits(self.database, config.clock)
+        self.slots = CallSlots(config.max_concurrent_per_key, config.max_concurrent_per_user,
+                               config.threads - RESERVED_THREADS)
         self.auth_throttle = AuthThrottle(config.clock)
         self.keys = KeyCache()
         self.alerts = AlertSender(self.database, config.alert_webhook)
-        self.writer = UsageWriter(self.database, self.limits.lock, self.limits.apply,
+        self.writer = UsageWriter(self.database, self.limits.lock, self.limits.count_committed,
                                   self.alerts.record)
         self.pool = UpstreamPool(config.threads, config.connect_timeout, config.upstream_timeout)
         self.streams = OpenStreams()
-        self.user_header_names = frozenset(header.lower() for header in config.user_headers)
         self.openapi = _openapi_spec()
         self.oidc = OidcClient(config) if config.auth == "oidc" else None
         if config.chartjs and not os.path.isfile(config.chartjs):
             raise ValueError(f"LLIMIT_CHARTJS names no file: {config.chartjs}")
+        self.chartjs_path = chartjs_file(config)
+        self.new_keys = NewKeyStash(config.clock)
+        self.sweeper = AsyncSweeper(self)
         self.generated_admin_token = None
+
+    def start(self):
+        """Start the background threads (usage writer, alert sender); returns self.
+
+        Only a server starts them: building a State has no side effects
+        beyond the database, so the same parts serve tests and tools.
+        """
+        self.writer.start()
+        self.alerts.start()
+        self.sweeper.start()
+        return self
 
     def reload_prices(self):
         """Take up price overrides changed in the database."""
@@ -5492,20 +7584,37 @@ class State:
 
     def close(self):
         """Write all queued usage and close upstream connections; False if usage is left."""
+        self.sweeper.stop()
         written = self.writer.close(self.config.writer_close_seconds)
         self.pool.close()
         return written
+
+
+RESERVED_THREADS = 4  # worker threads proxied calls leave to /healthz and the pages
 
 
 def _is_json_path(path):
     return path.startswith(JSON_PATH_PREFIXES)
 
 
-def error_response(error, path):
-    """A LlimitError as OpenAI's JSON shape (JSON routes) or an error page."""
-    if _is_json_path(path):
-        response = bottle.HTTPResponse(json.dumps(error.body()), status=error.status)
+# Statuses a retry cannot change: the client must change the call, the key or the limit.
+FINAL_STATUSES = frozenset((400, 401, 403, 404, 405, 413))
+# A client whose base URL lacks /v1 asks for these at the root.
+API_ROOT_NAMES = frozenset(("chat", "completions", "responses", "messages", "embeddings",
+                            "models", "images", "audio", "moderations", "files", "batches"))
+
+
+def error_response(error, path, as_json=False):
+    """A LlimitError as OpenAI's (or Anthropic's) JSON shape on JSON routes, else a page."""
+    if as_json or _is_json_path(path):
+        body = (error.anthropic_body() if _speaks_anthropic(path, bottle.request.environ)
+                else error.body())
+        response = bottle.HTTPResponse(json.dumps(body), status=error.status)
         response.content_type = "application/json"
+        if error.status in FINAL_STATUSES or error.error_type == "budget_exceeded":
+            # compat: the openai and anthropic SDKs (and Claude Code) retry a 429 or
+            # any error unless told not to; a spent budget stays spent.
+            response.set_header("x-should-retry", "false")
     else:
         response = bottle.HTTPResponse(_error_page(error), status=error.status)
         response.content_type = "text/html; charset=utf-8"
@@ -5514,6 +7623,13 @@ def error_response(error, path):
     for name, value in error.headers.items():
         response.set_header(name, value)
     return response
+
+
+def _speaks_anthropic(path, environ):
+    # Anthropic's routes, a call an Anthropic client made (it always sends the
+    # version header), or a call of a project whose upstream is Anthropic.
+    return (path.startswith("/v1/messages") or environ.get("llimit.dialect") == "anthropic"
+            or (path.startswith("/v1/") and "HTTP_ANTHROPIC_VERSION" in environ))
 
 
 def _error_page(error):
@@ -5543,7 +7659,7 @@ class ErrorPlugin:
                 if error.status in (401, 403, 429, 503):
                     metrics.observe_rejection(error.code)
                 return error_response(error, bottle.request.path)
-            except sqlite3.OperationalError:
+            except DatabaseUnavailable:
                 log.exception("database busy or unavailable on %s", bottle.request.path)
                 return error_response(LlimitError(
                     503, "service_unavailable", "The database is busy; try again."),
@@ -5565,28 +7681,30 @@ def routes():
         # the proxy
         ("ANY", "/v1/<path:path>", proxy_v1),
         ("ANY", "/openai/deployments/<deployment>/<path:path>", proxy_azure),
+        ("ANY", "/openai/v1/<path:path>", proxy_azure_v1),
+        ("ANY", "/openai/<path:path>", proxy_azure_plain),
         ("GET", "/llimit/me", llimit_me),
         # the admin API
-        ("POST", "/admin/keys", admin_keys_create),
-        ("GET", "/admin/keys", admin_keys_list),
-        ("GET", "/admin/keys/<key_id>", admin_key_get),
-        ("PATCH", "/admin/keys/<key_id>", admin_key_update),
-        ("POST", "/admin/keys/<key_id>/revoke", admin_key_revoke),
-        ("GET", "/admin/projects", admin_projects_list),
-        ("POST", "/admin/projects", admin_projects_create),
-        ("GET", "/admin/projects/<project_id>", admin_project_get),
-        ("PATCH", "/admin/projects/<project_id>", admin_project_update),
-        ("DELETE", "/admin/projects/<project_id>", admin_project_delete),
-        ("GET", "/admin/limits", admin_limits_list),
-        ("POST", "/admin/limits", admin_limits_create),
-        ("GET", "/admin/limits/<limit_id>", admin_limit_get),
-        ("PATCH", "/admin/limits/<limit_id>", admin_limit_update),
-        ("DELETE", "/admin/limits/<limit_id>", admin_limit_delete),
-        ("GET", "/admin/usage", admin_usage),
-        ("GET", "/admin/usage.csv", admin_usage_csv),
-        ("GET", "/admin/pricing", admin_pricing_list),
-        ("PUT", "/admin/pricing/<model:path>", admin_pricing_put),
-        ("POST", "/admin/reprice", admin_reprice),
+        ("POST", "/admin/keys", admin(admin_keys_create)),
+        ("GET", "/admin/keys", admin(admin_keys_list)),
+        ("GET", "/admin/keys/<key_id>", admin(admin_key_get)),
+        ("PATCH", "/admin/keys/<key_id>", admin(admin_key_update)),
+        ("POST", "/admin/keys/<key_id>/revoke", admin(admin_key_revoke)),
+        ("GET", "/admin/projects", admin(admin_projects_list)),
+        ("POST", "/admin/projects", admin(admin_projects_create)),
+        ("GET", "/admin/projects/<project_id>", admin(admin_project_get)),
+        ("PATCH", "/admin/projects/<project_id>", admin(admin_project_update)),
+        ("DELETE", "/admin/projects/<project_id>", admin(admin_project_delete)),
+        ("GET", "/admin/limits", admin(admin_limits_list)),
+        ("POST", "/admin/limits", admin(admin_limits_create)),
+        ("GET", "/admin/limits/<limit_id>", admin(admin_limit_get)),
+        ("PATCH", "/admin/limits/<limit_id>", admin(admin_limit_update)),
+        ("DELETE", "/admin/limits/<limit_id>", admin(admin_limit_delete)),
+        ("GET", "/admin/usage", admin(admin_usage)),
+        ("GET", "/admin/usage.csv", admin(admin_usage_csv)),
+        ("GET", "/admin/pricing", admin(admin_pricing_list)),
+        ("PUT", "/admin/pricing/<model:path>", admin(admin_pricing_put)),
+        ("POST", "/admin/reprice", admin(admin_reprice)),
         ("GET", "/admin/openapi.json", admin_openapi),
         # the pages
         ("GET", "/", page(page_home)),
@@ -5605,6 +7723,7 @@ def routes():
         ("GET", "/admin", page(page_admin)),
         ("POST", "/admin", page(page_admin_post)),
         ("GET", PAGES_SCRIPT_PATH, static_pages_script),
+        ("GET", PAGES_CSS_PATH, static_pages_css),
         ("GET", CHARTJS_PATH, static_chartjs),
         # operations
         ("GET", "/healthz", ops_healthz),
@@ -5612,14 +7731,21 @@ def routes():
     ]
 
 
-def make_app(config, state=None):
-    """The WSGI app of llimit for a Config; its State is `app.llimit`."""
+def make_app(config, state=None, ensure_token=True):
+    """The WSGI app of llimit for a Config; its State is `app.llimit`.
+
+    `ensure_token=False` leaves the admin token to the caller (`serve` writes it
+    only once it has its port).
+    """
     state = state or State(config)
-    with transaction(state.database()) as db:
-        state.generated_admin_token = ensure_admin_token(db, config.admin_token)
+    if ensure_token:
+        with transaction(state.database()) as db:
+            state.generated_admin_token = ensure_admin_token(db, config.admin_token)
     app = bottle.Bottle()
     app.config["catchall"] = False  # ErrorPlugin answers; a crash must not turn into HTML
     app.llimit = state
+    app.uninstall(bottle.JSONPlugin)
+    app.install(bottle.JSONPlugin(json_dumps=json_text))
     app.install(ErrorPlugin(state))
     for method, path, handler in routes():
         app.route(path, method, _bind(handler, state), name=handler.__name__)
@@ -5640,10 +7766,18 @@ def _bottle_error(status):
     messages = {404: "Unknown URL.", 405: "Method not allowed for this URL."}
 
     def handle(error):
-        llimit_error = LlimitError(status, "invalid_request_error",
-                                   f"{messages[status]} ({bottle.request.method}"
-                                   f" {bottle.request.path})", code=f"http_{status}")
-        response = error_response(llimit_error, bottle.request.path)
+        request = bottle.request
+        message = f"{messages[status]} ({request.method} {request.path})"
+        missing_v1 = status == 404 and request.path.strip("/").split("/")[0] in API_ROOT_NAMES
+        if missing_v1:
+            base_url = public_base_url(request.app.llimit.config)
+            message += (f" llimit serves the API under /v1: use base_url {base_url}/v1"
+                        f" (Anthropic clients: {base_url}).")
+            log.warning("404 %s %s: a client's base URL without /v1?", request.method,
+                        encoded_path(request.path))
+        llimit_error = LlimitError(status, "invalid_request_error", message,
+                                   code=f"http_{status}")
+        response = error_response(llimit_error, request.path, as_json=missing_v1)
         for name, value in response.headers.items():
             bottle.response.set_header(name, value)
         return response.body
@@ -5651,7 +7785,7 @@ def _bottle_error(status):
 
 
 # =============================================================================
-# 12. CLI
+# 14. CLI
 #    `python llimit.py [serve]` and the admin subcommands (keys, projects,
 #    limits, usage, pricing), which work on the database directly, so they
 #    run with or without a server.
@@ -5706,26 +7840,45 @@ def serve(config):
     """Run the server until SIGTERM or Ctrl-C; open streams may finish first."""
     log_writer = configure_logging(config)
     try:
-        app = make_app(config)
-    except (sqlite3.Error, OSError, ValueError) as error:
+        app = make_app(config, ensure_token=False)
+    except (DatabaseError, OSError, ValueError) as error:
         log.error("cannot start: %s", error)
         log_writer.stop()
         return 1
     state = app.llimit
-    if state.generated_admin_token:
+    _raise_open_files_limit(config.max_connections + config.threads + 64)
+    try:
+        server = waitress.create_server(
+            app, host=config.host, port=config.port, threads=config.threads, ident="llimit",
+            max_request_body_size=config.max_body_bytes * 2 + 65536,
+            # 64 KiB of headers is far above any client's; more gets 431 from waitress
+            # instead of being carried upstream (waitress would take 256 KiB).
+            max_request_header_size=64 * 1024,
+            # Idle connections cost no thread; they are closed after a minute, and
+            # the longest idle first when there are too many (_close_idle_when_full).
+            connection_limit=config.max_connections, channel_timeout=60, cleanup_interval=10,
+            backlog=2048, asyncore_use_poll=True)  # select() fails past descriptor 1023
+    except OSError as error:
+        log.error("cannot listen on %s:%s: %s", config.host, config.port,
+                  error.strerror or error)
+        state.close()
+        log_writer.stop()
+        return 1
+    _close_idle_when_full(server, config.max_connections)
+    _check_keys_before_bodies(server, state)
+    state.config = dataclasses.replace(config, port=server.effective_port)
+    # Only now, with the port ours: a second `serve` on this database that could not
+    # bind never touches the running server's token.
+    with transaction(state.database()) as db:
+        generated = ensure_admin_token(db, config.admin_token)
+    if generated:
         print(f"llimit: generated an admin token (shown this once, only its hash is kept):\n"
-              f"  {state.generated_admin_token}", file=sys.stderr, flush=True)
+              f"  {generated}", file=sys.stderr, flush=True)
     _warn_missing_upstream_keys(state)
-    for warning in sign_in_warnings(config):
+    log.info("Chart.js for /reports: %s", chartjs_origin(state))
+    for warning in sign_in_warnings(state.config):
         log.warning("%s", warning)
-    server = waitress.create_server(
-        app, host=config.host, port=config.port, threads=config.threads, ident="llimit",
-        max_request_body_size=config.max_body_bytes * 2 + 65536,
-        # 64 KiB of headers is far above any client's; more gets 431 from waitress
-        # instead of being carried upstream (waitress would take 256 KiB).
-        max_request_header_size=64 * 1024,
-        connection_limit=max(100, config.threads * 4), channel_timeout=300,
-        asyncore_use_poll=True)  # select() fails once a descriptor passes 1023
+    state.start()
     signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state, log_writer))
     log.info("llimit %s serving on http://%s:%s (database %s)", __version__,
              config.host, server.effective_port, config.db_path)
@@ -5736,6 +7889,85 @@ def serve(config):
     state.close()
     log_writer.stop()
     return 0
+
+
+EARLY_KEY_CHECK_BYTES = 256 * 1024  # bodies above this are refused unread without a good key
+
+
+def _check_keys_before_bodies(server, state):
+    # waitress reads a whole request body (spooling it to disk) before the app
+    # sees the request, so a stranger could make llimit take in 64 MB per call
+    # just to answer 401. For a large body on a proxy route, the key is checked
+    # as soon as the headers are in, in waitress's own thread: a key lookup is a
+    # read, which WAL never blocks. A refusal is answered at once, and the
+    # connection closed without reading the body. Reads waitress internals: the
+    # channel's parser_class, the parser's headers, path, error and completed.
+    class KeyCheckingParser(waitress.parser.HTTPRequestParser):
+        def received(self, data):
+            consumed = super().received(data)
+            if (self.headers_finished and not self.completed and self.error is None
+                    and self.content_length > EARLY_KEY_CHECK_BYTES
+                    and self.path.startswith(("/v1/", "/openai/"))):
+                environ = {"HTTP_" + name: value for name, value in self.headers.items()}
+                environ["REMOTE_ADDR"] = self.early_address
+                try:
+                    authenticate_call(state, environ)
+                except LlimitError as error:
+                    self.error, self.completed = _EarlyRefusal(error), True
+            return consumed
+
+    class KeyCheckingChannel(waitress.channel.HTTPChannel):
+        def parser_class(self, adj):
+            parser = KeyCheckingParser(adj)
+            parser.early_address = self.addr[0] if isinstance(self.addr, tuple) else ""
+            return parser
+
+    server.channel_class = KeyCheckingChannel
+
+
+class _EarlyRefusal(waitress.utilities.Error):
+    # A LlimitError answered by waitress itself (in OpenAI's shape), before the body.
+    def __init__(self, error):
+        super().__init__(error.message)
+        self.error = error
+        self.code = error.status
+        self.reason = bottle.HTTP_CODES.get(error.status, "Error")
+
+    def to_response(self, ident=None):
+        headers = [("Content-Type", "application/json"), *self.error.headers.items()]
+        return (f"{self.code} {self.reason}", headers, json.dumps(self.error.body()).encode())
+
+
+def _raise_open_files_limit(wanted):
+    try:
+        import resource  # not on Windows
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        log.warning("could not raise the open files limit to %d", wanted)
+
+
+def _close_idle_when_full(server, connection_limit):
+    # Slowloris: waitress stops accepting at its connection limit until idle
+    # connections time out, so a few hundred idle sockets would lock everyone
+    # out for minutes. Instead, at the limit, the longest idle connections that
+    # have no request under way are closed, and new ones are let in.
+    # Reads waitress internals: active_channels, requests, last_activity, will_close.
+    readable = server.readable
+
+    def readable_closing_idle():
+        excess = len(server._map) - connection_limit + 1
+        if excess > 0 and server.accepting:
+            idle = sorted((channel for channel in server.active_channels.values()
+                           if not channel.requests and not channel.will_close
+                           and not channel.total_outbufs_len),
+                          key=lambda channel: channel.last_activity)
+            for channel in idle[:excess]:
+                channel.will_close = True
+        return readable()
+    server.readable = readable_closing_idle
 
 
 def _warn_missing_upstream_keys(state):
@@ -5804,20 +8036,38 @@ def _cell(value):
     return str(value)
 
 
-def _cli_state(config):
-    state = State(config)
-    return state, state.database()
+def open_admin_database(config, reading):
+    """The database an admin subcommand works on; one that only reads refuses a missing file.
+
+    Reading from the wrong directory would otherwise create an empty
+    llimit.db and report zeros as if they were the truth.
+    """
+    existed = database_exists(config.db_path)
+    if reading and not existed:
+        raise LlimitError(404, "invalid_request_error",
+                          f"no database at {config.db_path}: run this where llimit.db is,"
+                          " or give --db PATH (or LLIMIT_DB)")
+    db = connect(config.db_path)
+    migrate(db)
+    if not existed:
+        print(f"llimit: created a new database at {config.db_path}", file=sys.stderr)
+    return db
 
 
 def cli_keys(config, args):
     """keys create|list|revoke"""
-    state, db = _cli_state(config)
+    db = open_admin_database(config, reading=args.action != "create")
     now = config.clock()
     if args.action == "create":
+        if not args.user and not args.project_key:
+            raise LlimitError(400, "invalid_request_error",
+                              "keys create needs --user NAME (a personal key), or --project-key"
+                              " for a key an app shares, with no user")
         fields = validate_key_fields({"user": args.user, "project": args.project,
                                       "note": args.note, "expires_at": args.expires_at,
                                       "models": args.models.split(",") if args.models else None},
-                                     ("user", "project", "note", "expires_at", "models"))
+                                     ("user", "project", "note", "expires_at", "models"),
+                                     user_domains(config))
         with transaction(db):
             row, raw_key = create_key(db, now, fields["user"], fields["project"] or "default",
                                       fields["note"], fields["expires_at"], fields["models"])
@@ -5839,12 +8089,14 @@ def cli_keys(config, args):
 
 def cli_projects(config, args):
     """projects list|create"""
-    state, db = _cli_state(config)
+    db = open_admin_database(config, reading=args.action != "create")
     if args.action == "create":
         data = {"id": args.id, "name": args.name, "upstream_kind": args.kind,
                 "upstream_url": args.url, "upstream_key": args.upstream_key,
-                "api_version": args.api_version, "allow_user_keys": not args.no_user_keys}
-        project = validate_project({k: v for k, v in data.items() if v is not None})
+                "api_version": args.api_version, "allow_user_keys": not args.no_user_keys,
+                "allow_async": args.allow_async}
+        project = validate_project({k: v for k, v in data.items() if v is not None},
+                                   env_pattern=config.upstream_env_pattern)
         project["created_at"] = utc_iso(config.clock())
         with transaction(db):
             insert_project(db, project)
@@ -5852,20 +8104,21 @@ def cli_projects(config, args):
         return 0
     _print_table([project_to_json(row) for row in list_projects(db)],
                  ("id", "name", "upstream_kind", "upstream_url", "upstream_key_source",
-                  "allow_user_keys"))
+                  "allow_user_keys", "allow_async"))
     return 0
 
 
 def cli_limits(config, args):
     """limits list|create|delete"""
-    state, db = _cli_state(config)
+    db = open_admin_database(config, reading=args.action != "create")
     if args.action == "create":
         data = {"scope": args.scope, "target": args.target, "each": args.each,
                 "metric": args.metric, "window": args.window, "amount": args.amount,
                 "action": args.limit_action,
                 "alert_at": [float(p) for p in args.alert_at.split(",")] if args.alert_at
                 else None}
-        limit = validate_limit({k: v for k, v in data.items() if v is not None})
+        limit = validate_limit({k: v for k, v in data.items() if v is not None},
+                               domains=user_domains(config))
         with transaction(db):
             limit_id = add_limit(db, limit, utc_iso(config.clock()))
         print(f"created limit {limit_id}")
@@ -5875,7 +8128,8 @@ def cli_limits(config, args):
         print(f"deleted {args.id}" if found else f"no limit {args.id}")
         return 0 if found else 1
     else:
-        _print_table([state.limits.status(db, row) for row in list_limits(db)],
+        limits = Limits(lambda: db, config.clock)  # read only: no usage is counted here
+        _print_table([limits.status(db, row) for row in list_limits(db)],
                      ("id", "scope", "target", "each", "metric", "window", "amount", "used",
                       "action", "resets_at"))
     return 0
@@ -5883,7 +8137,7 @@ def cli_limits(config, args):
 
 def cli_usage(config, args):
     """usage --group-by user|key|project|model|day"""
-    state, db = _cli_state(config)
+    db = open_admin_database(config, reading=True)
     query = {"start": args.start, "end": args.end}
     start, end = report_range(query, config.clock())
     report = usage_report(db, args.group_by, start, end)
@@ -5898,79 +8152,115 @@ def cli_usage(config, args):
 
 
 def cli_pricing(config, args):
-    """pricing missing|list"""
-    state, db = _cli_state(config)
+    """pricing missing|list|check"""
+    if args.action == "check":
+        try:
+            table, errors = check_price_file(config.pricing_path)
+        except (OSError, ValueError) as error:
+            errors, table = [str(error)], {}
+        for error in errors:
+            print(f"{config.pricing_path}: {error}", file=sys.stderr)
+        if not errors:
+            print(f"{len(table)} prices in {config.pricing_path}: all well formed")
+        return 1 if errors else 0
+    db = open_admin_database(config, reading=True)
+    pricebook = Pricebook(load_price_file(config.pricing_path), list_price_overrides(db))
     if args.action == "missing":
-        missing = missing_prices(db, state.pricebook)
+        missing = missing_prices(db, pricebook)
         for model in missing:
             print(model)
         if not missing:
             print("every model seen has a price", file=sys.stderr)
         return 0
-    for model, price in sorted(state.pricebook.table().items()):
+    for model, price in sorted(pricebook.table().items()):
         print(model, json.dumps(price))
     return 0
 
 
+# The settings each admin subcommand reads (it works on the database, not as a server).
+ADMIN_FLAG_FIELDS = ("db_path",)
+PRICING_FLAG_FIELDS = ("db_path", "pricing_path")
+
+
 def build_parser():
     """The argparse parser of every subcommand."""
-    flags = config_flags()
-    parser = argparse.ArgumentParser(prog="llimit", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="llimit", parents=[config_flags()], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+        epilog="Settings given before the subcommand apply to it, as after it.")
     parser.add_argument("--version", action="version", version=f"llimit {__version__}")
-    commands = parser.add_subparsers(dest="command")
-    commands.add_parser("serve", parents=[flags], help="run the gateway (the default)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    keys = commands.add_parser("keys", parents=[flags], help="create, list, revoke keys")
-    keys_actions = keys.add_subparsers(dest="action", required=True)
-    create = keys_actions.add_parser("create", parents=[flags])
-    create.add_argument("--user")
-    create.add_argument("--project", default="default")
-    create.add_argument("--note")
-    create.add_argument("--expires-at")
-    create.add_argument("--models", help="comma-separated allowed models")
-    listing = keys_actions.add_parser("list", parents=[flags])
-    listing.add_argument("--user")
-    listing.add_argument("--project")
-    listing.add_argument("--active", action="store_true")
-    revoke = keys_actions.add_parser("revoke", parents=[flags])
-    revoke.add_argument("id")
+    def command(parent, name, fields, **kwargs):
+        sub = parent.add_parser(name, parents=[config_flags(fields)], **kwargs)
+        sub.set_defaults(flag_fields=fields)
+        return sub
 
-    projects = commands.add_parser("projects", parents=[flags], help="list or create projects")
-    project_actions = projects.add_subparsers(dest="action", required=True)
-    project_actions.add_parser("list", parents=[flags])
-    create = project_actions.add_parser("create", parents=[flags])
-    create.add_argument("id")
-    create.add_argument("--name")
-    create.add_argument("--kind", choices=UPSTREAM_KINDS)
-    create.add_argument("--url")
+    command(commands, "serve", None, help="run the gateway (the default)")
+    admin = ADMIN_FLAG_FIELDS
+
+    keys = command(commands, "keys", admin, help="create, list, revoke keys")
+    keys_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = command(keys_actions, "create", admin, help="make a key (shown this once)")
+    owner = create.add_mutually_exclusive_group()
+    owner.add_argument("--user", help="the person the key is for (a personal key)")
+    owner.add_argument("--project-key", action="store_true",
+                       help="a key an app shares, with no user (it may name one per call)")
+    create.add_argument("--project", default="default", help="its project (default: default)")
+    create.add_argument("--note", help="a note shown in listings, e.g. where it is used")
+    create.add_argument("--expires-at", help="expiry, ISO 8601 (UTC unless it says)")
+    create.add_argument("--models", help="comma-separated allowed models (default: all)")
+    listing = command(keys_actions, "list", admin, help="list keys, masked, with their spend")
+    listing.add_argument("--user", help="only this user's keys")
+    listing.add_argument("--project", help="only this project's keys")
+    listing.add_argument("--active", action="store_true", help="only keys that still work")
+    revoke = command(keys_actions, "revoke", admin, help="revoke a key: its next call gets 403")
+    revoke.add_argument("id", help="the key's id (key_...)")
+
+    projects = command(commands, "projects", admin, help="list or create projects")
+    project_actions = projects.add_subparsers(dest="action", required=True, metavar="ACTION")
+    command(project_actions, "list", admin, help="list projects")
+    create = command(project_actions, "create", admin, help="create a project")
+    create.add_argument("id", help="the project's id, e.g. my-team")
+    create.add_argument("--name", help="display name")
+    create.add_argument("--kind", choices=UPSTREAM_KINDS, help="upstream dialect")
+    create.add_argument("--url", help="upstream base URL (Anthropic's ends in /v1)")
     create.add_argument("--upstream-key", help="env:NAME (read at call time) or the key")
-    create.add_argument("--api-version")
-    create.add_argument("--no-user-keys", action="store_true")
+    create.add_argument("--api-version", help="Azure api-version added to calls that lack it")
+    create.add_argument("--no-user-keys", action="store_true",
+                        help="users may not make their own keys for it on /keys")
+    create.add_argument("--allow-async", action="store_true",
+                        help="allow batches and background responses (charged when they finish)")
 
-    limits = commands.add_parser("limits", parents=[flags], help="list, create, delete limits")
-    limit_actions = limits.add_subparsers(dest="action", required=True)
-    limit_actions.add_parser("list", parents=[flags])
-    create = limit_actions.add_parser("create", parents=[flags])
-    create.add_argument("--scope", required=True, choices=SCOPES)
-    create.add_argument("--target")
-    create.add_argument("--each", choices=("user", "key"))
-    create.add_argument("--metric", required=True, choices=METRICS)
-    create.add_argument("--window", required=True, choices=WINDOWS)
-    create.add_argument("--amount", required=True, type=float)
-    create.add_argument("--action", dest="limit_action", choices=ACTIONS, default="block")
+    limits = command(commands, "limits", admin, help="list, create, delete limits")
+    limit_actions = limits.add_subparsers(dest="action", required=True, metavar="ACTION")
+    command(limit_actions, "list", admin, help="list limits with what is used now")
+    create = command(limit_actions, "create", admin, help="create a budget, quota or rate limit")
+    create.add_argument("--scope", required=True, choices=SCOPES, help="what it applies to")
+    create.add_argument("--target", help="the project, user or key id (not for global)")
+    create.add_argument("--each", choices=("user", "key"),
+                        help="apply the amount to each user or key of the target")
+    create.add_argument("--metric", required=True, choices=LIMIT_METRICS, help="what it counts")
+    create.add_argument("--window", required=True, choices=WINDOWS,
+                        help="UTC window it resets with (total: never)")
+    create.add_argument("--amount", required=True, type=float, help="USD, tokens or requests")
+    create.add_argument("--action", dest="limit_action", choices=ACTIONS, default="block",
+                        help="block calls past it (default) or only warn")
     create.add_argument("--alert-at", help="comma-separated percentages, e.g. 80,90")
-    delete = limit_actions.add_parser("delete", parents=[flags])
-    delete.add_argument("id")
+    delete = command(limit_actions, "delete", admin, help="delete a limit")
+    delete.add_argument("id", help="the limit's id (lim_...)")
 
-    usage = commands.add_parser("usage", parents=[flags], help="usage and cost per group")
-    usage.add_argument("--group-by", default="user", choices=tuple(USAGE_GROUP_COLUMNS))
+    usage = command(commands, "usage", admin, help="usage and cost per group")
+    usage.add_argument("--group-by", default="user", choices=tuple(USAGE_GROUP_COLUMNS),
+                       help="one row per this (default: user)")
     usage.add_argument("--start", help="first UTC day, YYYY-MM-DD (default: 30 days ago)")
     usage.add_argument("--end", help="last UTC day, YYYY-MM-DD (default: today)")
-    usage.add_argument("--json", action="store_true")
+    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    pricing = commands.add_parser("pricing", parents=[flags], help="prices in force")
-    pricing.add_argument("action", choices=("missing", "list"))
+    pricing = command(commands, "pricing", PRICING_FLAG_FIELDS, help="prices in force")
+    pricing.add_argument("action", choices=("missing", "list", "check"),
+                         help="missing: models seen without a price; list: every price;"
+                         " check: validate the prices file against its schema")
     return parser
 
 
@@ -5980,19 +8270,33 @@ COMMANDS = {"keys": cli_keys, "projects": cli_projects, "limits": cli_limits,
 
 def main(argv=None):
     """The command line; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
-        argv.insert(0, "serve")
-    args = build_parser().parse_args(argv)
-    config = load_config(argv[1:])
-    if args.command == "serve":
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    command = args.command or "serve"
+    flags = {field: value for field, value in vars(args).items()
+             if field in SETTING_FLAG_FIELDS}
+    relevant = getattr(args, "flag_fields", None)
+    for field in flags:
+        if relevant is not None and field not in relevant:
+            parser.error(f"{SETTING_FLAG_FIELDS[field]} does not apply to {command}")
+    config = config_from_flags(flags)
+    if command == "serve":
         return serve(config)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return COMMANDS[args.command](config, args)
+        code = COMMANDS[command](config, args)
+        sys.stdout.flush()  # a reader gone early (`| head`) shows here, not at exit
+        return code
     except LlimitError as error:
         print(f"llimit: {error.message}", file=sys.stderr)
         return 2
+    except DatabaseError as error:
+        print(f"llimit: database {config.db_path}: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader has what it wanted; silence the flush at exit (Python's advice).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -41,10 +41,13 @@ class LlimitServer:
     def __init__(self, config):
         self.config = config
         self.app = llimit.make_app(config)
-        self.state = self.app.llimit
+        self.state = self.app.llimit.start()  # as serve() does: the threads start here
         self.server = waitress.create_server(self.app, host="127.0.0.1", port=0,
                                              threads=config.threads, asyncore_use_poll=True)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        # As `serve` does once bound: links and redirects name the port it got.
+        self.config = self.state.config = dataclasses.replace(
+            config, host="127.0.0.1", port=self.server.effective_port)
         self._stopping = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()

@@ -41,8 +41,13 @@ def test_budget_blocks_with_a_clear_429_and_resets_next_window(gateway, fake, cl
     assert blocked.status_code == 429
     error = blocked.json()["error"]
     assert error["type"] == "budget_exceeded"
-    assert limit["id"] in error["message"] and "resets" in error["message"]
-    assert error["message"].endswith("Ask #ai-budget for more.")
+    # Written for the key holder: what ran out, when it comes back, whom to ask;
+    # the limit's id goes to a header, for the admin they ask.
+    assert error["message"].startswith("Your daily budget of $")
+    assert "It resets at 2026-11-19 00:00 UTC." in error["message"]
+    assert limit["id"] not in error["message"] and "lim_" not in error["message"]
+    assert blocked.headers["X-LLimit-Limit-Id"] == limit["id"]
+    assert error["message"].endswith("UTC. Ask #ai-budget for more.")
     with pytest.raises(openai.RateLimitError):
         openai.OpenAI(base_url=gateway.url + "/v1", api_key=raw_key,
                       max_retries=0).chat.completions.create(model="gpt-4o", messages=[])
@@ -261,7 +266,10 @@ def test_fail_closed_when_usage_cannot_be_written(make_llimit, fake):
     blocker = sqlite3.connect(gateway.config.db_path, isolation_level=None)
     blocker.execute("begin exclusive")
     try:
-        assert call(gateway, raw_key).status_code == 200  # its usage waits in the queue
+        # Its answer is withheld (no answer without a durable row); its usage waits in the queue.
+        withheld = call(gateway, raw_key)
+        assert withheld.status_code == 503
+        assert withheld.json()["error"]["code"] == "ledger_unavailable"
         deadline = time.monotonic() + 20
         while gateway.state.writer.healthy and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -351,7 +351,7 @@ def test_sigterm_with_the_database_locked_past_the_writers_wait_exits_1_and_says
         processes, fake, tmp_path):
     """The usage writer waits LLIMIT_WRITER_CLOSE_SECONDS at shutdown; a longer lock must
     not pass as a clean stop. Both of llimit's waits are shortened to keep the test short."""
-    proc = processes(LLIMIT_GRACE_SECONDS="1", LLIMIT_COMMIT_WAIT_SECONDS="1",
+    proc = processes(LLIMIT_GRACE_SECONDS="1", LLIMIT_COMMIT_WAIT_SECONDS="2",
                      LLIMIT_WRITER_CLOSE_SECONDS="2")
     raw_key, _ = proc.create_key()
     assert chat(proc, raw_key)[0] == 200
@@ -359,10 +359,10 @@ def test_sigterm_with_the_database_locked_past_the_writers_wait_exits_1_and_says
     locker = sqlite3.connect(proc.db_path, timeout=30, isolation_level=None)
     locker.execute("begin exclusive")
     try:
-        # Answered after llimit's commit wait (1 s here), its row still queued.
+        # Withheld (503) after llimit's commit wait (2 s here), its row still queued.
         status, request_id, _ = chat(proc, raw_key)
-        assert status == 200
-        assert f"usage of request_id={request_id} not yet committed after 1.0s" in proc.log()
+        assert status == 503
+        assert f"usage of request_id={request_id} not yet committed after 2.0s" in proc.log()
         proc.terminate()
         # The lock is held far past the 2 s wait: a writer that waited its default 30 s
         # instead would commit once the lock goes, and the process would exit 0.
