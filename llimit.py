@@ -2528,7 +2528,7 @@ class Limits:
                 in_flight = getattr(held, field) if held is not None else 0
                 if limit["alert_at"] or self._alerts_full(limit):
                     alert_checks.append((limit, subject))
-                _limit_headers(headers, limit, amount, used + in_flight, getattr(call.need, field),
+                _limit_headers(headers, limit, amount, used + in_flight, getattr(worst.need, field),
                                start, end, now)
                 if limit["action"] == "warn":
                     if used >= amount:
@@ -4831,7 +4831,8 @@ def _relay_whole(state, call, resp, upstream):
                   "priced" if usage is not None else "unpriced", stream=False, owned=owned):
         # No answer without a durable row: a kill now would lose an answered call.
         raise LlimitError(503, "service_unavailable", LEDGER_UNAVAILABLE,
-                          code="ledger_unavailable")
+                          code="ledger_unavailable",
+                          headers={"X-LLimit-Request-Id": call.request_id})
     upstream_headers_out = client_response_headers(resp, call.admission.headers)
     if resp.status in (401, 403):
         content, upstream_headers_out = _upstream_auth_failure(call, resp, content, upstream,
