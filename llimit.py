@@ -202,6 +202,10 @@ SETTINGS = [
      "path of a local chart.umd.js to serve; a CDN URL when unset"),
     ("grace_seconds", "LLIMIT_GRACE_SECONDS", None, 30.0, float,
      "on SIGTERM, how long open streams may finish"),
+    ("commit_wait_seconds", "LLIMIT_COMMIT_WAIT_SECONDS", None, 10.0, float,
+     "how long an answer waits for its usage row to commit before it becomes a 503"),
+    ("writer_close_seconds", "LLIMIT_WRITER_CLOSE_SECONDS", None, 30.0, float,
+     "at shutdown, how long to wait for the usage writer to commit what is queued"),
     ("metrics_token", "LLIMIT_METRICS_TOKEN", None, None, str,
      "Bearer token /metrics asks for; open when unset"),
     ("user_headers", "LLIMIT_USER_HEADERS", None, (), _csv_list,
@@ -247,8 +251,6 @@ SETTINGS = [
      "browser origins allowed to call the proxy routes with a key (CORS)"),
     ("upstream_env_pattern", "LLIMIT_UPSTREAM_ENV_PATTERN", None, "LLIMIT_UPSTREAM_KEY_*", str,
      "environment variables a project's upstream_key may name as env:NAME (fnmatch)"),
-    ("commit_wait_seconds", "LLIMIT_COMMIT_WAIT_SECONDS", None, 10.0, float,
-     "how long an answer waits for its usage row to commit before it becomes a 503"),
     ("max_concurrent_per_key", "LLIMIT_MAX_CONCURRENT_PER_KEY", None, 16, int,
      "calls one key may have under way at once (429 above)"),
     ("max_concurrent_per_user", "LLIMIT_MAX_CONCURRENT_PER_USER", None, 16, int,
@@ -2324,6 +2326,12 @@ class UsageWriter:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def flush(self, timeout=None):
+        """Wait until every event submitted before this call is committed; False on timeout."""
+        flushed = threading.Event()
+        self._queue.put(flushed)  # taken after those events, set once they are committed
+        return flushed.wait(timeout)
+
     def _run(self):
         db = self.database()
         stopping = False
@@ -2340,9 +2348,12 @@ class UsageWriter:
                     break
             if None in batch:
                 stopping = True
-                batch = [event for event in batch if event is not None]
+            flushes = [item for item in batch if isinstance(item, threading.Event)]
+            batch = [event for event in batch if isinstance(event, UsageEvent)]
             if batch:
                 self._write_until_done(db, batch)
+            for flushed in flushes:
+                flushed.set()
 
     def _write_until_done(self, db, batch):
         delay = 0.05
@@ -2696,7 +2707,8 @@ class Limits:
                 in_flight = getattr(held, field) if held is not None else 0
                 if limit["alert_at"] or self._alerts_full(limit):
                     alert_checks.append((limit, subject))
-                _limit_headers(headers, limit, amount, used + in_flight, start, end, now)
+                _limit_headers(headers, limit, amount, used + in_flight, getattr(worst.need, field),
+                               start, end, now)
                 if limit["action"] == "warn":
                     if used >= amount:
                         warnings.append(describe_limit(limit) + " reached")
@@ -2919,16 +2931,18 @@ def refusal_text(limit, used, in_flight, end, now, limit_message=None):
     return sentence + " " + (limit_message or "Ask your llimit admin to raise it.")
 
 
-def _limit_headers(headers, limit, amount, used, start, end, now):
+def _limit_headers(headers, limit, amount, used, need, start, end, now):
     # compat: OpenAI's x-ratelimit-* headers, which clients and SDKs read, for
-    # minute limits; the tightest limit of each kind wins.
+    # minute limits; the tightest limit of each kind wins. As OpenAI's, remaining
+    # counts this call (`need`, its reserved worst case): what is left after it.
     remaining = max(amount - used, 0)
     if limit["window"] == "minute" and limit["metric"] in ("requests", "tokens"):
         metric = limit["metric"]
         name = f"x-ratelimit-remaining-{metric}"
-        if name not in headers or remaining < int(headers[name]):
+        after = max(remaining - need, 0)
+        if name not in headers or after < int(headers[name]):
             headers[f"x-ratelimit-limit-{metric}"] = str(int(amount))
-            headers[name] = str(int(remaining))
+            headers[name] = str(int(after))
             headers[f"x-ratelimit-reset-{metric}"] = f"{max(int(end - now), 0)}s"
     elif limit["metric"] == "usd":
         current = headers.get("X-LLimit-Budget-Remaining")
@@ -5131,7 +5145,8 @@ def _relay_whole(state, call, resp, upstream):
                   "priced" if usage is not None else "unpriced", stream=False, owned=owned):
         # No answer without a durable row: a kill now would lose an answered call.
         raise LlimitError(503, "service_unavailable", LEDGER_UNAVAILABLE,
-                          code="ledger_unavailable")
+                          code="ledger_unavailable",
+                          headers={"X-LLimit-Request-Id": call.request_id})
     upstream_headers_out = client_response_headers(resp, call.admission.headers)
     # compat: Google answers a wrong API key with 400 API_KEY_INVALID.
     if resp.status in (401, 403) or (upstream.kind == "gemini" and resp.status == 400
@@ -7942,7 +7957,7 @@ class State:
     def close(self):
         """Write all queued usage and close upstream connections; False if usage is left."""
         self.sweeper.stop()
-        written = self.writer.close()
+        written = self.writer.close(self.config.writer_close_seconds)
         self.pool.close()
         return written
 

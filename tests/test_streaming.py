@@ -99,6 +99,11 @@ def test_client_leaving_midway_is_metered_at_its_worst_case(gateway, fake):
     assert (event["prompt_tokens"], event["completion_tokens"]) == (prompt, 3000)
     # o3-mini: $1.10 in, $4.40 out per 1M tokens
     assert event["cost_nusd"] == round((prompt * 1.10 + 3000 * 4.40) * 1000)
+    # llimit closed its upstream call: the upstream's next writes failed, long before
+    # its 50 events (and [DONE]) were all sent.
+    reply = fake.requests[-1].reply
+    assert reply.wait() == "client left"
+    assert reply.events_sent < 51
 
 
 def test_drain_seconds_reads_the_exact_usage_after_the_client_left(make_llimit, fake):
@@ -115,6 +120,7 @@ def test_drain_seconds_reads_the_exact_usage_after_the_client_left(make_llimit, 
         time.sleep(0.1)
     (event,) = gateway.events()
     assert (event["pricing"], event["completion_tokens"]) == ("priced", 7)
+    assert fake.requests[-1].reply.wait() == "complete"  # read to its end
 
 
 def test_stream_without_usage_is_estimated(gateway, fake):
