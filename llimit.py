@@ -2349,7 +2349,7 @@ class UsageWriter:
             if None in batch:
                 stopping = True
             flushes = [item for item in batch if isinstance(item, threading.Event)]
-            batch = [event for event in batch if isinstance(event, UsageEvent)]
+            batch = [item for item in batch if isinstance(item, (UsageEvent, Refusal))]
             if batch:
                 self._write_until_done(db, batch)
             for flushed in flushes:
