@@ -6366,16 +6366,22 @@ def page(handler):
     return serve_page
 
 
+def see_other(location):
+    """A 303 to a path of llimit's (or a sign-in provider's URL): `raise see_other(...)`.
+
+    The page wrapper makes a path absolute with the configured base URL, never
+    with the Host header, which the client chooses.
+    """
+    answer = bottle.response.copy(cls=bottle.HTTPResponse)  # with the cookies set so far
+    answer.status, answer.body = 303, ""
+    answer.set_header("Location", location)
+    return answer
+
+
 def _own_location(config, response):
-    # bottle.redirect makes a path absolute with the request's Host header, which
-    # the client chooses: a redirect to one of llimit's own pages names its base URL.
     location = response.get_header("Location")
-    if not location:
-        return
-    parts = urllib.parse.urlsplit(location)
-    if f"{parts.scheme}://{parts.netloc}" == _origin(bottle.request.url):
-        response.set_header("Location", config.base_url + urllib.parse.urlunsplit(
-            ("", "", parts.path, parts.query, parts.fragment)))
+    if location and location.startswith("/"):
+        response.set_header("Location", config.base_url + location)
 
 
 def page_headers(script_sources):
@@ -6438,7 +6444,7 @@ def _signed_in_user(session):
 def _redirect_to_login():
     request = bottle.request
     here = request.path + ("?" + request.query_string if request.query_string else "")
-    bottle.redirect("/login?" + urllib.parse.urlencode({"next": here}), 303)
+    raise see_other("/login?" + urllib.parse.urlencode({"next": here}))
 
 
 def _require_admin_page(session):
@@ -6493,13 +6499,13 @@ def page_login_post(state, session, form):
                 401, "invalid_request_error", "That is not the admin token.",
                 code="invalid_admin_token"))
         sign_in(state, session, session.user_name, token_admin=True)
-        bottle.redirect(next_path if next_path != "/" else "/admin", 303)
+        raise see_other(next_path if next_path != "/" else "/admin")
     if config.auth == "open":
         user_name = canonical_user_name(form.get("user", ""), state.user_domains)
         if not user_name:
             raise LlimitError(400, "invalid_request_error", "Type a user name to sign in.")
         sign_in(state, session, user_name)
-        bottle.redirect(next_path, 303)
+        raise see_other(next_path)
     if config.auth == "oidc":
         session = ensure_session(state, session)
         pending = {"state": secrets.token_urlsafe(24), "nonce": secrets.token_urlsafe(24),
@@ -6508,7 +6514,7 @@ def page_login_post(state, session, form):
         db = state.database()
         with transaction(db):
             set_session_pending(db, session.id_hash, json.dumps(pending))
-        bottle.redirect(url, 303)
+        raise see_other(url)
     raise LlimitError(400, "invalid_request_error",
                       "Sign-in here comes from your organisation's single sign-on.")
 
@@ -6539,7 +6545,7 @@ def page_login_callback(state, session):
     user_name = user_from_claims(claims, config.oidc_allowed_domains, state.user_domains)
     sign_in(state, session, user_name)
     log.info("page sign-in: %s by OpenID Connect", user_name)
-    bottle.redirect(safe_next(pending.get("next")), 303)
+    raise see_other(safe_next(pending.get("next")))
 
 
 def page_logout_confirm(state, session):
@@ -6549,14 +6555,14 @@ def page_logout_confirm(state, session):
     every other form; a GET alone signs no one out.
     """
     if not session.signed_in:
-        bottle.redirect("/login", 303)
+        raise see_other("/login")
     return render_page(LOGOUT_PAGE, title="Sign out", session=session)
 
 
 def page_logout(state, session, form):
     """POST /logout: end the session."""
     sign_out(state, session)
-    bottle.redirect("/", 303)
+    raise see_other("/")
 
 
 # --- a user's keys and usage ----------------------------------------------------------
@@ -6596,7 +6602,7 @@ def _show_new_key_once(state, session, row, raw_key, page_path):
     state.new_keys.put(session.id_hash, {
         "raw_key": raw_key, "project_id": row["project_id"],
         "owner": row["user_name"] or f"project {row['project_id']}"})
-    bottle.redirect(page_path + "#new", 303)
+    raise see_other(page_path + "#new")
 
 
 def _new_key_shown(state, session):
@@ -6643,7 +6649,7 @@ def page_key_revoke(state, session, form, key_id):
         if form.get("confirm") != "1":
             return _confirm_revoke(session, row, f"/keys/{key_id}/revoke", (), "/keys")
         revoke_key(db, key_id, utc_iso(state.config.clock()))
-    bottle.redirect("/keys", 303)
+    raise see_other("/keys")
 
 
 def _confirm_revoke(session, row, action, hidden, back):
@@ -7124,7 +7130,7 @@ def _admin_users(db, keys, month_start, today):
 
 
 def _admin_done(notice, anchor):
-    bottle.redirect(f"/admin?done={notice}#{anchor}", 303)
+    raise see_other(f"/admin?done={notice}#{anchor}")
 
 
 def _admin_create_project(state, session, form):
