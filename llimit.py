@@ -585,6 +585,43 @@ begin;
 alter table usage_events add column units text;
 commit;
 """),
+    ("0010 plans, rolling windows and limit resets", """
+begin;
+-- A rolling window ('<n>h', '<n>d') counts periods of that length from
+-- starts_at (null: created_at). A calendar window's current period starts no
+-- earlier than reset_at (null: never reset). Both only move forward.
+alter table limits add column starts_at text;
+alter table limits add column reset_at text;
+-- A plan is a named set of limits: rows of limits with scope 'plan' and the
+-- plan's id as target, each applying to every member separately.
+create table plans (
+    id text primary key,
+    name text not null,
+    created_at text not null
+);
+-- A user's plan; source says who set it: 'admin' or 'sign-in' (a group claim).
+create table user_plans (
+    user_name text primary key,
+    plan_id text not null,
+    source text not null,
+    updated_at text not null
+);
+-- JSON list of plan ids a project key may name per call (X-LLimit-Plan); null: none.
+alter table projects add column plans_allowed text;
+create trigger plans_inserted after insert on plans
+begin update config_version set version = version + 1; end;
+create trigger plans_updated after update on plans
+begin update config_version set version = version + 1; end;
+create trigger plans_deleted after delete on plans
+begin update config_version set version = version + 1; end;
+create trigger user_plans_inserted after insert on user_plans
+begin update config_version set version = version + 1; end;
+create trigger user_plans_updated after update on user_plans
+begin update config_version set version = version + 1; end;
+create trigger user_plans_deleted after delete on user_plans
+begin update config_version set version = version + 1; end;
+commit;
+"""),
 ]
 
 
@@ -731,7 +768,7 @@ def set_setting(db, name, value):
 
 PROJECT_COLUMNS = ("id", "name", "upstream_kind", "upstream_url", "upstream_key",
                    "api_version", "allow_user_keys", "allow_async", "limit_message",
-                   "model_map", "max_keys_per_user", "created_at")
+                   "model_map", "max_keys_per_user", "plans_allowed", "created_at")
 
 
 def get_project(db, project_id):
@@ -748,9 +785,10 @@ def insert_project(db, project):
     """Insert a project from a dict holding every PROJECT_COLUMNS field."""
     db.execute("insert into projects (id, name, upstream_kind, upstream_url, upstream_key,"
                " api_version, allow_user_keys, allow_async, limit_message, model_map,"
-               " max_keys_per_user, created_at) values (:id, :name, :upstream_kind,"
-               " :upstream_url, :upstream_key, :api_version, :allow_user_keys, :allow_async,"
-               " :limit_message, :model_map, :max_keys_per_user, :created_at)",
+               " max_keys_per_user, plans_allowed, created_at) values (:id, :name,"
+               " :upstream_kind, :upstream_url, :upstream_key, :api_version, :allow_user_keys,"
+               " :allow_async, :limit_message, :model_map, :max_keys_per_user, :plans_allowed,"
+               " :created_at)",
                project)
 
 
@@ -760,8 +798,8 @@ def update_project(db, project):
                " upstream_url = :upstream_url, upstream_key = :upstream_key,"
                " api_version = :api_version, allow_user_keys = :allow_user_keys,"
                " allow_async = :allow_async, limit_message = :limit_message,"
-               " model_map = :model_map, max_keys_per_user = :max_keys_per_user"
-               " where id = :id", project)
+               " model_map = :model_map, max_keys_per_user = :max_keys_per_user,"
+               " plans_allowed = :plans_allowed where id = :id", project)
 
 
 def delete_project(db, project_id, revoked_at):
@@ -797,7 +835,7 @@ def get_key_by_hash(db, key_hash):
         "select k.id, k.key_hash, k.masked_key, k.project_id, k.user_name, k.models,"
         " k.expires_at, k.revoked_at, p.id as project_exists, p.upstream_kind,"
         " p.upstream_url, p.upstream_key, p.api_version, p.limit_message, p.model_map,"
-        " p.allow_async,"
+        " p.allow_async, p.plans_allowed,"
         " (select version from config_version) as config_version"
         " from api_keys k left join projects p on p.id = k.project_id"
         " where k.key_hash = ?", (key_hash,)).fetchone()
@@ -1249,15 +1287,70 @@ def get_limit(db, limit_id):
 def insert_limit(db, limit):
     """Insert a limit from a dict."""
     db.execute("insert into limits (id, scope, target, each, metric, window, amount, action,"
-               " alert_at, note, created_at) values (:id, :scope, :target, :each, :metric,"
-               " :window, :amount, :action, :alert_at, :note, :created_at)", limit)
+               " alert_at, note, starts_at, reset_at, created_at) values (:id, :scope, :target,"
+               " :each, :metric, :window, :amount, :action, :alert_at, :note, :starts_at,"
+               " :reset_at, :created_at)", limit)
 
 
 def update_limit(db, limit):
     """Write back every field of a limit dict."""
     db.execute("update limits set scope = :scope, target = :target, each = :each,"
                " metric = :metric, window = :window, amount = :amount, action = :action,"
-               " alert_at = :alert_at, note = :note where id = :id", limit)
+               " alert_at = :alert_at, note = :note, starts_at = :starts_at,"
+               " reset_at = :reset_at where id = :id", limit)
+
+
+# --- plans ----------------------------------------------------------------------
+
+def list_plans(db):
+    """Every plan, by id."""
+    return db.execute("select * from plans order by id").fetchall()
+
+
+def get_plan(db, plan_id):
+    """One plan row, or None."""
+    return db.execute("select * from plans where id = ?", (plan_id,)).fetchone()
+
+
+def insert_plan(db, plan):
+    """Insert a plan row from a dict (its limits are rows of limits)."""
+    db.execute("insert into plans (id, name, created_at) values (:id, :name, :created_at)", plan)
+
+
+def rename_plan(db, plan_id, name):
+    """Change a plan's name."""
+    db.execute("update plans set name = ? where id = ?", (name, plan_id))
+
+
+def delete_plan(db, plan_id):
+    """Delete a plan, its limits and its members' assignments; returns whether it existed."""
+    db.execute("delete from limits where scope = 'plan' and target = ?", (plan_id,))
+    db.execute("delete from user_plans where plan_id = ?", (plan_id,))
+    return db.execute("delete from plans where id = ?", (plan_id,)).rowcount > 0
+
+
+def list_user_plans(db):
+    """Every user's assigned plan: rows of user_name, plan_id, source."""
+    return db.execute("select user_name, plan_id, source from user_plans").fetchall()
+
+
+def get_user_plan(db, user_name):
+    """A user's user_plans row, or None."""
+    return db.execute("select * from user_plans where user_name = ?", (user_name,)).fetchone()
+
+
+def set_user_plan(db, user_name, plan_id, source, updated_at):
+    """Assign a user to a plan (replacing any earlier assignment)."""
+    db.execute("insert into user_plans (user_name, plan_id, source, updated_at)"
+               " values (?, ?, ?, ?) on conflict (user_name) do update set"
+               " plan_id = excluded.plan_id, source = excluded.source,"
+               " updated_at = excluded.updated_at", (user_name, plan_id, source, updated_at))
+
+
+def delete_user_plan(db, user_name, source=None):
+    """Remove a user's assignment (only one made by `source`, when given)."""
+    db.execute("delete from user_plans where user_name = ? and (? is null or source = ?)",
+               (user_name, source, source))
 
 
 def delete_limit(db, limit_id):
@@ -1325,6 +1418,12 @@ def _iso_from_ms(ms):
 def utc_iso(seconds):
     """Seconds since the epoch as ISO 8601 UTC, e.g. 2026-11-23T07:00:00Z."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def iso_seconds(text):
+    """Seconds since the epoch of an ISO 8601 time (UTC when it names no zone)."""
+    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 # =============================================================================
@@ -2272,6 +2371,10 @@ SCOPES = ("global", "project", "user", "key")
 EACH = (None, "user", "key")
 LIMIT_METRICS = ("usd", "tokens", "requests")
 WINDOWS = ("minute", "day", "week", "month", "total")
+# compat: LiteLLM's budget_duration. A rolling window is '<n>h' or '<n>d':
+# periods of that length counted from the limit's starts_at.
+ROLLING_WINDOW = re.compile(r"([1-9][0-9]{0,3})([hd])")
+WINDOW_PATTERN = "^(minute|day|week|month|total|[1-9][0-9]{0,3}[hd])$"
 ACTIONS = ("block", "warn")
 NANO = 1_000_000_000
 
@@ -2360,6 +2463,37 @@ def window_bounds(window, now):
     return int(first.timestamp()), int(following.timestamp())
 
 
+def rolling_seconds(window):
+    """The length in seconds of a rolling window ('7d' -> 604800), or None for a calendar one."""
+    match = ROLLING_WINDOW.fullmatch(window)
+    if match is None:
+        return None
+    return int(match[1]) * (3600 if match[2] == "h" else 86400)
+
+
+def limit_period(limit, now):
+    """(start, end) in epoch seconds of a limit's period holding `now`; end None for total.
+
+    Calendar windows are window_bounds', started no earlier than the limit's
+    reset_at; rolling ones are counted from starts_at (else created_at).
+    """
+    length = rolling_seconds(limit["window"])
+    if length is not None:
+        anchor = int(iso_seconds(limit["starts_at"] or limit["created_at"]))
+        start = anchor + int((now - anchor) // length) * length
+        return start, start + length
+    start, end = window_bounds(limit["window"], now)
+    if limit["reset_at"]:
+        start = max(start, min(int(iso_seconds(limit["reset_at"])), int(now)))
+    return start, end
+
+
+def _regular_period(window, start):
+    # Whether a period is a calendar window's own, kept by count_committed's
+    # running totals; any other (rolling, or started by a reset) is irregular.
+    return window in WINDOWS and window_bounds(window, start)[0] == start
+
+
 def _day(seconds):
     return time.strftime("%Y-%m-%d", time.gmtime(seconds))
 
@@ -2376,6 +2510,8 @@ def call_subjects(project_id, user_name, key_id):
 def limit_subject(limit, project_id, user_name, key_id):
     """The running total a limit reads for this call, or None if it does not apply."""
     scope, each = limit["scope"], limit["each"]
+    if scope == "plan":  # for_call matched the plan; it applies to each member
+        return subject_of("user", user_name) if user_name else None
     if scope == "project" and limit["target"] != project_id:
         return None
     if scope == "user" and limit["target"] != user_name:
@@ -2415,7 +2551,7 @@ def describe_limit(limit):
     """A limit in words, e.g. "project 'team-a' limit of $10/day"."""
     scope = limit["scope"]
     who = "global" if scope == "global" else f"{scope} '{limit['target']}'"
-    each = f" (each {limit['each']})" if limit["each"] else ""
+    each = f" (each {limit['each'] or 'member'})" if limit["each"] or scope == "plan" else ""
     window = "" if limit["window"] == "total" else "/" + limit["window"]
     return (f"{who}{each} limit {limit['id']} of "
             f"{format_amount(limit['metric'], limit_amount_units(limit))}{window}")
@@ -2424,7 +2560,9 @@ def describe_limit(limit):
 def limit_in_words(limit):
     """A limit as its key holders read it: "$2.00 a day", "600 requests a minute for each user"."""
     amount = format_amount(limit["metric"], limit_amount_units(limit))
-    period = "in total" if limit["window"] == "total" else f"a {limit['window']}"
+    window = limit["window"]
+    period = "in total" if window == "total" else f"a {window}" if window in WINDOWS \
+        else f"per {window_in_words(window)}"
     each = f" for each {limit['each']}" if limit["each"] else ""
     return f"{amount} {period}{each}"
 
@@ -2468,24 +2606,47 @@ class Limits:
         self._rows_lock = threading.Lock()
         self._rows_version = None  # the config_version `_rows_by_target` was read at
         self._rows_by_target = {}  # (scope, target) -> limit rows; global: ("global", None)
+        self._irregular = {}   # subject -> {(window, start): end} of periods not a calendar one's
+        self._user_plans = {}  # user name -> plan id, as user_plans holds them
+        self._plan_ids = frozenset()
 
-    def for_call(self, db, version, project_id, user_name, key_id):
-        """The limits a call of this project, user and key may be under.
+    def for_call(self, db, version, project_id, user_name, key_id, plan_id=None):
+        """The limits a call of this project, user, key and plan may be under.
 
         Held in memory and read again only when `version` (the database's
         config_version; the proxy has it from the key lookup) has moved.
         """
-        if version != self._rows_version:
-            with self._rows_lock:
-                if version != self._rows_version:
-                    by_target = {}
-                    for limit in list_limits(db):  # at `version` or newer: safe
-                        target = None if limit["scope"] == "global" else limit["target"]
-                        by_target.setdefault((limit["scope"], target), []).append(limit)
-                    self._rows_by_target, self._rows_version = by_target, version
+        self._load(db, version)
         rows = self._rows_by_target
         return (rows.get(("global", None), []) + rows.get(("project", project_id), [])
-                + rows.get(("user", user_name), []) + rows.get(("key", key_id), []))
+                + rows.get(("user", user_name), []) + rows.get(("key", key_id), [])
+                + (rows.get(("plan", plan_id), []) if plan_id else []))
+
+    def plan_of(self, db, version, user_name, default_plan=None):
+        """The plan a user is on: their own, else `default_plan`; None for no user or plan."""
+        self._load(db, version)
+        if not user_name:
+            return None
+        return self._user_plans.get(user_name) or default_plan
+
+    def plan_exists(self, db, version, plan_id):
+        """Whether a plan of this id exists (from memory, like for_call)."""
+        self._load(db, version)
+        return plan_id in self._plan_ids
+
+    def _load(self, db, version):
+        if version == self._rows_version:
+            return
+        with self._rows_lock:
+            if version != self._rows_version:
+                by_target = {}
+                for limit in list_limits(db):  # at `version` or newer: safe
+                    target = None if limit["scope"] == "global" else limit["target"]
+                    by_target.setdefault((limit["scope"], target), []).append(limit)
+                self._user_plans = {row["user_name"]: row["plan_id"]
+                                    for row in list_user_plans(db)}
+                self._plan_ids = frozenset(row["id"] for row in list_plans(db))
+                self._rows_by_target, self._rows_version = by_target, version
 
     def admit(self, db, call, limits, ledger_healthy):
         """Check a call against its limits and reserve its worst case.
@@ -2503,12 +2664,13 @@ class Limits:
             for limit in limits:
                 subject = limit_subject(limit, call.project_id, call.user_name, call.key_id)
                 if subject is None:
-                    if limit["each"] == "user" and not call.user_name \
+                    if (limit["each"] == "user" or limit["scope"] == "plan") \
+                            and not call.user_name \
                             and limit["action"] == "block" and limit["scope"] != "user":
                         raise _user_required(limit)
                     continue
                 window = limit["window"]
-                start, end = window_bounds(window, now)
+                start, end = limit_period(limit, now)
                 key = (subject, window, start)
                 field = METRIC_FIELDS[limit["metric"]]
                 amount = limit_amount_units(limit)
@@ -2518,9 +2680,10 @@ class Limits:
                 if limit["alert_at"] or self._alerts_full(limit):
                     alert_checks.append((limit, subject))
                 _limit_headers(headers, limit, amount, used + in_flight, start, end, now)
+                warning = warning_text(limit, amount, used, end)
+                if warning:
+                    warnings.append(warning)
                 if limit["action"] == "warn":
-                    if used >= amount:
-                        warnings.append(describe_limit(limit) + " reached")
                     continue
                 if limit["metric"] == "usd":
                     if not worst.priced:
@@ -2543,7 +2706,9 @@ class Limits:
                     held = self._reserved[key] = Totals()
                 held.add(need)
         if warnings:
-            headers["X-LLimit-Warning"] = "; ".join(warnings)
+            # compat: a header value is Latin-1 on the wire; the message may not be.
+            text = " ".join(warnings + [call.limit_message or ""]).strip()
+            headers["X-LLimit-Warning"] = text.encode("ascii", "replace").decode()
         return Admission(reservation, alert_checks, headers, usd_bound)
 
     def count_committed(self, events):
@@ -2567,6 +2732,12 @@ class Limits:
                         entry.requests += 1
                         entry.tokens += tokens
                         entry.cost_nusd += cost
+                for (window, start), end in self._irregular.get(subject, {}).items():
+                    entry = self._used.get((subject, window, start))
+                    if entry is not None and start <= seconds and (end is None or seconds < end):
+                        entry.requests += 1
+                        entry.tokens += tokens
+                        entry.cost_nusd += cost
             if event.reservation is not None:
                 alerts += self._alerts_due(event.reservation.alert_checks, seconds)
         self._prune(self.clock())
@@ -2574,14 +2745,19 @@ class Limits:
 
     def used(self, db, limit, subject):
         """(used in counter units, window end or None) of a limit for one subject."""
-        start, end = window_bounds(limit["window"], self.clock())
+        start, end = limit_period(limit, self.clock())
         with self.lock:
             entry = self._used_entry(db, (subject, limit["window"], start), end)
             return entry.metric(limit["metric"]), end
 
     def used_by_top_member(self, db, limit):
-        """For an `each` limit: the largest use among its members this window."""
-        start, end = window_bounds(limit["window"], self.clock())
+        """For an `each` limit: the largest use among its members this window.
+
+        A period not starting at midnight (rolling, or reset) counts its first
+        day whole here: this figure is for the admin's listing only, never for
+        a check, and finding the exact one would read that day's events.
+        """
+        start, end = limit_period(limit, self.clock())
         if limit["scope"] == "project" and limit["each"] == "user":
             prefix = subject_members("project_user", limit["target"])
         else:
@@ -2604,10 +2780,11 @@ class Limits:
             used, end = self.used(db, limit, scope_subject(limit["scope"], limit["target"]))
         return limit_to_json(limit, used, end)
 
-    def statuses_for_call(self, db, project_id, user_name, key_id):
+    def statuses_for_call(self, db, project_id, user_name, key_id, plan_id=None):
         """(subject, limit_to_json) of every limit a call of this project, user and key is under."""
         applying = []
-        for limit in self.for_call(db, config_version(db), project_id, user_name, key_id):
+        for limit in self.for_call(db, config_version(db), project_id, user_name, key_id,
+                                   plan_id):
             subject = limit_subject(limit, project_id, user_name, key_id)
             if subject is not None:
                 used, end = self.used(db, limit, subject)
@@ -2622,7 +2799,10 @@ class Limits:
         entry = self._used.get(key)
         if entry is None:
             subject, window, start = key
-            if window == "minute":
+            if not _regular_period(window, start):
+                entry = _period_total(db, subject, start, end)
+                self._irregular.setdefault(subject, {})[(window, start)] = end
+            elif window == "minute":
                 entry = get_events_total(db, subject, int(start * 1000), int(end * 1000))
             elif window == "total":
                 entry = get_lifetime_total(db, subject)
@@ -2648,7 +2828,7 @@ class Limits:
     def _alerts_due(self, checks, seconds):
         due = []
         for limit, subject in checks:
-            start, end = window_bounds(limit["window"], seconds)
+            start, end = limit_period(limit, seconds)
             entry = self._used.get((subject, limit["window"], start))
             amount = limit_amount_units(limit)
             if entry is None or amount <= 0:
@@ -2674,8 +2854,12 @@ class Limits:
             return
         self._pruned_minute = minute
         current = {window: window_bounds(window, now)[0] for window in WINDOWS}
+        self._irregular = {subject: kept for subject, periods in self._irregular.items()
+                           if (kept := {period: end for period, end in periods.items()
+                                        if end is None or end > now - 60})}
         self._used = {key: entry for key, entry in self._used.items()
-                      if key[2] >= current[key[1]] - (60 if key[1] == "minute" else 0)}
+                      if (key[2] >= current[key[1]] - (60 if key[1] == "minute" else 0)
+                          if key[1] in current else key[1:] in self._irregular.get(key[0], ()))}
         self._alerted = {marker for marker in self._alerted if marker[2] >= current["month"]}
 
     def _refusal(self, limit, used, in_flight, end, now, limit_message):
@@ -2685,6 +2869,22 @@ class Limits:
             headers["Retry-After"] = str(max(1, int(end - now + 0.999)))
             return LlimitError(429, "rate_limit_exceeded", message, headers=headers)
         return LlimitError(429, "budget_exceeded", message, headers=headers)
+
+
+def _period_total(db, subject, start, end):
+    # A period not starting at midnight: its first (partial) day from the
+    # events, by the created_ms index (one day's events at most), and its
+    # whole days from the daily running totals. Events after now do not exist
+    # yet, so the last day's total holds only what is inside the period.
+    next_day = -(-start // 86400) * 86400
+    total = Totals()
+    if next_day > start:
+        last = next_day if end is None else min(next_day, end)
+        total.add(get_events_total(db, subject, start * 1000, last * 1000))
+    if end is None or next_day < end:
+        total.add(get_counter(db, subject, _day(next_day),
+                              "9999-12-31" if end is None else _day(end - 1)))
+    return total
 
 
 def _not_priced(limit, model):
@@ -2711,6 +2911,51 @@ WINDOW_ADJECTIVES = {"minute": "per-minute", "day": "daily", "week": "weekly",
                      "month": "monthly", "total": "total"}
 
 
+def window_in_words(window):
+    """A rolling window as people say it: '7d' -> '7 days', '1h' -> 'hour'."""
+    length = rolling_seconds(window)
+    count, unit = (length // 3600, "hour") if window.endswith("h") else (length // 86400, "day")
+    return unit if count == 1 else plural(count, unit)
+
+
+def _window_adjective(window):
+    return WINDOW_ADJECTIVES.get(window) or window_in_words(window)
+
+
+def _resets_on(end):
+    # Midnight ends read as a date; others with their time.
+    if end is None:
+        return "it does not reset"
+    when = utc_iso(end)
+    return (f"it resets on {when[:10]}" if when.endswith("T00:00:00Z")
+            else f"it resets at {when[:16].replace('T', ' ')} UTC")
+
+
+def warning_text(limit, amount, used, end):
+    """The X-LLimit-Warning sentence for one limit, or None while it is not near.
+
+    Said at the highest alert_at percentage reached, and once a warn limit is
+    reached; like refusal_text, for the key holder: no ids, no scope jargon.
+    """
+    if amount <= 0:
+        return None
+    percent = 100.0 * used / amount
+    reached = [p for p in json.loads(limit["alert_at"] or "[]") if percent >= p]
+    if not reached and not (limit["action"] == "warn" and used >= amount):
+        return None
+    metric, window = limit["metric"], limit["window"]
+    owner = "your" if limit["each"] or limit["scope"] in ("user", "key", "plan") else (
+        "this organisation's" if limit["scope"] == "global"
+        else f"the project {limit['target']}'s")
+    allowance = "budget" if metric == "usd" else "allowance"
+    period = f"{_window_adjective(window)} {allowance}" if window in WINDOWS \
+        else f"{allowance} per {window_in_words(window)}"
+    shown = max(reached) if reached and percent < 100 else math.floor(percent)
+    decimals = usd_decimals(amount / NANO) if metric == "usd" else None
+    return (f"You have used {shown:g}% of {owner} {period} of"
+            f" {format_amount(metric, amount, decimals)}; {_resets_on(end)}.")
+
+
 def refusal_text(limit, used, in_flight, end, now, limit_message=None):
     """What a key holder reads when a limit refuses a call: what ran out, until when, whom to ask.
 
@@ -2721,7 +2966,7 @@ def refusal_text(limit, used, in_flight, end, now, limit_message=None):
     amount = limit_amount_units(limit)
     decimals = usd_decimals(amount / NANO, (used + in_flight) / NANO)
     whose = {"global": "This organisation's", "project": f"The project {limit['target']}'s"}
-    owner = "Your" if limit["each"] or limit["scope"] in ("user", "key") \
+    owner = "Your" if limit["each"] or limit["scope"] in ("user", "key", "plan") \
         else whose[limit["scope"]]
     allowance = "budget" if metric == "usd" else "allowance"
     if window == "minute":
@@ -2729,7 +2974,9 @@ def refusal_text(limit, used, in_flight, end, now, limit_message=None):
                     f" Try again in {plural(max(1, int(end - now + 0.999)), 'second')}.")
     else:
         spent = "spent" if metric == "usd" else "used"
-        sentence = (f"{owner} {WINDOW_ADJECTIVES[window]} {allowance} of"
+        period = f"{WINDOW_ADJECTIVES[window]} {allowance}" if window in WINDOWS \
+            else f"{allowance} per {window_in_words(window)}"
+        sentence = (f"{owner} {period} of"
                     f" {format_amount(metric, amount, decimals)} is used up"
                     f" ({format_amount(metric, used, decimals)} {spent}")
         if in_flight:
@@ -2779,11 +3026,24 @@ NULLABLE_STRING = {"type": "string", "nullable": True}
 LIMIT_FIELDS = {
     "scope": _one_of(SCOPES), "target": Field(NULLABLE_STRING, "must be a string"),
     "each": _one_of(("user", "key"), nullable=True), "metric": _one_of(LIMIT_METRICS),
-    "window": _one_of(WINDOWS), "amount": Field(AMOUNT, "must be a number >= 0"),
+    "window": Field({"type": "string", "pattern": WINDOW_PATTERN, "description":
+                     "a calendar window, or a rolling one: <n>h or <n>d (1-9999)"},
+                    "must be one of minute, day, week, month, total, or <n>h / <n>d"
+                    " such as 24h or 30d"),
+    "amount": Field(AMOUNT, "must be a number >= 0"),
     "action": _one_of(ACTIONS),
     "alert_at": Field(ALERT_AT, "must be a list of percentages between 0 and 100"),
     "note": Field(NULLABLE_STRING, "must be a string"),
+    "starts_at": Field({"type": "string", "nullable": True, "format": "date-time",
+                        "description": "when a rolling window's periods are counted from;"
+                        " null: when the limit was made"},
+                       "must be an ISO 8601 time such as 2026-01-01T00:00:00Z"),
 }
+# A plan's limits: the limit's shape without scope, target or each (a plan's
+# limit applies to each member), and with the id of one to keep on PATCH.
+PLAN_LIMIT_FIELDS = {**{name: field for name, field in LIMIT_FIELDS.items()
+                        if name not in ("scope", "target", "each")},
+                     "id": Field({"type": "string", "maxLength": 64}, "must be a limit id")}
 
 
 def validate_limit(data, current=None, domains=()):
@@ -2814,12 +3074,37 @@ def validate_limit(data, current=None, domains=()):
         raise _field_error("each", "a user limit can only apply to each key")
     if merged.get("amount") is None:
         raise _field_error("amount", LIMIT_FIELDS["amount"].problem)
-    if merged.get("alert_at") is not None:
+    return _limit_defaults(merged)
+
+
+def _limit_defaults(merged):
+    # The checks and defaults every limit shares, a plan's too.
+    if merged.get("amount") is None:
+        raise _field_error("amount", LIMIT_FIELDS["amount"].problem)
+    if merged.get("window") is None or merged.get("metric") is None:
+        raise _field_error("window" if merged.get("window") is None else "metric",
+                           LIMIT_FIELDS["window" if merged.get("window") is None
+                                        else "metric"].problem)
+    if merged.get("alert_at") is not None and not isinstance(merged["alert_at"], str):
         merged["alert_at"] = json.dumps(sorted(set(merged["alert_at"])))
-    merged.setdefault("alert_at", None)
-    merged.setdefault("note", None)
-    merged.setdefault("each", None)
+    if merged.get("starts_at") is not None:
+        try:
+            merged["starts_at"] = utc_iso(iso_seconds(merged["starts_at"]))
+        except ValueError:
+            raise _field_error("starts_at", LIMIT_FIELDS["starts_at"].problem) from None
+    for field in ("alert_at", "note", "each", "starts_at", "reset_at"):
+        merged.setdefault(field, None)
     return merged
+
+
+def validate_plan_limit(data, plan_id, current=None):
+    """One limit of a plan from JSON input (merged over `current`, the limit it keeps)."""
+    check_input(data, PLAN_LIMIT_FIELDS, "plan limit")
+    merged = dict(current or {})
+    merged.update({name: value for name, value in data.items() if name != "id"})
+    merged.update(scope="plan", target=plan_id, each=None)
+    merged.setdefault("action", "block")
+    return _limit_defaults(merged)
 
 
 
@@ -2841,6 +3126,9 @@ def limit_to_json(limit, used, end):
         "amount": limit["amount"], "action": limit["action"],
         "alert_at": json.loads(limit["alert_at"]) if limit["alert_at"] else None,
         "note": limit["note"],
+        "starts_at": limit["starts_at"] or (limit["created_at"] if rolling_seconds(
+            limit["window"]) else None),
+        "reset_at": limit["reset_at"],
         "used": used / scale if scale != 1 else used,
         "remaining": max(amount - used, 0) / scale if scale != 1 else max(amount - used, 0),
         "resets_at": None if end is None else utc_iso(end),
@@ -2849,9 +3137,22 @@ def limit_to_json(limit, used, end):
 
 def add_limit(db, limit, now_iso):
     """Store a validated limit under a fresh id; returns the id."""
-    limit = {**limit, "id": "lim_" + secrets.token_hex(6), "created_at": now_iso}
+    limit = {"starts_at": None, "reset_at": None, **limit,
+             "id": "lim_" + secrets.token_hex(6), "created_at": now_iso}
     insert_limit(db, limit)
     return limit["id"]
+
+
+def reset_limit(db, limit, now_iso):
+    """Start a limit's current period now (its history stays): returns the row written.
+
+    A rolling window's periods are counted from now on; a calendar window's
+    current period starts now, and the next one at its usual time.
+    """
+    limit = dict(limit)
+    limit["starts_at" if rolling_seconds(limit["window"]) else "reset_at"] = now_iso
+    update_limit(db, limit)
+    return limit
 
 
 class CallSlots:
@@ -3490,6 +3791,9 @@ PROJECT_FIELDS = {
     # keeps_to has no integers; validate_project checks it is a whole number.
     "max_keys_per_user": Field({"type": "integer", "minimum": 0, "nullable": True},
                                "must be a whole number >= 0, or null for no cap"),
+    "plans_allowed": Field({"type": "array", "nullable": True, "items": {
+        "type": "string", "pattern": PROJECT_ID.pattern}, "description": "plans a project"
+        " key may name per call with X-LLimit-Plan"}, "must be a list of plan ids"),
     # Checked by budget_limits, which makes limits of it; the spec shows its shape.
     "budget": Field({"nullable": True, "description": 'e.g. {"usd": 10, "window": "day"}'},
                     'must look like {"usd": 10, "window": "day"}'),
@@ -3511,11 +3815,13 @@ def validate_project(data, current=None, env_pattern=Config().upstream_env_patte
     project = dict(current) if current else {
         "upstream_kind": "openai", "upstream_url": None, "upstream_key": None,
         "api_version": None, "allow_user_keys": 1, "allow_async": 0, "limit_message": None,
-        "model_map": None, "max_keys_per_user": None}
+        "model_map": None, "max_keys_per_user": None, "plans_allowed": None}
     if current and "id" in data and data["id"] != current["id"]:
         raise _field_error("id", "cannot change")
     if isinstance(project.get("model_map"), str):
         project["model_map"] = json.loads(project["model_map"])  # as stored; input: an object
+    if isinstance(project.get("plans_allowed"), str):
+        project["plans_allowed"] = json.loads(project["plans_allowed"])
     project.update({k: v for k, v in data.items() if k in PROJECT_COLUMNS})
     if project.get("id") is None:
         raise _field_error("id", PROJECT_FIELDS["id"].problem)
@@ -3543,6 +3849,10 @@ def validate_project(data, current=None, env_pattern=Config().upstream_env_patte
     project["allow_async"] = int(bool(project["allow_async"]))
     if project["model_map"] is not None:
         project["model_map"] = json.dumps(project["model_map"], sort_keys=True)
+    if project.get("plans_allowed"):
+        project["plans_allowed"] = json.dumps(sorted(set(project["plans_allowed"])))
+    else:
+        project["plans_allowed"] = None  # an empty list allows none, as null does
     cap = project.get("max_keys_per_user")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
         raise _field_error("max_keys_per_user", "must be a whole number >= 0, or null for no cap")
@@ -3658,6 +3968,7 @@ def project_to_json(project, config=None):
         "limit_message": project["limit_message"],
         "model_map": json.loads(project["model_map"]) if project["model_map"] else None,
         "max_keys_per_user": project["max_keys_per_user"],
+        "plans_allowed": json.loads(project["plans_allowed"] or "[]"),
         "created_at": project["created_at"],
     }
 
