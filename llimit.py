@@ -163,6 +163,17 @@ def _csv_list(value):
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
+def _plan_groups(value):
+    # "group=plan,group=plan" -> ((group, plan), ...), in the order given.
+    pairs = []
+    for item in _csv_list(value):
+        group, equals, plan = item.partition("=")
+        if not equals or not group.strip() or not plan.strip():
+            raise ValueError(item)
+        pairs.append((group.strip(), plan.strip()))
+    return tuple(pairs)
+
+
 def _bool(value):
     return value.strip().lower() in ("1", "true", "yes", "on")
 
@@ -239,6 +250,13 @@ SETTINGS = [
      "calls one user may have under way at once, over all their keys (429 above)"),
     ("max_connections", "LLIMIT_MAX_CONNECTIONS", None, 1000, int,
      "open client connections; past it the longest idle one is closed"),
+    ("default_plan", "LLIMIT_DEFAULT_PLAN", None, None, str,
+     "plan of every named user an admin or a sign-in has not put on another"),
+    ("plan_claim", "LLIMIT_PLAN_CLAIM", None, None, str,
+     "OIDC claim (--auth oidc) or header (--auth header) holding the user's groups"),
+    ("plan_groups", "LLIMIT_PLAN_GROUPS", None, (), _plan_groups,
+     "group=plan pairs, e.g. research=research-plan,interns=intern-plan; at each sign-in"
+     " the first pair whose group the user is in sets their plan"),
     ("log_format", "LLIMIT_LOG_FORMAT", None, "text", str, "text or json"),
     ("log_level", "LLIMIT_LOG_LEVEL", None, "INFO", str, "logging level"),
 ]
@@ -1210,7 +1228,8 @@ def list_stored_user_names(db):
     names = set()
     for sql in ("select distinct user_name from api_keys where user_name is not null",
                 "select distinct target from limits where scope = 'user'",
-                "select distinct user_name from sessions where user_name is not null"):
+                "select distinct user_name from sessions where user_name is not null",
+                "select user_name from user_plans"):
         names.update(row[0] for row in db.execute(sql))
     for subject in _user_subjects(db):
         names.add(parse_subject(subject)[1][-1])
@@ -1255,6 +1274,11 @@ def rename_users(db, renames):
         " completion_tokens = completion_tokens + excluded.completion_tokens,"
         " cost_nusd = cost_nusd + excluded.cost_nusd, unpriced = unpriced + excluded.unpriced")
     db.execute("delete from usage_daily where user_name in (select old from user_renames)")
+    # A plan the new name has already wins over the old name's.
+    db.execute("insert into user_plans select r.new, p.plan_id, p.source, p.updated_at"
+               " from user_plans p join user_renames r on r.old = p.user_name where true"
+               " on conflict (user_name) do nothing")
+    db.execute("delete from user_plans where user_name in (select old from user_renames)")
     subject_renames = []
     for subject in _user_subjects(db):
         kind, names = parse_subject(subject)
@@ -2627,7 +2651,8 @@ class Limits:
         self._load(db, version)
         if not user_name:
             return None
-        return self._user_plans.get(user_name) or default_plan
+        own = self._user_plans.get(user_name)
+        return own if own in self._plan_ids else default_plan
 
     def plan_exists(self, db, version, plan_id):
         """Whether a plan of this id exists (from memory, like for_call)."""
@@ -2950,7 +2975,7 @@ def warning_text(limit, amount, used, end):
     allowance = "budget" if metric == "usd" else "allowance"
     period = f"{_window_adjective(window)} {allowance}" if window in WINDOWS \
         else f"{allowance} per {window_in_words(window)}"
-    shown = max(reached) if reached and percent < 100 else math.floor(percent)
+    shown = math.floor(percent)  # what is used, not the threshold: "73%" past 50
     decimals = usd_decimals(amount / NANO) if metric == "usd" else None
     return (f"You have used {shown:g}% of {owner} {period} of"
             f" {format_amount(metric, amount, decimals)}; {_resets_on(end)}.")
@@ -3153,6 +3178,79 @@ def reset_limit(db, limit, now_iso):
     limit["starts_at" if rolling_seconds(limit["window"]) else "reset_at"] = now_iso
     update_limit(db, limit)
     return limit
+
+
+PLAN_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+PLAN_FIELDS = {
+    "id": Field({"type": "string", "pattern": PLAN_ID},
+                "must be 1-64 letters, digits, '_', '.' or '-'"),
+    "name": Field({"type": "string", "maxLength": 200, "pattern": r"^[^\r\n]*$"},
+                  "must be a single-line string"),
+    "limits": Field({"type": "array", "items": {"type": "object"}},
+                    "must be a list of limits (metric, window, amount, ...)"),
+}
+
+
+def create_plan(db, data, now_iso):
+    """Add a plan and its limits from input; 409 if the id is taken. Returns its id."""
+    check_input(data, PLAN_FIELDS, "plan")
+    if data.get("id") is None:
+        raise _field_error("id", PLAN_FIELDS["id"].problem)
+    plan_id = data["id"]
+    limits = [validate_plan_limit(item, plan_id) for item in data.get("limits", [])]
+    with transaction(db):
+        if get_plan(db, plan_id) is not None:
+            raise LlimitError(409, "invalid_request_error", f"A plan {plan_id!r} exists already.",
+                              code="plan_exists")
+        insert_plan(db, {"id": plan_id, "name": data.get("name") or plan_id,
+                         "created_at": now_iso})
+        for limit in limits:
+            add_limit(db, limit, now_iso)
+    return plan_id
+
+
+def change_plan(db, plan_id, data, now_iso):
+    """Rename a plan and/or replace its limits; 404 if there is none.
+
+    `limits` replaces the whole set: an item naming the `id` of one of the
+    plan's limits changes that limit (its period and history stay), an item
+    without one adds a limit, and a limit not named is deleted.
+    """
+    check_input(data, PLAN_FIELDS, "plan")
+    if "id" in data and data["id"] != plan_id:
+        raise _field_error("id", "cannot change")
+    with transaction(db):
+        _must_exist(get_plan(db, plan_id), "plan", plan_id)
+        if data.get("name"):
+            rename_plan(db, plan_id, data["name"])
+        if "limits" not in data:
+            return
+        current = {row["id"]: dict(row) for row in list_limits(db)
+                   if row["scope"] == "plan" and row["target"] == plan_id}
+        kept = set()
+        for item in data["limits"]:
+            if isinstance(item, dict) and item.get("id") is not None:
+                if item["id"] not in current:
+                    raise _field_error("limits", f"names {item['id']!r}, not a limit of this plan")
+                update_limit(db, validate_plan_limit(item, plan_id, current[item["id"]]))
+                kept.add(item["id"])
+            else:
+                add_limit(db, validate_plan_limit(item, plan_id), now_iso)
+        for limit_id in current.keys() - kept:
+            delete_limit(db, limit_id)
+
+
+def plan_to_json(db, plan, now):
+    """A plan with its limits as the admin API shows a limit, less `used` and
+    `remaining`: each member has their own (GET /admin/users/<user> shows them)."""
+    shown = []
+    for row in list_limits(db):
+        if row["scope"] == "plan" and row["target"] == plan["id"]:
+            limit = limit_to_json(row, 0, limit_period(row, now)[1])
+            del limit["used"], limit["remaining"]
+            shown.append(limit)
+    return {"id": plan["id"], "name": plan["name"], "created_at": plan["created_at"],
+            "limits": shown}
 
 
 class CallSlots:
@@ -3982,6 +4080,8 @@ def project_to_json(project, config=None):
 # =============================================================================
 
 END_USER_HEADER = "X-LLimit-User"
+PLAN_HEADER = "X-LLimit-Plan"  # a project key names its end user's plan per call
+PLAN_HEADER_ENVIRON = "HTTP_X_LLIMIT_PLAN"
 AUTH_FAILURES_PER_MINUTE = 20   # wrong keys or admin tokens from one address, then 429
 AUTH_THROTTLE_ENTRIES = 10000   # addresses and known-good secrets remembered, each
 
@@ -4127,6 +4227,28 @@ def end_user(environ, payload, user_headers, domains):
     return None
 
 
+def call_plan(state, db, key, environ, user_name):
+    """The plan a call is under, or None: a project key's X-LLimit-Plan, else the
+    user's own plan, else LLIMIT_DEFAULT_PLAN (for a call that names a user).
+
+    A project key may name only a plan its project lists in plans_allowed
+    (else 403 plan_not_allowed); a personal key's header is ignored, as its
+    X-LLimit-User is: its holder cannot pick a larger plan.
+    """
+    version = key["config_version"]
+    asked = environ.get(PLAN_HEADER_ENVIRON)
+    if asked is not None and key["user_name"] is None:
+        asked = _header_text(asked).strip()
+        if asked not in json.loads(key["plans_allowed"] or "[]") \
+                or not state.limits.plan_exists(db, version, asked):
+            raise LlimitError(403, "permission_denied",
+                              f"This key's project may not name the plan {asked[:64]!r}"
+                              f" ({PLAN_HEADER}); an admin lists the plans it may name in the"
+                              " project's plans_allowed.", code="plan_not_allowed")
+        return asked
+    return state.limits.plan_of(db, version, user_name, state.config.default_plan)
+
+
 def _header_text(value):
     # WSGI hands header bytes over as latin-1; clients send names (e.g. e-mails) in UTF-8.
     try:
@@ -4252,6 +4374,10 @@ def page_session(state):
         user_name = header_user(config, bottle.request.environ)
         if user_name and user_name != session.user_name:
             session = sign_in(state, session, user_name)
+            if config.plan_claim:
+                groups = bottle.request.environ.get(
+                    "HTTP_" + config.plan_claim.upper().replace("-", "_"), "")
+                refresh_plan(state, user_name, _header_text(groups).split(","))
         elif user_name is None and session.user_name:
             session = _session_view(config, row, None)  # the proxy vouches for no one now
     return session
@@ -4362,6 +4488,41 @@ def checked_form(state, session):
 def _own_origins(config):
     parts = bottle.request.urlparts
     return {f"{parts.scheme}://{parts.netloc}", _origin(config.base_url)}
+
+
+def plan_from_groups(plan_groups, groups):
+    """The plan LLIMIT_PLAN_GROUPS gives a member of `groups` (the first pair that
+    matches, in the order written), or None."""
+    member_of = {str(group).strip() for group in groups}
+    return next((plan for group, plan in plan_groups if group in member_of), None)
+
+
+def refresh_plan(state, user_name, groups):
+    """At sign-in: put the user on the plan their groups map to (LLIMIT_PLAN_GROUPS).
+
+    A matching group wins over an earlier assignment, an admin's too; with
+    none, a plan an earlier sign-in gave is taken away and an admin's stays.
+    Writes only when something changes, so config_version moves only then.
+    """
+    plan_id = plan_from_groups(state.config.plan_groups, groups)
+    db = state.database()
+    with transaction(db):
+        row = get_user_plan(db, user_name)
+        if plan_id is not None and get_plan(db, plan_id) is None:
+            log.warning("LLIMIT_PLAN_GROUPS names the plan %s, which does not exist", plan_id)
+            return
+        if plan_id is None:
+            if row is not None and row["source"] == "sign-in":
+                delete_user_plan(db, user_name, "sign-in")
+        elif row is None or row["plan_id"] != plan_id or row["source"] != "sign-in":
+            set_user_plan(db, user_name, plan_id, "sign-in", utc_iso(state.config.clock()))
+
+
+def _claim_groups(value):
+    # A groups claim is a list of names, or one string of them (comma or space separated).
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, (str, int))]
+    return re.split(r"[,\s]+", value) if isinstance(value, str) else []
 
 
 def header_user(config, environ):
@@ -4624,6 +4785,7 @@ class Call:
     route: object = None            # the RouteMatch the call falls under
     owner: str = ""                 # whose objects the caller may see (owner_of)
     owned_row: object = None        # the owned_objects row of the object the path names
+    plan_id: str | None = None      # the plan whose limits apply to its user (call_plan)
 
 
 # --- route policy ---------------------------------------------------------------
@@ -4885,7 +5047,7 @@ def _proxy(state, path, deployment=None, azure_v1=False):
             else:
                 call.admission = state.limits.admit(
                     db, call, state.limits.for_call(db, key["config_version"], call.project_id,
-                                                    call.user_name, call.key_id),
+                                                    call.user_name, call.key_id, call.plan_id),
                     state.writer.healthy)
         except LlimitError:
             state.slots.give_back(call.key_id, call.user_name)
@@ -4992,7 +5154,8 @@ def _new_call(state, key, environ, payload, body, path, model, started):
     return Call(request_id=secrets.token_hex(6), started=started, endpoint=path[:100],
                 key=key, project_id=key["project_id"], user_name=user_name, key_id=key["id"],
                 limit_message=key["limit_message"], model=model, worst=worst,
-                method=environ["REQUEST_METHOD"], path=logged_path(environ))
+                method=environ["REQUEST_METHOD"], path=logged_path(environ),
+                plan_id=call_plan(state, state.database(), key, environ, user_name))
 
 
 def logged_path(environ):
@@ -6501,6 +6664,8 @@ def page_login_callback(state, session):
                                config.clock())
     user_name = user_from_claims(claims, config.oidc_allowed_domains, state.user_domains)
     sign_in(state, session, user_name)
+    if config.plan_claim:
+        refresh_plan(state, user_name, _claim_groups(claims.get(config.plan_claim)))
     log.info("page sign-in: %s by OpenID Connect", user_name)
     bottle.redirect(safe_next(pending.get("next")), 303)
 
@@ -6724,10 +6889,12 @@ def page_usage(state, session):
 
 def _user_limits(state, db, user_name, keys):
     # A user's calls go through their keys; a limit reached through two keys is one row.
+    # Their plan's limits show even before they have a key.
+    plan_id = state.limits.plan_of(db, config_version(db), user_name, state.config.default_plan)
     seen, rows = set(), []
-    for key in keys:
-        for subject, status in state.limits.statuses_for_call(db, key["project_id"], user_name,
-                                                     key["id"]):
+    for key in keys or [None]:
+        for subject, status in state.limits.statuses_for_call(
+                db, key and key["project_id"], user_name, key and key["id"], plan_id):
             if (status["id"], subject) not in seen:
                 seen.add((status["id"], subject))
                 rows.append(_limit_row(status, _whose(subject, key)))
@@ -6736,7 +6903,7 @@ def _user_limits(state, db, user_name, keys):
 
 def _whose(subject, key):
     # A key's own total is named as /keys lists the key: masked, not by id.
-    return f"key {key['masked_key']}" if parse_subject(subject)[0] == "key" \
+    return f"key {key['masked_key']}" if key and parse_subject(subject)[0] == "key" \
         else describe_subject(subject)
 
 
@@ -7349,9 +7516,10 @@ def admin_project_delete(state, project_id):
 
 
 def admin_limits_list(state):
-    """GET /admin/limits"""
+    """GET /admin/limits (a plan's limits are listed with the plan)"""
     db = state.database()
-    return {"data": [state.limits.status(db, row) for row in list_limits(db)]}
+    return {"data": [state.limits.status(db, row) for row in list_limits(db)
+                     if row["scope"] != "plan"]}
 
 
 def admin_limits_create(state):
@@ -7375,6 +7543,7 @@ def admin_limit_update(state, limit_id):
     db = state.database()
     with transaction(db):
         current = dict(_must_exist(get_limit(db, limit_id), "limit", limit_id))
+        _not_in_plan(current)
         update_limit(db, validate_limit(data, current, state.user_domains))
     return admin_limit_get(state, limit_id)
 
@@ -7383,9 +7552,104 @@ def admin_limit_delete(state, limit_id):
     """DELETE /admin/limits/<id>"""
     db = state.database()
     with transaction(db):
-        _must_exist(get_limit(db, limit_id), "limit", limit_id)
+        _not_in_plan(_must_exist(get_limit(db, limit_id), "limit", limit_id))
         delete_limit(db, limit_id)
     return {"id": limit_id, "deleted": True}
+
+
+def _not_in_plan(limit):
+    if limit["scope"] == "plan":
+        raise LlimitError(400, "invalid_request_error",
+                          f"The limit {limit['id']} belongs to the plan {limit['target']};"
+                          f" change it with PATCH /admin/plans/{limit['target']}.",
+                          code="limit_in_plan")
+
+
+def admin_limit_reset(state, limit_id):
+    """POST /admin/limits/<id>/reset: its current period starts now; history stays."""
+    db = state.database()
+    with transaction(db):
+        reset_limit(db, _must_exist(get_limit(db, limit_id), "limit", limit_id),
+                    utc_iso(state.config.clock()))
+    return admin_limit_get(state, limit_id)
+
+
+def admin_plans_list(state):
+    """GET /admin/plans"""
+    db = state.database()
+    now = state.config.clock()
+    return {"data": [plan_to_json(db, plan, now) for plan in list_plans(db)]}
+
+
+def admin_plans_create(state):
+    """POST /admin/plans"""
+    plan_id = create_plan(state.database(), _json_input(), utc_iso(state.config.clock()))
+    return _created(admin_plan_get(state, plan_id))
+
+
+def admin_plan_get(state, plan_id):
+    """GET /admin/plans/<id>"""
+    db = state.database()
+    return plan_to_json(db, _must_exist(get_plan(db, plan_id), "plan", plan_id),
+                        state.config.clock())
+
+
+def admin_plan_update(state, plan_id):
+    """PATCH /admin/plans/<id>: takes effect on the next call."""
+    change_plan(state.database(), plan_id, _json_input(), utc_iso(state.config.clock()))
+    return admin_plan_get(state, plan_id)
+
+
+def admin_plan_delete(state, plan_id):
+    """DELETE /admin/plans/<id>: its members fall back to the default plan."""
+    db = state.database()
+    with transaction(db):
+        _must_exist(get_plan(db, plan_id), "plan", plan_id)
+        delete_plan(db, plan_id)
+    return {"id": plan_id, "deleted": True}
+
+
+USER_FIELDS = {"plan": Field({"type": "string", "nullable": True, "pattern": PLAN_ID},
+                             "must be a plan id, or null for the default plan")}
+
+
+def admin_user_get(state, user_name):
+    """GET /admin/users/<user>: the user's plan and its limits, with their own use."""
+    db = state.database()
+    user_name = _user_name_input(state, user_name)
+    row = get_user_plan(db, user_name)
+    plan_id = state.limits.plan_of(db, config_version(db), user_name, state.config.default_plan)
+    subject = subject_of("user", user_name)
+    limits = []
+    for limit in state.limits.for_call(db, config_version(db), None, user_name, None, plan_id):
+        if limit["scope"] == "plan":
+            used, end = state.limits.used(db, limit, subject)
+            limits.append(limit_to_json(limit, used, end))
+    return {"user": user_name, "plan": plan_id,
+            "plan_source": row["source"] if row else "default" if plan_id else None,
+            "limits": limits}
+
+
+def admin_user_put(state, user_name):
+    """PUT /admin/users/<user> {"plan": id or null}: put a user on a plan (null: the default)."""
+    data = _json_input()
+    check_input(data, USER_FIELDS, "user")
+    user_name = _user_name_input(state, user_name)
+    db = state.database()
+    with transaction(db):
+        if data.get("plan") is None:
+            delete_user_plan(db, user_name)
+        else:
+            _must_exist(get_plan(db, data["plan"]), "plan", data["plan"])
+            set_user_plan(db, user_name, data["plan"], "admin", utc_iso(state.config.clock()))
+    return admin_user_get(state, user_name)
+
+
+def _user_name_input(state, raw):
+    user_name = canonical_user_name(raw, state.user_domains)
+    if not user_name:
+        raise _field_error("user", "must be a user name")
+    return user_name
 
 
 def admin_usage(state):
@@ -7465,14 +7729,16 @@ def llimit_me(state):
     key = authenticate_call(state, environ)
     user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers,
                                              state.user_domains)
+    plan_id = call_plan(state, db, key, environ, user_name)
     limits = [status for _, status in
-              state.limits.statuses_for_call(db, key["project_id"], user_name, key["id"])]
+              state.limits.statuses_for_call(db, key["project_id"], user_name, key["id"],
+                                             plan_id)]
     # Spend is the user's (every key), or this key's for a project key naming no one.
     subject = subject_of("user", user_name) if user_name else subject_of("key", key["id"])
     now = state.config.clock()
     today, month_start = _day(now), _day(window_bounds("month", now)[0])
     return {"user": user_name, "project": key["project_id"], "key": key["masked_key"],
-            "key_id": key["id"], "limits": limits,
+            "key_id": key["id"], "plan": plan_id, "limits": limits,
             "spend": {"today_usd": nusd_to_usd(get_counter(db, subject, today, today).cost_nusd),
                       "month_usd": nusd_to_usd(
                           get_counter(db, subject, month_start, today).cost_nusd)}}
@@ -7997,6 +8263,14 @@ def routes():
         ("GET", "/admin/limits/<limit_id>", admin(admin_limit_get)),
         ("PATCH", "/admin/limits/<limit_id>", admin(admin_limit_update)),
         ("DELETE", "/admin/limits/<limit_id>", admin(admin_limit_delete)),
+        ("POST", "/admin/limits/<limit_id>/reset", admin(admin_limit_reset)),
+        ("GET", "/admin/plans", admin(admin_plans_list)),
+        ("POST", "/admin/plans", admin(admin_plans_create)),
+        ("GET", "/admin/plans/<plan_id>", admin(admin_plan_get)),
+        ("PATCH", "/admin/plans/<plan_id>", admin(admin_plan_update)),
+        ("DELETE", "/admin/plans/<plan_id>", admin(admin_plan_delete)),
+        ("GET", "/admin/users/<user_name>", admin(admin_user_get)),
+        ("PUT", "/admin/users/<user_name>", admin(admin_user_put)),
         ("GET", "/admin/usage", admin(admin_usage)),
         ("GET", "/admin/usage.csv", admin(admin_usage_csv)),
         ("GET", "/admin/pricing", admin(admin_pricing_list)),
