@@ -3229,7 +3229,8 @@ def change_plan(db, plan_id, data, now_iso):
                    if row["scope"] == "plan" and row["target"] == plan_id}
         kept = set()
         for item in data["limits"]:
-            if isinstance(item, dict) and item.get("id") is not None:
+            check_input(item, PLAN_LIMIT_FIELDS, "plan limit")
+            if item.get("id") is not None:
                 if item["id"] not in current:
                     raise _field_error("limits", f"names {item['id']!r}, not a limit of this plan")
                 update_limit(db, validate_plan_limit(item, plan_id, current[item["id"]]))
@@ -7634,6 +7635,8 @@ def admin_user_put(state, user_name):
     """PUT /admin/users/<user> {"plan": id or null}: put a user on a plan (null: the default)."""
     data = _json_input()
     check_input(data, USER_FIELDS, "user")
+    if "plan" not in data:
+        raise _field_error("plan", "is required: a plan id, or null for the default plan")
     user_name = _user_name_input(state, user_name)
     db = state.database()
     with transaction(db):
@@ -7774,6 +7777,22 @@ def _openapi_spec():
     limit_input = {"oneOf": [limit_of_scope("global", ["user", "key"]),
                              limit_of_scope("project", ["user", "key"]),
                              limit_of_scope("user", ["key"]), limit_of_scope("key", [])]}
+    plan_limit_fields = schemas(PLAN_LIMIT_FIELDS)
+    new_plan_limit = {"type": "object", "additionalProperties": False,
+                      "required": ["metric", "window", "amount"],
+                      "properties": {k: v for k, v in plan_limit_fields.items() if k != "id"}}
+    # In a PATCH, an item with the id of one of the plan's limits changes it.
+    kept_plan_limit = {"type": "object", "additionalProperties": False, "required": ["id"],
+                       "properties": plan_limit_fields}
+    plan_fields = schemas(PLAN_FIELDS)
+    plan_patch = {"type": "object", "additionalProperties": False, "properties": {
+        **plan_fields, "limits": {"type": "array", "items": {
+            "oneOf": [new_plan_limit, kept_plan_limit]}}}}
+    plan_input = {"type": "object", "additionalProperties": False, "required": ["id"],
+                  "properties": {**plan_fields, "limits": {"type": "array",
+                                                           "items": new_plan_limit}}}
+    user_input = {"type": "object", "additionalProperties": False, "required": ["plan"],
+                  "properties": schemas(USER_FIELDS)}
 
     def budget_of(metric):
         return {"type": "object", "additionalProperties": False, "required": [metric],
@@ -7839,20 +7858,32 @@ def _openapi_spec():
         note=nullable_string, models={**models, "items": string}, created_at=string,
         expires_at=nullable_string, revoked_at=nullable_string, last_used_at=nullable_string,
         active={"type": "boolean"}, requests=integer, cost_usd=number, key=string)
-    limit_out = record(
+    plan_limit_out = record(
         ("id", "scope", "target", "each", "metric", "window", "amount", "action", "alert_at",
-         "note", "used", "remaining", "resets_at"),
-        id=string, scope=limit_fields["scope"], target=nullable_string,
+         "note", "starts_at", "reset_at", "resets_at"),
+        id=string, scope={"type": "string", "enum": [*SCOPES, "plan"]}, target=nullable_string,
         each=limit_fields["each"], metric=limit_fields["metric"],
         window=limit_fields["window"], amount=number,
         action=limit_fields["action"], alert_at={"type": "array", "nullable": True,
                                                  "items": number},
-        note=nullable_string, used=number, remaining=number, resets_at=nullable_string)
+        note=nullable_string, starts_at=nullable_string, reset_at=nullable_string,
+        resets_at=nullable_string)
+    limit_out = {**plan_limit_out, "required": [*plan_limit_out["required"], "used",
+                                                "remaining"],
+                 "properties": {**plan_limit_out["properties"], "used": number,
+                                "remaining": number}}
+    plan_out = record(("id", "name", "created_at", "limits"), id=string, name=string,
+                      created_at=string, limits={"type": "array", "items": plan_limit_out})
+    user_out = record(("user", "plan", "plan_source", "limits"), user=string,
+                      plan=nullable_string, plan_source={
+                          "type": "string", "nullable": True,
+                          "enum": ["admin", "sign-in", "default", None]},
+                      limits={"type": "array", "items": ref("Limit")})
     project_out = record(
         ("id", "name", "upstream_kind", "upstream_url", "upstream_url_in_force",
          "upstream_key_set", "upstream_key_source", "api_version", "allow_user_keys",
          "allow_async",
-         "limit_message", "model_map", "max_keys_per_user", "created_at"),
+         "limit_message", "model_map", "max_keys_per_user", "plans_allowed", "created_at"),
         id=string, name=string, upstream_kind=project_fields["upstream_kind"],
         upstream_url=nullable_string, upstream_url_in_force=string,
         upstream_key_set={"type": "boolean"},
@@ -7861,6 +7892,7 @@ def _openapi_spec():
         limit_message=nullable_string,
         model_map={"type": "object", "nullable": True, "additionalProperties": string},
         max_keys_per_user={"type": "integer", "nullable": True},
+        plans_allowed={"type": "array", "items": string},
         created_at=string, limits={"type": "array", "items": ref("Limit")})
     deleted = record(("id", "deleted"), id=string, deleted={"type": "boolean"})
     figures = {name: integer for name in ("requests", "prompt_tokens", "cached_tokens",
@@ -7899,13 +7931,17 @@ def _openapi_spec():
     date = {"type": "string", "oneOf": [{"format": "date"}, {"maxLength": 0}],
             "description": "a UTC date; empty or absent: the default"}
     dates = (query("start", date), query("end", date))
-    key_id, project_id, limit_id = (path_param("id"),) * 3
+    key_id, project_id, limit_id, plan_id = (path_param("id"),) * 4
+    # A user name the Identity rule leaves something of.
+    user_param = {**path_param("user"), "schema": {
+        "type": "string", "pattern": r"[\s\S]*[^\s\x00-\x1f\x7f-\x9f][\s\S]*"}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "llimit admin API", "version": __version__},
         "components": {
             "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
             "schemas": {"Key": key_out, "Project": project_out, "Limit": limit_out,
+                        "Plan": plan_out, "User": user_out,
                         "Error": {"type": "object", "required": ["error"], "properties": {
                 "error": {"type": "object", "required": ["message", "type"], "properties": {
                     "message": string, "type": string, "code": nullable_string,
@@ -7939,6 +7975,23 @@ def _openapi_spec():
                 "get": op("Get a limit", ref("Limit"), params=(limit_id,)),
                 "patch": op("Change a limit", ref("Limit"), limit_patch, params=(limit_id,)),
                 "delete": op("Delete a limit", deleted, params=(limit_id,))},
+            "/admin/limits/{id}/reset": {"post": op(
+                "Start the limit's current period now (history stays)", ref("Limit"),
+                params=(limit_id,))},
+            "/admin/plans": {
+                "get": op("List plans", data_of("Plan")),
+                "post": op("Create a plan", ref("Plan"), plan_input, status="201",
+                           also=("409",))},
+            "/admin/plans/{id}": {
+                "get": op("Get a plan", ref("Plan"), params=(plan_id,)),
+                "patch": op("Rename a plan or replace its limits", ref("Plan"), plan_patch,
+                            params=(plan_id,)),
+                "delete": op("Delete a plan (its members fall back to the default)", deleted,
+                             params=(plan_id,))},
+            "/admin/users/{user}": {
+                "get": op("A user's plan and its limits", ref("User"), params=(user_param,)),
+                "put": op("Put a user on a plan (null: the default plan)", ref("User"),
+                          user_input, params=(user_param,))},
             "/admin/usage": {"get": op("Usage and cost per group", usage_out, params=(
                 *dates, query("user"),
                 query("group_by", {"type": "string", "enum": [*USAGE_GROUP_COLUMNS, ""],
