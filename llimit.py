@@ -8759,6 +8759,48 @@ def cli_limits(config, args):
     return 0
 
 
+def cli_plans(config, args):
+    """plans list|create|delete|assign"""
+    db = open_admin_database(config, reading=args.action == "list")
+    now = config.clock()
+    if args.action == "create":
+        limits = []
+        for text in args.limit:
+            metric, colon, rest = text.partition(":")
+            amount, slash, window = rest.partition("/")
+            try:
+                limits.append({"metric": metric, "amount": float(amount), "window": window})
+            except ValueError:
+                colon = ""
+            if not colon or not slash:
+                raise SystemExit(f"llimit: --limit {text!r}: expected METRIC:AMOUNT/WINDOW,"
+                                 " e.g. usd:20/month")
+        data = {"id": args.id, "limits": limits, **({"name": args.name} if args.name else {})}
+        plan_id = create_plan(db, data, utc_iso(now))
+        print(f"created plan {plan_id}")
+    elif args.action == "delete":
+        with transaction(db):
+            found = delete_plan(db, args.id)
+        print(f"deleted {args.id}" if found else f"no plan {args.id}")
+        return 0 if found else 1
+    elif args.action == "assign":
+        user_name = canonical_user_name(args.user, user_domains(config))
+        with transaction(db):
+            if args.id == "none":
+                delete_user_plan(db, user_name)
+            elif get_plan(db, args.id) is None:
+                raise SystemExit(f"llimit: no plan {args.id}")
+            else:
+                set_user_plan(db, user_name, args.id, "admin", utc_iso(now))
+        print(f"{user_name}: plan {args.id}")
+    else:
+        _print_table([{**plan, "limits": "; ".join(limit_in_words(limit) + (
+            " (warn)" if limit["action"] == "warn" else "") for limit in plan["limits"])}
+            for plan in (plan_to_json(db, row, now) for row in list_plans(db))],
+            ("id", "name", "limits"))
+    return 0
+
+
 def cli_usage(config, args):
     """usage --group-by user|key|project|model|day"""
     db = open_admin_database(config, reading=True)
@@ -8865,14 +8907,30 @@ def build_parser():
     create.add_argument("--each", choices=("user", "key"),
                         help="apply the amount to each user or key of the target")
     create.add_argument("--metric", required=True, choices=LIMIT_METRICS, help="what it counts")
-    create.add_argument("--window", required=True, choices=WINDOWS,
-                        help="UTC window it resets with (total: never)")
+    create.add_argument("--window", required=True, metavar="WINDOW",
+                        help="UTC window it resets with: minute, day, week, month, total"
+                        " (never), or rolling periods such as 24h, 7d, 30d")
     create.add_argument("--amount", required=True, type=float, help="USD, tokens or requests")
     create.add_argument("--action", dest="limit_action", choices=ACTIONS, default="block",
                         help="block calls past it (default) or only warn")
     create.add_argument("--alert-at", help="comma-separated percentages, e.g. 80,90")
     delete = command(limit_actions, "delete", admin, help="delete a limit")
     delete.add_argument("id", help="the limit's id (lim_...)")
+
+    plans = command(commands, "plans", admin, help="list, create, delete plans; assign users")
+    plan_actions = plans.add_subparsers(dest="action", required=True, metavar="ACTION")
+    command(plan_actions, "list", admin, help="list plans and their limits")
+    create = command(plan_actions, "create", admin, help="create a plan")
+    create.add_argument("id", help="the plan's id, e.g. research")
+    create.add_argument("--name", help="its name as people read it")
+    create.add_argument("--limit", action="append", default=[], metavar="METRIC:AMOUNT/WINDOW",
+                        help="a limit for each member, e.g. usd:20/month, requests:60/minute,"
+                        " tokens:20000/24h (repeat for more)")
+    delete = command(plan_actions, "delete", admin, help="delete a plan")
+    delete.add_argument("id", help="the plan's id")
+    assign = command(plan_actions, "assign", admin, help="put a user on a plan")
+    assign.add_argument("user", help="the user's name")
+    assign.add_argument("id", help="the plan's id, or 'none' for the default plan")
 
     usage = command(commands, "usage", admin, help="usage and cost per group")
     usage.add_argument("--group-by", default="user", choices=tuple(USAGE_GROUP_COLUMNS),
@@ -8888,7 +8946,7 @@ def build_parser():
     return parser
 
 
-COMMANDS = {"keys": cli_keys, "projects": cli_projects, "limits": cli_limits,
+COMMANDS = {"keys": cli_keys, "projects": cli_projects, "limits": cli_limits, "plans": cli_plans,
             "usage": cli_usage, "pricing": cli_pricing}
 
 
