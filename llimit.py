@@ -2399,6 +2399,7 @@ WINDOWS = ("minute", "day", "week", "month", "total")
 # periods of that length counted from the limit's starts_at.
 ROLLING_WINDOW = re.compile(r"([1-9][0-9]{0,3})([hd])")
 WINDOW_PATTERN = "^(minute|day|week|month|total|[1-9][0-9]{0,3}[hd])$"
+ROLLING_EXAMPLES = ("1h", "24h", "7d", "30d")  # offered on /admin beside the calendar windows
 ACTIONS = ("block", "warn")
 NANO = 1_000_000_000
 
@@ -3189,6 +3190,20 @@ PLAN_FIELDS = {
     "limits": Field({"type": "array", "items": {"type": "object"}},
                     "must be a list of limits (metric, window, amount, ...)"),
 }
+
+
+def parse_plan_limit(text):
+    """A plan limit from its short form METRIC:AMOUNT/WINDOW (usd:20/month); 400 if malformed."""
+    metric, colon, rest = text.strip().partition(":")
+    amount, slash, window = rest.partition("/")
+    try:
+        value = float(amount)
+    except ValueError:
+        value = None
+    if not colon or not slash or value is None or not math.isfinite(value):
+        raise _field_error("limits", f"{text.strip()!r} is not METRIC:AMOUNT/WINDOW,"
+                                     " e.g. usd:20/month or requests:60/minute")
+    return {"metric": metric.strip(), "amount": value, "window": window.strip()}
 
 
 def create_plan(db, data, now_iso):
@@ -6085,6 +6100,8 @@ async jobs allowed (batches, background responses; charged when they finish)</la
 value="{{'' if project['max_keys_per_user'] is None else project['max_keys_per_user']}}">
 <label>Message when a limit is reached</label>
 <input name="limit_message" value="{{value('limit_message', project['limit_message'] or '')}}" maxlength="500">
+<label>Plans its project keys may name (X-LLimit-Plan), comma-separated</label>
+<input name="plans_allowed" value="{{value('plans_allowed', ', '.join(project['plans_allowed']))}}">
 <label>Add a budget (USD)</label>
 <div class="row"><input name="budget_usd" inputmode="decimal" size="8" placeholder="e.g. 50"
 value="{{value('budget_usd', '')}}">
@@ -6192,6 +6209,11 @@ ADMIN_LIMITS_PART = """
 <td data-label="Resets" class="small">{{when(limit['resets_at'], "never")}}</td>
 <td data-label=""><form class="inline" method="post" action="/admin">
 {{!csrf_field}}
+<input type="hidden" name="action" value="reset_limit">
+<input type="hidden" name="limit_id" value="{{limit['id']}}">
+<button type="submit" title="start its current period now">Reset</button></form>
+<form class="inline" method="post" action="/admin">
+{{!csrf_field}}
 <input type="hidden" name="action" value="delete_limit">
 <input type="hidden" name="limit_id" value="{{limit['id']}}">
 <button type="submit" class="danger">Delete</button></form></td></tr>
@@ -6282,8 +6304,71 @@ value="{{typed('set_price', 'cache_write')}}"></div>
 </section>
 """
 
+ADMIN_PLANS_PART = """
+<section id="plans"><h2>Plans</h2>
+% if plans:
+<div class="scroll"><table class="stack">
+<tr><th>Plan</th><th>Limits for each member</th><th class="n">Members</th><th></th></tr>
+% for plan in plans:
+<tr><td data-label="Plan"><b>{{plan['id']}}</b><br><span class="muted small">{{plan['name']}}</span>
+% if plan['id'] == default_plan:
+<span class="tag ok">default</span>
+% end
+</td>
+<td data-label="Limits" class="small">
+% for limit in plan['limits']:
+{{limit['text']}}{{" (warn only)" if limit['action'] == 'warn' else ""}}<br>
+% end
+</td>
+<td data-label="Members" class="n">{{plan['members']}}</td>
+<td data-label=""><form class="inline" method="post" action="/admin">
+{{!csrf_field}}
+<input type="hidden" name="action" value="delete_plan">
+<input type="hidden" name="plan_id" value="{{plan['id']}}">
+<button type="submit" class="danger">Delete</button></form></td></tr>
+% end
+</table></div>
+% else:
+<p class="muted">No plans: limits apply one by one.</p>
+% end
+<details{{" open" if error_for("create_plan") else ""}}><summary>New plan</summary>
+{{!error_for("create_plan")}}
+<form method="post" action="/admin">
+{{!csrf_field}}
+<input type="hidden" name="action" value="create_plan">
+<div class="row">
+<div><label for="pl-id">Id</label><input id="pl-id" name="id" required maxlength="64" placeholder="research"
+value="{{typed('create_plan', 'id')}}"></div>
+<div><label for="pl-name">Name</label><input id="pl-name" name="name" maxlength="200"
+value="{{typed('create_plan', 'name')}}"></div>
+</div>
+<label for="pl-limits">Limits for each member, one a line: metric:amount/window</label>
+<textarea id="pl-limits" name="limits" rows="3" cols="40"
+placeholder="usd:20/month&#10;requests:60/minute&#10;tokens:20000/24h">{{typed('create_plan', 'limits')}}</textarea>
+<p><button type="submit">Create plan</button></p>
+</form></details>
+% if plans:
+{{!error_for("assign_plan")}}
+<form method="post" action="/admin" class="row">
+{{!csrf_field}}
+<input type="hidden" name="action" value="assign_plan">
+<div><label for="pl-user">User</label><input id="pl-user" name="user" required maxlength="200"
+value="{{typed('assign_plan', 'user')}}"></div>
+<div><label for="pl-plan">Plan</label><select id="pl-plan" name="plan">
+<option value="">(the default plan)</option>
+% for plan in plans:
+<option{{" selected" if plan['id'] == typed('assign_plan', 'plan') else ""}}>{{plan['id']}}</option>
+% end
+</select></div>
+<button type="submit">Put on plan</button>
+</form>
+% end
+</section>
+"""
+
 ADMIN_PAGE = "".join((ADMIN_SUMMARY_PART, ADMIN_PROJECTS_PART, ADMIN_USERS_PART,
-                      ADMIN_KEYS_PART, ADMIN_LIMITS_PART, ADMIN_PRICES_PART))
+                      ADMIN_KEYS_PART, ADMIN_LIMITS_PART, ADMIN_PLANS_PART,
+                      ADMIN_PRICES_PART))
 
 LOGOUT_PAGE = """<h1>Sign out</h1>
 <section><p>Signed in as <b>{{session.user_name or "admin"}}</b>.</p>
@@ -6470,6 +6555,9 @@ ADMIN_NOTICES = {
     "project_created": "Project created.", "project_saved": "Project saved.",
     "key_revoked": "Key revoked.", "limit_created": "Limit added.",
     "limit_deleted": "Limit deleted.", "price_set": "Price set; it applies from the next call.",
+    "limit_reset": "Limit reset: its current period starts now.",
+    "plan_created": "Plan created.", "plan_deleted": "Plan deleted.",
+    "plan_assigned": "Plan assigned; it applies from the next call.",
 }
 REPORT_CSV_COLUMNS = ("day", "user", "project", "model", "requests", "prompt_tokens",
                       "cached_tokens", "completion_tokens", "cost_usd", "unpriced_requests")
@@ -7163,7 +7251,12 @@ def _render_admin(state, session, notice=None, form=None, form_error=None):
     month_start = _day(window_bounds("month", now)[0])
     today_total = get_counter(db, SUBJECT_ALL, today, today)
     month_total = get_counter(db, SUBJECT_ALL, month_start, today)
-    limit_rows = [_limit_row(state.limits.status(db, row)) for row in list_limits(db)]
+    limit_rows = [_limit_row(state.limits.status(db, row)) for row in list_limits(db)
+                  if row["scope"] != "plan"]
+    members = collections.Counter(row["plan_id"] for row in list_user_plans(db))
+    plans = [{**plan, "members": members[plan["id"]], "limits": [
+        {**limit, "text": limit_in_words(limit)} for limit in plan["limits"]]}
+        for plan in (plan_to_json(db, row, now) for row in list_plans(db))]
     projects = []
     for row in list_projects(db):
         project = project_to_json(row, state.config)
@@ -7198,7 +7291,8 @@ def _render_admin(state, session, notice=None, form=None, form_error=None):
         active_keys=sum(key["active"] for key in keys), projects=projects,
         users=_admin_users(db, keys, month_start, today), keys=keys, limits=limit_rows,
         missing=missing_prices(db, book), prices=prices, upstream_kinds=UPSTREAM_KINDS,
-        budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=LIMIT_METRICS, windows=WINDOWS)
+        budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=LIMIT_METRICS,
+        windows=WINDOWS + ROLLING_EXAMPLES, plans=plans, default_plan=state.config.default_plan)
 
 
 def _admin_users(db, keys, month_start, today):
@@ -7244,6 +7338,9 @@ def _project_form(form):
             for field in ("name", "upstream_url", "api_version", "limit_message")}
     data["allow_user_keys"] = form.get("allow_user_keys") == "1"
     data["allow_async"] = form.get("allow_async") == "1"
+    if "plans_allowed" in form:
+        data["plans_allowed"] = [part.strip() for part in form["plans_allowed"].split(",")
+                                 if part.strip()]
     if "max_keys_per_user" in form:
         cap = form.get("max_keys_per_user", "").strip()
         data["max_keys_per_user"] = int(cap) if cap.isdigit() else (cap or None)
@@ -7308,6 +7405,48 @@ def _admin_delete_limit(state, session, form):
     _admin_done("limit_deleted", "limits")
 
 
+def _admin_reset_limit(state, session, form):
+    db = state.database()
+    limit_id = form.get("limit_id", "")
+    with transaction(db):
+        reset_limit(db, _must_exist(get_limit(db, limit_id), "limit", limit_id),
+                    utc_iso(state.config.clock()))
+    _admin_done("limit_reset", "limits")
+
+
+def _admin_create_plan(state, session, form):
+    data = {"id": form.get("id", "").strip(), "limits": [
+        parse_plan_limit(line) for line in form.get("limits", "").splitlines() if line.strip()]}
+    if form.get("name", "").strip():
+        data["name"] = form["name"].strip()
+    create_plan(state.database(), data, utc_iso(state.config.clock()))
+    _admin_done("plan_created", "plans")
+
+
+def _admin_delete_plan(state, session, form):
+    db = state.database()
+    plan_id = form.get("plan_id", "")
+    with transaction(db):
+        _must_exist(get_plan(db, plan_id), "plan", plan_id)
+        delete_plan(db, plan_id)
+    _admin_done("plan_deleted", "plans")
+
+
+def _admin_assign_plan(state, session, form):
+    user_name = canonical_user_name(form.get("user", ""), state.user_domains)
+    if not user_name:
+        raise _field_error("user", "must be a user name")
+    plan_id = form.get("plan") or None
+    db = state.database()
+    with transaction(db):
+        if plan_id is None:
+            delete_user_plan(db, user_name)
+        else:
+            _must_exist(get_plan(db, plan_id), "plan", plan_id)
+            set_user_plan(db, user_name, plan_id, "admin", utc_iso(state.config.clock()))
+    _admin_done("plan_assigned", "plans")
+
+
 def _admin_set_price(state, session, form):
     price = {field: _form_number(form, field) for field in PRICE_FIELDS
              if form.get(field, "").strip()}
@@ -7318,11 +7457,14 @@ def _admin_set_price(state, session, form):
 
 
 ADMIN_ANCHORS = {"create_project": "projects", "update_project": "projects",
-                 "create_key": "keys", "create_limit": "limits", "set_price": "prices"}
+                 "create_key": "keys", "create_limit": "limits", "set_price": "prices",
+                 "create_plan": "plans", "assign_plan": "plans"}
 ADMIN_ACTIONS = {
     "create_project": _admin_create_project, "update_project": _admin_update_project,
     "create_key": _admin_create_key, "revoke_key": _admin_revoke_key,
     "create_limit": _admin_create_limit, "delete_limit": _admin_delete_limit,
+    "reset_limit": _admin_reset_limit, "create_plan": _admin_create_plan,
+    "delete_plan": _admin_delete_plan, "assign_plan": _admin_assign_plan,
     "set_price": _admin_set_price,
 }
 
@@ -8764,17 +8906,7 @@ def cli_plans(config, args):
     db = open_admin_database(config, reading=args.action == "list")
     now = config.clock()
     if args.action == "create":
-        limits = []
-        for text in args.limit:
-            metric, colon, rest = text.partition(":")
-            amount, slash, window = rest.partition("/")
-            try:
-                limits.append({"metric": metric, "amount": float(amount), "window": window})
-            except ValueError:
-                colon = ""
-            if not colon or not slash:
-                raise SystemExit(f"llimit: --limit {text!r}: expected METRIC:AMOUNT/WINDOW,"
-                                 " e.g. usd:20/month")
+        limits = [parse_plan_limit(text) for text in args.limit]
         data = {"id": args.id, "limits": limits, **({"name": args.name} if args.name else {})}
         plan_id = create_plan(db, data, utc_iso(now))
         print(f"created plan {plan_id}")
