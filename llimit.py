@@ -3270,6 +3270,23 @@ def change_plan(db, plan_id, data, now_iso):
             delete_limit(db, limit_id)
 
 
+def assign_plan(db, user_name, plan_id, now_iso):
+    """Put a user on a plan as an admin does (None: back to the default); 404 for no plan."""
+    with transaction(db):
+        if plan_id is None:
+            delete_user_plan(db, user_name)
+        else:
+            _must_exist(get_plan(db, plan_id), "plan", plan_id)
+            set_user_plan(db, user_name, plan_id, "admin", now_iso)
+
+
+def remove_plan(db, plan_id):
+    """Delete a plan, its limits and its members' assignments; 404 for no plan."""
+    with transaction(db):
+        _must_exist(get_plan(db, plan_id), "plan", plan_id)
+        delete_plan(db, plan_id)
+
+
 def plan_to_json(db, plan, now):
     """A plan with its limits as the admin API shows a limit, less `used` and
     `remaining`: each member has their own (GET /admin/users/<user> shows them)."""
@@ -7445,11 +7462,7 @@ def _admin_create_plan(state, session, form):
 
 
 def _admin_delete_plan(state, session, form):
-    db = state.database()
-    plan_id = form.get("plan_id", "")
-    with transaction(db):
-        _must_exist(get_plan(db, plan_id), "plan", plan_id)
-        delete_plan(db, plan_id)
+    remove_plan(state.database(), form.get("plan_id", ""))
     _admin_done("plan_deleted", "plans")
 
 
@@ -7457,14 +7470,8 @@ def _admin_assign_plan(state, session, form):
     user_name = canonical_user_name(form.get("user", ""), state.user_domains)
     if not user_name:
         raise _field_error("user", "must be a user name")
-    plan_id = form.get("plan") or None
-    db = state.database()
-    with transaction(db):
-        if plan_id is None:
-            delete_user_plan(db, user_name)
-        else:
-            _must_exist(get_plan(db, plan_id), "plan", plan_id)
-            set_user_plan(db, user_name, plan_id, "admin", utc_iso(state.config.clock()))
+    assign_plan(state.database(), user_name, form.get("plan") or None,
+                utc_iso(state.config.clock()))
     _admin_done("plan_assigned", "plans")
 
 
@@ -7766,10 +7773,7 @@ def admin_plan_update(state, plan_id):
 
 def admin_plan_delete(state, plan_id):
     """DELETE /admin/plans/<id>: its members fall back to the default plan."""
-    db = state.database()
-    with transaction(db):
-        _must_exist(get_plan(db, plan_id), "plan", plan_id)
-        delete_plan(db, plan_id)
+    remove_plan(state.database(), plan_id)
     return {"id": plan_id, "deleted": True}
 
 
@@ -7801,13 +7805,7 @@ def admin_user_put(state, user_name):
     if "plan" not in data:
         raise _field_error("plan", "is required: a plan id, or null for the default plan")
     user_name = _user_name_input(state, user_name)
-    db = state.database()
-    with transaction(db):
-        if data.get("plan") is None:
-            delete_user_plan(db, user_name)
-        else:
-            _must_exist(get_plan(db, data["plan"]), "plan", data["plan"])
-            set_user_plan(db, user_name, data["plan"], "admin", utc_iso(state.config.clock()))
+    assign_plan(state.database(), user_name, data["plan"], utc_iso(state.config.clock()))
     return admin_user_get(state, user_name)
 
 
@@ -8938,13 +8936,7 @@ def cli_plans(config, args):
         return 0 if found else 1
     elif args.action == "assign":
         user_name = canonical_user_name(args.user, user_domains(config))
-        with transaction(db):
-            if args.id == "none":
-                delete_user_plan(db, user_name)
-            elif get_plan(db, args.id) is None:
-                raise SystemExit(f"llimit: no plan {args.id}")
-            else:
-                set_user_plan(db, user_name, args.id, "admin", utc_iso(now))
+        assign_plan(db, user_name, None if args.id == "none" else args.id, utc_iso(now))
         print(f"{user_name}: plan {args.id}")
     else:
         _print_table([{**plan, "limits": "; ".join(limit_in_words(limit) + (
