@@ -1806,19 +1806,19 @@ def _int(value):
 
 def usage_from_openai(usage):
     """Usage from an OpenAI `usage` object (chat, completions, embeddings, responses)."""
-    if "input_tokens" in usage and "prompt_tokens" not in usage:  # the Responses API
-        return Usage(
-            prompt_tokens=_int(usage.get("input_tokens")),
-            cached_tokens=_int((usage.get("input_tokens_details") or {}).get("cached_tokens")),
-            completion_tokens=_int(usage.get("output_tokens")),
-            reasoning_tokens=_int(
-                (usage.get("output_tokens_details") or {}).get("reasoning_tokens")))
+    responses = "input_tokens" in usage and "prompt_tokens" not in usage  # the Responses API
+    inputs = usage.get("input_tokens_details" if responses else "prompt_tokens_details")
+    outputs = usage.get("output_tokens_details" if responses else "completion_tokens_details")
+    inputs = inputs if isinstance(inputs, dict) else {}
+    outputs = outputs if isinstance(outputs, dict) else {}
+    prompt = _int(usage.get("input_tokens" if responses else "prompt_tokens"))
+    cached = min(_int(inputs.get("cached_tokens")), prompt)
+    # The models that bill cache writes report them among the input tokens.
     return Usage(
-        prompt_tokens=_int(usage.get("prompt_tokens")),
-        cached_tokens=_int((usage.get("prompt_tokens_details") or {}).get("cached_tokens")),
-        completion_tokens=_int(usage.get("completion_tokens")),
-        reasoning_tokens=_int(
-            (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")))
+        prompt_tokens=prompt, cached_tokens=cached,
+        cache_write_tokens=min(_int(inputs.get("cache_write_tokens")), prompt - cached),
+        completion_tokens=_int(usage.get("output_tokens" if responses else "completion_tokens")),
+        reasoning_tokens=_int(outputs.get("reasoning_tokens")))
 
 
 def usage_from_anthropic(usage):
@@ -1914,8 +1914,9 @@ def usage_from_usage_object(usage, body_type=None):
     if "prompt_tokens" in usage:
         found = usage_from_openai(usage)
         # compat: LiteLLM and others put Claude's cache writes beside OpenAI's fields.
-        found.cache_write_tokens = min(_int(usage.get("cache_creation_input_tokens")),
-                                       max(found.prompt_tokens - found.cached_tokens, 0))
+        found.cache_write_tokens = min(
+            max(found.cache_write_tokens, _int(usage.get("cache_creation_input_tokens"))),
+            max(found.prompt_tokens - found.cached_tokens, 0))
         return found
     if body_type == "message" or not ("input_tokens_details" in usage
                                       or "output_tokens_details" in usage
