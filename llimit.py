@@ -259,7 +259,7 @@ SETTINGS = [
      "name the user to the provider: hash or name (OpenAI safety_identifier,"
      " Anthropic metadata.user_id); unset: not sent"),
     ("cors_origins", "LLIMIT_CORS_ORIGINS", None, (), _csv_list,
-     "browser origins allowed to call the proxy routes with a key (CORS)"),
+     "browser origins allowed to call the proxy routes and /llimit/me with a key (CORS)"),
     ("upstream_env_pattern", "LLIMIT_UPSTREAM_ENV_PATTERN", None, "LLIMIT_UPSTREAM_KEY_*", str,
      "environment variables a project's upstream_key may name as env:NAME (fnmatch)"),
     ("max_concurrent_per_key", "LLIMIT_MAX_CONCURRENT_PER_KEY", None, 16, int,
@@ -8843,7 +8843,7 @@ class ErrorPlugin:
 # CORS, for browser apps that call the proxy with a key: only these paths, only
 # for LLIMIT_CORS_ORIGINS. Pages and the admin API open nothing (their
 # preflights fall to the 405 of a route without OPTIONS, with no CORS headers).
-CORS_PATH_PREFIXES = ("/v1/", "/v1beta/", "/openai/")
+CORS_PATH_PREFIXES = ("/v1/", "/v1beta/", "/openai/", "/llimit/me")
 CORS_ALLOWED_HEADERS = (
     "authorization", "content-type", "x-api-key", "api-key", "x-goog-api-key",
     "x-goog-api-client", "anthropic-version", "anthropic-beta",
@@ -8910,6 +8910,12 @@ class CorsPlugin:
             response.set_header("Access-Control-Expose-Headers", CORS_EXPOSED_HEADERS)
 
 
+def llimit_me_preflight(state):
+    """OPTIONS /llimit/me: only a CORS preflight, which CorsPlugin answers before this runs."""
+    raise LlimitError(405, "invalid_request_error", "Method not allowed for this URL.",
+                      code="http_405")
+
+
 def routes():
     """Every route of llimit: (method, path, handler taking state first)."""
     return [
@@ -8920,6 +8926,7 @@ def routes():
         ("ANY", "/openai/v1/<path:path>", proxy_azure_v1),
         ("ANY", "/openai/<path:path>", proxy_azure_plain),
         ("GET", "/llimit/me", llimit_me),
+        ("OPTIONS", "/llimit/me", llimit_me_preflight),
         # the admin API
         ("POST", "/admin/keys", admin(admin_keys_create)),
         ("GET", "/admin/keys", admin(admin_keys_list)),

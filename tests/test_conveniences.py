@@ -45,6 +45,13 @@ def test_cors_preflights_on_proxy_routes_need_no_key_for_allowed_origins(make_ll
         assert "POST" in resp.headers["Access-Control-Allow-Methods"]
         assert int(resp.headers["Access-Control-Max-Age"]) > 0
         assert resp.headers["Vary"] == "Origin"
+    # A browser app may ask what its key has left: /llimit/me is open to it too.
+    me = preflight(gateway.url + "/llimit/me", headers="authorization")
+    assert me.status_code == 204 and me.headers["Access-Control-Allow-Origin"] == APP
+    raw_key, _ = gateway.create_key()
+    answer = requests.get(gateway.url + "/llimit/me", headers={
+        "Authorization": f"Bearer {raw_key}", "Origin": APP})
+    assert answer.status_code == 200 and answer.headers["Access-Control-Allow-Origin"] == APP
     assert fake.requests == []  # a preflight never goes upstream
     other = preflight(gateway.url + "/v1/chat/completions", origin="https://evil.example")
     assert other.status_code == 403 and "Access-Control-Allow-Origin" not in other.headers
@@ -75,7 +82,7 @@ def test_cors_answers_carry_the_origin_and_expose_llimits_headers(make_llimit, f
 
 def test_cors_opens_nothing_on_pages_and_admin_or_by_default(make_llimit, fake):
     gateway = make_llimit(cors_origins=(APP,))
-    for path in ("/admin/keys", "/admin", "/keys", "/reports/data", "/login", "/llimit/me"):
+    for path in ("/admin/keys", "/admin", "/keys", "/reports/data", "/login"):
         resp = preflight(gateway.url + path)
         assert resp.status_code >= 400, path
         assert "Access-Control-Allow-Origin" not in resp.headers, path
@@ -83,8 +90,9 @@ def test_cors_opens_nothing_on_pages_and_admin_or_by_default(make_llimit, fake):
             "Origin": APP, "Authorization": f"Bearer {ADMIN_TOKEN}"})
         assert "Access-Control-Allow-Origin" not in page.headers, path
     plain = make_llimit()  # LLIMIT_CORS_ORIGINS unset: no CORS anywhere
-    resp = preflight(plain.url + "/v1/chat/completions")
-    assert resp.status_code >= 400 and "Access-Control-Allow-Origin" not in resp.headers
+    for path in ("/v1/chat/completions", "/llimit/me"):
+        resp = preflight(plain.url + path)
+        assert resp.status_code >= 400 and "Access-Control-Allow-Origin" not in resp.headers
 
 
 def test_a_browser_app_on_another_origin_calls_llimit_with_fetch(make_llimit, fake, browser):
