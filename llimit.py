@@ -149,7 +149,8 @@ def _bool(value):
 SETTINGS = [
     ("host", "LLIMIT_HOST", "--host", "127.0.0.1", str, "listen address"),
     ("port", "LLIMIT_PORT", "--port", 8000, int, "listen port"),
-    ("db_path", "LLIMIT_DB", "--db", "./llimit.db", str, "SQLite file"),
+    ("db_path", "LLIMIT_DB", "--db", "./llimit.db", str,
+     "SQLite file, or a postgresql:// URL shared by several llimit instances"),
     ("threads", "LLIMIT_THREADS", "--threads", 64, int,
      "worker threads (one per open stream)"),
     ("admin_token", "LLIMIT_ADMIN_TOKEN", None, None, str,
@@ -183,6 +184,9 @@ SETTINGS = [
      "output tokens reserved for a call that sets no max_tokens"),
     ("drain_seconds", "LLIMIT_DRAIN_SECONDS", None, 0.0, float,
      "after a client leaves mid-stream, keep reading the upstream this long for exact usage"),
+    ("reservation_seconds", "LLIMIT_RESERVATION_SECONDS", None, 0.0, float,
+     "PostgreSQL: how long a call's reservation outlives an instance that died"
+     " (0: LLIMIT_UPSTREAM_TIMEOUT + 60)"),
     ("alert_webhook", "LLIMIT_ALERT_WEBHOOK", None, None, str,
      "URL that limit alerts are POSTed to (Slack/Teams compatible)"),
     ("admin_users", "LLIMIT_ADMIN_USERS", None, (), _csv_list,
@@ -296,16 +300,31 @@ def is_https_or_loopback(url):
 
 # =============================================================================
 # 2. Storage
-#    The SQLite schema, its migrations and every SQL statement llimit runs.
-#    One connection per thread (WAL, busy_timeout). Other sections call the
-#    named functions here and never hold SQL of their own. Money is stored as
-#    integer nano-dollars (`*_nusd`) so sums are exact.
+#    The schema, its migrations and every SQL statement llimit runs, on one of
+#    two engines: a SQLite file (the default; one connection per thread, WAL,
+#    busy_timeout) or PostgreSQL (LLIMIT_DB=postgresql://...; a connection
+#    pool shared by the threads, several llimit instances on one database).
+#    SQL is written once, in the dialect both engines speak (`?` and `:name`
+#    parameters, which the PostgreSQL engine turns into psycopg's); the few
+#    statements that must differ stand side by side, chosen by `engine_of(db)`.
+#    Other sections call the named functions here and never hold SQL of their
+#    own. Money is stored as integer nano-dollars (`*_nusd`) so sums are exact.
 # =============================================================================
 
 BUSY_TIMEOUT_MS = 5000
+
+
+class EngineError(Exception):
+    """A PostgreSQL failure, as the PostgreSQL engine raises it (psycopg's error is its cause)."""
+
+
+class EngineUnavailable(EngineError):
+    """PostgreSQL cannot be reached, or dropped the connection: try again later."""
+
+
 # What other sections catch when the database fails, so none of them names the engine.
-DatabaseError = sqlite3.Error                 # any failure of the database
-DatabaseUnavailable = sqlite3.OperationalError  # locked, busy, or gone: try again later
+DatabaseError = (sqlite3.Error, EngineError)                     # any failure of the database
+DatabaseUnavailable = (sqlite3.OperationalError, EngineUnavailable)  # busy or gone: retry later
 
 MIGRATIONS = [
     ("0001 keys, projects, prices and usage", """
@@ -482,7 +501,275 @@ create trigger api_keys_deleted after delete on api_keys
 begin update config_version set version = version + 1; end;
 commit;
 """),
+    ("0005 shared reservations and minute totals", """
+begin;
+-- For several llimit instances on one PostgreSQL database, which cannot hold
+-- running totals and calls under way in memory as one SQLite process does:
+-- each admitted call reserves its worst case here (one row per block-limit
+-- window) until the usage writer settles it, or until expires_ms if the
+-- instance died first; minute windows read usage_minutes. On SQLite both stay
+-- empty.
+create table reservations (
+    id text not null,               -- one call's reservation
+    subject text not null,
+    window_name text not null,
+    window_start bigint not null,   -- epoch seconds
+    requests bigint not null,
+    tokens bigint not null,
+    cost_nusd bigint not null,
+    expires_ms bigint not null,
+    primary key (id, subject, window_name, window_start)
+);
+create index reservations_window on reservations (subject, window_name, window_start);
+create table usage_minutes (
+    subject text not null,
+    minute_start bigint not null,   -- epoch seconds
+    requests bigint not null,
+    tokens bigint not null,
+    cost_nusd bigint not null,
+    primary key (subject, minute_start)
+);
+commit;
+"""),
 ]
+
+# The PostgreSQL side of migrations whose SQLite script PostgreSQL cannot run
+# (strftime, triggers, rowid tables, the admission function); a migration
+# written in the dialect both speak has no entry. No begin/commit: migrate()
+# runs each in its own transaction.
+NOW_ISO_PG = """to_char(now() at time zone 'utc', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""
+POSTGRES_MIGRATIONS = {
+    "0001 keys, projects, prices and usage": f"""
+create table settings (name text primary key, value text not null);
+create table projects (
+    id text primary key,
+    name text not null,
+    upstream_kind text not null default 'openai',
+    upstream_url text,
+    upstream_key text,
+    api_version text,
+    allow_user_keys integer not null default 1,
+    limit_message text,
+    model_map text,
+    created_at text not null
+);
+insert into projects (id, name, created_at) values ('default', 'Default', {NOW_ISO_PG});
+create table api_keys (
+    id text primary key,
+    key_hash text not null unique,
+    masked_key text not null,
+    project_id text not null,
+    user_name text,
+    note text,
+    models text,
+    created_at text not null,
+    expires_at text,
+    revoked_at text,
+    last_used_at text
+);
+create index api_keys_user on api_keys (user_name);
+create index api_keys_project on api_keys (project_id);
+create table model_prices (
+    model text primary key,
+    input double precision not null,
+    cached_input double precision,
+    output double precision not null,
+    cache_write double precision,
+    updated_at text not null
+);
+create table price_snapshots (
+    id bigint generated by default as identity primary key,
+    model text not null,
+    input double precision not null,
+    cached_input double precision not null,
+    output double precision not null,
+    cache_write double precision not null,
+    unique (model, input, cached_input, output, cache_write)
+);
+create table usage_events (
+    id bigint generated by default as identity primary key,
+    created_ms bigint not null,
+    key_id text,
+    user_name text,
+    project_id text,
+    model text,
+    endpoint text not null,
+    status_code integer not null,
+    stream integer not null,
+    prompt_tokens bigint not null,
+    cached_tokens bigint not null,
+    cache_write_tokens bigint not null,
+    completion_tokens bigint not null,
+    reasoning_tokens bigint not null,
+    cost_nusd bigint,
+    price_id bigint,
+    pricing text not null,
+    latency_ms double precision not null,
+    overhead_ms double precision not null
+);
+create index usage_events_created on usage_events (created_ms);
+create table usage_daily (
+    day text not null,
+    project_id text not null,
+    user_name text not null,
+    key_id text not null,
+    model text not null,
+    requests bigint not null,
+    prompt_tokens bigint not null,
+    cached_tokens bigint not null,
+    cache_write_tokens bigint not null,
+    completion_tokens bigint not null,
+    cost_nusd bigint not null,
+    unpriced bigint not null,
+    primary key (day, project_id, user_name, key_id, model)
+);
+""",
+    "0002 limits, running totals and alerts": """
+create table limits (
+    id text primary key,
+    scope text not null,
+    target text,
+    each text,
+    metric text not null,
+    "window" text not null,
+    amount double precision not null,
+    action text not null default 'block',
+    alert_at text,
+    note text,
+    created_at text not null
+);
+create index limits_target on limits (scope, target);
+create table usage_counters (
+    subject text collate "C" not null,  -- ranges of subjects compare bytes, as in SQLite
+    day text collate "C" not null,
+    requests bigint not null,
+    tokens bigint not null,
+    cost_nusd bigint not null,
+    primary key (subject, day)
+);
+create table alerts_sent (
+    limit_id text not null,
+    subject text not null,
+    window_start text not null,
+    threshold double precision not null,
+    created_at text not null,
+    text text not null,
+    delivered_at text,
+    primary key (limit_id, subject, window_start, threshold)
+);
+""",
+    "0003 sessions": """
+create table sessions (
+    id_hash text primary key,
+    user_name text,
+    is_admin integer not null default 0,
+    csrf_token text not null,
+    pending text,
+    created_at text not null,
+    expires_at text not null
+);
+create index sessions_expires on sessions (expires_at);
+""",
+    "0004 config version": """
+create table config_version (
+    id integer primary key check (id = 1),
+    version bigint not null
+);
+insert into config_version values (1, 0);
+create function llimit_config_changed() returns trigger language plpgsql as $$
+begin
+    update config_version set version = version + 1;
+    return null;
+end $$;
+create trigger limits_changed after insert or update or delete on limits
+    for each statement execute function llimit_config_changed();
+create trigger projects_changed after insert or update or delete on projects
+    for each statement execute function llimit_config_changed();
+create trigger api_keys_updated
+    after update of key_hash, project_id, user_name, models, expires_at, revoked_at
+    on api_keys for each statement execute function llimit_config_changed();
+create trigger api_keys_deleted after delete on api_keys
+    for each statement execute function llimit_config_changed();
+""",
+}
+POSTGRES_MIGRATIONS["0005 shared reservations and minute totals"] = (
+    MIGRATIONS[4][1].strip().removeprefix("begin;").removesuffix("commit;").replace(
+        "subject text not null,", 'subject text collate "C" not null,') + """
+-- Admission in one round trip: under a transaction-scoped advisory lock per
+-- (subject, window) - taken in the caller's sorted order, so two admissions
+-- never deadlock - read each window's used total and live reservations in
+-- one snapshot, refuse at the first block limit the call would overrun
+-- (returns its 1-based index), or reserve `p_need` against every block
+-- window (returns 0). Then [used requests, tokens, nusd, held requests,
+-- tokens, nusd] per check follow, for the rate-limit headers.
+create function llimit_admit(
+    p_reservation text, p_now_ms bigint, p_expires_ms bigint, p_subjects text[],
+    p_windows text[], p_starts bigint[], p_first_days text[], p_last_days text[],
+    p_metrics integer[], p_amounts double precision[], p_blocks boolean[],
+    p_stricts boolean[], p_need bigint[]) returns bigint[] language plpgsql as $$
+declare
+    v_out bigint[] := array[0::bigint];
+    v_row bigint[];
+    v_taken bigint;
+    i integer;
+begin
+    for i in 1 .. coalesce(array_length(p_subjects, 1), 0) loop
+        perform pg_advisory_xact_lock(hashtextextended(
+            p_subjects[i] || chr(31) || p_windows[i] || chr(31) || p_starts[i]::text, 0));
+    end loop;
+    for i in 1 .. coalesce(array_length(p_subjects, 1), 0) loop
+        if p_windows[i] = 'minute' then
+            select array[coalesce(sum(m.requests), 0), coalesce(sum(m.tokens), 0),
+                         coalesce(sum(m.cost_nusd), 0),
+                         (select coalesce(sum(r.requests), 0) from reservations r
+                          where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                          and r.window_start = p_starts[i] and r.expires_ms > p_now_ms),
+                         (select coalesce(sum(r.tokens), 0) from reservations r
+                          where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                          and r.window_start = p_starts[i] and r.expires_ms > p_now_ms),
+                         (select coalesce(sum(r.cost_nusd), 0) from reservations r
+                          where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                          and r.window_start = p_starts[i] and r.expires_ms > p_now_ms)]
+            into v_row from usage_minutes m
+            where m.subject = p_subjects[i] and m.minute_start = p_starts[i];
+        else
+            select array[coalesce(sum(c.requests), 0), coalesce(sum(c.tokens), 0),
+                         coalesce(sum(c.cost_nusd), 0),
+                         (select coalesce(sum(r.requests), 0) from reservations r
+                          where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                          and r.window_start = p_starts[i] and r.expires_ms > p_now_ms),
+                         (select coalesce(sum(r.tokens), 0) from reservations r
+                          where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                          and r.window_start = p_starts[i] and r.expires_ms > p_now_ms),
+                         (select coalesce(sum(r.cost_nusd), 0) from reservations r
+                          where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                          and r.window_start = p_starts[i] and r.expires_ms > p_now_ms)]
+            into v_row from usage_counters c
+            where c.subject = p_subjects[i] and c.day >= p_first_days[i]
+            and c.day <= p_last_days[i];
+        end if;
+        v_out := v_out || v_row;
+        if p_blocks[i] then
+            v_taken := v_row[p_metrics[i]] + v_row[p_metrics[i] + 3];
+            if (p_stricts[i] and v_taken + p_need[p_metrics[i]] > p_amounts[i])
+                    or (not p_stricts[i] and v_taken >= p_amounts[i]) then
+                v_out[1] := i;
+                return v_out;
+            end if;
+        end if;
+    end loop;
+    for i in 1 .. coalesce(array_length(p_subjects, 1), 0) loop
+        if p_blocks[i] then
+            insert into reservations (id, subject, window_name, window_start, requests,
+                                      tokens, cost_nusd, expires_ms)
+            values (p_reservation, p_subjects[i], p_windows[i], p_starts[i], p_need[1],
+                    p_need[2], p_need[3], p_expires_ms)
+            on conflict do nothing;
+        end if;
+    end loop;
+    return v_out;
+end $$;
+""")
 
 
 def connect(path):
@@ -500,6 +787,8 @@ def connect(path):
 class Database:
     """Hands each thread its own connection to one SQLite file."""
 
+    engine = "sqlite"
+
     def __init__(self, path):
         self.path = path
         self._local = threading.local()
@@ -509,6 +798,232 @@ class Database:
         if db is None:
             db = self._local.db = connect(self.path)
         return db
+
+    def close(self):
+        """Nothing to let go: each thread's connection ends with its thread."""
+
+
+def is_postgres_url(location):
+    """Whether LLIMIT_DB names a PostgreSQL database rather than a SQLite file."""
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+def open_database(location, pool_size=16):
+    """The Database of LLIMIT_DB: a SQLite file, or a PostgreSQL URL (`pool_size` connections)."""
+    if is_postgres_url(location):
+        return PostgresDatabase(location, pool_size)
+    return Database(location)
+
+
+def engine_of(db):
+    """"sqlite" or "postgres": which engine a connection from a Database speaks to."""
+    return "sqlite" if isinstance(db, sqlite3.Connection) else db.engine
+
+
+# --- the PostgreSQL engine ---------------------------------------------------------
+# psycopg 3 and its pool, imported only when LLIMIT_DB is a PostgreSQL URL. The
+# threads share a pool: a statement outside a transaction borrows a connection
+# for itself (autocommit) and hands it back with every row fetched; a
+# transaction keeps one until commit or rollback. A connection that broke is
+# dropped by the pool and replaced, so llimit recovers by itself when the
+# database comes back.
+
+POSTGRES_CONNECT_SECONDS = 5  # longest wait for a pooled connection before a call fails closed
+
+
+class PostgresDatabase:
+    """A connection pool to one PostgreSQL database; each thread gets a PostgresConnection."""
+
+    engine = "postgres"
+
+    def __init__(self, url, pool_size=16):
+        try:
+            import psycopg
+            import psycopg_pool
+        except ImportError:
+            raise ValueError("LLIMIT_DB is a PostgreSQL URL, which needs the driver:"
+                             ' pip install "psycopg[binary,pool]"') from None
+        self.path = url
+        self._psycopg = psycopg
+        loader = _numeric_loader(psycopg)
+
+        def configure(conn):
+            conn.adapters.register_loader("numeric", loader)
+
+        self.pool = psycopg_pool.ConnectionPool(
+            url, min_size=1, max_size=max(2, pool_size), open=False, name="llimit",
+            timeout=POSTGRES_CONNECT_SECONDS, reconnect_timeout=24 * 3600,
+            kwargs={"autocommit": True, "row_factory": _postgres_row_factory,
+                    "connect_timeout": POSTGRES_CONNECT_SECONDS},
+            configure=configure)
+        try:
+            self.pool.open(wait=True, timeout=POSTGRES_CONNECT_SECONDS)
+        except psycopg.Error as error:
+            self.pool.close()
+            raise EngineUnavailable(f"PostgreSQL does not answer: {error}") from error
+        self._local = threading.local()
+
+    def __call__(self):
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = PostgresConnection(self.pool, self._psycopg)
+        return db
+
+    def close(self):
+        """Close every pooled connection."""
+        self.pool.close()
+
+
+class PostgresConnection:
+    """One thread's way into the pool, with sqlite3's execute/executemany/in_transaction."""
+
+    engine = "postgres"
+
+    def __init__(self, pool, psycopg):
+        self._pool = pool
+        self._psycopg = psycopg
+        self._held = None       # the connection of the open transaction
+
+    @property
+    def in_transaction(self):
+        return self._held is not None
+
+    def execute(self, sql, params=()):
+        return self._run(lambda conn: _fetched(conn.execute(_postgres_sql(sql), params)))
+
+    def executemany(self, sql, rows):
+        rows = list(rows)
+        if not rows:
+            return _PostgresResult([], 0)
+
+        def run(conn):
+            cursor = conn.cursor()
+            cursor.executemany(_postgres_sql(sql), rows)
+            return _PostgresResult([], cursor.rowcount)
+        return self._run(run)
+
+    def run_script(self, script):
+        """Run statements that take no parameters, as they are (migrations)."""
+        return self._run(lambda conn: conn.execute(script))
+
+    def begin(self):
+        """Take a connection for a transaction and open it."""
+        self._held = self._take()
+        self._run(lambda conn: conn.execute("begin"))
+
+    def end(self, statement):
+        """COMMIT or ROLLBACK the open transaction and hand its connection back."""
+        conn, self._held = self._held, None
+        try:
+            self._translate(lambda: conn.execute(statement))
+        finally:
+            self._pool.putconn(conn)
+
+    def _run(self, work):
+        if self._held is not None:
+            return self._translate(lambda: work(self._held))
+        conn = self._take()
+        try:
+            return self._translate(lambda: work(conn))
+        finally:
+            self._pool.putconn(conn)
+
+    def _take(self):
+        return self._translate(self._pool.getconn)
+
+    def _translate(self, work):
+        try:
+            return work()
+        except self._psycopg.OperationalError as error:
+            raise EngineUnavailable(str(error).strip()) from error
+        except self._psycopg.Error as error:
+            raise EngineError(str(error).strip()) from error
+
+
+class _PostgresResult:
+    """The fetched rows of a statement, read like a sqlite3 cursor."""
+
+    def __init__(self, rows, rowcount):
+        self._rows = rows
+        self._next = 0
+        self.rowcount = rowcount
+
+    def fetchone(self):
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def fetchall(self):
+        rows, self._next = self._rows[self._next:], len(self._rows)
+        return rows
+
+    def fetchmany(self, size):
+        rows = self._rows[self._next:self._next + size]
+        self._next += len(rows)
+        return rows
+
+    def __iter__(self):
+        return iter(self.fetchall())
+
+
+def _fetched(cursor):
+    return _PostgresResult(cursor.fetchall() if cursor.description else [], cursor.rowcount)
+
+
+class PostgresRow(tuple):
+    """A row read by position or by column name, as sqlite3.Row is."""
+
+    __slots__ = ()
+    _index = {}
+
+    def __getitem__(self, item):
+        if isinstance(item, str):
+            return tuple.__getitem__(self, self._index[item])
+        return tuple.__getitem__(self, item)
+
+    def keys(self):
+        """The column names, in order."""
+        return list(self._index)
+
+
+@functools.lru_cache(maxsize=512)
+def _row_class(names):
+    return type("PostgresRow", (PostgresRow,), {"__slots__": (), "_index": {
+        name: index for index, name in enumerate(names)}})
+
+
+def _postgres_row_factory(cursor):
+    return _row_class(tuple(column.name for column in cursor.description or ()))
+
+
+def _numeric_loader(psycopg):
+    # sum() of integers is numeric in PostgreSQL; llimit's sums are integers
+    # (nano-dollars, tokens), as SQLite gives them.
+    class NumericLoader(psycopg.adapt.Loader):
+        def load(self, data):
+            text = bytes(data).decode("ascii")
+            return float(text) if "." in text or "N" in text else int(text)
+    return NumericLoader
+
+
+# `?` and `:name` (sqlite3's parameters) become psycopg's `%s` and `%(name)s`,
+# and a literal % is doubled; quoted text and `::` casts are left alone.
+_SQL_TOKEN = re.compile(r"'(?:[^']|'')*'|\"[^\"]*\"|::|\?|%|:([A-Za-z_]\w*)")
+
+
+@functools.lru_cache(maxsize=1024)
+def _postgres_sql(sql):
+    def swap(match):
+        token = match.group(0)
+        if token == "?":
+            return "%s"
+        if token == "%":
+            return "%%"
+        if match.group(1):
+            return f"%({match.group(1)})s"
+        return token
+    return _SQL_TOKEN.sub(swap, sql)
 
 
 class transaction:
@@ -527,18 +1042,28 @@ class transaction:
 
 
 def begin_write(db):
-    """Start a write transaction now (BEGIN IMMEDIATE), not at its first write."""
-    db.execute("begin immediate")
+    """Start a write transaction now (BEGIN IMMEDIATE on SQLite), not at its first write."""
+    if engine_of(db) == "postgres":
+        db.begin()
+    else:
+        db.execute("begin immediate")
 
 
 def commit(db):
     """Commit the open transaction."""
-    db.execute("commit")
+    if engine_of(db) == "postgres":
+        db.end("commit")
+    else:
+        db.execute("commit")
 
 
 def rollback(db):
     """Roll back the open transaction, if there is one."""
-    if db.in_transaction:
+    if not db.in_transaction:
+        return
+    if engine_of(db) == "postgres":
+        db.end("rollback")
+    else:
         db.execute("rollback")
 
 
@@ -547,10 +1072,15 @@ def ping(db):
     db.execute("select 1 from settings limit 1").fetchone()
 
 
+MIGRATIONS_TABLE_SQL = ("create table if not exists _migrations"
+                        " (name text primary key, applied_at text not null)")
+
+
 def migrate(db):
     """Apply the migrations this database lacks, in order; returns their names."""
-    db.execute("create table if not exists _migrations"
-               " (name text primary key, applied_at text not null)")
+    if engine_of(db) == "postgres":
+        return _migrate_postgres(db)
+    db.execute(MIGRATIONS_TABLE_SQL)
     done = {row[0] for row in db.execute("select name from _migrations")}
     applied = []
     for name, script in MIGRATIONS:
@@ -562,6 +1092,25 @@ def migrate(db):
         db.executescript(body + "\ninsert into _migrations values ("
                          + _sql_quote(name) + ", strftime('%Y-%m-%dT%H:%M:%SZ', 'now'));\ncommit;")
         applied.append(name)
+    return applied
+
+
+def _migrate_postgres(db):
+    # One transaction under an advisory lock, so instances starting together
+    # apply each migration once; the one that waited finds them done.
+    applied = []
+    with transaction(db):
+        db.execute("select pg_advisory_xact_lock(7311)")  # 7311: llimit's migration lock
+        db.execute(MIGRATIONS_TABLE_SQL)
+        done = {row[0] for row in db.execute("select name from _migrations")}
+        for name, script in MIGRATIONS:
+            if name in done:
+                continue
+            body = POSTGRES_MIGRATIONS.get(name) or script.strip().removeprefix(
+                "begin;").removesuffix("commit;")
+            db.run_script(body)
+            db.execute("insert into _migrations values (?, ?)", (name, utc_iso(time.time())))
+            applied.append(name)
     return applied
 
 
@@ -691,9 +1240,9 @@ def get_key(db, key_id):
 def list_keys(db, user_name=None, project_id=None, active_at=None):
     """Keys, newest first, filtered by user, project, and active at a time."""
     return db.execute(
-        "select * from api_keys where (:user is null or user_name = :user)"
-        " and (:project is null or project_id = :project)"
-        " and (:active is null or (revoked_at is null"
+        "select * from api_keys where (cast(:user as text) is null or user_name = :user)"
+        " and (cast(:project as text) is null or project_id = :project)"
+        " and (cast(:active as text) is null or (revoked_at is null"
         "      and (expires_at is null or expires_at > :active)))"
         " order by created_at desc, id",
         {"user": user_name, "project": project_id, "active": active_at}).fetchall()
@@ -722,11 +1271,15 @@ def key_spend(db, key_ids):
     """Lifetime {key_id: (requests, cost_nusd)} from the running totals."""
     if not key_ids:
         return {}
-    rows = db.execute(
-        "select subject, requests, cost_nusd from usage_counters where day = 'total'"
-        " and subject in (select ? || value from json_each(?))",
-        (SUBJECT_PREFIXES["key"], json.dumps(key_ids)))
-    return {parse_subject(row[0])[1][0]: (row[1], row[2]) for row in rows}
+    subjects = [subject_of("key", key_id) for key_id in key_ids]
+    spend = {}
+    for first in range(0, len(subjects), 500):  # within every engine's parameter limit
+        chunk = subjects[first:first + 500]
+        for row in db.execute("select subject, requests, cost_nusd from usage_counters"
+                              " where day = 'total' and subject in ("
+                              + ", ".join("?" * len(chunk)) + ")", chunk):
+            spend[parse_subject(row[0])[1][0]] = (row[1], row[2])
+    return spend
 
 
 # --- prices ---------------------------------------------------------------------
@@ -749,8 +1302,8 @@ def upsert_price_override(db, model, price, updated_at):
 
 def get_price_snapshot_id(db, model, prices):
     """The id of a (model, input, cached_input, output, cache_write) snapshot, made once."""
-    db.execute("insert or ignore into price_snapshots (model, input, cached_input, output,"
-               " cache_write) values (?, ?, ?, ?, ?)", (model, *prices))
+    db.execute("insert into price_snapshots (model, input, cached_input, output,"
+               " cache_write) values (?, ?, ?, ?, ?) on conflict do nothing", (model, *prices))
     return db.execute("select id from price_snapshots where model = ? and input = ? and"
                       " cached_input = ? and output = ? and cache_write = ?",
                       (model, *prices)).fetchone()[0]
@@ -775,25 +1328,37 @@ UPSERT_USAGE_DAILY_SQL = (
     " prompt_tokens, cached_tokens, cache_write_tokens, completion_tokens, cost_nusd,"
     " unpriced) values (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)"
     " on conflict (day, project_id, user_name, key_id, model) do update set"
-    " requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-    " cached_tokens = cached_tokens + excluded.cached_tokens,"
-    " cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,"
-    " completion_tokens = completion_tokens + excluded.completion_tokens,"
-    " cost_nusd = cost_nusd + excluded.cost_nusd, unpriced = unpriced + excluded.unpriced")
+    " requests = usage_daily.requests + 1,"
+    " prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens,"
+    " cached_tokens = usage_daily.cached_tokens + excluded.cached_tokens,"
+    " cache_write_tokens = usage_daily.cache_write_tokens + excluded.cache_write_tokens,"
+    " completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens,"
+    " cost_nusd = usage_daily.cost_nusd + excluded.cost_nusd,"
+    " unpriced = usage_daily.unpriced + excluded.unpriced")
 
 UPSERT_USAGE_COUNTER_SQL = (
     "insert into usage_counters (subject, day, requests, tokens, cost_nusd)"
     " values (?, ?, 1, ?, ?) on conflict (subject, day) do update set"
-    " requests = requests + 1, tokens = tokens + excluded.tokens,"
-    " cost_nusd = cost_nusd + excluded.cost_nusd")
+    " requests = usage_counters.requests + 1, tokens = usage_counters.tokens + excluded.tokens,"
+    " cost_nusd = usage_counters.cost_nusd + excluded.cost_nusd")
 
 
-def insert_usage_events(db, events, price_ids):
+UPSERT_USAGE_MINUTE_SQL = (
+    "insert into usage_minutes (subject, minute_start, requests, tokens, cost_nusd)"
+    " values (?, ?, 1, ?, ?) on conflict (subject, minute_start) do update set"
+    " requests = usage_minutes.requests + 1, tokens = usage_minutes.tokens + excluded.tokens,"
+    " cost_nusd = usage_minutes.cost_nusd + excluded.cost_nusd")
+
+
+def insert_usage_events(db, events, price_ids, reservation_ids=()):
     """Store a batch of usage events with their daily rollups and running totals.
 
     The caller holds the transaction; `price_ids[i]` is the snapshot of events[i].
+    On PostgreSQL the minute totals are written too, and the batch's
+    reservations deleted in the same transaction, so an admission sees each
+    call either reserved or used, never both nor neither.
     """
-    event_rows, daily_rows, counter_rows, key_touches = [], [], [], {}
+    event_rows, daily_rows, counter_rows, minute_rows, key_touches = [], [], [], [], {}
     for event, price_id in zip(events, price_ids):
         cost = event.cost_nusd or 0
         tokens = event.prompt_tokens + event.completion_tokens
@@ -809,9 +1374,11 @@ def insert_usage_events(db, events, price_ids):
             event.model or "", event.prompt_tokens, event.cached_tokens,
             event.cache_write_tokens, event.completion_tokens, cost,
             int(event.cost_nusd is None)))
+        minute = event.created_ms // 60000 * 60
         for subject in event.subjects:
             counter_rows.append((subject, day, tokens, cost))
             counter_rows.append((subject, "total", tokens, cost))
+            minute_rows.append((subject, minute, tokens, cost))
         if event.key_id:
             key_touches[event.key_id] = _iso_from_ms(event.created_ms)
     db.executemany(INSERT_USAGE_EVENT_SQL, event_rows)
@@ -819,6 +1386,60 @@ def insert_usage_events(db, events, price_ids):
     db.executemany(UPSERT_USAGE_COUNTER_SQL, counter_rows)
     db.executemany("update api_keys set last_used_at = ? where id = ?",
                    [(used_at, key_id) for key_id, used_at in key_touches.items()])
+    if engine_of(db) == "postgres":  # SQLite's one process counts minutes in memory
+        db.executemany(UPSERT_USAGE_MINUTE_SQL, minute_rows)
+        db.executemany("delete from reservations where id = ?",
+                       [(reservation_id,) for reservation_id in reservation_ids])
+
+
+# --- shared reservations (PostgreSQL) -----------------------------------------------
+
+def admit_reservation(db, reservation_id, now_ms, expires_ms, checks, need):
+    """Check a call against shared totals and reserve `need` in one round trip.
+
+    `checks` are (subject, window, start, first_day, last_day, metric 0-2,
+    amount, block, strict) in a sorted order (the advisory locks are taken in
+    it); `need` is [requests, tokens, nusd]. Returns (index of the first check
+    refused or None, [[used requests, tokens, nusd, held requests, tokens,
+    nusd] per check read]). Reserves under `reservation_id` only if none refused.
+    """
+    columns = list(zip(*checks))
+    row = db.execute(
+        "select llimit_admit(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (reservation_id, now_ms, expires_ms, list(columns[0]), list(columns[1]),
+         list(columns[2]), list(columns[3]), list(columns[4]),
+         [metric + 1 for metric in columns[5]], [float(x) for x in columns[6]],
+         list(columns[7]), list(columns[8]), list(need))).fetchone()[0]
+    totals = [row[first:first + 6] for first in range(1, len(row), 6)]
+    return (row[0] - 1 if row[0] else None), totals
+
+
+def delete_stale_reservations(db, now_ms, minute_before):
+    """Forget reservations past their expiry (an instance died) and minute totals before a time."""
+    db.execute("delete from reservations where expires_ms <= ?", (now_ms,))
+    db.execute("delete from usage_minutes where minute_start < ?", (minute_before,))
+
+
+def count_reservations(db):
+    """How many reservation rows are held (any instance, expired or not)."""
+    return db.execute("select count(*) from reservations").fetchone()[0]
+
+
+def get_minute_total(db, subject, minute_start):
+    """(requests, tokens, cost_nusd) of a subject in one minute, from usage_minutes."""
+    row = db.execute("select requests, tokens, cost_nusd from usage_minutes"
+                     " where subject = ? and minute_start = ?", (subject, minute_start)).fetchone()
+    return list(row) if row else [0, 0, 0]
+
+
+def get_minute_max_member(db, subject_prefix, minute_start, column):
+    """The largest one-minute total of `column` among subjects starting with a prefix."""
+    sql = {"requests": "select max(requests)", "tokens": "select max(tokens)",
+           "cost_nusd": "select max(cost_nusd)"}[column]
+    row = db.execute(sql + " from usage_minutes where subject >= ? and subject < ?"
+                     " and minute_start = ?",
+                     (subject_prefix, subject_prefix + "\uffff", minute_start)).fetchone()
+    return row[0] or 0
 
 
 def get_counter(db, subject, first_day, last_day):
@@ -838,7 +1459,7 @@ def get_counter_max_member(db, subject_prefix, first_day, last_day, column):
         "cost_nusd": "select max(s) from (select sum(cost_nusd) s",
     }[column]
     row = db.execute(sql + " from usage_counters where subject >= ? and subject < ?"
-                     " and day >= ? and day <= ? group by subject)",
+                     " and day >= ? and day <= ? group by subject) as members",
                      (subject_prefix, subject_prefix + "\uffff", first_day, last_day)).fetchone()
     return row[0] or 0
 
@@ -873,7 +1494,7 @@ USAGE_BY_GROUP_SQL = {
     group: (f"select {column} as grp, sum(requests), sum(prompt_tokens), sum(cached_tokens),"
             f" sum(cache_write_tokens), sum(completion_tokens), sum(cost_nusd), sum(unpriced)"
             f" from usage_daily where day >= :start and day <= :end"
-            f" and (:user is null or user_name = :user)"
+            f" and (cast(:user as text) is null or user_name = :user)"
             f" group by {column} order by " + ("grp" if group == "day" else "7 desc, grp"))
     for group, column in USAGE_GROUP_COLUMNS.items()
 }
@@ -916,18 +1537,25 @@ def iter_usage_daily(db, start_day, end_day):
 
 
 def iter_usage_events(db, start_ms, end_ms, batch=2000):
-    """Yield raw usage events created in [start_ms, end_ms), oldest first."""
-    cursor = db.execute(
-        "select e.*, p.input as price_input, p.cached_input as price_cached_input,"
-        " p.output as price_output, p.cache_write as price_cache_write"
-        " from usage_events e left join price_snapshots p on p.id = e.price_id"
-        " where e.created_ms >= ? and e.created_ms < ? order by e.created_ms, e.id",
-        (start_ms, end_ms))
+    """Yield raw usage events created in [start_ms, end_ms), oldest first.
+
+    Read a page at a time, each page after the last one's (created_ms, id), so
+    no engine holds a cursor open across the whole export.
+    """
+    after_ms, after_id = start_ms - 1, 2 ** 62
     while True:
-        rows = cursor.fetchmany(batch)
-        if not rows:
-            return
+        rows = db.execute(
+            "select e.*, p.input as price_input, p.cached_input as price_cached_input,"
+            " p.output as price_output, p.cache_write as price_cache_write"
+            " from usage_events e left join price_snapshots p on p.id = e.price_id"
+            " where e.created_ms >= ? and e.created_ms < ?"
+            " and (e.created_ms > ? or (e.created_ms = ? and e.id > ?))"
+            " order by e.created_ms, e.id limit ?",
+            (start_ms, end_ms, after_ms, after_ms, after_id, batch)).fetchall()
         yield from rows
+        if len(rows) < batch:
+            return
+        after_ms, after_id = rows[-1]["created_ms"], rows[-1]["id"]
 
 
 def reprice_usage_events(db, repriced):
@@ -937,25 +1565,37 @@ def reprice_usage_events(db, repriced):
     rebuild_rollups(db)
 
 
+# The UTC day of an event's created_ms, in each engine's words.
+EVENT_DAY_SQL = {
+    "sqlite": "strftime('%Y-%m-%d', created_ms / 1000, 'unixepoch')",
+    "postgres": "to_char(to_timestamp(created_ms / 1000) at time zone 'utc', 'YYYY-MM-DD')",
+}
+
+
 def rebuild_rollups(db):
     """Recompute usage_daily and usage_counters from usage_events (admin path only)."""
+    event_day = EVENT_DAY_SQL[engine_of(db)]
     db.execute("delete from usage_daily")
     db.execute(
-        "insert into usage_daily select strftime('%Y-%m-%d', created_ms / 1000, 'unixepoch'),"
+        f"insert into usage_daily select {event_day},"
         " coalesce(project_id, ''), coalesce(user_name, ''), coalesce(key_id, ''),"
         " coalesce(model, ''), count(*), sum(prompt_tokens), sum(cached_tokens),"
         " sum(cache_write_tokens), sum(completion_tokens), coalesce(sum(cost_nusd), 0),"
-        " sum(cost_nusd is null) from usage_events group by 1, 2, 3, 4, 5")
+        " sum(case when cost_nusd is null then 1 else 0 end) from usage_events"
+        " group by 1, 2, 3, 4, 5")
     db.execute("delete from usage_counters")
     prefix = SUBJECT_PREFIXES
     for subject_sql, parts in (
-            ("?", (SUBJECT_ALL,)), ("? || project_id", (prefix["project"],)),
-            ("? || key_id", (prefix["key"],)), ("? || user_name", (prefix["user"],)),
-            ("? || project_id || ? || user_name", (prefix["project_user"], SUBJECT_SEPARATOR))):
+            ("cast(? as text)", (SUBJECT_ALL,)),
+            ("cast(? as text) || project_id", (prefix["project"],)),
+            ("cast(? as text) || key_id", (prefix["key"],)),
+            ("cast(? as text) || user_name", (prefix["user"],)),
+            ("cast(? as text) || project_id || cast(? as text) || user_name",
+             (prefix["project_user"], SUBJECT_SEPARATOR))):
         # subject_sql is one of the constant expressions above, never user input.
         db.execute(
             f"insert into usage_counters select {subject_sql} as subject,"
-            " strftime('%Y-%m-%d', created_ms / 1000, 'unixepoch') as d, count(*),"
+            f" {event_day} as d, count(*),"
             " sum(prompt_tokens + completion_tokens), coalesce(sum(cost_nusd), 0)"
             f" from usage_events where {subject_sql} is not null group by subject, d",
             parts + parts)
@@ -977,7 +1617,7 @@ def get_limit(db, limit_id):
 
 def insert_limit(db, limit):
     """Insert a limit from a dict."""
-    db.execute("insert into limits (id, scope, target, each, metric, window, amount, action,"
+    db.execute("insert into limits (id, scope, target, each, metric, \"window\", amount, action,"
                " alert_at, note, created_at) values (:id, :scope, :target, :each, :metric,"
                " :window, :amount, :action, :alert_at, :note, :created_at)", limit)
 
@@ -985,7 +1625,7 @@ def insert_limit(db, limit):
 def update_limit(db, limit):
     """Write back every field of a limit dict."""
     db.execute("update limits set scope = :scope, target = :target, each = :each,"
-               " metric = :metric, window = :window, amount = :amount, action = :action,"
+               " metric = :metric, \"window\" = :window, amount = :amount, action = :action,"
                " alert_at = :alert_at, note = :note where id = :id", limit)
 
 
@@ -997,9 +1637,9 @@ def delete_limit(db, limit_id):
 def insert_alert_once(db, alert):
     """Record an alert; returns False when this threshold already fired this window."""
     return db.execute(
-        "insert or ignore into alerts_sent (limit_id, subject, window_start, threshold,"
+        "insert into alerts_sent (limit_id, subject, window_start, threshold,"
         " created_at, text) values (:limit_id, :subject, :window_start, :threshold,"
-        " :created_at, :text)", alert).rowcount > 0
+        " :created_at, :text) on conflict do nothing", alert).rowcount > 0
 
 
 def list_undelivered_alerts(db):
@@ -1465,7 +2105,9 @@ class UsageWriter:
     def _write(self, db, batch):
         begin_write(db)
         price_ids = [self._price_id(db, event) for event in batch]
-        insert_usage_events(db, batch, price_ids)
+        insert_usage_events(db, batch, price_ids, [
+            event.reservation.shared_id for event in batch
+            if event.reservation is not None and event.reservation.shared_id])
         # Limits read running totals lazily from the database; committing and
         # applying under one lock means each event is counted exactly once.
         with self.commit_lock:
@@ -1635,6 +2277,7 @@ class Admission:
     reservation: list                 # [(counter key, [requests, tokens, nusd])]
     alert_checks: list                # [(limit, subject)] for alerts after the call
     headers: dict                     # rate-limit and budget headers for the client
+    shared_id: str = None             # SharedLimits: the reservation rows' id
 
 
 class Limits:
@@ -1706,10 +2349,7 @@ class Limits:
                         warnings.append(describe_limit(limit) + " reached")
                     continue
                 if not ledger_healthy:
-                    raise LlimitError(503, "service_unavailable",
-                                      "The usage ledger cannot be written right now, so calls"
-                                      " under a spending limit are refused. Try again shortly.",
-                                      code="ledger_unavailable")
+                    raise _ledger_unavailable()
                 need = call.need[index]
                 strict = call.strict or limit["metric"] == "requests"
                 if (used + in_flight + need > amount) if strict else (used + in_flight >= amount):
@@ -1829,7 +2469,7 @@ class Limits:
         due = []
         for limit, subject in checks:
             start, end = window_bounds(limit["window"], seconds)
-            entry = self._used.get((subject, limit["window"], start))
+            entry = self._committed_entry(subject, limit["window"], start, end)
             amount = limit_amount_units(limit)
             if entry is None or amount <= 0:
                 continue
@@ -1847,6 +2487,9 @@ class Limits:
                         "created_at": utc_iso(seconds),
                         "text": _alert_text(limit, subject, threshold, entry, end)})
         return due
+
+    def _committed_entry(self, subject, window, start, end):
+        return self._used.get((subject, window, start))
 
     def _prune(self, now):
         minute = int(now // 60 * 60)
@@ -1871,6 +2514,119 @@ class Limits:
             headers["Retry-After"] = str(max(1, int(end - now + 0.999)))
             return LlimitError(429, "rate_limit_exceeded", message, headers=headers)
         return LlimitError(429, "budget_exceeded", message, headers=headers)
+
+
+class SharedLimits(Limits):
+    """Limits for several llimit instances on one PostgreSQL database.
+
+    Nothing is counted in memory, since another instance's calls would
+    overtake it: a call's admission is one statement (admit_reservation) that
+    reads each window's used total and the reservations of calls under way
+    on every instance, and reserves this call's worst case, under a lock per
+    window. The usage writer deletes the reservation in the transaction that
+    stores the call's usage; one left by an instance that died expires after
+    `reservation_seconds`.
+    """
+
+    PRUNE_SECONDS = 60
+
+    def __init__(self, database, clock, reservation_seconds):
+        super().__init__(database, clock)
+        self.reservation_seconds = reservation_seconds
+        self._pruned_at = 0
+
+    def admit(self, db, call, limits, ledger_healthy):
+        """Check a call against its limits and reserve its worst case (see Limits.admit)."""
+        now = self.clock()
+        checks, alert_checks, headers, warnings = [], [], {}, []
+        for limit in limits:
+            subject = limit_subject(limit, call.project_id, call.user_name, call.key_id)
+            if subject is None:
+                continue
+            if limit["alert_at"] or self._alerts_full(limit):
+                alert_checks.append((limit, subject))
+            block = limit["action"] == "block"
+            if block and not ledger_healthy:
+                raise _ledger_unavailable()
+            start, end = window_bounds(limit["window"], now)
+            first, last = ("total", "total") if end is None else (_day(start), _day(end - 1))
+            index = METRIC_INDEX[limit["metric"]]
+            checks.append(((subject, limit["window"], start, first, last, index,
+                            limit_amount_units(limit), block,
+                            call.strict or limit["metric"] == "requests"), limit, end))
+        if not checks:
+            return Admission([], alert_checks, headers)
+        checks.sort(key=lambda check: check[0][:3])
+        blocks = any(check[0][7] for check in checks)
+        shared_id = secrets.token_hex(12) if blocks else None
+        try:
+            refused, totals = admit_reservation(
+                db, shared_id, int(now * 1000), int((now + self.reservation_seconds) * 1000),
+                [check[0] for check in checks], call.need)
+        except DatabaseUnavailable:
+            log.exception("admission: the shared ledger does not answer")
+            if blocks:
+                raise _ledger_unavailable() from None
+            return Admission([], alert_checks, headers)
+        for (row, limit, end), total in zip(checks, totals):
+            index, amount = row[5], row[6]
+            used, in_flight = total[index], total[index + 3]
+            if refused is not None and row is checks[refused][0]:
+                raise self._refusal(limit, used, in_flight, end, now, call.limit_message)
+            _limit_headers(headers, limit, amount, used + in_flight, row[2], end, now)
+            if not row[7] and used >= amount:
+                warnings.append(describe_limit(limit) + " reached")
+        if warnings:
+            headers["X-LLimit-Warning"] = "; ".join(warnings)
+        return Admission([], alert_checks, headers, shared_id)
+
+    def count_committed(self, events):
+        """Alerts due after committed events (read from the database); prunes now and then."""
+        db = self.database()
+        alerts = []
+        for event in events:
+            if event.reservation is not None:
+                alerts += self._alerts_due(event.reservation.alert_checks,
+                                           event.created_ms / 1000)
+        now = self.clock()
+        if now - self._pruned_at >= self.PRUNE_SECONDS:
+            self._pruned_at = now
+            delete_stale_reservations(db, int(now * 1000), int(now) // 60 * 60 - 3600)
+            self._prune(now)
+        return alerts
+
+    def used(self, db, limit, subject):
+        """(used in counter units, window end or None) of a limit for one subject."""
+        start, end = window_bounds(limit["window"], self.clock())
+        entry = self._committed_entry(subject, limit["window"], start, end, db)
+        return entry[METRIC_INDEX[limit["metric"]]], end
+
+    def used_by_top_member(self, db, limit):
+        """For an `each` limit: the largest use among its members this window."""
+        if limit["window"] != "minute":
+            return super().used_by_top_member(db, limit)
+        start, end = window_bounds("minute", self.clock())
+        if limit["scope"] == "project" and limit["each"] == "user":
+            prefix = subject_members("project_user", limit["target"])
+        else:
+            prefix = subject_members(limit["each"])
+        column = ("requests", "tokens", "cost_nusd")[METRIC_INDEX[limit["metric"]]]
+        return get_minute_max_member(db, prefix, start, column), end
+
+    def _committed_entry(self, subject, window, start, end, db=None):
+        db = db or self.database()
+        if window == "minute":
+            return get_minute_total(db, subject, start)
+        if window == "total":
+            return get_lifetime_total(db, subject)
+        return get_counter(db, subject, _day(start), _day(end - 1))
+
+
+def _ledger_unavailable():
+    return LlimitError(503, "service_unavailable",
+                       "The usage ledger cannot be written right now, so calls"
+                       " under a spending limit are refused. Try again shortly.",
+                       code="ledger_unavailable")
 
 
 def _limit_headers(headers, limit, amount, used, start, end, now):
@@ -3209,6 +3965,12 @@ def _proxy(state, path, deployment=None):
             db, call, state.limits.for_call(db, key["config_version"], call.project_id,
                                             call.user_name, call.key_id),
             state.writer.healthy)
+    except DatabaseUnavailable:
+        # Fail closed: with no ledger, no call can be checked against its limits.
+        log.exception("proxy: the database does not answer")
+        error = _ledger_unavailable()
+        _log_refused(environ, error.status, started, key, requested_model)
+        raise error from None
     except LlimitError as error:
         _log_refused(environ, error.status, started, key, requested_model)
         raise
@@ -5510,12 +6272,16 @@ class State:
 
     def __init__(self, config):
         self.config = config
-        self.database = Database(config.db_path)
+        self.database = open_database(config.db_path, pool_size=min(config.threads, 16))
         migrate(self.database())
         self.file_prices = load_price_file(config.pricing_path)
         self.pricebook = Pricebook(self.file_prices, list_price_overrides(self.database()))
         self.metrics = Metrics()
-        self.limits = Limits(self.database, config.clock)
+        if self.database.engine == "postgres":
+            self.limits = SharedLimits(self.database, config.clock, config.reservation_seconds
+                                       or config.upstream_timeout + 60)
+        else:
+            self.limits = Limits(self.database, config.clock)
         self.auth_throttle = AuthThrottle(config.clock)
         self.keys = KeyCache()
         self.alerts = AlertSender(self.database, config.alert_webhook)
@@ -5538,6 +6304,7 @@ class State:
         """Write all queued usage and close upstream connections; False if usage is left."""
         written = self.writer.close()
         self.pool.close()
+        self.database.close()
         return written
 
 
