@@ -915,7 +915,10 @@ class PostgresConnection:
         """COMMIT or ROLLBACK the open transaction and hand its connection back."""
         conn, self._held = self._held, None
         try:
-            self._translate(lambda: conn.execute(statement))
+            conn.execute(statement)
+        except self._psycopg.Error as error:
+            if statement != "rollback":  # a broken connection's transaction is gone anyway
+                raise EngineUnavailable(str(error).strip()) from error
         finally:
             self._pool.putconn(conn)
 

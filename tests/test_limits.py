@@ -253,7 +253,9 @@ def test_failed_calls_release_their_reservation(make_llimit, fake):
     assert gateway.reservations_held() == 0
 
 
-def test_fail_closed_when_usage_cannot_be_written(gateway, fake):
+def test_fail_closed_when_usage_cannot_be_written(gateway, fake, engine):
+    if engine == "postgres":
+        pytest.skip("SQLite's lock; test_postgres_outage_fails_closed_and_recovers is PostgreSQL's")
     raw_key, key_id = gateway.create_key()
     add_limit(gateway, scope="key", target=key_id, metric="usd", window="day", amount=100)
     blocker = sqlite3.connect(gateway.config.db_path, isolation_level=None)
@@ -367,3 +369,43 @@ def test_a_minute_window_survives_a_restart_and_counts_a_new_limits_past(make_ll
     assert blocked.headers["Retry-After"] == "30"
     clock.advance(30)
     assert call(again, raw_key).status_code == 200
+
+
+def test_postgres_outage_fails_closed_and_recovers(make_llimit, fake, engine, databases,
+                                                   tmp_path_factory):
+    if engine != "postgres":
+        pytest.skip("test_fail_closed_when_usage_cannot_be_written is SQLite's")
+    from tests.pg_proxy import PostgresRelay
+
+    relay = PostgresRelay(databases("ledger"), str(tmp_path_factory.mktemp("relay")))
+    try:
+        gateway = make_llimit(db_path=relay.url)
+        raw_key, key_id = gateway.create_key()
+        add_limit(gateway, scope="key", target=key_id, metric="usd", window="day", amount=100)
+        assert call(gateway, raw_key).status_code == 200
+        # A call admitted before the outage, answered during it: its usage must not be lost.
+        fake.behaviour["delay_first"] = 1.0
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            under_way = pool.submit(call, gateway, raw_key)
+            time.sleep(0.5)
+            relay.cut()
+            assert under_way.result().status_code == 200
+        fake.behaviour.clear()
+        refused = call(gateway, raw_key)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "ledger_unavailable"
+        assert requests.get(gateway.url + "/healthz").status_code == 503
+        relay.restore()
+        deadline = time.monotonic() + 30
+        while call(gateway, raw_key).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert requests.get(gateway.url + "/healthz").status_code == 200
+        gateway.wait_idle()
+        deadline = time.monotonic() + 30
+        while len(gateway.events()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(gateway.events()) == 3, "the call answered during the outage was metered"
+        assert gateway.reservations_held() == 0
+        assert_running_totals_match_events(gateway)
+    finally:
+        relay.close()
