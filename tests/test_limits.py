@@ -203,7 +203,11 @@ def _spend(gateway):
 
 
 @pytest.mark.parametrize("max_tokens", [7, None], ids=["max_tokens", "unbounded"])
-def test_concurrent_calls_do_not_overrun_a_budget(gateway, fake, max_tokens):
+def test_concurrent_calls_do_not_overrun_a_budget(make_llimit, fake, max_tokens, engine):
+    gateway = make_llimit()
+    # On PostgreSQL the calls are spread over two instances sharing the ledger.
+    instances = [gateway] + ([make_llimit(db_path=gateway.config.db_path)]
+                             if engine == "postgres" else [])
     budget_nusd = 5 * CALL_NUSD + CALL_NUSD // 2
     raw_key, key_id = gateway.create_key()
     add_limit(gateway, scope="key", target=key_id, metric="usd", window="day",
@@ -211,8 +215,11 @@ def test_concurrent_calls_do_not_overrun_a_budget(gateway, fake, max_tokens):
     fake.behaviour["delay_first"] = 0.05
     extra = {"max_tokens": max_tokens} if max_tokens else {}
     with concurrent.futures.ThreadPoolExecutor(48) as pool:
-        statuses = list(pool.map(lambda _: call(gateway, raw_key, **extra).status_code,
-                                 range(48)))
+        statuses = list(pool.map(
+            lambda n: call(instances[n % len(instances)], raw_key, **extra).status_code,
+            range(48)))
+    for instance in instances:
+        instance.wait_idle()
     assert set(statuses) <= {200, 429} and 429 in statuses
     spend = _spend(gateway)
     if max_tokens:
@@ -409,3 +416,30 @@ def test_postgres_outage_fails_closed_and_recovers(make_llimit, fake, engine, da
         assert_running_totals_match_events(gateway)
     finally:
         relay.close()
+
+
+def test_reservations_of_a_killed_instance_expire(processes, fake, engine, databases):
+    if engine != "postgres":
+        pytest.skip("one SQLite process holds its reservations in memory")
+    url = databases("shared")
+    first = processes(db_path=url, name="first", LLIMIT_RESERVATION_SECONDS="3")
+    second = processes(db_path=url, name="second", LLIMIT_RESERVATION_SECONDS="3")
+    raw_key, key_id = first.create_key()
+    add_limit(first, scope="key", target=key_id, metric="requests", window="day", amount=1)
+    fake.behaviour["delay_first"] = 60
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(call, first, raw_key)
+        deadline = time.monotonic() + 30
+        while not fake.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fake.behaviour.clear()
+        assert call(second, raw_key).status_code == 429  # the first call holds the only one
+        first.kill()
+        first.wait()
+    started = time.monotonic()
+    while call(second, raw_key).status_code == 429 and time.monotonic() - started < 30:
+        time.sleep(0.2)
+    waited = time.monotonic() - started
+    assert waited < 10, "the dead instance's reservation expired in its bounded time"
+    assert call(second, raw_key).status_code == 429  # and the limit holds again
+    assert len(second.events()) == 1
