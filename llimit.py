@@ -1122,6 +1122,69 @@ def _sql_quote(text):
     return "'" + text.replace("'", "''") + "'"
 
 
+# --- copying a database (migrate-db) ----------------------------------------------
+
+# Kept by each database itself, never copied: migrations applied, the trigger-kept
+# version, and calls under way (live only in the instance that admitted them).
+UNCOPIED_TABLES = ("_migrations", "config_version", "reservations")
+# Rows the target may hold already (the default project; settings of a first
+# start): the source's values win. Every other table only gains rows it lacks.
+REPLACED_TABLES = {"settings": "name", "projects": "id"}
+LIST_TABLES_SQL = {
+    "sqlite": "select name from sqlite_master where type = 'table'"
+              " and name not like 'sqlite_%' order by rowid",
+    "postgres": "select table_name from information_schema.tables"
+                " where table_schema = current_schema() and table_type = 'BASE TABLE'",
+}
+# After rows came in with their ids, the next id must follow them.
+FOLLOW_IDS_SQL = {
+    "sqlite": [],
+    "postgres": [f"select setval(pg_get_serial_sequence('{table}', 'id'),"
+                 f" coalesce((select max(id) from {table}), 0) + 1, false)"
+                 for table in ("usage_events", "price_snapshots")],
+}
+
+
+def list_tables(db):
+    """The names of a database's tables."""
+    return [row[0] for row in db.execute(LIST_TABLES_SQL[engine_of(db)])]
+
+
+def copy_table(source, target, table, batch=1000):
+    """Copy one table's rows the target lacks (by primary key); returns (copied, read).
+
+    Both are migrated to the same schema; the caller holds the target's transaction.
+    """
+    copied = read = 0
+    columns = None
+    cursor = source.execute(f"select * from {table}")  # table: a name list_tables found
+    while True:
+        rows = cursor.fetchmany(batch)
+        if not rows:
+            break
+        if columns is None:
+            columns = list(rows[0].keys())
+            names = ", ".join(f'"{column}"' for column in columns)
+            values = ", ".join("?" * len(columns))
+            sql = f"insert into {table} ({names}) values ({values}) on conflict do nothing"
+            key = REPLACED_TABLES.get(table)
+            if key:
+                distinct = "is distinct from" if engine_of(target) == "postgres" else "is not"
+                sql = (sql.removesuffix("do nothing") + f"({key}) do update set "
+                       + ", ".join(f'"{c}" = excluded."{c}"' for c in columns) + " where "
+                       + " or ".join(f'{table}."{c}" {distinct} excluded."{c}"' for c in columns))
+        for row in rows:
+            copied += target.execute(sql, tuple(row)).rowcount
+        read += len(rows)
+    return copied, read
+
+
+def follow_copied_ids(db):
+    """Let the engine's id sequences go on after rows copied with their ids."""
+    for sql in FOLLOW_IDS_SQL[engine_of(db)]:
+        db.execute(sql)
+
+
 # --- running totals' subjects ------------------------------------------------------
 # usage_counters.subject says whose running total a row is: all usage, one
 # project, user or key, or one user within one project. This codec is the only
@@ -6726,6 +6789,36 @@ def cli_pricing(config, args):
     return 0
 
 
+def cli_migrate_db(config, args):
+    """migrate-db --from SOURCE --to TARGET: copy every table, idempotently."""
+    if args.source == args.target:
+        raise LlimitError(400, "invalid_request_error", "--from and --to name the same database")
+    source_database, target_database = open_database(args.source), open_database(args.target)
+    source, target = source_database(), target_database()
+    try:
+        for database, db in (("--from", source), ("--to", target)):
+            applied = migrate(db)
+            if applied:
+                print(f"{database}: applied {len(applied)} migrations first")
+        tables = [table for table in list_tables(source) if table not in UNCOPIED_TABLES]
+        known = set(list_tables(target))
+        total = 0
+        with transaction(target):
+            for table in tables:
+                if table not in known:
+                    raise LlimitError(400, "invalid_request_error",
+                                      f"the target has no table {table}")
+                copied, read = copy_table(source, target, table)
+                total += copied
+                print(f"{table}: {copied} of {read} rows copied")
+            follow_copied_ids(target)
+        print(f"copied {total} rows" if total else "nothing new to copy")
+    finally:
+        source_database.close()
+        target_database.close()
+    return 0
+
+
 def build_parser():
     """The argparse parser of every subcommand."""
     flags = config_flags()
@@ -6785,11 +6878,15 @@ def build_parser():
 
     pricing = commands.add_parser("pricing", parents=[flags], help="prices in force")
     pricing.add_argument("action", choices=("missing", "list"))
+    migrate_db = commands.add_parser(
+        "migrate-db", help="copy one database into another (SQLite file or postgresql:// URL)")
+    migrate_db.add_argument("--from", dest="source", required=True, help="database to read")
+    migrate_db.add_argument("--to", dest="target", required=True, help="database to fill")
     return parser
 
 
 COMMANDS = {"keys": cli_keys, "projects": cli_projects, "limits": cli_limits,
-            "usage": cli_usage, "pricing": cli_pricing}
+            "usage": cli_usage, "pricing": cli_pricing, "migrate-db": cli_migrate_db}
 
 
 def main(argv=None):

@@ -153,14 +153,15 @@ def postgres_url():
 
 @pytest.fixture
 def databases(request, engine, tmp_path):
-    """databases(name): a SQLite file in tmp_path, or the URL of a fresh PostgreSQL schema.
+    """databases(name): a SQLite file in tmp_path, or the URL of a fresh PostgreSQL schema
+    (the test's engine, unless `engine=` says).
 
     The same name gives the same database within a test.
     """
     made = {}
     schemas = []
 
-    def location(name):
+    def location(name, engine=engine):
         if engine == "sqlite":
             return str(tmp_path / name)
         if name not in made:

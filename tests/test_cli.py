@@ -94,3 +94,50 @@ def test_what_the_cli_changes_holds_from_the_servers_next_call(gateway, fake):
     assert chat() == 200
     assert run_cli(gateway, "keys", "revoke", key_id).returncode == 0
     assert chat() == 403
+
+
+def test_migrate_db_copies_everything_once(make_llimit, fake, databases, postgres_url):
+    old = make_llimit()
+    raw_key, key_id = old.create_key(user="mona", note="moved")
+    old.admin.patch(old.url + "/admin/projects/default", json={"limit_message": "Ask ops."})
+    old.admin.post(old.url + "/admin/projects", json={"id": "team-b", "name": "Team B"})
+    limit = old.admin.post(old.url + "/admin/limits", json={
+        "scope": "key", "target": key_id, "metric": "requests", "window": "total",
+        "amount": 3}).json()
+    old.admin.put(old.url + "/admin/pricing/house-model", json={"input": 1, "output": 2})
+    for _ in range(2):
+        assert requests.post(old.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                             headers={"Authorization": f"Bearer {raw_key}"}).status_code == 200
+    old.wait_idle()
+    usage_before = old.admin.get(old.url + "/admin/usage?group_by=user").json()
+    source = old.config.db_path
+    old.stop()
+    target = databases("moved", engine="postgres")
+    first = subprocess.run([sys.executable, "llimit.py", "migrate-db", "--from", source,
+                            "--to", target], capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    copied = {line.split(":")[0]: line.split(": ")[1] for line in first.stdout.splitlines()
+              if " rows copied" in line}
+    assert copied["api_keys"] == "1 of 1 rows copied"
+    assert copied["usage_events"] == "2 of 2 rows copied"
+    assert copied["projects"] == "2 of 2 rows copied"  # the default one's settings too
+    assert copied["limits"] == "1 of 1 rows copied"
+    assert copied["model_prices"] == "1 of 1 rows copied"
+    for table in ("usage_daily", "usage_counters", "sessions", "settings", "price_snapshots"):
+        assert table in copied
+    again = subprocess.run([sys.executable, "llimit.py", "migrate-db", "--from", source,
+                            "--to", target], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "nothing new to copy" in again.stdout
+    new = make_llimit(db_path=target)
+    assert new.admin.get(new.url + "/admin/usage?group_by=user").json() == usage_before
+    assert new.admin.get(f"{new.url}/admin/limits/{limit['id']}").json()["used"] == 2
+    assert new.admin.get(new.url + "/admin/projects/default").json()["limit_message"] \
+        == "Ask ops."
+    headers = {"Authorization": f"Bearer {raw_key}"}
+    assert requests.post(new.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                         headers=headers).status_code == 200
+    assert requests.post(new.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                         headers=headers).status_code == 429  # the total limit: 3 of 3
+    ids = [event["id"] for event in new.events()]
+    assert len(ids) == 3 and len(set(ids)) == 3  # new ids follow the copied ones
