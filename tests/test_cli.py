@@ -6,6 +6,8 @@ import sys
 
 import requests
 
+ENGINES = ("sqlite", "postgres")
+
 
 def run_cli(gateway, *args):
     result = subprocess.run([sys.executable, "llimit.py", *args, "--db", gateway.config.db_path],
