@@ -9,7 +9,8 @@ budgets, quotas and rate limits per project, user and key.
 Run it with ``python llimit.py`` (the same as ``python llimit.py serve``): it
 serves on 127.0.0.1:8000 with ./llimit.db. Every setting is an environment
 variable ``LLIMIT_*`` with a matching flag (``python llimit.py serve --help``);
-README.md documents them all, and the public surface is in CONTRACT.md.
+README.md documents them all and the public surface (the proxy, keys, limits, the
+admin API, the pages and the CLI), with detail in docs/.
 
 Prompts and completions pass through; they are never stored or logged.
 """
@@ -207,6 +208,8 @@ SETTINGS = [
 ]
 
 
+SETTING_FLAG_FIELDS = {field: flag for field, _env, flag, *_ in SETTINGS if flag}
+
 SECRET_SETTINGS = frozenset(("admin_token", "upstream_key", "metrics_token",
                              "oidc_client_secret"))
 
@@ -227,23 +230,32 @@ Config = dataclasses.make_dataclass(
                "base_url": property(_base_url)})
 
 
-def config_flags():
-    """An argparse parent parser holding every setting that has a flag."""
-    parser = argparse.ArgumentParser(add_help=False)
+def config_flags(fields=None):
+    """An argparse parent parser holding the settings that have a flag (or those in `fields`).
+
+    A flag not given is absent from the parsed namespace (SUPPRESS), so the same flag
+    may stand before a subcommand or after it without one overwriting the other.
+    """
+    parser = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     for field, env, flag, default, parse, help_text in SETTINGS:
-        if flag:
-            parser.add_argument(flag, dest=field, default=None,
+        if flag and (fields is None or field in fields):
+            parser.add_argument(flag, dest=field,
                                 help=f"{help_text} (${env}, default {default})")
     return parser
 
 
 def load_config(argv=(), environ=None):
     """Build the Config from flags (which win) and LLIMIT_* variables."""
-    environ = os.environ if environ is None else environ
     flags, _ = config_flags().parse_known_args(list(argv))
+    return config_from_flags(vars(flags), environ)
+
+
+def config_from_flags(flags, environ=None):
+    """Build the Config from parsed flag values ({field: text}) and LLIMIT_* variables."""
+    environ = os.environ if environ is None else environ
     values = {}
     for field, env, flag, default, parse, _help in SETTINGS:
-        raw = getattr(flags, field, None) if flag else None
+        raw = flags.get(field) if flag else None
         if raw is None:
             raw = environ.get(env)
         if raw is None or raw == "":
@@ -782,6 +794,14 @@ def connect(path):
     db.execute("pragma synchronous = normal")
     db.execute("pragma foreign_keys = on")
     return db
+
+
+def database_exists(path):
+    """Whether the database `path` names is there already (connecting would create a file).
+
+    A PostgreSQL database is made by its server's admin; connecting creates nothing.
+    """
+    return is_postgres_url(path) or os.path.exists(path)
 
 
 class Database:
@@ -2118,6 +2138,9 @@ class UsageWriter:
         self._price_ids = {}
         self._thread = threading.Thread(target=self._run, name="llimit-usage-writer",
                                         daemon=True)
+
+    def start(self):
+        """Start writing (the server's thread; the CLI never starts one)."""
         self._thread.start()
 
     def submit(self, event):
@@ -2131,6 +2154,8 @@ class UsageWriter:
 
     def close(self, timeout=30.0):
         """Write everything queued, then stop the thread; False if it could not in time."""
+        if not self._thread.is_alive():
+            return self._queue.empty()  # never started: nothing was written, or queued
         self._queue.put(None)
         self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -2818,10 +2843,13 @@ class AlertSender:
         self._queue = queue.SimpleQueue()
         self._session = requests.Session()
         self._thread = threading.Thread(target=self._run, name="llimit-alerts", daemon=True)
-        self._thread.start()
-        if webhook_url:
-            for alert in list_undelivered_alerts(database()):
+
+    def start(self):
+        """Start delivering, the undelivered alerts of earlier runs first (the server only)."""
+        if self.webhook_url:
+            for alert in list_undelivered_alerts(self.database()):
                 self._queue.put(dict(alert))
+        self._thread.start()
 
     def record(self, db, alerts):
         """Store alerts that are due (once each) and queue the new ones for delivery."""
@@ -6362,6 +6390,16 @@ class State:
             raise ValueError(f"LLIMIT_CHARTJS names no file: {config.chartjs}")
         self.generated_admin_token = None
 
+    def start(self):
+        """Start the background threads (usage writer, alert sender); returns self.
+
+        Only a server starts them: building a State has no side effects
+        beyond the database, so the same parts serve tests and tools.
+        """
+        self.writer.start()
+        self.alerts.start()
+        return self
+
     def reload_prices(self):
         """Take up price overrides changed in the database."""
         self.pricebook = Pricebook(self.file_prices, list_price_overrides(self.database()))
@@ -6595,14 +6633,21 @@ def serve(config):
     _warn_missing_upstream_keys(state)
     for warning in sign_in_warnings(config):
         log.warning("%s", warning)
-    server = waitress.create_server(
-        app, host=config.host, port=config.port, threads=config.threads, ident="llimit",
-        max_request_body_size=config.max_body_bytes * 2 + 65536,
-        # 64 KiB of headers is far above any client's; more gets 431 from waitress
-        # instead of being carried upstream (waitress would take 256 KiB).
-        max_request_header_size=64 * 1024,
-        connection_limit=max(100, config.threads * 4), channel_timeout=300,
-        asyncore_use_poll=True)  # select() fails once a descriptor passes 1023
+    try:
+        server = waitress.create_server(
+            app, host=config.host, port=config.port, threads=config.threads, ident="llimit",
+            max_request_body_size=config.max_body_bytes * 2 + 65536,
+            # 64 KiB of headers is far above any client's; more gets 431 from waitress
+            # instead of being carried upstream (waitress would take 256 KiB).
+            max_request_header_size=64 * 1024,
+            connection_limit=max(100, config.threads * 4), channel_timeout=300,
+            asyncore_use_poll=True)  # select() fails once a descriptor passes 1023
+    except OSError as error:  # the port is taken, or the address is not this machine's
+        log.error("cannot listen on %s:%s: %s", config.host, config.port,
+                  error.strerror or error)
+        log_writer.stop()
+        return 1
+    state.start()
     signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state, log_writer))
     log.info("llimit %s serving on http://%s:%s (database %s)", __version__,
              config.host, server.effective_port, config.db_path)
@@ -6681,16 +6726,33 @@ def _cell(value):
     return str(value)
 
 
-def _cli_state(config):
-    state = State(config)
-    return state, state.database()
+def open_admin_database(config, reading):
+    """The database an admin subcommand works on; one that only reads refuses a missing file.
+
+    Reading from the wrong directory would otherwise create an empty
+    llimit.db and report zeros as if they were the truth.
+    """
+    existed = database_exists(config.db_path)
+    if reading and not existed:
+        raise LlimitError(404, "invalid_request_error",
+                          f"no database at {config.db_path}: run this where llimit.db is,"
+                          " or give --db PATH (or LLIMIT_DB)")
+    db = open_database(config.db_path, pool_size=2)()
+    migrate(db)
+    if not existed:
+        print(f"llimit: created a new database at {config.db_path}", file=sys.stderr)
+    return db
 
 
 def cli_keys(config, args):
     """keys create|list|revoke"""
-    state, db = _cli_state(config)
+    db = open_admin_database(config, reading=args.action != "create")
     now = config.clock()
     if args.action == "create":
+        if not args.user and not args.project_key:
+            raise LlimitError(400, "invalid_request_error",
+                              "keys create needs --user NAME (a personal key), or --project-key"
+                              " for a key an app shares, with no user")
         fields = validate_key_fields({"user": args.user, "project": args.project,
                                       "note": args.note, "expires_at": args.expires_at,
                                       "models": args.models.split(",") if args.models else None},
@@ -6716,7 +6778,7 @@ def cli_keys(config, args):
 
 def cli_projects(config, args):
     """projects list|create"""
-    state, db = _cli_state(config)
+    db = open_admin_database(config, reading=args.action != "create")
     if args.action == "create":
         data = {"id": args.id, "name": args.name, "upstream_kind": args.kind,
                 "upstream_url": args.url, "upstream_key": args.upstream_key,
@@ -6735,7 +6797,7 @@ def cli_projects(config, args):
 
 def cli_limits(config, args):
     """limits list|create|delete"""
-    state, db = _cli_state(config)
+    db = open_admin_database(config, reading=args.action != "create")
     if args.action == "create":
         data = {"scope": args.scope, "target": args.target, "each": args.each,
                 "metric": args.metric, "window": args.window, "amount": args.amount,
@@ -6752,7 +6814,8 @@ def cli_limits(config, args):
         print(f"deleted {args.id}" if found else f"no limit {args.id}")
         return 0 if found else 1
     else:
-        _print_table([state.limits.status(db, row) for row in list_limits(db)],
+        limits = Limits(lambda: db, config.clock)  # read only: no usage is counted here
+        _print_table([limits.status(db, row) for row in list_limits(db)],
                      ("id", "scope", "target", "each", "metric", "window", "amount", "used",
                       "action", "resets_at"))
     return 0
@@ -6760,7 +6823,7 @@ def cli_limits(config, args):
 
 def cli_usage(config, args):
     """usage --group-by user|key|project|model|day"""
-    state, db = _cli_state(config)
+    db = open_admin_database(config, reading=True)
     query = {"start": args.start, "end": args.end}
     start, end = report_range(query, config.clock())
     report = usage_report(db, args.group_by, start, end)
@@ -6776,15 +6839,16 @@ def cli_usage(config, args):
 
 def cli_pricing(config, args):
     """pricing missing|list"""
-    state, db = _cli_state(config)
+    db = open_admin_database(config, reading=True)
+    pricebook = Pricebook(load_price_file(config.pricing_path), list_price_overrides(db))
     if args.action == "missing":
-        missing = missing_prices(db, state.pricebook)
+        missing = missing_prices(db, pricebook)
         for model in missing:
             print(model)
         if not missing:
             print("every model seen has a price", file=sys.stderr)
         return 0
-    for model, price in sorted(state.pricebook.table().items()):
+    for model, price in sorted(pricebook.table().items()):
         print(model, json.dumps(price))
     return 0
 
@@ -6819,67 +6883,89 @@ def cli_migrate_db(config, args):
     return 0
 
 
+# The settings each admin subcommand reads (it works on the database, not as a server).
+ADMIN_FLAG_FIELDS = ("db_path",)
+PRICING_FLAG_FIELDS = ("db_path", "pricing_path")
+
+
 def build_parser():
     """The argparse parser of every subcommand."""
-    flags = config_flags()
-    parser = argparse.ArgumentParser(prog="llimit", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="llimit", parents=[config_flags()], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+        epilog="Settings given before the subcommand apply to it, as after it.")
     parser.add_argument("--version", action="version", version=f"llimit {__version__}")
-    commands = parser.add_subparsers(dest="command")
-    commands.add_parser("serve", parents=[flags], help="run the gateway (the default)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    keys = commands.add_parser("keys", parents=[flags], help="create, list, revoke keys")
-    keys_actions = keys.add_subparsers(dest="action", required=True)
-    create = keys_actions.add_parser("create", parents=[flags])
-    create.add_argument("--user")
-    create.add_argument("--project", default="default")
-    create.add_argument("--note")
-    create.add_argument("--expires-at")
-    create.add_argument("--models", help="comma-separated allowed models")
-    listing = keys_actions.add_parser("list", parents=[flags])
-    listing.add_argument("--user")
-    listing.add_argument("--project")
-    listing.add_argument("--active", action="store_true")
-    revoke = keys_actions.add_parser("revoke", parents=[flags])
-    revoke.add_argument("id")
+    def command(parent, name, fields, **kwargs):
+        sub = parent.add_parser(name, parents=[config_flags(fields)], **kwargs)
+        sub.set_defaults(flag_fields=fields)
+        return sub
 
-    projects = commands.add_parser("projects", parents=[flags], help="list or create projects")
-    project_actions = projects.add_subparsers(dest="action", required=True)
-    project_actions.add_parser("list", parents=[flags])
-    create = project_actions.add_parser("create", parents=[flags])
-    create.add_argument("id")
-    create.add_argument("--name")
-    create.add_argument("--kind", choices=UPSTREAM_KINDS)
-    create.add_argument("--url")
+    command(commands, "serve", None, help="run the gateway (the default)")
+    admin = ADMIN_FLAG_FIELDS
+
+    keys = command(commands, "keys", admin, help="create, list, revoke keys")
+    keys_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = command(keys_actions, "create", admin, help="make a key (shown this once)")
+    owner = create.add_mutually_exclusive_group()
+    owner.add_argument("--user", help="the person the key is for (a personal key)")
+    owner.add_argument("--project-key", action="store_true",
+                       help="a key an app shares, with no user (it may name one per call)")
+    create.add_argument("--project", default="default", help="its project (default: default)")
+    create.add_argument("--note", help="a note shown in listings, e.g. where it is used")
+    create.add_argument("--expires-at", help="expiry, ISO 8601 (UTC unless it says)")
+    create.add_argument("--models", help="comma-separated allowed models (default: all)")
+    listing = command(keys_actions, "list", admin, help="list keys, masked, with their spend")
+    listing.add_argument("--user", help="only this user's keys")
+    listing.add_argument("--project", help="only this project's keys")
+    listing.add_argument("--active", action="store_true", help="only keys that still work")
+    revoke = command(keys_actions, "revoke", admin, help="revoke a key: its next call gets 403")
+    revoke.add_argument("id", help="the key's id (key_...)")
+
+    projects = command(commands, "projects", admin, help="list or create projects")
+    project_actions = projects.add_subparsers(dest="action", required=True, metavar="ACTION")
+    command(project_actions, "list", admin, help="list projects")
+    create = command(project_actions, "create", admin, help="create a project")
+    create.add_argument("id", help="the project's id, e.g. my-team")
+    create.add_argument("--name", help="display name")
+    create.add_argument("--kind", choices=UPSTREAM_KINDS, help="upstream dialect")
+    create.add_argument("--url", help="upstream base URL (Anthropic's ends in /v1)")
     create.add_argument("--upstream-key", help="env:NAME (read at call time) or the key")
-    create.add_argument("--api-version")
-    create.add_argument("--no-user-keys", action="store_true")
+    create.add_argument("--api-version", help="Azure api-version added to calls that lack it")
+    create.add_argument("--no-user-keys", action="store_true",
+                        help="users may not make their own keys for it on /keys")
 
-    limits = commands.add_parser("limits", parents=[flags], help="list, create, delete limits")
-    limit_actions = limits.add_subparsers(dest="action", required=True)
-    limit_actions.add_parser("list", parents=[flags])
-    create = limit_actions.add_parser("create", parents=[flags])
-    create.add_argument("--scope", required=True, choices=SCOPES)
-    create.add_argument("--target")
-    create.add_argument("--each", choices=("user", "key"))
-    create.add_argument("--metric", required=True, choices=LIMIT_METRICS)
-    create.add_argument("--window", required=True, choices=WINDOWS)
-    create.add_argument("--amount", required=True, type=float)
-    create.add_argument("--action", dest="limit_action", choices=ACTIONS, default="block")
+    limits = command(commands, "limits", admin, help="list, create, delete limits")
+    limit_actions = limits.add_subparsers(dest="action", required=True, metavar="ACTION")
+    command(limit_actions, "list", admin, help="list limits with what is used now")
+    create = command(limit_actions, "create", admin, help="create a budget, quota or rate limit")
+    create.add_argument("--scope", required=True, choices=SCOPES, help="what it applies to")
+    create.add_argument("--target", help="the project, user or key id (not for global)")
+    create.add_argument("--each", choices=("user", "key"),
+                        help="apply the amount to each user or key of the target")
+    create.add_argument("--metric", required=True, choices=LIMIT_METRICS, help="what it counts")
+    create.add_argument("--window", required=True, choices=WINDOWS,
+                        help="UTC window it resets with (total: never)")
+    create.add_argument("--amount", required=True, type=float, help="USD, tokens or requests")
+    create.add_argument("--action", dest="limit_action", choices=ACTIONS, default="block",
+                        help="block calls past it (default) or only warn")
     create.add_argument("--alert-at", help="comma-separated percentages, e.g. 80,90")
-    delete = limit_actions.add_parser("delete", parents=[flags])
-    delete.add_argument("id")
+    delete = command(limit_actions, "delete", admin, help="delete a limit")
+    delete.add_argument("id", help="the limit's id (lim_...)")
 
-    usage = commands.add_parser("usage", parents=[flags], help="usage and cost per group")
-    usage.add_argument("--group-by", default="user", choices=tuple(USAGE_GROUP_COLUMNS))
+    usage = command(commands, "usage", admin, help="usage and cost per group")
+    usage.add_argument("--group-by", default="user", choices=tuple(USAGE_GROUP_COLUMNS),
+                       help="one row per this (default: user)")
     usage.add_argument("--start", help="first UTC day, YYYY-MM-DD (default: 30 days ago)")
     usage.add_argument("--end", help="last UTC day, YYYY-MM-DD (default: today)")
-    usage.add_argument("--json", action="store_true")
+    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    pricing = commands.add_parser("pricing", parents=[flags], help="prices in force")
-    pricing.add_argument("action", choices=("missing", "list"))
-    migrate_db = commands.add_parser(
-        "migrate-db", help="copy one database into another (SQLite file or postgresql:// URL)")
+    pricing = command(commands, "pricing", PRICING_FLAG_FIELDS, help="prices in force")
+    pricing.add_argument("action", choices=("missing", "list"),
+                         help="missing: models seen without a price; list: every price")
+    migrate_db = command(commands, "migrate-db", (), help="copy one database into another"
+                         " (SQLite file or postgresql:// URL), idempotently")
     migrate_db.add_argument("--from", dest="source", required=True, help="database to read")
     migrate_db.add_argument("--to", dest="target", required=True, help="database to fill")
     return parser
@@ -6891,19 +6977,33 @@ COMMANDS = {"keys": cli_keys, "projects": cli_projects, "limits": cli_limits,
 
 def main(argv=None):
     """The command line; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
-        argv.insert(0, "serve")
-    args = build_parser().parse_args(argv)
-    config = load_config(argv[1:])
-    if args.command == "serve":
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    command = args.command or "serve"
+    flags = {field: value for field, value in vars(args).items()
+             if field in SETTING_FLAG_FIELDS}
+    relevant = getattr(args, "flag_fields", None)
+    for field in flags:
+        if relevant is not None and field not in relevant:
+            parser.error(f"{SETTING_FLAG_FIELDS[field]} does not apply to {command}")
+    config = config_from_flags(flags)
+    if command == "serve":
         return serve(config)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return COMMANDS[args.command](config, args)
+        code = COMMANDS[command](config, args)
+        sys.stdout.flush()  # a reader gone early (`| head`) shows here, not at exit
+        return code
     except LlimitError as error:
         print(f"llimit: {error.message}", file=sys.stderr)
         return 2
+    except DatabaseError as error:
+        print(f"llimit: database {config.db_path}: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader has what it wanted; silence the flush at exit (Python's advice).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class LlimitServer:
     def __init__(self, config):
         self.config = config
         self.app = llimit.make_app(config)
-        self.state = self.app.llimit
+        self.state = self.app.llimit.start()  # as serve() does: the threads start here
         self.server = waitress.create_server(self.app, host="127.0.0.1", port=0,
                                              threads=config.threads, asyncore_use_poll=True)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
@@ -47,6 +47,7 @@ class LlimitServer:
         self.thread.start()
         self.admin = requests.Session()
         self.admin.headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
+        self._reader = None
 
     def _run(self):
         try:
@@ -64,8 +65,14 @@ class LlimitServer:
     def db(self):
         """A connection to llimit's database, for reading rows back."""
         if llimit.is_postgres_url(self.config.db_path):
-            return self.state.database()
+            if self._reader is None:  # its own pool, so it outlives stop()
+                self._reader = llimit.open_database(self.config.db_path, pool_size=2)
+            return self._reader()
         return llimit.connect(self.config.db_path)
+
+    def close_reader(self):
+        if self._reader is not None:
+            self._reader.close()
 
     def reservations_held(self):
         """Calls under way that hold a reservation: in memory (SQLite) or shared (PostgreSQL)."""
@@ -208,6 +215,7 @@ def make_llimit(databases, fake, clock):
     yield start
     for server in servers:
         server.stop()
+        server.close_reader()
 
 
 @pytest.fixture

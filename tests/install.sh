@@ -11,7 +11,7 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
 fi
 if [ ! -f vendor/chart.umd.js ] && command -v npm >/dev/null; then
     tmp=$(mktemp -d)
-    (cd "$tmp" && npm pack --silent chart.js@4 >/dev/null && tar xzf chart.js-*.tgz)
+    (cd "$tmp" && npm pack --silent chart.js@4.6.1 >/dev/null && tar xzf chart.js-*.tgz)
     mkdir -p vendor && cp "$tmp/package/dist/chart.umd.js" vendor/chart.umd.js
     rm -rf "$tmp"
 fi

@@ -1,10 +1,18 @@
 """The command line, run as a real process against the same database."""
 
 import json
+import os
+import re
+import socket
 import subprocess
 import sys
+import time
 
+import pytest
 import requests
+
+from tests.process import LLIMIT
+from tests.test_limits import Webhook
 
 ENGINES = ("sqlite", "postgres")
 
@@ -96,6 +104,156 @@ def test_what_the_cli_changes_holds_from_the_servers_next_call(gateway, fake):
     assert chat() == 200
     assert run_cli(gateway, "keys", "revoke", key_id).returncode == 0
     assert chat() == 403
+
+
+def run_llimit(*args, cwd=None, env=None, timeout=60):
+    """`python llimit.py ARGS` as a user types it, from `cwd`."""
+    return subprocess.run([sys.executable, LLIMIT, *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+READ_COMMANDS = [("keys", "list"), ("keys", "revoke", "key_x"), ("projects", "list"),
+                 ("limits", "list"), ("limits", "delete", "lim_x"), ("usage",),
+                 ("pricing", "missing"), ("pricing", "list")]
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=" ".join)
+def test_commands_that_read_refuse_a_missing_database(tmp_path, command):
+    # From another directory, ./llimit.db is not there: say so, create nothing.
+    result = run_llimit(*command, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "no database at ./llimit.db" in result.stderr and "--db" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_command_that_creates_says_it_made_a_new_database(tmp_path):
+    result = run_llimit("limits", "create", "--scope", "global", "--metric", "usd",
+                        "--window", "day", "--amount", "5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "created a new database at ./llimit.db" in result.stderr
+    assert run_llimit("limits", "list", cwd=tmp_path).stdout.count("global") == 1
+
+
+def test_cli_commands_post_nothing_to_the_alert_webhook(make_llimit, fake, tmp_path):
+    # One alert stored and not delivered (no webhook when it fired).
+    db_path = str(tmp_path / "alerts.db")
+    gateway = make_llimit(db_path=db_path)
+    raw_key, _ = gateway.create_key(user="una")
+    made = gateway.admin.post(gateway.url + "/admin/limits", json={
+        "scope": "user", "target": "una", "metric": "requests", "window": "day",
+        "amount": 2, "alert_at": [50]})
+    assert made.status_code == 201, made.text
+    assert requests.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                         headers={"Authorization": f"Bearer {raw_key}"}).status_code == 200
+    gateway.wait_idle()
+    gateway.stop()
+    undelivered = "select count(*) from alerts_sent where delivered_at is null"
+    assert gateway.db().execute(undelivered).fetchone()[0] == 1
+
+    hook = Webhook()
+    env = {**os.environ, "LLIMIT_ALERT_WEBHOOK": hook.url, "LLIMIT_DB": gateway.config.db_path}
+    for command in READ_COMMANDS[:1] * 6 + READ_COMMANDS + [
+            ("keys", "create", "--user", "vic"), ("projects", "create", "cli-made")]:
+        result = run_llimit(*command, env=env)
+        assert "Traceback" not in result.stderr, result.stderr
+    time.sleep(0.5)  # a sender thread of a CLI process would have posted by now
+    assert hook.posts == []
+    assert gateway.db().execute(undelivered).fetchone()[0] == 1
+    # The listener and the alert are real: a server delivers it, once.
+    server = make_llimit(db_path=db_path, alert_webhook=hook.url)
+    assert len(hook.wait_for(1)) == 1 and "una" in hook.posts[0]["text"]
+    deadline = time.monotonic() + 10
+    while server.db().execute(undelivered).fetchone()[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.db().execute(undelivered).fetchone()[0] == 0
+
+
+def test_settings_before_the_subcommand_apply_to_it(gateway, fake):
+    raw_key, _ = gateway.create_key(user="wes")
+    requests.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                  headers={"Authorization": f"Bearer {raw_key}"})
+    gateway.wait_idle()
+    for args in (("--db", gateway.config.db_path, "usage"),
+                 ("usage", "--db", gateway.config.db_path),
+                 (f"--db={gateway.config.db_path}", "keys", "list", "--user", "wes")):
+        result = run_llimit(*args)
+        assert result.returncode == 0, (args, result.stderr)
+        assert "wes" in result.stdout
+    refused = run_llimit("--threads", "8", "keys", "list", "--db", gateway.config.db_path)
+    assert refused.returncode == 2 and "--threads does not apply to keys" in refused.stderr
+
+
+HELP_OPTION = re.compile(r"^  (-[-\w]+)(?: (?:[A-Z_]+|\{[^}]*\}))?(?:\s{2,}(\S.*))?$", re.M)
+
+
+@pytest.mark.parametrize("command", [("keys", "create"), ("keys", "list"), ("keys", "revoke"),
+                                     ("projects", "create"), ("limits", "create"),
+                                     ("limits", "delete"), ("usage",), ("pricing",)],
+                         ids=" ".join)
+def test_each_subcommands_help_gives_its_options_with_help_and_only_its_settings(command):
+    out = run_llimit(*command, "--help").stdout
+    lines = out.split("options:", 1)[1].splitlines()
+    options = {}
+    for index, line in enumerate(lines):
+        found = HELP_OPTION.match(line)
+        if found:  # the help text is on the same line or the next, indented
+            text = found.group(2) or (lines[index + 1].strip() if index + 1 < len(lines)
+                                      else "")
+            options[found.group(1)] = text
+    assert "--db" in options
+    assert not {"--threads", "--host", "--port", "--auth", "--chartjs"} & set(options)
+    assert ("--pricing" in options) == (command == ("pricing",))
+    for option, text in options.items():
+        assert text and not text.startswith("-"), (command, option)
+    parser_options = {"keys create": {"--user", "--project-key", "--project", "--note",
+                                      "--expires-at", "--models"},
+                      "limits create": {"--scope", "--target", "--each", "--metric", "--window",
+                                        "--amount", "--action", "--alert-at"},
+                      "usage": {"--group-by", "--start", "--end", "--json"}}
+    assert parser_options.get(" ".join(command), set()) <= set(options)
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(gateway):
+    # `pricing list | head -1`: the reader closes before llimit writes.
+    proc = subprocess.Popen([sys.executable, LLIMIT, "pricing", "list", "--db",
+                             gateway.config.db_path], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(60) != 0 or stderr == ""
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+def test_keys_create_asks_for_a_user_or_says_project_key(gateway):
+    neither = run_cli(gateway, "keys", "create", "--note", "bot")
+    assert neither.returncode == 2
+    assert "--user NAME" in neither.stderr and "--project-key" in neither.stderr
+    assert gateway.db().execute("select count(*) from api_keys").fetchone()[0] == 0
+    both = run_cli(gateway, "keys", "create", "--user", "xena", "--project-key")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+    shared = run_cli(gateway, "keys", "create", "--project-key", "--note", "bot")
+    assert shared.returncode == 0, shared.stderr
+    key_id = shared.stdout.split()[1]
+    row = gateway.admin.get(gateway.url + f"/admin/keys/{key_id}").json()
+    assert row["user"] is None and row["note"] == "bot"
+
+
+def test_a_port_in_use_is_one_clear_line_and_a_failing_exit(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        result = run_llimit("--port", str(port), "--db", str(tmp_path / "l.db"),
+                            env={**os.environ, "LLIMIT_ADMIN_TOKEN": "t", "LLIMIT_AUTH": "open"})
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in errors[0]
 
 
 def test_migrate_db_copies_everything_once(make_llimit, fake, databases, postgres_url):
