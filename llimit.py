@@ -23,9 +23,11 @@ import collections
 import csv
 import dataclasses
 import datetime as dt
+import decimal
 import functools
 import hashlib
 import hmac
+import html
 import io
 import ipaddress
 import json
@@ -73,6 +75,20 @@ class LlimitError(Exception):
         """The OpenAI-shaped JSON error object."""
         return {"error": {"message": self.message, "type": self.error_type,
                           "param": None, "code": self.code}}
+
+    def anthropic_body(self):
+        """The same error in Anthropic's shape, for Anthropic's clients."""
+        return {"type": "error", "error": {
+            "type": ANTHROPIC_ERROR_TYPES.get(self.status, "api_error"),
+            "message": self.message}}
+
+
+# compat: the Anthropic SDKs read error.type; the statuses stay llimit's own.
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         403: "permission_error", 404: "not_found_error",
+                         405: "invalid_request_error", 413: "request_too_large",
+                         429: "rate_limit_error", 500: "api_error", 502: "api_error",
+                         503: "overloaded_error", 504: "api_error", 529: "overloaded_error"}
 
 
 # Also ahead of the sections, since sections 3, 4 and 6 validate admin input
@@ -2069,6 +2085,53 @@ def nusd_to_usd(nusd):
     return None if nusd is None else round(nusd / 1e9, 9)
 
 
+def usd_decimals(*amounts):
+    """How many decimals shows every one of these USD amounts alike: 2, 4 or 6.
+
+    Cents when they say it all ($2.50, $0.01), else 4 decimals down to a
+    hundredth of a cent, else 6; a column or an "x of y" pair shares one.
+    """
+    decimals = 2
+    for usd in amounts:
+        if not usd:
+            continue
+        for places in (2, 4, 6):
+            if abs(usd) >= 10 ** (2 - places) or abs(round(usd, places) - usd) < 1e-9:
+                break
+        decimals = max(decimals, places)
+    return decimals
+
+
+def format_usd(usd, decimals=None):
+    """USD as people read a bill: $1,234.50, $0.0123, $0.000585 (decimals: usd_decimals)."""
+    if usd is None:
+        return "–"
+    if usd and abs(usd) < 0.0000005:
+        return "<$0.000001"
+    return f"${usd:,.{usd_decimals(usd) if decimals is None else decimals}f}"
+
+
+def json_text(value):
+    """JSON like json.dumps, but numbers never in exponent form: 0.0000234, not 2.34e-05.
+
+    Costs are read by people and by scripts that parse decimals; nano-dollar
+    floats are exactly representable as short decimals.
+    """
+    if isinstance(value, float) and math.isfinite(value) and "e" in repr(value):
+        return format(decimal.Decimal(repr(value)), "f")
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(name))}: {json_text(item)}"
+                               for name, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(json_text(item) for item in value) + "]"
+    return json.dumps(value)
+
+
+def plural(count, noun, nouns=None):
+    """'1 request', '2 requests', '1,234 tokens'."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
+
+
 @dataclasses.dataclass
 class UsageEvent:
     """One metered call, as the usage writer stores it."""
@@ -2335,11 +2398,11 @@ def limit_amount_units(limit):
     return round(amount * NANO) if limit["metric"] == "usd" else amount
 
 
-def format_amount(metric, units):
-    """Counter units as people read them: $1.23, 1,234 tokens, 5 requests."""
+def format_amount(metric, units, decimals=None):
+    """Counter units as people read them: $2.50, 1,234 tokens, 1 request."""
     if metric == "usd":
-        return f"${units / NANO:,.4f}".rstrip("0").rstrip(".") if units else "$0"
-    return f"{int(units):,} {metric}"
+        return format_usd(units / NANO, decimals)
+    return plural(int(units), metric[:-1])
 
 
 def describe_limit(limit):
@@ -2350,6 +2413,14 @@ def describe_limit(limit):
     window = "" if limit["window"] == "total" else "/" + limit["window"]
     return (f"{who}{each} limit {limit['id']} of "
             f"{format_amount(limit['metric'], limit_amount_units(limit))}{window}")
+
+
+def limit_in_words(limit):
+    """A limit as its key holders read it: "$2.00 a day", "600 requests a minute for each user"."""
+    amount = format_amount(limit["metric"], limit_amount_units(limit))
+    period = "in total" if limit["window"] == "total" else f"a {limit['window']}"
+    each = f" for each {limit['each']}" if limit["each"] else ""
+    return f"{amount} {period}{each}"
 
 
 def describe_subject(subject):
@@ -2593,14 +2664,8 @@ class Limits:
         self._alerted = {marker for marker in self._alerted if marker[2] >= current["month"]}
 
     def _refusal(self, limit, used, in_flight, end, now, limit_message):
-        metric = limit["metric"]
-        resets = "never (a prepaid total)" if end is None else utc_iso(end)
-        pending = f" (+{format_amount(metric, in_flight)} in calls under way)" if in_flight else ""
-        message = (f"{describe_limit(limit)} reached: used "
-                   f"{format_amount(metric, used)}{pending}; resets {resets}.")
-        if limit_message:
-            message += " " + limit_message
-        headers = {}
+        message = refusal_text(limit, used, in_flight, end, now, limit_message)
+        headers = {"X-LLimit-Limit-Id": limit["id"]}  # for the admin the holder asks
         if limit["window"] == "minute":
             headers["Retry-After"] = str(max(1, int(end - now + 0.999)))
             return LlimitError(429, "rate_limit_exceeded", message, headers=headers)
@@ -2718,6 +2783,39 @@ def _ledger_unavailable():
                        "The usage ledger cannot be written right now, so calls"
                        " under a spending limit are refused. Try again shortly.",
                        code="ledger_unavailable")
+
+
+WINDOW_ADJECTIVES = {"minute": "per-minute", "day": "daily", "week": "weekly",
+                     "month": "monthly", "total": "total"}
+
+
+def refusal_text(limit, used, in_flight, end, now, limit_message=None):
+    """What a key holder reads when a limit refuses a call: what ran out, until when, whom to ask.
+
+    Written for the person, not the admin: no limit ids (the X-LLimit-Limit-Id
+    header has it), no scope jargon.
+    """
+    metric, window = limit["metric"], limit["window"]
+    amount = limit_amount_units(limit)
+    decimals = usd_decimals(amount / NANO, (used + in_flight) / NANO)
+    whose = {"global": "This organisation's", "project": f"The project {limit['target']}'s"}
+    owner = "Your" if limit["each"] or limit["scope"] in ("user", "key") \
+        else whose[limit["scope"]]
+    allowance = "budget" if metric == "usd" else "allowance"
+    if window == "minute":
+        sentence = (f"{owner} limit of {format_amount(metric, amount)} per minute is reached."
+                    f" Try again in {plural(max(1, int(end - now + 0.999)), 'second')}.")
+    else:
+        spent = "spent" if metric == "usd" else "used"
+        sentence = (f"{owner} {WINDOW_ADJECTIVES[window]} {allowance} of"
+                    f" {format_amount(metric, amount, decimals)} is used up"
+                    f" ({format_amount(metric, used, decimals)} {spent}")
+        if in_flight:
+            sentence += f", {format_amount(metric, in_flight, decimals)} more in calls under way"
+        sentence += ")."
+        sentence += (" It does not reset." if end is None else
+                     f" It resets at {utc_iso(end)[:16].replace('T', ' ')} UTC.")
+    return sentence + " " + (limit_message or "Ask your llimit admin to raise it.")
 
 
 def _limit_headers(headers, limit, amount, used, start, end, now):
@@ -3138,10 +3236,16 @@ def read_upstream_body(resp):
                           code="upstream_broken") from None
 
 
-def client_response_headers(resp):
-    """(name, value) pairs of an upstream response that pass on to the client."""
+def client_response_headers(resp, own_headers=()):
+    """(name, value) pairs of an upstream response that pass on to the client.
+
+    One source of x-ratelimit-* per response: when llimit sends its own (a
+    minute limit applies), the upstream's are dropped, else they pass.
+    """
+    own_rate_limits = any(name.lower().startswith("x-ratelimit-") for name in own_headers)
     return [(name, value) for name, value in resp.headers.items()
-            if name.lower() not in DROPPED_RESPONSE_HEADERS]
+            if name.lower() not in DROPPED_RESPONSE_HEADERS
+            and not (own_rate_limits and name.lower().startswith("x-ratelimit-"))]
 
 
 def upstream_chunks(resp):
@@ -3403,15 +3507,24 @@ def _warn_missing_upstream_key(project):
                     project["id"], key[4:])
 
 
-def project_to_json(project):
-    """A project as the admin API shows it: the upstream key only as where it comes from."""
-    key = project["upstream_key"]
+def project_to_json(project, config=None):
+    """A project as the admin API shows it: the upstream key only as where it comes from.
+
+    `upstream_url` is what is stored (null: LLIMIT_UPSTREAM_URL's); with a
+    config, `upstream_url_in_force` and the key fields say what calls use.
+    """
+    key, source = project["upstream_key"], None
+    in_force = project["upstream_url"]
+    if config is not None and not project["upstream_url"]:
+        # resolve_upstream: no URL of its own means the LLIMIT_UPSTREAM_* upstream.
+        in_force, key, source = config.upstream_url, config.upstream_key, "LLIMIT_UPSTREAM_KEY"
     return {
         "id": project["id"], "name": project["name"],
         "upstream_kind": project["upstream_kind"], "upstream_url": project["upstream_url"],
+        "upstream_url_in_force": in_force,
         "upstream_key_set": bool(key),
-        "upstream_key_source": (key if key and key.startswith("env:") else
-                                "stored" if key else None),
+        "upstream_key_source": (None if not key else source if source else
+                                key if key.startswith("env:") else "stored"),
         "api_version": project["api_version"],
         "allow_user_keys": bool(project["allow_user_keys"]),
         "limit_message": project["limit_message"],
@@ -4050,6 +4163,7 @@ def _proxy(state, path, deployment=None):
         requested_model = deployment or _text(payload.get("model"))
         _check_model_allowed(key, requested_model)
         upstream = resolve_upstream(key, config)
+        environ["llimit.dialect"] = upstream.kind  # llimit's own errors speak it too
         body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
         # The URL first: a path it refuses must not leave a reservation behind.
         url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
@@ -4225,7 +4339,7 @@ def _relay_whole(state, call, resp):
     _meter(state, call, resp.status, model, usage,
            "priced" if usage is not None else "unpriced", stream=False)
     response = bottle.HTTPResponse(body=content, status=resp.status)
-    for name, value in client_response_headers(resp):
+    for name, value in client_response_headers(resp, call.admission.headers):
         response.add_header(name, value)
     for name, value in call.admission.headers.items():
         response.set_header(name, value)
@@ -4239,7 +4353,7 @@ def _relay_whole(state, call, resp):
 def _relay_stream(state, call, resp, kind, hide_usage_chunk):
     overhead_ms = (time.perf_counter() - call.started) * 1000 - call.upstream_ms
     response = bottle.HTTPResponse(status=resp.status)
-    for name, value in client_response_headers(resp):
+    for name, value in client_response_headers(resp, call.admission.headers):
         response.add_header(name, value)
     for name, value in call.admission.headers.items():
         response.set_header(name, value)
@@ -4320,16 +4434,11 @@ def _drain(resp, meter, seconds):
 CHARTJS_CDN_URL = "https://cdn.jsdelivr.net/npm/chart.js@4.6.1/dist/chart.umd.min.js"
 CHARTJS_CDN_INTEGRITY = "sha384-Emf5ZVIUiarAdhkgtqK+5/Z5qIvM6QoVrS+qAVtfyZVuD5lIHrac0me485+Antp0"
 PAGES_SCRIPT_PATH = "/static/llimit.js"
+PAGES_CSS_PATH = "/static/llimit.css"
 CHARTJS_PATH = "/static/chart.umd.js"
+VENDORED_CHARTJS = os.path.join(HERE, "vendor", "chart.umd.js")
 
-LAYOUT = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{title}} · llimit</title>
-<style>
-:root{--fg:#1d2330;--muted:#5d6678;--line:#dfe3ea;--bg:#f5f6f8;--card:#fff;--accent:#2a5bd7;
+PAGES_CSS = """:root{--fg:#1d2330;--muted:#5d6678;--line:#dfe3ea;--bg:#f5f6f8;--card:#fff;--accent:#2a5bd7;
 --warn:#c27c0e;--bad:#c53030;--ok:#2f855a}
 *{box-sizing:border-box}
 body{margin:0;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);
@@ -4389,14 +4498,35 @@ word-break:break-all}
 .tag.bad{background:#fde2e2;color:#8a1c1c}
 .tag.ok{background:#def7e8;color:#1f5e3d}
 details summary{cursor:pointer;color:var(--accent)}
+.chart-note{margin:.4rem 0 0}
+.error{color:var(--bad);font-weight:600}
+.field-error{border-color:var(--bad)}
 @media (max-width:640px){main{padding:.6rem}.charts{grid-template-columns:1fr}
-th,td{padding:.3rem .35rem}.chart{height:240px}}
-</style>
+th,td{padding:.3rem .35rem}.chart{height:240px}
+/* A table of stack class becomes one card per row: every figure and button in view. */
+table.stack,table.stack tbody,table.stack tr,table.stack td{display:block;width:100%}
+table.stack tr:first-child{display:none}
+table.stack tr{border:1px solid var(--line);border-radius:6px;margin:0 0 .6rem;padding:.2rem .3rem}
+table.stack td{display:flex;justify-content:space-between;gap:.8rem;border:0;text-align:right;
+padding:.2rem .3rem;overflow-wrap:anywhere}
+table.stack td::before{content:attr(data-label);color:var(--muted);font-size:.82rem;
+font-weight:600;text-align:left;flex-shrink:0}
+table.stack td .bar{flex:1;align-self:center}
+pre{white-space:pre-wrap;word-break:break-all}}
+"""
+
+LAYOUT = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{title}} · llimit</title>
+<link rel="stylesheet" href="{{css_url}}">
 </head>
 <body>
 <header><nav>
 <a class="brand" href="/">llimit</a>
-% if session.signed_in:
+% if session.user_name:
 <a href="/keys">Keys</a>
 <a href="/usage">Usage</a>
 % end
@@ -4410,7 +4540,7 @@ th,td{padding:.3rem .35rem}.chart{height:240px}}
 % if session.signed_in:
 <span>{{session.user_name or "admin"}}{{" · admin" if session.is_admin and session.user_name else ""}}</span>
 <form class="inline" method="post" action="/logout">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <button type="submit">Sign out</button></form>
 % else:
 <a href="/login">Sign in</a>
@@ -4451,10 +4581,12 @@ as base URL).</p>
 </section>
 % if session.signed_in:
 <div class="grid">
+% if session.user_name:
 <a class="card" href="/keys"><h2>Keys</h2><p class="muted">Get a personal API key with a
 ready curl and Python snippet; see and revoke your keys.</p></a>
 <a class="card" href="/usage"><h2>Usage</h2><p class="muted">What you spent today and this
 month, against every limit that applies to you.</p></a>
+% end
 % if session.sees_reports:
 <a class="card" href="/reports"><h2>Reports</h2><p class="muted">Cost by user, day, model and
 project, as charts, tables and CSV.</p></a>
@@ -4475,7 +4607,7 @@ LOGIN_PAGE = """<h1>Sign in</h1>
 % if auth == "open":
 <section>
 <form method="post" action="/login">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="next" value="{{next_path}}">
 <label for="user">Your user name</label>
 <div class="row"><div><input id="user" name="user" required maxlength="200"
@@ -4490,7 +4622,7 @@ trusted proxy: open llimit at its usual address.</p></section>
 % else:
 <section>
 <form method="post" action="/login">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="next" value="{{next_path}}">
 <input type="hidden" name="oidc" value="1">
 <p>Sign in with your organisation's account at <b>{{provider}}</b>.</p>
@@ -4501,7 +4633,7 @@ trusted proxy: open llimit at its usual address.</p></section>
 <section>
 <details{{" open" if next_path == "/admin" else ""}}><summary>Sign in with the admin token</summary>
 <form method="post" action="/login">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="next" value="{{next_path}}">
 <label for="admin_token">Admin token</label>
 <div class="row"><div><input id="admin_token" name="admin_token" type="password" required
@@ -4519,10 +4651,64 @@ NEW_KEY_SNIPPETS = """<section class="notice" id="new">
 <div class="row"><h3>curl</h3>
 <button type="button" class="quiet" data-copy="snippet-curl" hidden>Copy</button></div>
 <pre id="snippet-curl">{{curl_snippet}}</pre>
-<div class="row"><h3>Python (the openai package)</h3>
+<div class="row"><h3>Python (the {{package}} package)</h3>
 <button type="button" class="quiet" data-copy="snippet-python" hidden>Copy</button></div>
 <pre id="snippet-python">{{python_snippet}}</pre>
 </section>
+"""
+
+KEY_TABLE_PART = """<div class="scroll"><table class="stack keys">
+% decimals = decimals_of(*[key['cost_usd'] for key in keys])
+<tr><th>Key</th>
+% if admin:
+<th>User</th>
+% end
+<th>Project</th><th>Note</th><th>Created</th><th>Last used</th>
+<th class="n">Requests</th><th class="n">Spend</th><th></th></tr>
+% for key in keys:
+<tr><td data-label="Key"><code>{{key['masked_key']}}</code>
+% if admin:
+<br><span class="muted small">{{key['id']}}</span>
+% end
+</td>
+% if admin:
+<td data-label="User">{{key['user'] or "(project key)"}}</td>
+% end
+<td data-label="Project">{{key['project']}}</td><td data-label="Note">{{key['note'] or ""}}</td>
+<td data-label="Created" class="small">{{when(key['created_at'])}}</td>
+<td data-label="Last used" class="small">{{when(key['last_used_at'], "never")}}</td>
+<td data-label="Requests" class="n">{{count(key['requests'])}}</td>
+<td data-label="Spend" class="n">{{money(key['cost_usd'], decimals)}}</td>
+<td data-label="">
+% if key['active']:
+<form class="inline" method="post" action="{{'/admin' if admin else '/keys/' + key['id'] + '/revoke'}}"
+data-confirm="Revoke the key {{key['masked_key']}}? Calls with it stop at once.">
+{{!csrf_field}}
+% if admin:
+<input type="hidden" name="action" value="revoke_key">
+<input type="hidden" name="key_id" value="{{key['id']}}">
+% end
+<button type="submit" class="danger">Revoke</button></form>
+% else:
+<span class="tag">{{"revoked" if key['revoked_at'] else "expired"}}</span>
+% end
+</td></tr>
+% end
+</table></div>
+"""
+
+REVOKE_CONFIRM_PAGE = """<h1>Revoke a key</h1>
+<section class="alert"><p>Revoke the key <code>{{masked_key}}</code>{{" of " + owner if owner else ""}}?
+Calls with it stop at once; this cannot be undone.</p>
+<form method="post" action="{{action}}" class="row">
+{{!csrf_field}}
+% for name, value in hidden:
+<input type="hidden" name="{{name}}" value="{{value}}">
+% end
+<input type="hidden" name="confirm" value="1">
+<button type="submit" class="danger">Revoke</button>
+<a href="{{back}}">Keep it</a>
+</form></section>
 """
 
 KEYS_PAGE = """<h1>Your keys</h1>
@@ -4533,7 +4719,7 @@ KEYS_PAGE = """<h1>Your keys</h1>
 <h2>Request a key</h2>
 % if projects:
 <form method="post" action="/keys">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <div class="row">
 <div><label for="project">Project</label><select id="project" name="project">
 % for project in projects:
@@ -4552,25 +4738,7 @@ KEYS_PAGE = """<h1>Your keys</h1>
 <section>
 <h2>Keys of {{session.user_name}}</h2>
 % if keys:
-<div class="scroll"><table>
-<tr><th>Key</th><th>Project</th><th>Note</th><th>Created</th><th>Last used</th>
-<th class="n">Requests</th><th class="n">Spend</th><th></th></tr>
-% for key in keys:
-<tr><td><code>{{key['masked_key']}}</code></td><td>{{key['project']}}</td>
-<td>{{key['note'] or ""}}</td><td class="small">{{when(key['created_at'])}}</td>
-<td class="small">{{when(key['last_used_at'], "never")}}</td>
-<td class="n">{{"{:,}".format(key['requests'])}}</td><td class="n">{{money(key['cost_usd'])}}</td>
-<td>
-% if key['active']:
-<form class="inline" method="post" action="/keys/{{key['id']}}/revoke">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
-<button type="submit" class="danger">Revoke</button></form>
-% else:
-<span class="tag">{{"revoked" if key['revoked_at'] else "expired"}}</span>
-% end
-</td></tr>
-% end
-</table></div>
+{{!key_table}}
 % else:
 <p class="muted">You have no keys yet.</p>
 % end
@@ -4582,20 +4750,20 @@ USAGE_PAGE = """<h1>Your usage</h1>
 <div class="card"><div class="muted small">Today (UTC)</div><div class="stat">{{money(today_usd)}}</div></div>
 <div class="card"><div class="muted small">This month</div><div class="stat">{{money(month_usd)}}</div></div>
 <div class="card"><div class="muted small">Requests this month</div>
-<div class="stat">{{"{:,}".format(month_requests)}}</div></div>
+<div class="stat">{{count(month_requests)}}</div></div>
 </div>
 <section>
 <h2>Limits</h2>
 % if limits:
-<div class="scroll"><table>
+<div class="scroll"><table class="stack">
 <tr><th>Limit</th><th>Applies to</th><th>Used</th><th class="n"></th><th>Resets</th></tr>
 % for limit in limits:
-<tr><td>{{limit['text']}}{{!' <span class="tag">warning only</span>' if limit['action'] == 'warn' else ''}}</td>
-<td>{{limit['who']}}</td>
-<td><div class="bar{{' full' if limit['percent'] >= 100 else ' warn' if limit['percent'] >= 80 else ''}}"
+<tr><td data-label="Limit">{{limit['text']}}{{!' <span class="tag">warning only</span>' if limit['action'] == 'warn' else ''}}</td>
+<td data-label="Applies to">{{limit['who']}}</td>
+<td data-label="Used"><div class="bar{{' full' if limit['percent'] >= 100 else ' warn' if limit['percent'] >= 80 else ''}}"
 title="{{limit['percent']}}%"><span style="width:{{limit['percent']}}%"></span></div></td>
-<td class="n">{{limit['used']}} of {{limit['amount']}}</td>
-<td class="small">{{when(limit['resets_at'], "never")}}</td></tr>
+<td data-label="Amount" class="n">{{limit['used']}} of {{limit['amount']}}</td>
+<td data-label="Resets" class="small">{{when(limit['resets_at'], "never")}}</td></tr>
 % end
 </table></div>
 % elif has_keys:
@@ -4607,14 +4775,16 @@ title="{{limit['percent']}}%"><span style="width:{{limit['percent']}}%"></span><
 <section>
 <h2>By model, {{start}} to {{end}}</h2>
 % if by_model:
-<div class="scroll"><table>
+% decimals = decimals_of(*[row['cost_usd'] for row in by_model])
+<div class="scroll"><table class="stack">
 <tr><th>Model</th><th class="n">Requests</th><th class="n">Input tokens</th>
 <th class="n">Output tokens</th><th class="n">Cost</th></tr>
 % for row in by_model:
-<tr><td>{{row['model'] or "(unknown)"}}</td><td class="n">{{"{:,}".format(row['requests'])}}</td>
-<td class="n">{{"{:,}".format(row['prompt_tokens'])}}</td>
-<td class="n">{{"{:,}".format(row['completion_tokens'])}}</td>
-<td class="n">{{money(row['cost_usd'])}}</td></tr>
+<tr><td data-label="Model">{{row['model'] or "(unknown)"}}</td>
+<td data-label="Requests" class="n">{{count(row['requests'])}}</td>
+<td data-label="Input tokens" class="n">{{count(row['prompt_tokens'])}}</td>
+<td data-label="Output tokens" class="n">{{count(row['completion_tokens'])}}</td>
+<td data-label="Cost" class="n">{{money(row['cost_usd'], decimals)}}</td></tr>
 % end
 </table></div>
 % else:
@@ -4624,13 +4794,14 @@ title="{{limit['percent']}}%"><span style="width:{{limit['percent']}}%"></span><
 <section>
 <h2>By day</h2>
 % if by_day:
-<div class="scroll"><table>
+% decimals = decimals_of(*[row['cost_usd'] for row in by_day])
+<div class="scroll"><table class="stack">
 <tr><th>Day (UTC)</th><th class="n">Requests</th><th class="n">Tokens</th><th class="n">Cost</th><th></th></tr>
 % for row in by_day:
-<tr><td>{{row['day']}}</td><td class="n">{{"{:,}".format(row['requests'])}}</td>
-<td class="n">{{"{:,}".format(row['prompt_tokens'] + row['completion_tokens'])}}</td>
-<td class="n">{{money(row['cost_usd'])}}</td>
-<td><div class="bar"><span style="width:{{percent(row['cost_usd'], max_day_usd)}}%"></span></div></td></tr>
+<tr><td data-label="Day (UTC)">{{row['day']}}</td><td data-label="Requests" class="n">{{count(row['requests'])}}</td>
+<td data-label="Tokens" class="n">{{count(row['prompt_tokens'] + row['completion_tokens'])}}</td>
+<td data-label="Cost" class="n">{{money(row['cost_usd'], decimals)}}</td>
+<td data-label=""><div class="bar"><span style="width:{{percent(row['cost_usd'], max_day_usd)}}%"></span></div></td></tr>
 % end
 </table></div>
 % else:
@@ -4651,20 +4822,24 @@ REPORTS_PAGE = """<h1>Reports</h1>
 </section>
 <div class="grid">
 <div class="card"><div class="muted small">Cost</div><div class="stat">{{money(totals['cost_usd'])}}</div></div>
-<div class="card"><div class="muted small">Requests</div><div class="stat">{{"{:,}".format(totals['requests'])}}</div></div>
+<div class="card"><div class="muted small">Requests</div><div class="stat">{{count(totals['requests'])}}</div></div>
 <div class="card"><div class="muted small">Tokens in / out</div>
 <div class="stat">{{compact(totals['prompt_tokens'])}} / {{compact(totals['completion_tokens'])}}</div></div>
 <div class="card"><div class="muted small">Users</div><div class="stat">{{len(by_user)}}</div></div>
 </div>
 % if totals['unpriced_requests']:
-<section class="alert"><p>{{"{:,}".format(totals['unpriced_requests'])}} requests in this range
+<section class="alert"><p>{{count(totals['unpriced_requests'])}} requests in this range
 have no price, so their cost is missing from these figures.</p></section>
 % end
 <div class="charts">
 % for chart in charts:
 <section><h2>{{chart['title']}}</h2>
 <div class="chart"><canvas id="chart-{{chart['name']}}" role="img" aria-label="{{chart['title']}}"
-data-series="{{chart['series_json']}}"></canvas></div></section>
+data-series="{{chart['series_json']}}"></canvas></div>
+<p class="muted small chart-note" hidden>This chart could not be drawn: Chart.js did not load
+(no internet?). The tables below have every number.</p>
+<noscript><p class="muted small">Charts need JavaScript; the tables below have every number.</p></noscript>
+</section>
 % end
 </div>
 % for table in tables:
@@ -4691,20 +4866,27 @@ data-series="{{chart['series_json']}}"></canvas></div></section>
 % end
 """
 
-ADMIN_PAGE = """<h1>Admin</h1>
+# The admin page, in the order it shows; each part is one section of the page.
+# `typed(action, field, default)` gives back what was typed in a form that was
+# refused, and `error_for(action)` the reason, shown at that form.
+ADMIN_SUMMARY_PART = """<h1>Admin</h1>
 % if notice:
 <section class="notice"><p>{{notice}}</p></section>
 % end
 % if new_key:
 {{!new_key_html}}
 % end
+% if form_error:
+<section class="alert"><p>Not saved: {{form_error['message']}}
+<a href="#{{form_error['anchor']}}">Back to the form</a>.</p></section>
+% end
 <div class="grid">
 <div class="card"><div class="muted small">Spend today (UTC)</div><div class="stat">{{money(today_usd)}}</div>
-<div class="muted small">{{"{:,}".format(today_requests)}} requests</div></div>
+<div class="muted small">{{plural(today_requests, "request")}}</div></div>
 <div class="card"><div class="muted small">Spend this month</div><div class="stat">{{money(month_usd)}}</div>
-<div class="muted small">{{"{:,}".format(month_requests)}} requests</div></div>
+<div class="muted small">{{plural(month_requests, "request")}}</div></div>
 <div class="card"><div class="muted small">Active keys</div><div class="stat">{{active_keys}}</div>
-<div class="muted small">{{len(users)}} users seen</div></div>
+<div class="muted small">{{plural(len(users), "user")}} seen</div></div>
 </div>
 % if missing:
 <section class="alert" id="missing-prices"><h2>Models without a price</h2>
@@ -4718,72 +4900,92 @@ have a price (set one <a href="#prices">below</a>):
 <p class="small"><a href="#projects">Projects</a> · <a href="#users">Users</a> ·
 <a href="#keys">Keys</a> · <a href="#limits">Limits</a> · <a href="#prices">Prices</a> ·
 <a href="/reports">Reports</a></p>
+"""
 
+ADMIN_PROJECTS_PART = """
 <section id="projects"><h2>Projects</h2>
 <div class="scroll"><table>
 <tr><th>Project</th><th>Upstream</th><th>Upstream key</th><th>Personal keys</th><th>Budgets</th><th></th></tr>
 % for project in projects:
+% editing = typed("update_project", "id", None) == project['id']
 <tr><td><b>{{project['id']}}</b><br><span class="muted small">{{project['name']}}</span></td>
-<td class="small">{{project['upstream_kind']}}<br>{{project['upstream_url'] or "LLIMIT_UPSTREAM_URL"}}</td>
-<td class="small">{{project['upstream_key_source'] or ("LLIMIT_UPSTREAM_KEY" if project['id'] == 'default' and not project['upstream_url'] else "none")}}</td>
+<td class="small">{{project['upstream_kind']}}<br>{{project['upstream_url_in_force']}}
+% if not project['upstream_url']:
+<br><span class="muted">(LLIMIT_UPSTREAM_URL)</span>
+% end
+</td>
+<td class="small">{{project['upstream_key_source'] or "none"}}</td>
 <td>{{!'<span class="tag ok">allowed</span>' if project['allow_user_keys'] else '<span class="tag">no</span>'}}</td>
 <td class="small">
 % for limit in project['limits']:
 {{limit['text']}} ({{limit['used']}} used)<br>
 % end
 </td>
-<td><details><summary>Edit</summary>
+<td><details{{" open" if editing else ""}}><summary>Edit</summary>
+% if editing:
+{{!error_for("update_project")}}
+% end
 <form method="post" action="/admin">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="action" value="update_project">
 <input type="hidden" name="id" value="{{project['id']}}">
-<label>Name</label><input name="name" value="{{project['name']}}" maxlength="200">
+% def value(field, default):
+%   return typed("update_project", field, default) if editing else default
+% end
+<label>Name</label><input name="name" value="{{value('name', project['name'])}}" maxlength="200">
 <label>Kind</label><select name="upstream_kind">
 % for kind in upstream_kinds:
-<option{{" selected" if kind == project['upstream_kind'] else ""}}>{{kind}}</option>
+<option{{" selected" if kind == value('upstream_kind', project['upstream_kind']) else ""}}>{{kind}}</option>
 % end
 </select>
-<label>Upstream URL</label><input name="upstream_url" value="{{project['upstream_url'] or ''}}"
-placeholder="{{'LLIMIT_UPSTREAM_URL' if project['id'] == 'default' else 'https://…'}}">
+<label>Upstream URL</label><input name="upstream_url" value="{{value('upstream_url', project['upstream_url'] or '')}}"
+placeholder="{{project['upstream_url_in_force'] if not project['upstream_url'] else 'https://…'}}">
 <label>Upstream key <span class="muted">(blank keeps it)</span></label>
 <input name="upstream_key" type="password" autocomplete="off" placeholder="env:NAME or the key">
 <label><input type="checkbox" name="clear_upstream_key" value="1"> remove the stored key</label>
-<label>API version</label><input name="api_version" value="{{project['api_version'] or ''}}">
+<label>API version</label><input name="api_version" value="{{value('api_version', project['api_version'] or '')}}">
 <label><input type="checkbox" name="allow_user_keys" value="1"{{" checked" if project['allow_user_keys'] else ""}}>
 personal keys allowed</label>
 <label>Message when a limit is reached</label>
-<input name="limit_message" value="{{project['limit_message'] or ''}}" maxlength="500">
+<input name="limit_message" value="{{value('limit_message', project['limit_message'] or '')}}" maxlength="500">
 <label>Add a budget (USD)</label>
-<div class="row"><input name="budget_usd" inputmode="decimal" size="8" placeholder="e.g. 50">
+<div class="row"><input name="budget_usd" inputmode="decimal" size="8" placeholder="e.g. 50"
+value="{{value('budget_usd', '')}}">
 <select name="budget_window">
 % for window in budget_windows:
-<option{{" selected" if window == "month" else ""}}>{{window}}</option>
+<option{{" selected" if window == value('budget_window', 'month') else ""}}>{{window}}</option>
 % end
 </select></div>
 <p><button type="submit">Save</button></p>
 </form></details></td></tr>
 % end
 </table></div>
-<details><summary>New project</summary>
+<details{{" open" if error_for("create_project") else ""}}><summary>New project</summary>
+{{!error_for("create_project")}}
 <form method="post" action="/admin">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="action" value="create_project">
 <div class="row">
-<div><label for="p-id">Id</label><input id="p-id" name="id" required maxlength="64" placeholder="team-a"></div>
-<div><label for="p-name">Name</label><input id="p-name" name="name" maxlength="200"></div>
+<div><label for="p-id">Id</label><input id="p-id" name="id" required maxlength="64" placeholder="team-a"
+value="{{typed('create_project', 'id')}}"></div>
+<div><label for="p-name">Name</label><input id="p-name" name="name" maxlength="200"
+value="{{typed('create_project', 'name')}}"></div>
 <div><label for="p-kind">Kind</label><select id="p-kind" name="upstream_kind">
 % for kind in upstream_kinds:
-<option>{{kind}}</option>
+<option{{" selected" if kind == typed('create_project', 'upstream_kind') else ""}}>{{kind}}</option>
 % end
 </select></div>
-<div><label for="p-url">Upstream URL</label><input id="p-url" name="upstream_url" placeholder="https://api.openai.com/v1"></div>
+<div><label for="p-url">Upstream URL</label><input id="p-url" name="upstream_url" placeholder="https://api.openai.com/v1"
+value="{{typed('create_project', 'upstream_url')}}"></div>
 <div><label for="p-key">Upstream key</label><input id="p-key" name="upstream_key" type="password"
 autocomplete="off" placeholder="env:NAME or the key"></div>
-<div><label for="p-version">API version</label><input id="p-version" name="api_version" size="12"></div>
-<div><label for="p-budget">Budget (USD)</label><input id="p-budget" name="budget_usd" inputmode="decimal" size="8"></div>
+<div><label for="p-version">API version</label><input id="p-version" name="api_version" size="12"
+value="{{typed('create_project', 'api_version')}}"></div>
+<div><label for="p-budget">Budget (USD)</label><input id="p-budget" name="budget_usd" inputmode="decimal" size="8"
+value="{{typed('create_project', 'budget_usd')}}"></div>
 <div><label for="p-window">per</label><select id="p-window" name="budget_window">
 % for window in budget_windows:
-<option{{" selected" if window == "month" else ""}}>{{window}}</option>
+<option{{" selected" if window == typed('create_project', 'budget_window', 'month') else ""}}>{{window}}</option>
 % end
 </select></div>
 <div><label><input type="checkbox" name="allow_user_keys" value="1" checked> personal keys</label></div>
@@ -4793,73 +4995,65 @@ autocomplete="off" placeholder="env:NAME or the key"></div>
 llimit's environment at each call instead.</p>
 </form></details>
 </section>
+"""
 
+ADMIN_USERS_PART = """
 <section id="users"><h2>Users</h2>
 % if users:
-<div class="scroll"><table>
+% month_decimals = decimals_of(*[user['month_usd'] for user in users])
+% total_decimals = decimals_of(*[user['total_usd'] for user in users])
+<div class="scroll"><table class="stack">
 <tr><th>User</th><th class="n">Active keys</th><th class="n">Requests this month</th>
 <th class="n">Spend this month</th><th class="n">Spend, all time</th></tr>
 % for user in users:
-<tr><td>{{user['user']}}</td><td class="n">{{user['active_keys']}}</td>
-<td class="n">{{"{:,}".format(user['month_requests'])}}</td><td class="n">{{money(user['month_usd'])}}</td>
-<td class="n">{{money(user['total_usd'])}}</td></tr>
+<tr><td data-label="User">{{user['user']}}</td><td data-label="Active keys" class="n">{{user['active_keys']}}</td>
+<td data-label="Requests this month" class="n">{{count(user['month_requests'])}}</td>
+<td data-label="Spend this month" class="n">{{money(user['month_usd'], month_decimals)}}</td>
+<td data-label="Spend, all time" class="n">{{money(user['total_usd'], total_decimals)}}</td></tr>
 % end
 </table></div>
 % else:
 <p class="muted">No users yet.</p>
 % end
 </section>
+"""
 
+ADMIN_KEYS_PART = """
 <section id="keys"><h2>Keys</h2>
+{{!error_for("create_key")}}
 <form method="post" action="/admin" class="row">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="action" value="create_key">
 <div><label for="k-user">User <span class="muted">(blank: a project key)</span></label>
-<input id="k-user" name="user" maxlength="200"></div>
+<input id="k-user" name="user" maxlength="200" value="{{typed('create_key', 'user')}}"></div>
 <div><label for="k-project">Project</label><select id="k-project" name="project">
 % for project in projects:
-<option>{{project['id']}}</option>
+<option{{" selected" if project['id'] == typed('create_key', 'project') else ""}}>{{project['id']}}</option>
 % end
 </select></div>
-<div><label for="k-note">Note</label><input id="k-note" name="note" maxlength="200"></div>
-<div><label for="k-expires">Expires (UTC)</label><input id="k-expires" name="expires_at" type="date"></div>
+<div><label for="k-note">Note</label><input id="k-note" name="note" maxlength="200"
+value="{{typed('create_key', 'note')}}"></div>
+<div><label for="k-expires">Expires (UTC)</label><input id="k-expires" name="expires_at" type="date"
+value="{{typed('create_key', 'expires_at')}}"></div>
 <button type="submit">Create key</button>
 </form>
-<div class="scroll"><table>
-<tr><th>Key</th><th>User</th><th>Project</th><th>Note</th><th>Created</th><th>Last used</th>
-<th class="n">Spend</th><th></th></tr>
-% for key in keys:
-<tr><td><code>{{key['masked_key']}}</code><br><span class="muted small">{{key['id']}}</span></td>
-<td>{{key['user'] or "(project key)"}}</td><td>{{key['project']}}</td><td>{{key['note'] or ""}}</td>
-<td class="small">{{when(key['created_at'])}}</td><td class="small">{{when(key['last_used_at'], "never")}}</td>
-<td class="n">{{money(key['cost_usd'])}}</td>
-<td>
-% if key['active']:
-<form class="inline" method="post" action="/admin">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
-<input type="hidden" name="action" value="revoke_key">
-<input type="hidden" name="key_id" value="{{key['id']}}">
-<button type="submit" class="danger">Revoke</button></form>
-% else:
-<span class="tag">{{"revoked" if key['revoked_at'] else "expired"}}</span>
-% end
-</td></tr>
-% end
-</table></div>
+{{!key_table}}
 </section>
+"""
 
+ADMIN_LIMITS_PART = """
 <section id="limits"><h2>Limits</h2>
 % if limits:
-<div class="scroll"><table>
+<div class="scroll"><table class="stack">
 <tr><th>Limit</th><th>Action</th><th>Used</th><th class="n"></th><th>Resets</th><th></th></tr>
 % for limit in limits:
-<tr><td>{{limit['text']}}</td><td>{{limit['action']}}</td>
-<td><div class="bar{{' full' if limit['percent'] >= 100 else ' warn' if limit['percent'] >= 80 else ''}}">
+<tr><td data-label="Limit">{{limit['text']}}</td><td data-label="Action">{{limit['action']}}</td>
+<td data-label="Used"><div class="bar{{' full' if limit['percent'] >= 100 else ' warn' if limit['percent'] >= 80 else ''}}">
 <span style="width:{{limit['percent']}}%"></span></div></td>
-<td class="n">{{limit['used']}} of {{limit['amount']}}</td>
-<td class="small">{{when(limit['resets_at'], "never")}}</td>
-<td><form class="inline" method="post" action="/admin">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+<td data-label="Amount" class="n">{{limit['used']}} of {{limit['amount']}}</td>
+<td data-label="Resets" class="small">{{when(limit['resets_at'], "never")}}</td>
+<td data-label=""><form class="inline" method="post" action="/admin">
+{{!csrf_field}}
 <input type="hidden" name="action" value="delete_limit">
 <input type="hidden" name="limit_id" value="{{limit['id']}}">
 <button type="submit" class="danger">Delete</button></form></td></tr>
@@ -4868,57 +5062,74 @@ llimit's environment at each call instead.</p>
 % else:
 <p class="muted">No limits: every key may spend without bound.</p>
 % end
-<details><summary>New limit</summary>
+<details{{" open" if error_for("create_limit") else ""}}><summary>New limit</summary>
+{{!error_for("create_limit")}}
 <form method="post" action="/admin" class="row">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="action" value="create_limit">
 <div><label for="l-scope">Scope</label><select id="l-scope" name="scope">
 % for scope in scopes:
-<option>{{scope}}</option>
+<option{{" selected" if scope == typed('create_limit', 'scope') else ""}}>{{scope}}</option>
 % end
 </select></div>
 <div><label for="l-target">Target <span class="muted">(project id, user or key id)</span></label>
-<input id="l-target" name="target"></div>
+<input id="l-target" name="target" value="{{typed('create_limit', 'target')}}"></div>
 <div><label for="l-each">Each</label><select id="l-each" name="each">
-<option value="">(the scope as a whole)</option><option>user</option><option>key</option></select></div>
-<div><label for="l-metric">Metric</label><select id="l-metric" name="metric">
-% for metric in metrics:
-<option>{{metric}}</option>
+<option value="">(the scope as a whole)</option>
+% for each in ("user", "key"):
+<option{{" selected" if each == typed('create_limit', 'each') else ""}}>{{each}}</option>
 % end
 </select></div>
-<div><label for="l-amount">Amount</label><input id="l-amount" name="amount" inputmode="decimal" size="8" required></div>
+<div><label for="l-metric">Metric</label><select id="l-metric" name="metric">
+% for metric in metrics:
+<option{{" selected" if metric == typed('create_limit', 'metric') else ""}}>{{metric}}</option>
+% end
+</select></div>
+<div><label for="l-amount">Amount</label><input id="l-amount" name="amount" inputmode="decimal" size="8" required
+value="{{typed('create_limit', 'amount')}}"></div>
 <div><label for="l-window">Window</label><select id="l-window" name="window">
 % for window in windows:
-<option{{" selected" if window == "month" else ""}}>{{window}}</option>
+<option{{" selected" if window == typed('create_limit', 'window', 'month') else ""}}>{{window}}</option>
 % end
 </select></div>
 <div><label for="l-action">Action</label><select id="l-action" name="limit_action">
-<option>block</option><option>warn</option></select></div>
-<div><label for="l-alert">Alert at %</label><input id="l-alert" name="alert_at" size="8" placeholder="80,90"></div>
+% for action in ("block", "warn"):
+<option{{" selected" if action == typed('create_limit', 'limit_action') else ""}}>{{action}}</option>
+% end
+</select></div>
+<div><label for="l-alert">Alert at %</label><input id="l-alert" name="alert_at" size="8" placeholder="80,90"
+value="{{typed('create_limit', 'alert_at')}}"></div>
 <button type="submit">Add limit</button>
 </form></details>
 </section>
+"""
 
+ADMIN_PRICES_PART = """
 <section id="prices"><h2>Prices <span class="muted small">(USD per 1M tokens)</span></h2>
+{{!error_for("set_price")}}
 <form method="post" action="/admin" class="row">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <input type="hidden" name="action" value="set_price">
 <div><label for="m-model">Model</label><input id="m-model" name="model" required list="missing-models"
-value="{{missing[0] if missing else ''}}">
+value="{{typed('set_price', 'model', missing[0] if missing else '')}}">
 <datalist id="missing-models">
 % for model in missing:
 <option value="{{model}}">
 % end
 </datalist></div>
-<div><label for="m-input">Input</label><input id="m-input" name="input" inputmode="decimal" size="7" required></div>
-<div><label for="m-cached">Cached input</label><input id="m-cached" name="cached_input" inputmode="decimal" size="7"></div>
-<div><label for="m-output">Output</label><input id="m-output" name="output" inputmode="decimal" size="7" required></div>
-<div><label for="m-write">Cache write</label><input id="m-write" name="cache_write" inputmode="decimal" size="7"></div>
+<div><label for="m-input">Input</label><input id="m-input" name="input" inputmode="decimal" size="7" required
+value="{{typed('set_price', 'input')}}"></div>
+<div><label for="m-cached">Cached input</label><input id="m-cached" name="cached_input" inputmode="decimal" size="7"
+value="{{typed('set_price', 'cached_input')}}"></div>
+<div><label for="m-output">Output</label><input id="m-output" name="output" inputmode="decimal" size="7" required
+value="{{typed('set_price', 'output')}}"></div>
+<div><label for="m-write">Cache write</label><input id="m-write" name="cache_write" inputmode="decimal" size="7"
+value="{{typed('set_price', 'cache_write')}}"></div>
 <button type="submit">Set price</button>
 </form>
 <p class="muted small">A price set here wins over pricing.json and applies to calls from now on;
 <code>POST /admin/reprice</code> recomputes stored costs.</p>
-<details><summary>{{len(prices)}} models with a price</summary>
+<details><summary>{{plural(len(prices), "model")}} with a price</summary>
 <div class="scroll"><table>
 <tr><th>Model</th><th class="n">Input</th><th class="n">Cached input</th><th class="n">Output</th>
 <th class="n">Cache write</th><th>From</th></tr>
@@ -4933,10 +5144,13 @@ value="{{missing[0] if missing else ''}}">
 </section>
 """
 
+ADMIN_PAGE = "".join((ADMIN_SUMMARY_PART, ADMIN_PROJECTS_PART, ADMIN_USERS_PART,
+                      ADMIN_KEYS_PART, ADMIN_LIMITS_PART, ADMIN_PRICES_PART))
+
 LOGOUT_PAGE = """<h1>Sign out</h1>
 <section><p>Signed in as <b>{{session.user_name or "admin"}}</b>.</p>
 <form method="post" action="/logout">
-<input type="hidden" name="csrf_token" value="{{session.csrf_token}}">
+{{!csrf_field}}
 <button type="submit">Sign out</button></form></section>
 """
 
@@ -4949,7 +5163,7 @@ ERROR_PAGE = """<h1>{{status}}: {{reason}}</h1>
 </p></section>
 """
 
-PAGES_SCRIPT_JS = r"""// llimit's pages: the copy buttons and the charts. Everything works without it.
+PAGES_SCRIPT_JS = r"""// llimit's pages: copy buttons, confirmations and charts. Everything works without it.
 "use strict";
 (function () {
   function copyText(text, done) {
@@ -4975,18 +5189,45 @@ PAGES_SCRIPT_JS = r"""// llimit's pages: the copy buttons and the charts. Everyt
     });
   });
 
-  if (typeof window.Chart === "undefined") {
-    return;  // no Chart.js (offline, blocked): the tables say it all
+  // Revoking asks first; without this script the server asks on a page of its own.
+  document.querySelectorAll("form[data-confirm]").forEach(function (form) {
+    form.addEventListener("submit", function (event) {
+      if (!window.confirm(form.dataset.confirm)) {
+        event.preventDefault();
+        return;
+      }
+      var confirmed = document.createElement("input");
+      confirmed.type = "hidden";
+      confirmed.name = "confirm";
+      confirmed.value = "1";
+      form.appendChild(confirmed);
+    });
+  });
+
+  var charts = document.querySelectorAll("canvas[data-series]");
+  if (charts.length && typeof window.Chart === "undefined") {
+    // No Chart.js (offline, blocked): say so where the charts would be.
+    document.querySelectorAll(".chart-note").forEach(function (note) { note.hidden = false; });
+    document.querySelectorAll(".chart").forEach(function (box) { box.hidden = true; });
+    return;
   }
+  // Money as the pages show it: cents, else 4 decimals, else 6.
   function money(value, digits) {
-    digits = digits || (Math.abs(value) >= 0.01 || value === 0 ? 2 : 6);
+    if (digits === undefined) {
+      var size = Math.abs(value);
+      digits = size === 0 || size >= 1 || Math.abs(Math.round(value * 100) - value * 100) < 1e-7
+        ? 2 : size >= 0.01 ? 4 : 6;
+    }
     return "$" + Number(value).toLocaleString(undefined,
       {minimumFractionDigits: digits, maximumFractionDigits: digits});
   }
-  function moneyTick(value) {
-    return money(value, Math.abs(value) >= 0.01 || value === 0 ? 2 : 4);
+  // An axis shows as many decimals as its step needs, so no two ticks read alike.
+  function moneyTick(value, index, ticks) {
+    var step = ticks.length > 1 ? Math.abs(ticks[1].value - ticks[0].value) : Math.abs(value);
+    var digits = step > 0 ? Math.min(6, Math.max(2, Math.ceil(-Math.log10(step) - 1e-9))) : 2;
+    return money(value, digits);
   }
-  document.querySelectorAll("canvas[data-series]").forEach(function (canvas) {
+  charts.forEach(function (canvas) {
     var config = JSON.parse(canvas.dataset.series);
     var options = config.options || (config.options = {});
     Object.keys(options.scales || {}).forEach(function (axis) {
@@ -5006,17 +5247,6 @@ PAGES_SCRIPT_JS = r"""// llimit's pages: the copy buttons and the charts. Everyt
   });
 })();
 """
-
-def money(usd):
-    """USD as people read a bill: $1,234.50, $0.0123, $0.000585."""
-    if usd is None:
-        return "–"
-    if abs(usd) >= 1 or usd == 0:
-        return f"${usd:,.2f}"
-    if abs(usd) >= 0.01:
-        return f"${usd:,.4f}"
-    return f"${usd:,.6f}" if abs(usd) >= 0.000001 else "<$0.000001"
-
 
 def when(iso, missing="–"):
     """An ISO 8601 UTC time as 2026-11-23 07:00 UTC."""
@@ -5038,14 +5268,42 @@ def compact(count):
     return str(count)
 
 
-TEMPLATE_HELPERS = {"money": money, "when": when, "percent": percent, "compact": compact}
+def csrf_field(session):
+    """The hidden CSRF field every POST form of the pages carries."""
+    return (f'<input type="hidden" name="csrf_token"'
+            f' value="{html.escape(session.csrf_token or "", quote=True)}">')
+
+
+def count(number):
+    """A whole number with thousands separators: 1,234."""
+    return f"{number:,}"
+
+
+def _versioned(path, text):
+    # The content's hash in the URL: a browser keeps the file a year, and a new
+    # llimit with a changed file names a new URL.
+    return f"{path}?v={hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+PAGES_CSS_URL = _versioned(PAGES_CSS_PATH, PAGES_CSS)
+PAGES_SCRIPT_URL = _versioned(PAGES_SCRIPT_PATH, PAGES_SCRIPT_JS)
+STATIC_CACHE_CONTROL = "public, max-age=31536000, immutable"
+TEMPLATE_HELPERS = {"money": format_usd, "decimals_of": usd_decimals, "when": when,
+                    "percent": percent, "compact": compact, "count": count, "plural": plural}
+
+
+def render_part(part, **context):
+    """One *_PART template as HTML, for a page to place with {{!...}}."""
+    return bottle.template(part, **TEMPLATE_HELPERS, **context)
 
 
 def render_page(page, *, title, session, scripts=(), **context):
     """A *_PAGE template inside LAYOUT, as a string of HTML."""
-    body = bottle.template(page, session=session, **TEMPLATE_HELPERS, **context)
-    return bottle.template(LAYOUT, title=title, session=session, body=body,
-                           scripts=list(scripts))
+    field = csrf_field(session)
+    body = bottle.template(page, session=session, csrf_field=field, **TEMPLATE_HELPERS,
+                           **context)
+    return bottle.template(LAYOUT, title=title, session=session, body=body, csrf_field=field,
+                           css_url=PAGES_CSS_URL, scripts=list(scripts))
 
 
 # =============================================================================
@@ -5064,7 +5322,11 @@ REPORT_TOP_ROWS = 20          # cost by user or model: these bars, then "other"
 CHART_COLORS = ("#2a5bd7", "#e07b39", "#2f9e6e", "#c94f7c", "#7b61c9", "#d4a72c", "#3aa6b9",
                 "#8c6d46")
 CHART_OTHER_COLOR = "#a3aab6"
-SNIPPET_MODEL = "gpt-4o-mini"
+# The first of these that has a price; else any priced model of the provider.
+SNIPPET_MODELS = {"openai": ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"),
+                  "azure": ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"),
+                  "anthropic": ("claude-haiku-4-5", "claude-sonnet-4-5", "claude-3-5-haiku")}
+SNIPPET_AZURE_API_VERSION = "2024-10-21"
 BUDGET_WINDOWS = ("day", "week", "month", "total")
 ADMIN_NOTICES = {
     "project_created": "Project created.", "project_saved": "Project saved.",
@@ -5081,7 +5343,7 @@ def page(handler):
     def serve_page(state, **url_args):
         session = page_session(state)
         bottle.request.environ["llimit.session"] = session  # for the error page's header
-        for name, value in page_headers(_script_sources(state.config)).items():
+        for name, value in page_headers(_script_sources(state)).items():
             bottle.response.set_header(name, value)
         if bottle.request.method == "POST":
             return handler(state, session, checked_form(state, session), **url_args)
@@ -5102,14 +5364,32 @@ def page_headers(script_sources):
     }
 
 
-def _script_sources(config):
-    return "'self'" if config.chartjs else f"'self' {CHARTJS_CDN_URL}"
+def chartjs_file(config):
+    """The local Chart.js the pages use, or None for the CDN.
+
+    LLIMIT_CHARTJS when set; else vendor/chart.umd.js beside llimit.py (what
+    tests/install.sh fetches) when it is there, so an offline llimit draws charts.
+    """
+    if config.chartjs:
+        return config.chartjs
+    return VENDORED_CHARTJS if os.path.isfile(VENDORED_CHARTJS) else None
 
 
-def _chart_scripts(config):
-    chart = ({"src": CHARTJS_PATH} if config.chartjs
+def chartjs_origin(state):
+    """Where the pages' Chart.js comes from, in words for the start-up log."""
+    if state.chartjs_path:
+        return f"served by llimit from {state.chartjs_path}"
+    return f"the CDN, {CHARTJS_CDN_URL} (offline, /reports shows tables only)"
+
+
+def _script_sources(state):
+    return "'self'" if state.chartjs_path else f"'self' {CHARTJS_CDN_URL}"
+
+
+def _chart_scripts(state):
+    chart = ({"src": CHARTJS_PATH} if state.chartjs_path
              else {"src": CHARTJS_CDN_URL, "integrity": CHARTJS_CDN_INTEGRITY})
-    return [chart, {"src": PAGES_SCRIPT_PATH}]
+    return [chart, {"src": PAGES_SCRIPT_URL}]
 
 
 def public_base_url(config):
@@ -5142,8 +5422,9 @@ def _require_admin_page(session):
     if not session.signed_in:
         _redirect_to_login()
     raise LlimitError(403, "permission_denied",
-                      "This page is for llimit's admins: sign in with the admin token"
-                      " (on the sign-in page), or ask to be named in LLIMIT_ADMIN_USERS.")
+                      "This page is for llimit's admins. If you are one, sign in with the"
+                      " admin token on the sign-in page; if you need something changed,"
+                      " ask your llimit admin.")
 
 
 def _require_reports(session):
@@ -5153,8 +5434,8 @@ def _require_reports(session):
         raise LlimitError(401, "invalid_request_error", "Sign in to see reports.",
                           code="sign_in_required")
     raise LlimitError(403, "permission_denied",
-                      "Reports are for admins here; LLIMIT_REPORTS_PUBLIC=1 opens them to"
-                      " everyone signed in.")
+                      "Reports of everyone's spending are for llimit's admins here. Your own"
+                      " spending is on the Usage page; ask your llimit admin for more.")
 
 
 # --- home, sign-in ----------------------------------------------------------------
@@ -5253,8 +5534,54 @@ def page_logout(state, session, form):
 
 # --- a user's keys and usage ----------------------------------------------------------
 
+class NewKeyStash:
+    """A new key's secret between the POST that made it and the one GET that shows it.
+
+    POST/redirect/GET, so a reload makes no second key: the secret waits here,
+    in memory only (never in the database), for its session's next page, for
+    a few minutes at most, and is dropped as it is shown.
+    """
+    SECONDS = 300
+    MAX_ENTRIES = 10000
+
+    def __init__(self, clock):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._entries = {}   # session id hash -> (expires, what to show)
+
+    def put(self, session_id_hash, shown):
+        now = self.clock()
+        with self._lock:
+            self._entries = {ident: entry for ident, entry in self._entries.items()
+                             if entry[0] > now}
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[session_id_hash] = (now + self.SECONDS, shown)
+
+    def take(self, session_id_hash):
+        """What was put for this session, once; None when nothing (or too late)."""
+        with self._lock:
+            entry = self._entries.pop(session_id_hash, None)
+        return entry[1] if entry and entry[0] > self.clock() else None
+
+
+def _show_new_key_once(state, session, row, raw_key, page_path):
+    state.new_keys.put(session.id_hash, {
+        "raw_key": raw_key, "project_id": row["project_id"],
+        "owner": row["user_name"] or f"project {row['project_id']}"})
+    bottle.redirect(page_path + "#new", 303)
+
+
+def _new_key_shown(state, session):
+    shown = state.new_keys.take(session.id_hash) if session.id_hash else None
+    if shown is None:
+        return ""
+    project = get_project(state.database(), shown["project_id"])
+    return _new_key_html(state, project, shown["raw_key"], shown["owner"])
+
+
 def page_keys(state, session):
-    """GET /keys: the user's keys, and a form to get one."""
+    """GET /keys: the user's keys (and a new one's secret, once), and a form to get one."""
     return _render_keys(state, session, _signed_in_user(session))
 
 
@@ -5273,7 +5600,7 @@ def page_keys_create(state, session, form):
         row, raw_key = create_key(db, state.config.clock(), user_name, fields["project"],
                                   fields["note"])
     log.info("page: %s created key %s in project %s", user_name, row["id"], row["project_id"])
-    return _render_keys(state, session, user_name, raw_key)
+    _show_new_key_once(state, session, row, raw_key, "/keys")
 
 
 def page_key_revoke(state, session, form, key_id):
@@ -5285,38 +5612,101 @@ def page_key_revoke(state, session, form, key_id):
         if row is None or row["user_name"] != user_name:
             raise LlimitError(404, "invalid_request_error", "You have no such key.",
                               code="key_not_found")
+        if form.get("confirm") != "1":
+            return _confirm_revoke(session, row, f"/keys/{key_id}/revoke", (), "/keys")
         revoke_key(db, key_id, utc_iso(state.config.clock()))
     bottle.redirect("/keys", 303)
 
 
-def _render_keys(state, session, user_name, raw_key=None):
+def _confirm_revoke(session, row, action, hidden, back):
+    # Without the page script's confirm() (or with it off), the POST lands here first.
+    return render_page(REVOKE_CONFIRM_PAGE, title="Revoke a key", session=session,
+                       masked_key=row["masked_key"],
+                       owner=row["user_name"], action=action, hidden=hidden, back=back)
+
+
+def key_table(session, keys, admin=False):
+    """The keys table of /keys (a user's own) and /admin (everyone's, with users and ids)."""
+    return render_part(KEY_TABLE_PART, keys=keys, admin=admin, csrf_field=csrf_field(session))
+
+
+def _render_keys(state, session, user_name):
     db = state.database()
     rows = list_keys(db, user_name=user_name)
     spend = key_spend(db, [row["id"] for row in rows])
+    keys = [key_to_json(row, spend.get(row["id"])) for row in rows]
+    new_key_html = _new_key_shown(state, session)
     return render_page(
-        KEYS_PAGE, title="Keys", session=session, scripts=[{"src": PAGES_SCRIPT_PATH}],
-        keys=[key_to_json(row, spend.get(row["id"])) for row in rows],
+        KEYS_PAGE, title="Keys", session=session, scripts=[{"src": PAGES_SCRIPT_URL}],
+        keys=keys, key_table=key_table(session, keys),
         projects=[row for row in list_projects(db) if row["allow_user_keys"]],
-        new_key=raw_key, new_key_html=_new_key_html(state.config, raw_key) if raw_key else "")
+        new_key=bool(new_key_html), new_key_html=new_key_html)
 
 
-def _new_key_html(config, raw_key, owner=None):
-    base_url = public_base_url(config)
-    curl_snippet = (f"curl {base_url}/v1/chat/completions \\\n"
-                    f"  -H \"Authorization: Bearer {raw_key}\" \\\n"
-                    "  -H \"Content-Type: application/json\" \\\n"
-                    f"  -d '{{\"model\": \"{SNIPPET_MODEL}\", \"messages\": "
-                    "[{\"role\": \"user\", \"content\": \"Hello!\"}]}'")
-    python_snippet = ("from openai import OpenAI\n\n"
-                      f"client = OpenAI(base_url=\"{base_url}/v1\",\n"
-                      f"                api_key=\"{raw_key}\")\n"
-                      "reply = client.chat.completions.create(\n"
-                      f"    model=\"{SNIPPET_MODEL}\",\n"
-                      "    messages=[{\"role\": \"user\", \"content\": \"Hello!\"}],\n"
-                      ")\n"
-                      "print(reply.choices[0].message.content)")
-    return bottle.template(NEW_KEY_SNIPPETS, new_key=raw_key, new_key_owner=owner,
-                           curl_snippet=curl_snippet, python_snippet=python_snippet)
+def snippet_model(pricebook, kind):
+    """A model to name in a new key's snippets: one llimit prices, of the project's provider."""
+    prices = pricebook.table()
+    wanted = SNIPPET_MODELS[kind]
+    return next((model for model in wanted if pricebook.resolve(model)),
+                next((model for model in sorted(prices)
+                      if model.startswith(wanted[0].split("-")[0] + "-")), wanted[0]))
+
+
+def _new_key_html(state, project, raw_key, owner):
+    base_url = public_base_url(state.config)
+    kind = project["upstream_kind"] if project else "openai"
+    model = snippet_model(state.pricebook, kind)
+    hello = '[{"role": "user", "content": "Hello!"}]'
+    if kind == "anthropic":
+        package = "anthropic"
+        curl = (f"curl {base_url}/v1/messages \\\n"
+                f"  -H \"x-api-key: {raw_key}\" \\\n"
+                f"  -H \"anthropic-version: {ANTHROPIC_VERSION}\" \\\n"
+                "  -H \"Content-Type: application/json\" \\\n"
+                f"  -d '{{\"model\": \"{model}\", \"max_tokens\": 256, \"messages\": {hello}}}'")
+        python = ("from anthropic import Anthropic\n\n"
+                  f"client = Anthropic(base_url=\"{base_url}\",\n"
+                  f"                   api_key=\"{raw_key}\")\n"
+                  "reply = client.messages.create(\n"
+                  f"    model=\"{model}\",\n"
+                  "    max_tokens=256,\n"
+                  f"    messages={hello},\n"
+                  ")\n"
+                  "print(reply.content[0].text)")
+    elif kind == "azure":
+        package = "openai"
+        version = ((project["api_version"] if project else None)
+                   or state.config.upstream_api_version or SNIPPET_AZURE_API_VERSION)
+        curl = (f"curl \"{base_url}/openai/deployments/{model}/chat/completions"
+                f"?api-version={version}\" \\\n"
+                f"  -H \"api-key: {raw_key}\" \\\n"
+                "  -H \"Content-Type: application/json\" \\\n"
+                f"  -d '{{\"messages\": {hello}}}'")
+        python = ("from openai import AzureOpenAI\n\n"
+                  f"client = AzureOpenAI(azure_endpoint=\"{base_url}\",\n"
+                  f"                     api_key=\"{raw_key}\",\n"
+                  f"                     api_version=\"{version}\")\n"
+                  "reply = client.chat.completions.create(\n"
+                  f"    model=\"{model}\",  # the deployment's name\n"
+                  f"    messages={hello},\n"
+                  ")\n"
+                  "print(reply.choices[0].message.content)")
+    else:
+        package = "openai"
+        curl = (f"curl {base_url}/v1/chat/completions \\\n"
+                f"  -H \"Authorization: Bearer {raw_key}\" \\\n"
+                "  -H \"Content-Type: application/json\" \\\n"
+                f"  -d '{{\"model\": \"{model}\", \"messages\": {hello}}}'")
+        python = ("from openai import OpenAI\n\n"
+                  f"client = OpenAI(base_url=\"{base_url}/v1\",\n"
+                  f"                api_key=\"{raw_key}\")\n"
+                  "reply = client.chat.completions.create(\n"
+                  f"    model=\"{model}\",\n"
+                  f"    messages={hello},\n"
+                  ")\n"
+                  "print(reply.choices[0].message.content)")
+    return render_part(NEW_KEY_SNIPPETS, new_key=raw_key, new_key_owner=owner, package=package,
+                       curl_snippet=curl, python_snippet=python)
 
 
 def page_usage(state, session):
@@ -5358,11 +5748,13 @@ def _whose(subject, key):
 
 
 def _limit_row(status, whose=None):
+    # With `whose`, the row is for the key holder's own page: the limit in words, no ids.
     metric = status["metric"]
 
-    def shown(units):
-        return money(units) if metric == "usd" else format_amount(metric, units)
-    return {"id": status["id"], "text": describe_limit(status), "who": whose,
+    def shown(amount):  # each as it reads best: "$0.004705 of $25.00"
+        return format_usd(amount) if metric == "usd" else format_amount(metric, amount)
+    text = describe_limit(status) if whose is None else limit_in_words(status)
+    return {"id": status["id"], "text": text, "who": whose,
             "action": status["action"], "used": shown(status["used"]),
             "amount": shown(status["amount"]), "resets_at": status["resets_at"],
             "percent": percent(status["used"], status["amount"]), "status": status}
@@ -5507,22 +5899,27 @@ def _chart_options(legend=True, **options):
 
 def report_tables(report):
     """The report's numbers as tables: one per chart's grouping, and by day."""
-    def count(n):
-        return f"{n:,}"
+    def column(values):  # one column of costs, all with the same decimals
+        decimals = usd_decimals(*values)
+        return [format_usd(value, decimals) for value in values]
 
     def grouped(title, group, rows, empty):
+        costs = column([row["cost_usd"] for row in rows])
         return {"title": title,
                 "headings": (group.title(), "Requests", "Input tokens", "Output tokens", "Cost"),
                 "rows": [(row[group] or empty, count(row["requests"]),
-                          count(row["prompt_tokens"]), count(row["completion_tokens"]),
-                          money(row["cost_usd"])) for row in rows]}
+                          count(row["prompt_tokens"]), count(row["completion_tokens"]), cost)
+                         for row, cost in zip(rows, costs)]}
+    daily = report["daily"]
     return [
         grouped("By user", "user", report["by_user"], "(no user)"),
         grouped("By model", "model", report["by_model"], "(unknown)"),
         grouped("By project", "project", report["by_project"], "(none)"),
         {"title": "By day", "headings": ("Day (UTC)", "Requests", "Cost", "Running total"),
-         "rows": [(day["day"], count(day["requests"]), money(day["cost_usd"]),
-                   money(day["cumulative_usd"])) for day in report["daily"]]},
+         "rows": list(zip([day["day"] for day in daily],
+                          [count(day["requests"]) for day in daily],
+                          column([day["cost_usd"] for day in daily]),
+                          column([day["cumulative_usd"] for day in daily])))},
     ]
 
 
@@ -5534,7 +5931,7 @@ def page_reports(state, session):
     start, end = report_range(bottle.request.query, state.config.clock())
     report = report_data(state.database(), start, end)
     return render_page(REPORTS_PAGE, title="Reports", session=session,
-                       scripts=_chart_scripts(state.config), start=start, end=end,
+                       scripts=_chart_scripts(state), start=start, end=end,
                        totals=report["totals"], by_user=report["by_user"],
                        charts=report_charts(report), tables=report_tables(report))
 
@@ -5580,15 +5977,25 @@ def page_admin(state, session):
 
 
 def page_admin_post(state, session, form):
-    """POST /admin: one change from a dashboard form, named by its `action` field."""
+    """POST /admin: one change from a dashboard form, named by its `action` field.
+
+    A refused change (a bad amount, an unknown user) shows the page again with
+    the reason at its form and what was typed still in it.
+    """
     _require_admin_page(session)
     action = ADMIN_ACTIONS.get(form.get("action"))
     if action is None:
         raise LlimitError(400, "invalid_request_error", "Unknown admin action.")
-    return action(state, session, form)
+    try:
+        return action(state, session, form)
+    except LlimitError as error:
+        if error.status not in (400, 404, 409):
+            raise
+        bottle.response.status = error.status
+        return _render_admin(state, session, form=form, form_error=error.message)
 
 
-def _render_admin(state, session, notice=None, raw_key=None, key_owner=None):
+def _render_admin(state, session, notice=None, form=None, form_error=None):
     db = state.database()
     now = state.config.clock()
     today = _day(now)
@@ -5598,7 +6005,7 @@ def _render_admin(state, session, notice=None, raw_key=None, key_owner=None):
     limit_rows = [_limit_row(state.limits.status(db, row)) for row in list_limits(db)]
     projects = []
     for row in list_projects(db):
-        project = project_to_json(row)
+        project = project_to_json(row, state.config)
         project["limits"] = [limit for limit in limit_rows
                              if limit["status"]["scope"] == "project"
                              and limit["status"]["target"] == row["id"]]
@@ -5610,10 +6017,21 @@ def _render_admin(state, session, notice=None, raw_key=None, key_owner=None):
     prices = [{"model": model, **{field: price.get(field) for field in PRICE_FIELDS},
                "source": "set here" if model in book.overrides else "pricing.json"}
               for model, price in sorted(book.table().items())]
+    new_key_html = _new_key_shown(state, session)
+    refused = form.get("action") if form_error else None
+
+    def typed(action, field, default=""):
+        return form.get(field, default) if refused == action else default
+
+    def error_for(action):
+        return (f'<p class="error" role="alert">{html.escape(form_error)}</p>'
+                if refused == action else "")
     return render_page(
-        ADMIN_PAGE, title="Admin", session=session, scripts=[{"src": PAGES_SCRIPT_PATH}],
-        notice=notice, new_key=raw_key,
-        new_key_html=_new_key_html(state.config, raw_key, key_owner) if raw_key else "",
+        ADMIN_PAGE, title="Admin", session=session, scripts=[{"src": PAGES_SCRIPT_URL}],
+        notice=notice, new_key=bool(new_key_html), new_key_html=new_key_html,
+        form_error=form_error and {"message": form_error,
+                                   "anchor": ADMIN_ANCHORS.get(refused, "")},
+        typed=typed, error_for=error_for, key_table=key_table(session, keys, admin=True),
         today_usd=nusd_to_usd(today_total[2]), today_requests=today_total[0],
         month_usd=nusd_to_usd(month_total[2]), month_requests=month_total[0],
         active_keys=sum(key["active"] for key in keys), projects=projects,
@@ -5683,15 +6101,17 @@ def _admin_create_key(state, session, form):
                                   fields["note"], fields["expires_at"])
     log.info("admin page: created key %s for %s in project %s", row["id"],
              row["user_name"] or "(project)", row["project_id"])
-    return _render_admin(state, session, raw_key=raw_key,
-                         key_owner=row["user_name"] or f"project {row['project_id']}")
+    _show_new_key_once(state, session, row, raw_key, "/admin")
 
 
 def _admin_revoke_key(state, session, form):
     db = state.database()
     key_id = form.get("key_id", "")
     with transaction(db):
-        _must_exist(get_key(db, key_id), "key", key_id)
+        row = _must_exist(get_key(db, key_id), "key", key_id)
+        if form.get("confirm") != "1":
+            return _confirm_revoke(session, row, "/admin",
+                                   (("action", "revoke_key"), ("key_id", key_id)), "/admin#keys")
         revoke_key(db, key_id, utc_iso(state.config.clock()))
     _admin_done("key_revoked", "keys")
 
@@ -5730,6 +6150,8 @@ def _admin_set_price(state, session, form):
     _admin_done("price_set", "prices")
 
 
+ADMIN_ANCHORS = {"create_project": "projects", "update_project": "projects",
+                 "create_key": "keys", "create_limit": "limits", "set_price": "prices"}
 ADMIN_ACTIONS = {
     "create_project": _admin_create_project, "update_project": _admin_update_project,
     "create_key": _admin_create_key, "revoke_key": _admin_revoke_key,
@@ -5755,15 +6177,22 @@ def _number(text, field):
 # --- static files ------------------------------------------------------------------
 
 def static_pages_script(state):
-    """GET /static/llimit.js: the pages' copy buttons and charts."""
+    """GET /static/llimit.js: the pages' copy buttons, confirmations and charts."""
     bottle.response.content_type = "text/javascript; charset=utf-8"
-    bottle.response.set_header("Cache-Control", "public, max-age=3600")
+    bottle.response.set_header("Cache-Control", STATIC_CACHE_CONTROL)
     return PAGES_SCRIPT_JS
 
 
+def static_pages_css(state):
+    """GET /static/llimit.css: the pages' style sheet."""
+    bottle.response.content_type = "text/css; charset=utf-8"
+    bottle.response.set_header("Cache-Control", STATIC_CACHE_CONTROL)
+    return PAGES_CSS
+
+
 def static_chartjs(state):
-    """GET /static/chart.umd.js: the local Chart.js named by LLIMIT_CHARTJS."""
-    path = state.config.chartjs
+    """GET /static/chart.umd.js: the local Chart.js (LLIMIT_CHARTJS, or vendor/ beside llimit.py)."""
+    path = state.chartjs_path
     if not path:
         raise LlimitError(404, "invalid_request_error",
                           "No local Chart.js here; the pages load it from a CDN.")
@@ -5878,7 +6307,8 @@ def admin_key_revoke(state, key_id):
 
 def admin_projects_list(state):
     """GET /admin/projects"""
-    return {"data": [project_to_json(row) for row in list_projects(state.database())]}
+    return {"data": [project_to_json(row, state.config)
+                     for row in list_projects(state.database())]}
 
 
 def admin_projects_create(state):
@@ -5890,7 +6320,8 @@ def admin_projects_create(state):
 def admin_project_get(state, project_id):
     """GET /admin/projects/<id>, with the limits that target it."""
     db = state.database()
-    project = project_to_json(_must_exist(get_project(db, project_id), "project", project_id))
+    project = project_to_json(_must_exist(get_project(db, project_id), "project", project_id),
+                              state.config)
     project["limits"] = [state.limits.status(db, row) for row in list_limits(db)
                          if row["scope"] == "project" and row["target"] == project_id]
     return project
@@ -6136,11 +6567,12 @@ def _openapi_spec():
                                                  "items": number},
         note=nullable_string, used=number, remaining=number, resets_at=nullable_string)
     project_out = record(
-        ("id", "name", "upstream_kind", "upstream_url", "upstream_key_set",
-         "upstream_key_source", "api_version", "allow_user_keys", "limit_message",
-         "model_map", "created_at"),
+        ("id", "name", "upstream_kind", "upstream_url", "upstream_url_in_force",
+         "upstream_key_set", "upstream_key_source", "api_version", "allow_user_keys",
+         "limit_message", "model_map", "created_at"),
         id=string, name=string, upstream_kind=project_fields["upstream_kind"],
-        upstream_url=nullable_string, upstream_key_set={"type": "boolean"},
+        upstream_url=nullable_string, upstream_url_in_force=string,
+        upstream_key_set={"type": "boolean"},
         upstream_key_source=nullable_string, api_version=nullable_string,
         allow_user_keys={"type": "boolean"}, limit_message=nullable_string,
         model_map={"type": "object", "nullable": True, "additionalProperties": string},
@@ -6388,6 +6820,8 @@ class State:
         self.oidc = OidcClient(config) if config.auth == "oidc" else None
         if config.chartjs and not os.path.isfile(config.chartjs):
             raise ValueError(f"LLIMIT_CHARTJS names no file: {config.chartjs}")
+        self.chartjs_path = chartjs_file(config)
+        self.new_keys = NewKeyStash(config.clock)
         self.generated_admin_token = None
 
     def start(self):
@@ -6416,11 +6850,24 @@ def _is_json_path(path):
     return path.startswith(JSON_PATH_PREFIXES)
 
 
-def error_response(error, path):
-    """A LlimitError as OpenAI's JSON shape (JSON routes) or an error page."""
-    if _is_json_path(path):
-        response = bottle.HTTPResponse(json.dumps(error.body()), status=error.status)
+# Statuses a retry cannot change: the client must change the call, the key or the limit.
+FINAL_STATUSES = frozenset((400, 401, 403, 404, 405, 413))
+# A client whose base URL lacks /v1 asks for these at the root.
+API_ROOT_NAMES = frozenset(("chat", "completions", "responses", "messages", "embeddings",
+                            "models", "images", "audio", "moderations", "files", "batches"))
+
+
+def error_response(error, path, as_json=False):
+    """A LlimitError as OpenAI's (or Anthropic's) JSON shape on JSON routes, else a page."""
+    if as_json or _is_json_path(path):
+        body = (error.anthropic_body() if _speaks_anthropic(path, bottle.request.environ)
+                else error.body())
+        response = bottle.HTTPResponse(json.dumps(body), status=error.status)
         response.content_type = "application/json"
+        if error.status in FINAL_STATUSES or error.error_type == "budget_exceeded":
+            # compat: the openai and anthropic SDKs (and Claude Code) retry a 429 or
+            # any error unless told not to; a spent budget stays spent.
+            response.set_header("x-should-retry", "false")
     else:
         response = bottle.HTTPResponse(_error_page(error), status=error.status)
         response.content_type = "text/html; charset=utf-8"
@@ -6429,6 +6876,13 @@ def error_response(error, path):
     for name, value in error.headers.items():
         response.set_header(name, value)
     return response
+
+
+def _speaks_anthropic(path, environ):
+    # Anthropic's routes, a call an Anthropic client made (it always sends the
+    # version header), or a call of a project whose upstream is Anthropic.
+    return (path.startswith("/v1/messages") or environ.get("llimit.dialect") == "anthropic"
+            or (path.startswith("/v1/") and "HTTP_ANTHROPIC_VERSION" in environ))
 
 
 def _error_page(error):
@@ -6520,6 +6974,7 @@ def routes():
         ("GET", "/admin", page(page_admin)),
         ("POST", "/admin", page(page_admin_post)),
         ("GET", PAGES_SCRIPT_PATH, static_pages_script),
+        ("GET", PAGES_CSS_PATH, static_pages_css),
         ("GET", CHARTJS_PATH, static_chartjs),
         # operations
         ("GET", "/healthz", ops_healthz),
@@ -6535,6 +6990,8 @@ def make_app(config, state=None):
     app = bottle.Bottle()
     app.config["catchall"] = False  # ErrorPlugin answers; a crash must not turn into HTML
     app.llimit = state
+    app.uninstall(bottle.JSONPlugin)
+    app.install(bottle.JSONPlugin(json_dumps=json_text))
     app.install(ErrorPlugin(state))
     for method, path, handler in routes():
         app.route(path, method, _bind(handler, state), name=handler.__name__)
@@ -6555,10 +7012,18 @@ def _bottle_error(status):
     messages = {404: "Unknown URL.", 405: "Method not allowed for this URL."}
 
     def handle(error):
-        llimit_error = LlimitError(status, "invalid_request_error",
-                                   f"{messages[status]} ({bottle.request.method}"
-                                   f" {bottle.request.path})", code=f"http_{status}")
-        response = error_response(llimit_error, bottle.request.path)
+        request = bottle.request
+        message = f"{messages[status]} ({request.method} {request.path})"
+        missing_v1 = status == 404 and request.path.strip("/").split("/")[0] in API_ROOT_NAMES
+        if missing_v1:
+            base_url = public_base_url(request.app.llimit.config)
+            message += (f" llimit serves the API under /v1: use base_url {base_url}/v1"
+                        f" (Anthropic clients: {base_url}).")
+            log.warning("404 %s %s: a client's base URL without /v1?", request.method,
+                        encoded_path(request.path))
+        llimit_error = LlimitError(status, "invalid_request_error", message,
+                                   code=f"http_{status}")
+        response = error_response(llimit_error, request.path, as_json=missing_v1)
         for name, value in response.headers.items():
             bottle.response.set_header(name, value)
         return response.body
@@ -6631,6 +7096,7 @@ def serve(config):
         print(f"llimit: generated an admin token (shown this once, only its hash is kept):\n"
               f"  {state.generated_admin_token}", file=sys.stderr, flush=True)
     _warn_missing_upstream_keys(state)
+    log.info("Chart.js for /reports: %s", chartjs_origin(state))
     for warning in sign_in_warnings(config):
         log.warning("%s", warning)
     try:

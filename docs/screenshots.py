@@ -6,8 +6,8 @@
 Starts the tests' fake upstream and llimit on free ports with a throwaway
 database, makes three weeks of calls for a handful of people (through the real
 proxy, with the fake clock moved day by day), then signs in with a real
-headless Chromium and saves the home page, a fresh key, the usage page (also at
-a phone's width), the reports and the admin dashboard.
+headless Chromium and saves the home page, a fresh key (and /keys at a phone's width), the usage
+page (also at a phone's width), the reports and the admin dashboard.
 """
 
 import dataclasses
@@ -105,6 +105,8 @@ def main():
             click_and_wait(driver, driver.find_element(By.CSS_SELECTOR,
                                                        "form[action='/keys'] button"))
             shoot(driver, "keys")
+            driver.get(server.url + "/keys")  # the secret was shown once; now the list
+            shoot(driver, "keys-phone", width=390)
             driver.get(server.url + "/usage")
             shoot(driver, "usage")
             shoot(driver, "usage-phone", width=390)

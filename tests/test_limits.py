@@ -42,8 +42,13 @@ def test_budget_blocks_with_a_clear_429_and_resets_next_window(gateway, fake, cl
     assert blocked.status_code == 429
     error = blocked.json()["error"]
     assert error["type"] == "budget_exceeded"
-    assert limit["id"] in error["message"] and "resets" in error["message"]
-    assert error["message"].endswith("Ask #ai-budget for more.")
+    # Written for the key holder: what ran out, when it comes back, whom to ask;
+    # the limit's id goes to a header, for the admin they ask.
+    assert error["message"].startswith("Your daily budget of $")
+    assert "It resets at 2026-11-19 00:00 UTC." in error["message"]
+    assert limit["id"] not in error["message"] and "lim_" not in error["message"]
+    assert blocked.headers["X-LLimit-Limit-Id"] == limit["id"]
+    assert error["message"].endswith("UTC. Ask #ai-budget for more.")
     with pytest.raises(openai.RateLimitError):
         openai.OpenAI(base_url=gateway.url + "/v1", api_key=raw_key,
                       max_retries=0).chat.completions.create(model="gpt-4o", messages=[])

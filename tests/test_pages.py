@@ -2,14 +2,18 @@
 reports with drawn charts, the admin dashboard, and the web-app defences
 (CSRF, cross-site posts, escaping, own keys only, admins only)."""
 
+import html
 import os
 import re
+import subprocess
+import sys
 
 import openai
 import pytest
 import requests
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 import llimit
 from tests.browser import (VENDOR_CHARTJS, click_and_wait, csrf_token, fresh, http_sign_in,
@@ -60,13 +64,15 @@ def test_sign_in_get_a_key_use_it_and_see_the_spend_and_the_charts(make_llimit, 
     stats = [element.text for element in driver.find_elements(By.CLASS_NAME, "stat")]
     assert stats[:3] == ["$0.0250", "$0.0250", "1"]
     limits = driver.find_element(By.CSS_SELECTOR, "section table").text
-    assert "$0.0250 of $0.1000" in limits and "user alice" in limits
+    assert "$0.0250 of $0.10" in limits and "user alice" in limits
+    assert "$0.10 a day" in limits and "lim_" not in limits  # in words, no ids
     bar = driver.find_element(By.CSS_SELECTOR, "section table .bar span")
     assert bar.get_attribute("style") == "width: 25%;"
     assert "gpt-4o-mini" in driver.page_source
 
     driver.get(server.url + "/reports")
-    assert "Reports are for admins" in driver.page_source
+    assert "Reports of everyone's spending are for llimit's admins" in driver.page_source
+    assert "LLIMIT_" not in driver.find_element(By.TAG_NAME, "main").text  # no internals
     sign_in_admin(driver, server.url, ADMIN_TOKEN, next_path="/reports")
     assert driver.current_url == server.url + "/reports"
     drawn = driver.execute_script("""
@@ -119,11 +125,16 @@ def test_users_see_and_revoke_only_their_own_keys(gateway):
     token = csrf_token(page)
     created = alice.post(gateway.url + "/keys", data={"csrf_token": token, "project": "default",
                                                       "note": "mine"})
-    assert created.status_code == 200
+    # POST/redirect/GET: the key is shown on the page the POST redirected to ...
+    assert created.status_code == 200 and created.url == gateway.url + "/keys#new"
+    assert created.history[0].status_code == 303
     alice_key = re.search(r'id="new-key" class="secret">([^<]+)<', created.text).group(1)
+    # ... and a reload makes no second key and shows the secret no more.
     page = alice.get(gateway.url + "/keys").text
     assert bob_id not in page and "bob's secret note" not in page and bob_key[-4:] not in page
     assert alice_key not in page  # shown once, at creation only
+    assert gateway.db().execute("select count(*) from api_keys where user_name = 'alice'"
+                                ).fetchone()[0] == 1
 
     refused = alice.post(f"{gateway.url}/keys/{bob_id}/revoke", data={"csrf_token": token})
     assert refused.status_code == 404
@@ -131,7 +142,13 @@ def test_users_see_and_revoke_only_their_own_keys(gateway):
 
     alice_id = gateway.db().execute("select id from api_keys where user_name = 'alice'"
                                     ).fetchone()[0]
-    revoked = alice.post(f"{gateway.url}/keys/{alice_id}/revoke", data={"csrf_token": token})
+    # Without the page script's confirm(), a revoke asks on a page first.
+    asked = alice.post(f"{gateway.url}/keys/{alice_id}/revoke", data={"csrf_token": token})
+    assert asked.status_code == 200 and "Revoke the key" in asked.text
+    assert 'name="confirm" value="1"' in asked.text and alice_key[:11] in asked.text
+    assert call(gateway, alice_key).choices  # not revoked yet
+    revoked = alice.post(f"{gateway.url}/keys/{alice_id}/revoke",
+                         data={"csrf_token": token, "confirm": "1"})
     assert revoked.status_code == 200 and revoked.url == gateway.url + "/keys"
     assert "revoked" in revoked.text
     with pytest.raises(openai.PermissionDeniedError):
@@ -301,11 +318,14 @@ def test_admin_dashboard_manages_projects_keys_limits_and_prices(gateway, fake, 
 
     key_id = gateway.db().execute("select id from api_keys where user_name = 'dana'"
                                   ).fetchone()[0]
-    assert "Key revoked." in act("revoke_key", key_id=key_id).text
+    assert "Revoke the key" in act("revoke_key", key_id=key_id).text  # asks first
+    assert call(gateway, raw_key, model="acme-7b").choices
+    assert "Key revoked." in act("revoke_key", key_id=key_id, confirm="1").text
     with pytest.raises(openai.PermissionDeniedError):
         call(gateway, raw_key, model="acme-7b")
     users = admin.get(gateway.url + "/admin").text
-    assert re.search(r"<td>dana</td><td class=\"n\">0</td>", users)
+    assert re.search(r'<td data-label="User">dana</td><td data-label="Active keys" class="n">0</td>',
+                     users)
     assert act("no_such_action").status_code == 400
 
 
@@ -345,7 +365,7 @@ def test_reports_data_feed_and_csv(make_llimit, clock):
     assert "<td>alice</td>" in page  # the same numbers as tables, for no-script readers
 
 
-def test_chartjs_comes_from_llimit_when_configured_else_a_pinned_cdn(make_llimit):
+def test_chartjs_comes_from_llimit_when_configured_else_a_pinned_cdn(make_llimit, monkeypatch):
     local = make_llimit(chartjs=VENDOR_CHARTJS)
     admin = http_sign_in(local.url, admin_token=ADMIN_TOKEN)
     page = admin.get(local.url + "/reports")
@@ -355,6 +375,15 @@ def test_chartjs_comes_from_llimit_when_configured_else_a_pinned_cdn(make_llimit
     assert script.status_code == 200 and script.content == open(VENDOR_CHARTJS, "rb").read()
     assert script.headers["Content-Type"].startswith("text/javascript")
 
+    # No LLIMIT_CHARTJS: vendor/chart.umd.js beside llimit.py when there is one ...
+    vendored = make_llimit()
+    page = http_sign_in(vendored.url, admin_token=ADMIN_TOKEN).get(vendored.url + "/reports")
+    assert '<script src="/static/chart.umd.js" defer>' in page.text
+    assert requests.get(vendored.url + "/static/chart.umd.js").content == \
+        open(llimit.VENDORED_CHARTJS, "rb").read()
+
+    # ... and the pinned CDN copy only when there is none.
+    monkeypatch.setattr(llimit, "VENDORED_CHARTJS", "/nonexistent/vendor/chart.umd.js")
     cdn = make_llimit()
     admin = http_sign_in(cdn.url, admin_token=ADMIN_TOKEN)
     page = admin.get(cdn.url + "/reports")
@@ -373,3 +402,279 @@ def test_home_page_says_what_llimit_is_and_who_is_signed_in(gateway):
     assert 'href="/login"' in home.text and "Sign out" not in home.text
     signed_in = http_sign_in(gateway.url, "alice").get(gateway.url + "/").text
     assert "Signed in as <b>alice</b>" in signed_in and "Sign out" in signed_in
+
+
+# --- issue 16: a newcomer's first hour and an employee's first key ----------------
+
+PHONE = (390, 844)
+DESKTOP = (1280, 900)
+
+
+def at_width(driver, size):
+    driver.set_window_size(*size)
+    WebDriverWait(driver, 5).until(
+        lambda d: d.execute_script("return window.innerWidth") <= size[0])
+
+
+def no_sideways_scroll(driver):
+    return driver.execute_script(
+        "return document.documentElement.scrollWidth <= window.innerWidth;")
+
+
+def in_view_horizontally(driver, element):
+    return driver.execute_script(
+        "var r = arguments[0].getBoundingClientRect();"
+        " return r.width > 0 && r.left >= 0 && r.right <= window.innerWidth;", element)
+
+
+def test_offline_reports_say_charts_did_not_load_and_keep_every_number(
+        make_llimit, browser, tmp_path, processes):
+    broken = tmp_path / "chart.umd.js"
+    broken.write_text("throw new Error('not Chart.js');\n")  # as good as a failed download
+    server = priced(make_llimit(chartjs=str(broken)))
+    call(server, server.create_key(user="alice")[0])
+    fresh(browser, server.url, "/")
+    sign_in_admin(browser, server.url, ADMIN_TOKEN, next_path="/reports")
+    notes = browser.find_elements(By.CSS_SELECTOR, ".chart-note")
+    assert len(notes) == 5 and all(note.is_displayed() for note in notes)
+    assert "Chart.js did not load" in notes[0].text
+    assert not any(box.is_displayed() for box in browser.find_elements(By.CSS_SELECTOR, ".chart"))
+    assert "$0.0250" in browser.find_element(By.TAG_NAME, "main").text  # the tables stay
+
+    # Where Chart.js comes from is said at start: the local copy beside llimit.py here.
+    assert os.path.exists(llimit.VENDORED_CHARTJS)
+    proc = processes()
+    assert f"Chart.js for /reports: served by llimit from {llimit.VENDORED_CHARTJS}" in proc.log()
+    proc = processes(LLIMIT_CHARTJS=str(broken))
+    assert f"Chart.js for /reports: served by llimit from {broken}" in proc.log()
+
+
+def test_chart_axis_ticks_never_read_alike(make_llimit, browser, clock):
+    server = make_llimit(chartjs=VENDOR_CHARTJS)
+    priced(server)
+    raw_key, _ = server.create_key(user="alice")
+    call(server, raw_key)  # $0.025 today: an axis stepping by $0.005
+    fresh(browser, server.url, "/")
+    sign_in_admin(browser, server.url, ADMIN_TOKEN, next_path="/reports")
+    axes = browser.execute_script("""
+        var out = [];
+        document.querySelectorAll("canvas[data-series]").forEach(function (c) {
+            var chart = Chart.getChart(c);
+            Object.keys(chart.scales).forEach(function (id) {
+                var scale = chart.scales[id];
+                if (scale.type === "linear") {
+                    out.push([c.id + ":" + id, scale.ticks.map(function (t) { return t.label; })]);
+                }
+            });
+        });
+        return out;""")
+    assert axes
+    for name, labels in axes:
+        assert len(labels) == len(set(labels)), (name, labels)
+        assert all(label.startswith("$") for label in labels), (name, labels)
+
+
+def test_new_key_is_made_once_and_revoking_asks_first_in_the_browser(make_llimit, browser):
+    server = make_llimit()
+    at_width(browser, DESKTOP)
+    sign_in_open(browser, server.url, "carol", next_path="/keys")
+    click_and_wait(browser, browser.find_element(By.CSS_SELECTOR, "form[action='/keys'] button"))
+    raw_key = browser.find_element(By.ID, "new-key").text
+    assert raw_key.startswith("llimit-")
+    browser.refresh()  # a reload after creating: no second key, no secret again
+    assert not browser.find_elements(By.ID, "new-key") and raw_key not in browser.page_source
+    assert len(browser.find_elements(By.CSS_SELECTOR, "table.keys tr")) == 2  # heading + 1 key
+
+    revoke = browser.find_element(By.CSS_SELECTOR, "table.keys button.danger")
+    revoke.click()
+    alert = browser.switch_to.alert
+    assert "Revoke the key" in alert.text
+    alert.dismiss()  # changed one's mind: nothing happens
+    assert requests.post(server.url + "/v1/chat/completions", json={"model": "gpt-4o-mini"},
+                         headers={"Authorization": f"Bearer {raw_key}"}).status_code == 200
+    revoke.click()
+    browser.switch_to.alert.accept()
+    WebDriverWait(browser, 10).until(lambda d: "revoked" in d.find_element(
+        By.CSS_SELECTOR, "table.keys").text)
+    assert requests.post(server.url + "/v1/chat/completions", json={"model": "gpt-4o-mini"},
+                         headers={"Authorization": f"Bearer {raw_key}"}).status_code == 403
+
+
+def run_snippet(command, cwd):
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr + done.stdout
+    return done.stdout
+
+
+def test_new_key_snippets_speak_the_projects_dialect_and_run(gateway, fake, tmp_path):
+    for project, kind, url in (("claude-team", "anthropic", fake.url + "/v1"),
+                               ("azure-team", "azure", fake.url)):
+        resp = gateway.admin.post(gateway.url + "/admin/projects", json={
+            "id": project, "upstream_kind": kind, "upstream_url": url,
+            "upstream_key": "sk-upstream", "api_version": "2024-10-21"})
+        assert resp.status_code == 201, resp.text
+    alice = http_sign_in(gateway.url, "alice")
+    token = csrf_token(alice.get(gateway.url + "/keys").text)
+    prices = llimit.load_price_file(gateway.config.pricing_path)
+    for project, model_prefix, markers in (
+            ("default", "gpt-", ("/v1/chat/completions", "Authorization: Bearer",
+                                 "from openai import OpenAI")),
+            ("claude-team", "claude-", ("/v1/messages", "x-api-key:", "anthropic-version:",
+                                        "from anthropic import Anthropic",
+                                        f'Anthropic(base_url="{gateway.url}"')),
+            ("azure-team", "gpt-", ("/openai/deployments/", "api-key:",
+                                    "api-version=2024-10-21", "AzureOpenAI(azure_endpoint=",
+                                    'api_version="2024-10-21"'))):
+        page = alice.post(gateway.url + "/keys", data={"csrf_token": token,
+                                                       "project": project}).text
+        curl = html.unescape(re.search(r'<pre id="snippet-curl">(.*?)</pre>', page, re.S)[1])
+        python = html.unescape(re.search(r'<pre id="snippet-python">(.*?)</pre>', page,
+                                         re.S)[1])
+        model = re.search(r'model="([^"]+)"', python)[1]
+        assert model.startswith(model_prefix) and model in prices, (project, model)
+        for marker in markers:
+            assert marker in curl + python, (project, marker)
+        # Pasted as shown, both work against llimit.
+        fake.reset()
+        answer = run_snippet(["bash", "-c", curl], tmp_path)
+        assert "Hello world!" in answer or "Hello" in answer, answer
+        assert run_snippet([sys.executable, "-c", python], tmp_path).strip() == "Hello world!"
+        assert len(fake.requests) == 2
+
+
+def test_employee_text_names_no_internals_and_token_admin_sees_no_dead_links(gateway):
+    admin = http_sign_in(gateway.url, admin_token=ADMIN_TOKEN)
+    home = admin.get(gateway.url + "/").text
+    nav = re.search(r"<nav>(.*?)</nav>", home, re.S)[1]
+    assert 'href="/keys"' not in nav and 'href="/usage"' not in nav
+    assert 'href="/admin"' in nav and 'href="/reports"' in nav
+    assert 'href="/keys"' not in home  # nor a card that leads to a 403
+    user_nav = re.search(r"<nav>(.*?)</nav>", http_sign_in(gateway.url, "alice").get(
+        gateway.url + "/").text, re.S)[1]
+    assert 'href="/keys"' in user_nav and 'href="/usage"' in user_nav
+    for path in ("/reports", "/admin"):
+        page = http_sign_in(gateway.url, "alice").get(gateway.url + path)
+        assert page.status_code == 403
+        main = re.search(r"<main>(.*?)</main>", page.text, re.S)[1]
+        assert "LLIMIT_" not in main and "ask your llimit admin" in main
+
+
+def test_money_reads_alike_and_json_costs_are_plain_decimals(gateway, fake, clock):
+    clock.now = 1_795_000_000.0
+    gateway.admin.put(gateway.url + "/admin/pricing/gpt-4o-mini",
+                      json={"input": 0.15, "output": 0.6})  # 11 in + 7 out: $0.00000585
+    raw_key, _ = gateway.create_key(user="alice")
+    call(gateway, raw_key)
+    resp = gateway.admin.post(gateway.url + "/admin/limits", json={
+        "scope": "project", "target": "default", "metric": "usd", "window": "month",
+        "amount": 2.5})
+    assert resp.status_code == 201
+    usage = gateway.admin.get(gateway.url + "/admin/usage?group_by=user")
+    assert "e-" not in usage.text and '"cost_usd": 0.00000585' in usage.text
+    assert usage.json()["rows"][0]["cost_usd"] == pytest.approx(0.00000585)
+    admin = http_sign_in(gateway.url, admin_token=ADMIN_TOKEN)
+    assert "e-0" not in admin.get(gateway.url + "/reports/data").text
+    page = admin.get(gateway.url + "/admin").text
+    assert "$2.50/month" in page and "$2.5/" not in page
+    assert ">1 request<" in page and "1 requests" not in page
+    # One column, one number of decimals: $0.000006 beside $0.000000, not $0.00.
+    spend = re.findall(r'data-label="Spend" class="n">([^<]+)<', page)
+    assert spend and len({len(value.split(".")[1]) for value in spend}) == 1, spend
+
+
+def test_a_bad_admin_form_value_keeps_the_form_and_says_why(gateway, browser):
+    fresh(browser, gateway.url, "/")
+    sign_in_admin(browser, gateway.url, ADMIN_TOKEN)
+    browser.find_element(By.XPATH, "//section[@id='limits']//summary").click()
+    browser.find_element(By.ID, "l-target").send_keys("alice")
+    browser.find_element(By.ID, "l-amount").send_keys("five")
+    Select(browser.find_element(By.ID, "l-window")).select_by_visible_text("day")
+    click_and_wait(browser, browser.find_element(
+        By.XPATH, "//section[@id='limits']//button[text()='Add limit']"))
+    error = browser.find_element(By.CSS_SELECTOR, "#limits .error")
+    assert error.is_displayed() and "amount" in error.text and "number" in error.text
+    assert browser.find_element(By.ID, "l-amount").get_attribute("value") == "five"
+    assert browser.find_element(By.ID, "l-target").get_attribute("value") == "alice"
+    assert Select(browser.find_element(By.ID, "l-window")).first_selected_option.text == "day"
+    # Fixed and sent again from the same form: saved.
+    amount = browser.find_element(By.ID, "l-amount")
+    amount.clear()
+    amount.send_keys("5")
+    click_and_wait(browser, browser.find_element(
+        By.XPATH, "//section[@id='limits']//button[text()='Add limit']"))
+    assert "Limit added." in browser.page_source
+    assert gateway.admin.get(gateway.url + "/admin/limits").json()["data"][0]["amount"] == 5
+
+
+def test_the_default_project_shows_the_upstream_in_force(gateway):
+    project = gateway.admin.get(gateway.url + "/admin/projects/default").json()
+    assert project["upstream_url"] is None
+    assert project["upstream_url_in_force"] == gateway.config.upstream_url
+    assert project["upstream_key_set"] is True
+    assert project["upstream_key_source"] == "LLIMIT_UPSTREAM_KEY"
+    page = http_sign_in(gateway.url, admin_token=ADMIN_TOKEN).get(gateway.url + "/admin").text
+    row = re.search(r"<b>default</b>(.*?)</tr>", page, re.S)[1]
+    assert gateway.config.upstream_url in row and "LLIMIT_UPSTREAM_KEY" in row
+
+
+@pytest.mark.parametrize("size", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_keys_and_usage_fit_the_screen(make_llimit, browser, size):
+    server = priced(make_llimit())
+    at_width(browser, size)
+    try:
+        sign_in_open(browser, server.url, "dora-with-a-rather-long-name", next_path="/keys")
+        browser.find_element(By.ID, "note").send_keys("a note that is fairly long, too")
+        click_and_wait(browser, browser.find_element(By.CSS_SELECTOR,
+                                                     "form[action='/keys'] button"))
+        raw_key = browser.find_element(By.ID, "new-key").text
+        call(server, raw_key)
+        server.admin.post(server.url + "/admin/limits", json={
+            "scope": "user", "target": "dora-with-a-rather-long-name", "metric": "usd",
+            "window": "day", "amount": 0.1})
+        browser.get(server.url + "/keys")
+        assert no_sideways_scroll(browser)
+        assert in_view_horizontally(browser, browser.find_element(
+            By.CSS_SELECTOR, "table.keys button.danger"))
+        spend = browser.find_element(By.CSS_SELECTOR, "table.keys td[data-label=Spend]")
+        assert in_view_horizontally(browser, spend) and spend.text.endswith("$0.0250")
+        browser.get(server.url + "/usage")
+        assert no_sideways_scroll(browser)
+        amount = browser.find_element(By.CSS_SELECTOR, "td[data-label=Amount]")
+        assert in_view_horizontally(browser, amount) and "$0.0250 of $0.10" in amount.text
+        cost = browser.find_element(By.CSS_SELECTOR, "td[data-label=Cost]")
+        assert in_view_horizontally(browser, cost)
+    finally:
+        at_width(browser, DESKTOP)
+
+
+def test_page_css_is_a_cached_static_file_with_a_versioned_url(gateway):
+    page = requests.get(gateway.url + "/")
+    href = re.search(r'<link rel="stylesheet" href="([^"]+)">', page.text)[1]
+    assert re.fullmatch(r"/static/llimit\.css\?v=[0-9a-f]{12}", href)
+    assert "<style>" not in page.text
+    assert "style-src 'self'" in page.headers["Content-Security-Policy"]
+    css = requests.get(gateway.url + href)
+    assert css.status_code == 200 and css.headers["Content-Type"].startswith("text/css")
+    assert "max-age=31536000" in css.headers["Cache-Control"]
+    assert "table.stack" in css.text
+    script = re.search(r'<script src="(/static/llimit\.js\?v=[0-9a-f]{12})"',
+                       http_sign_in(gateway.url, "alice").get(gateway.url + "/keys").text)[1]
+    assert "max-age=31536000" in requests.get(gateway.url + script).headers["Cache-Control"]
+    # One CSRF field helper and one key table for /keys and /admin.
+    assert llimit.ADMIN_PAGE.count("{{!csrf_field}}") == llimit.ADMIN_PAGE.count("<form")
+    assert "csrf_token" not in llimit.ADMIN_PAGE + llimit.KEYS_PAGE + llimit.LAYOUT
+    assert "{{!key_table}}" in llimit.KEYS_PAGE and "{{!key_table}}" in llimit.ADMIN_PAGE
+
+
+def test_a_bad_project_edit_reopens_that_projects_form_with_what_was_typed(gateway):
+    admin = http_sign_in(gateway.url, admin_token=ADMIN_TOKEN)
+    token = csrf_token(admin.get(gateway.url + "/admin").text)
+    page = admin.post(gateway.url + "/admin", data={
+        "csrf_token": token, "action": "update_project", "id": "default", "name": "Main <1>",
+        "upstream_kind": "openai", "limit_message": "Ask #help", "budget_usd": "five"})
+    assert page.status_code == 400 and "Not saved:" in page.text
+    form = re.search(r'<details open><summary>Edit</summary>(.*?)</form>', page.text, re.S)[1]
+    assert 'class="error"' in form and "budget_usd" in form
+    assert 'value="Main &lt;1&gt;"' in form and 'value="five"' in form
+    assert 'value="Ask #help"' in form
+    assert gateway.admin.get(gateway.url + "/admin/projects/default").json()["name"] != "Main <1>"
