@@ -746,36 +746,25 @@ begin
             p_subjects[i] || chr(31) || p_windows[i] || chr(31) || p_starts[i]::text, 0));
     end loop;
     for i in 1 .. coalesce(array_length(p_subjects, 1), 0) loop
-        if p_windows[i] = 'minute' then
-            select array[coalesce(sum(m.requests), 0), coalesce(sum(m.tokens), 0),
-                         coalesce(sum(m.cost_nusd), 0),
-                         (select coalesce(sum(r.requests), 0) from reservations r
-                          where r.subject = p_subjects[i] and r.window_name = p_windows[i]
-                          and r.window_start = p_starts[i] and r.expires_ms > p_now_ms),
-                         (select coalesce(sum(r.tokens), 0) from reservations r
-                          where r.subject = p_subjects[i] and r.window_name = p_windows[i]
-                          and r.window_start = p_starts[i] and r.expires_ms > p_now_ms),
-                         (select coalesce(sum(r.cost_nusd), 0) from reservations r
-                          where r.subject = p_subjects[i] and r.window_name = p_windows[i]
-                          and r.window_start = p_starts[i] and r.expires_ms > p_now_ms)]
-            into v_row from usage_minutes m
-            where m.subject = p_subjects[i] and m.minute_start = p_starts[i];
-        else
-            select array[coalesce(sum(c.requests), 0), coalesce(sum(c.tokens), 0),
-                         coalesce(sum(c.cost_nusd), 0),
-                         (select coalesce(sum(r.requests), 0) from reservations r
-                          where r.subject = p_subjects[i] and r.window_name = p_windows[i]
-                          and r.window_start = p_starts[i] and r.expires_ms > p_now_ms),
-                         (select coalesce(sum(r.tokens), 0) from reservations r
-                          where r.subject = p_subjects[i] and r.window_name = p_windows[i]
-                          and r.window_start = p_starts[i] and r.expires_ms > p_now_ms),
-                         (select coalesce(sum(r.cost_nusd), 0) from reservations r
-                          where r.subject = p_subjects[i] and r.window_name = p_windows[i]
-                          and r.window_start = p_starts[i] and r.expires_ms > p_now_ms)]
-            into v_row from usage_counters c
-            where c.subject = p_subjects[i] and c.day >= p_first_days[i]
-            and c.day <= p_last_days[i];
-        end if;
+        select array[coalesce(sum(u.requests), 0), coalesce(sum(u.tokens), 0),
+                     coalesce(sum(u.cost_nusd), 0),
+                     (select coalesce(sum(r.requests), 0) from reservations r
+                      where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                      and r.window_start = p_starts[i] and r.expires_ms > p_now_ms),
+                     (select coalesce(sum(r.tokens), 0) from reservations r
+                      where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                      and r.window_start = p_starts[i] and r.expires_ms > p_now_ms),
+                     (select coalesce(sum(r.cost_nusd), 0) from reservations r
+                      where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                      and r.window_start = p_starts[i] and r.expires_ms > p_now_ms)]
+        into v_row from (
+            select m.requests, m.tokens, m.cost_nusd from usage_minutes m
+            where p_windows[i] = 'minute' and m.subject = p_subjects[i]
+            and m.minute_start = p_starts[i]
+            union all
+            select c.requests, c.tokens, c.cost_nusd from usage_counters c
+            where p_windows[i] <> 'minute' and c.subject = p_subjects[i]
+            and c.day >= p_first_days[i] and c.day <= p_last_days[i]) u;
         v_out := v_out || v_row;
         if p_blocks[i] then
             v_taken := v_row[p_metrics[i]] + v_row[p_metrics[i] + 3];

@@ -77,6 +77,10 @@ class LlimitServer:
     def reservations_held(self):
         """Calls under way that hold a reservation: in memory (SQLite) or shared (PostgreSQL)."""
         if isinstance(self.state.limits, llimit.SharedLimits):
+            # Settled by the usage writer's commit, which may still be under way.
+            deadline = time.monotonic() + 10
+            while llimit.count_reservations(self.db()) and time.monotonic() < deadline:
+                time.sleep(0.05)
             return llimit.count_reservations(self.db())
         return len(self.state.limits._reserved)
 
