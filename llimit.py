@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import datetime as dt
 import decimal
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -39,6 +40,7 @@ import queue
 import re
 import secrets
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -50,6 +52,9 @@ import requests
 import urllib3
 import sseclient
 import waitress
+import waitress.channel
+import waitress.parser
+import waitress.utilities
 import waitress.wasyncore
 
 log = logging.getLogger("llimit")
@@ -191,6 +196,9 @@ SETTINGS = [
      "Bearer token /metrics asks for; open when unset"),
     ("user_headers", "LLIMIT_USER_HEADERS", None, (), _csv_list,
      "further headers naming the end user of a project key"),
+    ("user_domains", "LLIMIT_USER_DOMAINS", None, (), _csv_list,
+     "e-mail domains whose addresses name a user by their local part"
+     " (default: LLIMIT_OIDC_ALLOWED_DOMAINS)"),
     ("max_body_bytes", "LLIMIT_MAX_BODY_BYTES", None, 32 * 1024 * 1024, int,
      "largest request body accepted (413 above)"),
     ("upstream_timeout", "LLIMIT_UPSTREAM_TIMEOUT", None, 600.0, float,
@@ -198,7 +206,13 @@ SETTINGS = [
     ("connect_timeout", "LLIMIT_CONNECT_TIMEOUT", None, 10.0, float,
      "seconds to wait for an upstream connection"),
     ("default_max_tokens", "LLIMIT_DEFAULT_MAX_TOKENS", None, 4096, int,
-     "output tokens reserved for a call that sets no max_tokens"),
+     "output tokens reserved for a call that sets no max_tokens, when its model's"
+     " max_output_tokens is not in pricing.json"),
+    ("default_max_input_tokens", "LLIMIT_DEFAULT_MAX_INPUT_TOKENS", None, 200000, int,
+     "input tokens reserved for a call whose prompt lives upstream (previous_response_id,"
+     " files, image URLs...), when its model's max_input_tokens is not in pricing.json"),
+    ("async_sweep_seconds", "LLIMIT_ASYNC_SWEEP_SECONDS", None, 300.0, float,
+     "how often unpolled batches and background responses are checked, to charge them"),
     ("drain_seconds", "LLIMIT_DRAIN_SECONDS", None, 0.0, float,
      "after a client leaves mid-stream, keep reading the upstream this long for exact usage"),
     ("reservation_seconds", "LLIMIT_RESERVATION_SECONDS", None, 0.0, float,
@@ -219,6 +233,16 @@ SETTINGS = [
      "e-mail domains allowed to sign in with OIDC"),
     ("reports_public", "LLIMIT_REPORTS_PUBLIC", None, False, _bool,
      "open /reports to every signed-in user"),
+    ("upstream_env_pattern", "LLIMIT_UPSTREAM_ENV_PATTERN", None, "LLIMIT_UPSTREAM_KEY_*", str,
+     "environment variables a project's upstream_key may name as env:NAME (fnmatch)"),
+    ("commit_wait_seconds", "LLIMIT_COMMIT_WAIT_SECONDS", None, 10.0, float,
+     "how long an answer waits for its usage row to commit before it becomes a 503"),
+    ("max_concurrent_per_key", "LLIMIT_MAX_CONCURRENT_PER_KEY", None, 16, int,
+     "calls one key may have under way at once (429 above)"),
+    ("max_concurrent_per_user", "LLIMIT_MAX_CONCURRENT_PER_USER", None, 16, int,
+     "calls one user may have under way at once, over all their keys (429 above)"),
+    ("max_connections", "LLIMIT_MAX_CONNECTIONS", None, 1000, int,
+     "open client connections; past it the longest idle one is closed"),
     ("log_format", "LLIMIT_LOG_FORMAT", None, "text", str, "text or json"),
     ("log_level", "LLIMIT_LOG_LEVEL", None, "INFO", str, "logging level"),
 ]
@@ -529,7 +553,58 @@ create trigger api_keys_deleted after delete on api_keys
 begin update config_version set version = version + 1; end;
 commit;
 """),
-    ("0005 shared reservations and minute totals", """
+    ("0005 route policy: async projects and owned objects", """
+begin;
+alter table projects add column allow_async integer not null default 0;
+-- Objects (files, batches, stored responses...) made through llimit: the
+-- upstream knows one account, so llimit keeps whose each one is. An async
+-- object (a batch, a background response) is charged once, when its final
+-- usage is known: charged_ms is set in the transaction that stores the charge.
+create table owned_objects (
+    object_id text primary key,
+    kind text not null,
+    project_id text not null,
+    owner text not null,            -- 'u:<user>', or 'k:<key id>' for a key with no user
+    key_id text not null,
+    user_name text,                 -- whom a charge is attributed to
+    created_ms integer not null,
+    async integer not null default 0,
+    charged_ms integer
+) without rowid;
+commit;
+"""),
+    ("0006 admin session token", """
+begin;
+-- A session signed in with the admin token ends when the token changes: it
+-- keeps a fingerprint of the token's hash it was signed in with. Null (older
+-- rows, user sessions): an admin-token session made before this is signed out.
+alter table sessions add column admin_token_fingerprint text;
+commit;
+"""),
+    ("0007 async jobs not yet charged", """
+begin;
+-- The async sweeper asks the upstream about these; the index holds only them.
+create index owned_objects_unsettled on owned_objects (created_ms)
+    where async = 1 and charged_ms is null;
+commit;
+"""),
+    ("0008 a cap on each user's personal keys per project", """
+begin;
+-- How many active personal keys a user may hold in a project through the
+-- keys page, so that limits on `each: key` do not multiply; null: no cap
+-- (every project before this migration).
+alter table projects add column max_keys_per_user integer;
+commit;
+"""),
+    ("0009 what a call is billed by beyond tokens", """
+begin;
+-- JSON of images, audio seconds, characters, tool uses, 1-hour cache writes
+-- and service tier (Usage.units), so a reprice costs them again; null: tokens
+-- only (every event before this migration).
+alter table usage_events add column units text;
+commit;
+"""),
+    ("0010 shared reservations and minute totals", """
 begin;
 -- For several llimit instances on one PostgreSQL database, which cannot hold
 -- running totals and calls under way in memory as one SQLite process does:
@@ -557,6 +632,16 @@ create table usage_minutes (
     cost_nusd bigint not null,
     primary key (subject, minute_start)
 );
+commit;
+"""),
+    ("0011 a new key's secret for the next page, sealed", """
+begin;
+-- A key made on a page is shown on the page the browser is sent to next,
+-- which another llimit instance may serve: the secret waits in the session
+-- row, sealed with a key derived from the raw session id, which only the
+-- browser holds (the row keeps its hash), and is cleared as it is shown.
+-- Null: nothing to show.
+alter table sessions add column new_key_sealed text;
 commit;
 """),
 ]
@@ -720,27 +805,51 @@ create trigger api_keys_deleted after delete on api_keys
     for each statement execute function llimit_config_changed();
 """,
 }
-POSTGRES_MIGRATIONS["0005 shared reservations and minute totals"] = (
-    MIGRATIONS[4][1].strip().removeprefix("begin;").removesuffix("commit;").replace(
+POSTGRES_MIGRATIONS["0005 route policy: async projects and owned objects"] = """
+alter table projects add column allow_async integer not null default 0;
+create table owned_objects (
+    object_id text primary key,
+    kind text not null,
+    project_id text not null,
+    owner text not null,
+    key_id text not null,
+    user_name text,
+    created_ms bigint not null,
+    async integer not null default 0,
+    charged_ms bigint
+);
+"""
+POSTGRES_MIGRATIONS["0010 shared reservations and minute totals"] = (
+    MIGRATIONS[9][1].strip().removeprefix("begin;").removesuffix("commit;").replace(
         "subject text not null,", 'subject text collate "C" not null,') + """
--- Admission in one round trip: under a transaction-scoped advisory lock per
--- (subject, window) - taken in the caller's sorted order, so two admissions
--- never deadlock - read each window's used total and live reservations in
--- one snapshot, refuse at the first block limit the call would overrun
--- (returns its 1-based index), or reserve `p_need` against every block
--- window (returns 0). Then [used requests, tokens, nusd, held requests,
--- tokens, nusd] per check follow, for the rate-limit headers.
+-- Admission in one round trip. First the config version: if it is not the
+-- one the caller's key and limits were read at, return [-1, version] and do
+-- nothing else (the caller reads them again). Then, under a
+-- transaction-scoped advisory lock per (subject, window) - taken in the
+-- caller's sorted order, so two admissions never deadlock - read each
+-- window's used total and live reservations in one snapshot, refuse at the
+-- first block limit the call would overrun (its 1-based index first), or
+-- reserve `p_need` against every block window (0 first). The version
+-- follows, then [used requests, tokens, nusd, held requests, tokens, nusd]
+-- per check, for the rate-limit headers.
 create function llimit_admit(
-    p_reservation text, p_now_ms bigint, p_expires_ms bigint, p_subjects text[],
-    p_windows text[], p_starts bigint[], p_first_days text[], p_last_days text[],
-    p_metrics integer[], p_amounts double precision[], p_blocks boolean[],
-    p_stricts boolean[], p_need bigint[]) returns bigint[] language plpgsql as $$
+    p_version bigint, p_reservation text, p_now_ms bigint, p_expires_ms bigint,
+    p_subjects text[], p_windows text[], p_starts bigint[], p_first_days text[],
+    p_last_days text[], p_metrics integer[], p_amounts double precision[],
+    p_blocks boolean[], p_stricts boolean[], p_need bigint[]) returns bigint[]
+    language plpgsql as $$
 declare
-    v_out bigint[] := array[0::bigint];
+    v_version bigint;
+    v_out bigint[];
     v_row bigint[];
     v_taken bigint;
     i integer;
 begin
+    select version into v_version from config_version;
+    if v_version is distinct from p_version then
+        return array[-1::bigint, v_version];
+    end if;
+    v_out := array[0::bigint, v_version];
     for i in 1 .. coalesce(array_length(p_subjects, 1), 0) loop
         perform pg_advisory_xact_lock(hashtextextended(
             p_subjects[i] || chr(31) || p_windows[i] || chr(31) || p_starts[i]::text, 0));
@@ -1128,7 +1237,7 @@ def _migrate_postgres(db):
     # apply each migration once; the one that waited finds them done.
     applied = []
     with transaction(db):
-        db.execute("select pg_advisory_xact_lock(7311)")  # 7311: llimit's migration lock
+        hold_start_lock(db)
         db.execute(MIGRATIONS_TABLE_SQL)
         done = {row[0] for row in db.execute("select name from _migrations")}
         for name, script in MIGRATIONS:
@@ -1140,6 +1249,17 @@ def _migrate_postgres(db):
             db.execute("insert into _migrations values (?, ?)", (name, utc_iso(time.time())))
             applied.append(name)
     return applied
+
+
+def hold_start_lock(db):
+    """Within the open transaction, wait for (then hold) the lock of start-up work.
+
+    On PostgreSQL, instances starting together take turns at migrating and
+    renaming, so the second finds the work done; SQLite's BEGIN IMMEDIATE
+    already does that.
+    """
+    if engine_of(db) == "postgres":
+        db.execute("select pg_advisory_xact_lock(7311)")  # 7311: llimit's start-up lock
 
 
 def _sql_quote(text):
@@ -1262,7 +1382,8 @@ def set_setting(db, name, value):
 # --- projects -------------------------------------------------------------------
 
 PROJECT_COLUMNS = ("id", "name", "upstream_kind", "upstream_url", "upstream_key",
-                   "api_version", "allow_user_keys", "limit_message", "model_map", "created_at")
+                   "api_version", "allow_user_keys", "allow_async", "limit_message",
+                   "model_map", "max_keys_per_user", "created_at")
 
 
 def get_project(db, project_id):
@@ -1278,9 +1399,10 @@ def list_projects(db):
 def insert_project(db, project):
     """Insert a project from a dict holding every PROJECT_COLUMNS field."""
     db.execute("insert into projects (id, name, upstream_kind, upstream_url, upstream_key,"
-               " api_version, allow_user_keys, limit_message, model_map, created_at)"
-               " values (:id, :name, :upstream_kind, :upstream_url, :upstream_key,"
-               " :api_version, :allow_user_keys, :limit_message, :model_map, :created_at)",
+               " api_version, allow_user_keys, allow_async, limit_message, model_map,"
+               " max_keys_per_user, created_at) values (:id, :name, :upstream_kind,"
+               " :upstream_url, :upstream_key, :api_version, :allow_user_keys, :allow_async,"
+               " :limit_message, :model_map, :max_keys_per_user, :created_at)",
                project)
 
 
@@ -1289,8 +1411,9 @@ def update_project(db, project):
     db.execute("update projects set name = :name, upstream_kind = :upstream_kind,"
                " upstream_url = :upstream_url, upstream_key = :upstream_key,"
                " api_version = :api_version, allow_user_keys = :allow_user_keys,"
-               " limit_message = :limit_message, model_map = :model_map where id = :id",
-               project)
+               " allow_async = :allow_async, limit_message = :limit_message,"
+               " model_map = :model_map, max_keys_per_user = :max_keys_per_user"
+               " where id = :id", project)
 
 
 def delete_project(db, project_id, revoked_at):
@@ -1302,6 +1425,14 @@ def delete_project(db, project_id, revoked_at):
 
 
 # --- keys -----------------------------------------------------------------------
+
+def count_active_user_keys(db, user_name, project_id, now_iso):
+    """How many unrevoked, unexpired keys a user holds in a project."""
+    return db.execute(
+        "select count(*) from api_keys where user_name = ? and project_id = ?"
+        " and revoked_at is null and (expires_at is null or expires_at > ?)",
+        (user_name, project_id, now_iso)).fetchone()[0]
+
 
 def config_version(db):
     """The number 0004's triggers move with every change to keys, projects and limits."""
@@ -1318,6 +1449,7 @@ def get_key_by_hash(db, key_hash):
         "select k.id, k.key_hash, k.masked_key, k.project_id, k.user_name, k.models,"
         " k.expires_at, k.revoked_at, p.id as project_exists, p.upstream_kind,"
         " p.upstream_url, p.upstream_key, p.api_version, p.limit_message, p.model_map,"
+        " p.allow_async,"
         " (select version from config_version) as config_version"
         " from api_keys k left join projects p on p.id = k.project_id"
         " where k.key_hash = ?", (key_hash,)).fetchone()
@@ -1401,18 +1533,55 @@ def get_price_snapshot_id(db, model, prices):
 
 
 def list_seen_models(db):
-    """Every model name that usage has been recorded for."""
+    """Every model name that billable usage has been recorded for.
+
+    Calls that cost nothing (look-ups, refusals by the upstream) store no
+    tokens and a cost of 0, so they do not make a model look unpriced.
+    """
     return [row[0] for row in db.execute(
-        "select distinct model from usage_daily where model != '' order by model")]
+        "select model from usage_daily where model != '' group by model"
+        " having sum(prompt_tokens + completion_tokens) > 0 or sum(cost_nusd) > 0"
+        " or sum(unpriced) > 0 order by model")]
 
 
 # --- usage ----------------------------------------------------------------------
+
+# A limit's metric -> the Totals field that counts it.
+METRIC_FIELDS = {"requests": "requests", "tokens": "tokens", "usd": "cost_nusd"}
+
+
+@dataclasses.dataclass(slots=True)
+class Totals:
+    """Requests, tokens (prompt + completion) and cost in nano-dollars of some usage."""
+    requests: int = 0
+    tokens: int = 0
+    cost_nusd: int = 0
+
+    def metric(self, name):
+        """The count a limit of metric `name` (usd, tokens, requests) reads."""
+        return getattr(self, METRIC_FIELDS[name])
+
+    def add(self, other):
+        """Add another Totals into this one."""
+        self.requests += other.requests
+        self.tokens += other.tokens
+        self.cost_nusd += other.cost_nusd
+
+    def subtract(self, other):
+        """Take another Totals out of this one."""
+        self.requests -= other.requests
+        self.tokens -= other.tokens
+        self.cost_nusd -= other.cost_nusd
+
+    def __bool__(self):
+        return bool(self.requests or self.tokens or self.cost_nusd)
+
 
 INSERT_USAGE_EVENT_SQL = (
     "insert into usage_events (created_ms, key_id, user_name, project_id, model, endpoint,"
     " status_code, stream, prompt_tokens, cached_tokens, cache_write_tokens,"
     " completion_tokens, reasoning_tokens, cost_nusd, price_id, pricing, latency_ms,"
-    " overhead_ms) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    " overhead_ms, units) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 UPSERT_USAGE_DAILY_SQL = (
     "insert into usage_daily (day, project_id, user_name, key_id, model, requests,"
@@ -1459,7 +1628,8 @@ def insert_usage_events(db, events, price_ids, reservation_ids=()):
             event.endpoint, event.status_code, int(event.stream), event.prompt_tokens,
             event.cached_tokens, event.cache_write_tokens, event.completion_tokens,
             event.reasoning_tokens, event.cost_nusd, price_id, event.pricing,
-            round(event.latency_ms, 2), round(event.overhead_ms, 3)))
+            round(event.latency_ms, 2), round(event.overhead_ms, 3),
+            json.dumps(event.units, sort_keys=True) if event.units else None))
         daily_rows.append((
             day, event.project_id or "", event.user_name or "", event.key_id or "",
             event.model or "", event.prompt_tokens, event.cached_tokens,
@@ -1485,24 +1655,32 @@ def insert_usage_events(db, events, price_ids, reservation_ids=()):
 
 # --- shared reservations (PostgreSQL) -----------------------------------------------
 
-def admit_reservation(db, reservation_id, now_ms, expires_ms, checks, need):
-    """Check a call against shared totals and reserve `need` in one round trip.
+def admit_reservation(db, config_version, reservation_id, now_ms, expires_ms, checks, need):
+    """Check the config version, and a call against shared totals, reserving `need`: one round trip.
 
-    `checks` are (subject, window, start, first_day, last_day, metric 0-2,
+    `checks` are (subject, window, start, first_day, last_day, metric 1-3,
     amount, block, strict) in a sorted order (the advisory locks are taken in
-    it); `need` is [requests, tokens, nusd]. Returns (index of the first check
-    refused or None, [[used requests, tokens, nusd, held requests, tokens,
-    nusd] per check read]). Reserves under `reservation_id` only if none refused.
+    it); `need` is [requests, tokens, nusd]. Returns (refused, version,
+    totals): refused is "moved" when the database's config_version is not
+    `config_version` (nothing read or reserved), else the index of the first
+    check refused or None; totals are [used requests, tokens, nusd, held
+    requests, tokens, nusd] per check read. Reserves under `reservation_id`
+    only if none refused.
     """
-    columns = list(zip(*checks))
+    columns = list(zip(*checks)) or [[]] * 9
     row = db.execute(
-        "select llimit_admit(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (reservation_id, now_ms, expires_ms, list(columns[0]), list(columns[1]),
-         list(columns[2]), list(columns[3]), list(columns[4]),
-         [metric + 1 for metric in columns[5]], [float(x) for x in columns[6]],
-         list(columns[7]), list(columns[8]), list(need))).fetchone()[0]
-    totals = [row[first:first + 6] for first in range(1, len(row), 6)]
-    return (row[0] - 1 if row[0] else None), totals
+        "select llimit_admit(?, ?, ?, ?, cast(? as text[]), cast(? as text[]),"
+        " cast(? as bigint[]), cast(? as text[]), cast(? as text[]), cast(? as integer[]),"
+        " cast(? as double precision[]), cast(? as boolean[]), cast(? as boolean[]),"
+        " cast(? as bigint[]))",
+        (config_version, reservation_id, now_ms, expires_ms, list(columns[0]),
+         list(columns[1]), list(columns[2]), list(columns[3]), list(columns[4]),
+         list(columns[5]), [float(x) for x in columns[6]], list(columns[7]),
+         list(columns[8]), list(need))).fetchone()[0]
+    if row[0] < 0:
+        return "moved", row[1], []
+    totals = [row[first:first + 6] for first in range(2, len(row), 6)]
+    return (row[0] - 1 if row[0] else None), row[1], totals
 
 
 def delete_stale_reservations(db, now_ms, minute_before):
@@ -1517,10 +1695,10 @@ def count_reservations(db):
 
 
 def get_minute_total(db, subject, minute_start):
-    """(requests, tokens, cost_nusd) of a subject in one minute, from usage_minutes."""
+    """Totals of a subject in one minute, from usage_minutes (PostgreSQL)."""
     row = db.execute("select requests, tokens, cost_nusd from usage_minutes"
                      " where subject = ? and minute_start = ?", (subject, minute_start)).fetchone()
-    return list(row) if row else [0, 0, 0]
+    return Totals(*row) if row else Totals()
 
 
 def get_minute_max_member(db, subject_prefix, minute_start, column):
@@ -1533,13 +1711,55 @@ def get_minute_max_member(db, subject_prefix, minute_start, column):
     return row[0] or 0
 
 
+def insert_owned_objects(db, rows):
+    """Record objects made through llimit (a row for an id known already is ignored).
+
+    The caller holds the transaction; rows are dicts of owned_objects' columns.
+    """
+    db.executemany(
+        "insert into owned_objects (object_id, kind, project_id, owner, key_id,"
+        " user_name, created_ms, async) values (:object_id, :kind, :project_id, :owner,"
+        " :key_id, :user_name, :created_ms, :async) on conflict do nothing", rows)
+
+
+def get_owned_object(db, object_id):
+    """The owned_objects row of an id, or None (one primary-key look-up)."""
+    return db.execute("select * from owned_objects where object_id = ?",
+                      (object_id,)).fetchone()
+
+
+def owned_ids(db, project_id, owner, object_ids):
+    """The subset of `object_ids` that `owner` owns in a project."""
+    object_ids, owned = list(object_ids), set()
+    for first in range(0, len(object_ids), 500):  # within every engine's parameter limit
+        chunk = object_ids[first:first + 500]
+        owned.update(row[0] for row in db.execute(
+            "select object_id from owned_objects where object_id in ("
+            + ", ".join("?" * len(chunk)) + ") and project_id = ? and owner = ?",
+            (*chunk, project_id, owner)))
+    return owned
+
+
+def list_unsettled_async_objects(db, created_after_ms, limit=1000):
+    """Async objects (batches, background responses) made since a time and not yet charged."""
+    return db.execute("select * from owned_objects where async = 1 and charged_ms is null"
+                      " and created_ms > ? order by created_ms limit ?",
+                      (created_after_ms, limit)).fetchall()
+
+
+def claim_object_charge(db, object_id, charged_ms):
+    """Mark an async object charged; False if it was already (the caller holds the transaction)."""
+    return db.execute("update owned_objects set charged_ms = ? where object_id = ?"
+                      " and charged_ms is null", (charged_ms, object_id)).rowcount == 1
+
+
 def get_counter(db, subject, first_day, last_day):
-    """(requests, tokens, cost_nusd) of a subject summed over days first..last."""
+    """Totals of a subject summed over days first..last."""
     row = db.execute(
         "select coalesce(sum(requests), 0), coalesce(sum(tokens), 0),"
         " coalesce(sum(cost_nusd), 0) from usage_counters"
         " where subject = ? and day >= ? and day <= ?", (subject, first_day, last_day)).fetchone()
-    return [row[0], row[1], row[2]]
+    return Totals(row[0], row[1], row[2])
 
 
 def get_counter_max_member(db, subject_prefix, first_day, last_day, column):
@@ -1556,7 +1776,7 @@ def get_counter_max_member(db, subject_prefix, first_day, last_day, column):
 
 
 def get_events_total(db, subject, start_ms, end_ms):
-    """(requests, tokens, cost_nusd) of a subject's usage events in [start_ms, end_ms).
+    """Totals of a subject's usage events in [start_ms, end_ms).
 
     For minute windows, which have no rollup: a minute holds few events, and
     the created_ms index finds them.
@@ -1568,11 +1788,11 @@ def get_events_total(db, subject, start_ms, end_ms):
         " coalesce(sum(cost_nusd), 0) from usage_events"
         " where created_ms >= ? and created_ms < ?" + where,
         (start_ms, end_ms, *values)).fetchone()
-    return [row[0], row[1], row[2]]
+    return Totals(row[0], row[1], row[2])
 
 
 def get_lifetime_total(db, subject):
-    """(requests, tokens, cost_nusd) a subject has used since it first appeared."""
+    """Totals a subject has used since it first appeared."""
     return get_counter(db, subject, "total", "total")
 
 
@@ -1694,6 +1914,84 @@ def rebuild_rollups(db):
                " sum(cost_nusd) from usage_counters group by subject")
 
 
+# --- user names under the Identity rule ------------------------------------------
+
+def list_stored_user_names(db):
+    """Every user name stored: of keys, limits, sessions and running totals.
+
+    Each metered user has a lifetime running total, so this reads small tables
+    only, never the usage events.
+    """
+    names = set()
+    for sql in ("select distinct user_name from api_keys where user_name is not null",
+                "select distinct target from limits where scope = 'user'",
+                "select distinct user_name from sessions where user_name is not null"):
+        names.update(row[0] for row in db.execute(sql))
+    for subject in _user_subjects(db):
+        names.add(parse_subject(subject)[1][-1])
+    return names
+
+
+def _user_subjects(db):
+    return [row[0] for row in db.execute(
+        "select subject from usage_counters where day = 'total' and"
+        " ((subject >= ? and subject < ?) or (subject >= ? and subject < ?))",
+        (SUBJECT_PREFIXES["user"], SUBJECT_PREFIXES["user"] + "\uffff",
+         SUBJECT_PREFIXES["project_user"], SUBJECT_PREFIXES["project_user"] + "\uffff"))]
+
+
+def rename_users(db, renames):
+    """Rewrite user names {old: new} in every table; rows that meet are summed, none lost.
+
+    The caller holds the transaction. Usage events keep their rows; daily
+    rollups and running totals of an old name are added into the new one's.
+    """
+    db.execute("create temp table if not exists user_renames"
+               " (old text primary key, new text not null)")
+    db.execute("delete from user_renames")
+    db.executemany("insert into user_renames values (?, ?)", renames.items())
+    renamed = "(select new from user_renames where old = {0})"
+    for table, column, extra in (("api_keys", "user_name", ""), ("usage_events", "user_name", ""),
+                                 ("sessions", "user_name", ""),
+                                 ("limits", "target", " and scope = 'user'")):
+        # table and column are the constants above, never input.
+        db.execute(f"update {table} set {column} = {renamed.format(column)}"
+                   f" where {column} in (select old from user_renames){extra}")
+    db.execute(
+        # Summed first: two old names of one new name (Bob, BOB) meet in one row,
+        # which PostgreSQL's upsert may not touch twice in one statement.
+        "insert into usage_daily select d.day, d.project_id, r.new, d.key_id, d.model,"
+        " sum(d.requests), sum(d.prompt_tokens), sum(d.cached_tokens),"
+        " sum(d.cache_write_tokens), sum(d.completion_tokens), sum(d.cost_nusd),"
+        " sum(d.unpriced) from usage_daily d join user_renames r on r.old = d.user_name"
+        " group by d.day, d.project_id, r.new, d.key_id, d.model"
+        " on conflict (day, project_id, user_name, key_id, model) do update set"
+        " requests = usage_daily.requests + excluded.requests,"
+        " prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens,"
+        " cached_tokens = usage_daily.cached_tokens + excluded.cached_tokens,"
+        " cache_write_tokens = usage_daily.cache_write_tokens + excluded.cache_write_tokens,"
+        " completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens,"
+        " cost_nusd = usage_daily.cost_nusd + excluded.cost_nusd,"
+        " unpriced = usage_daily.unpriced + excluded.unpriced")
+    db.execute("delete from usage_daily where user_name in (select old from user_renames)")
+    subject_renames = []
+    for subject in _user_subjects(db):
+        kind, names = parse_subject(subject)
+        if names[-1] in renames:
+            subject_renames.append((subject, subject_of(kind, *names[:-1], renames[names[-1]])
+                                    if kind == "project_user"
+                                    else subject_of(kind, renames[names[-1]])))
+    for old, new in subject_renames:
+        db.execute(
+            "insert into usage_counters select ?, day, requests, tokens, cost_nusd"
+            " from usage_counters where subject = ? on conflict (subject, day) do update set"
+            " requests = usage_counters.requests + excluded.requests,"
+            " tokens = usage_counters.tokens + excluded.tokens,"
+            " cost_nusd = usage_counters.cost_nusd + excluded.cost_nusd", (new, old))
+        db.execute("delete from usage_counters where subject = ?", (old,))
+    db.execute("delete from user_renames")
+
+
 # --- limits and alerts ------------------------------------------------------------
 
 def list_limits(db):
@@ -1752,8 +2050,9 @@ def mark_alert_delivered(db, alert, delivered_at):
 def insert_session(db, session):
     """Store a new session from a dict."""
     db.execute("insert into sessions (id_hash, user_name, is_admin, csrf_token, pending,"
-               " created_at, expires_at) values (:id_hash, :user_name, :is_admin,"
-               " :csrf_token, :pending, :created_at, :expires_at)", session)
+               " created_at, expires_at, admin_token_fingerprint) values (:id_hash, :user_name,"
+               " :is_admin, :csrf_token, :pending, :created_at, :expires_at,"
+               " :admin_token_fingerprint)", session)
 
 
 def get_session(db, id_hash, now_iso):
@@ -1765,6 +2064,23 @@ def get_session(db, id_hash, now_iso):
 def set_session_pending(db, id_hash, pending):
     """Keep (or clear, with None) the OIDC sign-in a session has under way."""
     db.execute("update sessions set pending = ? where id_hash = ?", (pending, id_hash))
+
+
+def set_session_new_key(db, id_hash, sealed):
+    """Keep a new key's sealed secret in its session row until the next page shows it."""
+    db.execute("update sessions set new_key_sealed = ? where id_hash = ?", (sealed, id_hash))
+
+
+def take_session_new_key(db, id_hash):
+    """A session's sealed new key, cleared as it is read: one page gets it, or None."""
+    row = db.execute("select new_key_sealed from sessions where id_hash = ?",
+                     (id_hash,)).fetchone()
+    if row is None or row[0] is None:
+        return None
+    # Cleared only if still there: of two pages at once (any instances), one wins.
+    taken = db.execute("update sessions set new_key_sealed = null where id_hash = ?"
+                       " and new_key_sealed = ?", (id_hash, row[0])).rowcount
+    return row[0] if taken == 1 else None
 
 
 def delete_session(db, id_hash):
@@ -1798,30 +2114,106 @@ def utc_iso(seconds):
 # (-2024-08-06, -20250929), old OpenAI -0613, Vertex -001, and -latest.
 DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|\d{3}|latest)$")
 PRICE_FIELDS = ("input", "cached_input", "output", "cache_write")
+# Beyond token prices, an entry of pricing.json may say (see docs/pricing-sources.md):
+# what a fine-tuned model of it costs, the most it reads and writes per call
+# (which bound a call's reservation), and prices of things other than tokens.
+SIZE_FIELDS = ("max_input_tokens", "max_output_tokens")
+FINE_TUNED_FIELD = "fine_tuned"
+UNIT_PRICE_FIELDS = {               # field: what one unit of it is
+    "cache_write_1h": "USD per 1M tokens written to a 1-hour cache (default 2x input)",
+    "images": 'USD per image by "quality/size" or "size", e.g. {"hd/1024x1792": 0.12}',
+    "per_minute": "USD per minute of audio transcribed or translated",
+    "per_1m_characters": "USD per 1M characters of text spoken",
+    "per_1k_requests": 'USD per 1,000 server-side tool uses, e.g. {"web_search": 10}',
+    "long_context": 'above "above_input_tokens" input tokens, the token prices given here',
+    "service_tiers": 'token prices by the service_tier answered, e.g. {"priority": {...}}',
+}
+NON_TOKEN_FIELDS = ("images", "per_minute", "per_1m_characters")  # an entry may price only these
+PRICE_TIERS = {"long_context": ("above_input_tokens", *PRICE_FIELDS, "cache_write_1h"),
+               "service_tiers": (*PRICE_FIELDS, "cache_write_1h")}
+IMAGE_SIZE = re.compile(r"^(?:(?:standard|hd|low|medium|high)/)?(?:\d{2,5}x\d{2,5}|auto)$")
+TOOL_UNITS = ("web_search",)
+FALLBACK_PRICE = "*"   # PUT /admin/pricing/*: the price of every model without its own
+FINE_TUNED_MODEL = re.compile(r"^ft:([^:]+):|^(.+?)\.ft-")  # OpenAI ft:BASE:..., Azure BASE.ft-...
 MAX_PRICE = 1e6  # USD per 1M tokens; far above any real price, and costs stay within int64
 NANO_PER_USD_PER_MTOK = 1000  # 1 token at $1/1M tokens is 1,000 nano-dollars
 
 
+def _unit_price_error(price):
+    def number(value):
+        return (not isinstance(value, bool) and isinstance(value, (int, float))
+                and 0 <= value <= MAX_PRICE)
+
+    for field in ("cache_write_1h", "per_minute", "per_1m_characters"):
+        if field in price and not number(price[field]):
+            return f"{field} must be a number from 0 to {MAX_PRICE:g}"
+    for field, names in (("images", None), ("per_1k_requests", TOOL_UNITS)):
+        table = price.get(field)
+        if table is None:
+            continue
+        if not isinstance(table, dict) or not table:
+            return f"{field} must be an object of prices"
+        for name, value in table.items():
+            if (names is not None and name not in names) or (
+                    names is None and not IMAGE_SIZE.fullmatch(name)):
+                return f"{field}: {name!r} is not a known " + (
+                    "tool" if names else "quality/size such as hd/1024x1792")
+            if not number(value):
+                return f"{field}: {name} must be a number from 0 to {MAX_PRICE:g}"
+    for field, allowed in PRICE_TIERS.items():
+        tiers = price.get(field)
+        if tiers is None:
+            continue
+        for tier in ([tiers] if field == "long_context" else
+                     tiers.values() if isinstance(tiers, dict) else [None]):
+            if not isinstance(tier, dict) or set(tier) - set(allowed) or not all(
+                    number(value) for value in tier.values()):
+                return f"{field} must hold only {', '.join(allowed)}, as numbers"
+        if field == "long_context" and not isinstance(tiers.get("above_input_tokens"), int):
+            return "long_context needs above_input_tokens"
+    return None
+
+
 def load_price_file(path):
     """pricing.json as {model: {field: USD per 1M tokens}}; checks every entry."""
-    with open(path, encoding="utf-8") as handle:
-        table = json.load(handle)
-    if not isinstance(table, dict):
-        raise ValueError(f"{path}: expected an object of model prices")
-    for model, price in table.items():
-        error = validate_price(price)
-        if error:
-            raise ValueError(f"{path}: {model}: {error}")
+    table, errors = check_price_file(path)
+    if errors:
+        raise ValueError(f"{path}: {errors[0]}")
     return table
 
 
-def validate_price(price):
-    """None when a price object is well formed, else what is wrong with it."""
+def check_price_file(path):
+    """(the table, ["model: what is wrong", ...]) of a prices file, every entry checked."""
+    with open(path, encoding="utf-8") as handle:
+        table = json.load(handle)
+    if not isinstance(table, dict):
+        return {}, ["expected an object of model prices"]
+    return table, [f"{model}: {error}" for model, price in table.items()
+                   for error in [validate_price(price)] if error]
+
+
+def validate_price(price, extra_fields=(*SIZE_FIELDS, FINE_TUNED_FIELD, *UNIT_PRICE_FIELDS)):
+    """None when a price object is well formed, else what is wrong with it (the schema)."""
     if not isinstance(price, dict):
         return "a price must be an object"
-    unknown = set(price) - set(PRICE_FIELDS)
+    unknown = set(price) - set(PRICE_FIELDS) - set(extra_fields)
     if unknown:
         return f"unknown price field {sorted(unknown)[0]!r}"
+    error = _unit_price_error(price)
+    if error:
+        return error
+    if "input" not in price and "output" not in price and any(
+            field in price for field in NON_TOKEN_FIELDS):
+        return None  # priced by the image, minute or character only
+    for field in SIZE_FIELDS:
+        value = price.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value <= 0):
+            return f"{field} must be a whole number of tokens above 0"
+    if FINE_TUNED_FIELD in price:
+        error = validate_price(price[FINE_TUNED_FIELD], ())
+        if error:
+            return f"{FINE_TUNED_FIELD}: {error}"
     for field in PRICE_FIELDS:
         value = price.get(field)
         if field in ("input", "output") and value is None:
@@ -1839,32 +2231,60 @@ class Pricebook:
         self.file_prices = dict(file_prices)
         self.overrides = {row["model"]: {f: row[f] for f in PRICE_FIELDS if row[f] is not None}
                           for row in overrides}
+        # An override sets token prices; what the file says beyond them still holds.
+        self._table = {**self.file_prices, **{  # read on every call
+            model: {**{field: value for field, value in self.file_prices.get(model, {}).items()
+                       if field not in PRICE_FIELDS}, **price}
+            for model, price in self.overrides.items()}}
 
     def table(self):
         """{model: price dict} as in force now."""
-        return {**self.file_prices, **self.overrides}
+        return self._table
 
     def resolve(self, model):
         """(name the price is listed under, (input, cached, output, cache_write)) or None.
 
         A dated name such as gpt-4o-2024-08-06 (or gpt-4-0613, gemini-2.0-flash-001)
         falls back to its base name, and a provider prefix (openai/gpt-4o, as
-        OpenRouter reports) to the bare name.
+        OpenRouter reports) to the bare name. A fine-tuned model (ft:gpt-4o-mini:org::id)
+        takes its base model's `fine_tuned` price, never the base price itself. A model
+        with no price of its own takes the fallback price (`*`) when an admin set one.
         """
+        found = self.entry(model)
+        return None if found is None else (found[0], price_usage(found[1], Usage())[0])
+
+    def cost(self, model, usage):
+        """(name, token prices applied, nano-dollars) of a Usage at a model's price; or None."""
+        found = self.entry(model)
+        return None if found is None else (found[0], *price_usage(found[1], usage))
+
+    def entry(self, model):
+        """(name, the pricing.json entry in force) for a model, as `resolve` finds it; or None."""
         if not model:
             return None
         table = self.table()
-        candidates = [model, DATE_SUFFIX.sub("", model)]
-        if "/" in model:
-            bare = model.rsplit("/", 1)[1]
-            candidates += [bare, DATE_SUFFIX.sub("", bare)]
-        for name in candidates:
-            price = table.get(name)
-            if price:
-                base = price["input"]
-                return name, (float(base), float(price.get("cached_input", base)),
-                              float(price["output"]), float(price.get("cache_write", base)))
-        return None
+        fine_tuned = FINE_TUNED_MODEL.match(model)
+        if fine_tuned:
+            base = self.entry(fine_tuned.group(1) or fine_tuned.group(2))
+            if base and base[0] != FALLBACK_PRICE and base[1].get(FINE_TUNED_FIELD):
+                return base[0] + " (fine-tuned)", base[1][FINE_TUNED_FIELD]
+        else:
+            candidates = [model, DATE_SUFFIX.sub("", model)]
+            if "/" in model:
+                bare = model.rsplit("/", 1)[1]
+                candidates += [bare, DATE_SUFFIX.sub("", bare)]
+            for name in candidates:
+                if table.get(name) and name != FALLBACK_PRICE:
+                    return name, table[name]
+        fallback = table.get(FALLBACK_PRICE)
+        return (FALLBACK_PRICE, fallback) if fallback else None
+
+    def sizes(self, model):
+        """(max_input_tokens, max_output_tokens) an entry states for a model; None where not."""
+        found = self.entry(model)
+        if found is None:
+            return None, None
+        return tuple(found[1].get(field) for field in SIZE_FIELDS)
 
 
 def save_price(db, model, price, now_iso):
@@ -1885,12 +2305,39 @@ def missing_prices(db, pricebook):
 
 @dataclasses.dataclass
 class Usage:
-    """Tokens of one call, in the contract's terms (prompt includes cached)."""
+    """Tokens of one call, in the contract's terms (prompt includes cached), and the
+    other things it is billed by (see UNIT_PRICE_FIELDS)."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    cache_write_tokens: int = 0
+    cache_write_tokens: int = 0        # all cache writes, the 1-hour ones included
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    images: int = 0
+    image_kind: str | None = None      # "quality/size" as asked for
+    audio_seconds: float = 0.0
+    characters: int = 0
+    web_search: int = 0
+    service_tier: str | None = None
+
+    def add(self, other):
+        """Add another Usage's counts into this one (names such as the tier: the first kept)."""
+        for field in dataclasses.fields(self):
+            mine, theirs = getattr(self, field.name), getattr(other, field.name)
+            if isinstance(theirs, str) or theirs is None:
+                setattr(self, field.name, mine or theirs)
+            else:
+                setattr(self, field.name, mine + theirs)
+
+    def units(self):
+        """What the call is billed by beyond its five token counts, for storage; None: nothing."""
+        units = {name: getattr(self, name) for name in UNIT_NAMES if getattr(self, name)}
+        return units or None
+
+
+# Usage fields stored in usage_events.units (JSON), so a reprice can cost them again.
+UNIT_NAMES = ("cache_write_1h_tokens", "images", "image_kind", "audio_seconds", "characters",
+              "web_search", "service_tier")
 
 
 def _int(value):
@@ -1918,10 +2365,27 @@ def usage_from_anthropic(usage):
     """Usage from an Anthropic `usage` object: input_tokens excludes cache reads and writes."""
     cache_read = _int(usage.get("cache_read_input_tokens"))
     cache_write = _int(usage.get("cache_creation_input_tokens"))
+    # Anthropic counts thinking inside output_tokens; where a gateway reports it apart,
+    # it goes to the reasoning column (still inside completion tokens).
+    details = usage.get("output_tokens_details")
+    thinking = _int(details.get("reasoning_tokens") or details.get("thinking_tokens")) \
+        if isinstance(details, dict) else 0
+    output = _int(usage.get("output_tokens"))
+    creation = usage.get("cache_creation")
+    one_hour = _int(creation.get("ephemeral_1h_input_tokens")) \
+        if isinstance(creation, dict) else 0
+    tools = usage.get("server_tool_use")
     return Usage(
         prompt_tokens=_int(usage.get("input_tokens")) + cache_read + cache_write,
         cached_tokens=cache_read, cache_write_tokens=cache_write,
-        completion_tokens=_int(usage.get("output_tokens")))
+        completion_tokens=output, reasoning_tokens=min(thinking, output),
+        cache_write_1h_tokens=min(one_hour, cache_write),
+        web_search=_int(tools.get("web_search_requests")) if isinstance(tools, dict) else 0,
+        service_tier=_text_field(usage.get("service_tier")))
+
+
+def _text_field(value):
+    return value[:40] if isinstance(value, str) and value else None
 
 
 def usage_from_body(body):
@@ -1932,33 +2396,188 @@ def usage_from_body(body):
         body = body["response"]
     model = body.get("model") if isinstance(body.get("model"), str) else None
     usage = body.get("usage")
+    if isinstance(body.get("duration"), (int, float)) and body.get("task"):
+        return model, Usage(audio_seconds=float(body["duration"]))  # verbose_json transcription
+    if isinstance(body.get("data"), list) and "created" in body and not isinstance(usage, dict):
+        return model, Usage(images=len(body["data"]))  # an image answer without usage
     if not isinstance(usage, dict):
         return model, None
-    if body.get("type") == "message" or "cache_creation_input_tokens" in usage:
-        return model, usage_from_anthropic(usage)
-    return model, usage_from_openai(usage)
+    if usage.get("type") == "duration":  # a transcription billed by the second
+        seconds = usage.get("seconds")
+        return model, Usage(audio_seconds=float(seconds) if isinstance(
+            seconds, (int, float)) and seconds > 0 else 0.0)
+    found = usage_from_usage_object(usage, body.get("type"))
+    found.service_tier = _text_field(body.get("service_tier")) or found.service_tier
+    if isinstance(body.get("data"), list):
+        found.images = len(body["data"])
+    return model, found
 
 
+def usage_from_usage_object(usage, body_type=None):
+    """A Usage from a `usage` object of any shape, decided by its token fields.
+
+    prompt_tokens is OpenAI's chat shape, even when a gateway in front of Claude
+    adds Anthropic's cache fields to it; input_tokens is Anthropic's or the
+    Responses API's, told apart by the details only the Responses API sends.
+    """
+    if "prompt_tokens" in usage:
+        found = usage_from_openai(usage)
+        # compat: LiteLLM and others put Claude's cache writes beside OpenAI's fields.
+        found.cache_write_tokens = min(_int(usage.get("cache_creation_input_tokens")),
+                                       max(found.prompt_tokens - found.cached_tokens, 0))
+        return found
+    if body_type == "message" or not ("input_tokens_details" in usage
+                                      or "output_tokens_details" in usage
+                                      or "total_tokens" in usage):
+        return usage_from_anthropic(usage)
+    return usage_from_openai(usage)
+
+
+IMAGE_ENDPOINTS = ("images/generations", "images/edits", "images/variations")
+
+
+def request_usage(endpoint, payload):
+    """What a request itself says it will be billed by: images asked for, characters to speak."""
+    if endpoint in IMAGE_ENDPOINTS:
+        n = payload.get("n")
+        quality = _text_field(payload.get("quality")) or "standard"
+        size = _text_field(payload.get("size")) or "1024x1024"
+        return Usage(images=n if isinstance(n, int) and not isinstance(n, bool) and n > 0
+                     else 1, image_kind=f"{quality}/{size}")
+    if endpoint == "audio/speech" and isinstance(payload.get("input"), str):
+        return Usage(characters=len(payload["input"]))
+    return Usage()
+
+
+def with_request_usage(usage, asked):
+    """A response's Usage (or None) completed by what the request asked for."""
+    if not (asked.images or asked.characters):
+        return usage
+    usage = dataclasses.replace(usage) if usage is not None else Usage()
+    usage.images = usage.images or asked.images
+    usage.image_kind = usage.image_kind or asked.image_kind
+    usage.characters = usage.characters or asked.characters
+    return usage
+
+
+def multipart_field(body, content_type, name):
+    """A short text field of a multipart/form-data body (e.g. an audio upload's model), or None."""
+    if not content_type.startswith("multipart/form-data") or not body:
+        return None
+    match = re.search(rb'Content-Disposition: *form-data; *name="' + re.escape(name.encode())
+                      + rb'"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,200})\r\n', body, re.I)
+    return match.group(1).decode("utf-8", "replace") if match else None
+
+
+def parse_response_json(content):
+    """The parsed JSON of a whole response body, or None when it is not JSON.
+
+    Usage and model are read only from the parsed object's own top-level
+    fields: text a client placed in the body (an echoed `metadata`, a prompt)
+    can never stand in for them, however large the body is.
+    """
+    if not content or content.lstrip()[:1] not in (b"{", b"["):
+        return None
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
+        return None
+
+
+# The top-level members metering needs; a large answer is read for these alone.
+METERED_FIELDS = ("id", "model", "usage", "type", "object", "response")
 LARGE_BODY_BYTES = 64 * 1024
-MODEL_FIELD = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+MAX_SCANNED_TOKENS = 20_000  # past this many strings and brackets, parsing whole is cheaper
+JSON_MARKS = (b'"', b"[", b"]", b"{", b"}")
+JSON_NAME_SEPARATOR = re.compile(rb"\s*:")
+
+
+def response_fields(content):
+    """The top-level members of METERED_FIELDS in a JSON answer, as a dict, or None.
+
+    A large answer (embeddings run to megabytes of floats) is walked backward
+    from its end, structure only: strings are skipped whole and nested
+    containers by depth, so text a client placed in the answer (an echoed
+    `metadata`, a prompt) is never taken for a top-level field. Anything the
+    walk cannot be sure of is parsed whole.
+    """
+    if content and len(content) > LARGE_BODY_BYTES:
+        found = _top_level_members(content, METERED_FIELDS)
+        if found is not None:
+            return found
+    answer = parse_response_json(content)
+    return answer if isinstance(answer, dict) else None
+
+
+def _top_level_members(content, names):
+    # Walk the body backward from its closing brace, from one string delimiter
+    # or bracket to the one before it (bytes.rfind: no per-byte Python work, so
+    # a megabyte of floats costs little). A quote delimits a string when an
+    # even number of backslashes stands before it.
+    end = len(content.rstrip())
+    if content[end - 1:end] != b"}":
+        return None
+    position = end - 1
+    marks = {char: content.rfind(char, 0, position) for char in JSON_MARKS}
+    depth, value_end, value_span, found, tokens = 1, None, None, {}, 0
+    while True:
+        for char, at in marks.items():
+            if at >= position:
+                marks[char] = content.rfind(char, 0, position)
+        i = max(marks.values())
+        tokens += 1
+        if i < 0 or tokens > MAX_SCANNED_TOKENS:
+            return None
+        char = content[i]
+        if char in b"]}":
+            depth += 1
+            if depth == 2:
+                value_end = i + 1
+        elif char in b"[{":
+            depth -= 1
+            if depth == 0:
+                return found
+            if depth == 1:
+                value_span = (i, value_end)
+        else:
+            j = _string_start(content, i)
+            if j < 0:
+                return None
+            if depth == 1:
+                separator = JSON_NAME_SEPARATOR.match(content, i + 1)
+                if separator:  # a member's name; its value is the last one seen
+                    name = json.loads(content[j:i + 1])
+                    if name in names and name not in found:
+                        found[name] = None  # a number, true or null: none of ours
+                        if value_span and not content[separator.end():value_span[0]].strip():
+                            try:
+                                found[name] = json.loads(content[value_span[0]:value_span[1]])
+                            except (ValueError, RecursionError):
+                                return None
+                    value_span = None
+                else:
+                    value_span = (j, i + 1)
+            i = j
+        position = i
+
+
+def _string_start(content, closing):
+    # The opening quote of the string whose closing quote is at `closing`; -1 if none.
+    at = closing
+    while True:
+        at = content.rfind(b'"', 0, at)
+        if at < 0:
+            return -1
+        slashes = at
+        while slashes and content[slashes - 1] == 0x5C:  # a backslash
+            slashes -= 1
+        if (at - slashes) % 2 == 0:
+            return at
 
 
 def usage_from_response_body(content):
-    """(model, Usage or None) from a non-stream body; cheap on large ones.
-
-    Embeddings answers run to megabytes of floats with usage at the end, so
-    a large body is read from its ends before it is ever parsed whole.
-    """
-    if not content or content[:1] not in (b"{", b" ", b"\n"):
-        return None, None
-    if len(content) > LARGE_BODY_BYTES:
-        found = _usage_from_body_ends(content)
-        if found is not None:
-            return found
-    try:
-        return usage_from_body(json.loads(content))
-    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
-        return None, None
+    """(model, Usage or None) from a non-stream body."""
+    return usage_from_body(response_fields(content))
 
 
 def _usage_from_body_ends(content):
@@ -1973,10 +2592,23 @@ def _usage_from_body_ends(content):
         return None
     match = MODEL_FIELD.search(content[:2048]) or MODEL_FIELD.search(tail)
     model = match.group(1).decode("utf-8", "replace") if match else None
-    body = {"model": model, "usage": usage}
-    if "cache_creation_input_tokens" in usage:
-        body["type"] = "message"
-    return usage_from_body(body)
+    return usage_from_body({"model": model, "usage": usage})
+
+
+def message_batch_usage(content):
+    """[(model, Usage)] summed per model over an Anthropic batch's results (JSON lines)."""
+    totals = {}
+    for line in content.splitlines():
+        try:
+            result = json.loads(line).get("result") or {}
+        except (ValueError, RecursionError, AttributeError):
+            continue
+        message = result.get("message") if isinstance(result, dict) else None
+        model, usage = usage_from_body(message if isinstance(message, dict) else None)
+        if usage is None:
+            continue
+        totals.setdefault(model, Usage()).add(usage)
+    return list(totals.items())
 
 
 class StreamMeter:
@@ -1994,6 +2626,7 @@ class StreamMeter:
         self.usage = None
         self.content_events = 0
         self.anthropic_input = None
+        self.object_id = None  # the response or completion id the stream is about
 
     def observe(self, data):
         """Read one event's data; True when it is an OpenAI usage-only chunk."""
@@ -2024,29 +2657,43 @@ class StreamMeter:
                       "response.failed"):
             response = obj.get("response") or {}
             self.model = response.get("model") or self.model
+            self.object_id = _text_or_none(response.get("id")) or self.object_id
             if isinstance(response.get("usage"), dict):
                 self.usage = usage_from_openai(response["usage"])
+                self.usage.service_tier = _text_field(response.get("service_tier"))
         return False
 
     def _openai_chunk(self, obj):
         if obj.get("model"):
             self.model = obj["model"]
+        if self.object_id is None:
+            self.object_id = _text_or_none(obj.get("id"))
         choices = obj.get("choices")
         if choices and _carries_output(choices[0]):
             self.content_events += 1
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            self.usage = usage_from_openai(usage)
+            self.usage = usage_from_usage_object(usage)
+            self.usage.service_tier = _text_field(obj.get("service_tier"))
             return not obj.get("choices")
         return False
 
-    def estimate(self, prompt_estimate):
-        """A Usage for a stream that ended without (complete) usage."""
-        if self.usage is not None:
-            usage = dataclasses.replace(self.usage)
-            usage.completion_tokens = max(usage.completion_tokens, self.content_events)
-            return usage
-        return Usage(prompt_tokens=prompt_estimate, completion_tokens=self.content_events)
+    def estimate(self, prompt_bound, completion_bound):
+        """A Usage for a stream that ended without (complete) usage: the call's worst case.
+
+        The upstream bills what it generated, reasoning included, however
+        little the client saw, so an estimate is never below the bounds the call
+        was reserved at; an input count the stream did report is kept.
+        """
+        usage = dataclasses.replace(self.usage) if self.usage is not None else Usage()
+        usage.prompt_tokens = usage.prompt_tokens or prompt_bound
+        usage.completion_tokens = max(usage.completion_tokens, self.content_events,
+                                      completion_bound)
+        return usage
+
+
+def _text_or_none(value):
+    return value if isinstance(value, str) and value else None
 
 
 def _carries_output(choice):
@@ -2059,13 +2706,51 @@ def _carries_output(choice):
                 or delta.get("refusal"))
 
 
-def cost_nusd(usage, prices):
-    """Cost in integer nano-dollars of a Usage at (input, cached, output, cache_write)."""
+def price_usage(entry, usage):
+    """(token prices applied, nano-dollars) of a Usage by a pricing.json entry.
+
+    The token prices are (input, cached, output, cache_write) per 1M tokens after
+    the service tier answered and the long-context tier; on top come 1-hour
+    cache writes, images, audio minutes, characters spoken and tool uses.
+    """
+    applied = dict(entry)
+    tier = (entry.get("service_tiers") or {}).get(usage.service_tier)
+    if tier:
+        applied.update(tier)
+    long_context = entry.get("long_context")
+    if long_context and usage.prompt_tokens > long_context["above_input_tokens"]:
+        applied.update({k: v for k, v in long_context.items() if k != "above_input_tokens"})
+    base = float(applied.get("input", 0.0))
+    prices = (base, float(applied.get("cached_input", base)), float(applied.get("output", 0.0)),
+              float(applied.get("cache_write", base)))
+    one_hour = float(applied.get("cache_write_1h", 2 * base))  # Anthropic: 2x input
+    # Everything in USD x 1M, the scale cost_nusd works in, rounded once.
+    extra = usage.cache_write_1h_tokens * (one_hour - prices[3])
+    if usage.images:
+        extra += usage.images * image_price(entry.get("images"), usage.image_kind) * 1e6
+    extra += usage.audio_seconds / 60 * entry.get("per_minute", 0.0) * 1e6
+    extra += usage.characters * entry.get("per_1m_characters", 0.0)
+    extra += usage.web_search * (entry.get("per_1k_requests") or {}).get("web_search", 0.0) * 1e3
+    return prices, cost_nusd(usage, prices, extra)
+
+
+def image_price(table, kind):
+    """USD for one image of `kind` ("quality/size"): that, else its size, else the dearest."""
+    if not table:
+        return 0.0
+    kind = kind or ""
+    price = table.get(kind, table.get(kind.rpartition("/")[2]))
+    return float(price if price is not None else max(table.values()))
+
+
+def cost_nusd(usage, prices, extra=0.0):
+    """Cost in integer nano-dollars of a Usage's tokens at (input, cached, output,
+    cache_write), plus `extra` in USD x 1M (what price_usage adds beyond tokens)."""
     input_price, cached_price, output_price, cache_write_price = prices
     uncached = max(usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens, 0)
     dollars_per_mtok = (uncached * input_price + usage.cached_tokens * cached_price
                         + usage.cache_write_tokens * cache_write_price
-                        + usage.completion_tokens * output_price)
+                        + usage.completion_tokens * output_price + extra)
     return round(dollars_per_mtok * NANO_PER_USD_PER_MTOK)
 
 
@@ -2138,6 +2823,7 @@ class UsageEvent:
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     cost_nusd: int | None = None
+    units: dict | None = None          # Usage.units(): what it was billed by beyond tokens
     prices: tuple | None = None        # (input, cached, output, cache_write) used
     price_model: str | None = None     # the name those prices are listed under
     pricing: str = "unpriced"
@@ -2145,27 +2831,53 @@ class UsageEvent:
     overhead_ms: float = 0.0
     subjects: tuple = ()               # running totals this call counts toward
     reservation: object = None         # released when the event is applied
+    owned: list = ()                   # owned_objects rows stored with the event
+    claim: str | None = None           # an async object this event charges, at most once
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
-def price_event(event, usage, pricebook, status):
+# OpenAI's Batch API and Anthropic's Message Batches cost half the standard price;
+# a batch's charge is stored under one of these endpoints, so repricing keeps it.
+BATCH_PRICE_FACTOR = 0.5
+BATCH_ENDPOINTS = ("batches", "messages/batches")
+
+
+def price_event(event, usage, pricebook, status, factor=1.0, worst=None):
     """Fill an event's tokens, cost and pricing status.
 
     `status` is 'priced' for a complete response with usage, 'estimated' for a
-    guess, and 'unpriced' for a response without usage.
+    guess, 'unpriced' for a response without usage, and 'free' for a call that
+    costs nothing by its route or its answer (a look-up, an upstream error):
+    cost 0, no tokens. `factor` scales the cost (BATCH_PRICE_FACTOR). `worst`
+    (the call's WorstCase, given when a USD budget applies) costs a call that
+    would otherwise go uncosted, marked estimated: a budget never counts it as $0.
     """
+    if status == "free":
+        event.cost_nusd, event.pricing = 0, "free"
+        return event
+    _price_tokens(event, usage, pricebook, status, factor)
+    if event.cost_nusd is None and worst is not None:
+        event.prompt_tokens = max(event.prompt_tokens, worst.prompt_tokens)
+        event.completion_tokens = max(event.completion_tokens, worst.completion_tokens)
+        event.cost_nusd = worst.need.cost_nusd
+        event.pricing = "estimated"
+    return event
+
+
+def _price_tokens(event, usage, pricebook, status, factor):
     if usage is not None:
         event.prompt_tokens = usage.prompt_tokens
         event.cached_tokens = usage.cached_tokens
         event.cache_write_tokens = usage.cache_write_tokens
         event.completion_tokens = usage.completion_tokens
         event.reasoning_tokens = usage.reasoning_tokens
-    resolved = pricebook.resolve(event.model) if usage is not None else None
-    if resolved is None:
+        event.units = usage.units()
+    costed = pricebook.cost(event.model, usage) if usage is not None else None
+    if costed is None:
         event.pricing = "unpriced" if status == "priced" else status
         return event
-    event.price_model, event.prices = resolved
-    event.cost_nusd = cost_nusd(usage, event.prices)
+    event.price_model, event.prices, full_nusd = costed
+    event.cost_nusd = round(full_nusd * factor)
     event.pricing = status
     return event
 
@@ -2196,12 +2908,12 @@ class UsageWriter:
         self._thread.start()
 
     def submit(self, event):
-        """Queue an event for the next commit."""
+        """Queue an event (or a list of events, committed together) for the next commit."""
         self._queue.put(event)
         return event
 
     def depth(self):
-        """Events waiting to be written."""
+        """Items (events, or lists of them) waiting to be written."""
         return self._queue.qsize()
 
     def close(self, timeout=30.0):
@@ -2216,10 +2928,14 @@ class UsageWriter:
         db = self.database()
         stopping = False
         while not stopping:
-            batch = [self._queue.get()]
-            while len(batch) < self.MAX_BATCH:
+            batch = []
+            item = self._queue.get()
+            while True:
+                batch.extend(item if isinstance(item, list) else [item])
+                if len(batch) >= self.MAX_BATCH:
+                    break
                 try:
-                    batch.append(self._queue.get_nowait())
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
             if None in batch:
@@ -2247,15 +2963,27 @@ class UsageWriter:
 
     def _write(self, db, batch):
         begin_write(db)
-        price_ids = [self._price_id(db, event) for event in batch]
-        insert_usage_events(db, batch, price_ids, [
+        # A charge for an async object is stored only if this transaction is
+        # the one that marks the object charged: concurrent polls charge once.
+        claimed = {}
+        for event in batch:
+            if event.claim is not None and event.claim not in claimed:
+                claimed[event.claim] = claim_object_charge(db, event.claim, event.created_ms)
+        kept = [event for event in batch if event.claim is None or claimed[event.claim]]
+        price_ids = [self._price_id(db, event) for event in kept]
+        # A call's shared reservation (PostgreSQL) ends in the transaction that
+        # stores its usage, whether or not the usage is kept.
+        insert_usage_events(db, kept, price_ids, [
             event.reservation.shared_id for event in batch
             if event.reservation is not None and event.reservation.shared_id])
+        owned = [row for event in kept for row in event.owned]
+        if owned:
+            insert_owned_objects(db, owned)
         # Limits read running totals lazily from the database; committing and
         # applying under one lock means each event is counted exactly once.
         with self.commit_lock:
             commit(db)
-            follow_up = self.on_commit(batch)
+            follow_up = self.on_commit(kept)
         if follow_up:
             try:
                 self.after_commit(db, follow_up)
@@ -2281,18 +3009,22 @@ def reprice_all(state):
     try:
         for row in iter_usage_events(db, 0, 2 ** 62):
             seen += 1
+            if row["pricing"] == "free":
+                continue
+            factor = BATCH_PRICE_FACTOR if row["endpoint"] in BATCH_ENDPOINTS else 1.0
             usage = Usage(row["prompt_tokens"], row["cached_tokens"], row["cache_write_tokens"],
-                          row["completion_tokens"], row["reasoning_tokens"])
-            resolved = book.resolve(row["model"])
-            has_tokens = usage.prompt_tokens or usage.completion_tokens
+                          row["completion_tokens"], row["reasoning_tokens"],
+                          **json.loads(row["units"] or "{}"))
+            costed = book.cost(row["model"], usage)
             status = "estimated" if row["pricing"] == "estimated" else None
-            if resolved is None or not has_tokens:
+            if costed is None or not (usage.prompt_tokens or usage.completion_tokens
+                                      or usage.units()):
                 update = (None, None, status or "unpriced")
             else:
+                resolved = costed[:2]
                 if resolved not in snapshot_ids:
                     snapshot_ids[resolved] = get_price_snapshot_id(db, *resolved)
-                update = (cost_nusd(usage, resolved[1]), snapshot_ids[resolved],
-                          status or "priced")
+                update = (round(costed[2] * factor), snapshot_ids[resolved], status or "priced")
             if update != (row["cost_nusd"], row["price_id"], row["pricing"]):
                 changes.append((*update, row["id"]))
         reprice_usage_events(db, changes)
@@ -2320,8 +3052,72 @@ EACH = (None, "user", "key")
 LIMIT_METRICS = ("usd", "tokens", "requests")
 WINDOWS = ("minute", "day", "week", "month", "total")
 ACTIONS = ("block", "warn")
-METRIC_INDEX = {"requests": 0, "tokens": 1, "usd": 2}   # into [requests, tokens, nusd]
 NANO = 1_000_000_000
+
+
+# A request naming any of these makes the upstream read input llimit cannot see:
+# a stored response or conversation, an uploaded file, an image or file by URL,
+# a stored prompt, or a server-side tool that reads documents or the web.
+SERVER_SIDE_INPUT_MARKERS = (
+    b'"previous_response_id"', b'"conversation"', b'"file_id"', b'"file_url"', b'"image_url"',
+    b'"input_image"', b'"input_file"', b'"input_audio"', b'"document"', b'"url"',
+    b'"container_upload"', b'"file_search', b'"web_search', b'"mcp', b'"code_interpreter',
+    b'"vector_store_ids"')
+
+
+@dataclasses.dataclass
+class WorstCase:
+    """What a call may cost at most, as far as llimit can know before it goes upstream."""
+    need: Totals                  # reserved against every block limit
+    prompt_tokens: int            # the input bound used
+    completion_tokens: int        # the output bound used (all choices)
+    strict: bool                  # the call bounds its own output (max_tokens or the like)
+    priced: bool                  # a price covers the model
+    asked: Usage                  # what the request itself says it is billed by (images...)
+
+
+AUDIO_BYTES_PER_SECOND = 1000      # 8 kbit/s: audio is rarely smaller, so seconds <= bytes / 1000
+TRANSCRIPTION_ENDPOINTS = ("audio/transcriptions", "audio/translations")
+
+
+def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_input_tokens,
+               endpoint=""):
+    """A call's WorstCase: its prompt bound, its output bound and their price.
+
+    The prompt is its request bytes / 3 (about 3 bytes of JSON per token errs
+    high) unless the request reads input upstream; then it is the model's
+    context window (max_input_tokens in pricing.json, else the default). The
+    output is the call's max_tokens, capped by the model's max_output_tokens,
+    or that maximum (else the default) when the call sets none. Images and
+    characters come from the request, exactly; audio is bounded by its bytes
+    (AUDIO_BYTES_PER_SECOND), web searches by the tool's max_uses.
+    """
+    max_input, max_output = pricebook.sizes(model)
+    prompt = len(body) // 3
+    if (isinstance(payload.get("prompt"), dict)
+            or any(marker in body for marker in SERVER_SIDE_INPUT_MARKERS)):
+        prompt = max(prompt, max_input or default_max_input_tokens)
+    asked = next((payload[name] for name in
+                  ("max_tokens", "max_completion_tokens", "max_output_tokens")
+                  if isinstance(payload.get(name), int) and not isinstance(payload[name], bool)
+                  and payload[name] >= 0), None)
+    output = (max_output or default_max_tokens) if asked is None else (
+        min(asked, max_output) if max_output else asked)
+    n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 0) > 1 else 1
+    request = request_usage(endpoint, payload)
+    bound = dataclasses.replace(request, prompt_tokens=prompt, completion_tokens=output * n)
+    if endpoint in TRANSCRIPTION_ENDPOINTS:
+        bound.audio_seconds = len(body) / AUDIO_BYTES_PER_SECOND
+    tools = payload.get("tools")
+    bound.web_search = sum(tool["max_uses"] for tool in tools if isinstance(tool, dict)
+                           and str(tool.get("type", "")).startswith("web_search")
+                           and isinstance(tool.get("max_uses"), int) and tool["max_uses"] > 0
+                           ) if isinstance(tools, list) else 0
+    costed = pricebook.cost(model, bound)
+    return WorstCase(need=Totals(1, prompt + output * n, costed[2] if costed else 0),
+                     prompt_tokens=prompt, completion_tokens=output * n,
+                     strict=asked is not None or bool(request.images or request.characters),
+                     priced=costed is not None, asked=request)
 
 
 def window_bounds(window, now):
@@ -2425,9 +3221,10 @@ def describe_subject(subject):
 @dataclasses.dataclass
 class Admission:
     """What the limits said about a call allowed through."""
-    reservation: list                 # [(counter key, [requests, tokens, nusd])]
+    reservation: list                 # [(counter key, Totals reserved)]
     alert_checks: list                # [(limit, subject)] for alerts after the call
     headers: dict                     # rate-limit and budget headers for the client
+    usd_bound: bool = False           # a USD block limit applies: no call may go uncosted
     shared_id: str = None             # SharedLimits: the reservation rows' id
 
 
@@ -2444,8 +3241,8 @@ class Limits:
         self.database = database
         self.clock = clock
         self.lock = threading.Lock()
-        self._used = {}        # (subject, window, start) -> [requests, tokens, nusd]
-        self._reserved = {}    # same keys -> [requests, tokens, nusd] in flight
+        self._used = {}        # (subject, window, start) -> Totals
+        self._reserved = {}    # same keys -> Totals in flight
         self._alerted = set()  # (limit_id, subject, start, threshold) known sent
         self._pruned_minute = 0
         self._rows_lock = threading.Lock()
@@ -2473,25 +3270,31 @@ class Limits:
     def admit(self, db, call, limits, ledger_healthy):
         """Check a call against its limits and reserve its worst case.
 
-        `call` has project_id, user_name, key_id, limit_message, need
-        ([1, tokens, nusd] worst case) and strict (the call bounds its output).
-        Raises LlimitError 429 when a block limit is reached, 503 when a block
-        limit applies but usage cannot be written.
+        `call` has project_id, user_name, key_id, limit_message, model and
+        worst (its WorstCase). Raises LlimitError 429 when a block limit is
+        reached, 403 when a USD block limit applies and no price covers the
+        call, 400 when a per-user limit applies and the call names no user, 503
+        when a block limit applies but usage cannot be written.
         """
         now = self.clock()
         block_keys, alert_checks, headers, warnings = {}, [], {}, []
+        usd_bound, worst = False, call.worst
         with self.lock:
             for limit in limits:
                 subject = limit_subject(limit, call.project_id, call.user_name, call.key_id)
                 if subject is None:
+                    if limit["each"] == "user" and not call.user_name \
+                            and limit["action"] == "block" and limit["scope"] != "user":
+                        raise _user_required(limit)
                     continue
                 window = limit["window"]
                 start, end = window_bounds(window, now)
                 key = (subject, window, start)
-                index = METRIC_INDEX[limit["metric"]]
+                field = METRIC_FIELDS[limit["metric"]]
                 amount = limit_amount_units(limit)
-                used = self._used_entry(db, key, end)[index]
-                in_flight = self._reserved.get(key, (0, 0, 0))[index]
+                used = getattr(self._used_entry(db, key, end), field)
+                held = self._reserved.get(key)
+                in_flight = getattr(held, field) if held is not None else 0
                 if limit["alert_at"] or self._alerts_full(limit):
                     alert_checks.append((limit, subject))
                 _limit_headers(headers, limit, amount, used + in_flight, start, end, now)
@@ -2499,21 +3302,26 @@ class Limits:
                     if used >= amount:
                         warnings.append(describe_limit(limit) + " reached")
                     continue
+                if limit["metric"] == "usd":
+                    if not worst.priced:
+                        raise _not_priced(limit, call.model)
+                    usd_bound = True
                 if not ledger_healthy:
                     raise _ledger_unavailable()
-                need = call.need[index]
-                strict = call.strict or limit["metric"] == "requests"
+                need = getattr(worst.need, field)
+                strict = worst.strict or limit["metric"] == "requests"
                 if (used + in_flight + need > amount) if strict else (used + in_flight >= amount):
                     raise self._refusal(limit, used, in_flight, end, now, call.limit_message)
-                block_keys[key] = call.need
+                block_keys[key] = worst.need
             reservation = list(block_keys.items())
             for key, need in reservation:
-                held = self._reserved.setdefault(key, [0, 0, 0])
-                for index in range(3):
-                    held[index] += need[index]
+                held = self._reserved.get(key)
+                if held is None:
+                    held = self._reserved[key] = Totals()
+                held.add(need)
         if warnings:
             headers["X-LLimit-Warning"] = "; ".join(warnings)
-        return Admission(reservation, alert_checks, headers)
+        return Admission(reservation, alert_checks, headers, usd_bound)
 
     def count_committed(self, events):
         """Count committed events and release their reservations; returns alerts due.
@@ -2526,16 +3334,16 @@ class Limits:
                 self._release(event.reservation.reservation)
             seconds = event.created_ms / 1000
             bounds = [(window, window_bounds(window, seconds)[0]) for window in WINDOWS]
-            vector = (1, event.prompt_tokens + event.completion_tokens, event.cost_nusd or 0)
+            tokens, cost = event.prompt_tokens + event.completion_tokens, event.cost_nusd or 0
             for subject in event.subjects:
                 for window, start in bounds:
                     entry = self._used.get((subject, window, start))
                     if entry is None and window == "minute":
-                        entry = self._used[(subject, window, start)] = [0, 0, 0]
+                        entry = self._used[(subject, window, start)] = Totals()
                     if entry is not None:
-                        entry[0] += vector[0]
-                        entry[1] += vector[1]
-                        entry[2] += vector[2]
+                        entry.requests += 1
+                        entry.tokens += tokens
+                        entry.cost_nusd += cost
             if event.reservation is not None:
                 alerts += self._alerts_due(event.reservation.alert_checks, seconds)
         self._prune(self.clock())
@@ -2546,7 +3354,7 @@ class Limits:
         start, end = window_bounds(limit["window"], self.clock())
         with self.lock:
             entry = self._used_entry(db, (subject, limit["window"], start), end)
-            return entry[METRIC_INDEX[limit["metric"]]], end
+            return entry.metric(limit["metric"]), end
 
     def used_by_top_member(self, db, limit):
         """For an `each` limit: the largest use among its members this window."""
@@ -2555,16 +3363,15 @@ class Limits:
             prefix = subject_members("project_user", limit["target"])
         else:
             prefix = subject_members(limit["each"])
-        index = METRIC_INDEX[limit["metric"]]
+        field = METRIC_FIELDS[limit["metric"]]
         with self.lock:
             if limit["window"] == "minute":
-                values = [entry[index] for (subject, window, entry_start), entry
+                values = [getattr(entry, field) for (subject, window, entry_start), entry
                           in self._used.items() if window == "minute"
                           and entry_start == start and subject.startswith(prefix)]
                 return max(values, default=0), end
         first, last = ("total", "total") if end is None else (_day(start), _day(end - 1))
-        column = ("requests", "tokens", "cost_nusd")[index]
-        return get_counter_max_member(db, prefix, first, last, column), end
+        return get_counter_max_member(db, prefix, first, last, field), end
 
     def status(self, db, limit):
         """A limit with `used` and `resets_at` for its current window (largest member for `each`)."""
@@ -2606,9 +3413,8 @@ class Limits:
             held = self._reserved.get(key)
             if held is None:
                 continue
-            for index in range(3):
-                held[index] -= need[index]
-            if not any(held):
+            held.subtract(need)
+            if not held:
                 del self._reserved[key]
 
     def _alerts_full(self, limit):
@@ -2624,7 +3430,7 @@ class Limits:
             amount = limit_amount_units(limit)
             if entry is None or amount <= 0:
                 continue
-            percent = 100.0 * entry[METRIC_INDEX[limit["metric"]]] / amount
+            percent = 100.0 * entry.metric(limit["metric"]) / amount
             thresholds = set(json.loads(limit["alert_at"] or "[]"))
             if self._alerts_full(limit):
                 thresholds.add(100)
@@ -2661,6 +3467,18 @@ class Limits:
         return LlimitError(429, "budget_exceeded", message, headers=headers)
 
 
+# Where each metric sits in llimit_admit's [requests, tokens, nusd] (1-based).
+SHARED_METRIC_POSITION = {"requests": 1, "tokens": 2, "usd": 3}
+
+
+class ConfigMoved(Exception):
+    """Keys, projects or limits changed since the call's key was read: read them again."""
+
+    def __init__(self, version):
+        super().__init__(f"config version is now {version}")
+        self.version = version
+
+
 class SharedLimits(Limits):
     """Limits for several llimit instances on one PostgreSQL database.
 
@@ -2681,41 +3499,56 @@ class SharedLimits(Limits):
         self._pruned_at = 0
 
     def admit(self, db, call, limits, ledger_healthy):
-        """Check a call against its limits and reserve its worst case (see Limits.admit)."""
+        """Check a call against its limits and reserve its worst case (see Limits.admit).
+
+        The same statement checks that the config version is still the one
+        the call's key (and so `limits`) was read at: a call costs one round
+        trip to the database, limits or none. Raises ConfigMoved if it is not.
+        """
         now = self.clock()
         checks, alert_checks, headers, warnings = [], [], {}, []
+        usd_bound, worst = False, call.worst
         for limit in limits:
             subject = limit_subject(limit, call.project_id, call.user_name, call.key_id)
             if subject is None:
+                if limit["each"] == "user" and not call.user_name \
+                        and limit["action"] == "block" and limit["scope"] != "user":
+                    raise _user_required(limit)
                 continue
             if limit["alert_at"] or self._alerts_full(limit):
                 alert_checks.append((limit, subject))
             block = limit["action"] == "block"
+            if block and limit["metric"] == "usd":
+                if not worst.priced:
+                    raise _not_priced(limit, call.model)
+                usd_bound = True
             if block and not ledger_healthy:
                 raise _ledger_unavailable()
             start, end = window_bounds(limit["window"], now)
             first, last = ("total", "total") if end is None else (_day(start), _day(end - 1))
-            index = METRIC_INDEX[limit["metric"]]
-            checks.append(((subject, limit["window"], start, first, last, index,
-                            limit_amount_units(limit), block,
-                            call.strict or limit["metric"] == "requests"), limit, end))
-        if not checks:
-            return Admission([], alert_checks, headers)
+            checks.append(((subject, limit["window"], start, first, last,
+                            SHARED_METRIC_POSITION[limit["metric"]], limit_amount_units(limit),
+                            block, worst.strict or limit["metric"] == "requests"), limit, end))
         checks.sort(key=lambda check: check[0][:3])
         blocks = any(check[0][7] for check in checks)
         shared_id = secrets.token_hex(12) if blocks else None
+        need = worst.need
         try:
-            refused, totals = admit_reservation(
-                db, shared_id, int(now * 1000), int((now + self.reservation_seconds) * 1000),
-                [check[0] for check in checks], call.need)
+            refused, version, totals = admit_reservation(
+                db, call.key["config_version"], shared_id, int(now * 1000),
+                int((now + self.reservation_seconds) * 1000), [check[0] for check in checks],
+                [need.requests, need.tokens, need.cost_nusd])
         except DatabaseUnavailable:
-            log.exception("admission: the shared ledger does not answer")
             if blocks:
-                raise _ledger_unavailable() from None
+                raise
+            # Warn-only limits (or none): the call is not held up by the ledger.
+            log.exception("admission: the shared ledger does not answer")
             return Admission([], alert_checks, headers)
+        if refused == "moved":
+            raise ConfigMoved(version)
         for (row, limit, end), total in zip(checks, totals):
-            index, amount = row[5], row[6]
-            used, in_flight = total[index], total[index + 3]
+            position, amount = row[5] - 1, row[6]
+            used, in_flight = total[position], total[position + 3]
             if refused is not None and row is checks[refused][0]:
                 raise self._refusal(limit, used, in_flight, end, now, call.limit_message)
             _limit_headers(headers, limit, amount, used + in_flight, row[2], end, now)
@@ -2723,7 +3556,7 @@ class SharedLimits(Limits):
                 warnings.append(describe_limit(limit) + " reached")
         if warnings:
             headers["X-LLimit-Warning"] = "; ".join(warnings)
-        return Admission([], alert_checks, headers, shared_id)
+        return Admission([], alert_checks, headers, usd_bound, shared_id)
 
     def count_committed(self, events):
         """Alerts due after committed events (read from the database); prunes now and then."""
@@ -2744,7 +3577,7 @@ class SharedLimits(Limits):
         """(used in counter units, window end or None) of a limit for one subject."""
         start, end = window_bounds(limit["window"], self.clock())
         entry = self._committed_entry(subject, limit["window"], start, end, db)
-        return entry[METRIC_INDEX[limit["metric"]]], end
+        return entry.metric(limit["metric"]), end
 
     def used_by_top_member(self, db, limit):
         """For an `each` limit: the largest use among its members this window."""
@@ -2755,8 +3588,7 @@ class SharedLimits(Limits):
             prefix = subject_members("project_user", limit["target"])
         else:
             prefix = subject_members(limit["each"])
-        column = ("requests", "tokens", "cost_nusd")[METRIC_INDEX[limit["metric"]]]
-        return get_minute_max_member(db, prefix, start, column), end
+        return get_minute_max_member(db, prefix, start, METRIC_FIELDS[limit["metric"]]), end
 
     def _committed_entry(self, subject, window, start, end, db=None):
         db = db or self.database()
@@ -2772,6 +3604,24 @@ def _ledger_unavailable():
                        "The usage ledger cannot be written right now, so calls"
                        " under a spending limit are refused. Try again shortly.",
                        code="ledger_unavailable")
+def _not_priced(limit, model):
+    # Spend that no price covers would count $0 against a USD budget: refuse it.
+    asked = f"the model {model!r}" if model else "a call that names no model"
+    return LlimitError(403, "permission_denied",
+                       f"No price covers {asked}, and the {describe_limit(limit)} counts"
+                       " dollars, so the call is refused. An admin can price it in"
+                       " pricing.json or with PUT /admin/pricing/<model>, or set a fallback"
+                       " price for every unpriced model with PUT /admin/pricing/*.",
+                       code="model_not_priced")
+
+
+def _user_required(limit):
+    # A call that names no user would escape a per-user limit; for_call has
+    # already matched the limit to this call's project (or it is global).
+    return LlimitError(400, "invalid_request_error",
+                       f"The {describe_limit(limit)} applies to each user, and this call"
+                       " names none: a project key must name its user with the header"
+                       " X-LLimit-User (or the body's `user`).", code="user_required")
 
 
 WINDOW_ADJECTIVES = {"minute": "per-minute", "day": "daily", "week": "weekly",
@@ -2826,7 +3676,7 @@ def _limit_headers(headers, limit, amount, used, start, end, now):
 
 def _alert_text(limit, subject, threshold, entry, end):
     metric = limit["metric"]
-    used = format_amount(metric, entry[METRIC_INDEX[metric]])
+    used = format_amount(metric, entry.metric(metric))
     resets = "it does not reset" if end is None else f"it resets {utc_iso(end)}"
     verb = "reached" if threshold >= 100 else f"passed {threshold:g}% of"
     return (f":warning: llimit: {describe_subject(subject)} has {verb} the"
@@ -2853,8 +3703,11 @@ LIMIT_FIELDS = {
 }
 
 
-def validate_limit(data, current=None):
-    """A limit dict from JSON input (merged over `current` for PATCH); 400 names the field."""
+def validate_limit(data, current=None, domains=()):
+    """A limit dict from JSON input (merged over `current` for PATCH); 400 names the field.
+
+    A user limit's target is put through the Identity rule of `domains` (user_domains).
+    """
     check_input(data, LIMIT_FIELDS, "limit")
     merged = dict(current or {})
     if isinstance(merged.get("alert_at"), str):
@@ -2868,6 +3721,10 @@ def validate_limit(data, current=None):
         merged["target"] = None
     elif not isinstance(merged.get("target"), str) or not merged["target"]:
         raise _field_error("target", f"is required for scope {merged['scope']}")
+    if merged["scope"] == "user":
+        merged["target"] = canonical_user_name(merged["target"], domains)
+        if merged["target"] is None:
+            raise _field_error("target", "is required for scope user")
     if merged["scope"] == "key" and merged.get("each"):
         raise _field_error("each", "does not apply to a key")
     if merged["scope"] == "user" and merged.get("each") == "user":
@@ -2912,6 +3769,46 @@ def add_limit(db, limit, now_iso):
     limit = {**limit, "id": "lim_" + secrets.token_hex(6), "created_at": now_iso}
     insert_limit(db, limit)
     return limit["id"]
+
+
+class CallSlots:
+    """Calls under way, bounded per key, per user and overall; thread-safe.
+
+    One key holder with slow calls could otherwise hold every worker thread:
+    LLIMIT_MAX_CONCURRENT_PER_KEY / _PER_USER bound them, and proxied calls
+    together may use all threads but RESERVED_THREADS, so /healthz and the
+    pages always find a free one. Past a bound a call gets 429 at once.
+    """
+
+    def __init__(self, per_key, per_user, total):
+        self.per_key, self.per_user, self.total = per_key, per_user, max(total, 1)
+        self._lock = threading.Lock()
+        self._running = collections.Counter()  # ("key", id), ("user", name), ("all",) -> calls
+
+    def take(self, key_id, user_name):
+        """Hold a slot for a call of this key and user, or raise 429."""
+        counts = self._running
+        bounds = [(("key", key_id), self.per_key, "This key"), (("all",), self.total, "llimit")]
+        if user_name is not None:
+            bounds.insert(1, (("user", user_name), self.per_user, f"User {user_name}"))
+        with self._lock:
+            for slot, bound, who in bounds:
+                if counts[slot] >= bound:
+                    raise LlimitError(429, "rate_limit_exceeded",
+                                      f"{who} has {bound} calls under way already; wait for one"
+                                      " to finish.", code="too_many_concurrent_calls",
+                                      headers={"Retry-After": "1"})
+            for slot, _bound, _who in bounds:
+                counts[slot] += 1
+
+    def give_back(self, key_id, user_name):
+        """Free the slot of a call that has ended."""
+        with self._lock:
+            for slot in (("key", key_id), ("user", user_name), ("all",)):
+                if slot[0] != "user" or user_name is not None:
+                    self._running[slot] -= 1
+                    if not self._running[slot]:
+                        del self._running[slot]
 
 
 class AlertSender:
@@ -2977,10 +3874,20 @@ class AlertSender:
 UPSTREAM_KINDS = ("openai", "azure", "anthropic")
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"))
-# The client's credentials, and what requests computes itself, never go upstream.
-DROPPED_REQUEST_HEADERS = HOP_BY_HOP | frozenset((
-    "host", "content-length", "authorization", "api-key", "x-api-key", "cookie",
-    "accept-encoding", "x-llimit-user"))
+# Request headers that go upstream: an allowlist per upstream kind, as WSGI
+# names them, so nothing else the client or a proxy in front sent (cookies, SSO
+# tokens, X-Forwarded-*, OpenAI-Organization / -Project, llimit's own X-LLimit-User
+# and LLIMIT_USER_HEADERS) reaches the provider. The rest are what the official
+# SDKs send; x-stainless-* (SDK telemetry) pass by prefix.
+_COMMON_REQUEST_HEADERS = ("accept", "user-agent", "idempotency-key")
+FORWARDED_REQUEST_HEADERS = {
+    kind: frozenset("HTTP_" + name.upper().replace("-", "_")
+                    for name in _COMMON_REQUEST_HEADERS + extra)
+    for kind, extra in (
+        ("openai", ("openai-beta",)),
+        ("azure", ("openai-beta", "x-ms-client-request-id", "x-ms-useragent")),
+        ("anthropic", ("anthropic-version", "anthropic-beta")))}
+FORWARDED_HEADER_PREFIX = "HTTP_X_STAINLESS_"
 # requests decodes gzip and we set the length of what we send.
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | frozenset(("content-length", "content-encoding"))
 AZURE_DEPLOYMENT_PATHS = ("chat/completions", "completions", "embeddings",
@@ -3005,21 +3912,49 @@ class Upstream:
     key: str | None = dataclasses.field(repr=False)
 
 
+# Variables an `env:` upstream key may never name, whatever LLIMIT_UPSTREAM_ENV_PATTERN says:
+# llimit's own settings (the admin token, the default upstream key...) and Entra's secret.
+OWN_VARIABLES = frozenset(env for _field, env, *_rest in SETTINGS) | frozenset((
+    "AZURE_AD_TENANT_ID", "AZURE_AD_CLIENT_ID", "AZURE_AD_CLIENT_SECRET",
+    "AZURE_AD_CORPORATE_DOMAIN"))
+
+
+def upstream_env_allowed(name, pattern):
+    """Whether a project's upstream key may be read from variable `name` (env:NAME).
+
+    Admins (SSO users in LLIMIT_ADMIN_USERS too) set upstream keys; without this
+    they could send any of llimit's own secrets to an upstream URL they control.
+    """
+    return name not in OWN_VARIABLES and fnmatch.fnmatchcase(name, pattern)
+
+
 def resolve_upstream(project, config, environ=None):
     """The Upstream of a project row; the default project falls back to LLIMIT_UPSTREAM_*.
 
     `env:NAME` keys are read from the environment now, so rotating one needs
-    no restart; a missing variable is a 502 that names it.
+    no restart; a missing variable is a 502 that names it. A project's key
+    goes only to the project's URL and the default key only to the default
+    URL: a key without its URL (a row from before this was refused) is a 502.
     """
     environ = os.environ if environ is None else environ
     if project["upstream_url"]:
         base_url, stored_key = project["upstream_url"], project["upstream_key"]
         api_version = project["api_version"]
+    elif project["upstream_key"]:
+        raise LlimitError(502, "upstream_error",
+                          "This key's project has its own upstream key but no upstream URL;"
+                          " ask its admin to set the URL.", code="upstream_misconfigured")
     else:
         base_url, stored_key = config.upstream_url, config.upstream_key
         api_version = project["api_version"] or config.upstream_api_version
     key = stored_key
     if stored_key and stored_key.startswith("env:"):
+        # Checked again here: a project stored before the rule, or the pattern narrowed.
+        if not upstream_env_allowed(stored_key[4:], config.upstream_env_pattern):
+            raise LlimitError(502, "upstream_error",
+                              f"The upstream key variable {stored_key[4:]} is not one projects"
+                              " may use (LLIMIT_UPSTREAM_ENV_PATTERN); ask the admin.",
+                              code="upstream_key_missing")
         key = environ.get(stored_key[4:])
         if not key:
             raise LlimitError(502, "upstream_error",
@@ -3115,12 +4050,19 @@ def _ca_bundle():
             or requests.certs.where())
 
 
-def upstream_url(upstream, path, query_string, deployment=None, model=None):
-    """The URL a call goes to. `path` is what follows /v1/ (or a deployment)."""
+def upstream_url(upstream, path, query_string, deployment=None, model=None, azure_v1=False):
+    """The URL a call goes to. `path` is what follows /v1/ (or a deployment).
+
+    `azure_v1`: the call came in on Azure's GA v1 routes (/openai/v1/...), which
+    an Azure upstream serves under /openai/v1/ and without an api-version.
+    """
     path = _upstream_path(path)
     if deployment is not None:
         # Refused for every kind: other kinds ignore it in the URL, but it may become the model.
         _refuse_dot_segments(deployment)
+    if upstream.kind == "azure" and azure_v1:
+        return f"{upstream.base_url}/openai/v1/{path}" + ("?" + query_string if query_string
+                                                         else "")
     if upstream.kind == "azure":
         if deployment is None and model and path in AZURE_DEPLOYMENT_PATHS:
             deployment = model  # compat: OpenAI-style clients name the deployment as model
@@ -3162,14 +4104,17 @@ def _refuse_dot_segments(path):
                           "The path may not contain '.' or '..' segments.", code="invalid_path")
 
 
-def upstream_headers(environ, upstream, extra_dropped=()):
-    """Request headers for the upstream: the client's, less credentials, plus the upstream's."""
+def upstream_headers(environ, upstream):
+    """Request headers for the upstream: the client's that its kind allows, plus the upstream's."""
+    allowed = FORWARDED_REQUEST_HEADERS[upstream.kind]
+    named_in_connection = environ.get("HTTP_CONNECTION")
     headers = {}
     for name, value in environ.items():
-        if name.startswith("HTTP_"):
-            header = name[5:].replace("_", "-").lower()
-            if header not in DROPPED_REQUEST_HEADERS and header not in extra_dropped:
-                headers[header] = value
+        if name in allowed or name.startswith(FORWARDED_HEADER_PREFIX):
+            headers[name[5:].replace("_", "-").lower()] = value
+    if named_in_connection:  # hop-by-hop by the client's own word (RFC 9110 7.6.1)
+        for token in named_in_connection.split(","):
+            headers.pop(token.strip().lower(), None)
     if environ.get("CONTENT_TYPE"):
         headers["content-type"] = environ["CONTENT_TYPE"]
     if upstream.key:
@@ -3271,13 +4216,13 @@ def sse_fields(raw_event):
     return None, ""  # a comment or keep-alive: passed on, nothing to read
 
 
-def sse_error_event(kind, message):
-    """An error event in the stream's own dialect, for an upstream that broke off."""
+def sse_error_event(kind, message, error_type="upstream_error", code="upstream_stream_broken"):
+    """An error event in the stream's own dialect, for an upstream that broke off (or a
+    stream whose usage could not be recorded)."""
     if kind == "anthropic":
         body = {"type": "error", "error": {"type": "api_error", "message": message}}
         return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
-    body = {"error": {"message": message, "type": "upstream_error",
-                      "code": "upstream_stream_broken"}}
+    body = {"error": {"message": message, "type": error_type, "code": code}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
@@ -3291,12 +4236,50 @@ def sse_error_event(kind, message):
 
 KEY_PREFIX = "llimit-"
 MAX_USER_NAME = 200
+MAX_MODEL_NAME = 200
 USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters
 
 
-def clean_user_name(value):
-    """A user name as stored: trimmed, no control characters, bounded length."""
-    return USER_NAME_JUNK.sub("", value).strip()[:MAX_USER_NAME] or None
+def user_domains(config):
+    """The e-mail domains of the Identity rule: LLIMIT_USER_DOMAINS, else the OIDC ones."""
+    return frozenset(domain.strip().lower().lstrip("@")
+                     for domain in config.user_domains or config.oidc_allowed_domains)
+
+
+def canonical_user_name(value, domains):
+    """The contract's Identity rule, for every source of a user name; None for no name.
+
+    Trimmed, lowercased, no control characters, bounded; an e-mail address of
+    one of `domains` becomes its local part, any other e-mail stays whole, so
+    Grace@corp.example is grace and boss@elsewhere.example is never boss.
+    """
+    if not isinstance(value, str):
+        return None
+    name = USER_NAME_JUNK.sub("", value).strip().lower()
+    local, at, domain = name.rpartition("@")
+    if at and local and domain in domains:
+        name = local.strip()
+    return name[:MAX_USER_NAME] or None
+
+
+def apply_identity_rule(db, domains):
+    """Bring every stored user name under the Identity rule; returns {old: new}.
+
+    Runs at every start (the rule depends on LLIMIT_USER_DOMAINS), so it is
+    idempotent: a name the rule leaves alone is never touched.
+    """
+    with transaction(db):
+        hold_start_lock(db)  # two instances renaming at once would add totals twice
+        renames = {}
+        for name in list_stored_user_names(db):
+            canonical = canonical_user_name(name, domains)
+            if canonical and canonical != name:
+                renames[name] = canonical
+        if renames:
+            rename_users(db, renames)
+    if renames:
+        log.warning("user names brought under the Identity rule: %d renamed", len(renames))
+    return renames
 
 
 def hash_secret(raw):
@@ -3342,12 +4325,15 @@ KEY_FIELDS = {
 }
 
 
-def validate_key_fields(data, allowed):
-    """The editable fields of a key from JSON input; 400 names the field."""
+def validate_key_fields(data, allowed, domains):
+    """The editable fields of a key from JSON input; 400 names the field.
+
+    `domains` are the Identity rule's (user_domains), for the `user` field.
+    """
     check_input(data, {name: KEY_FIELDS[name] for name in allowed}, "key")
     fields = {name: data[name] for name in ("user", "project", "note") if name in data}
     if fields.get("user") is not None:
-        fields["user"] = clean_user_name(fields["user"])
+        fields["user"] = canonical_user_name(fields["user"], domains)
     if "expires_at" in data:
         fields["expires_at"] = parse_time_input(data["expires_at"], "expires_at")
     if "models" in data:
@@ -3365,6 +4351,17 @@ def create_key(db, now, user=None, project="default", note=None, expires_at=None
            "expires_at": expires_at, "revoked_at": None, "last_used_at": None}
     insert_key(db, row)
     return row, raw_key
+
+
+def check_key_cap(db, project, user_name, now):
+    """403 when a user already holds the project's max_keys_per_user active keys."""
+    cap = project["max_keys_per_user"]
+    if cap is not None and count_active_user_keys(db, user_name, project["id"],
+                                                  utc_iso(now)) >= cap:
+        raise LlimitError(403, "permission_denied",
+                          f"You hold {cap} active key{'s' * (cap != 1)} in project"
+                          f" {project['id']!r}, the most it allows per person. Revoke one"
+                          " you no longer use, then create a new one.", code="too_many_keys")
 
 
 def key_to_json(row, spend=None):
@@ -3402,22 +4399,37 @@ PROJECT_FIELDS = {
                           "must be a single-line string; env: must name an environment variable"),
     "api_version": Field(ONE_LINE, SINGLE_LINE),
     "allow_user_keys": Field({"type": "boolean"}, "must be true or false"),
+    "allow_async": Field({"type": "boolean", "description": "allow batches and background"
+                          " responses, charged once when they finish"}, "must be true or false"),
     "limit_message": Field({**ONE_LINE, "pattern": r"^[^\r]*$"}, "must be a string without"
                            " carriage returns"),
     "model_map": Field({"type": "object", "additionalProperties": {"type": "string"},
                         "nullable": True}, "must map deployment names to model names"),
+    # keeps_to has no integers; validate_project checks it is a whole number.
+    "max_keys_per_user": Field({"type": "integer", "minimum": 0, "nullable": True},
+                               "must be a whole number >= 0, or null for no cap"),
     # Checked by budget_limits, which makes limits of it; the spec shows its shape.
     "budget": Field({"nullable": True, "description": 'e.g. {"usd": 10, "window": "day"}'},
                     'must look like {"usd": 10, "window": "day"}'),
 }
 
 
-def validate_project(data, current=None):
-    """A project dict from JSON input (merged over `current` for PATCH); 400 names the field."""
+# Cloud metadata services answer anyone on the machine with its credentials; an
+# upstream URL naming one would relay them to an admin's client.
+METADATA_HOSTS = frozenset(("metadata.google.internal", "metadata", "169.254.169.254",
+                            "fd00:ec2::254", "100.100.100.200"))
+
+
+def validate_project(data, current=None, env_pattern=Config().upstream_env_pattern):
+    """A project dict from JSON input (merged over `current` for PATCH); 400 names the field.
+
+    `env_pattern` is LLIMIT_UPSTREAM_ENV_PATTERN: which variables env:NAME may name.
+    """
     check_input(data, PROJECT_FIELDS, "project")
     project = dict(current) if current else {
         "upstream_kind": "openai", "upstream_url": None, "upstream_key": None,
-        "api_version": None, "allow_user_keys": 1, "limit_message": None, "model_map": None}
+        "api_version": None, "allow_user_keys": 1, "allow_async": 0, "limit_message": None,
+        "model_map": None, "max_keys_per_user": None}
     if current and "id" in data and data["id"] != current["id"]:
         raise _field_error("id", "cannot change")
     if isinstance(project.get("model_map"), str):
@@ -3428,13 +4440,56 @@ def validate_project(data, current=None):
     if project.get("name") in (None, ""):  # not just falsy: {} is no name
         project["name"] = project["id"]
     if project["upstream_url"] is not None:
+        _refuse_metadata_host(urllib.parse.urlsplit(project["upstream_url"]).hostname or "")
         project["upstream_url"] = project["upstream_url"].rstrip("/")
+        if current and project["upstream_url"] != (current["upstream_url"] or None) \
+                and "upstream_key" not in data:
+            # Else a new URL would receive the key stored for the old one.
+            raise _field_error("upstream_key", "must be given again when upstream_url changes")
     elif project["upstream_kind"] != "openai" and project["id"] != "default":
         raise _field_error("upstream_url", f"is required for kind {project['upstream_kind']}")
+    if project["upstream_key"] is not None and project["upstream_url"] is None:
+        # Else its calls would go to the default upstream, billed to the default key.
+        raise _field_error("upstream_key", "needs an upstream_url: a project's own key is"
+                                           " sent only to the project's own upstream")
+    key = project["upstream_key"]
+    if key and key.startswith("env:") and "upstream_key" in data \
+            and not upstream_env_allowed(key[4:], env_pattern):
+        raise _field_error("upstream_key", f"env: may name only variables matching {env_pattern}"
+                           " (LLIMIT_UPSTREAM_ENV_PATTERN), never llimit's own settings")
     project["allow_user_keys"] = int(bool(project["allow_user_keys"]))  # stored as 0 or 1
+    project["allow_async"] = int(bool(project["allow_async"]))
     if project["model_map"] is not None:
         project["model_map"] = json.dumps(project["model_map"], sort_keys=True)
+    cap = project.get("max_keys_per_user")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+        raise _field_error("max_keys_per_user", "must be a whole number >= 0, or null for no cap")
     return project
+
+
+def _refuse_metadata_host(host):
+    # Private ranges stay allowed (intranet upstreams are normal); link-local
+    # addresses and metadata services never are, named or resolved.
+    host = host.lower().rstrip(".")
+    addresses = {host}
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            addresses |= {info[4][0].split("%")[0] for info in socket.getaddrinfo(host, None)}
+        except (OSError, UnicodeError):
+            pass  # not resolvable now: calls will get 502 until it is
+    for address in addresses:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            ip = None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if address in METADATA_HOSTS or (ip is not None and (
+                ip.is_link_local or str(ip) in METADATA_HOSTS)):
+            raise _field_error("upstream_url", "may not name a link-local or cloud metadata"
+                               " address")
 
 
 def budget_limits(project_id, budget):
@@ -3457,9 +4512,9 @@ def budget_limits(project_id, budget):
     return limits
 
 
-def create_project(db, data, now_iso):
+def create_project(db, data, now_iso, env_pattern):
     """Add a project from input, its `budget` shorthand as limits; 409 if the id is taken."""
-    project = validate_project(data)
+    project = validate_project(data, env_pattern=env_pattern)
     # Only an absent or null budget is no budget: {} is a mistake, said so.
     limits = budget_limits(project["id"], data["budget"]) if data.get("budget") is not None \
         else []
@@ -3476,11 +4531,12 @@ def create_project(db, data, now_iso):
     return project
 
 
-def change_project(db, project_id, data, now_iso):
+def change_project(db, project_id, data, now_iso, env_pattern):
     """Change a project from input (a `budget` adds limits); 404 if there is none."""
     with transaction(db):
         project = validate_project(
-            data, dict(_must_exist(get_project(db, project_id), "project", project_id)))
+            data, dict(_must_exist(get_project(db, project_id), "project", project_id)),
+            env_pattern)
         update_project(db, project)
         for limit in (budget_limits(project_id, data["budget"])
                       if data.get("budget") is not None else []):
@@ -3516,8 +4572,10 @@ def project_to_json(project, config=None):
                                 key if key.startswith("env:") else "stored"),
         "api_version": project["api_version"],
         "allow_user_keys": bool(project["allow_user_keys"]),
+        "allow_async": bool(project["allow_async"]),
         "limit_message": project["limit_message"],
         "model_map": json.loads(project["model_map"]) if project["model_map"] else None,
+        "max_keys_per_user": project["max_keys_per_user"],
         "created_at": project["created_at"],
     }
 
@@ -3531,7 +4589,6 @@ def project_to_json(project, config=None):
 # =============================================================================
 
 END_USER_HEADER = "X-LLimit-User"
-COMMIT_WAIT_SECONDS = 10.0
 AUTH_FAILURES_PER_MINUTE = 20   # wrong keys or admin tokens from one address, then 429
 AUTH_THROTTLE_ENTRIES = 10000   # addresses and known-good secrets remembered, each
 
@@ -3560,16 +4617,20 @@ class KeyCache:
         self._version = None
         self._rows = {}
 
-    def row(self, db, key_hash):
-        """The key row (as get_key_by_hash) for `key_hash`, or None."""
-        version = config_version(db)
-        if version != self._version:
-            with self._lock:
-                if version != self._version:
-                    self._rows, self._version = {}, version
+    def row(self, db, key_hash, verified_later=False):
+        """The key row (as get_key_by_hash) for `key_hash`, or None.
+
+        `verified_later`: the caller checks the row's config_version itself in
+        a statement it runs anyway (SharedLimits.admit), so a held row is
+        handed out without reading the version first.
+        """
+        if not verified_later or self._version is None:
+            self.advance(config_version(db))
         row = self._rows.get(key_hash)
         if row is None:
             row = get_key_by_hash(db, key_hash)
+            if row is not None and row["config_version"] > self._version:
+                self.advance(row["config_version"])  # the newer version is the database's
             # Held only if read at the version the cache is at: a row read just
             # before a revocation must not outlive it.
             if row is not None and row["config_version"] == self._version:
@@ -3579,6 +4640,13 @@ class KeyCache:
                         self._rows[key_hash] = row
         return row
 
+    def advance(self, version):
+        """Hold rows of the database's config version `version` only (empties the cache if it moved)."""
+        if version != self._version:
+            with self._lock:
+                if version != self._version:
+                    self._rows, self._version = {}, version
+
 
 def authenticate_key(find_key, raw_key, key_hash, now):
     """The key row (joined with its project) for a presented key, or LlimitError 401/403.
@@ -3586,7 +4654,7 @@ def authenticate_key(find_key, raw_key, key_hash, now):
     `key_hash` is hash_secret(raw_key); `find_key(key_hash)` gives the row, or None.
     """
     row = find_key(key_hash) if raw_key.startswith(KEY_PREFIX) else None
-    if row is None or not hmac.compare_digest(row["key_hash"], key_hash):
+    if row is None or not secrets_match(row["key_hash"], key_hash):
         raise LlimitError(401, "invalid_request_error",
                           f"Incorrect API key provided: {_shown_key(raw_key)}.",
                           code="invalid_api_key")
@@ -3604,78 +4672,62 @@ def authenticate_key(find_key, raw_key, key_hash, now):
 
 
 class AuthThrottle:
-    """Slows down guessing of keys and admin tokens, per client address.
+    """Slows down guessing of every secret (keys, the admin token on the API and
+    on the sign-in page, the metrics token), per client address.
 
-    After AUTH_FAILURES_PER_MINUTE wrong secrets from one address within a
-    minute, that address gets 429 (with Retry-After) without a lookup until
-    the minute has passed; a secret that has worked before is still let
-    through, so the good keys of everyone behind one NAT or proxy address keep
-    working while a bad one is throttled. Memory is bounded (the least recent
-    entries are forgotten first). Thread-safe; `clock` gives seconds.
+    The presented secret is always checked first (a hash lookup is cheap), so a
+    correct one passes from any address, used before or not: the good keys of
+    everyone behind one NAT or proxy address keep working while a guesser there
+    is throttled. Only wrong secrets count: after AUTH_FAILURES_PER_MINUTE of
+    them from one address within a minute, its further wrong ones get 429 (with
+    Retry-After) instead of 401, without being counted, which tells the guesser
+    nothing more than "wrong". Memory is bounded (the least recent addresses are
+    forgotten first). Thread-safe; `clock` gives seconds.
     """
 
     def __init__(self, clock):
         self.clock = clock
         self._lock = threading.Lock()
         self._failures = collections.OrderedDict()  # address -> deque of failure times
-        self._good = {}                             # hashes of secrets that worked
 
-    def check(self, address, secret_hash):
-        """Raise 429 when `address` is throttled and the secret is not known to be good."""
-        if secret_hash in self._good:
-            return
-        with self._lock:
-            times = self._failures.get(address)
-            if times is None or len(times) < AUTH_FAILURES_PER_MINUTE:
-                return
-            wait = 60 - (self.clock() - times[0])
-        if wait > 0:
-            raise LlimitError(429, "rate_limit_exceeded",
-                              "Too many wrong keys or tokens from this address; wait"
-                              f" {int(wait + 0.999)} s.", code="too_many_failed_attempts",
-                              headers={"Retry-After": str(int(wait + 0.999))})
-
-    def failed(self, address):
-        """Count a wrong secret from `address`."""
+    def wrong(self, address, error):
+        """Raise `error` (the 401) for a wrong secret from `address`, counted; 429 instead
+        once the address is over its allowance."""
+        now = self.clock()
         with self._lock:
             times = self._failures.pop(address, None)
             if times is None:
                 times = collections.deque(maxlen=AUTH_FAILURES_PER_MINUTE)
-            times.append(self.clock())
+            wait = 60 - (now - times[0]) if len(times) == AUTH_FAILURES_PER_MINUTE else 0
+            if wait <= 0:
+                times.append(now)
             self._failures[address] = times
             if len(self._failures) > AUTH_THROTTLE_ENTRIES:
                 self._failures.popitem(last=False)
-
-    def succeeded(self, secret_hash):
-        """Remember a secret that worked, so a throttle on its address lets it through."""
-        if secret_hash in self._good:
-            return
-        with self._lock:
-            self._good[secret_hash] = True
-            if len(self._good) > AUTH_THROTTLE_ENTRIES:
-                del self._good[next(iter(self._good))]
+        if wait > 0:
+            seconds = str(int(wait + 0.999))
+            raise LlimitError(429, "rate_limit_exceeded",
+                              f"Too many wrong keys or tokens from this address; wait {seconds} s.",
+                              code="too_many_failed_attempts", headers={"Retry-After": seconds})
+        raise error
 
 
-def authenticate_call(state, environ):
+def authenticate_call(state, environ, verified_later=False):
     """The key row for this request, or LlimitError 401/403; wrong keys count
-    toward the caller address's AuthThrottle."""
+    toward the caller address's AuthThrottle. `verified_later`: see KeyCache.row."""
     raw_key = raw_key_from(environ)
     if not raw_key:
         raise LlimitError(401, "invalid_request_error",
                           "No API key provided. Send your llimit key as"
                           " 'Authorization: Bearer llimit-...'.", code="missing_api_key")
-    address = environ.get("REMOTE_ADDR", "")
-    key_hash = hash_secret(raw_key)
-    state.auth_throttle.check(address, key_hash)
-    find_key = functools.partial(state.keys.row, state.database())
+    find_key = functools.partial(state.keys.row, state.database(),
+                                 verified_later=verified_later)
     try:
-        key = authenticate_key(find_key, raw_key, key_hash, state.config.clock())
+        return authenticate_key(find_key, raw_key, hash_secret(raw_key), state.config.clock())
     except LlimitError as error:
-        if error.status == 401:
-            state.auth_throttle.failed(address)
-        raise
-    state.auth_throttle.succeeded(key_hash)
-    return key
+        if error.status != 401:
+            raise
+        state.auth_throttle.wrong(environ.get("REMOTE_ADDR", ""), error)
 
 
 def _shown_key(raw_key):
@@ -3683,14 +4735,14 @@ def _shown_key(raw_key):
     return raw_key[:3] + "*" * 4 + raw_key[-4:] if len(raw_key) > 12 else "****"
 
 
-def end_user(environ, payload, user_headers):
+def end_user(environ, payload, user_headers, domains):
     """The end user a project key names: X-LLimit-User, LLIMIT_USER_HEADERS, or body `user`."""
     for header in (END_USER_HEADER, *user_headers):
         value = environ.get("HTTP_" + header.upper().replace("-", "_"))
         if value:
-            return clean_user_name(_header_text(value))
+            return canonical_user_name(_header_text(value), domains)
     if isinstance(payload, dict) and isinstance(payload.get("user"), str) and payload["user"]:
-        return clean_user_name(payload["user"])
+        return canonical_user_name(payload["user"], domains)
     return None
 
 
@@ -3703,14 +4755,73 @@ def _header_text(value):
 
 
 def secrets_match(presented, expected):
-    """Whether a presented secret equals the expected one, in constant time."""
+    """Whether a presented secret equals the expected one, in constant time.
+
+    Every comparison of a secret (or of its hash) goes through here: a plain
+    == stops at the first differing byte, and its timing would let a guesser
+    find a secret byte by byte. A timing test cannot catch a lapse reliably,
+    so this holds by construction: one helper, no other comparison of secrets.
+    """
     return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))
+
+
+# Sealing for a browser: text that waits in the database for a browser's next
+# page (a new key's secret), readable only with the raw session id that browser
+# holds, never by whoever holds a copy of the database (it keeps the id's
+# hash). HMAC-SHA256 keyed by the raw id gives two keys; the text is XORed with
+# HMAC(encryption key, nonce || counter) blocks and tagged with HMAC(MAC key,
+# nonce || ciphertext): encrypt-then-MAC from the standard library alone.
+
+def _session_keys(raw_session_id):
+    root = raw_session_id.encode("utf-8")
+    return (hmac.new(root, b"llimit seal: encrypt", hashlib.sha256).digest(),
+            hmac.new(root, b"llimit seal: authenticate", hashlib.sha256).digest())
+
+
+def _keystream(key, nonce, length):
+    blocks = (hmac.new(key, nonce + counter.to_bytes(8, "big"), hashlib.sha256).digest()
+              for counter in range((length + 31) // 32))
+    return b"".join(blocks)[:length]
+
+
+def seal_for_session(raw_session_id, text):
+    """`text` sealed for the browser holding `raw_session_id` (URL-safe base64)."""
+    encrypt_key, mac_key = _session_keys(raw_session_id)
+    nonce, plain = secrets.token_bytes(16), text.encode("utf-8")
+    cipher = bytes(a ^ b for a, b in zip(plain, _keystream(encrypt_key, nonce, len(plain))))
+    tag = hmac.new(mac_key, nonce + cipher, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(nonce + cipher + tag).decode("ascii")
+
+
+def open_for_session(raw_session_id, sealed):
+    """The text seal_for_session sealed, or None if it was not sealed for this id (or altered)."""
+    encrypt_key, mac_key = _session_keys(raw_session_id)
+    try:
+        blob = base64.urlsafe_b64decode(sealed.encode("ascii"))
+    except (ValueError, UnicodeError):
+        return None
+    nonce, cipher, tag = blob[:16], blob[16:-32], blob[-32:]
+    if len(blob) < 48 or not hmac.compare_digest(
+            tag, hmac.new(mac_key, nonce + cipher, hashlib.sha256).digest()):
+        return None
+    plain = bytes(a ^ b for a, b in zip(cipher, _keystream(encrypt_key, nonce, len(cipher))))
+    return plain.decode("utf-8")
 
 
 def admin_token_matches(db, presented):
     """Whether a presented admin token is the current one (constant-time)."""
     stored = get_setting(db, "admin_token_sha256")
-    return bool(presented and stored) and hmac.compare_digest(hash_secret(presented), stored)
+    return bool(presented and stored) and secrets_match(hash_secret(presented), stored)
+
+
+def check_admin_token(state, presented, address):
+    """Pass when `presented` is the admin token; else 401, or 429 for a throttled address."""
+    if admin_token_matches(state.database(), presented):
+        return
+    state.auth_throttle.wrong(address, LlimitError(
+        401, "invalid_request_error",
+        "This needs the admin token: 'Authorization: Bearer <admin token>'.",
+        code="invalid_admin_token"))
 
 
 def ensure_admin_token(db, admin_token):
@@ -3730,21 +4841,17 @@ def require_admin(state):
     environ = bottle.request.environ
     authorization = environ.get("HTTP_AUTHORIZATION", "")
     token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
-    if token:
-        address, token_hash = environ.get("REMOTE_ADDR", ""), hash_secret(token)
-        state.auth_throttle.check(address, token_hash)
-        if admin_token_matches(state.database(), token):
-            state.auth_throttle.succeeded(token_hash)
-            return
-        state.auth_throttle.failed(address)
-    raise LlimitError(401, "invalid_request_error",
-                      "This needs the admin token: 'Authorization: Bearer <admin token>'.",
-                      code="invalid_admin_token")
+    if not token:
+        raise LlimitError(401, "invalid_request_error",
+                          "This needs the admin token: 'Authorization: Bearer <admin token>'.",
+                          code="invalid_admin_token")
+    check_admin_token(state, token, environ.get("REMOTE_ADDR", ""))
 
 
 # --- page sign-in: sessions, CSRF, and the three ways in --------------------------
 
 SESSION_COOKIE = "llimit_session"
+LOGIN_CSRF_COOKIE = "llimit_login_csrf"
 SESSION_SECONDS = 7 * 86400
 PENDING_SESSION_SECONDS = 3600     # a browser on its way to signing in
 FORM_MAX_BYTES = 64 * 1024
@@ -3762,6 +4869,9 @@ class PageSession:
     csrf_token: str | None = None
     pending: dict | None = None       # an OIDC sign-in under way
     sees_reports: bool = False
+    # The browser's own session id (its cookie), to open what was sealed for it; never shown.
+    raw_id: str | None = dataclasses.field(default=None, repr=False)
+    new_key_waiting: bool = False     # a new key's sealed secret waits for this page
 
     @property
     def signed_in(self):
@@ -3778,6 +4888,10 @@ def sign_in_warnings(config):
         if config.admin_users:
             warnings.append("LLIMIT_AUTH=open: LLIMIT_ADMIN_USERS is ignored, as anyone could"
                             " type those names; admins sign in with the admin token")
+    if config.auth == "oidc" and not config.public_url:
+        warnings.append("LLIMIT_AUTH=oidc without LLIMIT_PUBLIC_URL: the provider sends"
+                        f" browsers back to {config.base_url}/login/callback; set"
+                        " LLIMIT_PUBLIC_URL to the address people use")
     if config.auth == "oidc" and not config.oidc_allowed_domains:
         warnings.append("LLIMIT_AUTH=oidc without LLIMIT_OIDC_ALLOWED_DOMAINS: every account"
                         " the provider signs in may use llimit")
@@ -3787,30 +4901,62 @@ def sign_in_warnings(config):
 def page_session(state):
     """The PageSession of this request: its cookie, or with --auth header the proxy's user."""
     config = state.config
+    db = state.database()
     raw_id = bottle.request.get_cookie(SESSION_COOKIE)
-    row = (get_session(state.database(), hash_secret(raw_id), utc_iso(config.clock()))
-           if raw_id else None)
-    session = _session_view(config, row, row["user_name"] if row else None)
+    row = get_session(db, hash_secret(raw_id), utc_iso(config.clock())) if raw_id else None
+    if row is not None and row["is_admin"] and not secrets_match(
+            row["admin_token_fingerprint"] or "", _admin_token_fingerprint(db)):
+        row = None  # signed in with an admin token that has since changed
+    session = _session_view(config, row, row["user_name"] if row else None, raw_id)
+    if row is None:
+        # No session row for a browser that only looks at /login: its form's CSRF
+        # token is a double-submit cookie until a form is posted.
+        session = dataclasses.replace(session,
+                                      csrf_token=bottle.request.get_cookie(LOGIN_CSRF_COOKIE))
     if config.auth == "header":
         user_name = header_user(config, bottle.request.environ)
         if user_name and user_name != session.user_name:
             session = sign_in(state, session, user_name)
         elif user_name is None and session.user_name:
-            session = _session_view(config, row, None)  # the proxy vouches for no one now
+            session = _session_view(config, row, None, raw_id)  # the proxy vouches for no one now
     return session
 
 
-def _session_view(config, row, user_name):
+def _admin_token_fingerprint(db):
+    return hash_secret("session:" + (get_setting(db, "admin_token_sha256") or ""))[:32]
+
+
+def login_csrf(state, session):
+    """The session with a CSRF token for the sign-in form: the session's own, or a
+    double-submit cookie (set here) for a browser that has no session yet."""
+    if session.csrf_token:
+        return session
+    token = secrets.token_urlsafe(32)
+    bottle.response.set_cookie(LOGIN_CSRF_COOKIE, token, max_age=PENDING_SESSION_SECONDS,
+                               path="/login", httponly=True, samesite="lax",
+                               secure=state.config.base_url.startswith("https:"))
+    return dataclasses.replace(session, csrf_token=token)
+
+
+def _session_view(config, row, user_name, raw_id):
     if row is None:
         return PageSession()
     token_admin = bool(row["is_admin"])
     is_admin = token_admin or bool(
-        user_name and config.auth != "open" and user_name in config.admin_users)
+        user_name and config.auth != "open" and user_name in admin_user_names(config))
     return PageSession(
         id_hash=row["id_hash"], user_name=user_name, token_admin=token_admin,
         is_admin=is_admin, csrf_token=row["csrf_token"],
         pending=json.loads(row["pending"]) if row["pending"] else None,
-        sees_reports=is_admin or bool(config.reports_public and user_name))
+        sees_reports=is_admin or bool(config.reports_public and user_name),
+        raw_id=raw_id,
+        new_key_waiting="new_key_sealed" in row.keys() and bool(row["new_key_sealed"]))
+
+
+def admin_user_names(config):
+    """LLIMIT_ADMIN_USERS under the Identity rule: boss@elsewhere.example is never boss."""
+    domains = user_domains(config)
+    return {canonical_user_name(name, domains) for name in config.admin_users}
 
 
 def sign_in(state, session, user_name, token_admin=False):
@@ -3819,7 +4965,7 @@ def sign_in(state, session, user_name, token_admin=False):
 
 
 def ensure_session(state, session):
-    """A session for a browser that has none yet, so its sign-in form can carry a CSRF token."""
+    """A session row for a browser that has none yet, to carry an OIDC sign-in under way."""
     if session.id_hash:
         return session
     return _new_session(state, session, None, False, PENDING_SESSION_SECONDS)
@@ -3828,10 +4974,11 @@ def ensure_session(state, session):
 def _new_session(state, old, user_name, token_admin, seconds):
     now = state.config.clock()
     raw_id = secrets.token_urlsafe(32)
+    db = state.database()
     row = {"id_hash": hash_secret(raw_id), "user_name": user_name,
            "is_admin": int(token_admin), "csrf_token": secrets.token_urlsafe(32),
-           "pending": None, "created_at": utc_iso(now), "expires_at": utc_iso(now + seconds)}
-    db = state.database()
+           "pending": None, "created_at": utc_iso(now), "expires_at": utc_iso(now + seconds),
+           "admin_token_fingerprint": _admin_token_fingerprint(db) if token_admin else None}
     with transaction(db):
         if old.id_hash:  # a new id at every sign-in: a planted cookie signs no one in
             delete_session(db, old.id_hash)
@@ -3840,7 +4987,7 @@ def _new_session(state, old, user_name, token_admin, seconds):
     bottle.response.set_cookie(SESSION_COOKIE, raw_id, max_age=seconds, path="/",
                                httponly=True, samesite="lax",
                                secure=state.config.base_url.startswith("https:"))
-    return _session_view(state.config, row, user_name)
+    return _session_view(state.config, row, user_name, raw_id)
 
 
 def sign_out(state, session):
@@ -3889,7 +5036,7 @@ def header_user(config, environ):
     value = environ.get("HTTP_" + config.auth_header.upper().replace("-", "_"))
     if not value or not _address_trusted(environ.get("REMOTE_ADDR"), config.trusted_proxies):
         return None
-    return user_from_email(value)
+    return canonical_user_name(_header_text(value), user_domains(config))
 
 
 def _address_trusted(address, trusted):
@@ -3906,17 +5053,28 @@ def _address_trusted(address, trusted):
     return False
 
 
-def user_from_email(value):
-    """A user name from an e-mail address (its local part, lower case) or a plain name."""
-    return clean_user_name(value.strip().rsplit("@", 1)[0].lower() if "@" in value
-                           else value.lower())
+UNSAFE_NEXT_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
 
 def safe_next(path):
-    """A path on this server to go to after sign-in; anything else becomes '/'."""
-    if isinstance(path, str) and path.startswith("/") and not path.startswith(("//", "/\\")):
-        return path
-    return "/"
+    """A path on this server to go to after sign-in; anything else becomes '/'.
+
+    Parsed, not pattern-matched: no scheme, no host, one leading '/', and no
+    backslash, whitespace or control character even once percent-decoded
+    (browsers drop tabs and newlines and read '\\' as '/', so '/%09/evil.example'
+    or '/\\evil.example' would leave llimit).
+    """
+    if not isinstance(path, str) or not path.startswith("/"):
+        return "/"
+    try:
+        parts = urllib.parse.urlsplit(path)
+    except ValueError:
+        return "/"
+    decoded = urllib.parse.unquote(path)
+    if (parts.scheme or parts.netloc or decoded.startswith("//") or "\\" in decoded
+            or UNSAFE_NEXT_CHAR.search(decoded)):
+        return "/"
+    return path
 
 
 class OidcClient:
@@ -4050,21 +5208,24 @@ def _origin(url):
     return "/".join(url.split("/", 3)[:3])
 
 
-def user_from_claims(claims, allowed_domains):
+def user_from_claims(claims, allowed_domains, domains):
     """The user name of verified ID token claims; 403 outside the allowed e-mail domains."""
     email = claims.get("email")
-    if not isinstance(email, str) or "@" not in email:
-        # compat: Entra ID often sends the e-mail only as preferred_username (or upn).
+    if "email" not in claims:
+        # compat: Entra ID often sends the e-mail only as preferred_username (or upn),
+        # names its tenant issues and vouches for, without email_verified.
         email = next((claims[name] for name in ("preferred_username", "upn")
                       if isinstance(claims.get(name), str) and "@" in claims[name]), None)
-    if email is None or claims.get("email_verified") is False:
+    elif claims.get("email_verified") is not True:  # exactly JSON true: not "true", not absent
+        email = None
+    if not isinstance(email, str) or "@" not in email:
         raise LlimitError(403, "sign_in_failed",
                           "Sign-in failed: the provider sent no verified e-mail address.")
     domain = email.rsplit("@", 1)[1].lower()
     if allowed_domains and domain not in {d.lower().lstrip("@") for d in allowed_domains}:
         raise LlimitError(403, "sign_in_failed",
                           f"Accounts of {domain} may not sign in to this llimit.")
-    user_name = user_from_email(email)
+    user_name = canonical_user_name(email, domains)
     if not user_name:
         raise LlimitError(403, "sign_in_failed", "Sign-in failed: the e-mail has no user part.")
     return user_name
@@ -4093,9 +5254,11 @@ def parse_json_body(body, environ):
     """The JSON object a POST carries, {} when there is none; 400 when it is broken."""
     if not body:
         return {}
-    content_type = environ.get("CONTENT_TYPE", "")
-    if "json" not in content_type and body[:1] not in (b"{", b"["):
-        return {}  # multipart uploads (audio, files) pass through unread
+    # Whatever the Content-Type says (text/plain, Application/JSON), a body that
+    # reads as JSON is JSON to the upstream; multipart uploads pass through unread.
+    if "json" not in environ.get("CONTENT_TYPE", "").lower() \
+            and body.lstrip()[:1] not in (b"{", b"["):
+        return {}
     try:
         payload = json.loads(body)
     except RecursionError:
@@ -4119,14 +5282,213 @@ class Call:
     user_name: str | None
     key_id: str
     limit_message: str | None
-    model: str | None
-    prompt_estimate: int
-    need: list                      # worst case [requests, tokens, nusd]
-    strict: bool                    # the call bounds its output tokens
+    model: str | None               # as asked for (an Azure deployment name, say)
+    worst: WorstCase                # what it may cost; reserved against the limits
     admission: Admission | None = None
     upstream_ms: float = 0.0
     method: str = ""
     path: str = ""                  # as the client sent it, percent-encoded
+    route: object = None            # the RouteMatch the call falls under
+    owner: str = ""                 # whose objects the caller may see (owner_of)
+    owned_row: object = None        # the owned_objects row of the object the path names
+
+
+# --- route policy ---------------------------------------------------------------
+# Every upstream route has a class, decided by method and path (what follows
+# /v1/, /openai/, /openai/v1/ or a deployment), never by what an answer holds:
+#   generate    forwarded, metered from the parsed answer, counted against limits
+#   lookup      forwarded, never charged, only for objects the caller owns
+#   async       a job billed later: only with the project's allow_async; charged
+#               once, when an answer shows its final usage
+#   credential  mints a credential usable without llimit: refused
+# Anything not listed is refused. Actions: "create" records the answer's id as
+# the caller's object, "own" lets only its owner name the object in the path,
+# "list" filters a list answer down to the caller's own objects.
+
+ROUTE_TABLE = (
+    # (method, path template, class, action, object kind)
+    ("POST", "chat/completions", "generate", "create", "chat_completion"),  # with store: true
+    ("POST", "completions", "generate", None, None),
+    ("POST", "responses", "generate", "create", "response"),  # background: true is async
+    ("POST", "embeddings", "generate", None, None),
+    ("POST", "moderations", "generate", None, None),
+    ("POST", "images/generations", "generate", None, None),
+    ("POST", "images/edits", "generate", None, None),
+    ("POST", "images/variations", "generate", None, None),
+    ("POST", "audio/speech", "generate", None, None),
+    ("POST", "audio/transcriptions", "generate", None, None),
+    ("POST", "audio/translations", "generate", None, None),
+    ("POST", "messages", "generate", None, None),
+    ("GET", "models", "lookup", None, None),
+    ("GET", "models/{id}", "lookup", None, None),
+    ("POST", "messages/count_tokens", "lookup", None, None),
+    ("POST", "responses/input_tokens", "lookup", None, None),
+    ("GET", "responses/{id}", "lookup", "own", "response"),
+    ("DELETE", "responses/{id}", "lookup", "own", "response"),
+    ("POST", "responses/{id}/cancel", "lookup", "own", "response"),
+    ("GET", "responses/{id}/input_items", "lookup", "own", "response"),
+    ("GET", "chat/completions", "lookup", "list", "chat_completion"),
+    ("GET", "chat/completions/{id}", "lookup", "own", "chat_completion"),
+    ("POST", "chat/completions/{id}", "lookup", "own", "chat_completion"),
+    ("DELETE", "chat/completions/{id}", "lookup", "own", "chat_completion"),
+    ("GET", "chat/completions/{id}/messages", "lookup", "own", "chat_completion"),
+    ("GET", "files", "lookup", "list", "file"),
+    ("POST", "files", "lookup", "create", "file"),
+    ("GET", "files/{id}", "lookup", "own", "file"),
+    ("DELETE", "files/{id}", "lookup", "own", "file"),
+    ("GET", "files/{id}/content", "lookup", "own", "file"),
+    ("GET", "vector_stores", "lookup", "list", "vector_store"),
+    ("POST", "vector_stores", "lookup", "create", "vector_store"),
+    ("GET", "vector_stores/{id}", "lookup", "own", "vector_store"),
+    ("POST", "vector_stores/{id}", "lookup", "own", "vector_store"),
+    ("DELETE", "vector_stores/{id}", "lookup", "own", "vector_store"),
+    ("GET", "vector_stores/{id}/files", "lookup", "own", "vector_store"),
+    ("POST", "vector_stores/{id}/files", "lookup", "own", "vector_store"),
+    ("GET", "vector_stores/{id}/files/{file}", "lookup", "own", "vector_store"),
+    ("DELETE", "vector_stores/{id}/files/{file}", "lookup", "own", "vector_store"),
+    ("GET", "vector_stores/{id}/files/{file}/content", "lookup", "own", "vector_store"),
+    ("GET", "batches", "lookup", "list", "batch"),
+    ("GET", "batches/{id}", "lookup", "own", "batch"),
+    ("POST", "batches/{id}/cancel", "lookup", "own", "batch"),
+    ("GET", "messages/batches", "lookup", "list", "message_batch"),
+    ("GET", "messages/batches/{id}", "lookup", "own", "message_batch"),
+    ("GET", "messages/batches/{id}/results", "lookup", "own", "message_batch"),
+    ("POST", "messages/batches/{id}/cancel", "lookup", "own", "message_batch"),
+    ("DELETE", "messages/batches/{id}", "lookup", "own", "message_batch"),
+    ("GET", "fine_tuning/jobs", "lookup", "list", "fine_tuning_job"),
+    ("GET", "fine_tuning/jobs/{id}", "lookup", "own", "fine_tuning_job"),
+    ("GET", "fine_tuning/jobs/{id}/events", "lookup", "own", "fine_tuning_job"),
+    ("GET", "fine_tuning/jobs/{id}/checkpoints", "lookup", "own", "fine_tuning_job"),
+    ("POST", "fine_tuning/jobs/{id}/cancel", "lookup", "own", "fine_tuning_job"),
+    ("POST", "batches", "async", "create", "batch"),
+    ("POST", "messages/batches", "async", "create", "message_batch"),
+    ("POST", "fine_tuning/jobs", "async", "create", "fine_tuning_job"),
+    ("POST", "realtime/client_secrets", "credential", None, None),
+    ("POST", "realtime/sessions", "credential", None, None),
+    ("POST", "realtime/transcription_sessions", "credential", None, None),
+)
+# Final states whose answer carries an async object's final usage.
+BATCH_FINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
+RESPONSE_FINAL_STATUSES = ("completed", "failed", "incomplete", "cancelled")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteMatch:
+    """The class of one call's route, and the object its path names."""
+    name: str                       # "GET batches/{id}", or the path for a refused route
+    cls: str                        # generate | lookup | async | credential | refused
+    action: str | None = None       # create | own | list
+    kind: str | None = None         # the object kind (owned_objects.kind)
+    object_id: str | None = None
+
+
+def _route_tables():
+    static, dynamic = {}, []
+    for method, template, cls, action, kind in ROUTE_TABLE:
+        route = RouteMatch(f"{method} {template}", cls, action, kind)
+        if "{" not in template:
+            static[(method, template)] = route
+            continue
+        pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: rf"(?P<{m[1]}>[^/]+)",
+                         re.escape(template))
+        dynamic.append((method, re.compile(pattern), route))
+    return static, dynamic
+
+
+STATIC_ROUTES, DYNAMIC_ROUTES = _route_tables()
+
+
+def match_route(method, path, payload):
+    """The RouteMatch of a call: one dict look-up for the generation routes."""
+    route = STATIC_ROUTES.get((method, path))
+    if route is None:
+        for route_method, pattern, candidate in DYNAMIC_ROUTES:
+            match = route_method == method and pattern.fullmatch(path)
+            if match:
+                route = dataclasses.replace(candidate, object_id=match["id"])
+                break
+        else:
+            return RouteMatch(f"{method} {path}", "refused")
+    if route.kind == "response" and route.action == "create":
+        if payload.get("background") is True:
+            return dataclasses.replace(route, cls="async")
+        if payload.get("store") is False:
+            return dataclasses.replace(route, action=None)
+    if route.kind == "chat_completion" and route.action == "create" \
+            and payload.get("store") is not True:
+        return dataclasses.replace(route, action=None)
+    return route
+
+
+def owner_of(key):
+    """Whose objects a key's calls make and see: its user's, or the key's own."""
+    return "u:" + key["user_name"] if key["user_name"] else "k:" + key["id"]
+
+
+def _refuse_route(route, key, environ, payload):
+    name = f"{environ['REQUEST_METHOD']} {logged_path(environ)}"
+    if route.cls == "refused":
+        reason = ("llimit forwards only routes whose cost it can meter (README, Metering), and"
+                  " this is not one of them; no setting enables it")
+    elif route.cls == "credential":
+        reason = ("it mints a credential that is used without llimit, so its spend could not"
+                  " be metered; no setting enables it")
+    elif route.kind == "fine_tuning_job" and route.cls == "async":
+        reason = ("llimit has no training price to charge a fine-tuning job with, so it is"
+                  " refused even where a project allows async jobs")
+    elif route.cls == "async" and not key["allow_async"]:
+        reason = ("it starts a job that is billed later (a batch or a background response);"
+                  " an admin can allow such jobs for this key's project with"
+                  " allow_async: true")
+    elif route.cls == "async" and payload.get("stream") is True:
+        reason = "a background response cannot be streamed through llimit; poll it instead"
+    elif route.name == "GET responses/{id}" and "stream=true" in \
+            environ.get("QUERY_STRING", "").lower():
+        reason = "resuming a background response's stream is not metered; poll it instead"
+    else:
+        return
+    raise LlimitError(403, "permission_denied", f"{name} is not allowed through llimit: "
+                      f"{reason}.", code="route_not_allowed")
+
+
+def _referenced_ids(payload):
+    # Ids a request body points the upstream at: they must be the caller's too.
+    ids = [payload.get(field) for field in ("previous_response_id", "input_file_id", "file_id")]
+    file_ids = payload.get("file_ids")
+    if isinstance(file_ids, list):
+        ids += file_ids
+    return [object_id for object_id in ids if isinstance(object_id, str) and object_id]
+
+
+def _check_ownership(db, route, project_id, owner, method, payload):
+    """The owned row of the object the path names; 404 for anybody else's object.
+
+    Only object routes (and bodies that name an object) read the database:
+    one primary-key look-up each.
+    """
+    row = None
+    if route.action == "own":
+        row = get_owned_object(db, route.object_id)
+        _must_own(row, route.object_id, project_id, owner)
+        if method == "DELETE" and row["async"] and row["charged_ms"] is None:
+            raise LlimitError(409, "invalid_request_error",
+                              f"{route.object_id} has not been charged yet; fetch it once it"
+                              " has finished (or cancel it), then delete it.",
+                              code="object_not_settled")
+    for object_id in _referenced_ids(payload):
+        referenced = get_owned_object(db, object_id)
+        _must_own(referenced, object_id, project_id, owner)
+        if referenced["async"] and referenced["charged_ms"] is None:
+            raise LlimitError(409, "invalid_request_error",
+                              f"{object_id} has not been charged yet; fetch it once it has"
+                              " finished, then use it.", code="object_not_settled")
+    return row
+
+
+def _must_own(row, object_id, project_id, owner):
+    if row is None or row["owner"] != owner or row["project_id"] != project_id:
+        raise LlimitError(404, "invalid_request_error", f"No such object: {object_id}.",
+                          code="not_found")
 
 
 def proxy_v1(state, path):
@@ -4139,52 +5501,114 @@ def proxy_azure(state, deployment, path):
     return _proxy(state, path, deployment=deployment)
 
 
-def _proxy(state, path, deployment=None):
+def proxy_azure_v1(state, path):
+    """/openai/v1/<path>: Azure's GA v1 routes (AzureOpenAI with a .../openai/v1/ base URL)."""
+    return _proxy(state, path, azure_v1=True)
+
+
+def proxy_azure_plain(state, path):
+    """/openai/<path>: Azure routes outside a deployment (/openai/responses, files, batches)."""
+    return _proxy(state, path)
+
+
+CONFIG_MOVED_ATTEMPTS = 5  # admissions tried while keys and limits keep changing under a call
+
+
+def _proxy(state, path, deployment=None, azure_v1=False):
     started = time.perf_counter()
     config = state.config
     environ = bottle.request.environ
     db = state.database()
-    key = requested_model = None
+    key = None
     try:
-        key = authenticate_call(state, environ)
-        body = read_body(environ, config.max_body_bytes)
-        payload = parse_json_body(body, environ)
-        requested_model = deployment or _text(payload.get("model"))
-        _check_model_allowed(key, requested_model)
-        upstream = resolve_upstream(key, config)
-        environ["llimit.dialect"] = upstream.kind  # llimit's own errors speak it too
-        body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
-        # The URL first: a path it refuses must not leave a reservation behind.
-        url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
-                           requested_model)
-        call = _new_call(state, key, environ, payload, body, path, requested_model, started)
-        call.admission = state.limits.admit(
-            db, call, state.limits.for_call(db, key["config_version"], call.project_id,
-                                            call.user_name, call.key_id),
-            state.writer.healthy)
+        if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            raise LlimitError(501, "not_implemented",
+                              "WebSocket upgrades (such as the Realtime API) are not supported:"
+                              " llimit could not meter them.", code="websocket_not_supported")
+        key = authenticate_call(state, environ, state.versions_checked_by_admission)
+        received = read_body(environ, config.max_body_bytes)
+        for attempt in range(CONFIG_MOVED_ATTEMPTS):
+            try:
+                call, upstream, url, body, payload, rewritten, hide_usage_chunk = _admit_call(
+                    state, db, environ, key, received, path, deployment, azure_v1, started)
+                break
+            except ConfigMoved as moved:
+                # Keys, projects or limits changed since the key was read (on any
+                # instance): read them again and decide afresh.
+                if attempt == CONFIG_MOVED_ATTEMPTS - 1:
+                    raise LlimitError(503, "service_unavailable", "Keys and limits are being"
+                                      " changed right now; try again shortly.") from None
+                state.keys.advance(moved.version)
+                key = authenticate_call(state, environ, state.versions_checked_by_admission)
     except DatabaseUnavailable:
         # Fail closed: with no ledger, no call can be checked against its limits.
         log.exception("proxy: the database does not answer")
         error = _ledger_unavailable()
-        _log_refused(environ, error.status, started, key, requested_model)
+        _log_refused(environ, error.status, started, key, environ.get("llimit.model"))
         raise error from None
     except LlimitError as error:
-        _log_refused(environ, error.status, started, key, requested_model)
+        _log_refused(environ, error.status, started, key, environ.get("llimit.model"))
         raise
     sent = time.perf_counter()
     try:
-        headers = upstream_headers(environ, upstream, state.user_header_names)
+        headers = upstream_headers(environ, upstream)
+        if rewritten:
+            headers["content-type"] = "application/json"  # what we send is JSON we wrote
         resp = send_upstream(state.pool, environ["REQUEST_METHOD"], url, headers, body)
+        del body, payload  # a large body is not held while the answer is relayed
     except BaseException as error:
         # Metered even so: one event per call, and it releases the reservation.
         call.upstream_ms = (time.perf_counter() - sent) * 1000
         status = error.status if isinstance(error, LlimitError) else 500
-        _meter(state, call, status, None, None, "unpriced", stream=False, wait=False)
+        # Nothing was served when the upstream could not be reached; a timeout may have cost.
+        _meter(state, call, status, None, None, "free" if status == 502 else "unpriced",
+               stream=False, wait=False)
         raise
     call.upstream_ms = (time.perf_counter() - sent) * 1000
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
         return _relay_stream(state, call, resp, upstream.kind, hide_usage_chunk)
-    return _relay_whole(state, call, resp)
+    return _relay_whole(state, call, resp, upstream)
+
+
+def _admit_call(state, db, environ, key, received, path, deployment, azure_v1, started):
+    # Everything decided about a call before it goes upstream, from its key
+    # row and body: (call, upstream, url, body to send, payload, rewritten?,
+    # hide the usage chunk?). Raises LlimitError, or ConfigMoved (PostgreSQL)
+    # when the key row is older than the database's config.
+    config = state.config
+    body = received
+    payload = parse_json_body(body, environ)
+    route = match_route(environ["REQUEST_METHOD"], path, payload)
+    _refuse_route(route, key, environ, payload)
+    upstream = resolve_upstream(key, config)
+    environ["llimit.dialect"] = upstream.kind  # llimit's own errors speak it too
+    requested_model = _check_models(key, payload, deployment, upstream.kind)
+    if requested_model is None:  # a multipart upload (audio) names it in a form field
+        requested_model = multipart_field(body, environ.get("CONTENT_TYPE", ""), "model")
+    environ["llimit.model"] = requested_model  # for the log line of a refusal
+    owner = owner_of(key)
+    owned_row = _check_ownership(db, route, key["project_id"], owner,
+                                 environ["REQUEST_METHOD"], payload)
+    sent_body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
+    rewritten, body = sent_body is not body, sent_body
+    # The URL first: a path it refuses must not leave a reservation behind.
+    url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
+                       requested_model, azure_v1)
+    call = _new_call(state, key, environ, payload, body, path, requested_model, started)
+    call.route, call.owner, call.owned_row = route, owner, owned_row
+    if route.cls != "generate":
+        call.worst.priced = True  # a look-up costs nothing; async work is charged when done
+    # A look-up is never charged nor refused by limits; it is admitted with
+    # none, which on PostgreSQL still checks the config version.
+    limits = [] if route.cls == "lookup" else state.limits.for_call(
+        db, key["config_version"], call.project_id, call.user_name, call.key_id)
+    state.slots.take(call.key_id, call.user_name)  # given back when the call is metered
+    try:
+        call.admission = state.limits.admit(db, call, limits, state.writer.healthy)
+    except BaseException:
+        state.slots.give_back(call.key_id, call.user_name)
+        raise
+    return call, upstream, url, body, payload, rewritten, hide_usage_chunk
 
 
 def _rewrite_body(payload, body, path, deployment, kind):
@@ -4197,12 +5621,19 @@ def _rewrite_body(payload, body, path, deployment, kind):
         payload["model"] = deployment  # compat: Azure clients name the model in the URL
         changed = True
     hide_usage_chunk = False
-    streams_usage = path in ("chat/completions", "completions") and kind != "anthropic"
+    # Anthropic's OpenAI-compatible chat/completions honours stream_options too.
+    streams_usage = path == "chat/completions" or (path == "completions" and kind != "anthropic")
     if payload.get("stream") is True and streams_usage:
         # OpenAI sends usage in a stream only when include_usage is set.
         options = payload.get("stream_options")
         options = options if isinstance(options, dict) else {}
         if options.get("include_usage") is not True:
+            if not changed and "stream_options" not in payload and body.rstrip().endswith(b"}"):
+                # Spliced onto the client's bytes: re-serialising a 32 MB body would
+                # hold two more copies of it (text and bytes) at once.
+                end = len(body.rstrip()) - 1
+                return b"".join((memoryview(body)[:end],
+                                 b', "stream_options": {"include_usage": true}}')), True
             payload["stream_options"] = {**options, "include_usage": True}
             changed = hide_usage_chunk = True
     return (json.dumps(payload).encode() if changed else body), hide_usage_chunk
@@ -4210,6 +5641,31 @@ def _rewrite_body(payload, body, path, deployment, kind):
 
 def _text(value):
     return value if isinstance(value, str) and value else None
+
+
+def _check_models(key, payload, deployment, kind):
+    """The model the upstream will use; 403 unless the key may use every model named.
+
+    A deployment in the URL and a model in the body may differ: an Azure
+    upstream acts on the deployment, any other on the body's model, so both
+    are checked against the key's allow-list.
+    """
+    body_model = _client_model(_text(payload.get("model")))
+    deployment = _client_model(deployment)
+    for model in {deployment, body_model} - {None} or {None}:
+        _check_model_allowed(key, model)
+    if kind == "azure":
+        return deployment or body_model
+    return body_model or deployment
+
+
+def _client_model(model):
+    # A model name is stored, logged and a metric label: bounded before any of that.
+    if model is not None and len(model) > MAX_MODEL_NAME:
+        raise LlimitError(400, "invalid_request_error",
+                          f"The model name is longer than {MAX_MODEL_NAME} characters.",
+                          code="model_name_too_long")
+    return model
 
 
 def _check_model_allowed(key, model):
@@ -4225,24 +5681,15 @@ def _check_model_allowed(key, model):
 
 
 def _new_call(state, key, environ, payload, body, path, model, started):
-    user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers)
-    max_output = next((payload[name] for name in
-                       ("max_tokens", "max_completion_tokens", "max_output_tokens")
-                       if isinstance(payload.get(name), int) and payload[name] >= 0), None)
-    # About 3 bytes of request JSON per token errs high, which is the safe side.
-    prompt_estimate = len(body) // 3
-    output = state.config.default_max_tokens if max_output is None else max_output
-    n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 0) > 1 else 1
-    tokens = prompt_estimate + output * n
-    resolved = state.pricebook.resolve(model)
-    cost = cost_nusd(Usage(prompt_tokens=prompt_estimate, completion_tokens=output * n),
-                     resolved[1]) if resolved else 0
+    user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers,
+                                             state.user_domains)
+    config = state.config
+    worst = worst_case(state.pricebook, _mapped_model(key, model), payload, body,
+                       config.default_max_tokens, config.default_max_input_tokens, path)
     return Call(request_id=secrets.token_hex(6), started=started, endpoint=path[:100],
                 key=key, project_id=key["project_id"], user_name=user_name, key_id=key["id"],
-                limit_message=key["limit_message"], model=model,
-                prompt_estimate=prompt_estimate, need=[1, tokens, cost],
-                strict=max_output is not None, method=environ["REQUEST_METHOD"],
-                path=logged_path(environ))
+                limit_message=key["limit_message"], model=model, worst=worst,
+                method=environ["REQUEST_METHOD"], path=logged_path(environ))
 
 
 def logged_path(environ):
@@ -4253,9 +5700,14 @@ def logged_path(environ):
 def _pricing_model(call, reported_model):
     # Azure may report no model; the admin's deployment map, then the name asked for.
     if reported_model:
-        return reported_model
-    model_map = json.loads(call.key["model_map"]) if call.key["model_map"] else {}
-    return model_map.get(call.model) or call.model
+        return reported_model[:MAX_MODEL_NAME]
+    return _mapped_model(call.key, call.model)
+
+
+def _mapped_model(key, model):
+    # An Azure deployment name is priced (and reserved) as the model the project maps it to.
+    model_map = json.loads(key["model_map"]) if key["model_map"] else {}
+    return model_map.get(model) or model
 
 
 # One line per call; JSON lines take the fields from the record's `call_fields`.
@@ -4290,8 +5742,17 @@ def _log_refused(environ, status_code, started, key=None, model=None):
 
 
 def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=True,
-           overhead_ms=None):
-    """Record one call's usage event; with `wait`, until it is committed."""
+           overhead_ms=None, owned=()):
+    """Record one call's usage event and free its CallSlots slot; with `wait`, until it
+    is committed: False when LLIMIT_COMMIT_WAIT_SECONDS passed first.
+
+    Only a generation is charged; a look-up, an async job's creation (charged
+    when it ends) and an upstream's refusal cost nothing and are stored as
+    'free'. Look-ups count toward no limit.
+    """
+    generate = call.route is None or call.route.cls == "generate"
+    if not generate or (status_code >= 400 and usage is None and pricing_status != "estimated"):
+        pricing_status, usage = "free", None
     elapsed_ms = (time.perf_counter() - call.started) * 1000
     if overhead_ms is None:
         overhead_ms = max(elapsed_ms - call.upstream_ms, 0.0)
@@ -4300,22 +5761,38 @@ def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=
         user_name=call.user_name, project_id=call.project_id,
         model=_pricing_model(call, model), endpoint=call.endpoint, status_code=status_code,
         stream=stream, latency_ms=elapsed_ms, overhead_ms=overhead_ms,
-        subjects=call_subjects(call.project_id, call.user_name, call.key_id),
-        reservation=call.admission)
-    price_event(event, usage, state.pricebook, pricing_status)
+        subjects=(call_subjects(call.project_id, call.user_name, call.key_id)
+                  if call.route is None or call.route.cls != "lookup" else ()),
+        reservation=call.admission, owned=owned)
+    usd_bound = call.admission is not None and call.admission.usd_bound
+    if 200 <= status_code < 300:
+        usage = with_request_usage(usage, call.worst.asked)
+        if usage is not None and pricing_status == "unpriced":
+            pricing_status = "priced"  # billed by what the request asked for, exactly
+    price_event(event, usage, state.pricebook, pricing_status,
+                worst=call.worst if usd_bound and 200 <= status_code < 300 else None)
     state.writer.submit(event)
     state.metrics.observe_call(event, call.upstream_ms)
     _log_call(call.request_id, call.method, call.path, call.key_id, call.user_name,
               call.project_id, event.model, status_code, event.prompt_tokens,
               event.completion_tokens, nusd_to_usd(event.cost_nusd), event.pricing,
               round(elapsed_ms, 1), round(overhead_ms, 2), stream)
-    if wait and not event.done.wait(COMMIT_WAIT_SECONDS):
-        log.error("usage of request_id=%s not yet committed after %ss; it stays queued",
-                  call.request_id, COMMIT_WAIT_SECONDS)
-    return event
+    try:
+        if wait and not event.done.wait(state.config.commit_wait_seconds):
+            log.error("usage of request_id=%s not yet committed after %ss; it stays queued,"
+                      " and the client gets 503 instead of the answer", call.request_id,
+                      state.config.commit_wait_seconds)
+            return False
+        return True
+    finally:
+        state.slots.give_back(call.key_id, call.user_name)
 
 
-def _relay_whole(state, call, resp):
+LEDGER_UNAVAILABLE = ("The usage ledger could not record this call in time, so its answer is"
+                      " withheld (the usage is still counted). Try again shortly.")
+
+
+def _relay_whole(state, call, resp, upstream):
     before_body = time.perf_counter()
     try:
         content = read_upstream_body(resp)
@@ -4324,11 +5801,37 @@ def _relay_whole(state, call, resp):
         _meter(state, call, error.status, None, None, "unpriced", stream=False, wait=False)
         raise
     call.upstream_ms += (time.perf_counter() - before_body) * 1000
-    model, usage = usage_from_response_body(content)
-    _meter(state, call, resp.status, model, usage,
-           "priced" if usage is not None else "unpriced", stream=False)
+    route = call.route
+    if route.cls != "lookup" and route.action != "list":
+        answer = response_fields(content)  # what metering needs, cheap on large answers
+    else:
+        answer = parse_response_json(content) if route.action is not None else None
+    model, usage = usage_from_body(answer)
+    object_id = answer.get("id") if isinstance(answer, dict) else None
+    owned = list(_created_objects(call, resp.status, object_id))
+    if resp.status == 200 and route.action is not None:
+        if route.action == "list" and isinstance(answer, dict) \
+                and isinstance(answer.get("data"), list):
+            content = json.dumps(_own_list(state, call, answer)).encode()
+        settlement = _settlement(state, call.owned_row, answer, content,
+                                 route.name.endswith("/results"))
+        if settlement:
+            state.writer.submit(settlement)  # before the call's own event: committed first
+        if route.kind == "batch" and isinstance(answer, dict):
+            # A finished batch's result files are its owner's to read.
+            owned += _created_files(call, answer.get("output_file_id"),
+                                    answer.get("error_file_id"))
+    if not _meter(state, call, resp.status, model, usage,
+                  "priced" if usage is not None else "unpriced", stream=False, owned=owned):
+        # No answer without a durable row: a kill now would lose an answered call.
+        raise LlimitError(503, "service_unavailable", LEDGER_UNAVAILABLE,
+                          code="ledger_unavailable")
+    upstream_headers_out = client_response_headers(resp, call.admission.headers)
+    if resp.status in (401, 403):
+        content, upstream_headers_out = _upstream_auth_failure(call, resp, content, upstream,
+                                                               upstream_headers_out)
     response = bottle.HTTPResponse(body=content, status=resp.status)
-    for name, value in client_response_headers(resp, call.admission.headers):
+    for name, value in upstream_headers_out:
         response.add_header(name, value)
     for name, value in call.admission.headers.items():
         response.set_header(name, value)
@@ -4337,6 +5840,173 @@ def _relay_whole(state, call, resp):
     overhead_ms = (time.perf_counter() - call.started) * 1000 - call.upstream_ms
     response.set_header("X-LLimit-Overhead-Ms", f"{max(overhead_ms, 0.0):.2f}")
     return response
+
+
+def _created_objects(call, status_code, object_id):
+    """The owned_objects row for an object this call made, if it made one."""
+    route = call.route
+    if route.action != "create" or not 200 <= status_code < 300 \
+            or not isinstance(object_id, str) or not object_id:
+        return ()
+    return (_owned_row(call, object_id, route.kind, route.cls == "async"),)
+
+
+def _created_files(call, *file_ids):
+    return [_owned_row(call, file_id, "file", False) for file_id in file_ids
+            if isinstance(file_id, str) and file_id]
+
+
+def _owned_row(call, object_id, kind, is_async):
+    return {"object_id": object_id[:200], "kind": kind, "project_id": call.project_id,
+            "owner": call.owner, "key_id": call.key_id, "user_name": call.user_name,
+            "created_ms": int(time.time() * 1000), "async": int(is_async)}
+
+
+def _own_list(state, call, answer):
+    """A list answer with only the caller's own objects in its `data`."""
+    items = [item for item in answer["data"] if isinstance(item, dict)]
+    mine = owned_ids(state.database(), call.project_id, call.owner,
+                     [item.get("id") for item in items if isinstance(item.get("id"), str)])
+    kept = [item for item in items if item.get("id") in mine]
+    filtered = {**answer, "data": kept}
+    if "first_id" in answer or "last_id" in answer:
+        filtered["first_id"] = kept[0]["id"] if kept else None
+        filtered["last_id"] = kept[-1]["id"] if kept else None
+    return filtered
+
+
+def _settlement(state, row, answer, content, results=False):
+    """The charge events for an async object (its owned_objects `row`) that this
+    answer shows finished, once; `results`: the answer is a batch's results.
+
+    Attributed to the project, user and key that created the object; the
+    usage writer stores them only if it is the first to mark the object
+    charged (owned_objects.charged_ms), so concurrent polls charge once.
+    """
+    if row is None or not row["async"] or row["charged_ms"] is not None:
+        return []
+    found = []  # [(model, Usage)]
+    endpoint, factor = row["kind"], 1.0
+    if row["kind"] == "batch" and isinstance(answer, dict) \
+            and answer.get("status") in BATCH_FINAL_STATUSES \
+            and isinstance(answer.get("usage"), dict):
+        found = [(_text(answer.get("model")), usage_from_openai(answer["usage"]))]
+        endpoint, factor = "batches", BATCH_PRICE_FACTOR
+    elif row["kind"] == "response" and isinstance(answer, dict) \
+            and answer.get("status") in RESPONSE_FINAL_STATUSES \
+            and isinstance(answer.get("usage"), dict):
+        found = [usage_from_body(answer)]
+        endpoint = "responses"
+    elif row["kind"] == "message_batch" and results:
+        found = message_batch_usage(content)
+        endpoint, factor = "messages/batches", BATCH_PRICE_FACTOR
+    events = []
+    for model, usage in found:
+        event = UsageEvent(
+            created_ms=int(state.config.clock() * 1000), key_id=row["key_id"],
+            user_name=row["user_name"], project_id=row["project_id"], model=model,
+            endpoint=endpoint, status_code=200, stream=False,
+            subjects=call_subjects(row["project_id"], row["user_name"], row["key_id"]),
+            claim=row["object_id"])
+        events.append(price_event(event, usage, state.pricebook, "priced", factor))
+        log.info("async %s %s finished: charging key %s %s USD (once)", row["kind"],
+                 row["object_id"], row["key_id"], nusd_to_usd(event.cost_nusd))
+    return events
+# Where the sweeper asks about each kind of async object (then, once a message
+# batch has ended, its results). Jobs older than this are no longer asked about:
+# providers end batches within 24 hours and background responses sooner.
+ASYNC_OBJECT_PATHS = {"batch": "batches/{id}", "response": "responses/{id}",
+                      "message_batch": "messages/batches/{id}"}
+ASYNC_SWEEP_MAX_AGE_SECONDS = 8 * 86400
+
+
+class AsyncSweeper:
+    """Charges async jobs that finish while nobody asks about them.
+
+    A poll through llimit charges a batch or background response once it
+    shows its final usage, but the provider bills the job whether anyone
+    polls or not. So every LLIMIT_ASYNC_SWEEP_SECONDS this thread asks the
+    upstream, with the project's own key, about each job not yet charged,
+    and charges it the same way: once, as the claim on owned_objects decides.
+    """
+
+    def __init__(self, state):
+        self.state = state
+        self.interval = state.config.async_sweep_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llimit-async-sweeper",
+                                        daemon=True)
+
+    def start(self):
+        """Start sweeping (the server only; 0 seconds turns it off)."""
+        if self.interval > 0:
+            self._thread.start()
+
+    def stop(self):
+        """Stop after the current sweep."""
+        self._stop.set()
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            try:
+                self.sweep()
+            except Exception:  # a failed sweep must not end the thread: try next time
+                log.exception("async sweep failed")
+
+    def sweep(self):
+        """Ask the upstream about every job not yet charged; returns how many were charged."""
+        db = self.state.database()
+        since_ms = int((self.state.config.clock() - ASYNC_SWEEP_MAX_AGE_SECONDS) * 1000)
+        charged = 0
+        for row in list_unsettled_async_objects(db, since_ms):
+            project = get_project(db, row["project_id"])
+            if project is None or row["kind"] not in ASYNC_OBJECT_PATHS:
+                continue
+            try:
+                events = self._settle(row, resolve_upstream(project, self.state.config))
+            except LlimitError as error:
+                log.warning("async sweep: %s %s not checked: %s", row["kind"],
+                            row["object_id"], error.message)
+                continue
+            if events:
+                self.state.writer.submit(events)
+                charged += 1
+        return charged
+
+    def _settle(self, row, upstream):
+        path = ASYNC_OBJECT_PATHS[row["kind"]].format(id=urllib.parse.quote(row["object_id"]))
+        answer = parse_response_json(self._get(upstream, path))
+        if row["kind"] == "message_batch":
+            if not isinstance(answer, dict) or answer.get("processing_status") != "ended":
+                return []
+            return _settlement(self.state, row, answer, self._get(upstream, path + "/results"),
+                               results=True)
+        return _settlement(self.state, row, answer, b"")
+
+    def _get(self, upstream, path):
+        url = upstream_url(upstream, path, "")
+        resp = send_upstream(self.state.pool, "GET", url, upstream_headers({}, upstream), None)
+        content = read_upstream_body(resp)
+        return content if resp.status == 200 else b""
+
+
+def _upstream_auth_failure(call, resp, content, upstream, headers):
+    # The upstream refused llimit's own credentials: its body may show a masked
+    # form of the upstream key, so the client gets llimit's message instead, and
+    # the admin the upstream's (less the key itself) in the log.
+    text = content.decode("utf-8", "replace")
+    if upstream.key:
+        text = text.replace(upstream.key, "[upstream key]")
+    log.warning("upstream refused llimit's credentials for request_id=%s project=%s: %s %s",
+                call.request_id, call.project_id, resp.status, _logfmt(text[:2000]))
+    error = LlimitError(resp.status, "upstream_error",
+                        f"The upstream refused llimit's credentials for this project"
+                        f" ({resp.status}); llimit's admin can see why in its log.",
+                        code="upstream_auth_failed")
+    body = error.anthropic_body() if upstream.kind == "anthropic" else error.body()
+    headers = [(name, value) for name, value in headers
+               if name.lower() != "content-type"] + [("Content-Type", "application/json")]
+    return json.dumps(body).encode(), headers
 
 
 def _relay_stream(state, call, resp, kind, hide_usage_chunk):
@@ -4391,10 +6061,16 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
         resp.close()
         call.upstream_ms += (time.perf_counter() - stream_started) * 1000 - relay_ms
         complete = finished and meter.usage is not None
-        usage = meter.usage if complete else meter.estimate(call.prompt_estimate)
-        _meter(state, call, resp.status, meter.model, usage,
-               "priced" if complete else "estimated", stream=True,
-               wait=finished, overhead_ms=overhead_ms + relay_ms)
+        usage = meter.usage if complete else meter.estimate(call.worst.prompt_tokens,
+                                                            call.worst.completion_tokens)
+        committed = _meter(state, call, resp.status, meter.model, usage,
+                           "priced" if complete else "estimated", stream=True,
+                           wait=finished, overhead_ms=overhead_ms + relay_ms,
+                           owned=_created_objects(call, resp.status, meter.object_id))
+    if not committed:  # the final event only once the call is durable
+        yield sse_error_event(kind, LEDGER_UNAVAILABLE, "service_unavailable",
+                              "ledger_unavailable")
+        return
     yield from held
 
 
@@ -4712,7 +6388,7 @@ KEYS_PAGE = """<h1>Your keys</h1>
 <div class="row">
 <div><label for="project">Project</label><select id="project" name="project">
 % for project in projects:
-<option value="{{project['id']}}">{{project['name']}} ({{project['id']}})</option>
+<option value="{{project['id']}}">{{project['name']}} ({{project['id']}}{{key_caps[project['id']]}})</option>
 % end
 </select></div>
 <div><label for="note">Note <span class="muted">(what it is for)</span></label>
@@ -4935,6 +6611,11 @@ placeholder="{{project['upstream_url_in_force'] if not project['upstream_url'] e
 <label>API version</label><input name="api_version" value="{{value('api_version', project['api_version'] or '')}}">
 <label><input type="checkbox" name="allow_user_keys" value="1"{{" checked" if project['allow_user_keys'] else ""}}>
 personal keys allowed</label>
+<label><input type="checkbox" name="allow_async" value="1"{{" checked" if project['allow_async'] else ""}}>
+async jobs allowed (batches, background responses; charged when they finish)</label>
+<label>Most active personal keys per person <span class="muted">(blank: no cap)</span></label>
+<input name="max_keys_per_user" inputmode="numeric" size="4"
+value="{{'' if project['max_keys_per_user'] is None else project['max_keys_per_user']}}">
 <label>Message when a limit is reached</label>
 <input name="limit_message" value="{{value('limit_message', project['limit_message'] or '')}}" maxlength="500">
 <label>Add a budget (USD)</label>
@@ -4978,6 +6659,7 @@ value="{{typed('create_project', 'budget_usd')}}"></div>
 % end
 </select></div>
 <div><label><input type="checkbox" name="allow_user_keys" value="1" checked> personal keys</label></div>
+<div><label><input type="checkbox" name="allow_async" value="1"> async jobs</label></div>
 <button type="submit">Create project</button>
 </div>
 <p class="muted small">A stored upstream key is never shown again; <code>env:NAME</code> reads it from
@@ -5334,10 +7016,26 @@ def page(handler):
         bottle.request.environ["llimit.session"] = session  # for the error page's header
         for name, value in page_headers(_script_sources(state)).items():
             bottle.response.set_header(name, value)
-        if bottle.request.method == "POST":
-            return handler(state, session, checked_form(state, session), **url_args)
-        return handler(state, session, **url_args)
+        try:
+            if bottle.request.method == "POST":
+                return handler(state, session, checked_form(state, session), **url_args)
+            return handler(state, session, **url_args)
+        except bottle.HTTPResponse as response:
+            _own_location(state.config, response)
+            raise
     return serve_page
+
+
+def _own_location(config, response):
+    # bottle.redirect makes a path absolute with the request's Host header, which
+    # the client chooses: a redirect to one of llimit's own pages names its base URL.
+    location = response.get_header("Location")
+    if not location:
+        return
+    parts = urllib.parse.urlsplit(location)
+    if f"{parts.scheme}://{parts.netloc}" == _origin(bottle.request.url):
+        response.set_header("Location", config.base_url + urllib.parse.urlunsplit(
+            ("", "", parts.path, parts.query, parts.fragment)))
 
 
 def page_headers(script_sources):
@@ -5382,11 +7080,9 @@ def _chart_scripts(state):
 
 
 def public_base_url(config):
-    """Where people reach llimit: LLIMIT_PUBLIC_URL, else the address this request used."""
-    if config.public_url:
-        return config.public_url.rstrip("/")
-    parts = bottle.request.urlparts
-    return f"{parts.scheme}://{parts.netloc}"
+    """Where people reach llimit: LLIMIT_PUBLIC_URL, else http://HOST:PORT of the
+    config; never the request's Host header, which the client chooses."""
+    return config.base_url
 
 
 def _signed_in_user(session):
@@ -5438,7 +7134,7 @@ def page_home(state, session):
 def page_login(state, session):
     """GET /login: the sign-in form of LLIMIT_AUTH, and the admin token's."""
     config = state.config
-    session = ensure_session(state, session)
+    session = login_csrf(state, session)
     return render_page(LOGIN_PAGE, title="Sign in", session=session, auth=config.auth,
                        next_path=safe_next(bottle.request.query.get("next")),
                        auth_header=config.auth_header,
@@ -5450,20 +7146,22 @@ def page_login_post(state, session, form):
     config = state.config
     next_path = safe_next(form.get("next"))
     if form.get("admin_token"):
+        address = bottle.request.environ.get("REMOTE_ADDR", "")
         if not admin_token_matches(state.database(), form["admin_token"]):
-            log.warning("page sign-in with a wrong admin token from %s",
-                        bottle.request.environ.get("REMOTE_ADDR"))
-            raise LlimitError(401, "invalid_request_error", "That is not the admin token.",
-                              code="invalid_admin_token")
+            log.warning("page sign-in with a wrong admin token from %s", address)
+            state.auth_throttle.wrong(address, LlimitError(
+                401, "invalid_request_error", "That is not the admin token.",
+                code="invalid_admin_token"))
         sign_in(state, session, session.user_name, token_admin=True)
         bottle.redirect(next_path if next_path != "/" else "/admin", 303)
     if config.auth == "open":
-        user_name = clean_user_name(form.get("user", ""))
+        user_name = canonical_user_name(form.get("user", ""), state.user_domains)
         if not user_name:
             raise LlimitError(400, "invalid_request_error", "Type a user name to sign in.")
         sign_in(state, session, user_name)
         bottle.redirect(next_path, 303)
-    if config.auth == "oidc" and session.id_hash:
+    if config.auth == "oidc":
+        session = ensure_session(state, session)
         pending = {"state": secrets.token_urlsafe(24), "nonce": secrets.token_urlsafe(24),
                    "verifier": secrets.token_urlsafe(48), "next": next_path}
         url = state.oidc.authorization_url(_oidc_redirect_uri(config), pending)
@@ -5498,7 +7196,7 @@ def page_login_callback(state, session):
                           f"{query.get('error_description') or query.get('error')}.")
     claims = state.oidc.claims(query.get("code", ""), _oidc_redirect_uri(config), pending,
                                config.clock())
-    user_name = user_from_claims(claims, config.oidc_allowed_domains)
+    user_name = user_from_claims(claims, config.oidc_allowed_domains, state.user_domains)
     sign_in(state, session, user_name)
     log.info("page sign-in: %s by OpenID Connect", user_name)
     bottle.redirect(safe_next(pending.get("next")), 303)
@@ -5523,49 +7221,31 @@ def page_logout(state, session, form):
 
 # --- a user's keys and usage ----------------------------------------------------------
 
-class NewKeyStash:
-    """A new key's secret between the POST that made it and the one GET that shows it.
-
-    POST/redirect/GET, so a reload makes no second key: the secret waits here,
-    in memory only (never in the database), for its session's next page, for
-    a few minutes at most, and is dropped as it is shown.
-    """
-    SECONDS = 300
-    MAX_ENTRIES = 10000
-
-    def __init__(self, clock):
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._entries = {}   # session id hash -> (expires, what to show)
-
-    def put(self, session_id_hash, shown):
-        now = self.clock()
-        with self._lock:
-            self._entries = {ident: entry for ident, entry in self._entries.items()
-                             if entry[0] > now}
-            if len(self._entries) >= self.MAX_ENTRIES:
-                self._entries.pop(next(iter(self._entries)))
-            self._entries[session_id_hash] = (now + self.SECONDS, shown)
-
-    def take(self, session_id_hash):
-        """What was put for this session, once; None when nothing (or too late)."""
-        with self._lock:
-            entry = self._entries.pop(session_id_hash, None)
-        return entry[1] if entry and entry[0] > self.clock() else None
+NEW_KEY_SHOWN_SECONDS = 300  # how long a new key's secret waits for the page that shows it
 
 
 def _show_new_key_once(state, session, row, raw_key, page_path):
-    state.new_keys.put(session.id_hash, {
-        "raw_key": raw_key, "project_id": row["project_id"],
-        "owner": row["user_name"] or f"project {row['project_id']}"})
+    # POST/redirect/GET, so a reload makes no second key: the secret waits,
+    # sealed for this browser, in its session row (the GET may reach another
+    # llimit instance), and is cleared as it is shown.
+    shown = {"raw_key": raw_key, "project_id": row["project_id"],
+             "owner": row["user_name"] or f"project {row['project_id']}",
+             "until": state.config.clock() + NEW_KEY_SHOWN_SECONDS}
+    set_session_new_key(state.database(), session.id_hash,
+                        seal_for_session(session.raw_id, json.dumps(shown)))
     bottle.redirect(page_path + "#new", 303)
 
 
 def _new_key_shown(state, session):
-    shown = state.new_keys.take(session.id_hash) if session.id_hash else None
-    if shown is None:
+    if not (session.new_key_waiting and session.id_hash and session.raw_id):
         return ""
-    project = get_project(state.database(), shown["project_id"])
+    db = state.database()
+    sealed = take_session_new_key(db, session.id_hash)
+    opened = open_for_session(session.raw_id, sealed) if sealed else None
+    shown = json.loads(opened) if opened else None
+    if shown is None or shown["until"] <= state.config.clock():
+        return ""
+    project = get_project(db, shown["project_id"])
     return _new_key_html(state, project, shown["raw_key"], shown["owner"])
 
 
@@ -5579,13 +7259,14 @@ def page_keys_create(state, session, form):
     user_name = _signed_in_user(session)
     fields = validate_key_fields({"project": form.get("project") or "default",
                                   "note": form.get("note", "").strip() or None},
-                                 ("project", "note"))
+                                 ("project", "note"), state.user_domains)
     db = state.database()
     with transaction(db):
         project = get_project(db, fields["project"])
         if project is None or not project["allow_user_keys"]:
             raise LlimitError(403, "permission_denied",
                               f"The project {fields['project']!r} hands out no personal keys.")
+        check_key_cap(db, project, user_name, state.config.clock())
         row, raw_key = create_key(db, state.config.clock(), user_name, fields["project"],
                                   fields["note"])
     log.info("page: %s created key %s in project %s", user_name, row["id"], row["project_id"])
@@ -5629,6 +7310,8 @@ def _render_keys(state, session, user_name):
         KEYS_PAGE, title="Keys", session=session, scripts=[{"src": PAGES_SCRIPT_URL}],
         keys=keys, key_table=key_table(session, keys),
         projects=[row for row in list_projects(db) if row["allow_user_keys"]],
+        key_caps={row["id"]: "" if row["max_keys_per_user"] is None else
+                  f", at most {row['max_keys_per_user']} keys each" for row in list_projects(db)},
         new_key=bool(new_key_html), new_key_html=new_key_html)
 
 
@@ -5711,8 +7394,8 @@ def page_usage(state, session):
     by_day = usage_report(db, "day", start, end, user_name)["rows"]
     return render_page(
         USAGE_PAGE, title="Usage", session=session,
-        today_usd=nusd_to_usd(get_counter(db, subject, today, today)[2]),
-        month_usd=nusd_to_usd(month[2]), month_requests=month[0],
+        today_usd=nusd_to_usd(get_counter(db, subject, today, today).cost_nusd),
+        month_usd=nusd_to_usd(month.cost_nusd), month_requests=month.requests,
         limits=_user_limits(state, db, user_name, active_keys), has_keys=bool(active_keys),
         start=start, end=end, by_model=usage_report(db, "model", start, end, user_name)["rows"],
         by_day=by_day[::-1], max_day_usd=max((row["cost_usd"] for row in by_day), default=0))
@@ -6021,8 +7704,8 @@ def _render_admin(state, session, notice=None, form=None, form_error=None):
         form_error=form_error and {"message": form_error,
                                    "anchor": ADMIN_ANCHORS.get(refused, "")},
         typed=typed, error_for=error_for, key_table=key_table(session, keys, admin=True),
-        today_usd=nusd_to_usd(today_total[2]), today_requests=today_total[0],
-        month_usd=nusd_to_usd(month_total[2]), month_requests=month_total[0],
+        today_usd=nusd_to_usd(today_total.cost_nusd), today_requests=today_total.requests,
+        month_usd=nusd_to_usd(month_total.cost_nusd), month_requests=month_total.requests,
         active_keys=sum(key["active"] for key in keys), projects=projects,
         users=_admin_users(db, keys, month_start, today), keys=keys, limits=limit_rows,
         missing=missing_prices(db, book), prices=prices, upstream_kinds=UPSTREAM_KINDS,
@@ -6052,7 +7735,8 @@ def _admin_done(notice, anchor):
 def _admin_create_project(state, session, form):
     data = _project_form(form)
     data["id"] = form.get("id", "").strip()
-    create_project(state.database(), data, utc_iso(state.config.clock()))
+    create_project(state.database(), data, utc_iso(state.config.clock()),
+                   state.config.upstream_env_pattern)
     _admin_done("project_created", "projects")
 
 
@@ -6060,7 +7744,8 @@ def _admin_update_project(state, session, form):
     data = _project_form(form)
     if form.get("clear_upstream_key"):
         data["upstream_key"] = None
-    change_project(state.database(), form.get("id", ""), data, utc_iso(state.config.clock()))
+    change_project(state.database(), form.get("id", ""), data, utc_iso(state.config.clock()),
+                   state.config.upstream_env_pattern)
     _admin_done("project_saved", "projects")
 
 
@@ -6069,6 +7754,10 @@ def _project_form(form):
     data = {field: form.get(field, "").strip() or None
             for field in ("name", "upstream_url", "api_version", "limit_message")}
     data["allow_user_keys"] = form.get("allow_user_keys") == "1"
+    data["allow_async"] = form.get("allow_async") == "1"
+    if "max_keys_per_user" in form:
+        cap = form.get("max_keys_per_user", "").strip()
+        data["max_keys_per_user"] = int(cap) if cap.isdigit() else (cap or None)
     for field in ("upstream_kind", "upstream_key"):
         if form.get(field, "").strip():
             data[field] = form[field].strip()
@@ -6083,7 +7772,7 @@ def _admin_create_key(state, session, form):
         {"user": form.get("user", "").strip() or None, "project": form.get("project") or "default",
          "note": form.get("note", "").strip() or None,
          "expires_at": form.get("expires_at") or None},
-        ("user", "project", "note", "expires_at"))
+        ("user", "project", "note", "expires_at"), state.user_domains)
     db = state.database()
     with transaction(db):
         row, raw_key = create_key(db, state.config.clock(), fields["user"], fields["project"],
@@ -6114,7 +7803,7 @@ def _admin_create_limit(state, session, form):
     if form.get("alert_at", "").strip():
         data["alert_at"] = [_number(part, "alert_at") for part in form["alert_at"].split(",")
                             if part.strip()]
-    limit = validate_limit(data)
+    limit = validate_limit(data, domains=state.user_domains)
     db = state.database()
     with transaction(db):
         add_limit(db, limit, utc_iso(state.config.clock()))
@@ -6241,7 +7930,8 @@ def _created(payload):
 def admin_keys_create(state):
     """POST /admin/keys: issue a key; the secret is in this answer only."""
     fields = validate_key_fields(_json_input(),
-                                 ("user", "project", "note", "expires_at", "models"))
+                                 ("user", "project", "note", "expires_at", "models"),
+                                 state.user_domains)
     db = state.database()
     with transaction(db):
         row, raw_key = create_key(db, state.config.clock(), fields.get("user"),
@@ -6257,7 +7947,8 @@ def admin_keys_list(state):
     if active not in ("", "1", "true", "yes", "0", "false", "no"):
         raise _field_error("active", "must be true or false")  # found by the fuzzer
     db = state.database()
-    rows = list_keys(db, query.get("user") or None, query.get("project") or None,
+    rows = list_keys(db, canonical_user_name(query.get("user"), state.user_domains),
+                     query.get("project") or None,
                      utc_iso(state.config.clock()) if active in ("1", "true", "yes") else None)
     if active in ("0", "false", "no"):
         rows = [row for row in rows if row["revoked_at"] or
@@ -6275,7 +7966,8 @@ def admin_key_get(state, key_id):
 
 def admin_key_update(state, key_id):
     """PATCH /admin/keys/<id>: note, expires_at, models, user."""
-    fields = validate_key_fields(_json_input(), ("note", "expires_at", "models", "user"))
+    fields = validate_key_fields(_json_input(), ("note", "expires_at", "models", "user"),
+                                 state.user_domains)
     db = state.database()
     with transaction(db):
         row = dict(_must_exist(get_key(db, key_id), "key", key_id))
@@ -6302,7 +7994,8 @@ def admin_projects_list(state):
 
 def admin_projects_create(state):
     """POST /admin/projects, with an optional `budget` shorthand that becomes limits."""
-    project = create_project(state.database(), _json_input(), utc_iso(state.config.clock()))
+    project = create_project(state.database(), _json_input(), utc_iso(state.config.clock()),
+                             state.config.upstream_env_pattern)
     return _created(admin_project_get(state, project["id"]))
 
 
@@ -6318,7 +8011,8 @@ def admin_project_get(state, project_id):
 
 def admin_project_update(state, project_id):
     """PATCH /admin/projects/<id>"""
-    change_project(state.database(), project_id, _json_input(), utc_iso(state.config.clock()))
+    change_project(state.database(), project_id, _json_input(), utc_iso(state.config.clock()),
+                   state.config.upstream_env_pattern)
     return admin_project_get(state, project_id)
 
 
@@ -6341,7 +8035,7 @@ def admin_limits_list(state):
 
 def admin_limits_create(state):
     """POST /admin/limits"""
-    limit = validate_limit(_json_input())
+    limit = validate_limit(_json_input(), domains=state.user_domains)
     db = state.database()
     with transaction(db):
         limit_id = add_limit(db, limit, utc_iso(state.config.clock()))
@@ -6360,7 +8054,7 @@ def admin_limit_update(state, limit_id):
     db = state.database()
     with transaction(db):
         current = dict(_must_exist(get_limit(db, limit_id), "limit", limit_id))
-        update_limit(db, validate_limit(data, current))
+        update_limit(db, validate_limit(data, current, state.user_domains))
     return admin_limit_get(state, limit_id)
 
 
@@ -6448,11 +8142,19 @@ def llimit_me(state):
     db = state.database()
     environ = bottle.request.environ
     key = authenticate_call(state, environ)
-    user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers)
+    user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers,
+                                             state.user_domains)
     limits = [status for _, status in
               state.limits.statuses_for_call(db, key["project_id"], user_name, key["id"])]
+    # Spend is the user's (every key), or this key's for a project key naming no one.
+    subject = subject_of("user", user_name) if user_name else subject_of("key", key["id"])
+    now = state.config.clock()
+    today, month_start = _day(now), _day(window_bounds("month", now)[0])
     return {"user": user_name, "project": key["project_id"], "key": key["masked_key"],
-            "key_id": key["id"], "limits": limits}
+            "key_id": key["id"], "limits": limits,
+            "spend": {"today_usd": nusd_to_usd(get_counter(db, subject, today, today).cost_nusd),
+                      "month_usd": nusd_to_usd(
+                          get_counter(db, subject, month_start, today).cost_nusd)}}
 
 
 def _openapi_spec():
@@ -6497,10 +8199,14 @@ def _openapi_spec():
         **PROJECT_FIELDS["budget"].schema, "oneOf": [budget, {"type": "array", "items": budget}]}}
     project_patch = {"type": "object", "additionalProperties": False,
                      "properties": project_fields}
-    # Kinds other than openai need their own upstream_url.
+    # Kinds other than openai need their own upstream_url, and so does a project's own key.
+    without_key = {k: v for k, v in project_fields.items() if k != "upstream_key"}
     project_input = {"oneOf": [
         {**project_patch, "required": ["id"], "properties": {
-            **project_fields, "upstream_kind": {"type": "string", "enum": ["openai"]}}},
+            **without_key, "upstream_kind": {"type": "string", "enum": ["openai"]}}},
+        {**project_patch, "required": ["id", "upstream_url", "upstream_key"], "properties": {
+            **project_fields, "upstream_kind": {"type": "string", "enum": ["openai"]},
+            "upstream_url": {**project_fields["upstream_url"], "nullable": False}}},
         {**project_patch, "required": ["id", "upstream_kind", "upstream_url"], "properties": {
             **project_fields, "upstream_kind": {"type": "string", "enum": ["azure", "anthropic"]},
             "upstream_url": {**project_fields["upstream_url"], "nullable": False}}}]}
@@ -6558,13 +8264,16 @@ def _openapi_spec():
     project_out = record(
         ("id", "name", "upstream_kind", "upstream_url", "upstream_url_in_force",
          "upstream_key_set", "upstream_key_source", "api_version", "allow_user_keys",
-         "limit_message", "model_map", "created_at"),
+         "allow_async",
+         "limit_message", "model_map", "max_keys_per_user", "created_at"),
         id=string, name=string, upstream_kind=project_fields["upstream_kind"],
         upstream_url=nullable_string, upstream_url_in_force=string,
         upstream_key_set={"type": "boolean"},
         upstream_key_source=nullable_string, api_version=nullable_string,
-        allow_user_keys={"type": "boolean"}, limit_message=nullable_string,
+        allow_user_keys={"type": "boolean"}, allow_async={"type": "boolean"},
+        limit_message=nullable_string,
         model_map={"type": "object", "nullable": True, "additionalProperties": string},
+        max_keys_per_user={"type": "integer", "nullable": True},
         created_at=string, limits={"type": "array", "items": ref("Limit")})
     deleted = record(("id", "deleted"), id=string, deleted={"type": "boolean"})
     figures = {name: integer for name in ("requests", "prompt_tokens", "cached_tokens",
@@ -6576,9 +8285,18 @@ def _openapi_spec():
         rows={"type": "array", "items": record(
             figures, cost_usd=nullable_number, **figures)})
     price_out = {name: nullable_number for name in PRICE_FIELDS}
+    # A listed entry is pricing.json's: token prices (absent for a model priced only
+    # by the image, minute or character) and the fields beyond them.
+    price_table = {"type": "object", "additionalProperties": number}
+    beyond_tokens = {**{name: integer for name in SIZE_FIELDS},
+                     FINE_TUNED_FIELD: record(("input", "output"), **price_out),
+                     "cache_write_1h": number, "per_minute": number, "per_1m_characters": number,
+                     "images": price_table, "per_1k_requests": price_table,
+                     "long_context": price_table,
+                     "service_tiers": {"type": "object", "additionalProperties": price_table}}
     pricing_out = record(("models", "missing"), missing={"type": "array", "items": string},
                          models={"type": "object", "additionalProperties": record(
-                             ("input", "output", "source"), source=string, **price_out)})
+                             ("source",), source=string, **price_out, **beyond_tokens)})
     price_set = record(("model", "input", "output"), model=string, **price_out)
     repriced = record(("events", "changed"), events=integer, changed=integer)
 
@@ -6665,6 +8383,9 @@ LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 300
                       120000)
 
 
+METRICS_MAX_MODELS = 200
+
+
 class Metrics:
     """In-process counters behind /metrics (Prometheus text format); thread-safe."""
 
@@ -6677,11 +8398,18 @@ class Metrics:
         self.latency_sum_ms = 0.0
         self.latency_count = 0
         self.rejections = {}       # error type -> count
+        self.models = set()        # model label values in use, at most METRICS_MAX_MODELS
 
     def observe_call(self, event, upstream_ms):
         """Count one metered call."""
         project, model = event.project_id or "", event.model or ""
         with self._lock:
+            if model not in self.models:
+                # Model names come from clients: past the bound they share one label.
+                if len(self.models) < METRICS_MAX_MODELS:
+                    self.models.add(model)
+                else:
+                    model = "other"
             key = (project, model, str(event.status_code))
             self.calls[key] = self.calls.get(key, 0) + 1
             for kind, count in (("prompt", event.prompt_tokens),
@@ -6719,8 +8447,10 @@ def ops_metrics(state):
     token = state.config.metrics_token
     if token:
         authorization = bottle.request.environ.get("HTTP_AUTHORIZATION", "")
-        if not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
-            raise LlimitError(401, "invalid_request_error", "This needs the metrics token.")
+        if not secrets_match(authorization, f"Bearer {token}"):
+            state.auth_throttle.wrong(
+                bottle.request.environ.get("REMOTE_ADDR", ""),
+                LlimitError(401, "invalid_request_error", "This needs the metrics token."))
     bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
     return render_metrics(state.metrics, len(state.streams), state.writer.depth())
 
@@ -6789,6 +8519,8 @@ class State:
         self.config = config
         self.database = open_database(config.db_path, pool_size=min(config.threads, 16))
         migrate(self.database())
+        self.user_domains = user_domains(config)
+        apply_identity_rule(self.database(), self.user_domains)
         self.file_prices = load_price_file(config.pricing_path)
         self.pricebook = Pricebook(self.file_prices, list_price_overrides(self.database()))
         self.metrics = Metrics()
@@ -6797,6 +8529,10 @@ class State:
                                        or config.upstream_timeout + 60)
         else:
             self.limits = Limits(self.database, config.clock)
+        # PostgreSQL: a proxied call's one statement checks the config version too.
+        self.versions_checked_by_admission = isinstance(self.limits, SharedLimits)
+        self.slots = CallSlots(config.max_concurrent_per_key, config.max_concurrent_per_user,
+                               config.threads - RESERVED_THREADS)
         self.auth_throttle = AuthThrottle(config.clock)
         self.keys = KeyCache()
         self.alerts = AlertSender(self.database, config.alert_webhook)
@@ -6804,13 +8540,12 @@ class State:
                                   self.alerts.record)
         self.pool = UpstreamPool(config.threads, config.connect_timeout, config.upstream_timeout)
         self.streams = OpenStreams()
-        self.user_header_names = frozenset(header.lower() for header in config.user_headers)
         self.openapi = _openapi_spec()
         self.oidc = OidcClient(config) if config.auth == "oidc" else None
         if config.chartjs and not os.path.isfile(config.chartjs):
             raise ValueError(f"LLIMIT_CHARTJS names no file: {config.chartjs}")
         self.chartjs_path = chartjs_file(config)
-        self.new_keys = NewKeyStash(config.clock)
+        self.sweeper = AsyncSweeper(self)
         self.generated_admin_token = None
 
     def start(self):
@@ -6821,6 +8556,7 @@ class State:
         """
         self.writer.start()
         self.alerts.start()
+        self.sweeper.start()
         return self
 
     def reload_prices(self):
@@ -6829,10 +8565,14 @@ class State:
 
     def close(self):
         """Write all queued usage and close upstream connections; False if usage is left."""
+        self.sweeper.stop()
         written = self.writer.close()
         self.pool.close()
         self.database.close()
         return written
+
+
+RESERVED_THREADS = 4  # worker threads proxied calls leave to /healthz and the pages
 
 
 def _is_json_path(path):
@@ -6923,6 +8663,8 @@ def routes():
         # the proxy
         ("ANY", "/v1/<path:path>", proxy_v1),
         ("ANY", "/openai/deployments/<deployment>/<path:path>", proxy_azure),
+        ("ANY", "/openai/v1/<path:path>", proxy_azure_v1),
+        ("ANY", "/openai/<path:path>", proxy_azure_plain),
         ("GET", "/llimit/me", llimit_me),
         # the admin API
         ("POST", "/admin/keys", admin(admin_keys_create)),
@@ -6971,11 +8713,16 @@ def routes():
     ]
 
 
-def make_app(config, state=None):
-    """The WSGI app of llimit for a Config; its State is `app.llimit`."""
+def make_app(config, state=None, ensure_token=True):
+    """The WSGI app of llimit for a Config; its State is `app.llimit`.
+
+    `ensure_token=False` leaves the admin token to the caller (`serve` writes it
+    only once it has its port).
+    """
     state = state or State(config)
-    with transaction(state.database()) as db:
-        state.generated_admin_token = ensure_admin_token(db, config.admin_token)
+    if ensure_token:
+        with transaction(state.database()) as db:
+            state.generated_admin_token = ensure_admin_token(db, config.admin_token)
     app = bottle.Bottle()
     app.config["catchall"] = False  # ErrorPlugin answers; a crash must not turn into HTML
     app.llimit = state
@@ -7075,19 +8822,13 @@ def serve(config):
     """Run the server until SIGTERM or Ctrl-C; open streams may finish first."""
     log_writer = configure_logging(config)
     try:
-        app = make_app(config)
+        app = make_app(config, ensure_token=False)
     except (DatabaseError, OSError, ValueError) as error:
         log.error("cannot start: %s", error)
         log_writer.stop()
         return 1
     state = app.llimit
-    if state.generated_admin_token:
-        print(f"llimit: generated an admin token (shown this once, only its hash is kept):\n"
-              f"  {state.generated_admin_token}", file=sys.stderr, flush=True)
-    _warn_missing_upstream_keys(state)
-    log.info("Chart.js for /reports: %s", chartjs_origin(state))
-    for warning in sign_in_warnings(config):
-        log.warning("%s", warning)
+    _raise_open_files_limit(config.max_connections + config.threads + 64)
     try:
         server = waitress.create_server(
             app, host=config.host, port=config.port, threads=config.threads, ident="llimit",
@@ -7095,13 +8836,30 @@ def serve(config):
             # 64 KiB of headers is far above any client's; more gets 431 from waitress
             # instead of being carried upstream (waitress would take 256 KiB).
             max_request_header_size=64 * 1024,
-            connection_limit=max(100, config.threads * 4), channel_timeout=300,
-            asyncore_use_poll=True)  # select() fails once a descriptor passes 1023
-    except OSError as error:  # the port is taken, or the address is not this machine's
+            # Idle connections cost no thread; they are closed after a minute, and
+            # the longest idle first when there are too many (_close_idle_when_full).
+            connection_limit=config.max_connections, channel_timeout=60, cleanup_interval=10,
+            backlog=2048, asyncore_use_poll=True)  # select() fails past descriptor 1023
+    except OSError as error:
         log.error("cannot listen on %s:%s: %s", config.host, config.port,
                   error.strerror or error)
+        state.close()
         log_writer.stop()
         return 1
+    _close_idle_when_full(server, config.max_connections)
+    _check_keys_before_bodies(server, state)
+    state.config = dataclasses.replace(config, port=server.effective_port)
+    # Only now, with the port ours: a second `serve` on this database that could not
+    # bind never touches the running server's token.
+    with transaction(state.database()) as db:
+        generated = ensure_admin_token(db, config.admin_token)
+    if generated:
+        print(f"llimit: generated an admin token (shown this once, only its hash is kept):\n"
+              f"  {generated}", file=sys.stderr, flush=True)
+    _warn_missing_upstream_keys(state)
+    log.info("Chart.js for /reports: %s", chartjs_origin(state))
+    for warning in sign_in_warnings(state.config):
+        log.warning("%s", warning)
     state.start()
     signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state, log_writer))
     log.info("llimit %s serving on http://%s:%s (database %s)", __version__,
@@ -7113,6 +8871,88 @@ def serve(config):
     state.close()
     log_writer.stop()
     return 0
+
+
+EARLY_KEY_CHECK_BYTES = 256 * 1024  # bodies above this are refused unread without a good key
+
+
+def _check_keys_before_bodies(server, state):
+    # waitress reads a whole request body (spooling it to disk) before the app
+    # sees the request, so a stranger could make llimit take in 64 MB per call
+    # just to answer 401. For a large body on a proxy route, the key is checked
+    # as soon as the headers are in, in waitress's own thread: a key lookup is a
+    # read, which WAL never blocks. A refusal is answered at once, and the
+    # connection closed without reading the body. Reads waitress internals: the
+    # channel's parser_class, the parser's headers, path, error and completed.
+    class KeyCheckingParser(waitress.parser.HTTPRequestParser):
+        def received(self, data):
+            consumed = super().received(data)
+            if (self.headers_finished and not self.completed and self.error is None
+                    and self.content_length > EARLY_KEY_CHECK_BYTES
+                    and self.path.startswith(("/v1/", "/openai/"))):
+                environ = {"HTTP_" + name: value for name, value in self.headers.items()}
+                environ["REMOTE_ADDR"] = self.early_address
+                try:
+                    # Only a first look: the call's own check follows once the body is in.
+                    authenticate_call(state, environ, state.versions_checked_by_admission)
+                except LlimitError as error:
+                    self.error, self.completed = _EarlyRefusal(error), True
+                except DatabaseError:
+                    pass  # the call's own check answers (503) once the body is in
+            return consumed
+
+    class KeyCheckingChannel(waitress.channel.HTTPChannel):
+        def parser_class(self, adj):
+            parser = KeyCheckingParser(adj)
+            parser.early_address = self.addr[0] if isinstance(self.addr, tuple) else ""
+            return parser
+
+    server.channel_class = KeyCheckingChannel
+
+
+class _EarlyRefusal(waitress.utilities.Error):
+    # A LlimitError answered by waitress itself (in OpenAI's shape), before the body.
+    def __init__(self, error):
+        super().__init__(error.message)
+        self.error = error
+        self.code = error.status
+        self.reason = bottle.HTTP_CODES.get(error.status, "Error")
+
+    def to_response(self, ident=None):
+        headers = [("Content-Type", "application/json"), *self.error.headers.items()]
+        return (f"{self.code} {self.reason}", headers, json.dumps(self.error.body()).encode())
+
+
+def _raise_open_files_limit(wanted):
+    try:
+        import resource  # not on Windows
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        log.warning("could not raise the open files limit to %d", wanted)
+
+
+def _close_idle_when_full(server, connection_limit):
+    # Slowloris: waitress stops accepting at its connection limit until idle
+    # connections time out, so a few hundred idle sockets would lock everyone
+    # out for minutes. Instead, at the limit, the longest idle connections that
+    # have no request under way are closed, and new ones are let in.
+    # Reads waitress internals: active_channels, requests, last_activity, will_close.
+    readable = server.readable
+
+    def readable_closing_idle():
+        excess = len(server._map) - connection_limit + 1
+        if excess > 0 and server.accepting:
+            idle = sorted((channel for channel in server.active_channels.values()
+                           if not channel.requests and not channel.will_close
+                           and not channel.total_outbufs_len),
+                          key=lambda channel: channel.last_activity)
+            for channel in idle[:excess]:
+                channel.will_close = True
+        return readable()
+    server.readable = readable_closing_idle
 
 
 def _warn_missing_upstream_keys(state):
@@ -7211,7 +9051,8 @@ def cli_keys(config, args):
         fields = validate_key_fields({"user": args.user, "project": args.project,
                                       "note": args.note, "expires_at": args.expires_at,
                                       "models": args.models.split(",") if args.models else None},
-                                     ("user", "project", "note", "expires_at", "models"))
+                                     ("user", "project", "note", "expires_at", "models"),
+                                     user_domains(config))
         with transaction(db):
             row, raw_key = create_key(db, now, fields["user"], fields["project"] or "default",
                                       fields["note"], fields["expires_at"], fields["models"])
@@ -7237,8 +9078,10 @@ def cli_projects(config, args):
     if args.action == "create":
         data = {"id": args.id, "name": args.name, "upstream_kind": args.kind,
                 "upstream_url": args.url, "upstream_key": args.upstream_key,
-                "api_version": args.api_version, "allow_user_keys": not args.no_user_keys}
-        project = validate_project({k: v for k, v in data.items() if v is not None})
+                "api_version": args.api_version, "allow_user_keys": not args.no_user_keys,
+                "allow_async": args.allow_async}
+        project = validate_project({k: v for k, v in data.items() if v is not None},
+                                   env_pattern=config.upstream_env_pattern)
         project["created_at"] = utc_iso(config.clock())
         with transaction(db):
             insert_project(db, project)
@@ -7246,7 +9089,7 @@ def cli_projects(config, args):
         return 0
     _print_table([project_to_json(row) for row in list_projects(db)],
                  ("id", "name", "upstream_kind", "upstream_url", "upstream_key_source",
-                  "allow_user_keys"))
+                  "allow_user_keys", "allow_async"))
     return 0
 
 
@@ -7259,7 +9102,8 @@ def cli_limits(config, args):
                 "action": args.limit_action,
                 "alert_at": [float(p) for p in args.alert_at.split(",")] if args.alert_at
                 else None}
-        limit = validate_limit({k: v for k, v in data.items() if v is not None})
+        limit = validate_limit({k: v for k, v in data.items() if v is not None},
+                               domains=user_domains(config))
         with transaction(db):
             limit_id = add_limit(db, limit, utc_iso(config.clock()))
         print(f"created limit {limit_id}")
@@ -7293,7 +9137,17 @@ def cli_usage(config, args):
 
 
 def cli_pricing(config, args):
-    """pricing missing|list"""
+    """pricing missing|list|check"""
+    if args.action == "check":
+        try:
+            table, errors = check_price_file(config.pricing_path)
+        except (OSError, ValueError) as error:
+            errors, table = [str(error)], {}
+        for error in errors:
+            print(f"{config.pricing_path}: {error}", file=sys.stderr)
+        if not errors:
+            print(f"{len(table)} prices in {config.pricing_path}: all well formed")
+        return 1 if errors else 0
     db = open_admin_database(config, reading=True)
     pricebook = Pricebook(load_price_file(config.pricing_path), list_price_overrides(db))
     if args.action == "missing":
@@ -7390,6 +9244,8 @@ def build_parser():
     create.add_argument("--api-version", help="Azure api-version added to calls that lack it")
     create.add_argument("--no-user-keys", action="store_true",
                         help="users may not make their own keys for it on /keys")
+    create.add_argument("--allow-async", action="store_true",
+                        help="allow batches and background responses (charged when they finish)")
 
     limits = command(commands, "limits", admin, help="list, create, delete limits")
     limit_actions = limits.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -7417,8 +9273,9 @@ def build_parser():
     usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     pricing = command(commands, "pricing", PRICING_FLAG_FIELDS, help="prices in force")
-    pricing.add_argument("action", choices=("missing", "list"),
-                         help="missing: models seen without a price; list: every price")
+    pricing.add_argument("action", choices=("missing", "list", "check"),
+                         help="missing: models seen without a price; list: every price;"
+                         " check: validate the prices file against its schema")
     migrate_db = command(commands, "migrate-db", (), help="copy one database into another"
                          " (SQLite file or postgresql:// URL), idempotently")
     migrate_db.add_argument("--from", dest="source", required=True, help="database to read")

@@ -74,6 +74,21 @@ def _completion_body():
         "usage": USAGE, "system_fingerprint": "fp_bench"})
 
 
+LARGE_ANSWER_BYTES = 1 << 20
+
+
+def _large_answer_body():
+    """An embeddings answer of about 1 MiB of floats, usage at its end, as OpenAI sends it."""
+    vector = [round((i % 97) / 97 - 0.5, 8) for i in range(3072)]
+    data, size = [], 0
+    while size < LARGE_ANSWER_BYTES:
+        item = {"object": "embedding", "index": len(data), "embedding": vector}
+        data.append(item)
+        size += len(_dumps(item))
+    return _dumps({"object": "list", "data": data, "model": "text-embedding-3-small",
+                   "usage": {"prompt_tokens": 8 * len(data), "total_tokens": 8 * len(data)}})
+
+
 def _sse_events(include_usage):
     """The HTTP chunks of one stream: three chunks, the usage chunk, [DONE]."""
     def chunk(delta, finish):
@@ -104,6 +119,7 @@ def _response(status, reason, body, content_type=b"application/json"):
 def serve_upstream(port, stream_gap_ms):
     """Run the fake upstream until killed."""
     completion = _response(200, b"OK", _completion_body())
+    large_answer = _response(200, b"OK", _large_answer_body())
     models = _response(200, b"OK", _dumps({"object": "list", "data": [
         {"id": "gpt-4o-mini", "object": "model", "created": CREATED, "owned_by": "bench"}]}))
     not_found = _response(404, b"Not Found", _dumps(
@@ -156,6 +172,8 @@ def serve_upstream(port, stream_gap_ms):
                         writer.write(b"0\r\n\r\n")
                     else:
                         writer.write(completion)
+                elif method == b"POST" and route.endswith(b"/embeddings"):
+                    writer.write(large_answer)
                 elif method == b"GET" and route.endswith(b"/models"):
                     writer.write(models)
                 else:
@@ -493,6 +511,10 @@ class Llimit:
         env = child_env({"LLIMIT_ADMIN_TOKEN": ADMIN_TOKEN,
                          "LLIMIT_UPSTREAM_KEY": UPSTREAM_KEY,
                          "LLIMIT_THREADS": str(self.threads),
+                         # One key carries every call here; the per-key and per-user
+                         # caps (16 by default) would refuse the c=32 phase's extras.
+                         "LLIMIT_MAX_CONCURRENT_PER_KEY": str(self.threads),
+                         "LLIMIT_MAX_CONCURRENT_PER_USER": str(self.threads),
                          "LLIMIT_GRACE_SECONDS": "5"})
         beside = os.path.join(os.path.dirname(os.path.abspath(self.script)), "pricing.json")
         if not os.path.exists(beside):
@@ -980,6 +1002,9 @@ def parse_args(argv):
                         help="stop a phase after this many seconds")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (database, llimit log)")
+    parser.add_argument("--large-answer", type=int, default=0, metavar="N",
+                        help="only measure llimit's CPU per call for N non-stream calls"
+                             " whose answer is a ~1 MiB embeddings body")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT",
                         help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -1026,6 +1051,17 @@ def main(argv=None):
             llimit.start()
             raw_key, key_id = llimit.create_key()
             log_progress(f"llimit on port {llimit.port} (pid {llimit.proc.pid}), key {key_id}")
+        if args.large_answer and llimit is not None:
+            log_progress(f"llimit: c=1 ~1 MiB answers x{args.large_answer}")
+            results["large_answer"] = run_phase(
+                llimit.port, "/v1/embeddings", raw_key, False, args.large_answer, 1,
+                {"llimit": llimit.proc.pid, "upstream": upstream.pid}, settle_s=0.3,
+                phase_timeout=args.phase_timeout)
+            print(json.dumps({"large_answer_bytes": len(_large_answer_body()),
+                              **{k: results["large_answer"].get(k) for k in (
+                                  "ok", "errors", "latency_p50_ms", "latency_p99_ms",
+                                  "cpu_ms_per_call")}}, indent=2))
+            return 0
         results["rounds"].append(run_round("empty", 0, upstream, upstream_port, llimit,
                                            raw_key, sizes, args))
         if args.events and llimit is not None:

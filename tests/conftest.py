@@ -43,6 +43,9 @@ class LlimitServer:
         self.server = waitress.create_server(self.app, host="127.0.0.1", port=0,
                                              threads=config.threads, asyncore_use_poll=True)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        # As `serve` does once bound: links and redirects name the port it got.
+        self.config = self.state.config = dataclasses.replace(
+            config, host="127.0.0.1", port=self.server.effective_port)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         self.admin = requests.Session()

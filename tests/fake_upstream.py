@@ -12,11 +12,27 @@ on demand.
 
 Routes (OpenAI ones with or without the /v1 prefix):
     POST /v1/chat/completions  /v1/completions  /v1/embeddings  /v1/responses
+    POST /v1/images/generations (dall-e: no usage; gpt-image-*: token usage)
+         /v1/audio/speech (binary audio/mpeg, no usage)
+         /v1/audio/transcriptions (multipart; usage {type: duration, seconds}, or with
+         response_format verbose_json a `duration` and no usage; behaviour audio_seconds 9)
     GET  /v1/models  /v1/models/{id}
     POST /openai/deployments/{deployment}/chat/completions|completions|embeddings
          (Azure: needs ?api-version=..., else 404 "Resource not found")
+    POST /openai/responses|chat/completions|embeddings (Azure, api-version needed)
+    POST /openai/v1/responses|chat/completions|embeddings (Azure GA v1: no api-version)
     POST /v1/messages  /v1/messages/count_tokens
          (Anthropic: needs an anthropic-version header, else 400)
+Objects the one upstream account keeps (ObjectStore; every caller sees all of them):
+    files (multipart upload, list, get, content, delete), batches (create, list,
+    get, cancel: validating -> in_progress -> completed with usage, model and an
+    output file on successive GETs), stored responses (store is true unless
+    false; "background": true goes queued -> in_progress -> completed on
+    successive GETs; get, delete, cancel, input_items), stored chat completions
+    (store: true; list, get, delete), vector stores (create, list, get, delete),
+    Anthropic message batches (create, list, get: in_progress then ended,
+    results as JSON lines), moderations, realtime client_secrets / sessions (a
+    minted ephemeral key: what a pass-through would hand out).
 A credential is required (OpenAI: Authorization; Azure: api-key or
 Authorization; Anthropic: x-api-key or Authorization), else 401 in the
 provider's error shape; a POST body that is not JSON is a 400.
@@ -245,7 +261,7 @@ class Call:
     def model(self):
         if "model" in self.behaviour:
             return self.behaviour["model"]
-        if self.azure:
+        if self.azure and "/deployments/" in self.request.path:
             return AZURE_MODELS.get(self.endpoint, AZURE_MODELS["chat/completions"])
         model = self.payload.get("model")
         return model if isinstance(model, str) else ""
@@ -287,6 +303,12 @@ def route(method, path):
         match = pattern.fullmatch(path)
         if match and method == route_method:
             return provider, match["endpoint"]
+    match = _OBJECT_ROUTE.fullmatch(path)
+    if match:
+        endpoint = match["endpoint"]
+        provider = ("anthropic" if endpoint.startswith("messages/") else
+                    "azure" if path.startswith("/openai/") else "openai")
+        return provider, endpoint
     if path.startswith("/openai/"):
         return "azure", None
     return ("anthropic" if "/messages" in path else "openai"), None
@@ -297,9 +319,15 @@ _ROUTES = (
                                  r"(?P<endpoint>chat/completions|completions|embeddings)")),
     ("POST", "anthropic", re.compile(r"(?:/v1)?/(?P<endpoint>messages(?:/count_tokens)?)")),
     ("POST", "openai", re.compile(r"(?:/v1)?/(?P<endpoint>chat/completions|completions"
-                                  r"|embeddings|responses)")),
+                                  r"|embeddings|responses|images/generations|audio/speech"
+                                  r"|audio/transcriptions)")),
     ("GET", "openai", re.compile(r"(?:/v1)?/(?P<endpoint>models(?:/.+)?)")),
+    ("POST", "azure", re.compile(r"/openai(?:/v1)?/(?P<endpoint>chat/completions|responses"
+                                 r"|embeddings)")),
 )
+_OBJECT_ROUTE = re.compile(r"(?:/openai)?(?:/v1)?/(?P<endpoint>(?:files|batches|vector_stores"
+                           r"|responses|chat/completions|messages/batches|realtime"
+                           r"|moderations)(?:/.*)?)")
 
 
 # --- usage objects --------------------------------------------------------------
@@ -480,7 +508,9 @@ def responses_body(call, status="completed", final=True):
             "truncation": "disabled"}
     if call.usage:
         body["usage"] = responses_usage(call) if final else None
-    body.update(user=None, metadata={})
+    if isinstance(call.payload.get("instructions"), str):
+        body["instructions"] = call.payload["instructions"]  # echoed, as OpenAI does
+    body.update(user=None, metadata=call.payload.get("metadata") or {})
     return body
 
 
@@ -562,6 +592,31 @@ def count_tokens_body(call):
 
 
 # endpoint -> (JSON body builder, stream events builder or None)
+def image_body(call):
+    """images/generations: dall-e answers carry no usage; gpt-image-* answers count tokens."""
+    n = call.payload.get("n") if isinstance(call.payload.get("n"), int) else 1
+    body = {"created": call.created,
+            "data": [{"url": f"https://images.fake.example/{call.serial}-{i}.png",
+                      "revised_prompt": "A fake picture."} for i in range(n)]}
+    if call.model.startswith("gpt-image"):
+        body["usage"] = {"input_tokens": call.prompt_tokens, "output_tokens":
+                         call.completion_tokens, "total_tokens":
+                         call.prompt_tokens + call.completion_tokens,
+                         "input_tokens_details": {"text_tokens": call.prompt_tokens,
+                                                  "image_tokens": 0}}
+    return body
+
+
+def transcription_body(call):
+    """audio/transcriptions (multipart in): whisper-1 bills by duration."""
+    seconds = float(call.behaviour.get("audio_seconds", 9))
+    body = {"text": call.text, "usage": {"type": "duration", "seconds": int(seconds + 0.999)}}
+    if b'name="response_format"\r\n\r\nverbose_json' in call.request.body:
+        body = {"task": "transcribe", "language": "english", "duration": seconds,
+                "text": call.text, "segments": []}  # verbose_json: duration, no usage
+    return body
+
+
 ENDPOINTS = {
     "chat/completions": (chat_body, chat_events),
     "completions": (completion_body, completion_events),
@@ -569,6 +624,8 @@ ENDPOINTS = {
     "responses": (responses_body, responses_events),
     "messages": (message_body, message_events),
     "messages/count_tokens": (count_tokens_body, None),
+    "images/generations": (image_body, None),
+    "audio/transcriptions": (transcription_body, None),
 }
 
 
@@ -601,12 +658,23 @@ def respond(call):
         return json_reply(call, *problem)
     if call.endpoint.startswith("models"):
         return json_reply(call, 200, models_body(call))
+    if call.endpoint == "audio/speech":  # binary audio, no usage
+        return Reply(200, [("Content-Type", "audio/mpeg"), *call.headers()],
+                     b"ID3\x04fake-mp3" + b"\x00" * 1000)
+    if call.endpoint not in ENDPOINTS or call.request.method != "POST":
+        return call.store.answer(call)
     whole, stream = ENDPOINTS[call.endpoint]
+    if call.endpoint == "responses" and call.payload.get("background") is True:
+        return call.store.answer(call)
     if call.stream and stream:
         return Reply(200, [("Content-Type", "text/event-stream; charset=utf-8"),
                            ("Cache-Control", "no-cache"), *call.headers()],
                      events=stream(call))
-    return json_reply(call, 200, whole(call))
+    body = whole(call)
+    if call.endpoint == "responses" and call.payload.get("store") is not False \
+            or call.endpoint == "chat/completions" and call.payload.get("store") is True:
+        call.store.keep(call.endpoint, body)
+    return json_reply(call, 200, body)
 
 
 def _protocol_error(call):
@@ -629,19 +697,335 @@ def _protocol_error(call):
                                          "wrong API endpoint. Make sure to provide a valid "
                                          "key for an active subscription and use a correct "
                                          "regional API endpoint for your resource.")
-        if "api-version" not in call.request.query:
+        if "api-version" not in call.request.query and not path.startswith("/openai/v1/"):
             return 404, azure_error(404, "Resource not found")
-    elif "authorization" not in headers:
+    elif "authorization" not in headers and not (
+            "x-api-key" in headers and "anthropic-version" in headers):  # Anthropic's
+        # OpenAI-compatible endpoint takes its own credential as well
         return 401, openai_error(401, "You didn't provide an API key. You need to provide "
                                       "your API key in an Authorization header using Bearer "
                                       "auth (i.e. Authorization: Bearer YOUR_KEY).")
-    if method == "POST" and call.request.json is None:
+    multipart = headers.get("content-type", "").startswith("multipart/form-data")
+    if method == "POST" and call.request.json is None and call.endpoint != "files" \
+            and not multipart:
         if call.provider == "anthropic":
             return 400, anthropic_error(400, message="There was an error parsing the body "
                                                      "of your request as JSON")
         return 400, openai_error(400, "We could not parse the JSON body of your request. "
                                       "The OpenAI API expects a JSON payload.")
     return None
+
+
+# --- what the upstream account keeps ----------------------------------------------
+
+BATCH_MODEL = "gpt-4o-mini"  # a batch whose input file names no model
+
+
+class ObjectStore:
+    """Files, batches, stored responses and completions, vector stores and
+    Anthropic message batches of the one upstream account, in the providers'
+    documented shapes. Every caller sees every object: the upstream has one
+    account, which is why llimit must keep whose each one is."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.objects = {}    # id -> the object as the provider shows it
+        self.finals = {}     # id of an async object -> its finished form
+        self.contents = {}   # file id -> bytes
+        self.polls = {}      # id -> GETs so far
+
+    def keep(self, endpoint, body):
+        """Store a response or chat completion the upstream answered (store)."""
+        with self.lock:
+            self.objects[body["id"]] = dict(body, _kind=endpoint)
+
+    def answer(self, call):
+        method, parts = call.request.method, call.endpoint.split("/")
+        if call.endpoint.startswith("chat/completions"):
+            parts = ["chat/completions", *parts[2:]]
+        if call.endpoint.startswith("messages/batches"):
+            parts = ["messages/batches", *parts[2:]]
+        kind, rest = parts[0], parts[1:]
+        handler = getattr(self, f"_{kind.replace('/', '_')}", None)
+        with self.lock:
+            reply = handler(call, method, rest) if handler else None
+        if reply is None:
+            return json_reply(call, 404, call.error_body(404, f"Invalid URL ({method} "
+                                                               f"{call.request.path})"))
+        if isinstance(reply, Reply):
+            return reply
+        status, body = reply
+        return json_reply(call, status, body)
+
+    # helpers
+    def _list(self, kind, anthropic=False):
+        data = [self._shown(o) for o in self.objects.values() if o["_kind"] == kind]
+        data.sort(key=lambda o: o.get("created_at") or 0, reverse=True)
+        body = {"data": data, "has_more": False,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None}
+        return 200, body if anthropic else {"object": "list", **body}
+
+    @staticmethod
+    def _shown(obj):
+        return {k: v for k, v in obj.items() if not k.startswith("_")}
+
+    def _get(self, call, kind, object_id):
+        obj = self.objects.get(object_id)
+        if obj is None or obj["_kind"] != kind:
+            return None
+        return obj
+
+    def _missing(self, call, object_id):
+        return 404, call.error_body(404, f"No such object: {object_id}")
+
+    def _poll(self, object_id):
+        self.polls[object_id] = self.polls.get(object_id, 0) + 1
+        return self.polls[object_id]
+
+    # files
+    def _files(self, call, method, rest):
+        if method == "POST" and not rest:
+            purpose, filename, content = _multipart_file(call.request)
+            file_id = "file-fake" + call.serial
+            self.contents[file_id] = content
+            self.objects[file_id] = {"id": file_id, "object": "file", "bytes": len(content),
+                                     "created_at": call.created, "expires_at": None,
+                                     "filename": filename, "purpose": purpose,
+                                     "status": "processed", "status_details": None,
+                                     "_kind": "files"}
+            return 200, self._shown(self.objects[file_id])
+        if method == "GET" and not rest:
+            return self._list("files")
+        obj = self._get(call, "files", rest[0])
+        if obj is None:
+            return self._missing(call, rest[0])
+        if method == "GET" and rest[1:] == ["content"]:
+            return Reply(200, [("Content-Type", "application/octet-stream"), *call.headers()],
+                         self.contents[rest[0]])
+        if method == "GET" and len(rest) == 1:
+            return 200, self._shown(obj)
+        if method == "DELETE" and len(rest) == 1:
+            del self.objects[rest[0]]
+            return 200, {"id": rest[0], "object": "file", "deleted": True}
+        return None
+
+    # batches (OpenAI)
+    def _batches(self, call, method, rest):
+        if method == "POST" and not rest:
+            input_id = call.payload.get("input_file_id")
+            if input_id not in self.contents:
+                return 400, openai_error(400, f"Invalid 'input_file_id': '{input_id}'.")
+            batch_id = "batch_fake" + call.serial
+            lines = [json.loads(line) for line in self.contents[input_id].splitlines()
+                     if line.strip()]
+            batch = {"id": batch_id, "object": "batch", "endpoint": call.payload.get("endpoint"),
+                     "errors": None, "input_file_id": input_id,
+                     "completion_window": call.payload.get("completion_window", "24h"),
+                     "status": "validating", "output_file_id": None, "error_file_id": None,
+                     "created_at": call.created, "in_progress_at": None,
+                     "expires_at": call.created + 86400, "finalizing_at": None,
+                     "completed_at": None, "failed_at": None, "expired_at": None,
+                     "cancelling_at": None, "cancelled_at": None,
+                     "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                     "metadata": call.payload.get("metadata"), "model": None, "usage": None,
+                     "_kind": "batches"}
+            self.objects[batch_id] = batch
+            self.finals[batch_id] = self._finished_batch(call, batch, lines)
+            return 200, self._shown(batch)
+        if method == "GET" and not rest:
+            return self._list("batches")
+        batch = self._get(call, "batches", rest[0])
+        if batch is None:
+            return self._missing(call, rest[0])
+        if method == "POST" and rest[1:] == ["cancel"]:
+            batch.update(status="cancelling", cancelling_at=call.created)
+            return 200, self._shown(batch)
+        if method == "GET" and len(rest) == 1:
+            if batch["status"] not in ("cancelling", "cancelled"):
+                polls = self._poll(rest[0])
+                if polls == 1:
+                    batch.update(status="in_progress", in_progress_at=call.created)
+                elif batch["status"] != "completed":
+                    final = self.finals[rest[0]]
+                    self.contents[final["output_file_id"]] = final.pop("_output")
+                    self.objects[final["output_file_id"]] = final.pop("_output_file")
+                    batch.update(final)
+            return 200, self._shown(batch)
+        return None
+
+    def _finished_batch(self, call, batch, lines):
+        n = len(lines)
+        model = next((line.get("body", {}).get("model") for line in lines
+                      if isinstance(line.get("body"), dict)), None) or BATCH_MODEL
+        output_id = "file-fakeout" + call.serial
+        output = b"".join(call.dumps({
+            "id": f"batch_req_{i}", "custom_id": line.get("custom_id"),
+            "response": {"status_code": 200, "request_id": f"req_{i}",
+                         "body": {**chat_body(call), "model": model}},
+            "error": None}) + b"\n" for i, line in enumerate(lines))
+        usage = {"input_tokens": n * call.prompt_tokens,
+                 "input_tokens_details": {"cached_tokens": n * call.cached_tokens},
+                 "output_tokens": n * call.completion_tokens,
+                 "output_tokens_details": {"reasoning_tokens": n * call.reasoning_tokens},
+                 "total_tokens": n * (call.prompt_tokens + call.completion_tokens)}
+        return {"status": "completed", "output_file_id": output_id,
+                "completed_at": call.created + 60, "finalizing_at": call.created + 59,
+                "request_counts": {"total": n, "completed": n, "failed": 0},
+                "model": model, "usage": usage, "_output": output,
+                "_output_file": {"id": output_id, "object": "file", "bytes": len(output),
+                                 "created_at": call.created + 60, "expires_at": None,
+                                 "filename": "batch_output.jsonl", "purpose": "batch_output",
+                                 "status": "processed", "status_details": None,
+                                 "_kind": "files"}}
+
+    # stored and background responses
+    def _responses(self, call, method, rest):
+        if method == "POST" and not rest:  # background: true (others are kept by respond)
+            final = responses_body(call)
+            final["background"] = True
+            queued = dict(responses_body(call, "queued", final=False), background=True)
+            self.objects[queued["id"]] = dict(queued, _kind="responses")
+            self.finals[queued["id"]] = final
+            return 200, queued
+        if not rest:
+            return None
+        response = self._get(call, "responses", rest[0])
+        if response is None:
+            return self._missing(call, rest[0])
+        if method == "GET" and len(rest) == 1:
+            if response["status"] in ("queued", "in_progress"):
+                if self._poll(rest[0]) == 1:
+                    response["status"] = "in_progress"
+                else:
+                    response.update(self.finals[rest[0]])
+            return 200, self._shown(response)
+        if method == "GET" and rest[1:] == ["input_items"]:
+            item = {"id": "msg_in" + call.serial, "type": "message", "role": "user",
+                    "status": "completed", "content": [{"type": "input_text", "text": "Hi"}]}
+            return 200, {"object": "list", "data": [item], "first_id": item["id"],
+                         "last_id": item["id"], "has_more": False}
+        if method == "POST" and rest[1:] == ["cancel"]:
+            if response["background"] and response["status"] in ("queued", "in_progress"):
+                response["status"] = "cancelled"
+            return 200, self._shown(response)
+        if method == "DELETE" and len(rest) == 1:
+            del self.objects[rest[0]]
+            return 200, {"id": rest[0], "object": "response", "deleted": True}
+        return None
+
+    # stored chat completions
+    def _chat_completions(self, call, method, rest):
+        if method == "GET" and not rest:
+            return self._list("chat/completions")
+        if not rest:
+            return None
+        completion = self._get(call, "chat/completions", rest[0])
+        if completion is None:
+            return self._missing(call, rest[0])
+        if method == "GET" and len(rest) == 1:
+            return 200, self._shown(completion)
+        if method == "DELETE" and len(rest) == 1:
+            del self.objects[rest[0]]
+            return 200, {"object": "chat.completion.deleted", "id": rest[0], "deleted": True}
+        return None
+
+    # vector stores
+    def _vector_stores(self, call, method, rest):
+        if method == "POST" and not rest:
+            store_id = "vs_fake" + call.serial
+            self.objects[store_id] = {
+                "id": store_id, "object": "vector_store", "created_at": call.created,
+                "name": call.payload.get("name"), "usage_bytes": 0,
+                "file_counts": {"in_progress": 0, "completed": 0, "failed": 0,
+                                "cancelled": 0, "total": 0},
+                "status": "completed", "expires_after": None, "expires_at": None,
+                "last_active_at": call.created, "metadata": {}, "_kind": "vector_stores"}
+            return 200, self._shown(self.objects[store_id])
+        if method == "GET" and not rest:
+            return self._list("vector_stores")
+        store = self._get(call, "vector_stores", rest[0])
+        if store is None:
+            return self._missing(call, rest[0])
+        if method == "GET" and len(rest) == 1:
+            return 200, self._shown(store)
+        if method == "DELETE" and len(rest) == 1:
+            del self.objects[rest[0]]
+            return 200, {"id": rest[0], "object": "vector_store.deleted", "deleted": True}
+        return None
+
+    # Anthropic message batches
+    def _messages_batches(self, call, method, rest):
+        if method == "POST" and not rest:
+            batch_id = "msgbatch_fake" + call.serial
+            requests = call.payload.get("requests") or []
+            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(call.created))
+            self.objects[batch_id] = {
+                "id": batch_id, "type": "message_batch", "processing_status": "in_progress",
+                "request_counts": {"processing": len(requests), "succeeded": 0, "errored": 0,
+                                   "canceled": 0, "expired": 0},
+                "ended_at": None, "created_at": now, "expires_at": now, "archived_at": None,
+                "cancel_initiated_at": None, "results_url": None,
+                "_kind": "messages/batches"}
+            self.finals[batch_id] = b"".join(call.dumps({
+                "custom_id": item.get("custom_id"),
+                "result": {"type": "succeeded", "message": {
+                    **message_body(call), "model": (item.get("params") or {}).get("model")}}})
+                + b"\n" for item in requests)
+            self.polls[batch_id] = len(requests)
+            return 200, self._shown(self.objects[batch_id])
+        if method == "GET" and not rest:
+            return self._list("messages/batches", anthropic=True)
+        batch = self._get(call, "messages/batches", rest[0])
+        if batch is None:
+            return self._missing(call, rest[0])
+        if method == "GET" and len(rest) == 1:
+            if batch["processing_status"] == "in_progress":
+                total = self.polls[rest[0]]
+                batch.update(processing_status="ended", ended_at=batch["created_at"],
+                             request_counts={"processing": 0, "succeeded": total,
+                                             "errored": 0, "canceled": 0, "expired": 0},
+                             results_url=f"https://api.anthropic.com/v1/messages/batches/"
+                                         f"{rest[0]}/results")
+            return 200, self._shown(batch)
+        if method == "GET" and rest[1:] == ["results"]:
+            if batch["processing_status"] != "ended":
+                return 400, anthropic_error(400, message="Batch is still in progress")
+            return Reply(200, [("Content-Type", "application/binary"), *call.headers()],
+                         self.finals[rest[0]])
+        return None
+
+    # generation routes llimit must never let through unmetered
+    def _moderations(self, call, method, rest):
+        if method != "POST" or rest:
+            return None
+        return 200, {"id": "modr-fake" + call.serial,
+                     "model": call.payload.get("model") or "omni-moderation-latest",
+                     "results": [{"flagged": False, "categories": {}, "category_scores": {}}]}
+
+    def _realtime(self, call, method, rest):
+        if method != "POST" or rest not in (["client_secrets"], ["sessions"]):
+            return None
+        return 200, {"value": "ek_fake" + call.serial, "expires_at": call.created + 600,
+                     "session": {"type": "realtime", "model": call.payload.get("model")}}
+
+
+def _multipart_file(request):
+    """(purpose, filename, content) of a multipart/form-data file upload."""
+    import email.parser
+    import email.policy
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + request.headers.get("Content-Type", "").encode() + b"\r\n\r\n"
+        + request.body)
+    purpose, filename, content = None, None, b""
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name == "purpose":
+            purpose = part.get_content().strip()
+        elif name == "file":
+            filename = part.get_filename()
+            content = part.get_payload(decode=True)
+    return purpose, filename, content
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -670,6 +1054,7 @@ class _Handler(BaseHTTPRequestHandler):
             Headers(self.headers.items()), body, payload)
         fake._record(request)
         call = Call(request, dict(fake.behaviour))
+        call.store = fake.store
         fake.last_completion_text = call.text
         time.sleep(call.behaviour.get("delay_first") or 0)
         reply = respond(call)
@@ -677,6 +1062,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(reply, call.behaviour)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client left
+            fake._client_left(request)
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
@@ -734,13 +1120,16 @@ class FakeUpstream:
     """The fake upstream, serving from a daemon thread until close().
 
     requests: every RecordedRequest, in arrival order, recorded before any delay.
+    left: the RecordedRequests whose client closed the connection before the answer ended.
     behaviour: the dict of BEHAVIOUR keys (see the module docstring).
     last_completion_text: the completion text the latest request was answered with.
     """
 
     def __init__(self, host="127.0.0.1", port=0):
         self.requests = []
+        self.left = []       # requests whose client (llimit) closed the connection mid-answer
         self.behaviour = {}
+        self.store = ObjectStore()
         self.last_completion_text = EXPECTED["text"]
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler)
@@ -754,6 +1143,10 @@ class FakeUpstream:
     def _record(self, request):
         with self._lock:
             self.requests.append(request)
+
+    def _client_left(self, request):
+        with self._lock:
+            self.left.append(request)
 
     def reset(self):
         """Forget recorded requests and behaviour (the same list and dict are kept)."""

@@ -1,6 +1,7 @@
 """A PostgreSQL outage on demand: a byte-for-byte relay in front of the test
 server, on a Unix socket of its own, that can drop every connection and
-refuse new ones (`cut`), then carry traffic again (`restore`)."""
+refuse new ones (`cut`), then carry traffic again (`restore`). It also counts
+round trips: every ReadyForQuery the server sends ends one (`round_trips`)."""
 
 import os
 import socket
@@ -29,6 +30,7 @@ class PostgresRelay:
         self.url = (f"{parts.scheme}://{user}{parts.path}?"
                     + urllib.parse.urlencode(query, quote_via=urllib.parse.quote))
         self.down = False
+        self.round_trips = 0
         self._lock = threading.Lock()
         self._sockets = set()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -70,15 +72,27 @@ class PostgresRelay:
                 continue
             with self._lock:
                 self._sockets.update((client, server))
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            for source, sink, count in ((client, server, False), (server, client, True)):
+                threading.Thread(target=self._pump, args=(source, sink, count),
+                                 daemon=True).start()
 
-    def _pump(self, source, sink):
+    def _pump(self, source, sink, count):
+        pending = b""  # the server's messages: a type byte, then a length that counts itself
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
                     break
+                if count:
+                    pending += data
+                    while len(pending) >= 5:
+                        length = int.from_bytes(pending[1:5], "big")
+                        if len(pending) < 1 + length:
+                            break
+                        if pending[:1] == b"Z":
+                            with self._lock:
+                                self.round_trips += 1
+                        pending = pending[1 + length:]
                 sink.sendall(data)
         except OSError:
             pass

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import time
+import urllib.parse
 
 import oidc_provider_mock
 import pytest
@@ -22,7 +23,8 @@ CLIENT_SECRET = "s3cret-for-tests"
 # --- header ----------------------------------------------------------------------
 
 def test_header_sign_in_trusts_only_the_proxy_addresses(make_llimit):
-    server = make_llimit(auth="header")  # trusted by default: 127.0.0.1 and ::1
+    # trusted by default: 127.0.0.1 and ::1
+    server = make_llimit(auth="header", user_domains=("example.com",))
     proxy = requests.Session()
     proxy.headers["X-Forwarded-Email"] = "Carol.Smith@Example.com"
     page = proxy.get(server.url + "/keys")
@@ -86,8 +88,17 @@ def oidc_llimit(make_llimit, provider):
                        oidc_client_secret=CLIENT_SECRET, oidc_allowed_domains=("example.com",))
 
 
-def provider_sign_in(driver, llimit_url, email, next_path="/usage"):
+def verified_user(issuer, email, verified=True):
+    """Register an account at the provider whose ID tokens say email_verified."""
+    resp = requests.put(f"{issuer}/users/{email}",
+                        json={"email": email, "email_verified": verified})
+    assert resp.status_code < 300, resp.text
+
+
+def provider_sign_in(driver, llimit_url, email, next_path="/usage", issuer=None):
     """Sign in on llimit's page, through the provider's own page, and back."""
+    if issuer:
+        verified_user(issuer, email)
     fresh(driver, llimit_url, f"/login?next={next_path}")
     click_and_wait(driver, driver.find_element(
         By.XPATH, "//button[normalize-space()='Sign in with single sign-on']"))
@@ -97,13 +108,15 @@ def provider_sign_in(driver, llimit_url, email, next_path="/usage"):
 
 
 def test_oidc_sign_in_in_a_browser(oidc_llimit, browser):
-    provider_sign_in(browser, oidc_llimit.url, "Erin@Example.com")
+    provider_sign_in(browser, oidc_llimit.url, "Erin@Example.com",
+                     issuer=oidc_llimit.config.oidc_issuer)
     assert browser.current_url == oidc_llimit.url + "/usage"
     assert browser.find_element(By.CSS_SELECTOR, "header .who span").text == "erin"
     row, = [dict(r) for r in oidc_llimit.db().execute("select * from sessions")]
     assert row["user_name"] == "erin" and row["pending"] is None
 
-    provider_sign_in(browser, oidc_llimit.url, "mallory@evil.test")
+    provider_sign_in(browser, oidc_llimit.url, "mallory@evil.test",
+                     issuer=oidc_llimit.config.oidc_issuer)
     assert "Accounts of evil.test may not sign in" in browser.page_source
     assert browser.find_element(By.CSS_SELECTOR, "header .who").text == "Sign in"
     users = [row[0] for row in oidc_llimit.db().execute("select user_name from sessions")]
@@ -111,6 +124,7 @@ def test_oidc_sign_in_in_a_browser(oidc_llimit, browser):
 
 
 def test_oidc_callback_wants_the_state_this_browser_started(oidc_llimit):
+    verified_user(oidc_llimit.config.oidc_issuer, "gina@example.com")
     session = requests.Session()
     page = session.get(oidc_llimit.url + "/login")
     started = session.post(oidc_llimit.url + "/login", allow_redirects=False, data={
@@ -136,6 +150,52 @@ def test_oidc_callback_wants_the_state_this_browser_started(oidc_llimit):
     signed_in = session.get(answer.headers["Location"])
     assert signed_in.url == oidc_llimit.url + "/keys" and "Keys of gina" in signed_in.text
     assert session.get(answer.headers["Location"]).status_code == 400  # no replay
+
+
+def _oidc_start(llimit_url, next_path="/keys", **headers):
+    session = requests.Session()
+    page = session.get(llimit_url + "/login")
+    if "Host" in headers:  # requests sends no cookie for another Host: given here
+        headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in session.cookies.items())
+    started = session.post(llimit_url + "/login", allow_redirects=False, headers=headers, data={
+        "csrf_token": csrf_token(page.text), "oidc": "1", "next": next_path})
+    assert started.status_code == 303
+    return session, started.headers["Location"]
+
+
+@pytest.mark.parametrize("next_path", ["/%09/evil.example/phish", "//evil.example",
+                                       "/\\evil.example", "https://evil.example/"])
+def test_oidc_sign_in_never_ends_on_another_site(oidc_llimit, next_path):
+    verified_user(oidc_llimit.config.oidc_issuer, "hal@example.com")
+    session, authorize = _oidc_start(oidc_llimit.url, next_path)
+    answer = session.post(authorize, data={"sub": "hal@example.com"}, allow_redirects=False)
+    done = session.get(answer.headers["Location"], allow_redirects=False)
+    assert done.status_code == 303
+    assert urllib.parse.urljoin(oidc_llimit.url, done.headers["Location"]) == \
+        oidc_llimit.url + "/"
+
+
+@pytest.mark.parametrize("verified", [None, "false", "true", False])
+def test_oidc_accepts_only_email_verified_true(oidc_llimit, verified):
+    issuer = oidc_llimit.config.oidc_issuer
+    claims = {"email": "ivy@example.com"}
+    if verified is not None:
+        claims["email_verified"] = verified
+    assert requests.put(f"{issuer}/users/ivy@example.com", json=claims).status_code < 300
+    session, authorize = _oidc_start(oidc_llimit.url)
+    answer = session.post(authorize, data={"sub": "ivy@example.com"}, allow_redirects=False)
+    refused = session.get(answer.headers["Location"], allow_redirects=False)
+    assert refused.status_code == 403 and "no verified e-mail" in refused.text
+    assert oidc_llimit.db().execute(
+        "select count(*) from sessions where user_name is not null").fetchone()[0] == 0
+
+
+def test_the_oidc_redirect_never_comes_from_the_host_header(oidc_llimit):
+    _session, authorize = _oidc_start(oidc_llimit.url, Host="evil.example")
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(authorize).query)
+    assert query["redirect_uri"] == [oidc_llimit.url + "/login/callback"]
+    assert any("LLIMIT_PUBLIC_URL" in warning
+               for warning in llimit.sign_in_warnings(oidc_llimit.config))
 
 
 def _id_token(claims, alg="RS256"):
@@ -168,13 +228,23 @@ def test_id_token_claims_are_checked():
 
 
 def test_user_names_come_from_verified_emails_in_allowed_domains():
-    assert llimit.user_from_claims({"email": "Ann.Lee@Example.com"}, ("example.com",)) == \
-        "ann.lee"
-    assert llimit.user_from_claims({"preferred_username": "bo@corp.example"}, ()) == "bo"
+    domains = frozenset(("example.com", "corp.example"))
+    assert llimit.user_from_claims({"email": "Ann.Lee@Example.com", "email_verified": True},
+                                   ("example.com",), domains) == "ann.lee"
+    assert llimit.user_from_claims({"preferred_username": "bo@corp.example"}, (),
+                                   domains) == "bo"
+    # Every domain may sign in, but only the listed ones name a user by the local part.
+    assert llimit.user_from_claims({"email": "Bo@Else.example", "email_verified": True}, (),
+                                   domains) == "bo@else.example"
     for claims in ({"email": "ann@example.com", "email_verified": False}, {"sub": "123"},
-                   {"email": "eve@evil.example"}):
+                   {"email": "ann@example.com"},  # email_verified missing
+                   {"email": "ann@example.com", "email_verified": "false"},
+                   {"email": "ann@example.com", "email_verified": "true"},
+                   {"email": "ann@example.com", "email_verified": 1},
+                   {"email": "ann@example.com", "preferred_username": "ann@example.com"},
+                   {"email": "eve@evil.example", "email_verified": True}):
         with pytest.raises(llimit.LlimitError):
-            llimit.user_from_claims(claims, ("example.com",))
+            llimit.user_from_claims(claims, ("example.com",), domains)
 
 
 def test_oidc_settings_are_checked_at_start():

@@ -66,8 +66,10 @@ def test_limits_and_projects_from_the_cli(gateway):
                   "--window", "day", "--amount", "5")
     assert bad.returncode == 2 and "target" in bad.stderr
     assert run_cli(gateway, "limits", "delete", limit_id).returncode == 0
-    assert run_cli(gateway, "projects", "create", "ops", "--upstream-key",
-                   "env:OPS_KEY").returncode == 0
+    alone = run_cli(gateway, "projects", "create", "ops", "--upstream-key", "env:LLIMIT_UPSTREAM_KEY_OPS")
+    assert alone.returncode == 2 and "upstream_url" in alone.stderr  # never the default URL
+    assert run_cli(gateway, "projects", "create", "ops", "--upstream-key", "env:LLIMIT_UPSTREAM_KEY_OPS",
+                   "--url", "https://ops.example/v1", "--allow-async").returncode == 0
     assert "ops" in run_cli(gateway, "projects", "list").stdout
 
 

@@ -304,8 +304,8 @@ def test_control_characters_in_a_header_are_refused_before_llimit(gateway, fake,
 
 @pytest.mark.parametrize("header, user", [
     # A folded line (obs-fold) is joined into one value: no second header appears.
-    (b"X-LLimit-User: a\r\n X-Evil: 1\r\n", "a X-Evil: 1"),
-    (b"X-LLimit-User: a%0d%0aX-Evil: 1\r\n", "a%0d%0aX-Evil: 1"),
+    (b"X-LLimit-User: a\r\n X-Evil: 1\r\n", "a x-evil: 1"),  # lowercased: Identity
+    (b"X-LLimit-User: a%0d%0aX-Evil: 1\r\n", "a%0d%0ax-evil: 1"),
     (b"X-LLimit-User: \xc3\xa9mile\xc2\x85\r\n", "\u00e9mile"),  # UTF-8, with a C1 NEL
 ])
 def test_a_user_header_cannot_add_a_header_upstream_or_in_the_response(gateway, fake,
@@ -323,14 +323,14 @@ def test_a_user_header_cannot_add_a_header_upstream_or_in_the_response(gateway, 
 def test_user_names_with_control_characters_are_cleaned_everywhere(gateway, fake):
     raw_key, key_id = gateway.create_key(user="bob\r\nX-Evil: 1\x00\x85")
     assert gateway.admin.get(gateway.url + f"/admin/keys/{key_id}").json()["user"] == \
-        "bobX-Evil: 1"
+        "bobx-evil: 1"
     project_key, _ = gateway.create_key(user=None)
     resp = requests.post(gateway.url + "/v1/chat/completions",
                          json={**CHAT, "user": "carol\r\nX-Evil: 1\t"},
                          headers={"Authorization": f"Bearer {project_key}"})
     assert resp.status_code == 200 and "X-Evil" not in resp.headers
     assert "X-Evil" not in fake.requests[-1].headers
-    assert [event["user_name"] for event in gateway.events()] == ["carolX-Evil: 1"]
+    assert [event["user_name"] for event in gateway.events()] == ["carolx-evil: 1"]
     page = http_sign_in(gateway.url, "dave\r\n\x1b[31m").get(gateway.url + "/keys")
     assert "Keys of dave" in page.text and "\x1b" not in page.text
 
@@ -403,14 +403,15 @@ def test_an_encoded_slash_stays_a_path_under_the_upstream_base(gateway, fake):
 def test_a_path_with_any_unicode_is_a_clean_answer_and_travels_encoded(gateway, fake):
     # bottle hands over the path decoded as UTF-8: "€" is no latin-1 character.
     raw_key, _ = gateway.create_key()
-    for path, sent_path in (("/v1/chat/compl%E2%82%ACtions", "/v1/chat/compl%E2%82%ACtions"),
-                            ("/v1/caf%C3%A9", "/v1/caf%C3%A9")):
-        resp = requests.post(gateway.url + path, json={"model": "gpt-4o", "messages": []},
-                             headers={"Authorization": f"Bearer {raw_key}"})
-        assert resp.status_code == 404, resp.text  # the fake upstream knows no such route
-        assert fake.requests[-1].path == sent_path
-    calls = [event["endpoint"] for event in gateway.events()]
-    assert calls == ["chat/compl\u20actions", "caf\u00e9"]
+    headers = {"Authorization": f"Bearer {raw_key}"}
+    resp = requests.post(gateway.url + "/v1/chat/compl%E2%82%ACtions",
+                         json={"model": "gpt-4o", "messages": []}, headers=headers)
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "route_not_allowed"
+    assert "/v1/chat/compl%E2%82%ACtions" in resp.json()["error"]["message"]
+    resp = requests.get(gateway.url + "/v1/models/caf%C3%A9", headers=headers)
+    assert resp.status_code == 200, resp.text  # a look-up route: forwarded
+    assert [sent.path for sent in fake.requests] == ["/v1/models/caf%C3%A9"]
+    assert [event["endpoint"] for event in gateway.events()] == ["models/caf\u00e9"]
 
 
 @pytest.mark.parametrize("model", ["..", "../../x", "..\\x", "."])
@@ -544,10 +545,10 @@ def test_csv_exports_never_start_a_cell_with_a_formula(make_llimit, fake):
         resp = requests.post(server.url + "/v1/chat/completions", json=CHAT,
                              headers={"Authorization": f"Bearer {raw_key}"})
         assert resp.status_code == 200, resp.text
-    # A path of the client's choosing is stored as the endpoint.
+    # A path of the client's choosing is refused (route policy), so never stored.
     resp = requests.post(server.url + "/v1/=1+1", json=CHAT,
                          headers={"Authorization": f"Bearer {raw_key}"})
-    assert resp.status_code == 404  # the upstream's answer, passed through
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "route_not_allowed"
     admin_csv = server.admin.get(server.url + "/admin/usage.csv")
     admin_session = http_sign_in(server.url, admin_token=ADMIN_TOKEN)
     report_csv = admin_session.get(server.url + "/reports/data.csv")
@@ -557,11 +558,13 @@ def test_csv_exports_never_start_a_cell_with_a_formula(make_llimit, fake):
         for row in rows:
             for cell in row.values():
                 assert cell[:1] not in ("=", "+", "-", "@", "\t", "\r"), (cell, row)
-        # A tab is no part of a user name (cleaned away); the model keeps it.
-        assert {"'" + text.lstrip("\t") for text in FORMULAS} <= {row["user"] for row in rows}
+        # A tab is no part of a user name (cleaned away, and the name lowercased by the
+        # Identity rule); the model keeps it.
+        assert {"'" + text.lstrip("\t").lower() for text in FORMULAS} <= \
+            {row["user"] for row in rows}
         assert {"'" + text for text in FORMULAS} <= {row["model"] for row in rows}
     endpoints = [row["endpoint"] for row in csv.DictReader(io.StringIO(admin_csv.text))]
-    assert "'=1+1" in endpoints
+    assert set(endpoints) == {"chat/completions"}
 
 
 # --- guessing keys and admin tokens ----------------------------------------------------------
@@ -643,10 +646,10 @@ def test_after_20_wrong_keys_an_address_waits_a_minute_but_good_keys_still_pass(
     throttled = call_with(gateway, "llimit-guess" + "x" * 40)
     assert assert_openai_error(throttled, 429)["code"] == "too_many_failed_attempts"
     assert 0 < int(throttled.headers["Retry-After"]) <= 60
-    # Even the right key is no longer looked up when it is guessed now...
+    # A correct key always passes, even one never used since the start (issue 14, item 6),
+    # as does one that has worked before, and the admin API with its token.
     fresh_key, _ = gateway.create_key(user="bob")
-    assert call_with(gateway, fresh_key).status_code == 429
-    # ...but one that has worked before goes through, as does the admin API with its token.
+    assert call_with(gateway, fresh_key).status_code == 200
     assert call_with(gateway, good_key).status_code == 200
     assert gateway.admin.get(gateway.url + "/admin/keys").status_code == 200
     me = requests.get(gateway.url + "/llimit/me",
@@ -670,9 +673,11 @@ def test_after_20_wrong_admin_tokens_an_address_waits_a_minute_but_the_token_pas
     assert assert_openai_error(throttled, 429)["code"] == "too_many_failed_attempts"
     assert 0 < int(throttled.headers["Retry-After"]) <= 60
     assert projects(ADMIN_TOKEN).status_code == 200
-    # Wrong keys and wrong tokens count together: this address is throttled for keys too.
+    # Wrong keys and wrong tokens count together: this address is throttled for keys too,
+    # though a correct key passes.
     raw_key, _ = gateway.create_key()
-    assert call_with(gateway, raw_key).status_code == 429
+    assert_openai_error(call_with(gateway, "llimit-guess" + "k" * 40), 429)
+    assert call_with(gateway, raw_key).status_code == 200
     clock.advance(61)
     assert_openai_error(projects("guess-after"), 401)
     assert call_with(gateway, raw_key).status_code == 200
@@ -684,8 +689,7 @@ class _NestedJsonUpstream(http.server.BaseHTTPRequestHandler):
     NESTED = b'{"usage": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        stream = self.path.endswith("/stream")
+        stream = b'"stream": true' in self.rfile.read(int(self.headers.get("Content-Length") or 0))
         body = (b"data: " + self.NESTED + b"\n\ndata: [DONE]\n\n") if stream else self.NESTED
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream" if stream else "application/json")
@@ -707,14 +711,14 @@ def test_an_upstream_answering_json_nested_too_deep_is_relayed_and_metered(gatew
             "upstream_key": "sk-deep"})
         assert resp.status_code == 201, resp.text
         raw_key, _ = gateway.create_key(project="deep")
-        for path in ("/v1/whole", "/v1/stream"):
-            resp = requests.post(gateway.url + path, json=CHAT, timeout=30,
+        for payload in (CHAT, {**CHAT, "stream": True}):
+            resp = requests.post(gateway.url + "/v1/chat/completions", json=payload, timeout=30,
                                  headers={"Authorization": f"Bearer {raw_key}"})
             assert resp.status_code == 200
             assert _NestedJsonUpstream.NESTED in resp.content  # passed on as it came
         events = gateway.events()
         assert [(event["endpoint"], event["status_code"]) for event in events] == [
-            ("whole", 200), ("stream", 200)]
+            ("chat/completions", 200), ("chat/completions", 200)]
     finally:
         upstream.shutdown()
         upstream.server_close()

@@ -265,15 +265,19 @@ def test_failed_calls_release_their_reservation(make_llimit, fake):
     assert gateway.reservations_held() == 0
 
 
-def test_fail_closed_when_usage_cannot_be_written(gateway, fake, engine):
+def test_fail_closed_when_usage_cannot_be_written(make_llimit, fake, engine):
     if engine == "postgres":
         pytest.skip("SQLite's lock; test_postgres_outage_fails_closed_and_recovers is PostgreSQL's")
+    gateway = make_llimit(commit_wait_seconds=1)
     raw_key, key_id = gateway.create_key()
     add_limit(gateway, scope="key", target=key_id, metric="usd", window="day", amount=100)
     blocker = sqlite3.connect(gateway.config.db_path, isolation_level=None)
     blocker.execute("begin exclusive")
     try:
-        assert call(gateway, raw_key).status_code == 200  # its usage waits in the queue
+        # Its answer is withheld (no answer without a durable row); its usage waits in the queue.
+        withheld = call(gateway, raw_key)
+        assert withheld.status_code == 503
+        assert withheld.json()["error"]["code"] == "ledger_unavailable"
         deadline = time.monotonic() + 20
         while gateway.state.writer.healthy and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -391,17 +395,20 @@ def test_postgres_outage_fails_closed_and_recovers(make_llimit, fake, engine, da
 
     relay = PostgresRelay(databases("ledger"), str(tmp_path_factory.mktemp("relay")))
     try:
-        gateway = make_llimit(db_path=relay.url)
+        gateway = make_llimit(db_path=relay.url, commit_wait_seconds=1)
         raw_key, key_id = gateway.create_key()
         add_limit(gateway, scope="key", target=key_id, metric="usd", window="day", amount=100)
         assert call(gateway, raw_key).status_code == 200
-        # A call admitted before the outage, answered during it: its usage must not be lost.
+        # A call admitted before the outage, answered by the upstream during it:
+        # its answer is withheld (not durable), and its usage is not lost.
         fake.behaviour["delay_first"] = 1.0
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             under_way = pool.submit(call, gateway, raw_key)
             time.sleep(0.5)
             relay.cut()
-            assert under_way.result().status_code == 200
+            withheld = under_way.result()
+            assert withheld.status_code == 503
+            assert withheld.json()["error"]["code"] == "ledger_unavailable"
         fake.behaviour.clear()
         refused = call(gateway, raw_key)
         assert refused.status_code == 503

@@ -17,7 +17,9 @@ LOAD_SECONDS = 20
 def test_200_streams_open_for_30_seconds_all_complete(processes, fake):
     """One waitress thread per open stream: LLIMIT_THREADS must exceed the streams."""
     fake.behaviour.update(chunks=STREAM_SECONDS + 1, chunk_delay=1.0)
-    proc = processes(LLIMIT_THREADS="256")
+    # 20 streams per key and user here: above the default concurrency caps of 16.
+    proc = processes(LLIMIT_THREADS="256", LLIMIT_MAX_CONCURRENT_PER_KEY="32",
+                     LLIMIT_MAX_CONCURRENT_PER_USER="32")
     keys = [proc.create_key(user=f"u{i}") for i in range(10)]
     idle_rss_kb = proc.peak_rss_kb()
     most_open = []

@@ -349,15 +349,15 @@ def test_json_log_lines_are_each_valid_json_with_the_call_fields(processes, fake
 def test_sigterm_with_the_database_locked_past_the_writers_wait_exits_1_and_says_so(
         processes, fake, tmp_path):
     """The usage writer waits 30 s at shutdown; a longer lock must not pass as a clean stop."""
-    proc = processes(LLIMIT_GRACE_SECONDS="1")
+    proc = processes(LLIMIT_GRACE_SECONDS="1", LLIMIT_COMMIT_WAIT_SECONDS="2")
     raw_key, _ = proc.create_key()
     assert chat(proc, raw_key)[0] == 200
     wait_until(lambda: len(proc.events()) == 1, what="the first row")
     locker = sqlite3.connect(proc.db_path, timeout=30, isolation_level=None)
     locker.execute("begin exclusive")
     try:
-        # Answered after llimit's commit wait (10 s), its row still queued.
-        assert chat(proc, raw_key)[0] == 200
+        # Withheld (503) after llimit's commit wait, its row still queued.
+        assert chat(proc, raw_key)[0] == 503
         proc.terminate()
         assert proc.wait(timeout=WAIT) == 1
     finally:

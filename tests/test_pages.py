@@ -268,14 +268,14 @@ def test_admin_dashboard_manages_projects_keys_limits_and_prices(gateway, fake, 
         return admin.post(gateway.url + "/admin", data={"csrf_token": token, "action": action,
                                                         **fields})
 
-    monkeypatch.setenv("TEAM_A_KEY", "sk-team-a-secret")
+    monkeypatch.setenv("LLIMIT_UPSTREAM_KEY_TEAM_A", "sk-team-a-secret")
     created = act("create_project", id="team-a", name="Team <A>", upstream_kind="openai",
-                  upstream_url=fake.url + "/v1", upstream_key="env:TEAM_A_KEY",
+                  upstream_url=fake.url + "/v1", upstream_key="env:LLIMIT_UPSTREAM_KEY_TEAM_A",
                   allow_user_keys="1", budget_usd="5", budget_window="day")
     assert created.status_code == 200 and "Project created." in created.text
-    assert "Team &lt;A&gt;" in created.text and "env:TEAM_A_KEY" in created.text
+    assert "Team &lt;A&gt;" in created.text and "env:LLIMIT_UPSTREAM_KEY_TEAM_A" in created.text
     project = gateway.admin.get(gateway.url + "/admin/projects/team-a").json()
-    assert project["upstream_key_source"] == "env:TEAM_A_KEY"
+    assert project["upstream_key_source"] == "env:LLIMIT_UPSTREAM_KEY_TEAM_A"
     assert [(l["metric"], l["window"], l["amount"]) for l in project["limits"]] == \
         [("usd", "day", 5.0)]
     bad = act("create_project", id="bad id!", upstream_kind="openai")
@@ -292,14 +292,18 @@ def test_admin_dashboard_manages_projects_keys_limits_and_prices(gateway, fake, 
     raw_key = re.search(r'id="new-key" class="secret">([^<]+)<', issued.text).group(1)
     assert "Your new key for dana" in issued.text
     fake.reset()
-    assert call(gateway, raw_key, model="acme-7b").choices
-    assert fake.requests[-1].headers["Authorization"] == "Bearer sk-stored-secret-999"
+    # Unpriced spend under team-a's USD budget is refused; without a budget it is metered.
+    with pytest.raises(openai.PermissionDeniedError, match="No price covers"):
+        call(gateway, raw_key, model="acme-7b")
+    assert call(gateway, gateway.create_key(user="erin")[0], model="acme-7b").choices
     page = admin.get(gateway.url + "/admin").text
     assert raw_key not in page and "dana" in page
     assert re.search(r'id="missing-prices".*acme-7b', page, re.S)
 
     priced_page = act("set_price", model="acme-7b", input="1000", output="2000")
     assert "Price set" in priced_page.text and 'id="missing-prices"' not in priced_page.text
+    assert call(gateway, raw_key, model="acme-7b").choices
+    assert fake.requests[-1].headers["Authorization"] == "Bearer sk-stored-secret-999"
     assert act("set_price", model="acme-7b", input="lots", output="1").status_code == 400
     assert act("set_price", model="acme-7b", input="inf", output="1").status_code == 400
 

@@ -19,13 +19,13 @@ ANTHROPIC_KEY = "sk-ant-secret-abc"
 
 @pytest.fixture
 def azure_project(gateway, fake, monkeypatch):
-    monkeypatch.setenv("MY_TEAM_AZURE_KEY", AZURE_KEY)
+    monkeypatch.setenv("LLIMIT_UPSTREAM_KEY_AZURE", AZURE_KEY)
     resp = gateway.admin.post(gateway.url + "/admin/projects", json={
         "id": "my-team", "name": "My Team", "upstream_kind": "azure",
-        "upstream_url": fake.url, "upstream_key": "env:MY_TEAM_AZURE_KEY",
+        "upstream_url": fake.url, "upstream_key": "env:LLIMIT_UPSTREAM_KEY_AZURE",
         "api_version": "2024-10-21", "allow_user_keys": True})
     assert resp.status_code == 201, resp.text
-    assert AZURE_KEY not in resp.text and "env:MY_TEAM_AZURE_KEY" in resp.text
+    assert AZURE_KEY not in resp.text and "env:LLIMIT_UPSTREAM_KEY_AZURE" in resp.text
     return gateway.create_key(user="alice", project="my-team")[0]
 
 
@@ -94,11 +94,11 @@ def test_azure_deployment_mapped_to_a_model_when_none_is_reported(gateway, fake,
 
 
 def test_missing_env_key_is_a_clear_502(gateway, fake, azure_project, monkeypatch):
-    monkeypatch.delenv("MY_TEAM_AZURE_KEY")
+    monkeypatch.delenv("LLIMIT_UPSTREAM_KEY_AZURE")
     resp = requests.post(gateway.url + "/v1/chat/completions", json={"model": "d"},
                          headers={"Authorization": f"Bearer {azure_project}"})
     assert resp.status_code == 502
-    assert "MY_TEAM_AZURE_KEY" in resp.json()["error"]["message"]
+    assert "LLIMIT_UPSTREAM_KEY_AZURE" in resp.json()["error"]["message"]
     assert fake.requests == []
 
 
@@ -168,11 +168,11 @@ def test_missing_env_key_is_warned_about_at_start(tmp_path):
     llimit.migrate(db)
     llimit.insert_project(db, llimit.validate_project({
         "id": "ghost", "upstream_kind": "azure", "upstream_url": "https://res.example",
-        "upstream_key": "env:GHOST_AZURE_KEY"}) | {"created_at": "2026-11-23T00:00:00Z"})
+        "upstream_key": "env:LLIMIT_UPSTREAM_KEY_GHOST"}) | {"created_at": "2026-11-23T00:00:00Z"})
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "GHOST_AZURE_KEY"}
+    env = {k: v for k, v in os.environ.items() if k != "LLIMIT_UPSTREAM_KEY_GHOST"}
     server = subprocess.Popen([sys.executable, "llimit.py", "--port", str(port), "--db", db_path],
                               env={**env, "LLIMIT_ADMIN_TOKEN": "t"}, stderr=subprocess.PIPE,
                               text=True)
@@ -185,7 +185,7 @@ def test_missing_env_key_is_warned_about_at_start(tmp_path):
             if "serving on" in line:
                 break
         text = "".join(lines)
-        assert "ghost" in text and "GHOST_AZURE_KEY is not set" in text
+        assert "ghost" in text and "LLIMIT_UPSTREAM_KEY_GHOST is not set" in text
         assert server.poll() is None, "a missing key must not stop llimit"
     finally:
         server.terminate()

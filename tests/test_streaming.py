@@ -75,20 +75,30 @@ def test_upstream_cut_midway_is_metered_as_estimated(gateway, fake):
     assert event["prompt_tokens"] > 0
 
 
-def test_client_leaving_midway_closes_upstream_and_meters_estimate(gateway, fake):
-    fake.behaviour.update(chunks=50, chunk_delay=0.05)
+def test_client_leaving_midway_is_metered_at_its_worst_case(gateway, fake):
+    # A reasoning model bills thousands of tokens while the client sees a few
+    # chunks; a cut stream without exact usage is settled at its reservation.
+    fake.behaviour.update(chunks=50, chunk_delay=0.05, reasoning_tokens=2900,
+                          completion_tokens=3000)
     raw_key, _ = gateway.create_key()
-    resp = stream_request(gateway, raw_key, {"model": "gpt-4o", "stream": True,
-                                             "messages": [{"role": "user", "content": "Hi"}]})
+    body = {"model": "o3-mini", "stream": True, "max_completion_tokens": 3000,
+            "messages": [{"role": "user", "content": "Hi"}]}
+    resp = stream_request(gateway, raw_key, body)
     events = sseclient.SSEClient(resp.iter_content(None)).events()
-    next(events), next(events)
+    next(events)
     resp.close()
     deadline = time.monotonic() + 10
     while not gateway.events() and time.monotonic() < deadline:
         time.sleep(0.1)
     (event,) = gateway.events()
+    # What llimit sent upstream: the body with include_usage added, 3 bytes a token.
+    sent = json.dumps({**body, "stream_options": {"include_usage": True}})
+    assert fake.requests[-1].body == sent.encode()
+    prompt = len(sent) // 3
     assert event["pricing"] == "estimated"
-    assert 1 <= event["completion_tokens"] < 50
+    assert (event["prompt_tokens"], event["completion_tokens"]) == (prompt, 3000)
+    # o3-mini: $1.10 in, $4.40 out per 1M tokens
+    assert event["cost_nusd"] == round((prompt * 1.10 + 3000 * 4.40) * 1000)
 
 
 def test_drain_seconds_reads_the_exact_usage_after_the_client_left(make_llimit, fake):
@@ -113,4 +123,5 @@ def test_stream_without_usage_is_estimated(gateway, fake):
     api = openai.OpenAI(base_url=gateway.url + "/v1", api_key=raw_key, max_retries=0)
     list(api.chat.completions.create(model="gpt-4o", stream=True, messages=[]))
     (event,) = gateway.events()
-    assert event["pricing"] == "estimated" and event["completion_tokens"] == 3
+    # No usage at all: the worst case, gpt-4o's max_output_tokens (pricing.json), not 3 chunks.
+    assert event["pricing"] == "estimated" and event["completion_tokens"] == 16384
