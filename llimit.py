@@ -1324,6 +1324,29 @@ def copy_table(source, target, table, batch=1000):
     return copied, read
 
 
+def foreign_usage_event(source, target, batch=1000):
+    """The id of a usage event in `target` that `source` does not hold as it is, or None.
+
+    migrate-db fills an unused database, or runs again over its own copy: any
+    other event would collide by id with one of the source's (and its totals
+    with the source's), so the copy would lose usage.
+    """
+    after = -1
+    while True:
+        marks = target.execute("select id, created_ms, key_id, cost_nusd from usage_events"
+                               " where id > ? order by id limit ?", (after, batch)).fetchall()
+        if not marks:
+            return None
+        ids = [mark[0] for mark in marks]
+        held = {tuple(row) for row in source.execute(
+            "select id, created_ms, key_id, cost_nusd from usage_events where id >= ?"
+            " and id <= ?", (ids[0], ids[-1]))}
+        for mark in marks:
+            if tuple(mark) not in held:
+                return mark[0]
+        after = ids[-1]
+
+
 def follow_copied_ids(db):
     """Let the engine's id sequences go on after rows copied with their ids."""
     for sql in FOLLOW_IDS_SQL[engine_of(db)]:
@@ -1869,11 +1892,11 @@ def iter_usage_events(db, start_ms, end_ms, batch=2000):
         after_ms, after_id = rows[-1]["created_ms"], rows[-1]["id"]
 
 
-def reprice_usage_events(db, repriced):
+def reprice_usage_events(db, repriced, now_ms):
     """Store new (cost_nusd, price_id, pricing, id) for events, then rebuild rollups."""
     db.executemany("update usage_events set cost_nusd = ?, price_id = ?, pricing = ?"
                    " where id = ?", repriced)
-    rebuild_rollups(db)
+    rebuild_rollups(db, now_ms)
 
 
 # The UTC day of an event's created_ms, in each engine's words.
@@ -1883,9 +1906,13 @@ EVENT_DAY_SQL = {
 }
 
 
-def rebuild_rollups(db):
-    """Recompute usage_daily and usage_counters from usage_events (admin path only)."""
+def rebuild_rollups(db, now_ms):
+    """Recompute usage_daily and usage_counters (and on PostgreSQL the last hour's
+    usage_minutes) from usage_events (admin path only)."""
     event_day = EVENT_DAY_SQL[engine_of(db)]
+    minutes = engine_of(db) == "postgres"  # SQLite's one process counts minutes in memory
+    if minutes:
+        db.execute("delete from usage_minutes")
     db.execute("delete from usage_daily")
     db.execute(
         f"insert into usage_daily select {event_day},"
@@ -1910,6 +1937,13 @@ def rebuild_rollups(db):
             " sum(prompt_tokens + completion_tokens), coalesce(sum(cost_nusd), 0)"
             f" from usage_events where {subject_sql} is not null group by subject, d",
             parts + parts)
+        if minutes:  # the hour delete_stale_reservations keeps
+            db.execute(
+                f"insert into usage_minutes select {subject_sql} as subject,"
+                " created_ms / 60000 * 60 as m, count(*),"
+                " sum(prompt_tokens + completion_tokens), coalesce(sum(cost_nusd), 0)"
+                f" from usage_events where {subject_sql} is not null and created_ms >= ?"
+                " group by subject, m", parts + parts + (now_ms // 60000 * 60000 - 3600_000,))
     db.execute("insert into usage_counters select subject, 'total', sum(requests), sum(tokens),"
                " sum(cost_nusd) from usage_counters group by subject")
 
@@ -3027,7 +3061,7 @@ def reprice_all(state):
                 update = (round(costed[2] * factor), snapshot_ids[resolved], status or "priced")
             if update != (row["cost_nusd"], row["price_id"], row["pricing"]):
                 changes.append((*update, row["id"]))
-        reprice_usage_events(db, changes)
+        reprice_usage_events(db, changes, int(state.config.clock() * 1000))
         # Running totals change under the limits' feet: swap them in one step.
         with state.limits.lock:
             commit(db)
@@ -9173,6 +9207,12 @@ def cli_migrate_db(config, args):
             applied = migrate(db)
             if applied:
                 print(f"{database}: applied {len(applied)} migrations first")
+        foreign = foreign_usage_event(source, target)
+        if foreign is not None:
+            raise LlimitError(409, "invalid_request_error",
+                              f"--to already holds usage that is not from --from (event"
+                              f" {foreign}); migrate-db fills an unused database (or runs"
+                              " again over its own copy): point --to at an empty one")
         tables = [table for table in list_tables(source) if table not in UNCOPIED_TABLES]
         known = set(list_tables(target))
         total = 0

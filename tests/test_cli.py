@@ -303,3 +303,10 @@ def test_migrate_db_copies_everything_once(make_llimit, fake, databases, postgre
                          headers=headers).status_code == 429  # the total limit: 3 of 3
     ids = [event["id"] for event in new.events()]
     assert len(ids) == 3 and len(set(ids)) == 3  # new ids follow the copied ones
+    # The target is in use now: its own usage would collide with the source's ids.
+    new.stop()
+    late = subprocess.run([sys.executable, "llimit.py", "migrate-db", "--from", source,
+                           "--to", target], capture_output=True, text=True, timeout=120)
+    assert late.returncode != 0
+    assert "--to already holds usage that is not from --from" in late.stderr
+    assert "rows copied" not in late.stdout

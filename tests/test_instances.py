@@ -138,3 +138,23 @@ def test_a_call_costs_one_round_trip_to_postgresql_before_going_upstream(
             assert done[0].status_code == 200
     finally:
         relay.close()
+
+
+def test_a_reprice_rebuilds_the_minute_totals_every_instance_reads(pair, fake):
+    a, b = pair
+    fake.behaviour["model"] = "acme-llm-7b"
+    raw_key, key_id = a.create_key()
+    minute = add_limit(a, scope="key", target=key_id, metric="usd", window="minute",
+                       amount=1, action="warn")
+    for server in (a, b):
+        assert requests.post(server.url + "/v1/chat/completions", json={"model": "acme-llm-7b"},
+                             headers={"Authorization": f"Bearer {raw_key}"}).status_code == 200
+        server.wait_idle()
+    assert b.admin.get(f"{b.url}/admin/limits/{minute['id']}").json()["used"] == 0
+    assert a.admin.put(a.url + "/admin/pricing/acme-llm-7b",
+                       json={"input": 1.0, "output": 2.0}).status_code == 200
+    assert a.admin.post(a.url + "/admin/reprice").json()["changed"] == 2
+    # 2 calls of 11 input and 7 output tokens at $1 and $2 per million: $0.00005.
+    for server in (a, b):
+        used = server.admin.get(f"{server.url}/admin/limits/{minute['id']}").json()["used"]
+        assert used == pytest.approx(2 * (11 * 1.0 + 7 * 2.0) / 1e6)
