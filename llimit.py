@@ -192,6 +192,10 @@ SETTINGS = [
      "path of a local chart.umd.js to serve; a CDN URL when unset"),
     ("grace_seconds", "LLIMIT_GRACE_SECONDS", None, 30.0, float,
      "on SIGTERM, how long open streams may finish"),
+    ("commit_wait_seconds", "LLIMIT_COMMIT_WAIT_SECONDS", None, 10.0, float,
+     "how long an answer waits for its usage row to commit before it becomes a 503"),
+    ("writer_close_seconds", "LLIMIT_WRITER_CLOSE_SECONDS", None, 30.0, float,
+     "at shutdown, how long to wait for the usage writer to commit what is queued"),
     ("metrics_token", "LLIMIT_METRICS_TOKEN", None, None, str,
      "Bearer token /metrics asks for; open when unset"),
     ("user_headers", "LLIMIT_USER_HEADERS", None, (), _csv_list,
@@ -235,8 +239,6 @@ SETTINGS = [
      "open /reports to every signed-in user"),
     ("upstream_env_pattern", "LLIMIT_UPSTREAM_ENV_PATTERN", None, "LLIMIT_UPSTREAM_KEY_*", str,
      "environment variables a project's upstream_key may name as env:NAME (fnmatch)"),
-    ("commit_wait_seconds", "LLIMIT_COMMIT_WAIT_SECONDS", None, 10.0, float,
-     "how long an answer waits for its usage row to commit before it becomes a 503"),
     ("max_concurrent_per_key", "LLIMIT_MAX_CONCURRENT_PER_KEY", None, 16, int,
      "calls one key may have under way at once (429 above)"),
     ("max_concurrent_per_user", "LLIMIT_MAX_CONCURRENT_PER_USER", None, 16, int,
@@ -2958,6 +2960,12 @@ class UsageWriter:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def flush(self, timeout=None):
+        """Wait until every event submitted before this call is committed; False on timeout."""
+        flushed = threading.Event()
+        self._queue.put(flushed)  # taken after those events, set once they are committed
+        return flushed.wait(timeout)
+
     def _run(self):
         db = self.database()
         stopping = False
@@ -2974,9 +2982,12 @@ class UsageWriter:
                     break
             if None in batch:
                 stopping = True
-                batch = [event for event in batch if event is not None]
+            flushes = [item for item in batch if isinstance(item, threading.Event)]
+            batch = [event for event in batch if isinstance(event, UsageEvent)]
             if batch:
                 self._write_until_done(db, batch)
+            for flushed in flushes:
+                flushed.set()
 
     def _write_until_done(self, db, batch):
         delay = 0.05
@@ -3331,7 +3342,8 @@ class Limits:
                 in_flight = getattr(held, field) if held is not None else 0
                 if limit["alert_at"] or self._alerts_full(limit):
                     alert_checks.append((limit, subject))
-                _limit_headers(headers, limit, amount, used + in_flight, start, end, now)
+                _limit_headers(headers, limit, amount, used + in_flight, getattr(worst.need, field),
+                               start, end, now)
                 if limit["action"] == "warn":
                     if used >= amount:
                         warnings.append(describe_limit(limit) + " reached")
@@ -3691,16 +3703,18 @@ def refusal_text(limit, used, in_flight, end, now, limit_message=None):
     return sentence + " " + (limit_message or "Ask your llimit admin to raise it.")
 
 
-def _limit_headers(headers, limit, amount, used, start, end, now):
+def _limit_headers(headers, limit, amount, used, need, start, end, now):
     # compat: OpenAI's x-ratelimit-* headers, which clients and SDKs read, for
-    # minute limits; the tightest limit of each kind wins.
+    # minute limits; the tightest limit of each kind wins. As OpenAI's, remaining
+    # counts this call (`need`, its reserved worst case): what is left after it.
     remaining = max(amount - used, 0)
     if limit["window"] == "minute" and limit["metric"] in ("requests", "tokens"):
         metric = limit["metric"]
         name = f"x-ratelimit-remaining-{metric}"
-        if name not in headers or remaining < int(headers[name]):
+        after = max(remaining - need, 0)
+        if name not in headers or after < int(headers[name]):
             headers[f"x-ratelimit-limit-{metric}"] = str(int(amount))
-            headers[name] = str(int(remaining))
+            headers[name] = str(int(after))
             headers[f"x-ratelimit-reset-{metric}"] = f"{max(int(end - now), 0)}s"
     elif limit["metric"] == "usd":
         current = headers.get("X-LLimit-Budget-Remaining")
@@ -5859,7 +5873,8 @@ def _relay_whole(state, call, resp, upstream):
                   "priced" if usage is not None else "unpriced", stream=False, owned=owned):
         # No answer without a durable row: a kill now would lose an answered call.
         raise LlimitError(503, "service_unavailable", LEDGER_UNAVAILABLE,
-                          code="ledger_unavailable")
+                          code="ledger_unavailable",
+                          headers={"X-LLimit-Request-Id": call.request_id})
     upstream_headers_out = client_response_headers(resp, call.admission.headers)
     if resp.status in (401, 403):
         content, upstream_headers_out = _upstream_auth_failure(call, resp, content, upstream,
@@ -7060,16 +7075,22 @@ def page(handler):
     return serve_page
 
 
+def see_other(location):
+    """A 303 to a path of llimit's (or a sign-in provider's URL): `raise see_other(...)`.
+
+    The page wrapper makes a path absolute with the configured base URL, never
+    with the Host header, which the client chooses.
+    """
+    answer = bottle.response.copy(cls=bottle.HTTPResponse)  # with the cookies set so far
+    answer.status, answer.body = 303, ""
+    answer.set_header("Location", location)
+    return answer
+
+
 def _own_location(config, response):
-    # bottle.redirect makes a path absolute with the request's Host header, which
-    # the client chooses: a redirect to one of llimit's own pages names its base URL.
     location = response.get_header("Location")
-    if not location:
-        return
-    parts = urllib.parse.urlsplit(location)
-    if f"{parts.scheme}://{parts.netloc}" == _origin(bottle.request.url):
-        response.set_header("Location", config.base_url + urllib.parse.urlunsplit(
-            ("", "", parts.path, parts.query, parts.fragment)))
+    if location and location.startswith("/"):
+        response.set_header("Location", config.base_url + location)
 
 
 def page_headers(script_sources):
@@ -7132,7 +7153,7 @@ def _signed_in_user(session):
 def _redirect_to_login():
     request = bottle.request
     here = request.path + ("?" + request.query_string if request.query_string else "")
-    bottle.redirect("/login?" + urllib.parse.urlencode({"next": here}), 303)
+    raise see_other("/login?" + urllib.parse.urlencode({"next": here}))
 
 
 def _require_admin_page(session):
@@ -7187,13 +7208,13 @@ def page_login_post(state, session, form):
                 401, "invalid_request_error", "That is not the admin token.",
                 code="invalid_admin_token"))
         sign_in(state, session, session.user_name, token_admin=True)
-        bottle.redirect(next_path if next_path != "/" else "/admin", 303)
+        raise see_other(next_path if next_path != "/" else "/admin")
     if config.auth == "open":
         user_name = canonical_user_name(form.get("user", ""), state.user_domains)
         if not user_name:
             raise LlimitError(400, "invalid_request_error", "Type a user name to sign in.")
         sign_in(state, session, user_name)
-        bottle.redirect(next_path, 303)
+        raise see_other(next_path)
     if config.auth == "oidc":
         session = ensure_session(state, session)
         pending = {"state": secrets.token_urlsafe(24), "nonce": secrets.token_urlsafe(24),
@@ -7202,7 +7223,7 @@ def page_login_post(state, session, form):
         db = state.database()
         with transaction(db):
             set_session_pending(db, session.id_hash, json.dumps(pending))
-        bottle.redirect(url, 303)
+        raise see_other(url)
     raise LlimitError(400, "invalid_request_error",
                       "Sign-in here comes from your organisation's single sign-on.")
 
@@ -7233,7 +7254,7 @@ def page_login_callback(state, session):
     user_name = user_from_claims(claims, config.oidc_allowed_domains, state.user_domains)
     sign_in(state, session, user_name)
     log.info("page sign-in: %s by OpenID Connect", user_name)
-    bottle.redirect(safe_next(pending.get("next")), 303)
+    raise see_other(safe_next(pending.get("next")))
 
 
 def page_logout_confirm(state, session):
@@ -7243,14 +7264,14 @@ def page_logout_confirm(state, session):
     every other form; a GET alone signs no one out.
     """
     if not session.signed_in:
-        bottle.redirect("/login", 303)
+        raise see_other("/login")
     return render_page(LOGOUT_PAGE, title="Sign out", session=session)
 
 
 def page_logout(state, session, form):
     """POST /logout: end the session."""
     sign_out(state, session)
-    bottle.redirect("/", 303)
+    raise see_other("/")
 
 
 # --- a user's keys and usage ----------------------------------------------------------
@@ -7267,7 +7288,7 @@ def _show_new_key_once(state, session, row, raw_key, page_path):
              "until": state.config.clock() + NEW_KEY_SHOWN_SECONDS}
     set_session_new_key(state.database(), session.id_hash,
                         seal_for_session(session.raw_id, json.dumps(shown)))
-    bottle.redirect(page_path + "#new", 303)
+    raise see_other(page_path + "#new")
 
 
 def _new_key_shown(state, session):
@@ -7319,7 +7340,7 @@ def page_key_revoke(state, session, form, key_id):
         if form.get("confirm") != "1":
             return _confirm_revoke(session, row, f"/keys/{key_id}/revoke", (), "/keys")
         revoke_key(db, key_id, utc_iso(state.config.clock()))
-    bottle.redirect("/keys", 303)
+    raise see_other("/keys")
 
 
 def _confirm_revoke(session, row, action, hidden, back):
@@ -7763,7 +7784,7 @@ def _admin_users(db, keys, month_start, today):
 
 
 def _admin_done(notice, anchor):
-    bottle.redirect(f"/admin?done={notice}#{anchor}", 303)
+    raise see_other(f"/admin?done={notice}#{anchor}")
 
 
 def _admin_create_project(state, session, form):
@@ -8600,7 +8621,7 @@ class State:
     def close(self):
         """Write all queued usage and close upstream connections; False if usage is left."""
         self.sweeper.stop()
-        written = self.writer.close()
+        written = self.writer.close(self.config.writer_close_seconds)
         self.pool.close()
         self.database.close()
         return written

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -40,6 +41,8 @@ HOST = "127.0.0.1"
 ADMIN_TOKEN = "bench-admin"
 UPSTREAM_KEY = "sk-bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+READY = re.compile(rb"^ready (\d+)$", re.M)                  # the fake upstream's stdout
+SERVING = re.compile(rb"serving on http://[\d.]+:(\d+)")   # llimit's log
 
 # Targets printed beside the results.
 TARGET_ADDED_P50_MS = 1.0
@@ -441,10 +444,21 @@ def _self_cpu():
     return times.user + times.system
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+def wait_for_port(path, pattern, proc, timeout, what, offset=0):
+    """The port a child bound to port 0 reports: read from the file it writes (from
+    `offset` on) until `pattern` matches, within `timeout`. A port picked here and
+    handed to the child could be taken by anyone in between."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            found = pattern.search(f.read())
+        if found:
+            return int(found.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} reported no port within {timeout:.0f}s")
 
 
 def child_env(extra):
@@ -471,27 +485,15 @@ def http_request(port, method, path, body=None, headers=None, timeout=5.0):
         conn.close()
 
 
-def wait_port(port, proc, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode}")
-        try:
-            with socket.create_connection((HOST, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f}s")
-
-
-def start_upstream(stream_gap_ms):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--serve-upstream", str(port),
-         "--stream-gap-ms", str(stream_gap_ms)],
-        stdout=subprocess.DEVNULL, stderr=None, env=child_env({}))
-    wait_port(port, proc, 10, "fake upstream")
-    return proc, port
+def start_upstream(stream_gap_ms, tmpdir):
+    """The fake upstream on a port of its own choosing: (process, port)."""
+    out_path = os.path.join(tmpdir, "upstream.out")
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--serve-upstream", "0",
+             "--stream-gap-ms", str(stream_gap_ms)],
+            stdout=out, stderr=None, env=child_env({}))
+    return proc, wait_for_port(out_path, READY, proc, 10, "fake upstream")
 
 
 class Llimit:
@@ -507,7 +509,7 @@ class Llimit:
         self.port = None
 
     def start(self, timeout=30.0):
-        self.port = free_port()
+        offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         env = child_env({"LLIMIT_ADMIN_TOKEN": ADMIN_TOKEN,
                          "LLIMIT_UPSTREAM_KEY": UPSTREAM_KEY,
                          "LLIMIT_THREADS": str(self.threads),
@@ -527,7 +529,7 @@ class Llimit:
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, self.script, "serve", "--host", HOST, "--port", str(self.port),
+                [sys.executable, self.script, "serve", "--host", HOST, "--port", "0",
                  "--db", self.db_path,
                  "--upstream-url", f"http://{HOST}:{self.upstream_port}/v1"],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -535,6 +537,11 @@ class Llimit:
         finally:
             log.close()
         deadline = time.monotonic() + timeout
+        try:  # the log is appended to across restarts: only what this start wrote
+            self.port = wait_for_port(self.log_path, SERVING, self.proc, timeout, "llimit",
+                                      offset)
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}:\n" + self.log_tail()) from None
         last = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -1040,7 +1047,7 @@ def main(argv=None):
                            "stream_ttfb_added_ms": TARGET_TTFB_ADDED_MS},
                "rounds": []}
     try:
-        upstream, upstream_port = start_upstream(args.stream_gap_ms)
+        upstream, upstream_port = start_upstream(args.stream_gap_ms, tmpdir)
         log_progress(f"fake upstream on port {upstream_port} (pid {upstream.pid})")
         raw_key = key_id = None
         if not args.direct_only:

@@ -20,6 +20,11 @@ ADMIN_TOKEN = "test-admin-token"
 UPSTREAM_KEY = "sk-upstream-secret-123"
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: a long load test; CI runs it, `-m \"not slow\"` skips it locally")
+
+
 class Clock:
     """A settable clock for llimit's config, so window tests never sleep."""
 
@@ -46,17 +51,22 @@ class LlimitServer:
         # As `serve` does once bound: links and redirects name the port it got.
         self.config = self.state.config = dataclasses.replace(
             config, host="127.0.0.1", port=self.server.effective_port)
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self._stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
         self.admin = requests.Session()
         self.admin.headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
         self._reader = None
 
-    def _run(self):
-        try:
-            self.server.run()
-        except (OSError, ValueError):
-            pass  # the map was closed under the loop at stop()
+    def _serve(self):
+        # waitress's loop in slices of at most 50 ms, so that it sees stop() soon and
+        # closes every socket itself: nothing is closed under its poll, and no other
+        # thread writes to its trigger (a thunk that closed the trigger could run, on
+        # a wake-up already pending, before pull_trigger had written to it).
+        while not self._stopping.is_set():
+            waitress.wasyncore.loop(timeout=0.05, map=self.server._map, use_poll=True,
+                                    count=1)
+        waitress.wasyncore.close_all(self.server._map)
 
     def create_key(self, user="alice", project="default", **fields):
         """A fresh key: (raw key, key id)."""
@@ -93,16 +103,16 @@ class LlimitServer:
         return [dict(row) for row in self.db().execute(
             "select * from usage_events order by id")]
 
-    def wait_idle(self, timeout=10):
-        deadline = time.monotonic() + timeout
-        while self.state.writer.depth() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.05)  # the last batch may still be committing
+    def wait_idle(self, timeout=60):
+        """Return once every usage event submitted so far is committed (and counted)."""
+        assert self.state.writer.flush(timeout), f"usage still uncommitted after {timeout} s"
 
     def stop(self):
+        """Stop serving and close llimit (its usage writer included); safe to call twice."""
         self.server.task_dispatcher.shutdown(timeout=2)
-        waitress.wasyncore.close_all(self.server._map)
-        self.thread.join(5)
+        self._stopping.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "waitress's loop did not stop"
         self.state.close()
 
 

@@ -8,6 +8,7 @@ on demand.
         fake.behaviour["cut_after"] = 2     # faults and figures, see BEHAVIOUR below
         ...                                 # point the proxy at fake.url (+ "/v1")
         fake.requests[-1].headers["Authorization"]   # what the proxy sent
+        fake.requests[-1].reply.wait()      # "complete", "cut" or "client left"
         fake.reset()                        # forget requests and behaviour
 
 Routes (OpenAI ones with or without the /v1 prefix):
@@ -209,6 +210,30 @@ class Headers(dict):
         return super().get(self._key(name), default)
 
 
+class ReplyRecord:
+    """How the answer to one request went, filled in while it is sent.
+
+    events_sent: stream events written so far ([DONE] included, the closing
+    zero-length chunk not); outcome, once the answer is over: "complete" (all of it
+    written), "cut" (cut_after) or "client left" (a write failed: the client, such
+    as a proxy that closed its upstream call, had gone).
+    """
+
+    def __init__(self):
+        self.events_sent = 0
+        self.outcome = None
+        self.over = threading.Event()
+
+    def end(self, outcome):
+        self.outcome = outcome
+        self.over.set()
+
+    def wait(self, timeout=30):
+        """The outcome, once the answer is over (None if it is not within `timeout`)."""
+        self.over.wait(timeout)
+        return self.outcome
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordedRequest:
     method: str
@@ -217,6 +242,8 @@ class RecordedRequest:
     headers: Headers
     body: bytes
     json: object    # the parsed body, or None
+    reply: ReplyRecord = dataclasses.field(default_factory=ReplyRecord, compare=False,
+                                           repr=False)
 
 
 # --- one call: the request, the behaviour and the figures derived from them --------
@@ -1059,9 +1086,10 @@ class _Handler(BaseHTTPRequestHandler):
         time.sleep(call.behaviour.get("delay_first") or 0)
         reply = respond(call)
         try:
-            self._send(reply, call.behaviour)
+            self._send(reply, call.behaviour, request.reply)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client left
+            request.reply.end("client left")
             fake._client_left(request)
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
@@ -1077,7 +1105,7 @@ class _Handler(BaseHTTPRequestHandler):
             return b"".join(parts)
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def _send(self, reply, behaviour):
+    def _send(self, reply, behaviour, record):
         self.send_response(reply.status)
         for name, value in reply.headers:
             self.send_header(name, value)
@@ -1085,6 +1113,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(reply.body)))
             self.end_headers()
             self.wfile.write(reply.body)
+            record.end("complete")
             return
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
@@ -1096,13 +1125,16 @@ class _Handler(BaseHTTPRequestHandler):
             if index and gap:
                 time.sleep(gap)
             self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            record.events_sent += 1
             if index == 0 and stall:
                 time.sleep(stall)
         if cut_after is None:
             self.wfile.write(b"0\r\n\r\n")
+            record.end("complete")
         else:  # die mid-stream: FIN without the terminating zero-length chunk
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+            record.end("cut")
 
 
 class _Server(ThreadingHTTPServer):

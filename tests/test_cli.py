@@ -75,7 +75,7 @@ def test_limits_and_projects_from_the_cli(gateway):
 
 def test_serve_help_names_every_flag():
     out = subprocess.run([sys.executable, "llimit.py", "serve", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, timeout=60).stdout
     for flag in ("--host", "--port", "--db", "--threads", "--upstream-url", "--pricing",
                  "--auth", "--chartjs"):
         assert flag in out

@@ -467,3 +467,33 @@ def test_text_sets_the_completion_whole_and_streamed(fake):
     message = claude(fake).messages.create(model="claude-sonnet-4-6", max_tokens=10,
                                            messages=[{"role": "user", "content": "Hi"}])
     assert message.content[0].text == "marker-0123456789"
+
+
+def test_each_reply_records_how_it_ended(fake):
+    whole = post(fake, "/v1/chat/completions", {"model": "m"})
+    assert whole.json()["usage"]
+    assert fake.requests[-1].reply.wait() == "complete"
+    assert sse_data(post(fake, "/v1/chat/completions", {"model": "m", "stream": True}))
+    streamed = fake.requests[-1].reply
+    assert (streamed.wait(), streamed.events_sent) == ("complete", 4)  # 3 pieces, [DONE]
+    fake.behaviour["cut_after"] = 2
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        post(fake, "/v1/chat/completions", {"model": "m", "stream": True}).content
+    cut = fake.requests[-1].reply
+    assert (cut.wait(), cut.events_sent) == ("cut", 2)
+    # A client that goes after the first event: a later write fails, and says so.
+    fake.behaviour.clear()
+    fake.behaviour.update(chunks=50, chunk_delay=0.05)
+    with socket.create_connection(("127.0.0.1", int(fake.url.rsplit(":", 1)[1])),
+                                  timeout=10) as sock:
+        body = b'{"model":"m","stream":true}'
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        received = b""
+        while b"data: " not in received:  # the first event, then the client goes
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+    left = fake.requests[-1].reply
+    assert left.wait() == "client left" and 1 <= left.events_sent < 51

@@ -62,10 +62,12 @@ def test_rate_limit_per_minute_with_retry_after_and_headers(gateway, fake, clock
     raw_key, key_id = gateway.create_key()
     add_limit(gateway, scope="key", target=key_id, metric="requests", window="minute",
               amount=2)
+    # OpenAI's meaning: what remains once this call is counted, so 0 on the last one allowed.
     first = call(gateway, raw_key)
     assert first.headers["x-ratelimit-limit-requests"] == "2"
-    assert first.headers["x-ratelimit-remaining-requests"] == "2"
-    assert call(gateway, raw_key).headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-reset-requests"] == "10s"  # 50 s into the minute
+    assert call(gateway, raw_key).headers["x-ratelimit-remaining-requests"] == "0"
     blocked = call(gateway, raw_key)
     assert blocked.status_code == 429
     assert blocked.json()["error"]["type"] == "rate_limit_exceeded"
@@ -268,7 +270,7 @@ def test_failed_calls_release_their_reservation(make_llimit, fake):
 def test_fail_closed_when_usage_cannot_be_written(make_llimit, fake, engine):
     if engine == "postgres":
         pytest.skip("SQLite's lock; test_postgres_outage_fails_closed_and_recovers is PostgreSQL's")
-    gateway = make_llimit(commit_wait_seconds=1)
+    gateway = make_llimit(commit_wait_seconds=1.0)  # the answer need not wait 10 s
     raw_key, key_id = gateway.create_key()
     add_limit(gateway, scope="key", target=key_id, metric="usd", window="day", amount=100)
     blocker = sqlite3.connect(gateway.config.db_path, isolation_level=None)
@@ -360,7 +362,15 @@ def test_alerts_fire_once_per_threshold_even_across_restart(make_llimit, fake, t
     posts = hook.wait_for(2)
     call(again, raw_key)  # refused: still no further alert
     again.wait_idle()
-    time.sleep(0.5)
+    # Every alert is stored before it is posted: once both stored ones are delivered,
+    # no further post can come.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        stored = again.db().execute("select delivered_at from alerts_sent").fetchall()
+        if all(row["delivered_at"] for row in stored):
+            break
+        time.sleep(0.05)
+    assert len(stored) == 2 and all(row["delivered_at"] for row in stored)
     texts = [post["text"] for post in hook.posts]
     assert len(texts) == 2 and "reached" in texts[1]
 

@@ -6,7 +6,11 @@ import itertools
 import threading
 import time
 
+import pytest
+
 from tests.process import WAIT, chat, complete_stream, wait_until
+
+pytestmark = pytest.mark.slow  # about a minute; `-m "not slow"` skips it locally, CI runs it
 
 STREAMS = 200
 STREAM_SECONDS = 30

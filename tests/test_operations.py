@@ -6,6 +6,7 @@ import json
 import re
 import secrets
 import sqlite3
+import subprocess
 import threading
 import time
 
@@ -348,20 +349,30 @@ def test_json_log_lines_are_each_valid_json_with_the_call_fields(processes, fake
 
 def test_sigterm_with_the_database_locked_past_the_writers_wait_exits_1_and_says_so(
         processes, fake, tmp_path):
-    """The usage writer waits 30 s at shutdown; a longer lock must not pass as a clean stop."""
-    proc = processes(LLIMIT_GRACE_SECONDS="1", LLIMIT_COMMIT_WAIT_SECONDS="2")
+    """The usage writer waits LLIMIT_WRITER_CLOSE_SECONDS at shutdown; a longer lock must
+    not pass as a clean stop. Both of llimit's waits are shortened to keep the test short."""
+    proc = processes(LLIMIT_GRACE_SECONDS="1", LLIMIT_COMMIT_WAIT_SECONDS="2",
+                     LLIMIT_WRITER_CLOSE_SECONDS="2")
     raw_key, _ = proc.create_key()
     assert chat(proc, raw_key)[0] == 200
     wait_until(lambda: len(proc.events()) == 1, what="the first row")
     locker = sqlite3.connect(proc.db_path, timeout=30, isolation_level=None)
     locker.execute("begin exclusive")
     try:
-        # Withheld (503) after llimit's commit wait, its row still queued.
-        assert chat(proc, raw_key)[0] == 503
+        # Withheld (503) after llimit's commit wait (2 s here), its row still queued.
+        status, request_id, _ = chat(proc, raw_key)
+        assert status == 503
+        assert f"usage of request_id={request_id} not yet committed after 2.0s" in proc.log()
         proc.terminate()
-        assert proc.wait(timeout=WAIT) == 1
+        # The lock is held far past the 2 s wait: a writer that waited its default 30 s
+        # instead would commit once the lock goes, and the process would exit 0.
+        try:
+            code = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            code = "still running 20 s after SIGTERM"
     finally:
         locker.execute("rollback")
         locker.close()
+    assert code == 1
     assert "stopped with usage unwritten" in proc.log()
     assert "every finished call is metered" not in proc.log()

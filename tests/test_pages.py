@@ -189,6 +189,87 @@ def test_state_changing_posts_need_the_csrf_token_and_our_origin(gateway):
         .endswith("/login")
 
 
+def database_state(server):
+    """Every row of every table, to show that a refused form changed nothing."""
+    db = server.db()
+    tables = [row[0] for row in db.execute(
+        "select name from sqlite_master where type = 'table' order by name")]
+    return {table: sorted(repr(tuple(row)) for row in db.execute(f"select * from {table}"))
+            for table in tables}
+
+
+def test_every_state_changing_post_needs_the_csrf_token_and_our_origin(gateway, fake):
+    """Each page form that changes something, /login included, is refused without its
+    session's token, with a forged or another session's token, and from another site,
+    changing nothing; the same form with the token and our origin then does its work."""
+    alice = http_sign_in(gateway.url, "alice")
+    admin = http_sign_in(gateway.url, admin_token=ADMIN_TOKEN)
+    stranger = requests.Session()  # not signed in yet: the form is /login's own
+    tokens = {id(alice): csrf_token(alice.get(gateway.url + "/keys").text),
+              id(admin): csrf_token(admin.get(gateway.url + "/admin").text),
+              id(stranger): csrf_token(stranger.get(gateway.url + "/login").text)}
+    bob_token = csrf_token(http_sign_in(gateway.url, "bob").get(gateway.url + "/keys").text)
+    _, alice_key_id = gateway.create_key(user="alice")
+    _, zed_key_id = gateway.create_key(user="zed")
+    limit_id = gateway.admin.post(gateway.url + "/admin/limits", json={
+        "scope": "user", "target": "zed", "metric": "usd", "window": "day", "amount": 1}
+    ).json()["id"]
+    assert gateway.admin.post(gateway.url + "/admin/projects", json={
+        "id": "csrf-p", "upstream_kind": "openai"}).status_code == 201
+    upstream = fake.url + "/v1"
+    # (session, route, URL path, form): every POST route of the pages, every admin action.
+    forms = [
+        (alice, "/keys", "/keys", {"project": "default", "note": "x"}),
+        (alice, "/keys/<key_id>/revoke", f"/keys/{alice_key_id}/revoke", {"confirm": "1"}),
+        (admin, "/admin", "/admin", {"action": "create_project", "id": "csrf-new",
+                                     "upstream_kind": "openai", "upstream_url": upstream}),
+        (admin, "/admin", "/admin", {"action": "update_project", "id": "csrf-p",
+                                     "name": "Renamed", "upstream_kind": "openai",
+                                     "upstream_url": upstream,
+                                     "upstream_key": "env:LLIMIT_UPSTREAM_KEY_P"}),
+        (admin, "/admin", "/admin", {"action": "create_key", "user": "dana",
+                                     "project": "default"}),
+        (admin, "/admin", "/admin", {"action": "revoke_key", "key_id": zed_key_id,
+                                     "confirm": "1"}),
+        (admin, "/admin", "/admin", {"action": "create_limit", "scope": "user",
+                                     "target": "dana", "metric": "requests",
+                                     "window": "minute", "amount": "1",
+                                     "limit_action": "block"}),
+        (admin, "/admin", "/admin", {"action": "delete_limit", "limit_id": limit_id}),
+        (admin, "/admin", "/admin", {"action": "set_price", "model": "acme-7b",
+                                     "input": "1", "output": "2"}),
+        (stranger, "/login", "/login", {"user": "mallory", "next": "/"}),
+        (alice, "/logout", "/logout", {}),  # last of alice's: it ends her session
+    ]
+    assert {route for _, route, _, _ in forms} == {
+        path for method, path, _ in llimit.routes()
+        if method == "POST" and not path.startswith("/admin/")}  # /admin/...: the token API
+    assert {form["action"] for _, route, _, form in forms if route == "/admin"} == \
+        set(llimit.ADMIN_ACTIONS)
+
+    for session, route, path, form in forms:
+        token = tokens[id(session)]
+        what = f"{path} {form.get('action', '')}"
+        before = database_state(gateway)
+        for sent, headers, says in (
+                (form, {}, "reload the page"),                          # no token
+                ({**form, "csrf_token": "forged"}, {}, "reload the page"),
+                ({**form, "csrf_token": bob_token}, {}, "reload the page"),  # not hers
+                ({**form, "csrf_token": token}, {"Origin": "https://evil.example"},
+                 "another site"),
+                ({**form, "csrf_token": token}, {"Sec-Fetch-Site": "cross-site"},
+                 "another site")):
+            refused = session.post(gateway.url + path, data=sent, headers=headers,
+                                   allow_redirects=False)
+            assert refused.status_code == 403 and says in refused.text, (what, headers)
+            assert database_state(gateway) == before, (what, headers)
+        done = session.post(gateway.url + path, data={**form, "csrf_token": token},
+                            headers={"Origin": gateway.url, "Sec-Fetch-Site": "same-origin"},
+                            allow_redirects=False)
+        assert done.status_code in (200, 303), (what, done.status_code, done.text)
+        assert database_state(gateway) != before, what
+
+
 def test_sessions_are_server_side_with_safe_cookies(make_llimit):
     server = make_llimit()
     session = requests.Session()

@@ -1,11 +1,5 @@
 """Azure OpenAI, Anthropic and one upstream per project, with the official clients."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
-
 import anthropic
 import openai
 import pytest
@@ -162,31 +156,16 @@ def test_keys_go_only_to_their_project_upstream(gateway, fake, anthropic_project
     assert projects == {"default", "claude-team"}
 
 
-def test_missing_env_key_is_warned_about_at_start(tmp_path):
+def test_missing_env_key_is_warned_about_at_start(tmp_path, processes, monkeypatch):
     db_path = str(tmp_path / "warn.db")
     db = llimit.connect(db_path)
     llimit.migrate(db)
     llimit.insert_project(db, llimit.validate_project({
         "id": "ghost", "upstream_kind": "azure", "upstream_url": "https://res.example",
         "upstream_key": "env:LLIMIT_UPSTREAM_KEY_GHOST"}) | {"created_at": "2026-11-23T00:00:00Z"})
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "LLIMIT_UPSTREAM_KEY_GHOST"}
-    server = subprocess.Popen([sys.executable, "llimit.py", "--port", str(port), "--db", db_path],
-                              env={**env, "LLIMIT_ADMIN_TOKEN": "t"}, stderr=subprocess.PIPE,
-                              text=True)
-    try:
-        deadline = time.monotonic() + 20
-        lines = []
-        while time.monotonic() < deadline:
-            line = server.stderr.readline()
-            lines.append(line)
-            if "serving on" in line:
-                break
-        text = "".join(lines)
-        assert "ghost" in text and "LLIMIT_UPSTREAM_KEY_GHOST is not set" in text
-        assert server.poll() is None, "a missing key must not stop llimit"
-    finally:
-        server.terminate()
-        server.wait(10)
+    monkeypatch.delenv("LLIMIT_UPSTREAM_KEY_GHOST", raising=False)
+    # Its own port (0), and its log read from a file until "serving on", within a bound.
+    server = processes(db_path=db_path)
+    text = server.log()
+    assert "ghost" in text and "LLIMIT_UPSTREAM_KEY_GHOST is not set" in text
+    assert server.proc.poll() is None, "a missing key must not stop llimit"

@@ -2,6 +2,7 @@
 
 import json
 import socket
+import time
 
 import openai
 import pytest
@@ -51,19 +52,31 @@ def test_every_openai_endpoint_passes(gateway, fake, call):
 
 def test_query_string_and_headers_pass_both_ways(gateway, fake):
     raw_key, _ = gateway.create_key()
+    upstream_wait_ms = 500
+    fake.behaviour["delay_first"] = upstream_wait_ms / 1000
+    started = time.perf_counter()
     resp = requests.post(gateway.url + "/v1/chat/completions?trace=1&x=a%20b",
                          headers={"Authorization": f"Bearer {raw_key}",
-                                  "OpenAI-Organization": "org-1", "Connection": "keep-alive",
+                                  "OpenAI-Organization": "org-1",
+                                  "Connection": "keep-alive, X-Hop-Secret",
+                                  "X-Hop-Secret": "for-the-next-hop-only",
                                   "X-Custom": "dropped", "OpenAI-Beta": "assistants=v2"},
                          json={"model": "gpt-4o", "messages": []})
+    elapsed_ms = (time.perf_counter() - started) * 1000
     assert resp.status_code == 200
     sent = fake.requests[-1]
     assert sent.query == {"trace": "1", "x": "a b"}
     # Only an allowlist of headers goes upstream (tests/test_security.py has the rest).
     assert sent.headers.get("OpenAI-Beta") == "assistants=v2"
     assert "X-Custom" not in sent.headers and "OpenAI-Organization" not in sent.headers
+    # Hop-by-hop (RFC 9110, 7.6.1): neither Connection nor a header it names goes on.
+    assert "Connection" not in sent.headers
+    assert "X-Hop-Secret" not in sent.headers
     assert "x-request-id" in {name.lower() for name in resp.headers}
-    assert float(resp.headers["X-LLimit-Overhead-Ms"]) >= 0
+    # llimit's own time: something, and none of the upstream's wait, which the client's
+    # elapsed time holds along with it.
+    overhead_ms = float(resp.headers["X-LLimit-Overhead-Ms"])
+    assert 0 < overhead_ms <= elapsed_ms - upstream_wait_ms
 
 
 def test_upstream_api_version_is_added_when_missing(make_llimit, fake):
@@ -152,13 +165,14 @@ def test_oversized_body_is_a_413(make_llimit, fake):
 
 
 def test_upstream_refusing_connections_is_a_502(make_llimit):
+    # Bound and never listening, the port refuses connections; held, no one else takes it.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    gateway = make_llimit(upstream_url=f"http://127.0.0.1:{port}/v1")
-    raw_key, _ = gateway.create_key()
-    resp = requests.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-4o"},
-                         headers={"Authorization": f"Bearer {raw_key}"})
+        gateway = make_llimit(upstream_url=f"http://127.0.0.1:{port}/v1")
+        raw_key, _ = gateway.create_key()
+        resp = requests.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                             headers={"Authorization": f"Bearer {raw_key}"})
     assert_openai_error(resp, 502, code="upstream_unreachable")
     (event,) = gateway.events()
     assert event["status_code"] == 502 and event["cost_nusd"] == 0 and event["pricing"] == "free"

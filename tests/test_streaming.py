@@ -75,6 +75,18 @@ def test_upstream_cut_midway_is_metered_as_estimated(gateway, fake):
     assert event["prompt_tokens"] > 0
 
 
+def leave_after_the_first_event(gateway, raw_key, body):
+    """Read one event of a stream, leave, and return the call's usage row once written."""
+    resp = stream_request(gateway, raw_key, body)
+    next(sseclient.SSEClient(resp.iter_content(None)).events())
+    resp.close()
+    deadline = time.monotonic() + 10
+    while not gateway.events() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (event,) = gateway.events()
+    return event
+
+
 def test_client_leaving_midway_is_metered_at_its_worst_case(gateway, fake):
     # A reasoning model bills thousands of tokens while the client sees a few
     # chunks; a cut stream without exact usage is settled at its reservation.
@@ -83,14 +95,7 @@ def test_client_leaving_midway_is_metered_at_its_worst_case(gateway, fake):
     raw_key, _ = gateway.create_key()
     body = {"model": "o3-mini", "stream": True, "max_completion_tokens": 3000,
             "messages": [{"role": "user", "content": "Hi"}]}
-    resp = stream_request(gateway, raw_key, body)
-    events = sseclient.SSEClient(resp.iter_content(None)).events()
-    next(events)
-    resp.close()
-    deadline = time.monotonic() + 10
-    while not gateway.events() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    (event,) = gateway.events()
+    event = leave_after_the_first_event(gateway, raw_key, body)
     # What llimit sent upstream: the body with include_usage added, 3 bytes a token.
     sent = json.dumps({**body, "stream_options": {"include_usage": True}})
     assert fake.requests[-1].body == sent.encode()
@@ -99,22 +104,21 @@ def test_client_leaving_midway_is_metered_at_its_worst_case(gateway, fake):
     assert (event["prompt_tokens"], event["completion_tokens"]) == (prompt, 3000)
     # o3-mini: $1.10 in, $4.40 out per 1M tokens
     assert event["cost_nusd"] == round((prompt * 1.10 + 3000 * 4.40) * 1000)
+    # llimit closed its upstream call: the upstream's next writes failed, long before
+    # its 50 events (and [DONE]) were all sent.
+    reply = fake.requests[-1].reply
+    assert reply.wait() == "client left"
+    assert reply.events_sent < 51
 
 
 def test_drain_seconds_reads_the_exact_usage_after_the_client_left(make_llimit, fake):
     gateway = make_llimit(drain_seconds=10.0)
     fake.behaviour.update(chunks=20, chunk_delay=0.02)
     raw_key, _ = gateway.create_key()
-    resp = stream_request(gateway, raw_key, {"model": "gpt-4o", "stream": True,
-                                             "messages": [{"role": "user", "content": "Hi"}]})
-    events = sseclient.SSEClient(resp.iter_content(None)).events()
-    next(events)
-    resp.close()
-    deadline = time.monotonic() + 10
-    while not gateway.events() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    (event,) = gateway.events()
+    event = leave_after_the_first_event(gateway, raw_key, {
+        "model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "Hi"}]})
     assert (event["pricing"], event["completion_tokens"]) == ("priced", 7)
+    assert fake.requests[-1].reply.wait() == "complete"  # read to its end
 
 
 def test_stream_without_usage_is_estimated(gateway, fake):
