@@ -3597,7 +3597,8 @@ class SharedLimits(Limits):
             used, in_flight = total[position], total[position + 3]
             if refused is not None and row is checks[refused][0]:
                 raise self._refusal(limit, used, in_flight, end, now, call.limit_message)
-            _limit_headers(headers, limit, amount, used + in_flight, row[2], end, now)
+            _limit_headers(headers, limit, amount, used + in_flight,
+                           getattr(need, METRIC_FIELDS[limit["metric"]]), row[2], end, now)
             if not row[7] and used >= amount:
                 warnings.append(describe_limit(limit) + " reached")
         if warnings:
