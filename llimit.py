@@ -87,7 +87,18 @@ class LlimitError(Exception):
             "type": ANTHROPIC_ERROR_TYPES.get(self.status, "api_error"),
             "message": self.message}}
 
+    def gemini_body(self):
+        """The same error in Google's shape, for Gemini's clients."""
+        return {"error": {"code": self.status, "message": self.message,
+                          "status": GEMINI_ERROR_STATUSES.get(self.status, "UNKNOWN")}}
 
+
+# compat: Google's clients read error.status (a google.rpc code name).
+GEMINI_ERROR_STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED",
+                         403: "PERMISSION_DENIED", 404: "NOT_FOUND", 405: "INVALID_ARGUMENT",
+                         409: "ABORTED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+                         500: "INTERNAL", 501: "UNIMPLEMENTED", 502: "UNAVAILABLE",
+                         503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 # compat: the Anthropic SDKs read error.type; the statuses stay llimit's own.
 ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                          403: "permission_error", 404: "not_found_error",
@@ -237,6 +248,11 @@ SETTINGS = [
      "e-mail domains allowed to sign in with OIDC"),
     ("reports_public", "LLIMIT_REPORTS_PUBLIC", None, False, _bool,
      "open /reports to every signed-in user"),
+    ("upstream_user", "LLIMIT_UPSTREAM_USER", None, None, str,
+     "name the user to the provider: hash or name (OpenAI safety_identifier,"
+     " Anthropic metadata.user_id); unset: not sent"),
+    ("cors_origins", "LLIMIT_CORS_ORIGINS", None, (), _csv_list,
+     "browser origins allowed to call the proxy routes with a key (CORS)"),
     ("upstream_env_pattern", "LLIMIT_UPSTREAM_ENV_PATTERN", None, "LLIMIT_UPSTREAM_KEY_*", str,
      "environment variables a project's upstream_key may name as env:NAME (fnmatch)"),
     ("max_concurrent_per_key", "LLIMIT_MAX_CONCURRENT_PER_KEY", None, 16, int,
@@ -316,7 +332,61 @@ def config_from_flags(flags, environ=None):
         _check_oidc_settings(values)
     if values["log_format"] not in ("text", "json"):
         raise SystemExit("llimit: LLIMIT_LOG_FORMAT must be text or json")
+    if values["upstream_user"] not in (None, "hash", "name"):
+        raise SystemExit("llimit: LLIMIT_UPSTREAM_USER must be hash or name")
+    for origin in values["cors_origins"]:
+        if origin != _origin_only(origin):
+            raise SystemExit(f"llimit: LLIMIT_CORS_ORIGINS: {origin!r} is not an origin"
+                             " (scheme://host[:port], no path)")
     return Config(**values)
+
+
+ENV_FILE_NAME = ".env"
+ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
+
+
+def env_file_paths(cwd=None):
+    """The .env files read at start: the working directory's, then the one beside llimit.py."""
+    paths = []
+    for folder in (cwd or os.getcwd(), HERE):
+        path = os.path.realpath(os.path.join(folder, ENV_FILE_NAME))
+        if path not in paths and os.path.isfile(path):
+            paths.append(path)
+    return paths
+
+
+def load_env_files(paths, environ):
+    """Add the settings of .env files to `environ` where it has none; returns those added.
+
+    KEY=VALUE lines, `#` comments, an optional `export ` and quotes. The real
+    environment wins, and an earlier file wins over a later one.
+    """
+    added = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                match = ENV_LINE.match(line)
+                if match is None:
+                    # The line is not echoed: it may hold a secret.
+                    print(f"llimit: {path} line {number} is not KEY=VALUE; ignored",
+                          file=sys.stderr)
+                    continue
+                name, value = match[1], _env_value(match[2])
+                if name not in environ:
+                    environ[name] = added[name] = value
+    return added
+
+
+def _env_value(raw):
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        inner = raw[1:-1]
+        if raw[0] == '"':  # as shells and python-dotenv read double quotes
+            inner = inner.replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
+        return inner
+    return re.split(r"\s+#", raw, maxsplit=1)[0].strip()  # an unquoted value ends at " #"
 
 
 def _apply_entra_shortcut(values, environ):
@@ -343,6 +413,12 @@ def _check_oidc_settings(values):
     # endpoint over TLS (see OidcClient), so plain http is only for this machine.
     if not is_https_or_loopback(values["oidc_issuer"]):
         raise SystemExit("llimit: LLIMIT_OIDC_ISSUER must be an https URL")
+
+
+def _origin_only(url):
+    # scheme://host[:port] of a URL, lowercased as browsers send Origin.
+    parts = urllib.parse.urlsplit(url.strip())
+    return f"{parts.scheme}://{parts.netloc}".lower() if parts.scheme and parts.netloc else ""
 
 
 def is_https_or_loopback(url):
@@ -606,7 +682,22 @@ begin;
 alter table usage_events add column units text;
 commit;
 """),
-    ("0010 shared reservations and minute totals", """
+    ("0010 refused calls per day, project and user", """
+begin;
+-- Calls llimit refused for a known key (a limit, a route, a model, a revoked
+-- or expired key), counted per reason, so admins see who hits their limits.
+-- No request content; '' for a call with no user.
+create table refusals_daily (
+    day text not null,
+    project_id text not null,
+    user_name text not null,
+    reason text not null,           -- the refusal's error code, e.g. budget_exceeded
+    refused integer not null,
+    primary key (day, project_id, user_name, reason)
+) without rowid;
+commit;
+"""),
+    ("0011 shared reservations and minute totals", """
 begin;
 -- For several llimit instances on one PostgreSQL database, which cannot hold
 -- running totals and calls under way in memory as one SQLite process does:
@@ -636,7 +727,7 @@ create table usage_minutes (
 );
 commit;
 """),
-    ("0011 a new key's secret for the next page, sealed", """
+    ("0012 a new key's secret for the next page, sealed", """
 begin;
 -- A key made on a page is shown on the page the browser is sent to next,
 -- which another llimit instance may serve: the secret waits in the session
@@ -821,8 +912,18 @@ create table owned_objects (
     charged_ms bigint
 );
 """
-POSTGRES_MIGRATIONS["0010 shared reservations and minute totals"] = (
-    MIGRATIONS[9][1].strip().removeprefix("begin;").removesuffix("commit;").replace(
+POSTGRES_MIGRATIONS["0010 refused calls per day, project and user"] = """
+create table refusals_daily (
+    day text not null,
+    project_id text not null,
+    user_name text not null,
+    reason text not null,
+    refused bigint not null,
+    primary key (day, project_id, user_name, reason)
+);
+"""
+POSTGRES_MIGRATIONS["0011 shared reservations and minute totals"] = (
+    MIGRATIONS[10][1].strip().removeprefix("begin;").removesuffix("commit;").replace(
         "subject text not null,", 'subject text collate "C" not null,') + """
 -- Admission in one round trip. First the config version: if it is not the
 -- one the caller's key and limits were read at, return [-1, version] and do
@@ -1736,6 +1837,25 @@ def get_minute_max_member(db, subject_prefix, minute_start, column):
     return row[0] or 0
 
 
+def insert_refusals(db, refusals):
+    """Count refused calls into refusals_daily (the caller holds the transaction)."""
+    db.executemany(
+        "insert into refusals_daily (day, project_id, user_name, reason, refused)"
+        " values (?, ?, ?, ?, 1) on conflict (day, project_id, user_name, reason)"
+        " do update set refused = refusals_daily.refused + 1",
+        [(_iso_from_ms(refusal.created_ms)[:10], refusal.project_id, refusal.user_name or "",
+          refusal.reason) for refusal in refusals])
+
+
+def refusals_by_user(db, start_day, end_day):
+    """(user_name, project_id, reason, refused) over inclusive UTC days, most refused first."""
+    return db.execute(
+        "select user_name, project_id, reason, sum(refused) as refused from refusals_daily"
+        " where day >= ? and day <= ? group by user_name, project_id, reason"
+        " order by refused desc, user_name, project_id, reason",
+        (start_day, end_day)).fetchall()
+
+
 def insert_owned_objects(db, rows):
     """Record objects made through llimit (a row for an id known already is ignored).
 
@@ -2424,10 +2544,41 @@ def _text_field(value):
     return value[:40] if isinstance(value, str) and value else None
 
 
+def usage_from_gemini(metadata):
+    """Usage from a Gemini `usageMetadata` object.
+
+    promptTokenCount already holds the cached content's tokens; tool-use
+    prompt tokens (search results fed back) are billed as input too, and
+    thinking tokens as output, beside the candidates' own.
+    """
+    thoughts = _int(metadata.get("thoughtsTokenCount"))
+    return Usage(
+        prompt_tokens=_int(metadata.get("promptTokenCount"))
+        + _int(metadata.get("toolUsePromptTokenCount")),
+        cached_tokens=_int(metadata.get("cachedContentTokenCount")),
+        completion_tokens=_int(metadata.get("candidatesTokenCount")) + thoughts,
+        reasoning_tokens=thoughts)
+
+
+def _gemini_usage(body):
+    # A Gemini answer: its model version and usageMetadata, both top-level.
+    model = body.get("modelVersion") if isinstance(body.get("modelVersion"), str) else None
+    metadata = body.get("usageMetadata")
+    return model, (usage_from_gemini(metadata) if isinstance(metadata, dict) else None)
+
+
 def usage_from_body(body):
     """(model, Usage or None) from a whole JSON response of any provider."""
+    if isinstance(body, list):
+        # compat: Gemini's streamGenerateContent without alt=sse answers a JSON
+        # array of chunks; each repeats the usage so far, so the last one counts.
+        chunks = [chunk for chunk in body if isinstance(chunk, dict)
+                  and isinstance(chunk.get("usageMetadata"), dict)]
+        return _gemini_usage(chunks[-1]) if chunks else (None, None)
     if not isinstance(body, dict):
         return None, None
+    if "usageMetadata" in body:
+        return _gemini_usage(body)
     if body.get("object") == "response" and isinstance(body.get("response"), dict):
         body = body["response"]
     model = body.get("model") if isinstance(body.get("model"), str) else None
@@ -2521,7 +2672,8 @@ def parse_response_json(content):
 
 
 # The top-level members metering needs; a large answer is read for these alone.
-METERED_FIELDS = ("id", "model", "usage", "type", "object", "response")
+METERED_FIELDS = ("id", "model", "usage", "type", "object", "response", "usageMetadata",
+                  "modelVersion", "responseId")
 LARGE_BODY_BYTES = 64 * 1024
 MAX_SCANNED_TOKENS = 20_000  # past this many strings and brackets, parsing whole is cheaper
 JSON_MARKS = (b'"', b"[", b"]", b"{", b"}")
@@ -2542,7 +2694,7 @@ def response_fields(content):
         if found is not None:
             return found
     answer = parse_response_json(content)
-    return answer if isinstance(answer, dict) else None
+    return answer if isinstance(answer, (dict, list)) else None
 
 
 def _top_level_members(content, names):
@@ -2663,6 +2815,7 @@ class StreamMeter:
         self.content_events = 0
         self.anthropic_input = None
         self.object_id = None  # the response or completion id the stream is about
+        self.final = False     # a Gemini chunk with a finishReason was seen
 
     def observe(self, data):
         """Read one event's data; True when it is an OpenAI usage-only chunk."""
@@ -2675,6 +2828,8 @@ class StreamMeter:
         if not isinstance(obj, dict):
             return False
         kind = obj.get("type")
+        if kind is None and ("usageMetadata" in obj or "candidates" in obj):
+            return self._gemini_chunk(obj)
         if kind is None or kind == "chat.completion.chunk":
             return self._openai_chunk(obj)
         if kind == "message_start":
@@ -2712,6 +2867,26 @@ class StreamMeter:
             self.usage = usage_from_usage_object(usage)
             self.usage.service_tier = _text_field(obj.get("service_tier"))
             return not obj.get("choices")
+        return False
+
+    def _gemini_chunk(self, obj):
+        # Every Gemini chunk repeats the usage so far; the one with a
+        # finishReason ends the answer and is held back like [DONE].
+        model, usage = _gemini_usage(obj)
+        self.model = model or self.model
+        self.object_id = self.object_id or _text_or_none(obj.get("responseId"))
+        if usage is not None:
+            self.usage = usage
+        candidates = obj.get("candidates")
+        for candidate in candidates if isinstance(candidates, list) else ():
+            if not isinstance(candidate, dict):
+                continue
+            parts = (candidate.get("content") or {}).get("parts")
+            if isinstance(parts, list) and any(isinstance(part, dict) and len(part) > 0
+                                               for part in parts):
+                self.content_events += 1
+            if candidate.get("finishReason"):
+                self.final = True
         return False
 
     def estimate(self, prompt_bound, completion_bound):
@@ -2872,6 +3047,16 @@ class UsageEvent:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
+@dataclasses.dataclass
+class Refusal:
+    """One call llimit refused for a known key, as the usage writer counts it."""
+    created_ms: int
+    project_id: str
+    user_name: str | None
+    reason: str                        # the error code: budget_exceeded, route_not_allowed...
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
 # OpenAI's Batch API and Anthropic's Message Batches cost half the standard price;
 # a batch's charge is stored under one of these endpoints, so repricing keeps it.
 BATCH_PRICE_FACTOR = 0.5
@@ -2983,7 +3168,7 @@ class UsageWriter:
             if None in batch:
                 stopping = True
             flushes = [item for item in batch if isinstance(item, threading.Event)]
-            batch = [event for event in batch if isinstance(event, UsageEvent)]
+            batch = [item for item in batch if isinstance(item, (UsageEvent, Refusal))]
             if batch:
                 self._write_until_done(db, batch)
             for flushed in flushes:
@@ -3010,6 +3195,10 @@ class UsageWriter:
         begin_write(db)
         # A charge for an async object is stored only if this transaction is
         # the one that marks the object charged: concurrent polls charge once.
+        refusals = [item for item in batch if isinstance(item, Refusal)]
+        if refusals:
+            insert_refusals(db, refusals)
+            batch = [item for item in batch if not isinstance(item, Refusal)]
         claimed = {}
         for event in batch:
             if event.claim is not None and event.claim not in claimed:
@@ -3920,7 +4109,7 @@ class AlertSender:
 #    or limits; the handlers in section 8 put the pieces together.
 # =============================================================================
 
-UPSTREAM_KINDS = ("openai", "azure", "anthropic")
+UPSTREAM_KINDS = ("openai", "azure", "anthropic", "gemini")
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"))
 # Request headers that go upstream: an allowlist per upstream kind, as WSGI
@@ -3935,7 +4124,8 @@ FORWARDED_REQUEST_HEADERS = {
     for kind, extra in (
         ("openai", ("openai-beta",)),
         ("azure", ("openai-beta", "x-ms-client-request-id", "x-ms-useragent")),
-        ("anthropic", ("anthropic-version", "anthropic-beta")))}
+        ("anthropic", ("anthropic-version", "anthropic-beta")),
+        ("gemini", ("x-goog-api-client",)))}
 FORWARDED_HEADER_PREFIX = "HTTP_X_STAINLESS_"
 # requests decodes gzip and we set the length of what we send.
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | frozenset(("content-length", "content-encoding"))
@@ -3943,6 +4133,7 @@ AZURE_DEPLOYMENT_PATHS = ("chat/completions", "completions", "embeddings",
                           "audio/transcriptions", "audio/translations", "audio/speech",
                           "images/generations")
 ANTHROPIC_VERSION = "2023-06-01"
+GEMINI_VERSIONS = ("v1", "v1beta")  # the client's version prefix, kept upstream
 SSE_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # The last event of a stream is held back until the call's usage is committed.
 FINAL_SSE_DATA = ("[DONE]",)
@@ -4099,13 +4290,18 @@ def _ca_bundle():
             or requests.certs.where())
 
 
-def upstream_url(upstream, path, query_string, deployment=None, model=None, azure_v1=False):
+def upstream_url(upstream, path, query_string, deployment=None, model=None, azure_v1=False,
+                 version="v1"):
     """The URL a call goes to. `path` is what follows /v1/ (or a deployment).
 
     `azure_v1`: the call came in on Azure's GA v1 routes (/openai/v1/...), which
     an Azure upstream serves under /openai/v1/ and without an api-version.
+    `version`: the prefix the call came in under (v1 or v1beta), which a
+    Gemini upstream's URL (the API root) is given back. A `key` in the query
+    is the client's llimit key and never goes upstream.
     """
     path = _upstream_path(path)
+    query_string = query_without_key(query_string)
     if deployment is not None:
         # Refused for every kind: other kinds ignore it in the URL, but it may become the model.
         _refuse_dot_segments(deployment)
@@ -4121,12 +4317,23 @@ def upstream_url(upstream, path, query_string, deployment=None, model=None, azur
                    f"{urllib.parse.quote(deployment, safe='')}/{path}")
         else:
             url = f"{upstream.base_url}/openai/{path}"
+    elif upstream.kind == "gemini":
+        url = f"{upstream.base_url}/{version}/{path}"
     else:
         url = f"{upstream.base_url}/{path}"
     if upstream.api_version and "api-version=" not in query_string:
         query_string = (query_string + "&" if query_string else "") + \
             "api-version=" + urllib.parse.quote(upstream.api_version)
     return url + ("?" + query_string if query_string else "")
+
+
+def query_without_key(query_string):
+    """The query string less any `key=` parameter (a Gemini client's credential)."""
+    if "=" not in query_string:
+        return query_string
+    # By the decoded name, as the key was read: "ke%79=" is a key too.
+    return "&".join(part for part in query_string.split("&")
+                    if urllib.parse.unquote_plus(part.split("=", 1)[0]) != "key")
 
 
 def _upstream_path(path):
@@ -4171,6 +4378,8 @@ def upstream_headers(environ, upstream):
             headers["api-key"] = upstream.key
         elif upstream.kind == "anthropic":
             headers["x-api-key"] = upstream.key
+        elif upstream.kind == "gemini":
+            headers["x-goog-api-key"] = upstream.key
         else:
             headers["authorization"] = "Bearer " + upstream.key
     if upstream.kind == "anthropic":
@@ -4271,6 +4480,9 @@ def sse_error_event(kind, message, error_type="upstream_error", code="upstream_s
     if kind == "anthropic":
         body = {"type": "error", "error": {"type": "api_error", "message": message}}
         return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
+    if kind == "gemini":
+        body = {"error": {"code": 502, "message": message, "status": "UNAVAILABLE"}}
+        return b"data: " + json.dumps(body).encode() + b"\r\n\r\n"
     body = {"error": {"message": message, "type": error_type, "code": code}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
@@ -4643,11 +4855,17 @@ AUTH_THROTTLE_ENTRIES = 10000   # addresses and known-good secrets remembered, e
 
 
 def raw_key_from(environ):
-    """The key a client sent: Bearer (OpenAI), api-key (Azure) or x-api-key (Anthropic)."""
+    """The key a client sent: Bearer (OpenAI), api-key (Azure), x-api-key (Anthropic),
+    x-goog-api-key or ?key= (Gemini)."""
     authorization = environ.get("HTTP_AUTHORIZATION", "")
     if authorization[:7].lower() == "bearer ":
         return authorization[7:].strip()
-    return (environ.get("HTTP_API_KEY") or environ.get("HTTP_X_API_KEY") or "").strip()
+    raw_key = (environ.get("HTTP_API_KEY") or environ.get("HTTP_X_API_KEY")
+               or environ.get("HTTP_X_GOOG_API_KEY") or "").strip()
+    if not raw_key and "key" in environ.get("QUERY_STRING", ""):
+        # compat: Gemini's REST examples put the key in the URL; never logged (logged_path).
+        raw_key = (urllib.parse.parse_qs(environ["QUERY_STRING"]).get("key") or [""])[0].strip()
+    return raw_key
 
 
 class KeyCache:
@@ -4708,16 +4926,21 @@ def authenticate_key(find_key, raw_key, key_hash, now):
                           f"Incorrect API key provided: {_shown_key(raw_key)}.",
                           code="invalid_api_key")
     if row["revoked_at"]:
-        raise LlimitError(403, "permission_denied",
-                          f"This key was revoked at {row['revoked_at']}.", code="key_revoked")
+        raise _refused_key(row, f"This key was revoked at {row['revoked_at']}.", "key_revoked")
     if row["expires_at"] and row["expires_at"] <= utc_iso(now):
-        raise LlimitError(403, "permission_denied",
-                          f"This key expired at {row['expires_at']}.", code="key_expired")
+        raise _refused_key(row, f"This key expired at {row['expires_at']}.", "key_expired")
     if row["project_exists"] is None:
         raise LlimitError(403, "permission_denied",
                           f"The project {row['project_id']} of this key no longer exists.",
                           code="project_deleted")
     return row
+
+
+def _refused_key(row, message, code):
+    # The row travels with the error: a refused known key is counted against its owner.
+    error = LlimitError(403, "permission_denied", message, code=code)
+    error.key_row = row
+    return error
 
 
 class AuthThrottle:
@@ -4883,6 +5106,19 @@ def ensure_admin_token(db, admin_token):
     generated = "llimit-admin-" + secrets.token_urlsafe(32)
     set_setting(db, "admin_token_sha256", hash_secret(generated))
     return generated
+
+
+def ensure_upstream_user_secret(db):
+    """The install's secret for hashing user names sent upstream; made once, kept in settings.
+
+    Kept (not derived from anything a client sees), so a user's hash is stable
+    across restarts and instances sharing the database, and unguessable.
+    """
+    secret = get_setting(db, "upstream_user_secret")
+    if secret is None:
+        secret = secrets.token_hex(32)
+        set_setting(db, "upstream_user_secret", secret)
+    return secret
 
 
 def require_admin(state):
@@ -5416,6 +5652,18 @@ ROUTE_TABLE = (
     ("POST", "realtime/sessions", "credential", None, None),
     ("POST", "realtime/transcription_sessions", "credential", None, None),
 )
+# Gemini's routes (what follows /v1/ or /v1beta/ for a project of kind gemini),
+# as the google-genai SDK sends them; the model is named in the path. Batches,
+# cached contents, files, tuned models and long-running jobs are refused.
+GEMINI_ROUTE_TABLE = (
+    ("POST", "models/{model}:generateContent", "generate", None, None),
+    ("POST", "models/{model}:streamGenerateContent", "generate", None, None),
+    ("POST", "models/{model}:embedContent", "generate", None, None),
+    ("POST", "models/{model}:batchEmbedContents", "generate", None, None),
+    ("POST", "models/{model}:countTokens", "lookup", None, None),
+    ("GET", "models", "lookup", None, None),
+    ("GET", "models/{model}", "lookup", None, None),
+)
 # Final states whose answer carries an async object's final usage.
 BATCH_FINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
 RESPONSE_FINAL_STATUSES = ("completed", "failed", "incomplete", "cancelled")
@@ -5429,32 +5677,46 @@ class RouteMatch:
     action: str | None = None       # create | own | list
     kind: str | None = None         # the object kind (owned_objects.kind)
     object_id: str | None = None
+    model: str | None = None        # the model a Gemini path names
 
 
-def _route_tables():
+def _route_tables(table, name_chars):
     static, dynamic = {}, []
-    for method, template, cls, action, kind in ROUTE_TABLE:
+    for method, template, cls, action, kind in table:
         route = RouteMatch(f"{method} {template}", cls, action, kind)
         if "{" not in template:
             static[(method, template)] = route
             continue
-        pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: rf"(?P<{m[1]}>[^/]+)",
+        pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: rf"(?P<{m[1]}>{name_chars})",
                          re.escape(template))
         dynamic.append((method, re.compile(pattern), route))
     return static, dynamic
 
 
-STATIC_ROUTES, DYNAMIC_ROUTES = _route_tables()
+# A Gemini model name ends at the ":" of its method; OpenAI's may hold colons (ft:...).
+ROUTE_TABLES = {"openai": _route_tables(ROUTE_TABLE, "[^/]+"),
+                "gemini": _route_tables(GEMINI_ROUTE_TABLE, "[^/:]+")}
 
 
-def match_route(method, path, payload):
-    """The RouteMatch of a call: one dict look-up for the generation routes."""
-    route = STATIC_ROUTES.get((method, path))
+def match_route(method, path, payload, kind="openai", version="v1"):
+    """The RouteMatch of a call: one dict look-up for the generation routes.
+
+    A project of kind gemini has Gemini's routes, under /v1/ or /v1beta/;
+    every other kind has the OpenAI and Anthropic ones, under /v1/ only.
+    """
+    gemini = kind == "gemini"
+    if (version in GEMINI_VERSIONS) if gemini else version != "v1beta":
+        static, dynamic = ROUTE_TABLES["gemini" if gemini else "openai"]
+    else:
+        return RouteMatch(f"{method} {path}", "refused")
+    route = static.get((method, path))
     if route is None:
-        for route_method, pattern, candidate in DYNAMIC_ROUTES:
+        for route_method, pattern, candidate in dynamic:
             match = route_method == method and pattern.fullmatch(path)
             if match:
-                route = dataclasses.replace(candidate, object_id=match["id"])
+                found = match.groupdict()
+                route = dataclasses.replace(candidate, object_id=found.get("id"),
+                                            model=found.get("model"))
                 break
         else:
             return RouteMatch(f"{method} {path}", "refused")
@@ -5541,8 +5803,13 @@ def _must_own(row, object_id, project_id, owner):
 
 
 def proxy_v1(state, path):
-    """/v1/<path>: OpenAI-style (and Anthropic /v1/messages) calls."""
-    return _proxy(state, path)
+    """/v1/<path>: OpenAI-style (and Anthropic /v1/messages, Gemini /v1/models/...) calls."""
+    return _proxy(state, path, version="v1")
+
+
+def proxy_v1beta(state, path):
+    """/v1beta/<path>: Gemini calls under Google's beta version prefix."""
+    return _proxy(state, path, version="v1beta")
 
 
 def proxy_azure(state, deployment, path):
@@ -5563,23 +5830,26 @@ def proxy_azure_plain(state, path):
 CONFIG_MOVED_ATTEMPTS = 5  # admissions tried while keys and limits keep changing under a call
 
 
-def _proxy(state, path, deployment=None, azure_v1=False):
+def _proxy(state, path, deployment=None, azure_v1=False, version=None):
     started = time.perf_counter()
     config = state.config
     environ = bottle.request.environ
     db = state.database()
-    key = None
+    key = payload = None
     try:
         if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             raise LlimitError(501, "not_implemented",
                               "WebSocket upgrades (such as the Realtime API) are not supported:"
                               " llimit could not meter them.", code="websocket_not_supported")
         key = authenticate_call(state, environ, state.versions_checked_by_admission)
+        environ["llimit.dialect"] = key["upstream_kind"] or "openai"  # errors speak it
         received = read_body(environ, config.max_body_bytes)
         for attempt in range(CONFIG_MOVED_ATTEMPTS):
             try:
-                call, upstream, url, body, payload, rewritten, hide_usage_chunk = _admit_call(
-                    state, db, environ, key, received, path, deployment, azure_v1, started)
+                payload = parse_json_body(received, environ)
+                call, upstream, url, body, rewritten, hide_usage_chunk = _admit_call(
+                    state, db, environ, key, received, payload, path, deployment, azure_v1,
+                    version, started)
                 break
             except ConfigMoved as moved:
                 # Keys, projects or limits changed since the key was read (on any
@@ -5589,6 +5859,7 @@ def _proxy(state, path, deployment=None, azure_v1=False):
                                       " changed right now; try again shortly.") from None
                 state.keys.advance(moved.version)
                 key = authenticate_call(state, environ, state.versions_checked_by_admission)
+                environ["llimit.dialect"] = key["upstream_kind"] or "openai"
     except DatabaseUnavailable:
         # Fail closed: with no ledger, no call can be checked against its limits.
         log.exception("proxy: the database does not answer")
@@ -5596,7 +5867,11 @@ def _proxy(state, path, deployment=None, azure_v1=False):
         _log_refused(environ, error.status, started, key, environ.get("llimit.model"))
         raise error from None
     except LlimitError as error:
+        key = key or getattr(error, "key_row", None)
         _log_refused(environ, error.status, started, key, environ.get("llimit.model"))
+        if key is not None and error.status in REFUSALS_COUNTED:
+            _count_refusal(state, key, environ, payload, error.code)
+        raise
         raise
     sent = time.perf_counter()
     try:
@@ -5619,19 +5894,18 @@ def _proxy(state, path, deployment=None, azure_v1=False):
     return _relay_whole(state, call, resp, upstream)
 
 
-def _admit_call(state, db, environ, key, received, path, deployment, azure_v1, started):
+def _admit_call(state, db, environ, key, received, payload, path, deployment, azure_v1,
+                version, started):
     # Everything decided about a call before it goes upstream, from its key
-    # row and body: (call, upstream, url, body to send, payload, rewritten?,
-    # hide the usage chunk?). Raises LlimitError, or ConfigMoved (PostgreSQL)
-    # when the key row is older than the database's config.
+    # row and body: (call, upstream, url, body to send, rewritten?, hide the
+    # usage chunk?). Raises LlimitError, or ConfigMoved (PostgreSQL) when the
+    # key row is older than the database's config.
     config = state.config
-    body = received
-    payload = parse_json_body(body, environ)
-    route = match_route(environ["REQUEST_METHOD"], path, payload)
+    body, kind = received, environ["llimit.dialect"]
+    route = match_route(environ["REQUEST_METHOD"], path, payload, kind, version)
     _refuse_route(route, key, environ, payload)
     upstream = resolve_upstream(key, config)
-    environ["llimit.dialect"] = upstream.kind  # llimit's own errors speak it too
-    requested_model = _check_models(key, payload, deployment, upstream.kind)
+    requested_model = _check_models(key, payload, deployment, kind, route)
     if requested_model is None:  # a multipart upload (audio) names it in a form field
         requested_model = multipart_field(body, environ.get("CONTENT_TYPE", ""), "model")
     environ["llimit.model"] = requested_model  # for the log line of a refusal
@@ -5642,9 +5916,12 @@ def _admit_call(state, db, environ, key, received, path, deployment, azure_v1, s
     rewritten, body = sent_body is not body, sent_body
     # The URL first: a path it refuses must not leave a reservation behind.
     url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
-                       requested_model, azure_v1)
+                       requested_model, azure_v1, version)
     call = _new_call(state, key, environ, payload, body, path, requested_model, started)
     call.route, call.owner, call.owned_row = route, owner, owned_row
+    if config.upstream_user and route.cls == "generate":
+        body, named = _with_upstream_user(state, call, payload, body, path, kind)
+        rewritten = rewritten or named
     if route.cls != "generate":
         call.worst.priced = True  # a look-up costs nothing; async work is charged when done
     # A look-up is never charged nor refused by limits; it is admitted with
@@ -5657,7 +5934,7 @@ def _admit_call(state, db, environ, key, received, path, deployment, azure_v1, s
     except BaseException:
         state.slots.give_back(call.key_id, call.user_name)
         raise
-    return call, upstream, url, body, payload, rewritten, hide_usage_chunk
+    return call, upstream, url, body, rewritten, hide_usage_chunk
 
 
 def _rewrite_body(payload, body, path, deployment, kind):
@@ -5688,17 +5965,49 @@ def _rewrite_body(payload, body, path, deployment, kind):
     return (json.dumps(payload).encode() if changed else body), hide_usage_chunk
 
 
+def _with_upstream_user(state, call, payload, body, path, kind):
+    """(body, changed): the call's user named to the provider, where it wants one.
+
+    OpenAI reads `safety_identifier` (and the older `user`), Anthropic
+    `metadata.user_id`. Whatever the client put there is replaced: a key
+    holder must not act upstream under another user's name.
+    """
+    name = call.user_name or "key:" + call.key_id
+    if state.config.upstream_user == "hash":
+        name = hmac.new(state.upstream_user_secret.encode(), name.encode(),
+                        hashlib.sha256).hexdigest()
+    if kind == "openai" and path in ("chat/completions", "responses") and payload:
+        payload["safety_identifier"] = name[:64]  # OpenAI's limit
+        if "user" in payload:
+            payload["user"] = name[:64]
+    elif kind == "anthropic" and path == "messages" and payload:
+        metadata = payload.get("metadata")
+        payload["metadata"] = {**(metadata if isinstance(metadata, dict) else {}),
+                               "user_id": name[:256]}
+    else:
+        return body, False
+    return json.dumps(payload).encode(), True
+
+
 def _text(value):
     return value if isinstance(value, str) and value else None
 
 
-def _check_models(key, payload, deployment, kind):
+def _check_models(key, payload, deployment, kind, route):
     """The model the upstream will use; 403 unless the key may use every model named.
 
     A deployment in the URL and a model in the body may differ: an Azure
     upstream acts on the deployment, any other on the body's model, so both
-    are checked against the key's allow-list.
+    are checked against the key's allow-list. Gemini names the model in the
+    path (and batchEmbedContents again in each request).
     """
+    if kind == "gemini":
+        named = {route.model} | {_text(request.get("model")) for request in
+                                 payload.get("requests") or () if isinstance(request, dict)}
+        for model in named - {None} or {None}:
+            model = _client_model(model)
+            _check_model_allowed(key, model.removeprefix("models/") if model else None)
+        return route.model
     body_model = _client_model(_text(payload.get("model")))
     deployment = _client_model(deployment)
     for model in {deployment, body_model} - {None} or {None}:
@@ -5733,7 +6042,12 @@ def _new_call(state, key, environ, payload, body, path, model, started):
     user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers,
                                              state.user_domains)
     config = state.config
-    worst = worst_case(state.pricebook, _mapped_model(key, model), payload, body,
+    bounds = payload
+    if isinstance(payload.get("generationConfig"), dict):  # compat: Gemini's names
+        options = payload["generationConfig"]
+        bounds = {**payload, "max_tokens": options.get("maxOutputTokens"),
+                  "n": options.get("candidateCount")}
+    worst = worst_case(state.pricebook, _mapped_model(key, model), bounds, body,
                        config.default_max_tokens, config.default_max_input_tokens, path)
     return Call(request_id=secrets.token_hex(6), started=started, endpoint=path[:100],
                 key=key, project_id=key["project_id"], user_name=user_name, key_id=key["id"],
@@ -5788,6 +6102,20 @@ def _log_refused(environ, status_code, started, key=None, model=None):
     _log_call(None, environ["REQUEST_METHOD"], logged_path(environ), key and key["id"],
               key and key["user_name"], key and key["project_id"], model, status_code, 0, 0,
               None, "refused", elapsed_ms, elapsed_ms, None)
+
+
+# Refusals of a known key that reports count (limits, routes, models, the key
+# itself); malformed calls (400, 413) are the client's bug, not a user's limit.
+REFUSALS_COUNTED = (403, 429)
+
+
+def _count_refusal(state, key, environ, payload, reason):
+    # Queued to the usage writer, which counts it in its next transaction:
+    # no database round trip on the request path.
+    user_name = key["user_name"] or end_user(environ, payload, state.config.user_headers,
+                                             state.user_domains)
+    state.writer.submit(Refusal(int(state.config.clock() * 1000), key["project_id"],
+                                user_name, reason))
 
 
 def _meter(state, call, status_code, model, usage, pricing_status, stream, wait=True,
@@ -5877,7 +6205,9 @@ def _relay_whole(state, call, resp, upstream):
                           code="ledger_unavailable",
                           headers={"X-LLimit-Request-Id": call.request_id})
     upstream_headers_out = client_response_headers(resp, call.admission.headers)
-    if resp.status in (401, 403):
+    # compat: Google answers a wrong API key with 400 API_KEY_INVALID.
+    if resp.status in (401, 403) or (upstream.kind == "gemini" and resp.status == 400
+                                     and b"API_KEY_INVALID" in content):
         content, upstream_headers_out = _upstream_auth_failure(call, resp, content, upstream,
                                                                upstream_headers_out)
     response = bottle.HTTPResponse(body=content, status=resp.status)
@@ -5962,6 +6292,8 @@ def _settlement(state, row, answer, content, results=False):
         log.info("async %s %s finished: charging key %s %s USD (once)", row["kind"],
                  row["object_id"], row["key_id"], nusd_to_usd(event.cost_nusd))
     return events
+
+
 # Where the sweeper asks about each kind of async object (then, once a message
 # batch has ended, its results). Jobs older than this are no longer asked about:
 # providers end batches within 24 hours and background responses sooner.
@@ -6053,7 +6385,8 @@ def _upstream_auth_failure(call, resp, content, upstream, headers):
                         f"The upstream refused llimit's credentials for this project"
                         f" ({resp.status}); llimit's admin can see why in its log.",
                         code="upstream_auth_failed")
-    body = error.anthropic_body() if upstream.kind == "anthropic" else error.body()
+    body = (error.anthropic_body() if upstream.kind == "anthropic" else
+            error.gemini_body() if upstream.kind == "gemini" else error.body())
     headers = [(name, value) for name, value in headers
                if name.lower() != "content-type"] + [("Content-Type", "application/json")]
     return json.dumps(body).encode(), headers
@@ -6092,7 +6425,7 @@ def _stream_events(state, call, resp, kind, hide_usage_chunk, overhead_ms):
                 began = time.perf_counter()
                 name, data = sse_fields(raw_event)
                 usage_chunk = meter.observe(data)
-                if data in FINAL_SSE_DATA or name in FINAL_SSE_EVENTS:
+                if data in FINAL_SSE_DATA or name in FINAL_SSE_EVENTS or meter.final:
                     held.append(raw_event)
                     continue
                 relay_ms += (time.perf_counter() - began) * 1000
@@ -6558,7 +6891,7 @@ data-series="{{chart['series_json']}}"></canvas></div>
 % end
 </div>
 % for table in tables:
-<section><h2>{{table['title']}}</h2>
+<section{{!' id="%s"' % table['id'] if table.get('id') else ''}}><h2>{{table['title']}}</h2>
 % if table['rows']:
 <div class="scroll"><table>
 <tr>
@@ -6575,7 +6908,7 @@ data-series="{{chart['series_json']}}"></canvas></div>
 % end
 </table></div>
 % else:
-<p class="muted">No calls in this range.</p>
+<p class="muted">{{table.get('empty', 'No calls in this range.')}}</p>
 % end
 </section>
 % end
@@ -6735,6 +7068,19 @@ ADMIN_USERS_PART = """
 </table></div>
 % else:
 <p class="muted">No users yet.</p>
+% end
+<h3 id="refused">Refused calls, last {{refused_days}} days (who hits their limits)</h3>
+% if refused_calls:
+<div class="scroll"><table class="stack">
+<tr><th>User</th><th>Project</th><th>Reason</th><th class="n">Refused</th></tr>
+% for row in refused_calls:
+<tr><td data-label="User">{{row['user'] or '(no user)'}}</td><td data-label="Project">{{row['project']}}</td>
+<td data-label="Reason">{{reasons.get(row['reason'], row['reason'])}}</td>
+<td data-label="Refused" class="n">{{count(row['refused'])}}</td></tr>
+% end
+</table></div>
+% else:
+<p class="muted">No calls were refused.</p>
 % end
 </section>
 """
@@ -7046,7 +7392,8 @@ CHART_OTHER_COLOR = "#a3aab6"
 # The first of these that has a price; else any priced model of the provider.
 SNIPPET_MODELS = {"openai": ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"),
                   "azure": ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"),
-                  "anthropic": ("claude-haiku-4-5", "claude-sonnet-4-5", "claude-3-5-haiku")}
+                  "anthropic": ("claude-haiku-4-5", "claude-sonnet-4-5", "claude-3-5-haiku"),
+                  "gemini": ("gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.5-pro")}
 SNIPPET_AZURE_API_VERSION = "2024-10-21"
 BUDGET_WINDOWS = ("day", "week", "month", "total")
 ADMIN_NOTICES = {
@@ -7401,6 +7748,19 @@ def _new_key_html(state, project, raw_key, owner):
                   f"    messages={hello},\n"
                   ")\n"
                   "print(reply.content[0].text)")
+    elif kind == "gemini":
+        package = "google-genai"
+        curl = (f"curl \"{base_url}/v1beta/models/{model}:generateContent\" \\\n"
+                f"  -H \"x-goog-api-key: {raw_key}\" \\\n"
+                "  -H \"Content-Type: application/json\" \\\n"
+                "  -d '{\"contents\": [{\"parts\": [{\"text\": \"Hello!\"}]}]}'")
+        python = ("from google import genai\n"
+                  "from google.genai import types\n\n"
+                  f"client = genai.Client(api_key=\"{raw_key}\",\n"
+                  f"    http_options=types.HttpOptions(base_url=\"{base_url}\"))\n"
+                  "reply = client.models.generate_content(\n"
+                  f"    model=\"{model}\", contents=\"Hello!\")\n"
+                  "print(reply.text)")
     elif kind == "azure":
         package = "openai"
         version = ((project["api_version"] if project else None)
@@ -7562,7 +7922,15 @@ def report_data(db, start_day, end_day):
             "by_user": by_user["rows"],
             "by_model": usage_report(db, "model", start_day, end_day)["rows"],
             "by_project": usage_report(db, "project", start_day, end_day)["rows"],
-            "daily": daily, "daily_by_user": {"days": days, "series": series}}
+            "daily": daily, "daily_by_user": {"days": days, "series": series},
+            "refused": refused_report(db, start_day, end_day)}
+
+
+def refused_report(db, start_day, end_day):
+    """Who hits their limits: refused calls per user, project and reason, most first."""
+    return [{"user": row["user_name"] or None, "project": row["project_id"],
+             "reason": row["reason"], "refused": row["refused"]}
+            for row in refusals_by_user(db, start_day, end_day)]
 
 
 def report_charts(report):
@@ -7648,7 +8016,21 @@ def report_tables(report):
                           [count(day["requests"]) for day in daily],
                           column([day["cost_usd"] for day in daily]),
                           column([day["cumulative_usd"] for day in daily])))},
+        {"title": "Refused calls (who hits their limits)", "id": "refused",
+         "headings": ("User", "Project", "Reason", "Refused"),
+         "empty": "No calls were refused in this range.",
+         "rows": [(row["user"] or "(no user)", row["project"],
+                   REFUSAL_REASONS.get(row["reason"], row["reason"]), count(row["refused"]))
+                  for row in report["refused"]]},
     ]
+
+
+# How /reports and /admin name the codes of refused calls.
+REFUSAL_REASONS = {"budget_exceeded": "limit reached", "rate_limit_exceeded": "rate limit",
+                   "route_not_allowed": "route not allowed", "model_not_allowed":
+                   "model not allowed", "model_not_priced": "model has no price",
+                   "key_revoked": "revoked key", "key_expired": "expired key",
+                   "project_deleted": "project deleted"}
 
 
 def page_reports(state, session):
@@ -7765,7 +8147,9 @@ def _render_admin(state, session, notice=None, form=None, form_error=None):
         active_keys=sum(key["active"] for key in keys), projects=projects,
         users=_admin_users(db, keys, month_start, today), keys=keys, limits=limit_rows,
         missing=missing_prices(db, book), prices=prices, upstream_kinds=UPSTREAM_KINDS,
-        budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=LIMIT_METRICS, windows=WINDOWS)
+        budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=LIMIT_METRICS, windows=WINDOWS,
+        refused_calls=refused_report(db, _day(now - DEFAULT_REPORT_DAYS * 86400), today),
+        refused_days=DEFAULT_REPORT_DAYS, reasons=REFUSAL_REASONS)
 
 
 def _admin_users(db, keys, month_start, today):
@@ -8564,7 +8948,7 @@ def render_metrics(metrics, open_streams, queue_depth):
 #    registers every route and error handler, in one list.
 # =============================================================================
 
-JSON_PATH_PREFIXES = ("/v1/", "/openai/", "/admin/", "/llimit/", "/reports/data", "/healthz",
+JSON_PATH_PREFIXES = ("/v1/", "/v1beta/", "/openai/", "/admin/", "/llimit/", "/reports/data", "/healthz",
                       "/metrics")
 
 
@@ -8603,6 +8987,7 @@ class State:
         self.chartjs_path = chartjs_file(config)
         self.sweeper = AsyncSweeper(self)
         self.generated_admin_token = None
+        self.upstream_user_secret = None  # set by make_app, from the database
 
     def start(self):
         """Start the background threads (usage writer, alert sender); returns self.
@@ -8645,7 +9030,9 @@ API_ROOT_NAMES = frozenset(("chat", "completions", "responses", "messages", "emb
 def error_response(error, path, as_json=False):
     """A LlimitError as OpenAI's (or Anthropic's) JSON shape on JSON routes, else a page."""
     if as_json or _is_json_path(path):
-        body = (error.anthropic_body() if _speaks_anthropic(path, bottle.request.environ)
+        environ = bottle.request.environ
+        body = (error.gemini_body() if _speaks_gemini(path, environ)
+                else error.anthropic_body() if _speaks_anthropic(path, environ)
                 else error.body())
         response = bottle.HTTPResponse(json.dumps(body), status=error.status)
         response.content_type = "application/json"
@@ -8668,6 +9055,19 @@ def _speaks_anthropic(path, environ):
     # version header), or a call of a project whose upstream is Anthropic.
     return (path.startswith("/v1/messages") or environ.get("llimit.dialect") == "anthropic"
             or (path.startswith("/v1/") and "HTTP_ANTHROPIC_VERSION" in environ))
+
+
+GEMINI_METHOD_PATH = re.compile(r"/v1/models/[^/]+:\w+")
+
+
+def _speaks_gemini(path, environ):
+    # A Gemini project's call; before the key is known, Gemini's own paths
+    # (/v1beta/, /v1/models/<model>:<method>) or its key header.
+    dialect = environ.get("llimit.dialect")
+    if dialect:
+        return dialect == "gemini"
+    return (path.startswith("/v1beta/") or GEMINI_METHOD_PATH.fullmatch(path) is not None
+            or "HTTP_X_GOOG_API_KEY" in environ)
 
 
 def _error_page(error):
@@ -8713,11 +9113,82 @@ class ErrorPlugin:
         return handle
 
 
+# CORS, for browser apps that call the proxy with a key: only these paths, only
+# for LLIMIT_CORS_ORIGINS. Pages and the admin API open nothing (their
+# preflights fall to the 405 of a route without OPTIONS, with no CORS headers).
+CORS_PATH_PREFIXES = ("/v1/", "/v1beta/", "/openai/")
+CORS_ALLOWED_HEADERS = (
+    "authorization", "content-type", "x-api-key", "api-key", "x-goog-api-key",
+    "x-goog-api-client", "anthropic-version", "anthropic-beta",
+    "anthropic-dangerous-direct-browser-access", "openai-beta", "openai-organization",
+    "openai-project", "x-llimit-user")
+CORS_EXPOSED_HEADERS = (
+    "X-LLimit-Request-Id, X-LLimit-Overhead-Ms, X-LLimit-Limit-Id, X-LLimit-Warning,"
+    " x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests,"
+    " x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens,"
+    " Retry-After, x-should-retry, x-request-id, request-id")
+CORS_MAX_AGE_SECONDS = 600
+
+
+class CorsPlugin:
+    """Answers CORS preflights on the proxy routes (no key needed) and marks their
+    answers readable by an allowed origin; leaves every other route alone."""
+
+    name = "llimit_cors"
+    api = 2
+
+    def __init__(self, origins):
+        self.origins = frozenset(origin.lower() for origin in origins)
+
+    def apply(self, callback, route):
+        if not self.origins or not route.rule.startswith(CORS_PATH_PREFIXES):
+            return callback
+
+        def handle(*args, **kwargs):
+            environ = bottle.request.environ
+            origin = environ.get("HTTP_ORIGIN", "")
+            allowed = origin.lower() in self.origins
+            if environ["REQUEST_METHOD"] == "OPTIONS" and origin \
+                    and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ:
+                return self._preflight(environ, origin, allowed)
+            try:
+                result = callback(*args, **kwargs)
+            except bottle.HTTPResponse as response:
+                self._mark(response, origin, allowed)
+                raise
+            self._mark(result if isinstance(result, bottle.HTTPResponse) else bottle.response,
+                       origin, allowed)
+            return result
+        return handle
+
+    @staticmethod
+    def _preflight(environ, origin, allowed):
+        if not allowed:
+            return bottle.HTTPResponse(status=403, headers={"Vary": "Origin"})
+        asked = [name.strip().lower() for name in
+                 environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "").split(",")]
+        # compat: the openai and anthropic SDKs send x-stainless-* headers on every call.
+        stainless = [name for name in asked if name.startswith("x-stainless-")]
+        return bottle.HTTPResponse(status=204, headers={
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": ", ".join((*CORS_ALLOWED_HEADERS, *stainless)),
+            "Access-Control-Max-Age": str(CORS_MAX_AGE_SECONDS), "Vary": "Origin"})
+
+    @staticmethod
+    def _mark(response, origin, allowed):
+        response.set_header("Vary", "Origin")
+        if allowed:
+            response.set_header("Access-Control-Allow-Origin", origin)
+            response.set_header("Access-Control-Expose-Headers", CORS_EXPOSED_HEADERS)
+
+
 def routes():
     """Every route of llimit: (method, path, handler taking state first)."""
     return [
         # the proxy
         ("ANY", "/v1/<path:path>", proxy_v1),
+        ("ANY", "/v1beta/<path:path>", proxy_v1beta),
         ("ANY", "/openai/deployments/<deployment>/<path:path>", proxy_azure),
         ("ANY", "/openai/v1/<path:path>", proxy_azure_v1),
         ("ANY", "/openai/<path:path>", proxy_azure_plain),
@@ -8779,10 +9250,13 @@ def make_app(config, state=None, ensure_token=True):
     if ensure_token:
         with transaction(state.database()) as db:
             state.generated_admin_token = ensure_admin_token(db, config.admin_token)
+    with transaction(state.database()) as db:
+        state.upstream_user_secret = ensure_upstream_user_secret(db)
     app = bottle.Bottle()
     app.config["catchall"] = False  # ErrorPlugin answers; a crash must not turn into HTML
     app.llimit = state
     app.uninstall(bottle.JSONPlugin)
+    app.install(CorsPlugin(config.cors_origins))  # first: outermost, so errors carry it too
     app.install(bottle.JSONPlugin(json_dumps=json_text))
     app.install(ErrorPlugin(state))
     for method, path, handler in routes():
@@ -9360,6 +9834,8 @@ def main(argv=None):
     for field in flags:
         if relevant is not None and field not in relevant:
             parser.error(f"{SETTING_FLAG_FIELDS[field]} does not apply to {command}")
+    # Into os.environ, so env:NAME upstream keys may live in .env as well.
+    load_env_files(env_file_paths(), os.environ)
     config = config_from_flags(flags)
     if command == "serve":
         return serve(config)

@@ -24,6 +24,12 @@ Routes (OpenAI ones with or without the /v1 prefix):
     POST /openai/v1/responses|chat/completions|embeddings (Azure GA v1: no api-version)
     POST /v1/messages  /v1/messages/count_tokens
          (Anthropic: needs an anthropic-version header, else 400)
+    POST /v1beta/openai/chat/completions ... (Gemini's OpenAI-compatible endpoint:
+         the OpenAI routes under that prefix, answered as OpenAI answers)
+    POST /v1/models/{model}:generateContent  :streamGenerateContent  :countTokens
+         :embedContent  :batchEmbedContents, GET /v1/models  /v1/models/{model}, and
+         the same under /v1beta/ (Gemini: needs x-goog-api-key or ?key=, else 403;
+         streamGenerateContent is SSE with ?alt=sse, else one JSON array of chunks)
 Objects the one upstream account keeps (ObjectStore; every caller sees all of them):
     files (multipart upload, list, get, content, delete), batches (create, list,
     get, cancel: validating -> in_progress -> completed with usage, model and an
@@ -62,6 +68,13 @@ Azure JSON has its keys sorted, as Azure sends it. Responses API streams are
 named events ending with response.completed (no [DONE]); Anthropic streams are
 message_start, content_block_start, ping, content_block_delta per piece,
 content_block_stop, message_delta (cumulative usage), message_stop.
+Gemini: usageMetadata's promptTokenCount is prompt_tokens (cached ones included,
+as cachedContentTokenCount), candidatesTokenCount is completion_tokens less
+reasoning_tokens, thoughtsTokenCount the reasoning_tokens (zero counts left out,
+as Google does); the reported modelVersion is behaviour["model"] or the path's
+model. A Gemini stream is one `data: {...}` event per piece (CRLF-framed, no
+[DONE]); every chunk carries usageMetadata, the prompt count only until the
+last, which has the finishReason and the full counts.
 
 BEHAVIOUR keys (all optional; read once per request, when it arrives):
     prompt_tokens 11, completion_tokens 7, cached_tokens 0, reasoning_tokens 0,
@@ -178,6 +191,17 @@ def azure_error(status, message=None):
     return {"error": {"code": str(status), "message": message or _reason(status)}}
 
 
+GEMINI_STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                   404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
+                   503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+def gemini_error(status, message=None):
+    """Google's error body: {"error": {"code", "message", "status"}}."""
+    return {"error": {"code": status, "message": message or _reason(status),
+                      "status": GEMINI_STATUSES.get(status, "UNKNOWN")}}
+
+
 def _reason(status):
     try:
         return http.HTTPStatus(status).phrase
@@ -255,7 +279,9 @@ class Call:
         self.request = request
         self.behaviour = behaviour
         self.payload = request.json if isinstance(request.json, dict) else {}
-        self.provider, self.endpoint = route(request.method, request.path)
+        self.provider, self.endpoint = route(
+            request.method, request.path,
+            "x-goog-api-key" in request.headers or "key" in request.query)
         self.started = time.monotonic()
         self.created = int(time.time())
         self.serial = f"{next(_serials):016d}"
@@ -270,7 +296,8 @@ class Call:
                        else content_pieces(figures["chunks"]))
         self.text = "".join(self.pieces)
         self.usage = not behaviour.get("no_usage")
-        self.stream = self.payload.get("stream") is True
+        self.stream = self.payload.get("stream") is True or \
+            self.endpoint == "streamGenerateContent"
         options = self.payload.get("stream_options")
         options = options if isinstance(options, dict) else {}
         if behaviour.get("ignore_stream_options"):
@@ -288,6 +315,9 @@ class Call:
     def model(self):
         if "model" in self.behaviour:
             return self.behaviour["model"]
+        if self.provider == "gemini":
+            match = _GEMINI_ROUTE.fullmatch(self.request.path)
+            return (match and match["model"]) or ""
         if self.azure and "/deployments/" in self.request.path:
             return AZURE_MODELS.get(self.endpoint, AZURE_MODELS["chat/completions"])
         model = self.payload.get("model")
@@ -298,6 +328,12 @@ class Call:
 
     def headers(self):
         """The provider's usual response headers."""
+        if self.provider == "gemini":
+            elapsed_ms = round((time.monotonic() - self.started) * 1000)
+            return [("Vary", "Origin, X-Origin, Referer"),
+                    ("Server", "scaffolding on HTTPServer2"),
+                    ("Server-Timing", f"gfet4t7; dur={elapsed_ms}"),
+                    ("X-Content-Type-Options", "nosniff")]
         if self.provider == "anthropic":
             return [("request-id", self.request_id),
                     ("anthropic-organization-id", "00000000-fake-org"),
@@ -317,6 +353,8 @@ class Call:
                 ("x-ratelimit-reset-requests", "6ms"), ("x-ratelimit-reset-tokens", "0s")]
 
     def error_body(self, status, message=None):
+        if self.provider == "gemini":
+            return gemini_error(status, message)
         if self.provider == "anthropic":
             return anthropic_error(status, message=message)
         if self.azure:
@@ -324,8 +362,16 @@ class Call:
         return openai_error(status, message or _reason(status))
 
 
-def route(method, path):
-    """(provider, endpoint) for a request; the endpoint is None for an unknown route."""
+def route(method, path, gemini_credential=False):
+    """(provider, endpoint) for a request; the endpoint is None for an unknown route.
+
+    GET /v1/models is OpenAI's unless the caller sent Gemini's credential.
+    """
+    match = _GEMINI_ROUTE.fullmatch(path)
+    if match and (match["method"] or gemini_credential or path.startswith("/v1beta/")):
+        if match["method"] is None:
+            return "gemini", "models" if method == "GET" else None
+        return "gemini", match["method"] if method == "POST" else None
     for route_method, provider, pattern in _ROUTES:
         match = pattern.fullmatch(path)
         if match and method == route_method:
@@ -345,13 +391,16 @@ _ROUTES = (
     ("POST", "azure", re.compile(r"/openai/deployments/[^/]+/"
                                  r"(?P<endpoint>chat/completions|completions|embeddings)")),
     ("POST", "anthropic", re.compile(r"(?:/v1)?/(?P<endpoint>messages(?:/count_tokens)?)")),
-    ("POST", "openai", re.compile(r"(?:/v1)?/(?P<endpoint>chat/completions|completions"
-                                  r"|embeddings|responses|images/generations|audio/speech"
-                                  r"|audio/transcriptions)")),
-    ("GET", "openai", re.compile(r"(?:/v1)?/(?P<endpoint>models(?:/.+)?)")),
+    ("POST", "openai", re.compile(r"(?:/v1|/v1beta/openai)?/(?P<endpoint>chat/completions"
+                                  r"|completions|embeddings|responses|images/generations"
+                                  r"|audio/speech|audio/transcriptions)")),
+    ("GET", "openai", re.compile(r"(?:/v1|/v1beta/openai)?/(?P<endpoint>models(?:/.+)?)")),
     ("POST", "azure", re.compile(r"/openai(?:/v1)?/(?P<endpoint>chat/completions|responses"
                                  r"|embeddings)")),
 )
+_GEMINI_ROUTE = re.compile(r"/v1(?:beta)?/models(?:/(?P<model>[^/:]+)(?::(?P<method>"
+                           r"generateContent|streamGenerateContent|countTokens|embedContent"
+                           r"|batchEmbedContents))?)?")
 _OBJECT_ROUTE = re.compile(r"(?:/openai)?(?:/v1)?/(?P<endpoint>(?:files|batches|vector_stores"
                            r"|responses|chat/completions|messages/batches|realtime"
                            r"|moderations)(?:/.*)?)")
@@ -618,6 +667,105 @@ def count_tokens_body(call):
     return {"input_tokens": call.prompt_tokens}
 
 
+# --- Gemini ----------------------------------------------------------------------
+
+def gemini_usage(call, final=True):
+    """usageMetadata as Google sends it: zero counts left out; until the last
+    chunk of a stream, only the prompt's."""
+    prompt_details = [{"modality": "TEXT", "tokenCount": call.prompt_tokens}]
+    if not final:
+        return {"promptTokenCount": call.prompt_tokens, "totalTokenCount": call.prompt_tokens,
+                "promptTokensDetails": prompt_details}
+    usage = {"promptTokenCount": call.prompt_tokens,
+             "candidatesTokenCount": call.completion_tokens - call.reasoning_tokens,
+             "totalTokenCount": call.prompt_tokens + call.completion_tokens,
+             "promptTokensDetails": prompt_details}
+    if call.cached_tokens:
+        usage["cachedContentTokenCount"] = call.cached_tokens
+        usage["cacheTokensDetails"] = [{"modality": "TEXT", "tokenCount": call.cached_tokens}]
+    if call.reasoning_tokens:
+        usage["thoughtsTokenCount"] = call.reasoning_tokens
+    return usage
+
+
+def _gemini_chunk(call, text, finish, usage):
+    candidate = {"content": {"parts": [{"text": text}], "role": "model"}}
+    if finish:
+        candidate["finishReason"] = "STOP"
+    candidate["index"] = 0
+    chunk = {"candidates": [candidate]}
+    if usage is not None:
+        chunk["usageMetadata"] = usage
+    chunk["modelVersion"] = call.model
+    chunk["responseId"] = "fakeResp" + call.serial
+    return chunk
+
+
+def gemini_body(call):
+    return _gemini_chunk(call, call.text, True, gemini_usage(call) if call.usage else None)
+
+
+def gemini_chunks(call):
+    last = len(call.pieces) - 1
+    return [_gemini_chunk(call, piece, i == last,
+                          gemini_usage(call, i == last) if call.usage else None)
+            for i, piece in enumerate(call.pieces)]
+
+
+def gemini_events(call):
+    # Google frames its SSE events with CRLF and sends no [DONE].
+    return [b"data: " + call.dumps(chunk) + b"\r\n\r\n" for chunk in gemini_chunks(call)]
+
+
+def gemini_count_tokens_body(call):
+    return {"totalTokens": call.prompt_tokens,
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": call.prompt_tokens}]}
+
+
+def gemini_embed_body(call):
+    values = [round(0.001 * (i % 97) - 0.04, 6) for i in range(GEMINI_EMBEDDING_DIMENSIONS)]
+    requests = call.payload.get("requests")
+    count = len(requests) if isinstance(requests, list) else 1
+    body = ({"embeddings": [{"values": values} for _ in range(count)]}
+            if call.endpoint == "batchEmbedContents" else {"embedding": {"values": values}})
+    if call.usage:
+        body["usageMetadata"] = {"promptTokenCount": call.prompt_tokens,
+                                 "totalTokenCount": call.prompt_tokens}
+    return body
+
+
+GEMINI_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-embedding-001")
+GEMINI_EMBEDDING_DIMENSIONS = 768
+
+
+def gemini_models_body(call):
+    def model(name):
+        return {"name": "models/" + name, "version": "001", "displayName": name,
+                "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+                "supportedGenerationMethods": ["generateContent", "countTokens"]}
+    match = _GEMINI_ROUTE.fullmatch(call.request.path)
+    if match["model"]:
+        return model(match["model"])
+    return {"models": [model(name) for name in GEMINI_MODELS]}
+
+
+def gemini_reply(call):
+    """The Reply to a well-formed Gemini call."""
+    if call.endpoint == "models":
+        return json_reply(call, 200, gemini_models_body(call))
+    if call.endpoint == "countTokens":
+        return json_reply(call, 200, gemini_count_tokens_body(call))
+    if call.endpoint in ("embedContent", "batchEmbedContents"):
+        return json_reply(call, 200, gemini_embed_body(call))
+    if call.endpoint == "streamGenerateContent" and call.request.query.get("alt") == "sse":
+        return Reply(200, [("Content-Type", "text/event-stream"),
+                           ("Content-Disposition", "attachment"), *call.headers()],
+                     events=gemini_events(call))
+    if call.endpoint == "streamGenerateContent":
+        return json_reply(call, 200, gemini_chunks(call))
+    return json_reply(call, 200, gemini_body(call))
+
+
 # endpoint -> (JSON body builder, stream events builder or None)
 def image_body(call):
     """images/generations: dall-e answers carry no usage; gpt-image-* answers count tokens."""
@@ -683,6 +831,8 @@ def respond(call):
     problem = _protocol_error(call)
     if problem:
         return json_reply(call, *problem)
+    if call.provider == "gemini":
+        return gemini_reply(call)
     if call.endpoint.startswith("models"):
         return json_reply(call, 200, models_body(call))
     if call.endpoint == "audio/speech":  # binary audio, no usage
@@ -708,11 +858,22 @@ def _protocol_error(call):
     """(status, body) when the provider would refuse the request, else None."""
     method, path, headers = call.request.method, call.request.path, call.request.headers
     if call.endpoint is None:
+        if call.provider == "gemini":
+            return 404, gemini_error(404, f"Method not found: {method} {path}")
         if call.azure:
             return 404, azure_error(404, "Resource not found")
         if call.provider == "anthropic":
             return 404, anthropic_error(404, message="Not Found")
         return 404, openai_error(404, f"Invalid URL ({method} {path})")
+    if call.provider == "gemini":
+        if "x-goog-api-key" not in headers and "key" not in call.request.query:
+            return 403, gemini_error(403, "Method doesn't allow unregistered callers (callers"
+                                          " without established identity). Please use API Key"
+                                          " or other form of API consumer identity to call"
+                                          " this API.")
+        if method == "POST" and call.request.json is None:
+            return 400, gemini_error(400, "Invalid JSON payload received.")
+        return None
     if call.provider == "anthropic":
         if "x-api-key" not in headers and "authorization" not in headers:
             return 401, anthropic_error(401, message="x-api-key header is required")

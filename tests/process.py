@@ -34,7 +34,8 @@ WAIT = 60  # seconds: a generous bound on anything a test waits for
 class LlimitProcess:
     """One `python llimit.py serve` on 127.0.0.1, a port of its own choosing."""
 
-    def __init__(self, tmp_path, upstream_url, db_path=None, name="llimit", **settings):
+    def __init__(self, tmp_path, upstream_url, db_path=None, name="llimit", cwd=ROOT,
+                 **settings):
         self.db_path = str(db_path or tmp_path / f"{name}.db")  # or a postgresql:// URL
         self.log_path = str(tmp_path / f"{name}-{time.monotonic_ns()}.log")
         env = {key: value for key, value in os.environ.items()
@@ -45,7 +46,7 @@ class LlimitProcess:
                    PYTHONUNBUFFERED="1")
         env.update({key: str(value) for key, value in settings.items()})
         self._log_file = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, LLIMIT, "serve"], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, LLIMIT, "serve"], cwd=cwd, env=env,
                                      stdout=self._log_file, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
         self.url = f"http://127.0.0.1:{self._wait_for_port()}"

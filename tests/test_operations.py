@@ -362,7 +362,9 @@ def test_sigterm_with_the_database_locked_past_the_writers_wait_exits_1_and_says
         # Withheld (503) after llimit's commit wait (2 s here), its row still queued.
         status, request_id, _ = chat(proc, raw_key)
         assert status == 503
-        assert f"usage of request_id={request_id} not yet committed after 2.0s" in proc.log()
+        # The log is written by its own thread: the line may follow the answer by a moment.
+        wait_until(lambda: f"usage of request_id={request_id} not yet committed after 2.0s"
+                   in proc.log(), timeout=10, what="the log line of the withheld call")
         proc.terminate()
         # The lock is held far past the 2 s wait: a writer that waited its default 30 s
         # instead would commit once the lock goes, and the process would exit 0.

@@ -593,7 +593,8 @@ def run_snippet(command, cwd):
 
 def test_new_key_snippets_speak_the_projects_dialect_and_run(gateway, fake, tmp_path):
     for project, kind, url in (("claude-team", "anthropic", fake.url + "/v1"),
-                               ("azure-team", "azure", fake.url)):
+                               ("azure-team", "azure", fake.url),
+                               ("gemini-team", "gemini", fake.url)):
         resp = gateway.admin.post(gateway.url + "/admin/projects", json={
             "id": project, "upstream_kind": kind, "upstream_url": url,
             "upstream_key": "sk-upstream", "api_version": "2024-10-21"})
@@ -609,7 +610,10 @@ def test_new_key_snippets_speak_the_projects_dialect_and_run(gateway, fake, tmp_
                                         f'Anthropic(base_url="{gateway.url}"')),
             ("azure-team", "gpt-", ("/openai/deployments/", "api-key:",
                                     "api-version=2024-10-21", "AzureOpenAI(azure_endpoint=",
-                                    'api_version="2024-10-21"'))):
+                                    'api_version="2024-10-21"')),
+            ("gemini-team", "gemini-", (":generateContent", "x-goog-api-key:",
+                                        "from google import genai",
+                                        f'base_url="{gateway.url}"'))):
         page = alice.post(gateway.url + "/keys", data={"csrf_token": token,
                                                        "project": project}).text
         curl = html.unescape(re.search(r'<pre id="snippet-curl">(.*?)</pre>', page, re.S)[1])
