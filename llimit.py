@@ -3199,11 +3199,15 @@ class UsageWriter:
         if refusals:
             insert_refusals(db, refusals)
             batch = [item for item in batch if not isinstance(item, Refusal)]
-        claimed = {}
+        # Two polls of one object in the same batch: only the first may claim it.
+        claimed, kept = set(), []
         for event in batch:
-            if event.claim is not None and event.claim not in claimed:
-                claimed[event.claim] = claim_object_charge(db, event.claim, event.created_ms)
-        kept = [event for event in batch if event.claim is None or claimed[event.claim]]
+            if event.claim is None:
+                kept.append(event)
+            elif event.claim not in claimed:
+                claimed.add(event.claim)
+                if claim_object_charge(db, event.claim, event.created_ms):
+                    kept.append(event)
         price_ids = [self._price_id(db, event) for event in kept]
         # A call's shared reservation (PostgreSQL) ends in the transaction that
         # stores its usage, whether or not the usage is kept.
