@@ -174,6 +174,17 @@ def _csv_list(value):
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
+def _plan_groups(value):
+    # "group=plan,group=plan" -> ((group, plan), ...), in the order given.
+    pairs = []
+    for item in _csv_list(value):
+        group, equals, plan = item.partition("=")
+        if not equals or not group.strip() or not plan.strip():
+            raise ValueError(item)
+        pairs.append((group.strip(), plan.strip()))
+    return tuple(pairs)
+
+
 def _bool(value):
     return value.strip().lower() in ("1", "true", "yes", "on")
 
@@ -261,6 +272,13 @@ SETTINGS = [
      "calls one user may have under way at once, over all their keys (429 above)"),
     ("max_connections", "LLIMIT_MAX_CONNECTIONS", None, 1000, int,
      "open client connections; past it the longest idle one is closed"),
+    ("default_plan", "LLIMIT_DEFAULT_PLAN", None, None, str,
+     "plan of every named user an admin or a sign-in has not put on another"),
+    ("plan_claim", "LLIMIT_PLAN_CLAIM", None, None, str,
+     "OIDC claim (--auth oidc) or header (--auth header) holding the user's groups"),
+    ("plan_groups", "LLIMIT_PLAN_GROUPS", None, (), _plan_groups,
+     "group=plan pairs, e.g. research=research-plan,interns=intern-plan; at each sign-in"
+     " the first pair whose group the user is in sets their plan"),
     ("log_format", "LLIMIT_LOG_FORMAT", None, "text", str, "text or json"),
     ("log_level", "LLIMIT_LOG_LEVEL", None, "INFO", str, "logging level"),
 ]
@@ -697,7 +715,44 @@ create table refusals_daily (
 ) without rowid;
 commit;
 """),
-    ("0011 shared reservations and minute totals", """
+    ("0011 plans, rolling windows and limit resets", """
+begin;
+-- A rolling window ('<n>h', '<n>d') counts periods of that length from
+-- starts_at (null: created_at). A calendar window's current period starts no
+-- earlier than reset_at (null: never reset). Both only move forward.
+alter table limits add column starts_at text;
+alter table limits add column reset_at text;
+-- A plan is a named set of limits: rows of limits with scope 'plan' and the
+-- plan's id as target, each applying to every member separately.
+create table plans (
+    id text primary key,
+    name text not null,
+    created_at text not null
+);
+-- A user's plan; source says who set it: 'admin' or 'sign-in' (a group claim).
+create table user_plans (
+    user_name text primary key,
+    plan_id text not null,
+    source text not null,
+    updated_at text not null
+);
+-- JSON list of plan ids a project key may name per call (X-LLimit-Plan); null: none.
+alter table projects add column plans_allowed text;
+create trigger plans_inserted after insert on plans
+begin update config_version set version = version + 1; end;
+create trigger plans_updated after update on plans
+begin update config_version set version = version + 1; end;
+create trigger plans_deleted after delete on plans
+begin update config_version set version = version + 1; end;
+create trigger user_plans_inserted after insert on user_plans
+begin update config_version set version = version + 1; end;
+create trigger user_plans_updated after update on user_plans
+begin update config_version set version = version + 1; end;
+create trigger user_plans_deleted after delete on user_plans
+begin update config_version set version = version + 1; end;
+commit;
+"""),
+    ("0012 shared reservations and minute totals", """
 begin;
 -- For several llimit instances on one PostgreSQL database, which cannot hold
 -- running totals and calls under way in memory as one SQLite process does:
@@ -727,7 +782,7 @@ create table usage_minutes (
 );
 commit;
 """),
-    ("0012 a new key's secret for the next page, sealed", """
+    ("0013 a new key's secret for the next page, sealed", """
 begin;
 -- A key made on a page is shown on the page the browser is sent to next,
 -- which another llimit instance may serve: the secret waits in the session
@@ -922,8 +977,29 @@ create table refusals_daily (
     primary key (day, project_id, user_name, reason)
 );
 """
-POSTGRES_MIGRATIONS["0011 shared reservations and minute totals"] = (
-    MIGRATIONS[10][1].strip().removeprefix("begin;").removesuffix("commit;").replace(
+POSTGRES_MIGRATIONS["0011 plans, rolling windows and limit resets"] = """
+alter table limits add column starts_at text;
+alter table limits add column reset_at text;
+create table plans (
+    id text primary key,
+    name text not null,
+    created_at text not null
+);
+create table user_plans (
+    user_name text primary key,
+    plan_id text not null,
+    source text not null,
+    updated_at text not null
+);
+alter table projects add column plans_allowed text;
+create trigger plans_changed after insert or update or delete on plans
+    for each statement execute function llimit_config_changed();
+create trigger user_plans_changed after insert or update or delete on user_plans
+    for each statement execute function llimit_config_changed();
+"""
+POSTGRES_MIGRATIONS["0012 shared reservations and minute totals"] = (
+    dict(MIGRATIONS)["0012 shared reservations and minute totals"].strip()
+    .removeprefix("begin;").removesuffix("commit;").replace(
         "subject text not null,", 'subject text collate "C" not null,') + """
 -- Admission in one round trip. First the config version: if it is not the
 -- one the caller's key and limits were read at, return [-1, version] and do
@@ -1509,7 +1585,7 @@ def set_setting(db, name, value):
 
 PROJECT_COLUMNS = ("id", "name", "upstream_kind", "upstream_url", "upstream_key",
                    "api_version", "allow_user_keys", "allow_async", "limit_message",
-                   "model_map", "max_keys_per_user", "created_at")
+                   "model_map", "max_keys_per_user", "plans_allowed", "created_at")
 
 
 def get_project(db, project_id):
@@ -1526,9 +1602,10 @@ def insert_project(db, project):
     """Insert a project from a dict holding every PROJECT_COLUMNS field."""
     db.execute("insert into projects (id, name, upstream_kind, upstream_url, upstream_key,"
                " api_version, allow_user_keys, allow_async, limit_message, model_map,"
-               " max_keys_per_user, created_at) values (:id, :name, :upstream_kind,"
-               " :upstream_url, :upstream_key, :api_version, :allow_user_keys, :allow_async,"
-               " :limit_message, :model_map, :max_keys_per_user, :created_at)",
+               " max_keys_per_user, plans_allowed, created_at) values (:id, :name,"
+               " :upstream_kind, :upstream_url, :upstream_key, :api_version, :allow_user_keys,"
+               " :allow_async, :limit_message, :model_map, :max_keys_per_user, :plans_allowed,"
+               " :created_at)",
                project)
 
 
@@ -1538,8 +1615,8 @@ def update_project(db, project):
                " upstream_url = :upstream_url, upstream_key = :upstream_key,"
                " api_version = :api_version, allow_user_keys = :allow_user_keys,"
                " allow_async = :allow_async, limit_message = :limit_message,"
-               " model_map = :model_map, max_keys_per_user = :max_keys_per_user"
-               " where id = :id", project)
+               " model_map = :model_map, max_keys_per_user = :max_keys_per_user,"
+               " plans_allowed = :plans_allowed where id = :id", project)
 
 
 def delete_project(db, project_id, revoked_at):
@@ -1575,7 +1652,7 @@ def get_key_by_hash(db, key_hash):
         "select k.id, k.key_hash, k.masked_key, k.project_id, k.user_name, k.models,"
         " k.expires_at, k.revoked_at, p.id as project_exists, p.upstream_kind,"
         " p.upstream_url, p.upstream_key, p.api_version, p.limit_message, p.model_map,"
-        " p.allow_async,"
+        " p.allow_async, p.plans_allowed,"
         " (select version from config_version) as config_version"
         " from api_keys k left join projects p on p.id = k.project_id"
         " where k.key_hash = ?", (key_hash,)).fetchone()
@@ -2081,7 +2158,8 @@ def list_stored_user_names(db):
     names = set()
     for sql in ("select distinct user_name from api_keys where user_name is not null",
                 "select distinct target from limits where scope = 'user'",
-                "select distinct user_name from sessions where user_name is not null"):
+                "select distinct user_name from sessions where user_name is not null",
+                "select user_name from user_plans"):
         names.update(row[0] for row in db.execute(sql))
     for subject in _user_subjects(db):
         names.add(parse_subject(subject)[1][-1])
@@ -2130,6 +2208,11 @@ def rename_users(db, renames):
         " cost_nusd = usage_daily.cost_nusd + excluded.cost_nusd,"
         " unpriced = usage_daily.unpriced + excluded.unpriced")
     db.execute("delete from usage_daily where user_name in (select old from user_renames)")
+    # A plan the new name has already wins over the old name's.
+    db.execute("insert into user_plans select r.new, p.plan_id, p.source, p.updated_at"
+               " from user_plans p join user_renames r on r.old = p.user_name where true"
+               " on conflict (user_name) do nothing")
+    db.execute("delete from user_plans where user_name in (select old from user_renames)")
     subject_renames = []
     for subject in _user_subjects(db):
         kind, names = parse_subject(subject)
@@ -2163,15 +2246,73 @@ def get_limit(db, limit_id):
 def insert_limit(db, limit):
     """Insert a limit from a dict."""
     db.execute("insert into limits (id, scope, target, each, metric, \"window\", amount, action,"
-               " alert_at, note, created_at) values (:id, :scope, :target, :each, :metric,"
-               " :window, :amount, :action, :alert_at, :note, :created_at)", limit)
+               " alert_at, note, starts_at, reset_at, created_at) values (:id, :scope, :target,"
+               " :each, :metric, :window, :amount, :action, :alert_at, :note, :starts_at,"
+               " :reset_at, :created_at)", limit)
 
 
 def update_limit(db, limit):
     """Write back every field of a limit dict."""
     db.execute("update limits set scope = :scope, target = :target, each = :each,"
                " metric = :metric, \"window\" = :window, amount = :amount, action = :action,"
-               " alert_at = :alert_at, note = :note where id = :id", limit)
+               " alert_at = :alert_at, note = :note, starts_at = :starts_at,"
+               " reset_at = :reset_at where id = :id", limit)
+
+
+# --- plans ----------------------------------------------------------------------
+
+def list_plans(db):
+    """Every plan, by id."""
+    return db.execute("select * from plans order by id").fetchall()
+
+
+def get_plan(db, plan_id):
+    """One plan row, or None."""
+    return db.execute("select * from plans where id = ?", (plan_id,)).fetchone()
+
+
+def insert_plan(db, plan):
+    """Insert a plan row from a dict (its limits are rows of limits)."""
+    db.execute("insert into plans (id, name, created_at) values (:id, :name, :created_at)", plan)
+
+
+def rename_plan(db, plan_id, name):
+    """Change a plan's name."""
+    db.execute("update plans set name = ? where id = ?", (name, plan_id))
+
+
+def delete_plan(db, plan_id):
+    """Delete a plan, its limits and its members' assignments; returns whether it existed."""
+    db.execute("delete from limits where scope = 'plan' and target = ?", (plan_id,))
+    db.execute("delete from user_plans where plan_id = ?", (plan_id,))
+    return db.execute("delete from plans where id = ?", (plan_id,)).rowcount > 0
+
+
+def list_user_plans(db):
+    """Every user's assigned plan: rows of user_name, plan_id, source."""
+    return db.execute("select user_name, plan_id, source from user_plans").fetchall()
+
+
+def get_user_plan(db, user_name):
+    """A user's user_plans row, or None."""
+    return db.execute("select * from user_plans where user_name = ?", (user_name,)).fetchone()
+
+
+def set_user_plan(db, user_name, plan_id, source, updated_at):
+    """Assign a user to a plan (replacing any earlier assignment)."""
+    db.execute("insert into user_plans (user_name, plan_id, source, updated_at)"
+               " values (?, ?, ?, ?) on conflict (user_name) do update set"
+               " plan_id = excluded.plan_id, source = excluded.source,"
+               " updated_at = excluded.updated_at", (user_name, plan_id, source, updated_at))
+
+
+def delete_user_plan(db, user_name, source=None):
+    """Remove a user's assignment (only one made by `source`, when given)."""
+    if source is None:
+        db.execute("delete from user_plans where user_name = ?", (user_name,))
+    else:  # no `? is null`: PostgreSQL cannot type an untyped null parameter
+        db.execute("delete from user_plans where user_name = ? and source = ?",
+                   (user_name, source))
 
 
 def delete_limit(db, limit_id):
@@ -2256,6 +2397,12 @@ def _iso_from_ms(ms):
 def utc_iso(seconds):
     """Seconds since the epoch as ISO 8601 UTC, e.g. 2026-11-23T07:00:00Z."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def iso_seconds(text):
+    """Seconds since the epoch of an ISO 8601 time (UTC when it names no zone)."""
+    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 # =============================================================================
@@ -2502,19 +2649,19 @@ def _int(value):
 
 def usage_from_openai(usage):
     """Usage from an OpenAI `usage` object (chat, completions, embeddings, responses)."""
-    if "input_tokens" in usage and "prompt_tokens" not in usage:  # the Responses API
-        return Usage(
-            prompt_tokens=_int(usage.get("input_tokens")),
-            cached_tokens=_int((usage.get("input_tokens_details") or {}).get("cached_tokens")),
-            completion_tokens=_int(usage.get("output_tokens")),
-            reasoning_tokens=_int(
-                (usage.get("output_tokens_details") or {}).get("reasoning_tokens")))
+    responses = "input_tokens" in usage and "prompt_tokens" not in usage  # the Responses API
+    inputs = usage.get("input_tokens_details" if responses else "prompt_tokens_details")
+    outputs = usage.get("output_tokens_details" if responses else "completion_tokens_details")
+    inputs = inputs if isinstance(inputs, dict) else {}
+    outputs = outputs if isinstance(outputs, dict) else {}
+    prompt = _int(usage.get("input_tokens" if responses else "prompt_tokens"))
+    cached = min(_int(inputs.get("cached_tokens")), prompt)
+    # The models that bill cache writes report them among the input tokens.
     return Usage(
-        prompt_tokens=_int(usage.get("prompt_tokens")),
-        cached_tokens=_int((usage.get("prompt_tokens_details") or {}).get("cached_tokens")),
-        completion_tokens=_int(usage.get("completion_tokens")),
-        reasoning_tokens=_int(
-            (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")))
+        prompt_tokens=prompt, cached_tokens=cached,
+        cache_write_tokens=min(_int(inputs.get("cache_write_tokens")), prompt - cached),
+        completion_tokens=_int(usage.get("output_tokens" if responses else "completion_tokens")),
+        reasoning_tokens=_int(outputs.get("reasoning_tokens")))
 
 
 def usage_from_anthropic(usage):
@@ -2610,8 +2757,9 @@ def usage_from_usage_object(usage, body_type=None):
     if "prompt_tokens" in usage:
         found = usage_from_openai(usage)
         # compat: LiteLLM and others put Claude's cache writes beside OpenAI's fields.
-        found.cache_write_tokens = min(_int(usage.get("cache_creation_input_tokens")),
-                                       max(found.prompt_tokens - found.cached_tokens, 0))
+        found.cache_write_tokens = min(
+            max(found.cache_write_tokens, _int(usage.get("cache_creation_input_tokens"))),
+            max(found.prompt_tokens - found.cached_tokens, 0))
         return found
     if body_type == "message" or not ("input_tokens_details" in usage
                                       or "output_tokens_details" in usage
@@ -3289,6 +3437,11 @@ SCOPES = ("global", "project", "user", "key")
 EACH = (None, "user", "key")
 LIMIT_METRICS = ("usd", "tokens", "requests")
 WINDOWS = ("minute", "day", "week", "month", "total")
+# compat: LiteLLM's budget_duration. A rolling window is '<n>h' or '<n>d':
+# periods of that length counted from the limit's starts_at.
+ROLLING_WINDOW = re.compile(r"([1-9][0-9]{0,3})([hd])")
+WINDOW_PATTERN = "^(minute|day|week|month|total|[1-9][0-9]{0,3}[hd])$"
+ROLLING_EXAMPLES = ("1h", "24h", "7d", "30d")  # offered on /admin beside the calendar windows
 ACTIONS = ("block", "warn")
 NANO = 1_000_000_000
 
@@ -3377,6 +3530,37 @@ def window_bounds(window, now):
     return int(first.timestamp()), int(following.timestamp())
 
 
+def rolling_seconds(window):
+    """The length in seconds of a rolling window ('7d' -> 604800), or None for a calendar one."""
+    match = ROLLING_WINDOW.fullmatch(window)
+    if match is None:
+        return None
+    return int(match[1]) * (3600 if match[2] == "h" else 86400)
+
+
+def limit_period(limit, now):
+    """(start, end) in epoch seconds of a limit's period holding `now`; end None for total.
+
+    Calendar windows are window_bounds', started no earlier than the limit's
+    reset_at; rolling ones are counted from starts_at (else created_at).
+    """
+    length = rolling_seconds(limit["window"])
+    if length is not None:
+        anchor = int(iso_seconds(limit["starts_at"] or limit["created_at"]))
+        start = anchor + int((now - anchor) // length) * length
+        return start, start + length
+    start, end = window_bounds(limit["window"], now)
+    if limit["reset_at"]:
+        start = max(start, min(int(iso_seconds(limit["reset_at"])), int(now)))
+    return start, end
+
+
+def _regular_period(window, start):
+    # Whether a period is a calendar window's own, kept by count_committed's
+    # running totals; any other (rolling, or started by a reset) is irregular.
+    return window in WINDOWS and window_bounds(window, start)[0] == start
+
+
 def _day(seconds):
     return time.strftime("%Y-%m-%d", time.gmtime(seconds))
 
@@ -3393,6 +3577,8 @@ def call_subjects(project_id, user_name, key_id):
 def limit_subject(limit, project_id, user_name, key_id):
     """The running total a limit reads for this call, or None if it does not apply."""
     scope, each = limit["scope"], limit["each"]
+    if scope == "plan":  # for_call matched the plan; it applies to each member
+        return subject_of("user", user_name) if user_name else None
     if scope == "project" and limit["target"] != project_id:
         return None
     if scope == "user" and limit["target"] != user_name:
@@ -3432,7 +3618,7 @@ def describe_limit(limit):
     """A limit in words, e.g. "project 'team-a' limit of $10/day"."""
     scope = limit["scope"]
     who = "global" if scope == "global" else f"{scope} '{limit['target']}'"
-    each = f" (each {limit['each']})" if limit["each"] else ""
+    each = f" (each {limit['each'] or 'member'})" if limit["each"] or scope == "plan" else ""
     window = "" if limit["window"] == "total" else "/" + limit["window"]
     return (f"{who}{each} limit {limit['id']} of "
             f"{format_amount(limit['metric'], limit_amount_units(limit))}{window}")
@@ -3441,7 +3627,9 @@ def describe_limit(limit):
 def limit_in_words(limit):
     """A limit as its key holders read it: "$2.00 a day", "600 requests a minute for each user"."""
     amount = format_amount(limit["metric"], limit_amount_units(limit))
-    period = "in total" if limit["window"] == "total" else f"a {limit['window']}"
+    window = limit["window"]
+    period = "in total" if window == "total" else f"a {window}" if window in WINDOWS \
+        else f"per {window_in_words(window)}"
     each = f" for each {limit['each']}" if limit["each"] else ""
     return f"{amount} {period}{each}"
 
@@ -3486,24 +3674,48 @@ class Limits:
         self._rows_lock = threading.Lock()
         self._rows_version = None  # the config_version `_rows_by_target` was read at
         self._rows_by_target = {}  # (scope, target) -> limit rows; global: ("global", None)
+        self._irregular = {}   # subject -> {(window, start): end} of periods not a calendar one's
+        self._user_plans = {}  # user name -> plan id, as user_plans holds them
+        self._plan_ids = frozenset()
 
-    def for_call(self, db, version, project_id, user_name, key_id):
-        """The limits a call of this project, user and key may be under.
+    def for_call(self, db, version, project_id, user_name, key_id, plan_id=None):
+        """The limits a call of this project, user, key and plan may be under.
 
         Held in memory and read again only when `version` (the database's
         config_version; the proxy has it from the key lookup) has moved.
         """
-        if version != self._rows_version:
-            with self._rows_lock:
-                if version != self._rows_version:
-                    by_target = {}
-                    for limit in list_limits(db):  # at `version` or newer: safe
-                        target = None if limit["scope"] == "global" else limit["target"]
-                        by_target.setdefault((limit["scope"], target), []).append(limit)
-                    self._rows_by_target, self._rows_version = by_target, version
+        self._load(db, version)
         rows = self._rows_by_target
         return (rows.get(("global", None), []) + rows.get(("project", project_id), [])
-                + rows.get(("user", user_name), []) + rows.get(("key", key_id), []))
+                + rows.get(("user", user_name), []) + rows.get(("key", key_id), [])
+                + (rows.get(("plan", plan_id), []) if plan_id else []))
+
+    def plan_of(self, db, version, user_name, default_plan=None):
+        """The plan a user is on: their own, else `default_plan`; None for no user or plan."""
+        self._load(db, version)
+        if not user_name:
+            return None
+        own = self._user_plans.get(user_name)
+        return own if own in self._plan_ids else default_plan
+
+    def plan_exists(self, db, version, plan_id):
+        """Whether a plan of this id exists (from memory, like for_call)."""
+        self._load(db, version)
+        return plan_id in self._plan_ids
+
+    def _load(self, db, version):
+        if version == self._rows_version:
+            return
+        with self._rows_lock:
+            if version != self._rows_version:
+                by_target = {}
+                for limit in list_limits(db):  # at `version` or newer: safe
+                    target = None if limit["scope"] == "global" else limit["target"]
+                    by_target.setdefault((limit["scope"], target), []).append(limit)
+                self._user_plans = {row["user_name"]: row["plan_id"]
+                                    for row in list_user_plans(db)}
+                self._plan_ids = frozenset(row["id"] for row in list_plans(db))
+                self._rows_by_target, self._rows_version = by_target, version
 
     def admit(self, db, call, limits, ledger_healthy):
         """Check a call against its limits and reserve its worst case.
@@ -3521,12 +3733,13 @@ class Limits:
             for limit in limits:
                 subject = limit_subject(limit, call.project_id, call.user_name, call.key_id)
                 if subject is None:
-                    if limit["each"] == "user" and not call.user_name \
+                    if (limit["each"] == "user" or limit["scope"] == "plan") \
+                            and not call.user_name \
                             and limit["action"] == "block" and limit["scope"] != "user":
                         raise _user_required(limit)
                     continue
                 window = limit["window"]
-                start, end = window_bounds(window, now)
+                start, end = limit_period(limit, now)
                 key = (subject, window, start)
                 field = METRIC_FIELDS[limit["metric"]]
                 amount = limit_amount_units(limit)
@@ -3537,9 +3750,10 @@ class Limits:
                     alert_checks.append((limit, subject))
                 _limit_headers(headers, limit, amount, used + in_flight, getattr(worst.need, field),
                                start, end, now)
+                warning = warning_text(limit, amount, used, end)
+                if warning:
+                    warnings.append(warning)
                 if limit["action"] == "warn":
-                    if used >= amount:
-                        warnings.append(describe_limit(limit) + " reached")
                     continue
                 if limit["metric"] == "usd":
                     if not worst.priced:
@@ -3558,8 +3772,7 @@ class Limits:
                 if held is None:
                     held = self._reserved[key] = Totals()
                 held.add(need)
-        if warnings:
-            headers["X-LLimit-Warning"] = "; ".join(warnings)
+        _warning_header(headers, warnings, call.limit_message)
         return Admission(reservation, alert_checks, headers, usd_bound)
 
     def count_committed(self, events):
@@ -3583,6 +3796,12 @@ class Limits:
                         entry.requests += 1
                         entry.tokens += tokens
                         entry.cost_nusd += cost
+                for (window, start), end in self._irregular.get(subject, {}).items():
+                    entry = self._used.get((subject, window, start))
+                    if entry is not None and start <= seconds and (end is None or seconds < end):
+                        entry.requests += 1
+                        entry.tokens += tokens
+                        entry.cost_nusd += cost
             if event.reservation is not None:
                 alerts += self._alerts_due(event.reservation.alert_checks, seconds)
         self._prune(self.clock())
@@ -3590,14 +3809,19 @@ class Limits:
 
     def used(self, db, limit, subject):
         """(used in counter units, window end or None) of a limit for one subject."""
-        start, end = window_bounds(limit["window"], self.clock())
+        start, end = limit_period(limit, self.clock())
         with self.lock:
             entry = self._used_entry(db, (subject, limit["window"], start), end)
             return entry.metric(limit["metric"]), end
 
     def used_by_top_member(self, db, limit):
-        """For an `each` limit: the largest use among its members this window."""
-        start, end = window_bounds(limit["window"], self.clock())
+        """For an `each` limit: the largest use among its members this window.
+
+        A period not starting at midnight (rolling, or reset) counts its first
+        day whole here: this figure is for the admin's listing only, never for
+        a check, and finding the exact one would read that day's events.
+        """
+        start, end = limit_period(limit, self.clock())
         if limit["scope"] == "project" and limit["each"] == "user":
             prefix = subject_members("project_user", limit["target"])
         else:
@@ -3620,10 +3844,11 @@ class Limits:
             used, end = self.used(db, limit, scope_subject(limit["scope"], limit["target"]))
         return limit_to_json(limit, used, end)
 
-    def statuses_for_call(self, db, project_id, user_name, key_id):
+    def statuses_for_call(self, db, project_id, user_name, key_id, plan_id=None):
         """(subject, limit_to_json) of every limit a call of this project, user and key is under."""
         applying = []
-        for limit in self.for_call(db, config_version(db), project_id, user_name, key_id):
+        for limit in self.for_call(db, config_version(db), project_id, user_name, key_id,
+                                   plan_id):
             subject = limit_subject(limit, project_id, user_name, key_id)
             if subject is not None:
                 used, end = self.used(db, limit, subject)
@@ -3638,7 +3863,10 @@ class Limits:
         entry = self._used.get(key)
         if entry is None:
             subject, window, start = key
-            if window == "minute":
+            if not _regular_period(window, start):
+                entry = _period_total(db, subject, start, end)
+                self._irregular.setdefault(subject, {})[(window, start)] = end
+            elif window == "minute":
                 entry = get_events_total(db, subject, int(start * 1000), int(end * 1000))
             elif window == "total":
                 entry = get_lifetime_total(db, subject)
@@ -3664,7 +3892,7 @@ class Limits:
     def _alerts_due(self, checks, seconds):
         due = []
         for limit, subject in checks:
-            start, end = window_bounds(limit["window"], seconds)
+            start, end = limit_period(limit, seconds)
             entry = self._committed_entry(subject, limit["window"], start, end)
             amount = limit_amount_units(limit)
             if entry is None or amount <= 0:
@@ -3693,8 +3921,12 @@ class Limits:
             return
         self._pruned_minute = minute
         current = {window: window_bounds(window, now)[0] for window in WINDOWS}
+        self._irregular = {subject: kept for subject, periods in self._irregular.items()
+                           if (kept := {period: end for period, end in periods.items()
+                                        if end is None or end > now - 60})}
         self._used = {key: entry for key, entry in self._used.items()
-                      if key[2] >= current[key[1]] - (60 if key[1] == "minute" else 0)}
+                      if (key[2] >= current[key[1]] - (60 if key[1] == "minute" else 0)
+                          if key[1] in current else key[1:] in self._irregular.get(key[0], ()))}
         self._alerted = {marker for marker in self._alerted if marker[2] >= current["month"]}
 
     def _refusal(self, limit, used, in_flight, end, now, limit_message):
@@ -3750,10 +3982,15 @@ class SharedLimits(Limits):
         for limit in limits:
             subject = limit_subject(limit, call.project_id, call.user_name, call.key_id)
             if subject is None:
-                if limit["each"] == "user" and not call.user_name \
+                if (limit["each"] == "user" or limit["scope"] == "plan") and not call.user_name \
                         and limit["action"] == "block" and limit["scope"] != "user":
                     raise _user_required(limit)
                 continue
+            start, end = limit_period(limit, now)
+            if not _regular_period(limit["window"], start):
+                # A rolling or reset period (copied in by migrate-db: the admin
+                # API refuses them here) is not counted: fail closed, not open.
+                raise _not_on_postgresql(f"The limit {limit['id']}'s period") from None
             if limit["alert_at"] or self._alerts_full(limit):
                 alert_checks.append((limit, subject))
             block = limit["action"] == "block"
@@ -3763,7 +4000,6 @@ class SharedLimits(Limits):
                 usd_bound = True
             if block and not ledger_healthy:
                 raise _ledger_unavailable()
-            start, end = window_bounds(limit["window"], now)
             first, last = ("total", "total") if end is None else (_day(start), _day(end - 1))
             checks.append(((subject, limit["window"], start, first, last,
                             SHARED_METRIC_POSITION[limit["metric"]], limit_amount_units(limit),
@@ -3792,10 +4028,10 @@ class SharedLimits(Limits):
                 raise self._refusal(limit, used, in_flight, end, now, call.limit_message)
             _limit_headers(headers, limit, amount, used + in_flight,
                            getattr(need, METRIC_FIELDS[limit["metric"]]), row[2], end, now)
-            if not row[7] and used >= amount:
-                warnings.append(describe_limit(limit) + " reached")
-        if warnings:
-            headers["X-LLimit-Warning"] = "; ".join(warnings)
+            warning = warning_text(limit, amount, used, end)
+            if warning:
+                warnings.append(warning)
+        _warning_header(headers, warnings, call.limit_message)
         return Admission([], alert_checks, headers, usd_bound, shared_id)
 
     def count_committed(self, events):
@@ -3844,6 +4080,31 @@ def _ledger_unavailable():
                        "The usage ledger cannot be written right now, so calls"
                        " under a spending limit are refused. Try again shortly.",
                        code="ledger_unavailable")
+
+
+def _warning_header(headers, warnings, limit_message):
+    if warnings:
+        # compat: a header value is Latin-1 on the wire; the message may not be.
+        text = " ".join(warnings + [limit_message or ""]).strip()
+        headers["X-LLimit-Warning"] = text.encode("ascii", "replace").decode()
+
+
+def _period_total(db, subject, start, end):
+    # A period not starting at midnight: its first (partial) day from the
+    # events, by the created_ms index (one day's events at most), and its
+    # whole days from the daily running totals. Events after now do not exist
+    # yet, so the last day's total holds only what is inside the period.
+    next_day = -(-start // 86400) * 86400
+    total = Totals()
+    if next_day > start:
+        last = next_day if end is None else min(next_day, end)
+        total.add(get_events_total(db, subject, start * 1000, last * 1000))
+    if end is None or next_day < end:
+        total.add(get_counter(db, subject, _day(next_day),
+                              "9999-12-31" if end is None else _day(end - 1)))
+    return total
+
+
 def _not_priced(limit, model):
     # Spend that no price covers would count $0 against a USD budget: refuse it.
     asked = f"the model {model!r}" if model else "a call that names no model"
@@ -3868,6 +4129,51 @@ WINDOW_ADJECTIVES = {"minute": "per-minute", "day": "daily", "week": "weekly",
                      "month": "monthly", "total": "total"}
 
 
+def window_in_words(window):
+    """A rolling window as people say it: '7d' -> '7 days', '1h' -> 'hour'."""
+    length = rolling_seconds(window)
+    count, unit = (length // 3600, "hour") if window.endswith("h") else (length // 86400, "day")
+    return unit if count == 1 else plural(count, unit)
+
+
+def _window_adjective(window):
+    return WINDOW_ADJECTIVES.get(window) or window_in_words(window)
+
+
+def _resets_on(end):
+    # Midnight ends read as a date; others with their time.
+    if end is None:
+        return "it does not reset"
+    when = utc_iso(end)
+    return (f"it resets on {when[:10]}" if when.endswith("T00:00:00Z")
+            else f"it resets at {when[:16].replace('T', ' ')} UTC")
+
+
+def warning_text(limit, amount, used, end):
+    """The X-LLimit-Warning sentence for one limit, or None while it is not near.
+
+    Said at the highest alert_at percentage reached, and once a warn limit is
+    reached; like refusal_text, for the key holder: no ids, no scope jargon.
+    """
+    if amount <= 0:
+        return None
+    percent = 100.0 * used / amount
+    reached = [p for p in json.loads(limit["alert_at"] or "[]") if percent >= p]
+    if not reached and not (limit["action"] == "warn" and used >= amount):
+        return None
+    metric, window = limit["metric"], limit["window"]
+    owner = "your" if limit["each"] or limit["scope"] in ("user", "key", "plan") else (
+        "this organisation's" if limit["scope"] == "global"
+        else f"the project {limit['target']}'s")
+    allowance = "budget" if metric == "usd" else "allowance"
+    period = f"{_window_adjective(window)} {allowance}" if window in WINDOWS \
+        else f"{allowance} per {window_in_words(window)}"
+    shown = math.floor(percent)  # what is used, not the threshold: "73%" past 50
+    decimals = usd_decimals(amount / NANO) if metric == "usd" else None
+    return (f"You have used {shown:g}% of {owner} {period} of"
+            f" {format_amount(metric, amount, decimals)}; {_resets_on(end)}.")
+
+
 def refusal_text(limit, used, in_flight, end, now, limit_message=None):
     """What a key holder reads when a limit refuses a call: what ran out, until when, whom to ask.
 
@@ -3878,7 +4184,7 @@ def refusal_text(limit, used, in_flight, end, now, limit_message=None):
     amount = limit_amount_units(limit)
     decimals = usd_decimals(amount / NANO, (used + in_flight) / NANO)
     whose = {"global": "This organisation's", "project": f"The project {limit['target']}'s"}
-    owner = "Your" if limit["each"] or limit["scope"] in ("user", "key") \
+    owner = "Your" if limit["each"] or limit["scope"] in ("user", "key", "plan") \
         else whose[limit["scope"]]
     allowance = "budget" if metric == "usd" else "allowance"
     if window == "minute":
@@ -3886,7 +4192,9 @@ def refusal_text(limit, used, in_flight, end, now, limit_message=None):
                     f" Try again in {plural(max(1, int(end - now + 0.999)), 'second')}.")
     else:
         spent = "spent" if metric == "usd" else "used"
-        sentence = (f"{owner} {WINDOW_ADJECTIVES[window]} {allowance} of"
+        period = f"{WINDOW_ADJECTIVES[window]} {allowance}" if window in WINDOWS \
+            else f"{allowance} per {window_in_words(window)}"
+        sentence = (f"{owner} {period} of"
                     f" {format_amount(metric, amount, decimals)} is used up"
                     f" ({format_amount(metric, used, decimals)} {spent}")
         if in_flight:
@@ -3938,11 +4246,24 @@ NULLABLE_STRING = {"type": "string", "nullable": True}
 LIMIT_FIELDS = {
     "scope": _one_of(SCOPES), "target": Field(NULLABLE_STRING, "must be a string"),
     "each": _one_of(("user", "key"), nullable=True), "metric": _one_of(LIMIT_METRICS),
-    "window": _one_of(WINDOWS), "amount": Field(AMOUNT, "must be a number >= 0"),
+    "window": Field({"type": "string", "pattern": WINDOW_PATTERN, "description":
+                     "a calendar window, or a rolling one: <n>h or <n>d (1-9999)"},
+                    "must be one of minute, day, week, month, total, or <n>h / <n>d"
+                    " such as 24h or 30d"),
+    "amount": Field(AMOUNT, "must be a number >= 0"),
     "action": _one_of(ACTIONS),
     "alert_at": Field(ALERT_AT, "must be a list of percentages between 0 and 100"),
     "note": Field(NULLABLE_STRING, "must be a string"),
+    "starts_at": Field({"type": "string", "nullable": True, "format": "date-time",
+                        "description": "when a rolling window's periods are counted from;"
+                        " null: when the limit was made"},
+                       "must be an ISO 8601 time such as 2026-01-01T00:00:00Z"),
 }
+# A plan's limits: the limit's shape without scope, target or each (a plan's
+# limit applies to each member), and with the id of one to keep on PATCH.
+PLAN_LIMIT_FIELDS = {**{name: field for name, field in LIMIT_FIELDS.items()
+                        if name not in ("scope", "target", "each")},
+                     "id": Field({"type": "string", "maxLength": 64}, "must be a limit id")}
 
 
 def validate_limit(data, current=None, domains=()):
@@ -3973,12 +4294,37 @@ def validate_limit(data, current=None, domains=()):
         raise _field_error("each", "a user limit can only apply to each key")
     if merged.get("amount") is None:
         raise _field_error("amount", LIMIT_FIELDS["amount"].problem)
-    if merged.get("alert_at") is not None:
+    return _limit_defaults(merged)
+
+
+def _limit_defaults(merged):
+    # The checks and defaults every limit shares, a plan's too.
+    if merged.get("amount") is None:
+        raise _field_error("amount", LIMIT_FIELDS["amount"].problem)
+    if merged.get("window") is None or merged.get("metric") is None:
+        raise _field_error("window" if merged.get("window") is None else "metric",
+                           LIMIT_FIELDS["window" if merged.get("window") is None
+                                        else "metric"].problem)
+    if merged.get("alert_at") is not None and not isinstance(merged["alert_at"], str):
         merged["alert_at"] = json.dumps(sorted(set(merged["alert_at"])))
-    merged.setdefault("alert_at", None)
-    merged.setdefault("note", None)
-    merged.setdefault("each", None)
+    if merged.get("starts_at") is not None:
+        try:
+            merged["starts_at"] = utc_iso(iso_seconds(merged["starts_at"]))
+        except ValueError:
+            raise _field_error("starts_at", LIMIT_FIELDS["starts_at"].problem) from None
+    for field in ("alert_at", "note", "each", "starts_at", "reset_at"):
+        merged.setdefault(field, None)
     return merged
+
+
+def validate_plan_limit(data, plan_id, current=None):
+    """One limit of a plan from JSON input (merged over `current`, the limit it keeps)."""
+    check_input(data, PLAN_LIMIT_FIELDS, "plan limit")
+    merged = dict(current or {})
+    merged.update({name: value for name, value in data.items() if name != "id"})
+    merged.update(scope="plan", target=plan_id, each=None)
+    merged.setdefault("action", "block")
+    return _limit_defaults(merged)
 
 
 
@@ -4000,6 +4346,9 @@ def limit_to_json(limit, used, end):
         "amount": limit["amount"], "action": limit["action"],
         "alert_at": json.loads(limit["alert_at"]) if limit["alert_at"] else None,
         "note": limit["note"],
+        "starts_at": limit["starts_at"] or (limit["created_at"] if rolling_seconds(
+            limit["window"]) else None),
+        "reset_at": limit["reset_at"],
         "used": used / scale if scale != 1 else used,
         "remaining": max(amount - used, 0) / scale if scale != 1 else max(amount - used, 0),
         "resets_at": None if end is None else utc_iso(end),
@@ -4008,9 +4357,158 @@ def limit_to_json(limit, used, end):
 
 def add_limit(db, limit, now_iso):
     """Store a validated limit under a fresh id; returns the id."""
-    limit = {**limit, "id": "lim_" + secrets.token_hex(6), "created_at": now_iso}
+    limit = {"starts_at": None, "reset_at": None, **limit,
+             "id": "lim_" + secrets.token_hex(6), "created_at": now_iso}
+    enforceable_limit(db, limit)
     insert_limit(db, limit)
     return limit["id"]
+
+
+def change_limit(db, limit):
+    """Write back a validated limit (all its fields)."""
+    enforceable_limit(db, limit)
+    update_limit(db, limit)
+
+
+def reset_limit(db, limit, now_iso):
+    """Start a limit's current period now (its history stays): returns the row written.
+
+    A rolling window's periods are counted from now on; a calendar window's
+    current period starts now, and the next one at its usual time.
+    """
+    if engine_of(db) == "postgres":
+        raise _not_on_postgresql("Resetting a limit's period")
+    limit = dict(limit)
+    limit["starts_at" if rolling_seconds(limit["window"]) else "reset_at"] = now_iso
+    update_limit(db, limit)
+    return limit
+
+
+def enforceable_limit(db, limit):
+    """400 for a limit this database's admission would not enforce as written.
+
+    SharedLimits (PostgreSQL) counts calendar windows from their usual start
+    only: a rolling window or a reset period would be stored yet not
+    enforced, so it is refused instead.
+    """
+    if engine_of(db) != "postgres":
+        return
+    if rolling_seconds(limit["window"]) is not None:
+        raise _not_on_postgresql(f"A rolling window ({limit['window']!r})")
+    if limit.get("reset_at"):
+        raise _not_on_postgresql("A limit whose period was reset")
+
+
+def _not_on_postgresql(what):
+    return LlimitError(400, "invalid_request_error",
+                       f"{what} is not supported on PostgreSQL yet: llimit could not enforce"
+                       f" it there. Use a calendar window ({', '.join(WINDOWS)}).",
+                       code="not_supported_on_postgresql")
+
+
+PLAN_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+PLAN_FIELDS = {
+    "id": Field({"type": "string", "pattern": PLAN_ID},
+                "must be 1-64 letters, digits, '_', '.' or '-'"),
+    "name": Field({"type": "string", "maxLength": 200, "pattern": r"^[^\r\n]*$"},
+                  "must be a single-line string"),
+    "limits": Field({"type": "array", "items": {"type": "object"}},
+                    "must be a list of limits (metric, window, amount, ...)"),
+}
+
+
+def parse_plan_limit(text):
+    """A plan limit from its short form METRIC:AMOUNT/WINDOW (usd:20/month); 400 if malformed."""
+    metric, colon, rest = text.strip().partition(":")
+    amount, slash, window = rest.partition("/")
+    try:
+        value = float(amount)
+    except ValueError:
+        value = None
+    if not colon or not slash or value is None or not math.isfinite(value):
+        raise _field_error("limits", f"{text.strip()!r} is not METRIC:AMOUNT/WINDOW,"
+                                     " e.g. usd:20/month or requests:60/minute")
+    return {"metric": metric.strip(), "amount": value, "window": window.strip()}
+
+
+def create_plan(db, data, now_iso):
+    """Add a plan and its limits from input; 409 if the id is taken. Returns its id."""
+    check_input(data, PLAN_FIELDS, "plan")
+    if data.get("id") is None:
+        raise _field_error("id", PLAN_FIELDS["id"].problem)
+    plan_id = data["id"]
+    limits = [validate_plan_limit(item, plan_id) for item in data.get("limits", [])]
+    with transaction(db):
+        if get_plan(db, plan_id) is not None:
+            raise LlimitError(409, "invalid_request_error", f"A plan {plan_id!r} exists already.",
+                              code="plan_exists")
+        insert_plan(db, {"id": plan_id, "name": data.get("name") or plan_id,
+                         "created_at": now_iso})
+        for limit in limits:
+            add_limit(db, limit, now_iso)
+    return plan_id
+
+
+def change_plan(db, plan_id, data, now_iso):
+    """Rename a plan and/or replace its limits; 404 if there is none.
+
+    `limits` replaces the whole set: an item naming the `id` of one of the
+    plan's limits changes that limit (its period and history stay), an item
+    without one adds a limit, and a limit not named is deleted.
+    """
+    check_input(data, PLAN_FIELDS, "plan")
+    if "id" in data and data["id"] != plan_id:
+        raise _field_error("id", "cannot change")
+    with transaction(db):
+        _must_exist(get_plan(db, plan_id), "plan", plan_id)
+        if data.get("name"):
+            rename_plan(db, plan_id, data["name"])
+        if "limits" not in data:
+            return
+        current = {row["id"]: dict(row) for row in list_limits(db)
+                   if row["scope"] == "plan" and row["target"] == plan_id}
+        kept = set()
+        for item in data["limits"]:
+            check_input(item, PLAN_LIMIT_FIELDS, "plan limit")
+            if item.get("id") is not None:
+                if item["id"] not in current:
+                    raise _field_error("limits", f"names {item['id']!r}, not a limit of this plan")
+                change_limit(db, validate_plan_limit(item, plan_id, current[item["id"]]))
+                kept.add(item["id"])
+            else:
+                add_limit(db, validate_plan_limit(item, plan_id), now_iso)
+        for limit_id in current.keys() - kept:
+            delete_limit(db, limit_id)
+
+
+def assign_plan(db, user_name, plan_id, now_iso):
+    """Put a user on a plan as an admin does (None: back to the default); 404 for no plan."""
+    with transaction(db):
+        if plan_id is None:
+            delete_user_plan(db, user_name)
+        else:
+            _must_exist(get_plan(db, plan_id), "plan", plan_id)
+            set_user_plan(db, user_name, plan_id, "admin", now_iso)
+
+
+def remove_plan(db, plan_id):
+    """Delete a plan, its limits and its members' assignments; 404 for no plan."""
+    with transaction(db):
+        _must_exist(get_plan(db, plan_id), "plan", plan_id)
+        delete_plan(db, plan_id)
+
+
+def plan_to_json(db, plan, now):
+    """A plan with its limits as the admin API shows a limit, less `used` and
+    `remaining`: each member has their own (GET /admin/users/<user> shows them)."""
+    shown = []
+    for row in list_limits(db):
+        if row["scope"] == "plan" and row["target"] == plan["id"]:
+            limit = limit_to_json(row, 0, limit_period(row, now)[1])
+            del limit["used"], limit["remaining"]
+            shown.append(limit)
+    return {"id": plan["id"], "name": plan["name"], "created_at": plan["created_at"],
+            "limits": shown}
 
 
 class CallSlots:
@@ -4673,6 +5171,9 @@ PROJECT_FIELDS = {
     # keeps_to has no integers; validate_project checks it is a whole number.
     "max_keys_per_user": Field({"type": "integer", "minimum": 0, "nullable": True},
                                "must be a whole number >= 0, or null for no cap"),
+    "plans_allowed": Field({"type": "array", "nullable": True, "items": {
+        "type": "string", "pattern": PROJECT_ID.pattern}, "description": "plans a project"
+        " key may name per call with X-LLimit-Plan"}, "must be a list of plan ids"),
     # Checked by budget_limits, which makes limits of it; the spec shows its shape.
     "budget": Field({"nullable": True, "description": 'e.g. {"usd": 10, "window": "day"}'},
                     'must look like {"usd": 10, "window": "day"}'),
@@ -4694,11 +5195,13 @@ def validate_project(data, current=None, env_pattern=Config().upstream_env_patte
     project = dict(current) if current else {
         "upstream_kind": "openai", "upstream_url": None, "upstream_key": None,
         "api_version": None, "allow_user_keys": 1, "allow_async": 0, "limit_message": None,
-        "model_map": None, "max_keys_per_user": None}
+        "model_map": None, "max_keys_per_user": None, "plans_allowed": None}
     if current and "id" in data and data["id"] != current["id"]:
         raise _field_error("id", "cannot change")
     if isinstance(project.get("model_map"), str):
         project["model_map"] = json.loads(project["model_map"])  # as stored; input: an object
+    if isinstance(project.get("plans_allowed"), str):
+        project["plans_allowed"] = json.loads(project["plans_allowed"])
     project.update({k: v for k, v in data.items() if k in PROJECT_COLUMNS})
     if project.get("id") is None:
         raise _field_error("id", PROJECT_FIELDS["id"].problem)
@@ -4726,6 +5229,10 @@ def validate_project(data, current=None, env_pattern=Config().upstream_env_patte
     project["allow_async"] = int(bool(project["allow_async"]))
     if project["model_map"] is not None:
         project["model_map"] = json.dumps(project["model_map"], sort_keys=True)
+    if project.get("plans_allowed"):
+        project["plans_allowed"] = json.dumps(sorted(set(project["plans_allowed"])))
+    else:
+        project["plans_allowed"] = None  # an empty list allows none, as null does
     cap = project.get("max_keys_per_user")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
         raise _field_error("max_keys_per_user", "must be a whole number >= 0, or null for no cap")
@@ -4841,6 +5348,7 @@ def project_to_json(project, config=None):
         "limit_message": project["limit_message"],
         "model_map": json.loads(project["model_map"]) if project["model_map"] else None,
         "max_keys_per_user": project["max_keys_per_user"],
+        "plans_allowed": json.loads(project["plans_allowed"] or "[]"),
         "created_at": project["created_at"],
     }
 
@@ -4854,6 +5362,8 @@ def project_to_json(project, config=None):
 # =============================================================================
 
 END_USER_HEADER = "X-LLimit-User"
+PLAN_HEADER = "X-LLimit-Plan"  # a project key names its end user's plan per call
+PLAN_HEADER_ENVIRON = "HTTP_X_LLIMIT_PLAN"
 AUTH_FAILURES_PER_MINUTE = 20   # wrong keys or admin tokens from one address, then 429
 AUTH_THROTTLE_ENTRIES = 10000   # addresses and known-good secrets remembered, each
 
@@ -5020,6 +5530,28 @@ def end_user(environ, payload, user_headers, domains):
     if isinstance(payload, dict) and isinstance(payload.get("user"), str) and payload["user"]:
         return canonical_user_name(payload["user"], domains)
     return None
+
+
+def call_plan(state, db, key, environ, user_name):
+    """The plan a call is under, or None: a project key's X-LLimit-Plan, else the
+    user's own plan, else LLIMIT_DEFAULT_PLAN (for a call that names a user).
+
+    A project key may name only a plan its project lists in plans_allowed
+    (else 403 plan_not_allowed); a personal key's header is ignored, as its
+    X-LLimit-User is: its holder cannot pick a larger plan.
+    """
+    version = key["config_version"]
+    asked = environ.get(PLAN_HEADER_ENVIRON)
+    if asked is not None and key["user_name"] is None:
+        asked = _header_text(asked).strip()
+        if asked not in json.loads(key["plans_allowed"] or "[]") \
+                or not state.limits.plan_exists(db, version, asked):
+            raise LlimitError(403, "permission_denied",
+                              f"This key's project may not name the plan {asked[:64]!r}"
+                              f" ({PLAN_HEADER}); an admin lists the plans it may name in the"
+                              " project's plans_allowed.", code="plan_not_allowed")
+        return asked
+    return state.limits.plan_of(db, version, user_name, state.config.default_plan)
 
 
 def _header_text(value):
@@ -5206,6 +5738,10 @@ def page_session(state):
         user_name = header_user(config, bottle.request.environ)
         if user_name and user_name != session.user_name:
             session = sign_in(state, session, user_name)
+            if config.plan_claim:
+                groups = bottle.request.environ.get(
+                    "HTTP_" + config.plan_claim.upper().replace("-", "_"), "")
+                refresh_plan(state, user_name, _header_text(groups).split(","))
         elif user_name is None and session.user_name:
             session = _session_view(config, row, None, raw_id)  # the proxy vouches for no one now
     return session
@@ -5318,6 +5854,41 @@ def checked_form(state, session):
 def _own_origins(config):
     parts = bottle.request.urlparts
     return {f"{parts.scheme}://{parts.netloc}", _origin(config.base_url)}
+
+
+def plan_from_groups(plan_groups, groups):
+    """The plan LLIMIT_PLAN_GROUPS gives a member of `groups` (the first pair that
+    matches, in the order written), or None."""
+    member_of = {str(group).strip() for group in groups}
+    return next((plan for group, plan in plan_groups if group in member_of), None)
+
+
+def refresh_plan(state, user_name, groups):
+    """At sign-in: put the user on the plan their groups map to (LLIMIT_PLAN_GROUPS).
+
+    A matching group wins over an earlier assignment, an admin's too; with
+    none, a plan an earlier sign-in gave is taken away and an admin's stays.
+    Writes only when something changes, so config_version moves only then.
+    """
+    plan_id = plan_from_groups(state.config.plan_groups, groups)
+    db = state.database()
+    with transaction(db):
+        row = get_user_plan(db, user_name)
+        if plan_id is not None and get_plan(db, plan_id) is None:
+            log.warning("LLIMIT_PLAN_GROUPS names the plan %s, which does not exist", plan_id)
+            return
+        if plan_id is None:
+            if row is not None and row["source"] == "sign-in":
+                delete_user_plan(db, user_name, "sign-in")
+        elif row is None or row["plan_id"] != plan_id or row["source"] != "sign-in":
+            set_user_plan(db, user_name, plan_id, "sign-in", utc_iso(state.config.clock()))
+
+
+def _claim_groups(value):
+    # A groups claim is a list of names, or one string of them (comma or space separated).
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, (str, int))]
+    return re.split(r"[,\s]+", value) if isinstance(value, str) else []
 
 
 def header_user(config, environ):
@@ -5580,6 +6151,7 @@ class Call:
     route: object = None            # the RouteMatch the call falls under
     owner: str = ""                 # whose objects the caller may see (owner_of)
     owned_row: object = None        # the owned_objects row of the object the path names
+    plan_id: str | None = None      # the plan whose limits apply to its user (call_plan)
 
 
 # --- route policy ---------------------------------------------------------------
@@ -5931,7 +6503,7 @@ def _admit_call(state, db, environ, key, received, payload, path, deployment, az
     # A look-up is never charged nor refused by limits; it is admitted with
     # none, which on PostgreSQL still checks the config version.
     limits = [] if route.cls == "lookup" else state.limits.for_call(
-        db, key["config_version"], call.project_id, call.user_name, call.key_id)
+        db, key["config_version"], call.project_id, call.user_name, call.key_id, call.plan_id)
     state.slots.take(call.key_id, call.user_name)  # given back when the call is metered
     try:
         call.admission = state.limits.admit(db, call, limits, state.writer.healthy)
@@ -6056,7 +6628,8 @@ def _new_call(state, key, environ, payload, body, path, model, started):
     return Call(request_id=secrets.token_hex(6), started=started, endpoint=path[:100],
                 key=key, project_id=key["project_id"], user_name=user_name, key_id=key["id"],
                 limit_message=key["limit_message"], model=model, worst=worst,
-                method=environ["REQUEST_METHOD"], path=logged_path(environ))
+                method=environ["REQUEST_METHOD"], path=logged_path(environ),
+                plan_id=call_plan(state, state.database(), key, environ, user_name))
 
 
 def logged_path(environ):
@@ -7005,6 +7578,8 @@ async jobs allowed (batches, background responses; charged when they finish)</la
 value="{{'' if project['max_keys_per_user'] is None else project['max_keys_per_user']}}">
 <label>Message when a limit is reached</label>
 <input name="limit_message" value="{{value('limit_message', project['limit_message'] or '')}}" maxlength="500">
+<label>Plans its project keys may name (X-LLimit-Plan), comma-separated</label>
+<input name="plans_allowed" value="{{value('plans_allowed', ', '.join(project['plans_allowed']))}}">
 <label>Add a budget (USD)</label>
 <div class="row"><input name="budget_usd" inputmode="decimal" size="8" placeholder="e.g. 50"
 value="{{value('budget_usd', '')}}">
@@ -7125,6 +7700,11 @@ ADMIN_LIMITS_PART = """
 <td data-label="Resets" class="small">{{when(limit['resets_at'], "never")}}</td>
 <td data-label=""><form class="inline" method="post" action="/admin">
 {{!csrf_field}}
+<input type="hidden" name="action" value="reset_limit">
+<input type="hidden" name="limit_id" value="{{limit['id']}}">
+<button type="submit" title="start its current period now">Reset</button></form>
+<form class="inline" method="post" action="/admin">
+{{!csrf_field}}
 <input type="hidden" name="action" value="delete_limit">
 <input type="hidden" name="limit_id" value="{{limit['id']}}">
 <button type="submit" class="danger">Delete</button></form></td></tr>
@@ -7215,8 +7795,71 @@ value="{{typed('set_price', 'cache_write')}}"></div>
 </section>
 """
 
+ADMIN_PLANS_PART = """
+<section id="plans"><h2>Plans</h2>
+% if plans:
+<div class="scroll"><table class="stack">
+<tr><th>Plan</th><th>Limits for each member</th><th class="n">Members</th><th></th></tr>
+% for plan in plans:
+<tr><td data-label="Plan"><b>{{plan['id']}}</b><br><span class="muted small">{{plan['name']}}</span>
+% if plan['id'] == default_plan:
+<span class="tag ok">default</span>
+% end
+</td>
+<td data-label="Limits" class="small">
+% for limit in plan['limits']:
+{{limit['text']}}{{" (warn only)" if limit['action'] == 'warn' else ""}}<br>
+% end
+</td>
+<td data-label="Members" class="n">{{plan['members']}}</td>
+<td data-label=""><form class="inline" method="post" action="/admin">
+{{!csrf_field}}
+<input type="hidden" name="action" value="delete_plan">
+<input type="hidden" name="plan_id" value="{{plan['id']}}">
+<button type="submit" class="danger">Delete</button></form></td></tr>
+% end
+</table></div>
+% else:
+<p class="muted">No plans: limits apply one by one.</p>
+% end
+<details{{" open" if error_for("create_plan") else ""}}><summary>New plan</summary>
+{{!error_for("create_plan")}}
+<form method="post" action="/admin">
+{{!csrf_field}}
+<input type="hidden" name="action" value="create_plan">
+<div class="row">
+<div><label for="pl-id">Id</label><input id="pl-id" name="id" required maxlength="64" placeholder="research"
+value="{{typed('create_plan', 'id')}}"></div>
+<div><label for="pl-name">Name</label><input id="pl-name" name="name" maxlength="200"
+value="{{typed('create_plan', 'name')}}"></div>
+</div>
+<label for="pl-limits">Limits for each member, one a line: metric:amount/window</label>
+<textarea id="pl-limits" name="limits" rows="3" cols="40"
+placeholder="usd:20/month&#10;requests:60/minute&#10;tokens:20000/24h">{{typed('create_plan', 'limits')}}</textarea>
+<p><button type="submit">Create plan</button></p>
+</form></details>
+% if plans:
+{{!error_for("assign_plan")}}
+<form method="post" action="/admin" class="row">
+{{!csrf_field}}
+<input type="hidden" name="action" value="assign_plan">
+<div><label for="pl-user">User</label><input id="pl-user" name="user" required maxlength="200"
+value="{{typed('assign_plan', 'user')}}"></div>
+<div><label for="pl-plan">Plan</label><select id="pl-plan" name="plan">
+<option value="">(the default plan)</option>
+% for plan in plans:
+<option{{" selected" if plan['id'] == typed('assign_plan', 'plan') else ""}}>{{plan['id']}}</option>
+% end
+</select></div>
+<button type="submit">Put on plan</button>
+</form>
+% end
+</section>
+"""
+
 ADMIN_PAGE = "".join((ADMIN_SUMMARY_PART, ADMIN_PROJECTS_PART, ADMIN_USERS_PART,
-                      ADMIN_KEYS_PART, ADMIN_LIMITS_PART, ADMIN_PRICES_PART))
+                      ADMIN_KEYS_PART, ADMIN_LIMITS_PART, ADMIN_PLANS_PART,
+                      ADMIN_PRICES_PART))
 
 LOGOUT_PAGE = """<h1>Sign out</h1>
 <section><p>Signed in as <b>{{session.user_name or "admin"}}</b>.</p>
@@ -7404,6 +8047,9 @@ ADMIN_NOTICES = {
     "project_created": "Project created.", "project_saved": "Project saved.",
     "key_revoked": "Key revoked.", "limit_created": "Limit added.",
     "limit_deleted": "Limit deleted.", "price_set": "Price set; it applies from the next call.",
+    "limit_reset": "Limit reset: its current period starts now.",
+    "plan_created": "Plan created.", "plan_deleted": "Plan deleted.",
+    "plan_assigned": "Plan assigned; it applies from the next call.",
 }
 REPORT_CSV_COLUMNS = ("day", "user", "project", "model", "requests", "prompt_tokens",
                       "cached_tokens", "completion_tokens", "cost_usd", "unpriced_requests")
@@ -7605,6 +8251,8 @@ def page_login_callback(state, session):
                                config.clock())
     user_name = user_from_claims(claims, config.oidc_allowed_domains, state.user_domains)
     sign_in(state, session, user_name)
+    if config.plan_claim:
+        refresh_plan(state, user_name, _claim_groups(claims.get(config.plan_claim)))
     log.info("page sign-in: %s by OpenID Connect", user_name)
     raise see_other(safe_next(pending.get("next")))
 
@@ -7823,10 +8471,12 @@ def page_usage(state, session):
 
 def _user_limits(state, db, user_name, keys):
     # A user's calls go through their keys; a limit reached through two keys is one row.
+    # Their plan's limits show even before they have a key.
+    plan_id = state.limits.plan_of(db, config_version(db), user_name, state.config.default_plan)
     seen, rows = set(), []
-    for key in keys:
-        for subject, status in state.limits.statuses_for_call(db, key["project_id"], user_name,
-                                                     key["id"]):
+    for key in keys or [None]:
+        for subject, status in state.limits.statuses_for_call(
+                db, key and key["project_id"], user_name, key and key["id"], plan_id):
             if (status["id"], subject) not in seen:
                 seen.add((status["id"], subject))
                 rows.append(_limit_row(status, _whose(subject, key)))
@@ -7835,7 +8485,7 @@ def _user_limits(state, db, user_name, keys):
 
 def _whose(subject, key):
     # A key's own total is named as /keys lists the key: masked, not by id.
-    return f"key {key['masked_key']}" if parse_subject(subject)[0] == "key" \
+    return f"key {key['masked_key']}" if key and parse_subject(subject)[0] == "key" \
         else describe_subject(subject)
 
 
@@ -8034,7 +8684,8 @@ REFUSAL_REASONS = {"budget_exceeded": "limit reached", "rate_limit_exceeded": "r
                    "route_not_allowed": "route not allowed", "model_not_allowed":
                    "model not allowed", "model_not_priced": "model has no price",
                    "key_revoked": "revoked key", "key_expired": "expired key",
-                   "project_deleted": "project deleted"}
+                   "project_deleted": "project deleted", "plan_not_allowed": "plan not allowed",
+                   "user_required": "no user named"}
 
 
 def page_reports(state, session):
@@ -8116,7 +8767,12 @@ def _render_admin(state, session, notice=None, form=None, form_error=None):
     month_start = _day(window_bounds("month", now)[0])
     today_total = get_counter(db, SUBJECT_ALL, today, today)
     month_total = get_counter(db, SUBJECT_ALL, month_start, today)
-    limit_rows = [_limit_row(state.limits.status(db, row)) for row in list_limits(db)]
+    limit_rows = [_limit_row(state.limits.status(db, row)) for row in list_limits(db)
+                  if row["scope"] != "plan"]
+    members = collections.Counter(row["plan_id"] for row in list_user_plans(db))
+    plans = [{**plan, "members": members[plan["id"]], "limits": [
+        {**limit, "text": limit_in_words(limit)} for limit in plan["limits"]]}
+        for plan in (plan_to_json(db, row, now) for row in list_plans(db))]
     projects = []
     for row in list_projects(db):
         project = project_to_json(row, state.config)
@@ -8151,7 +8807,8 @@ def _render_admin(state, session, notice=None, form=None, form_error=None):
         active_keys=sum(key["active"] for key in keys), projects=projects,
         users=_admin_users(db, keys, month_start, today), keys=keys, limits=limit_rows,
         missing=missing_prices(db, book), prices=prices, upstream_kinds=UPSTREAM_KINDS,
-        budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=LIMIT_METRICS, windows=WINDOWS,
+        budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=LIMIT_METRICS,
+        windows=WINDOWS + ROLLING_EXAMPLES, plans=plans, default_plan=state.config.default_plan,
         refused_calls=refused_report(db, _day(now - DEFAULT_REPORT_DAYS * 86400), today),
         refused_days=DEFAULT_REPORT_DAYS, reasons=REFUSAL_REASONS)
 
@@ -8199,6 +8856,9 @@ def _project_form(form):
             for field in ("name", "upstream_url", "api_version", "limit_message")}
     data["allow_user_keys"] = form.get("allow_user_keys") == "1"
     data["allow_async"] = form.get("allow_async") == "1"
+    if "plans_allowed" in form:
+        data["plans_allowed"] = [part.strip() for part in form["plans_allowed"].split(",")
+                                 if part.strip()]
     if "max_keys_per_user" in form:
         cap = form.get("max_keys_per_user", "").strip()
         data["max_keys_per_user"] = int(cap) if cap.isdigit() else (cap or None)
@@ -8263,6 +8923,38 @@ def _admin_delete_limit(state, session, form):
     _admin_done("limit_deleted", "limits")
 
 
+def _admin_reset_limit(state, session, form):
+    db = state.database()
+    limit_id = form.get("limit_id", "")
+    with transaction(db):
+        reset_limit(db, _must_exist(get_limit(db, limit_id), "limit", limit_id),
+                    utc_iso(state.config.clock()))
+    _admin_done("limit_reset", "limits")
+
+
+def _admin_create_plan(state, session, form):
+    data = {"id": form.get("id", "").strip(), "limits": [
+        parse_plan_limit(line) for line in form.get("limits", "").splitlines() if line.strip()]}
+    if form.get("name", "").strip():
+        data["name"] = form["name"].strip()
+    create_plan(state.database(), data, utc_iso(state.config.clock()))
+    _admin_done("plan_created", "plans")
+
+
+def _admin_delete_plan(state, session, form):
+    remove_plan(state.database(), form.get("plan_id", ""))
+    _admin_done("plan_deleted", "plans")
+
+
+def _admin_assign_plan(state, session, form):
+    user_name = canonical_user_name(form.get("user", ""), state.user_domains)
+    if not user_name:
+        raise _field_error("user", "must be a user name")
+    assign_plan(state.database(), user_name, form.get("plan") or None,
+                utc_iso(state.config.clock()))
+    _admin_done("plan_assigned", "plans")
+
+
 def _admin_set_price(state, session, form):
     price = {field: _form_number(form, field) for field in PRICE_FIELDS
              if form.get(field, "").strip()}
@@ -8273,11 +8965,14 @@ def _admin_set_price(state, session, form):
 
 
 ADMIN_ANCHORS = {"create_project": "projects", "update_project": "projects",
-                 "create_key": "keys", "create_limit": "limits", "set_price": "prices"}
+                 "create_key": "keys", "create_limit": "limits", "set_price": "prices",
+                 "create_plan": "plans", "assign_plan": "plans"}
 ADMIN_ACTIONS = {
     "create_project": _admin_create_project, "update_project": _admin_update_project,
     "create_key": _admin_create_key, "revoke_key": _admin_revoke_key,
     "create_limit": _admin_create_limit, "delete_limit": _admin_delete_limit,
+    "reset_limit": _admin_reset_limit, "create_plan": _admin_create_plan,
+    "delete_plan": _admin_delete_plan, "assign_plan": _admin_assign_plan,
     "set_price": _admin_set_price,
 }
 
@@ -8472,9 +9167,10 @@ def admin_project_delete(state, project_id):
 
 
 def admin_limits_list(state):
-    """GET /admin/limits"""
+    """GET /admin/limits (a plan's limits are listed with the plan)"""
     db = state.database()
-    return {"data": [state.limits.status(db, row) for row in list_limits(db)]}
+    return {"data": [state.limits.status(db, row) for row in list_limits(db)
+                     if row["scope"] != "plan"]}
 
 
 def admin_limits_create(state):
@@ -8498,7 +9194,8 @@ def admin_limit_update(state, limit_id):
     db = state.database()
     with transaction(db):
         current = dict(_must_exist(get_limit(db, limit_id), "limit", limit_id))
-        update_limit(db, validate_limit(data, current, state.user_domains))
+        _not_in_plan(current)
+        change_limit(db, validate_limit(data, current, state.user_domains))
     return admin_limit_get(state, limit_id)
 
 
@@ -8506,9 +9203,97 @@ def admin_limit_delete(state, limit_id):
     """DELETE /admin/limits/<id>"""
     db = state.database()
     with transaction(db):
-        _must_exist(get_limit(db, limit_id), "limit", limit_id)
+        _not_in_plan(_must_exist(get_limit(db, limit_id), "limit", limit_id))
         delete_limit(db, limit_id)
     return {"id": limit_id, "deleted": True}
+
+
+def _not_in_plan(limit):
+    if limit["scope"] == "plan":
+        raise LlimitError(400, "invalid_request_error",
+                          f"The limit {limit['id']} belongs to the plan {limit['target']};"
+                          f" change it with PATCH /admin/plans/{limit['target']}.",
+                          code="limit_in_plan")
+
+
+def admin_limit_reset(state, limit_id):
+    """POST /admin/limits/<id>/reset: its current period starts now; history stays."""
+    db = state.database()
+    with transaction(db):
+        reset_limit(db, _must_exist(get_limit(db, limit_id), "limit", limit_id),
+                    utc_iso(state.config.clock()))
+    return admin_limit_get(state, limit_id)
+
+
+def admin_plans_list(state):
+    """GET /admin/plans"""
+    db = state.database()
+    now = state.config.clock()
+    return {"data": [plan_to_json(db, plan, now) for plan in list_plans(db)]}
+
+
+def admin_plans_create(state):
+    """POST /admin/plans"""
+    plan_id = create_plan(state.database(), _json_input(), utc_iso(state.config.clock()))
+    return _created(admin_plan_get(state, plan_id))
+
+
+def admin_plan_get(state, plan_id):
+    """GET /admin/plans/<id>"""
+    db = state.database()
+    return plan_to_json(db, _must_exist(get_plan(db, plan_id), "plan", plan_id),
+                        state.config.clock())
+
+
+def admin_plan_update(state, plan_id):
+    """PATCH /admin/plans/<id>: takes effect on the next call."""
+    change_plan(state.database(), plan_id, _json_input(), utc_iso(state.config.clock()))
+    return admin_plan_get(state, plan_id)
+
+
+def admin_plan_delete(state, plan_id):
+    """DELETE /admin/plans/<id>: its members fall back to the default plan."""
+    remove_plan(state.database(), plan_id)
+    return {"id": plan_id, "deleted": True}
+
+
+USER_FIELDS = {"plan": Field({"type": "string", "nullable": True, "pattern": PLAN_ID},
+                             "must be a plan id, or null for the default plan")}
+
+
+def admin_user_get(state, user_name):
+    """GET /admin/users/<user>: the user's plan and its limits, with their own use."""
+    db = state.database()
+    user_name = _user_name_input(state, user_name)
+    row = get_user_plan(db, user_name)
+    plan_id = state.limits.plan_of(db, config_version(db), user_name, state.config.default_plan)
+    subject = subject_of("user", user_name)
+    limits = []
+    for limit in state.limits.for_call(db, config_version(db), None, user_name, None, plan_id):
+        if limit["scope"] == "plan":
+            used, end = state.limits.used(db, limit, subject)
+            limits.append(limit_to_json(limit, used, end))
+    return {"user": user_name, "plan": plan_id,
+            "plan_source": row["source"] if row else "default" if plan_id else None,
+            "limits": limits}
+
+
+def admin_user_put(state, user_name):
+    """PUT /admin/users/<user> {"plan": id or null}: put a user on a plan (null: the default)."""
+    data = _json_input()
+    check_input(data, USER_FIELDS, "user")
+    if "plan" not in data:
+        raise _field_error("plan", "is required: a plan id, or null for the default plan")
+    user_name = _user_name_input(state, user_name)
+    assign_plan(state.database(), user_name, data["plan"], utc_iso(state.config.clock()))
+    return admin_user_get(state, user_name)
+
+
+def _user_name_input(state, raw):
+    user_name = canonical_user_name(raw, state.user_domains)
+    if not user_name:
+        raise _field_error("user", "must be a user name")
+    return user_name
 
 
 def admin_usage(state):
@@ -8588,14 +9373,16 @@ def llimit_me(state):
     key = authenticate_call(state, environ)
     user_name = key["user_name"] or end_user(environ, {}, state.config.user_headers,
                                              state.user_domains)
+    plan_id = call_plan(state, db, key, environ, user_name)
     limits = [status for _, status in
-              state.limits.statuses_for_call(db, key["project_id"], user_name, key["id"])]
+              state.limits.statuses_for_call(db, key["project_id"], user_name, key["id"],
+                                             plan_id)]
     # Spend is the user's (every key), or this key's for a project key naming no one.
     subject = subject_of("user", user_name) if user_name else subject_of("key", key["id"])
     now = state.config.clock()
     today, month_start = _day(now), _day(window_bounds("month", now)[0])
     return {"user": user_name, "project": key["project_id"], "key": key["masked_key"],
-            "key_id": key["id"], "limits": limits,
+            "key_id": key["id"], "plan": plan_id, "limits": limits,
             "spend": {"today_usd": nusd_to_usd(get_counter(db, subject, today, today).cost_nusd),
                       "month_usd": nusd_to_usd(
                           get_counter(db, subject, month_start, today).cost_nusd)}}
@@ -8631,6 +9418,22 @@ def _openapi_spec():
     limit_input = {"oneOf": [limit_of_scope("global", ["user", "key"]),
                              limit_of_scope("project", ["user", "key"]),
                              limit_of_scope("user", ["key"]), limit_of_scope("key", [])]}
+    plan_limit_fields = schemas(PLAN_LIMIT_FIELDS)
+    new_plan_limit = {"type": "object", "additionalProperties": False,
+                      "required": ["metric", "window", "amount"],
+                      "properties": {k: v for k, v in plan_limit_fields.items() if k != "id"}}
+    # In a PATCH, an item with the id of one of the plan's limits changes it.
+    kept_plan_limit = {"type": "object", "additionalProperties": False, "required": ["id"],
+                       "properties": plan_limit_fields}
+    plan_fields = schemas(PLAN_FIELDS)
+    plan_patch = {"type": "object", "additionalProperties": False, "properties": {
+        **plan_fields, "limits": {"type": "array", "items": {
+            "oneOf": [new_plan_limit, kept_plan_limit]}}}}
+    plan_input = {"type": "object", "additionalProperties": False, "required": ["id"],
+                  "properties": {**plan_fields, "limits": {"type": "array",
+                                                           "items": new_plan_limit}}}
+    user_input = {"type": "object", "additionalProperties": False, "required": ["plan"],
+                  "properties": schemas(USER_FIELDS)}
 
     def budget_of(metric):
         return {"type": "object", "additionalProperties": False, "required": [metric],
@@ -8696,20 +9499,32 @@ def _openapi_spec():
         note=nullable_string, models={**models, "items": string}, created_at=string,
         expires_at=nullable_string, revoked_at=nullable_string, last_used_at=nullable_string,
         active={"type": "boolean"}, requests=integer, cost_usd=number, key=string)
-    limit_out = record(
+    plan_limit_out = record(
         ("id", "scope", "target", "each", "metric", "window", "amount", "action", "alert_at",
-         "note", "used", "remaining", "resets_at"),
-        id=string, scope=limit_fields["scope"], target=nullable_string,
+         "note", "starts_at", "reset_at", "resets_at"),
+        id=string, scope={"type": "string", "enum": [*SCOPES, "plan"]}, target=nullable_string,
         each=limit_fields["each"], metric=limit_fields["metric"],
         window=limit_fields["window"], amount=number,
         action=limit_fields["action"], alert_at={"type": "array", "nullable": True,
                                                  "items": number},
-        note=nullable_string, used=number, remaining=number, resets_at=nullable_string)
+        note=nullable_string, starts_at=nullable_string, reset_at=nullable_string,
+        resets_at=nullable_string)
+    limit_out = {**plan_limit_out, "required": [*plan_limit_out["required"], "used",
+                                                "remaining"],
+                 "properties": {**plan_limit_out["properties"], "used": number,
+                                "remaining": number}}
+    plan_out = record(("id", "name", "created_at", "limits"), id=string, name=string,
+                      created_at=string, limits={"type": "array", "items": plan_limit_out})
+    user_out = record(("user", "plan", "plan_source", "limits"), user=string,
+                      plan=nullable_string, plan_source={
+                          "type": "string", "nullable": True,
+                          "enum": ["admin", "sign-in", "default", None]},
+                      limits={"type": "array", "items": ref("Limit")})
     project_out = record(
         ("id", "name", "upstream_kind", "upstream_url", "upstream_url_in_force",
          "upstream_key_set", "upstream_key_source", "api_version", "allow_user_keys",
          "allow_async",
-         "limit_message", "model_map", "max_keys_per_user", "created_at"),
+         "limit_message", "model_map", "max_keys_per_user", "plans_allowed", "created_at"),
         id=string, name=string, upstream_kind=project_fields["upstream_kind"],
         upstream_url=nullable_string, upstream_url_in_force=string,
         upstream_key_set={"type": "boolean"},
@@ -8718,6 +9533,7 @@ def _openapi_spec():
         limit_message=nullable_string,
         model_map={"type": "object", "nullable": True, "additionalProperties": string},
         max_keys_per_user={"type": "integer", "nullable": True},
+        plans_allowed={"type": "array", "items": string},
         created_at=string, limits={"type": "array", "items": ref("Limit")})
     deleted = record(("id", "deleted"), id=string, deleted={"type": "boolean"})
     figures = {name: integer for name in ("requests", "prompt_tokens", "cached_tokens",
@@ -8756,13 +9572,17 @@ def _openapi_spec():
     date = {"type": "string", "oneOf": [{"format": "date"}, {"maxLength": 0}],
             "description": "a UTC date; empty or absent: the default"}
     dates = (query("start", date), query("end", date))
-    key_id, project_id, limit_id = (path_param("id"),) * 3
+    key_id, project_id, limit_id, plan_id = (path_param("id"),) * 4
+    # A user name the Identity rule leaves something of.
+    user_param = {**path_param("user"), "schema": {
+        "type": "string", "pattern": r"[\s\S]*[^\s\x00-\x1f\x7f-\x9f][\s\S]*"}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "llimit admin API", "version": __version__},
         "components": {
             "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
             "schemas": {"Key": key_out, "Project": project_out, "Limit": limit_out,
+                        "Plan": plan_out, "User": user_out,
                         "Error": {"type": "object", "required": ["error"], "properties": {
                 "error": {"type": "object", "required": ["message", "type"], "properties": {
                     "message": string, "type": string, "code": nullable_string,
@@ -8796,6 +9616,23 @@ def _openapi_spec():
                 "get": op("Get a limit", ref("Limit"), params=(limit_id,)),
                 "patch": op("Change a limit", ref("Limit"), limit_patch, params=(limit_id,)),
                 "delete": op("Delete a limit", deleted, params=(limit_id,))},
+            "/admin/limits/{id}/reset": {"post": op(
+                "Start the limit's current period now (history stays)", ref("Limit"),
+                params=(limit_id,))},
+            "/admin/plans": {
+                "get": op("List plans", data_of("Plan")),
+                "post": op("Create a plan", ref("Plan"), plan_input, status="201",
+                           also=("409",))},
+            "/admin/plans/{id}": {
+                "get": op("Get a plan", ref("Plan"), params=(plan_id,)),
+                "patch": op("Rename a plan or replace its limits", ref("Plan"), plan_patch,
+                            params=(plan_id,)),
+                "delete": op("Delete a plan (its members fall back to the default)", deleted,
+                             params=(plan_id,))},
+            "/admin/users/{user}": {
+                "get": op("A user's plan and its limits", ref("User"), params=(user_param,)),
+                "put": op("Put a user on a plan (null: the default plan)", ref("User"),
+                          user_input, params=(user_param,))},
             "/admin/usage": {"get": op("Usage and cost per group", usage_out, params=(
                 *dates, query("user"),
                 query("group_by", {"type": "string", "enum": [*USAGE_GROUP_COLUMNS, ""],
@@ -9125,7 +9962,7 @@ CORS_ALLOWED_HEADERS = (
     "authorization", "content-type", "x-api-key", "api-key", "x-goog-api-key",
     "x-goog-api-client", "anthropic-version", "anthropic-beta",
     "anthropic-dangerous-direct-browser-access", "openai-beta", "openai-organization",
-    "openai-project", "x-llimit-user")
+    "openai-project", "x-llimit-user", "x-llimit-plan")
 CORS_EXPOSED_HEADERS = (
     "X-LLimit-Request-Id, X-LLimit-Overhead-Ms, X-LLimit-Limit-Id, X-LLimit-Warning,"
     " x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests,"
@@ -9213,6 +10050,14 @@ def routes():
         ("GET", "/admin/limits/<limit_id>", admin(admin_limit_get)),
         ("PATCH", "/admin/limits/<limit_id>", admin(admin_limit_update)),
         ("DELETE", "/admin/limits/<limit_id>", admin(admin_limit_delete)),
+        ("POST", "/admin/limits/<limit_id>/reset", admin(admin_limit_reset)),
+        ("GET", "/admin/plans", admin(admin_plans_list)),
+        ("POST", "/admin/plans", admin(admin_plans_create)),
+        ("GET", "/admin/plans/<plan_id>", admin(admin_plan_get)),
+        ("PATCH", "/admin/plans/<plan_id>", admin(admin_plan_update)),
+        ("DELETE", "/admin/plans/<plan_id>", admin(admin_plan_delete)),
+        ("GET", "/admin/users/<user_name>", admin(admin_user_get)),
+        ("PUT", "/admin/users/<user_name>", admin(admin_user_put)),
         ("GET", "/admin/usage", admin(admin_usage)),
         ("GET", "/admin/usage.csv", admin(admin_usage_csv)),
         ("GET", "/admin/pricing", admin(admin_pricing_list)),
@@ -9654,6 +10499,32 @@ def cli_limits(config, args):
     return 0
 
 
+def cli_plans(config, args):
+    """plans list|create|delete|assign"""
+    db = open_admin_database(config, reading=args.action == "list")
+    now = config.clock()
+    if args.action == "create":
+        limits = [parse_plan_limit(text) for text in args.limit]
+        data = {"id": args.id, "limits": limits, **({"name": args.name} if args.name else {})}
+        plan_id = create_plan(db, data, utc_iso(now))
+        print(f"created plan {plan_id}")
+    elif args.action == "delete":
+        with transaction(db):
+            found = delete_plan(db, args.id)
+        print(f"deleted {args.id}" if found else f"no plan {args.id}")
+        return 0 if found else 1
+    elif args.action == "assign":
+        user_name = canonical_user_name(args.user, user_domains(config))
+        assign_plan(db, user_name, None if args.id == "none" else args.id, utc_iso(now))
+        print(f"{user_name}: plan {args.id}")
+    else:
+        _print_table([{**plan, "limits": "; ".join(limit_in_words(limit) + (
+            " (warn)" if limit["action"] == "warn" else "") for limit in plan["limits"])}
+            for plan in (plan_to_json(db, row, now) for row in list_plans(db))],
+            ("id", "name", "limits"))
+    return 0
+
+
 def cli_usage(config, args):
     """usage --group-by user|key|project|model|day"""
     db = open_admin_database(config, reading=True)
@@ -9796,14 +10667,30 @@ def build_parser():
     create.add_argument("--each", choices=("user", "key"),
                         help="apply the amount to each user or key of the target")
     create.add_argument("--metric", required=True, choices=LIMIT_METRICS, help="what it counts")
-    create.add_argument("--window", required=True, choices=WINDOWS,
-                        help="UTC window it resets with (total: never)")
+    create.add_argument("--window", required=True, metavar="WINDOW",
+                        help="UTC window it resets with: minute, day, week, month, total"
+                        " (never), or rolling periods such as 24h, 7d, 30d")
     create.add_argument("--amount", required=True, type=float, help="USD, tokens or requests")
     create.add_argument("--action", dest="limit_action", choices=ACTIONS, default="block",
                         help="block calls past it (default) or only warn")
     create.add_argument("--alert-at", help="comma-separated percentages, e.g. 80,90")
     delete = command(limit_actions, "delete", admin, help="delete a limit")
     delete.add_argument("id", help="the limit's id (lim_...)")
+
+    plans = command(commands, "plans", admin, help="list, create, delete plans; assign users")
+    plan_actions = plans.add_subparsers(dest="action", required=True, metavar="ACTION")
+    command(plan_actions, "list", admin, help="list plans and their limits")
+    create = command(plan_actions, "create", admin, help="create a plan")
+    create.add_argument("id", help="the plan's id, e.g. research")
+    create.add_argument("--name", help="its name as people read it")
+    create.add_argument("--limit", action="append", default=[], metavar="METRIC:AMOUNT/WINDOW",
+                        help="a limit for each member, e.g. usd:20/month, requests:60/minute,"
+                        " tokens:20000/24h (repeat for more)")
+    delete = command(plan_actions, "delete", admin, help="delete a plan")
+    delete.add_argument("id", help="the plan's id")
+    assign = command(plan_actions, "assign", admin, help="put a user on a plan")
+    assign.add_argument("user", help="the user's name")
+    assign.add_argument("id", help="the plan's id, or 'none' for the default plan")
 
     usage = command(commands, "usage", admin, help="usage and cost per group")
     usage.add_argument("--group-by", default="user", choices=tuple(USAGE_GROUP_COLUMNS),
@@ -9823,7 +10710,7 @@ def build_parser():
     return parser
 
 
-COMMANDS = {"keys": cli_keys, "projects": cli_projects, "limits": cli_limits,
+COMMANDS = {"keys": cli_keys, "projects": cli_projects, "limits": cli_limits, "plans": cli_plans,
             "usage": cli_usage, "pricing": cli_pricing, "migrate-db": cli_migrate_db}
 
 

@@ -566,6 +566,25 @@ class Llimit:
         created = json.loads(body)
         return created["key"], created.get("id")
 
+    def add_plans(self):
+        """Put the bench user on a plan of rolling and calendar limits that never block,
+        their rolling periods starting mid-day (so a first partial day is read)."""
+        starts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 36.5 * 3600))
+        huge = 1e12
+        plan = {"id": "bench-plan", "limits": [
+            {"metric": "usd", "window": "30d", "amount": huge, "starts_at": starts,
+             "alert_at": [99]},
+            {"metric": "tokens", "window": "24h", "amount": huge, "starts_at": starts},
+            {"metric": "requests", "window": "7d", "amount": huge, "starts_at": starts},
+            {"metric": "usd", "window": "month", "amount": huge},
+            {"metric": "requests", "window": "minute", "amount": huge}]}
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        for method, path, body in (("POST", "/admin/plans", plan),
+                                   ("PUT", "/admin/users/bench", {"plan": "bench-plan"})):
+            status, answer = http_request(self.port, method, path, body, auth)
+            if status not in (200, 201):
+                raise RuntimeError(f"{method} {path}: HTTP {status}: {answer[:500]!r}")
+
     def stop(self, timeout=20.0):
         """SIGTERM, then SIGKILL after `timeout`; the exit code."""
         if self.proc is None or self.proc.poll() is not None:
@@ -998,6 +1017,8 @@ def parse_args(argv):
     parser.add_argument("--events", type=int, default=0,
                         help="also measure after bulk-inserting N synthetic usage events")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("--plans", action="store_true",
+                        help="put the bench user on a plan of rolling and calendar limits")
     parser.add_argument("--direct-only", action="store_true",
                         help="only measure the fake upstream (no llimit)")
     parser.add_argument("--concurrency", type=int, default=32)
@@ -1057,6 +1078,8 @@ def main(argv=None):
                             os.path.join(tmpdir, "llimit.log"), args.threads)
             llimit.start()
             raw_key, key_id = llimit.create_key()
+            if args.plans:
+                llimit.add_plans()
             log_progress(f"llimit on port {llimit.port} (pid {llimit.proc.pid}), key {key_id}")
         if args.large_answer and llimit is not None:
             log_progress(f"llimit: c=1 ~1 MiB answers x{args.large_answer}")

@@ -411,11 +411,17 @@ _OBJECT_ROUTE = re.compile(r"(?:/openai)?(?:/v1)?/(?P<endpoint>(?:files|batches|
 def chat_usage(call):
     return {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
             "total_tokens": call.prompt_tokens + call.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": call.cached_tokens, "audio_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": call.cached_tokens, "audio_tokens": 0,
+                                      **openai_cache_writes(call)},
             "completion_tokens_details": {"reasoning_tokens": call.reasoning_tokens,
                                           "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0,
                                           "rejected_prediction_tokens": 0}}
+
+
+def openai_cache_writes(call):
+    # Only the models that bill cache writes report them (cache_write_tokens set).
+    return {"cache_write_tokens": call.cache_write_tokens} if call.cache_write_tokens else {}
 
 
 def completion_usage(call):
@@ -425,7 +431,8 @@ def completion_usage(call):
 
 def responses_usage(call):
     return {"input_tokens": call.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": call.cached_tokens},
+            "input_tokens_details": {"cached_tokens": call.cached_tokens,
+                                     **openai_cache_writes(call)},
             "output_tokens": call.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": call.reasoning_tokens},
             "total_tokens": call.prompt_tokens + call.completion_tokens}

@@ -125,5 +125,6 @@ def test_openapi_describes_every_admin_route(gateway):
     for method, path, _ in llimit.routes():
         if path.startswith("/admin/") and path != "/admin/openapi.json":
             openapi_path = (path.replace("<key_id>", "{id}").replace("<project_id>", "{id}")
-                            .replace("<limit_id>", "{id}").replace("<model:path>", "{model}"))
+                            .replace("<limit_id>", "{id}").replace("<model:path>", "{model}")
+                            .replace("<plan_id>", "{id}").replace("<user_name>", "{user}"))
             assert method.lower() in spec["paths"][openapi_path], (method, path)

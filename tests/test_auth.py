@@ -260,3 +260,30 @@ def test_oidc_settings_are_checked_at_start():
     assert (entra.auth, entra.oidc_issuer, entra.oidc_allowed_domains) == (
         "oidc", "https://login.microsoftonline.com/contoso.onmicrosoft.com/v2.0",
         ("contoso.com",))
+
+
+def test_oidc_group_claim_sets_the_plan_at_each_sign_in(make_llimit, provider):
+    server = make_llimit(auth="oidc", oidc_issuer=provider, oidc_client_id=CLIENT_ID,
+                         oidc_client_secret=CLIENT_SECRET, oidc_allowed_domains=("example.com",),
+                         user_domains=("example.com",), plan_claim="groups",
+                         plan_groups=(("research", "research-plan"), ("interns", "intern-plan")))
+    for plan in ("research-plan", "intern-plan"):
+        assert server.admin.post(server.url + "/admin/plans",
+                                 json={"id": plan}).status_code == 201
+
+    def sign_in_with(groups):
+        assert requests.put(f"{provider}/users/jan@example.com", json={
+            "email": "jan@example.com", "email_verified": True,
+            "groups": groups}).status_code < 300
+        session, authorize = _oidc_start(server.url)
+        answer = session.post(authorize, data={"sub": "jan@example.com"},
+                              allow_redirects=False)
+        assert session.get(answer.headers["Location"]).status_code == 200
+        return server.admin.get(server.url + "/admin/users/jan").json()
+
+    assert sign_in_with(["staff", "interns"])["plan"] == "intern-plan"
+    assert sign_in_with(["research", "interns"])["plan"] == "research-plan"
+    user = sign_in_with(["staff"])  # no group of the mapping: the sign-in's plan goes
+    assert user["plan"] is None and user["plan_source"] is None
+    server.admin.put(server.url + "/admin/users/jan", json={"plan": "intern-plan"})
+    assert sign_in_with(["staff"])["plan_source"] == "admin"  # an admin's stays

@@ -40,7 +40,8 @@ def test_cors_preflights_on_proxy_routes_need_no_key_for_allowed_origins(make_ll
         allowed = {name.strip() for name in
                    resp.headers["Access-Control-Allow-Headers"].split(",")}
         assert {"authorization", "content-type", "x-api-key", "api-key", "x-goog-api-key",
-                "anthropic-version", "openai-beta", "x-stainless-os"} <= allowed
+                "anthropic-version", "openai-beta", "x-stainless-os", "x-llimit-user",
+                "x-llimit-plan"} <= allowed
         assert "POST" in resp.headers["Access-Control-Allow-Methods"]
         assert int(resp.headers["Access-Control-Max-Age"]) > 0
         assert resp.headers["Vary"] == "Origin"
@@ -58,6 +59,7 @@ def test_cors_answers_carry_the_origin_and_expose_llimits_headers(make_llimit, f
     assert ok.headers["Access-Control-Allow-Origin"] == APP
     exposed = ok.headers["Access-Control-Expose-Headers"].lower()
     assert "x-llimit-request-id" in exposed and "x-ratelimit-remaining-requests" in exposed
+    assert "x-llimit-warning" in exposed
     # llimit's own refusals are readable by the app too.
     refused = requests.post(gateway.url + "/v1/chat/completions", json=CHAT,
                             headers={"Origin": APP})

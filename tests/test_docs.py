@@ -34,6 +34,7 @@ def test_readme_names_every_admin_route():
         if path.startswith("/admin/"):
             shown = re.sub(r"<(\w+:)?(\w+)>", "<id>", path).replace("<id>", "<id>")
             shown = shown.replace("/admin/pricing/<id>", "/admin/pricing/<model>")
+            shown = shown.replace("/admin/users/<id>", "/admin/users/<user>")
             assert f"{method} {shown}" in readme, (method, path)
 
 

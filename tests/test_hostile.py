@@ -85,9 +85,11 @@ fuzzed = schemathesis.pytest.from_fixture("admin_schema")
 
 # Rules OpenAPI 3.0 cannot state, so a 400 for them is no refusal of valid data:
 # start may not be after end; an azure or anthropic project (as stored) needs its
-# upstream_url. Every other check runs on these operations as well.
+# upstream_url; a plan's PATCH may keep only its own limits by id; a user is put
+# only on a plan that exists. Every other check runs on these operations as well.
 STATEFUL_RULES = {("GET", "/admin/usage"), ("GET", "/admin/usage.csv"),
-                  ("PATCH", "/admin/projects/{id}")}
+                  ("PATCH", "/admin/projects/{id}"), ("PATCH", "/admin/plans/{id}"),
+                  ("PUT", "/admin/users/{user}")}
 
 
 # The same examples on every run, so CI never fails on a draw of luck; random runs

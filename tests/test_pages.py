@@ -235,7 +235,13 @@ def test_every_state_changing_post_needs_the_csrf_token_and_our_origin(gateway, 
                                      "target": "dana", "metric": "requests",
                                      "window": "minute", "amount": "1",
                                      "limit_action": "block"}),
+        (admin, "/admin", "/admin", {"action": "reset_limit", "limit_id": limit_id}),
         (admin, "/admin", "/admin", {"action": "delete_limit", "limit_id": limit_id}),
+        (admin, "/admin", "/admin", {"action": "create_plan", "id": "csrf-plan",
+                                     "limits": "usd:1/day\nrequests:5/24h"}),
+        (admin, "/admin", "/admin", {"action": "assign_plan", "user": "dana",
+                                     "plan": "csrf-plan"}),
+        (admin, "/admin", "/admin", {"action": "delete_plan", "plan_id": "csrf-plan"}),
         (admin, "/admin", "/admin", {"action": "set_price", "model": "acme-7b",
                                      "input": "1", "output": "2"}),
         (stranger, "/login", "/login", {"user": "mallory", "next": "/"}),
@@ -767,3 +773,49 @@ def test_a_bad_project_edit_reopens_that_projects_form_with_what_was_typed(gatew
     assert 'value="Main &lt;1&gt;"' in form and 'value="five"' in form
     assert 'value="Ask #help"' in form
     assert gateway.admin.get(gateway.url + "/admin/projects/default").json()["name"] != "Main <1>"
+
+
+def test_plans_on_the_admin_page_and_the_members_usage(gateway, fake, browser):
+    gateway.admin.post(gateway.url + "/admin/limits", json={
+        "scope": "user", "target": "kim", "metric": "requests", "window": "day", "amount": 1})
+    fresh(browser, gateway.url, "/")
+    sign_in_admin(browser, gateway.url, ADMIN_TOKEN)
+    browser.find_element(By.XPATH, "//section[@id='plans']//summary").click()
+    browser.find_element(By.ID, "pl-id").send_keys("interns")
+    browser.find_element(By.ID, "pl-name").send_keys("Interns")
+    browser.find_element(By.ID, "pl-limits").send_keys("tokens:20000/day\nrequests:2/24h")
+    click_and_wait(browser, browser.find_element(
+        By.XPATH, "//section[@id='plans']//button[text()='Create plan']"))
+    assert "Plan created." in browser.page_source
+    plans = browser.find_element(By.ID, "plans").text
+    assert "Interns" in plans and "20,000 tokens a day" in plans
+    assert "2 requests per 24 hours" in plans
+    browser.find_element(By.ID, "pl-user").send_keys("Kim")
+    Select(browser.find_element(By.ID, "pl-plan")).select_by_visible_text("interns")
+    click_and_wait(browser, browser.find_element(
+        By.XPATH, "//section[@id='plans']//button[text()='Put on plan']"))
+    assert gateway.admin.get(gateway.url + "/admin/users/kim").json()["plan"] == "interns"
+
+    # The member sees the plan's limits on /usage, in words, like any other.
+    raw_key, _ = gateway.create_key(user="kim")
+    assert call(gateway, raw_key, model="gpt-4o").choices
+    sign_in_open(browser, gateway.url, "kim", next_path="/usage")
+    limits = browser.find_element(By.CSS_SELECTOR, "section table").text
+    assert "2 requests per 24 hours" in limits and "1 request of 2 requests" in limits
+    assert "20,000 tokens a day" in limits and "lim_" not in limits
+
+    # Reset on /admin: the user's daily limit starts again now.
+    with pytest.raises(openai.RateLimitError):
+        call(gateway, raw_key, model="gpt-4o")
+    gateway.config.clock.advance(1)  # calls in the second of a reset count after it
+    fresh(browser, gateway.url, "/")
+    sign_in_admin(browser, gateway.url, ADMIN_TOKEN)
+    assert "interns" not in browser.find_element(By.ID, "limits").text  # listed with the plan
+    click_and_wait(browser, browser.find_element(
+        By.XPATH, "//section[@id='limits']//button[text()='Reset']"))
+    assert "Limit reset" in browser.page_source
+    assert call(gateway, raw_key, model="gpt-4o").choices
+    click_and_wait(browser, browser.find_element(
+        By.XPATH, "//section[@id='plans']//button[text()='Delete']"))
+    assert "Plan deleted." in browser.page_source
+    assert gateway.admin.get(gateway.url + "/admin/plans").json()["data"] == []

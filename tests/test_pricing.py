@@ -172,3 +172,32 @@ def test_spend_beyond_tokens_shows_in_me_usage_reports_and_csv(gateway, fake):
     assert "dall-e-3" in report and "0.120000000" in report and "0.015000000" in report
     events = gateway.admin.get(gateway.url + "/admin/usage.csv").text
     assert "0.12" in events and "tts-1" in events
+
+
+def test_openai_cache_writes_are_priced_at_the_models_cache_write_price(gateway, fake):
+    # A model that bills cache writes reports them in prompt_tokens_details (chat) and
+    # input_tokens_details (responses): 1,000 input of which 200 cache reads and 300
+    # cache writes, 50 output, at $2 input, $0.50 cached, $2.50 cache write, $8 output.
+    assert gateway.admin.put(gateway.url + "/admin/pricing/gpt-cachewriter", json={
+        "input": 2, "cached_input": 0.5, "cache_write": 2.5, "output": 8}).status_code == 200
+    fake.behaviour.update(prompt_tokens=1000, cached_tokens=200, cache_write_tokens=300,
+                          completion_tokens=50)
+    raw_key, _ = gateway.create_key()
+    chat = post(gateway, raw_key, "/v1/chat/completions", {
+        "model": "gpt-cachewriter", "max_tokens": 50,
+        "messages": [{"role": "user", "content": "Hi"}]})
+    assert chat.status_code == 200, chat.text
+    responses = post(gateway, raw_key, "/v1/responses", {
+        "model": "gpt-cachewriter", "max_output_tokens": 50, "input": "Hi"})
+    assert responses.status_code == 200, responses.text
+    expected = round((500 * 2 + 200 * 0.5 + 300 * 2.5 + 50 * 8) * 1000)  # $0.00225
+    for event in fake_events(gateway):
+        assert (event["prompt_tokens"], event["cached_tokens"], event["cache_write_tokens"],
+                event["completion_tokens"]) == (1000, 200, 300, 50)
+        assert event["cost_nusd"] == expected
+
+
+def fake_events(server):
+    events = server.events()
+    assert [e["endpoint"] for e in events] == ["chat/completions", "responses"]
+    return events
