@@ -17,8 +17,9 @@ RUN npm pack --silent "chart.js@${CHARTJS_VERSION}" && tar xzf "chart.js-${CHART
 FROM python:3.12-slim
 WORKDIR /app
 # The same install step as README.md's first command.
-COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
+COPY requirements.txt requirements-postgres.txt ./
+# The PostgreSQL driver too, so the image also runs with LLIMIT_DB=postgresql://...
+RUN pip install --no-cache-dir -r requirements.txt -r requirements-postgres.txt
 COPY llimit.py pricing.json ./
 COPY --from=chartjs /chart.umd.js /app/static/chart.umd.js
 # A bind-mounted /data must belong to this uid (README: `chown 10001`).

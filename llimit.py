@@ -193,7 +193,8 @@ def _bool(value):
 SETTINGS = [
     ("host", "LLIMIT_HOST", "--host", "127.0.0.1", str, "listen address"),
     ("port", "LLIMIT_PORT", "--port", 8000, int, "listen port"),
-    ("db_path", "LLIMIT_DB", "--db", "./llimit.db", str, "SQLite file"),
+    ("db_path", "LLIMIT_DB", "--db", "./llimit.db", str,
+     "SQLite file, or a postgresql:// URL shared by several llimit instances"),
     ("threads", "LLIMIT_THREADS", "--threads", 64, int,
      "worker threads (one per open stream)"),
     ("admin_token", "LLIMIT_ADMIN_TOKEN", None, None, str,
@@ -240,6 +241,9 @@ SETTINGS = [
      "how often unpolled batches and background responses are checked, to charge them"),
     ("drain_seconds", "LLIMIT_DRAIN_SECONDS", None, 0.0, float,
      "after a client leaves mid-stream, keep reading the upstream this long for exact usage"),
+    ("reservation_seconds", "LLIMIT_RESERVATION_SECONDS", None, 0.0, float,
+     "PostgreSQL: how long a call's reservation outlives an instance that died"
+     " (0: LLIMIT_UPSTREAM_TIMEOUT + 60)"),
     ("alert_webhook", "LLIMIT_ALERT_WEBHOOK", None, None, str,
      "URL that limit alerts are POSTed to (Slack/Teams compatible)"),
     ("admin_users", "LLIMIT_ADMIN_USERS", None, (), _csv_list,
@@ -444,16 +448,31 @@ def is_https_or_loopback(url):
 
 # =============================================================================
 # 2. Storage
-#    The SQLite schema, its migrations and every SQL statement llimit runs.
-#    One connection per thread (WAL, busy_timeout). Other sections call the
-#    named functions here and never hold SQL of their own. Money is stored as
-#    integer nano-dollars (`*_nusd`) so sums are exact.
+#    The schema, its migrations and every SQL statement llimit runs, on one of
+#    two engines: a SQLite file (the default; one connection per thread, WAL,
+#    busy_timeout) or PostgreSQL (LLIMIT_DB=postgresql://...; a connection
+#    pool shared by the threads, several llimit instances on one database).
+#    SQL is written once, in the dialect both engines speak (`?` and `:name`
+#    parameters, which the PostgreSQL engine turns into psycopg's); the few
+#    statements that must differ stand side by side, chosen by `engine_of(db)`.
+#    Other sections call the named functions here and never hold SQL of their
+#    own. Money is stored as integer nano-dollars (`*_nusd`) so sums are exact.
 # =============================================================================
 
 BUSY_TIMEOUT_MS = 5000
+
+
+class EngineError(Exception):
+    """A PostgreSQL failure, as the PostgreSQL engine raises it (psycopg's error is its cause)."""
+
+
+class EngineUnavailable(EngineError):
+    """PostgreSQL cannot be reached, or dropped the connection: try again later."""
+
+
 # What other sections catch when the database fails, so none of them names the engine.
-DatabaseError = sqlite3.Error                 # any failure of the database
-DatabaseUnavailable = sqlite3.OperationalError  # locked, busy, or gone: try again later
+DatabaseError = (sqlite3.Error, EngineError)                     # any failure of the database
+DatabaseUnavailable = (sqlite3.OperationalError, EngineUnavailable)  # busy or gone: retry later
 
 MIGRATIONS = [
     ("0001 keys, projects, prices and usage", """
@@ -733,7 +752,329 @@ create trigger user_plans_deleted after delete on user_plans
 begin update config_version set version = version + 1; end;
 commit;
 """),
+    ("0012 shared reservations and minute totals", """
+begin;
+-- For several llimit instances on one PostgreSQL database, which cannot hold
+-- running totals and calls under way in memory as one SQLite process does:
+-- each admitted call reserves its worst case here (one row per block-limit
+-- window) until the usage writer settles it, or until expires_ms if the
+-- instance died first; minute windows read usage_minutes. On SQLite both stay
+-- empty.
+create table reservations (
+    id text not null,               -- one call's reservation
+    subject text not null,
+    window_name text not null,
+    window_start bigint not null,   -- epoch seconds
+    requests bigint not null,
+    tokens bigint not null,
+    cost_nusd bigint not null,
+    expires_ms bigint not null,
+    primary key (id, subject, window_name, window_start)
+);
+create index reservations_window on reservations (subject, window_name, window_start);
+create table usage_minutes (
+    subject text not null,
+    minute_start bigint not null,   -- epoch seconds
+    requests bigint not null,
+    tokens bigint not null,
+    cost_nusd bigint not null,
+    primary key (subject, minute_start)
+);
+commit;
+"""),
+    ("0013 a new key's secret for the next page, sealed", """
+begin;
+-- A key made on a page is shown on the page the browser is sent to next,
+-- which another llimit instance may serve: the secret waits in the session
+-- row, sealed with a key derived from the raw session id, which only the
+-- browser holds (the row keeps its hash), and is cleared as it is shown.
+-- Null: nothing to show.
+alter table sessions add column new_key_sealed text;
+commit;
+"""),
 ]
+
+# The PostgreSQL side of migrations whose SQLite script PostgreSQL cannot run
+# (strftime, triggers, rowid tables, the admission function); a migration
+# written in the dialect both speak has no entry. No begin/commit: migrate()
+# runs each in its own transaction.
+NOW_ISO_PG = """to_char(now() at time zone 'utc', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""
+POSTGRES_MIGRATIONS = {
+    "0001 keys, projects, prices and usage": f"""
+create table settings (name text primary key, value text not null);
+create table projects (
+    id text primary key,
+    name text not null,
+    upstream_kind text not null default 'openai',
+    upstream_url text,
+    upstream_key text,
+    api_version text,
+    allow_user_keys integer not null default 1,
+    limit_message text,
+    model_map text,
+    created_at text not null
+);
+insert into projects (id, name, created_at) values ('default', 'Default', {NOW_ISO_PG});
+create table api_keys (
+    id text primary key,
+    key_hash text not null unique,
+    masked_key text not null,
+    project_id text not null,
+    user_name text,
+    note text,
+    models text,
+    created_at text not null,
+    expires_at text,
+    revoked_at text,
+    last_used_at text
+);
+create index api_keys_user on api_keys (user_name);
+create index api_keys_project on api_keys (project_id);
+create table model_prices (
+    model text primary key,
+    input double precision not null,
+    cached_input double precision,
+    output double precision not null,
+    cache_write double precision,
+    updated_at text not null
+);
+create table price_snapshots (
+    id bigint generated by default as identity primary key,
+    model text not null,
+    input double precision not null,
+    cached_input double precision not null,
+    output double precision not null,
+    cache_write double precision not null,
+    unique (model, input, cached_input, output, cache_write)
+);
+create table usage_events (
+    id bigint generated by default as identity primary key,
+    created_ms bigint not null,
+    key_id text,
+    user_name text,
+    project_id text,
+    model text,
+    endpoint text not null,
+    status_code integer not null,
+    stream integer not null,
+    prompt_tokens bigint not null,
+    cached_tokens bigint not null,
+    cache_write_tokens bigint not null,
+    completion_tokens bigint not null,
+    reasoning_tokens bigint not null,
+    cost_nusd bigint,
+    price_id bigint,
+    pricing text not null,
+    latency_ms double precision not null,
+    overhead_ms double precision not null
+);
+create index usage_events_created on usage_events (created_ms);
+create table usage_daily (
+    day text not null,
+    project_id text not null,
+    user_name text not null,
+    key_id text not null,
+    model text not null,
+    requests bigint not null,
+    prompt_tokens bigint not null,
+    cached_tokens bigint not null,
+    cache_write_tokens bigint not null,
+    completion_tokens bigint not null,
+    cost_nusd bigint not null,
+    unpriced bigint not null,
+    primary key (day, project_id, user_name, key_id, model)
+);
+""",
+    "0002 limits, running totals and alerts": """
+create table limits (
+    id text primary key,
+    scope text not null,
+    target text,
+    each text,
+    metric text not null,
+    "window" text not null,
+    amount double precision not null,
+    action text not null default 'block',
+    alert_at text,
+    note text,
+    created_at text not null
+);
+create index limits_target on limits (scope, target);
+create table usage_counters (
+    subject text collate "C" not null,  -- ranges of subjects compare bytes, as in SQLite
+    day text collate "C" not null,
+    requests bigint not null,
+    tokens bigint not null,
+    cost_nusd bigint not null,
+    primary key (subject, day)
+);
+create table alerts_sent (
+    limit_id text not null,
+    subject text not null,
+    window_start text not null,
+    threshold double precision not null,
+    created_at text not null,
+    text text not null,
+    delivered_at text,
+    primary key (limit_id, subject, window_start, threshold)
+);
+""",
+    "0003 sessions": """
+create table sessions (
+    id_hash text primary key,
+    user_name text,
+    is_admin integer not null default 0,
+    csrf_token text not null,
+    pending text,
+    created_at text not null,
+    expires_at text not null
+);
+create index sessions_expires on sessions (expires_at);
+""",
+    "0004 config version": """
+create table config_version (
+    id integer primary key check (id = 1),
+    version bigint not null
+);
+insert into config_version values (1, 0);
+create function llimit_config_changed() returns trigger language plpgsql as $$
+begin
+    update config_version set version = version + 1;
+    return null;
+end $$;
+create trigger limits_changed after insert or update or delete on limits
+    for each statement execute function llimit_config_changed();
+create trigger projects_changed after insert or update or delete on projects
+    for each statement execute function llimit_config_changed();
+create trigger api_keys_updated
+    after update of key_hash, project_id, user_name, models, expires_at, revoked_at
+    on api_keys for each statement execute function llimit_config_changed();
+create trigger api_keys_deleted after delete on api_keys
+    for each statement execute function llimit_config_changed();
+""",
+}
+POSTGRES_MIGRATIONS["0005 route policy: async projects and owned objects"] = """
+alter table projects add column allow_async integer not null default 0;
+create table owned_objects (
+    object_id text primary key,
+    kind text not null,
+    project_id text not null,
+    owner text not null,
+    key_id text not null,
+    user_name text,
+    created_ms bigint not null,
+    async integer not null default 0,
+    charged_ms bigint
+);
+"""
+POSTGRES_MIGRATIONS["0010 refused calls per day, project and user"] = """
+create table refusals_daily (
+    day text not null,
+    project_id text not null,
+    user_name text not null,
+    reason text not null,
+    refused bigint not null,
+    primary key (day, project_id, user_name, reason)
+);
+"""
+POSTGRES_MIGRATIONS["0011 plans, rolling windows and limit resets"] = """
+alter table limits add column starts_at text;
+alter table limits add column reset_at text;
+create table plans (
+    id text primary key,
+    name text not null,
+    created_at text not null
+);
+create table user_plans (
+    user_name text primary key,
+    plan_id text not null,
+    source text not null,
+    updated_at text not null
+);
+alter table projects add column plans_allowed text;
+create trigger plans_changed after insert or update or delete on plans
+    for each statement execute function llimit_config_changed();
+create trigger user_plans_changed after insert or update or delete on user_plans
+    for each statement execute function llimit_config_changed();
+"""
+POSTGRES_MIGRATIONS["0012 shared reservations and minute totals"] = (
+    dict(MIGRATIONS)["0012 shared reservations and minute totals"].strip()
+    .removeprefix("begin;").removesuffix("commit;").replace(
+        "subject text not null,", 'subject text collate "C" not null,') + """
+-- Admission in one round trip. First the config version: if it is not the
+-- one the caller's key and limits were read at, return [-1, version] and do
+-- nothing else (the caller reads them again). Then, under a
+-- transaction-scoped advisory lock per (subject, window) - taken in the
+-- caller's sorted order, so two admissions never deadlock - read each
+-- window's used total and live reservations in one snapshot, refuse at the
+-- first block limit the call would overrun (its 1-based index first), or
+-- reserve `p_need` against every block window (0 first). The version
+-- follows, then [used requests, tokens, nusd, held requests, tokens, nusd]
+-- per check, for the rate-limit headers.
+create function llimit_admit(
+    p_version bigint, p_reservation text, p_now_ms bigint, p_expires_ms bigint,
+    p_subjects text[], p_windows text[], p_starts bigint[], p_first_days text[],
+    p_last_days text[], p_metrics integer[], p_amounts double precision[],
+    p_blocks boolean[], p_stricts boolean[], p_need bigint[]) returns bigint[]
+    language plpgsql as $$
+declare
+    v_version bigint;
+    v_out bigint[];
+    v_row bigint[];
+    v_taken bigint;
+    i integer;
+begin
+    select version into v_version from config_version;
+    if v_version is distinct from p_version then
+        return array[-1::bigint, v_version];
+    end if;
+    v_out := array[0::bigint, v_version];
+    for i in 1 .. coalesce(array_length(p_subjects, 1), 0) loop
+        perform pg_advisory_xact_lock(hashtextextended(
+            p_subjects[i] || chr(31) || p_windows[i] || chr(31) || p_starts[i]::text, 0));
+    end loop;
+    for i in 1 .. coalesce(array_length(p_subjects, 1), 0) loop
+        select array[coalesce(sum(u.requests), 0), coalesce(sum(u.tokens), 0),
+                     coalesce(sum(u.cost_nusd), 0),
+                     (select coalesce(sum(r.requests), 0) from reservations r
+                      where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                      and r.window_start = p_starts[i] and r.expires_ms > p_now_ms),
+                     (select coalesce(sum(r.tokens), 0) from reservations r
+                      where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                      and r.window_start = p_starts[i] and r.expires_ms > p_now_ms),
+                     (select coalesce(sum(r.cost_nusd), 0) from reservations r
+                      where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                      and r.window_start = p_starts[i] and r.expires_ms > p_now_ms)]
+        into v_row from (
+            select m.requests, m.tokens, m.cost_nusd from usage_minutes m
+            where p_windows[i] = 'minute' and m.subject = p_subjects[i]
+            and m.minute_start = p_starts[i]
+            union all
+            select c.requests, c.tokens, c.cost_nusd from usage_counters c
+            where p_windows[i] <> 'minute' and c.subject = p_subjects[i]
+            and c.day >= p_first_days[i] and c.day <= p_last_days[i]) u;
+        v_out := v_out || v_row;
+        if p_blocks[i] then
+            v_taken := v_row[p_metrics[i]] + v_row[p_metrics[i] + 3];
+            if (p_stricts[i] and v_taken + p_need[p_metrics[i]] > p_amounts[i])
+                    or (not p_stricts[i] and v_taken >= p_amounts[i]) then
+                v_out[1] := i;
+                return v_out;
+            end if;
+        end if;
+    end loop;
+    for i in 1 .. coalesce(array_length(p_subjects, 1), 0) loop
+        if p_blocks[i] then
+            insert into reservations (id, subject, window_name, window_start, requests,
+                                      tokens, cost_nusd, expires_ms)
+            values (p_reservation, p_subjects[i], p_windows[i], p_starts[i], p_need[1],
+                    p_need[2], p_need[3], p_expires_ms)
+            on conflict do nothing;
+        end if;
+    end loop;
+    return v_out;
+end $$;
+""")
 
 
 def connect(path):
@@ -749,12 +1090,17 @@ def connect(path):
 
 
 def database_exists(path):
-    """Whether the database `path` names is there already (connecting would create it)."""
-    return os.path.exists(path)
+    """Whether the database `path` names is there already (connecting would create a file).
+
+    A PostgreSQL database is made by its server's admin; connecting creates nothing.
+    """
+    return is_postgres_url(path) or os.path.exists(path)
 
 
 class Database:
     """Hands each thread its own connection to one SQLite file."""
+
+    engine = "sqlite"
 
     def __init__(self, path):
         self.path = path
@@ -765,6 +1111,235 @@ class Database:
         if db is None:
             db = self._local.db = connect(self.path)
         return db
+
+    def close(self):
+        """Nothing to let go: each thread's connection ends with its thread."""
+
+
+def is_postgres_url(location):
+    """Whether LLIMIT_DB names a PostgreSQL database rather than a SQLite file."""
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+def open_database(location, pool_size=16):
+    """The Database of LLIMIT_DB: a SQLite file, or a PostgreSQL URL (`pool_size` connections)."""
+    if is_postgres_url(location):
+        return PostgresDatabase(location, pool_size)
+    return Database(location)
+
+
+def engine_of(db):
+    """"sqlite" or "postgres": which engine a connection from a Database speaks to."""
+    return "sqlite" if isinstance(db, sqlite3.Connection) else db.engine
+
+
+# --- the PostgreSQL engine ---------------------------------------------------------
+# psycopg 3 and its pool, imported only when LLIMIT_DB is a PostgreSQL URL. The
+# threads share a pool: a statement outside a transaction borrows a connection
+# for itself (autocommit) and hands it back with every row fetched; a
+# transaction keeps one until commit or rollback. A connection that broke is
+# dropped by the pool and replaced, so llimit recovers by itself when the
+# database comes back.
+
+POSTGRES_CONNECT_SECONDS = 5  # longest wait for a pooled connection before a call fails closed
+
+
+class PostgresDatabase:
+    """A connection pool to one PostgreSQL database; each thread gets a PostgresConnection."""
+
+    engine = "postgres"
+
+    def __init__(self, url, pool_size=16):
+        try:
+            import psycopg
+            import psycopg_pool
+        except ImportError:
+            raise ValueError("LLIMIT_DB is a PostgreSQL URL, which needs the driver:"
+                             ' pip install "psycopg[binary,pool]"') from None
+        self.path = url
+        self._psycopg = psycopg
+        loader = _numeric_loader(psycopg)
+
+        def configure(conn):
+            conn.adapters.register_loader("numeric", loader)
+
+        self.pool = psycopg_pool.ConnectionPool(
+            url, min_size=1, max_size=max(2, pool_size), open=False, name="llimit",
+            timeout=POSTGRES_CONNECT_SECONDS, reconnect_timeout=24 * 3600,
+            kwargs={"autocommit": True, "row_factory": _postgres_row_factory,
+                    "connect_timeout": POSTGRES_CONNECT_SECONDS},
+            configure=configure)
+        try:
+            self.pool.open(wait=True, timeout=POSTGRES_CONNECT_SECONDS)
+        except psycopg.Error as error:
+            self.pool.close()
+            raise EngineUnavailable(f"PostgreSQL does not answer: {error}") from error
+        self._local = threading.local()
+
+    def __call__(self):
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = PostgresConnection(self.pool, self._psycopg)
+        return db
+
+    def close(self):
+        """Close every pooled connection."""
+        self.pool.close()
+
+
+class PostgresConnection:
+    """One thread's way into the pool, with sqlite3's execute/executemany/in_transaction."""
+
+    engine = "postgres"
+
+    def __init__(self, pool, psycopg):
+        self._pool = pool
+        self._psycopg = psycopg
+        self._held = None       # the connection of the open transaction
+
+    @property
+    def in_transaction(self):
+        return self._held is not None
+
+    def execute(self, sql, params=()):
+        return self._run(lambda conn: _fetched(conn.execute(_postgres_sql(sql), params)))
+
+    def executemany(self, sql, rows):
+        rows = list(rows)
+        if not rows:
+            return _PostgresResult([], 0)
+
+        def run(conn):
+            cursor = conn.cursor()
+            cursor.executemany(_postgres_sql(sql), rows)
+            return _PostgresResult([], cursor.rowcount)
+        return self._run(run)
+
+    def run_script(self, script):
+        """Run statements that take no parameters, as they are (migrations)."""
+        return self._run(lambda conn: conn.execute(script))
+
+    def begin(self):
+        """Take a connection for a transaction and open it."""
+        self._held = self._take()
+        self._run(lambda conn: conn.execute("begin"))
+
+    def end(self, statement):
+        """COMMIT or ROLLBACK the open transaction and hand its connection back."""
+        conn, self._held = self._held, None
+        try:
+            conn.execute(statement)
+        except self._psycopg.Error as error:
+            if statement != "rollback":  # a broken connection's transaction is gone anyway
+                raise EngineUnavailable(str(error).strip()) from error
+        finally:
+            self._pool.putconn(conn)
+
+    def _run(self, work):
+        if self._held is not None:
+            return self._translate(lambda: work(self._held))
+        conn = self._take()
+        try:
+            return self._translate(lambda: work(conn))
+        finally:
+            self._pool.putconn(conn)
+
+    def _take(self):
+        return self._translate(self._pool.getconn)
+
+    def _translate(self, work):
+        try:
+            return work()
+        except self._psycopg.OperationalError as error:
+            raise EngineUnavailable(str(error).strip()) from error
+        except self._psycopg.Error as error:
+            raise EngineError(str(error).strip()) from error
+
+
+class _PostgresResult:
+    """The fetched rows of a statement, read like a sqlite3 cursor."""
+
+    def __init__(self, rows, rowcount):
+        self._rows = rows
+        self._next = 0
+        self.rowcount = rowcount
+
+    def fetchone(self):
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def fetchall(self):
+        rows, self._next = self._rows[self._next:], len(self._rows)
+        return rows
+
+    def fetchmany(self, size):
+        rows = self._rows[self._next:self._next + size]
+        self._next += len(rows)
+        return rows
+
+    def __iter__(self):
+        return iter(self.fetchall())
+
+
+def _fetched(cursor):
+    return _PostgresResult(cursor.fetchall() if cursor.description else [], cursor.rowcount)
+
+
+class PostgresRow(tuple):
+    """A row read by position or by column name, as sqlite3.Row is."""
+
+    __slots__ = ()
+    _index = {}
+
+    def __getitem__(self, item):
+        if isinstance(item, str):
+            return tuple.__getitem__(self, self._index[item])
+        return tuple.__getitem__(self, item)
+
+    def keys(self):
+        """The column names, in order."""
+        return list(self._index)
+
+
+@functools.lru_cache(maxsize=512)
+def _row_class(names):
+    return type("PostgresRow", (PostgresRow,), {"__slots__": (), "_index": {
+        name: index for index, name in enumerate(names)}})
+
+
+def _postgres_row_factory(cursor):
+    return _row_class(tuple(column.name for column in cursor.description or ()))
+
+
+def _numeric_loader(psycopg):
+    # sum() of integers is numeric in PostgreSQL; llimit's sums are integers
+    # (nano-dollars, tokens), as SQLite gives them.
+    class NumericLoader(psycopg.adapt.Loader):
+        def load(self, data):
+            text = bytes(data).decode("ascii")
+            return float(text) if "." in text or "N" in text else int(text)
+    return NumericLoader
+
+
+# `?` and `:name` (sqlite3's parameters) become psycopg's `%s` and `%(name)s`,
+# and a literal % is doubled; quoted text and `::` casts are left alone.
+_SQL_TOKEN = re.compile(r"'(?:[^']|'')*'|\"[^\"]*\"|::|\?|%|:([A-Za-z_]\w*)")
+
+
+@functools.lru_cache(maxsize=1024)
+def _postgres_sql(sql):
+    def swap(match):
+        token = match.group(0)
+        if token == "?":
+            return "%s"
+        if token == "%":
+            return "%%"
+        if match.group(1):
+            return f"%({match.group(1)})s"
+        return token
+    return _SQL_TOKEN.sub(swap, sql)
 
 
 class transaction:
@@ -783,18 +1358,28 @@ class transaction:
 
 
 def begin_write(db):
-    """Start a write transaction now (BEGIN IMMEDIATE), not at its first write."""
-    db.execute("begin immediate")
+    """Start a write transaction now (BEGIN IMMEDIATE on SQLite), not at its first write."""
+    if engine_of(db) == "postgres":
+        db.begin()
+    else:
+        db.execute("begin immediate")
 
 
 def commit(db):
     """Commit the open transaction."""
-    db.execute("commit")
+    if engine_of(db) == "postgres":
+        db.end("commit")
+    else:
+        db.execute("commit")
 
 
 def rollback(db):
     """Roll back the open transaction, if there is one."""
-    if db.in_transaction:
+    if not db.in_transaction:
+        return
+    if engine_of(db) == "postgres":
+        db.end("rollback")
+    else:
         db.execute("rollback")
 
 
@@ -803,10 +1388,15 @@ def ping(db):
     db.execute("select 1 from settings limit 1").fetchone()
 
 
+MIGRATIONS_TABLE_SQL = ("create table if not exists _migrations"
+                        " (name text primary key, applied_at text not null)")
+
+
 def migrate(db):
     """Apply the migrations this database lacks, in order; returns their names."""
-    db.execute("create table if not exists _migrations"
-               " (name text primary key, applied_at text not null)")
+    if engine_of(db) == "postgres":
+        return _migrate_postgres(db)
+    db.execute(MIGRATIONS_TABLE_SQL)
     done = {row[0] for row in db.execute("select name from _migrations")}
     applied = []
     for name, script in MIGRATIONS:
@@ -821,9 +1411,125 @@ def migrate(db):
     return applied
 
 
+def _migrate_postgres(db):
+    # One transaction under an advisory lock, so instances starting together
+    # apply each migration once; the one that waited finds them done.
+    applied = []
+    with transaction(db):
+        hold_start_lock(db)
+        db.execute(MIGRATIONS_TABLE_SQL)
+        done = {row[0] for row in db.execute("select name from _migrations")}
+        for name, script in MIGRATIONS:
+            if name in done:
+                continue
+            body = POSTGRES_MIGRATIONS.get(name) or script.strip().removeprefix(
+                "begin;").removesuffix("commit;")
+            db.run_script(body)
+            db.execute("insert into _migrations values (?, ?)", (name, utc_iso(time.time())))
+            applied.append(name)
+    return applied
+
+
+def hold_start_lock(db):
+    """Within the open transaction, wait for (then hold) the lock of start-up work.
+
+    On PostgreSQL, instances starting together take turns at migrating and
+    renaming, so the second finds the work done; SQLite's BEGIN IMMEDIATE
+    already does that.
+    """
+    if engine_of(db) == "postgres":
+        db.execute("select pg_advisory_xact_lock(7311)")  # 7311: llimit's start-up lock
+
+
 def _sql_quote(text):
     # Only for migration names, which are constants of this module.
     return "'" + text.replace("'", "''") + "'"
+
+
+# --- copying a database (migrate-db) ----------------------------------------------
+
+# Kept by each database itself, never copied: migrations applied, the trigger-kept
+# version, and calls under way (live only in the instance that admitted them).
+UNCOPIED_TABLES = ("_migrations", "config_version", "reservations")
+# Rows the target may hold already (the default project; settings of a first
+# start): the source's values win. Every other table only gains rows it lacks.
+REPLACED_TABLES = {"settings": "name", "projects": "id"}
+LIST_TABLES_SQL = {
+    "sqlite": "select name from sqlite_master where type = 'table'"
+              " and name not like 'sqlite_%' order by rowid",
+    "postgres": "select table_name from information_schema.tables"
+                " where table_schema = current_schema() and table_type = 'BASE TABLE'",
+}
+# After rows came in with their ids, the next id must follow them.
+FOLLOW_IDS_SQL = {
+    "sqlite": [],
+    "postgres": [f"select setval(pg_get_serial_sequence('{table}', 'id'),"
+                 f" coalesce((select max(id) from {table}), 0) + 1, false)"
+                 for table in ("usage_events", "price_snapshots")],
+}
+
+
+def list_tables(db):
+    """The names of a database's tables."""
+    return [row[0] for row in db.execute(LIST_TABLES_SQL[engine_of(db)])]
+
+
+def copy_table(source, target, table, batch=1000):
+    """Copy one table's rows the target lacks (by primary key); returns (copied, read).
+
+    Both are migrated to the same schema; the caller holds the target's transaction.
+    """
+    copied = read = 0
+    columns = None
+    cursor = source.execute(f"select * from {table}")  # table: a name list_tables found
+    while True:
+        rows = cursor.fetchmany(batch)
+        if not rows:
+            break
+        if columns is None:
+            columns = list(rows[0].keys())
+            names = ", ".join(f'"{column}"' for column in columns)
+            values = ", ".join("?" * len(columns))
+            sql = f"insert into {table} ({names}) values ({values}) on conflict do nothing"
+            key = REPLACED_TABLES.get(table)
+            if key:
+                distinct = "is distinct from" if engine_of(target) == "postgres" else "is not"
+                sql = (sql.removesuffix("do nothing") + f"({key}) do update set "
+                       + ", ".join(f'"{c}" = excluded."{c}"' for c in columns) + " where "
+                       + " or ".join(f'{table}."{c}" {distinct} excluded."{c}"' for c in columns))
+        for row in rows:
+            copied += target.execute(sql, tuple(row)).rowcount
+        read += len(rows)
+    return copied, read
+
+
+def foreign_usage_event(source, target, batch=1000):
+    """The id of a usage event in `target` that `source` does not hold as it is, or None.
+
+    migrate-db fills an unused database, or runs again over its own copy: any
+    other event would collide by id with one of the source's (and its totals
+    with the source's), so the copy would lose usage.
+    """
+    after = -1
+    while True:
+        marks = target.execute("select id, created_ms, key_id, cost_nusd from usage_events"
+                               " where id > ? order by id limit ?", (after, batch)).fetchall()
+        if not marks:
+            return None
+        ids = [mark[0] for mark in marks]
+        held = {tuple(row) for row in source.execute(
+            "select id, created_ms, key_id, cost_nusd from usage_events where id >= ?"
+            " and id <= ?", (ids[0], ids[-1]))}
+        for mark in marks:
+            if tuple(mark) not in held:
+                return mark[0]
+        after = ids[-1]
+
+
+def follow_copied_ids(db):
+    """Let the engine's id sequences go on after rows copied with their ids."""
+    for sql in FOLLOW_IDS_SQL[engine_of(db)]:
+        db.execute(sql)
 
 
 # --- running totals' subjects ------------------------------------------------------
@@ -960,9 +1666,9 @@ def get_key(db, key_id):
 def list_keys(db, user_name=None, project_id=None, active_at=None):
     """Keys, newest first, filtered by user, project, and active at a time."""
     return db.execute(
-        "select * from api_keys where (:user is null or user_name = :user)"
-        " and (:project is null or project_id = :project)"
-        " and (:active is null or (revoked_at is null"
+        "select * from api_keys where (cast(:user as text) is null or user_name = :user)"
+        " and (cast(:project as text) is null or project_id = :project)"
+        " and (cast(:active as text) is null or (revoked_at is null"
         "      and (expires_at is null or expires_at > :active)))"
         " order by created_at desc, id",
         {"user": user_name, "project": project_id, "active": active_at}).fetchall()
@@ -991,11 +1697,15 @@ def key_spend(db, key_ids):
     """Lifetime {key_id: (requests, cost_nusd)} from the running totals."""
     if not key_ids:
         return {}
-    rows = db.execute(
-        "select subject, requests, cost_nusd from usage_counters where day = 'total'"
-        " and subject in (select ? || value from json_each(?))",
-        (SUBJECT_PREFIXES["key"], json.dumps(key_ids)))
-    return {parse_subject(row[0])[1][0]: (row[1], row[2]) for row in rows}
+    subjects = [subject_of("key", key_id) for key_id in key_ids]
+    spend = {}
+    for first in range(0, len(subjects), 500):  # within every engine's parameter limit
+        chunk = subjects[first:first + 500]
+        for row in db.execute("select subject, requests, cost_nusd from usage_counters"
+                              " where day = 'total' and subject in ("
+                              + ", ".join("?" * len(chunk)) + ")", chunk):
+            spend[parse_subject(row[0])[1][0]] = (row[1], row[2])
+    return spend
 
 
 # --- prices ---------------------------------------------------------------------
@@ -1018,8 +1728,8 @@ def upsert_price_override(db, model, price, updated_at):
 
 def get_price_snapshot_id(db, model, prices):
     """The id of a (model, input, cached_input, output, cache_write) snapshot, made once."""
-    db.execute("insert or ignore into price_snapshots (model, input, cached_input, output,"
-               " cache_write) values (?, ?, ?, ?, ?)", (model, *prices))
+    db.execute("insert into price_snapshots (model, input, cached_input, output,"
+               " cache_write) values (?, ?, ?, ?, ?) on conflict do nothing", (model, *prices))
     return db.execute("select id from price_snapshots where model = ? and input = ? and"
                       " cached_input = ? and output = ? and cache_write = ?",
                       (model, *prices)).fetchone()[0]
@@ -1081,25 +1791,37 @@ UPSERT_USAGE_DAILY_SQL = (
     " prompt_tokens, cached_tokens, cache_write_tokens, completion_tokens, cost_nusd,"
     " unpriced) values (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)"
     " on conflict (day, project_id, user_name, key_id, model) do update set"
-    " requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-    " cached_tokens = cached_tokens + excluded.cached_tokens,"
-    " cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,"
-    " completion_tokens = completion_tokens + excluded.completion_tokens,"
-    " cost_nusd = cost_nusd + excluded.cost_nusd, unpriced = unpriced + excluded.unpriced")
+    " requests = usage_daily.requests + 1,"
+    " prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens,"
+    " cached_tokens = usage_daily.cached_tokens + excluded.cached_tokens,"
+    " cache_write_tokens = usage_daily.cache_write_tokens + excluded.cache_write_tokens,"
+    " completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens,"
+    " cost_nusd = usage_daily.cost_nusd + excluded.cost_nusd,"
+    " unpriced = usage_daily.unpriced + excluded.unpriced")
 
 UPSERT_USAGE_COUNTER_SQL = (
     "insert into usage_counters (subject, day, requests, tokens, cost_nusd)"
     " values (?, ?, 1, ?, ?) on conflict (subject, day) do update set"
-    " requests = requests + 1, tokens = tokens + excluded.tokens,"
-    " cost_nusd = cost_nusd + excluded.cost_nusd")
+    " requests = usage_counters.requests + 1, tokens = usage_counters.tokens + excluded.tokens,"
+    " cost_nusd = usage_counters.cost_nusd + excluded.cost_nusd")
 
 
-def insert_usage_events(db, events, price_ids):
+UPSERT_USAGE_MINUTE_SQL = (
+    "insert into usage_minutes (subject, minute_start, requests, tokens, cost_nusd)"
+    " values (?, ?, 1, ?, ?) on conflict (subject, minute_start) do update set"
+    " requests = usage_minutes.requests + 1, tokens = usage_minutes.tokens + excluded.tokens,"
+    " cost_nusd = usage_minutes.cost_nusd + excluded.cost_nusd")
+
+
+def insert_usage_events(db, events, price_ids, reservation_ids=()):
     """Store a batch of usage events with their daily rollups and running totals.
 
     The caller holds the transaction; `price_ids[i]` is the snapshot of events[i].
+    On PostgreSQL the minute totals are written too, and the batch's
+    reservations deleted in the same transaction, so an admission sees each
+    call either reserved or used, never both nor neither.
     """
-    event_rows, daily_rows, counter_rows, key_touches = [], [], [], {}
+    event_rows, daily_rows, counter_rows, minute_rows, key_touches = [], [], [], [], {}
     for event, price_id in zip(events, price_ids):
         cost = event.cost_nusd or 0
         tokens = event.prompt_tokens + event.completion_tokens
@@ -1116,9 +1838,11 @@ def insert_usage_events(db, events, price_ids):
             event.model or "", event.prompt_tokens, event.cached_tokens,
             event.cache_write_tokens, event.completion_tokens, cost,
             int(event.cost_nusd is None)))
+        minute = event.created_ms // 60000 * 60
         for subject in event.subjects:
             counter_rows.append((subject, day, tokens, cost))
             counter_rows.append((subject, "total", tokens, cost))
+            minute_rows.append((subject, minute, tokens, cost))
         if event.key_id:
             key_touches[event.key_id] = _iso_from_ms(event.created_ms)
     db.executemany(INSERT_USAGE_EVENT_SQL, event_rows)
@@ -1126,6 +1850,68 @@ def insert_usage_events(db, events, price_ids):
     db.executemany(UPSERT_USAGE_COUNTER_SQL, counter_rows)
     db.executemany("update api_keys set last_used_at = ? where id = ?",
                    [(used_at, key_id) for key_id, used_at in key_touches.items()])
+    if engine_of(db) == "postgres":  # SQLite's one process counts minutes in memory
+        db.executemany(UPSERT_USAGE_MINUTE_SQL, minute_rows)
+        db.executemany("delete from reservations where id = ?",
+                       [(reservation_id,) for reservation_id in reservation_ids])
+
+
+# --- shared reservations (PostgreSQL) -----------------------------------------------
+
+def admit_reservation(db, config_version, reservation_id, now_ms, expires_ms, checks, need):
+    """Check the config version, and a call against shared totals, reserving `need`: one round trip.
+
+    `checks` are (subject, window, start, first_day, last_day, metric 1-3,
+    amount, block, strict) in a sorted order (the advisory locks are taken in
+    it); `need` is [requests, tokens, nusd]. Returns (refused, version,
+    totals): refused is "moved" when the database's config_version is not
+    `config_version` (nothing read or reserved), else the index of the first
+    check refused or None; totals are [used requests, tokens, nusd, held
+    requests, tokens, nusd] per check read. Reserves under `reservation_id`
+    only if none refused.
+    """
+    columns = list(zip(*checks)) or [[]] * 9
+    row = db.execute(
+        "select llimit_admit(?, ?, ?, ?, cast(? as text[]), cast(? as text[]),"
+        " cast(? as bigint[]), cast(? as text[]), cast(? as text[]), cast(? as integer[]),"
+        " cast(? as double precision[]), cast(? as boolean[]), cast(? as boolean[]),"
+        " cast(? as bigint[]))",
+        (config_version, reservation_id, now_ms, expires_ms, list(columns[0]),
+         list(columns[1]), list(columns[2]), list(columns[3]), list(columns[4]),
+         list(columns[5]), [float(x) for x in columns[6]], list(columns[7]),
+         list(columns[8]), list(need))).fetchone()[0]
+    if row[0] < 0:
+        return "moved", row[1], []
+    totals = [row[first:first + 6] for first in range(2, len(row), 6)]
+    return (row[0] - 1 if row[0] else None), row[1], totals
+
+
+def delete_stale_reservations(db, now_ms, minute_before):
+    """Forget reservations past their expiry (an instance died) and minute totals before a time."""
+    db.execute("delete from reservations where expires_ms <= ?", (now_ms,))
+    db.execute("delete from usage_minutes where minute_start < ?", (minute_before,))
+
+
+def count_reservations(db):
+    """How many reservation rows are held (any instance, expired or not)."""
+    return db.execute("select count(*) from reservations").fetchone()[0]
+
+
+def get_minute_total(db, subject, minute_start):
+    """Totals of a subject in one minute, from usage_minutes (PostgreSQL)."""
+    row = db.execute("select requests, tokens, cost_nusd from usage_minutes"
+                     " where subject = ? and minute_start = ?", (subject, minute_start)).fetchone()
+    return Totals(*row) if row else Totals()
+
+
+def get_minute_max_member(db, subject_prefix, minute_start, column):
+    """The largest one-minute total of `column` among subjects starting with a prefix."""
+    sql = {"requests": "select max(requests)", "tokens": "select max(tokens)",
+           "cost_nusd": "select max(cost_nusd)"}[column]
+    row = db.execute(sql + " from usage_minutes where subject >= ? and subject < ?"
+                     " and minute_start = ?",
+                     (subject_prefix, subject_prefix + "\uffff", minute_start)).fetchone()
+    return row[0] or 0
 
 
 def insert_refusals(db, refusals):
@@ -1133,7 +1919,7 @@ def insert_refusals(db, refusals):
     db.executemany(
         "insert into refusals_daily (day, project_id, user_name, reason, refused)"
         " values (?, ?, ?, ?, 1) on conflict (day, project_id, user_name, reason)"
-        " do update set refused = refused + 1",
+        " do update set refused = refusals_daily.refused + 1",
         [(_iso_from_ms(refusal.created_ms)[:10], refusal.project_id, refusal.user_name or "",
           refusal.reason) for refusal in refusals])
 
@@ -1153,9 +1939,9 @@ def insert_owned_objects(db, rows):
     The caller holds the transaction; rows are dicts of owned_objects' columns.
     """
     db.executemany(
-        "insert or ignore into owned_objects (object_id, kind, project_id, owner, key_id,"
+        "insert into owned_objects (object_id, kind, project_id, owner, key_id,"
         " user_name, created_ms, async) values (:object_id, :kind, :project_id, :owner,"
-        " :key_id, :user_name, :created_ms, :async)", rows)
+        " :key_id, :user_name, :created_ms, :async) on conflict do nothing", rows)
 
 
 def get_owned_object(db, object_id):
@@ -1166,12 +1952,14 @@ def get_owned_object(db, object_id):
 
 def owned_ids(db, project_id, owner, object_ids):
     """The subset of `object_ids` that `owner` owns in a project."""
-    if not object_ids:
-        return set()
-    return {row[0] for row in db.execute(
-        "select object_id from owned_objects where object_id in"
-        " (select value from json_each(?)) and project_id = ? and owner = ?",
-        (json.dumps(list(object_ids)), project_id, owner))}
+    object_ids, owned = list(object_ids), set()
+    for first in range(0, len(object_ids), 500):  # within every engine's parameter limit
+        chunk = object_ids[first:first + 500]
+        owned.update(row[0] for row in db.execute(
+            "select object_id from owned_objects where object_id in ("
+            + ", ".join("?" * len(chunk)) + ") and project_id = ? and owner = ?",
+            (*chunk, project_id, owner)))
+    return owned
 
 
 def list_unsettled_async_objects(db, created_after_ms, limit=1000):
@@ -1204,7 +1992,7 @@ def get_counter_max_member(db, subject_prefix, first_day, last_day, column):
         "cost_nusd": "select max(s) from (select sum(cost_nusd) s",
     }[column]
     row = db.execute(sql + " from usage_counters where subject >= ? and subject < ?"
-                     " and day >= ? and day <= ? group by subject)",
+                     " and day >= ? and day <= ? group by subject) as members",
                      (subject_prefix, subject_prefix + "\uffff", first_day, last_day)).fetchone()
     return row[0] or 0
 
@@ -1239,7 +2027,7 @@ USAGE_BY_GROUP_SQL = {
     group: (f"select {column} as grp, sum(requests), sum(prompt_tokens), sum(cached_tokens),"
             f" sum(cache_write_tokens), sum(completion_tokens), sum(cost_nusd), sum(unpriced)"
             f" from usage_daily where day >= :start and day <= :end"
-            f" and (:user is null or user_name = :user)"
+            f" and (cast(:user as text) is null or user_name = :user)"
             f" group by {column} order by " + ("grp" if group == "day" else "7 desc, grp"))
     for group, column in USAGE_GROUP_COLUMNS.items()
 }
@@ -1282,49 +2070,79 @@ def iter_usage_daily(db, start_day, end_day):
 
 
 def iter_usage_events(db, start_ms, end_ms, batch=2000):
-    """Yield raw usage events created in [start_ms, end_ms), oldest first."""
-    cursor = db.execute(
-        "select e.*, p.input as price_input, p.cached_input as price_cached_input,"
-        " p.output as price_output, p.cache_write as price_cache_write"
-        " from usage_events e left join price_snapshots p on p.id = e.price_id"
-        " where e.created_ms >= ? and e.created_ms < ? order by e.created_ms, e.id",
-        (start_ms, end_ms))
+    """Yield raw usage events created in [start_ms, end_ms), oldest first.
+
+    Read a page at a time, each page after the last one's (created_ms, id), so
+    no engine holds a cursor open across the whole export.
+    """
+    after_ms, after_id = start_ms - 1, 2 ** 62
     while True:
-        rows = cursor.fetchmany(batch)
-        if not rows:
-            return
+        rows = db.execute(
+            "select e.*, p.input as price_input, p.cached_input as price_cached_input,"
+            " p.output as price_output, p.cache_write as price_cache_write"
+            " from usage_events e left join price_snapshots p on p.id = e.price_id"
+            " where e.created_ms >= ? and e.created_ms < ?"
+            " and (e.created_ms > ? or (e.created_ms = ? and e.id > ?))"
+            " order by e.created_ms, e.id limit ?",
+            (start_ms, end_ms, after_ms, after_ms, after_id, batch)).fetchall()
         yield from rows
+        if len(rows) < batch:
+            return
+        after_ms, after_id = rows[-1]["created_ms"], rows[-1]["id"]
 
 
-def reprice_usage_events(db, repriced):
+def reprice_usage_events(db, repriced, now_ms):
     """Store new (cost_nusd, price_id, pricing, id) for events, then rebuild rollups."""
     db.executemany("update usage_events set cost_nusd = ?, price_id = ?, pricing = ?"
                    " where id = ?", repriced)
-    rebuild_rollups(db)
+    rebuild_rollups(db, now_ms)
 
 
-def rebuild_rollups(db):
-    """Recompute usage_daily and usage_counters from usage_events (admin path only)."""
+# The UTC day of an event's created_ms, in each engine's words.
+EVENT_DAY_SQL = {
+    "sqlite": "strftime('%Y-%m-%d', created_ms / 1000, 'unixepoch')",
+    "postgres": "to_char(to_timestamp(created_ms / 1000) at time zone 'utc', 'YYYY-MM-DD')",
+}
+
+
+def rebuild_rollups(db, now_ms):
+    """Recompute usage_daily and usage_counters (and on PostgreSQL the last hour's
+    usage_minutes) from usage_events (admin path only)."""
+    event_day = EVENT_DAY_SQL[engine_of(db)]
+    minutes = engine_of(db) == "postgres"  # SQLite's one process counts minutes in memory
+    if minutes:
+        db.execute("delete from usage_minutes")
     db.execute("delete from usage_daily")
     db.execute(
-        "insert into usage_daily select strftime('%Y-%m-%d', created_ms / 1000, 'unixepoch'),"
+        f"insert into usage_daily select {event_day},"
         " coalesce(project_id, ''), coalesce(user_name, ''), coalesce(key_id, ''),"
         " coalesce(model, ''), count(*), sum(prompt_tokens), sum(cached_tokens),"
         " sum(cache_write_tokens), sum(completion_tokens), coalesce(sum(cost_nusd), 0),"
-        " sum(cost_nusd is null) from usage_events group by 1, 2, 3, 4, 5")
+        " sum(case when cost_nusd is null then 1 else 0 end) from usage_events"
+        " group by 1, 2, 3, 4, 5")
     db.execute("delete from usage_counters")
     prefix = SUBJECT_PREFIXES
     for subject_sql, parts in (
-            ("?", (SUBJECT_ALL,)), ("? || project_id", (prefix["project"],)),
-            ("? || key_id", (prefix["key"],)), ("? || user_name", (prefix["user"],)),
-            ("? || project_id || ? || user_name", (prefix["project_user"], SUBJECT_SEPARATOR))):
+            ("cast(? as text)", (SUBJECT_ALL,)),
+            ("cast(? as text) || project_id", (prefix["project"],)),
+            ("cast(? as text) || key_id", (prefix["key"],)),
+            ("cast(? as text) || user_name", (prefix["user"],)),
+            ("cast(? as text) || project_id || cast(? as text) || user_name",
+             (prefix["project_user"], SUBJECT_SEPARATOR))):
         # subject_sql is one of the constant expressions above, never user input.
         db.execute(
             f"insert into usage_counters select {subject_sql} as subject,"
-            " strftime('%Y-%m-%d', created_ms / 1000, 'unixepoch') as d, count(*),"
+            f" {event_day} as d, count(*),"
             " sum(prompt_tokens + completion_tokens), coalesce(sum(cost_nusd), 0)"
             f" from usage_events where {subject_sql} is not null group by subject, d",
             parts + parts)
+        if minutes:  # the hour delete_stale_reservations keeps
+            db.execute(
+                f"insert into usage_minutes select {subject_sql} as subject,"
+                " created_ms / 60000 * 60 as m, count(*),"
+                " sum(prompt_tokens + completion_tokens), coalesce(sum(cost_nusd), 0)"
+                f" from usage_events where {subject_sql} is not null and created_ms >= ?"
+                " group by subject, m", parts + parts + (now_ms // 60000 * 60000 - 3600_000,))
     db.execute("insert into usage_counters select subject, 'total', sum(requests), sum(tokens),"
                " sum(cost_nusd) from usage_counters group by subject")
 
@@ -1374,17 +2192,21 @@ def rename_users(db, renames):
         db.execute(f"update {table} set {column} = {renamed.format(column)}"
                    f" where {column} in (select old from user_renames){extra}")
     db.execute(
+        # Summed first: two old names of one new name (Bob, BOB) meet in one row,
+        # which PostgreSQL's upsert may not touch twice in one statement.
         "insert into usage_daily select d.day, d.project_id, r.new, d.key_id, d.model,"
-        " d.requests, d.prompt_tokens, d.cached_tokens, d.cache_write_tokens,"
-        " d.completion_tokens, d.cost_nusd, d.unpriced"
-        " from usage_daily d join user_renames r on r.old = d.user_name where true"
+        " sum(d.requests), sum(d.prompt_tokens), sum(d.cached_tokens),"
+        " sum(d.cache_write_tokens), sum(d.completion_tokens), sum(d.cost_nusd),"
+        " sum(d.unpriced) from usage_daily d join user_renames r on r.old = d.user_name"
+        " group by d.day, d.project_id, r.new, d.key_id, d.model"
         " on conflict (day, project_id, user_name, key_id, model) do update set"
-        " requests = requests + excluded.requests,"
-        " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-        " cached_tokens = cached_tokens + excluded.cached_tokens,"
-        " cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,"
-        " completion_tokens = completion_tokens + excluded.completion_tokens,"
-        " cost_nusd = cost_nusd + excluded.cost_nusd, unpriced = unpriced + excluded.unpriced")
+        " requests = usage_daily.requests + excluded.requests,"
+        " prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens,"
+        " cached_tokens = usage_daily.cached_tokens + excluded.cached_tokens,"
+        " cache_write_tokens = usage_daily.cache_write_tokens + excluded.cache_write_tokens,"
+        " completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens,"
+        " cost_nusd = usage_daily.cost_nusd + excluded.cost_nusd,"
+        " unpriced = usage_daily.unpriced + excluded.unpriced")
     db.execute("delete from usage_daily where user_name in (select old from user_renames)")
     # A plan the new name has already wins over the old name's.
     db.execute("insert into user_plans select r.new, p.plan_id, p.source, p.updated_at"
@@ -1402,8 +2224,9 @@ def rename_users(db, renames):
         db.execute(
             "insert into usage_counters select ?, day, requests, tokens, cost_nusd"
             " from usage_counters where subject = ? on conflict (subject, day) do update set"
-            " requests = requests + excluded.requests, tokens = tokens + excluded.tokens,"
-            " cost_nusd = cost_nusd + excluded.cost_nusd", (new, old))
+            " requests = usage_counters.requests + excluded.requests,"
+            " tokens = usage_counters.tokens + excluded.tokens,"
+            " cost_nusd = usage_counters.cost_nusd + excluded.cost_nusd", (new, old))
         db.execute("delete from usage_counters where subject = ?", (old,))
     db.execute("delete from user_renames")
 
@@ -1422,7 +2245,7 @@ def get_limit(db, limit_id):
 
 def insert_limit(db, limit):
     """Insert a limit from a dict."""
-    db.execute("insert into limits (id, scope, target, each, metric, window, amount, action,"
+    db.execute("insert into limits (id, scope, target, each, metric, \"window\", amount, action,"
                " alert_at, note, starts_at, reset_at, created_at) values (:id, :scope, :target,"
                " :each, :metric, :window, :amount, :action, :alert_at, :note, :starts_at,"
                " :reset_at, :created_at)", limit)
@@ -1431,7 +2254,7 @@ def insert_limit(db, limit):
 def update_limit(db, limit):
     """Write back every field of a limit dict."""
     db.execute("update limits set scope = :scope, target = :target, each = :each,"
-               " metric = :metric, window = :window, amount = :amount, action = :action,"
+               " metric = :metric, \"window\" = :window, amount = :amount, action = :action,"
                " alert_at = :alert_at, note = :note, starts_at = :starts_at,"
                " reset_at = :reset_at where id = :id", limit)
 
@@ -1485,8 +2308,11 @@ def set_user_plan(db, user_name, plan_id, source, updated_at):
 
 def delete_user_plan(db, user_name, source=None):
     """Remove a user's assignment (only one made by `source`, when given)."""
-    db.execute("delete from user_plans where user_name = ? and (? is null or source = ?)",
-               (user_name, source, source))
+    if source is None:
+        db.execute("delete from user_plans where user_name = ?", (user_name,))
+    else:  # no `? is null`: PostgreSQL cannot type an untyped null parameter
+        db.execute("delete from user_plans where user_name = ? and source = ?",
+                   (user_name, source))
 
 
 def delete_limit(db, limit_id):
@@ -1497,9 +2323,9 @@ def delete_limit(db, limit_id):
 def insert_alert_once(db, alert):
     """Record an alert; returns False when this threshold already fired this window."""
     return db.execute(
-        "insert or ignore into alerts_sent (limit_id, subject, window_start, threshold,"
+        "insert into alerts_sent (limit_id, subject, window_start, threshold,"
         " created_at, text) values (:limit_id, :subject, :window_start, :threshold,"
-        " :created_at, :text)", alert).rowcount > 0
+        " :created_at, :text) on conflict do nothing", alert).rowcount > 0
 
 
 def list_undelivered_alerts(db):
@@ -1535,6 +2361,23 @@ def get_session(db, id_hash, now_iso):
 def set_session_pending(db, id_hash, pending):
     """Keep (or clear, with None) the OIDC sign-in a session has under way."""
     db.execute("update sessions set pending = ? where id_hash = ?", (pending, id_hash))
+
+
+def set_session_new_key(db, id_hash, sealed):
+    """Keep a new key's sealed secret in its session row until the next page shows it."""
+    db.execute("update sessions set new_key_sealed = ? where id_hash = ?", (sealed, id_hash))
+
+
+def take_session_new_key(db, id_hash):
+    """A session's sealed new key, cleared as it is read: one page gets it, or None."""
+    row = db.execute("select new_key_sealed from sessions where id_hash = ?",
+                     (id_hash,)).fetchone()
+    if row is None or row[0] is None:
+        return None
+    # Cleared only if still there: of two pages at once (any instances), one wins.
+    taken = db.execute("update sessions set new_key_sealed = null where id_hash = ?"
+                       " and new_key_sealed = ?", (id_hash, row[0])).rowcount
+    return row[0] if taken == 1 else None
 
 
 def delete_session(db, id_hash):
@@ -2504,13 +3347,21 @@ class UsageWriter:
         if refusals:
             insert_refusals(db, refusals)
             batch = [item for item in batch if not isinstance(item, Refusal)]
-        claimed = {}
+        # Two polls of one object in the same batch: only the first may claim it.
+        claimed, kept = set(), []
         for event in batch:
-            if event.claim is not None and event.claim not in claimed:
-                claimed[event.claim] = claim_object_charge(db, event.claim, event.created_ms)
-        kept = [event for event in batch if event.claim is None or claimed[event.claim]]
+            if event.claim is None:
+                kept.append(event)
+            elif event.claim not in claimed:
+                claimed.add(event.claim)
+                if claim_object_charge(db, event.claim, event.created_ms):
+                    kept.append(event)
         price_ids = [self._price_id(db, event) for event in kept]
-        insert_usage_events(db, kept, price_ids)
+        # A call's shared reservation (PostgreSQL) ends in the transaction that
+        # stores its usage, whether or not the usage is kept.
+        insert_usage_events(db, kept, price_ids, [
+            event.reservation.shared_id for event in batch
+            if event.reservation is not None and event.reservation.shared_id])
         owned = [row for event in kept for row in event.owned]
         if owned:
             insert_owned_objects(db, owned)
@@ -2562,7 +3413,7 @@ def reprice_all(state):
                 update = (round(costed[2] * factor), snapshot_ids[resolved], status or "priced")
             if update != (row["cost_nusd"], row["price_id"], row["pricing"]):
                 changes.append((*update, row["id"]))
-        reprice_usage_events(db, changes)
+        reprice_usage_events(db, changes, int(state.config.clock() * 1000))
         # Running totals change under the limits' feet: swap them in one step.
         with state.limits.lock:
             commit(db)
@@ -2800,6 +3651,7 @@ class Admission:
     alert_checks: list                # [(limit, subject)] for alerts after the call
     headers: dict                     # rate-limit and budget headers for the client
     usd_bound: bool = False           # a USD block limit applies: no call may go uncosted
+    shared_id: str = None             # SharedLimits: the reservation rows' id
 
 
 class Limits:
@@ -2908,10 +3760,7 @@ class Limits:
                         raise _not_priced(limit, call.model)
                     usd_bound = True
                 if not ledger_healthy:
-                    raise LlimitError(503, "service_unavailable",
-                                      "The usage ledger cannot be written right now, so calls"
-                                      " under a spending limit are refused. Try again shortly.",
-                                      code="ledger_unavailable")
+                    raise _ledger_unavailable()
                 need = getattr(worst.need, field)
                 strict = worst.strict or limit["metric"] == "requests"
                 if (used + in_flight + need > amount) if strict else (used + in_flight >= amount):
@@ -2923,10 +3772,7 @@ class Limits:
                 if held is None:
                     held = self._reserved[key] = Totals()
                 held.add(need)
-        if warnings:
-            # compat: a header value is Latin-1 on the wire; the message may not be.
-            text = " ".join(warnings + [call.limit_message or ""]).strip()
-            headers["X-LLimit-Warning"] = text.encode("ascii", "replace").decode()
+        _warning_header(headers, warnings, call.limit_message)
         return Admission(reservation, alert_checks, headers, usd_bound)
 
     def count_committed(self, events):
@@ -3047,7 +3893,7 @@ class Limits:
         due = []
         for limit, subject in checks:
             start, end = limit_period(limit, seconds)
-            entry = self._used.get((subject, limit["window"], start))
+            entry = self._committed_entry(subject, limit["window"], start, end)
             amount = limit_amount_units(limit)
             if entry is None or amount <= 0:
                 continue
@@ -3065,6 +3911,9 @@ class Limits:
                         "created_at": utc_iso(seconds),
                         "text": _alert_text(limit, subject, threshold, entry, end)})
         return due
+
+    def _committed_entry(self, subject, window, start, end):
+        return self._used.get((subject, window, start))
 
     def _prune(self, now):
         minute = int(now // 60 * 60)
@@ -3087,6 +3936,157 @@ class Limits:
             headers["Retry-After"] = str(max(1, int(end - now + 0.999)))
             return LlimitError(429, "rate_limit_exceeded", message, headers=headers)
         return LlimitError(429, "budget_exceeded", message, headers=headers)
+
+
+# Where each metric sits in llimit_admit's [requests, tokens, nusd] (1-based).
+SHARED_METRIC_POSITION = {"requests": 1, "tokens": 2, "usd": 3}
+
+
+class ConfigMoved(Exception):
+    """Keys, projects or limits changed since the call's key was read: read them again."""
+
+    def __init__(self, version):
+        super().__init__(f"config version is now {version}")
+        self.version = version
+
+
+class SharedLimits(Limits):
+    """Limits for several llimit instances on one PostgreSQL database.
+
+    Nothing is counted in memory, since another instance's calls would
+    overtake it: a call's admission is one statement (admit_reservation) that
+    reads each window's used total and the reservations of calls under way
+    on every instance, and reserves this call's worst case, under a lock per
+    window. The usage writer deletes the reservation in the transaction that
+    stores the call's usage; one left by an instance that died expires after
+    `reservation_seconds`.
+    """
+
+    PRUNE_SECONDS = 60
+
+    def __init__(self, database, clock, reservation_seconds):
+        super().__init__(database, clock)
+        self.reservation_seconds = reservation_seconds
+        self._pruned_at = 0
+
+    def admit(self, db, call, limits, ledger_healthy):
+        """Check a call against its limits and reserve its worst case (see Limits.admit).
+
+        The same statement checks that the config version is still the one
+        the call's key (and so `limits`) was read at: a call costs one round
+        trip to the database, limits or none. Raises ConfigMoved if it is not.
+        """
+        now = self.clock()
+        checks, alert_checks, headers, warnings = [], [], {}, []
+        usd_bound, worst = False, call.worst
+        for limit in limits:
+            subject = limit_subject(limit, call.project_id, call.user_name, call.key_id)
+            if subject is None:
+                if (limit["each"] == "user" or limit["scope"] == "plan") and not call.user_name \
+                        and limit["action"] == "block" and limit["scope"] != "user":
+                    raise _user_required(limit)
+                continue
+            start, end = limit_period(limit, now)
+            if not _regular_period(limit["window"], start):
+                # A rolling or reset period (copied in by migrate-db: the admin
+                # API refuses them here) is not counted: fail closed, not open.
+                raise _not_on_postgresql(f"The limit {limit['id']}'s period") from None
+            if limit["alert_at"] or self._alerts_full(limit):
+                alert_checks.append((limit, subject))
+            block = limit["action"] == "block"
+            if block and limit["metric"] == "usd":
+                if not worst.priced:
+                    raise _not_priced(limit, call.model)
+                usd_bound = True
+            if block and not ledger_healthy:
+                raise _ledger_unavailable()
+            first, last = ("total", "total") if end is None else (_day(start), _day(end - 1))
+            checks.append(((subject, limit["window"], start, first, last,
+                            SHARED_METRIC_POSITION[limit["metric"]], limit_amount_units(limit),
+                            block, worst.strict or limit["metric"] == "requests"), limit, end))
+        checks.sort(key=lambda check: check[0][:3])
+        blocks = any(check[0][7] for check in checks)
+        shared_id = secrets.token_hex(12) if blocks else None
+        need = worst.need
+        try:
+            refused, version, totals = admit_reservation(
+                db, call.key["config_version"], shared_id, int(now * 1000),
+                int((now + self.reservation_seconds) * 1000), [check[0] for check in checks],
+                [need.requests, need.tokens, need.cost_nusd])
+        except DatabaseUnavailable:
+            if blocks:
+                raise
+            # Warn-only limits (or none): the call is not held up by the ledger.
+            log.exception("admission: the shared ledger does not answer")
+            return Admission([], alert_checks, headers)
+        if refused == "moved":
+            raise ConfigMoved(version)
+        for (row, limit, end), total in zip(checks, totals):
+            position, amount = row[5] - 1, row[6]
+            used, in_flight = total[position], total[position + 3]
+            if refused is not None and row is checks[refused][0]:
+                raise self._refusal(limit, used, in_flight, end, now, call.limit_message)
+            _limit_headers(headers, limit, amount, used + in_flight,
+                           getattr(need, METRIC_FIELDS[limit["metric"]]), row[2], end, now)
+            warning = warning_text(limit, amount, used, end)
+            if warning:
+                warnings.append(warning)
+        _warning_header(headers, warnings, call.limit_message)
+        return Admission([], alert_checks, headers, usd_bound, shared_id)
+
+    def count_committed(self, events):
+        """Alerts due after committed events (read from the database); prunes now and then."""
+        db = self.database()
+        alerts = []
+        for event in events:
+            if event.reservation is not None:
+                alerts += self._alerts_due(event.reservation.alert_checks,
+                                           event.created_ms / 1000)
+        now = self.clock()
+        if now - self._pruned_at >= self.PRUNE_SECONDS:
+            self._pruned_at = now
+            delete_stale_reservations(db, int(now * 1000), int(now) // 60 * 60 - 3600)
+            self._prune(now)
+        return alerts
+
+    def used(self, db, limit, subject):
+        """(used in counter units, window end or None) of a limit for one subject."""
+        start, end = window_bounds(limit["window"], self.clock())
+        entry = self._committed_entry(subject, limit["window"], start, end, db)
+        return entry.metric(limit["metric"]), end
+
+    def used_by_top_member(self, db, limit):
+        """For an `each` limit: the largest use among its members this window."""
+        if limit["window"] != "minute":
+            return super().used_by_top_member(db, limit)
+        start, end = window_bounds("minute", self.clock())
+        if limit["scope"] == "project" and limit["each"] == "user":
+            prefix = subject_members("project_user", limit["target"])
+        else:
+            prefix = subject_members(limit["each"])
+        return get_minute_max_member(db, prefix, start, METRIC_FIELDS[limit["metric"]]), end
+
+    def _committed_entry(self, subject, window, start, end, db=None):
+        db = db or self.database()
+        if window == "minute":
+            return get_minute_total(db, subject, start)
+        if window == "total":
+            return get_lifetime_total(db, subject)
+        return get_counter(db, subject, _day(start), _day(end - 1))
+
+
+def _ledger_unavailable():
+    return LlimitError(503, "service_unavailable",
+                       "The usage ledger cannot be written right now, so calls"
+                       " under a spending limit are refused. Try again shortly.",
+                       code="ledger_unavailable")
+
+
+def _warning_header(headers, warnings, limit_message):
+    if warnings:
+        # compat: a header value is Latin-1 on the wire; the message may not be.
+        text = " ".join(warnings + [limit_message or ""]).strip()
+        headers["X-LLimit-Warning"] = text.encode("ascii", "replace").decode()
 
 
 def _period_total(db, subject, start, end):
@@ -3359,8 +4359,15 @@ def add_limit(db, limit, now_iso):
     """Store a validated limit under a fresh id; returns the id."""
     limit = {"starts_at": None, "reset_at": None, **limit,
              "id": "lim_" + secrets.token_hex(6), "created_at": now_iso}
+    enforceable_limit(db, limit)
     insert_limit(db, limit)
     return limit["id"]
+
+
+def change_limit(db, limit):
+    """Write back a validated limit (all its fields)."""
+    enforceable_limit(db, limit)
+    update_limit(db, limit)
 
 
 def reset_limit(db, limit, now_iso):
@@ -3369,10 +4376,34 @@ def reset_limit(db, limit, now_iso):
     A rolling window's periods are counted from now on; a calendar window's
     current period starts now, and the next one at its usual time.
     """
+    if engine_of(db) == "postgres":
+        raise _not_on_postgresql("Resetting a limit's period")
     limit = dict(limit)
     limit["starts_at" if rolling_seconds(limit["window"]) else "reset_at"] = now_iso
     update_limit(db, limit)
     return limit
+
+
+def enforceable_limit(db, limit):
+    """400 for a limit this database's admission would not enforce as written.
+
+    SharedLimits (PostgreSQL) counts calendar windows from their usual start
+    only: a rolling window or a reset period would be stored yet not
+    enforced, so it is refused instead.
+    """
+    if engine_of(db) != "postgres":
+        return
+    if rolling_seconds(limit["window"]) is not None:
+        raise _not_on_postgresql(f"A rolling window ({limit['window']!r})")
+    if limit.get("reset_at"):
+        raise _not_on_postgresql("A limit whose period was reset")
+
+
+def _not_on_postgresql(what):
+    return LlimitError(400, "invalid_request_error",
+                       f"{what} is not supported on PostgreSQL yet: llimit could not enforce"
+                       f" it there. Use a calendar window ({', '.join(WINDOWS)}).",
+                       code="not_supported_on_postgresql")
 
 
 PLAN_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -3442,7 +4473,7 @@ def change_plan(db, plan_id, data, now_iso):
             if item.get("id") is not None:
                 if item["id"] not in current:
                     raise _field_error("limits", f"names {item['id']!r}, not a limit of this plan")
-                update_limit(db, validate_plan_limit(item, plan_id, current[item["id"]]))
+                change_limit(db, validate_plan_limit(item, plan_id, current[item["id"]]))
                 kept.add(item["id"])
             else:
                 add_limit(db, validate_plan_limit(item, plan_id), now_iso)
@@ -4001,6 +5032,7 @@ def apply_identity_rule(db, domains):
     idempotent: a name the rule leaves alone is never touched.
     """
     with transaction(db):
+        hold_start_lock(db)  # two instances renaming at once would add totals twice
         renames = {}
         for name in list_stored_user_names(db):
             canonical = canonical_user_name(name, domains)
@@ -4366,16 +5398,20 @@ class KeyCache:
         self._version = None
         self._rows = {}
 
-    def row(self, db, key_hash):
-        """The key row (as get_key_by_hash) for `key_hash`, or None."""
-        version = config_version(db)
-        if version != self._version:
-            with self._lock:
-                if version != self._version:
-                    self._rows, self._version = {}, version
+    def row(self, db, key_hash, verified_later=False):
+        """The key row (as get_key_by_hash) for `key_hash`, or None.
+
+        `verified_later`: the caller checks the row's config_version itself in
+        a statement it runs anyway (SharedLimits.admit), so a held row is
+        handed out without reading the version first.
+        """
+        if not verified_later or self._version is None:
+            self.advance(config_version(db))
         row = self._rows.get(key_hash)
         if row is None:
             row = get_key_by_hash(db, key_hash)
+            if row is not None and row["config_version"] > self._version:
+                self.advance(row["config_version"])  # the newer version is the database's
             # Held only if read at the version the cache is at: a row read just
             # before a revocation must not outlive it.
             if row is not None and row["config_version"] == self._version:
@@ -4384,6 +5420,13 @@ class KeyCache:
                             and len(self._rows) < self.MAX_KEYS:
                         self._rows[key_hash] = row
         return row
+
+    def advance(self, version):
+        """Hold rows of the database's config version `version` only (empties the cache if it moved)."""
+        if version != self._version:
+            with self._lock:
+                if version != self._version:
+                    self._rows, self._version = {}, version
 
 
 def authenticate_key(find_key, raw_key, key_hash, now):
@@ -4455,15 +5498,16 @@ class AuthThrottle:
         raise error
 
 
-def authenticate_call(state, environ):
+def authenticate_call(state, environ, verified_later=False):
     """The key row for this request, or LlimitError 401/403; wrong keys count
-    toward the caller address's AuthThrottle."""
+    toward the caller address's AuthThrottle. `verified_later`: see KeyCache.row."""
     raw_key = raw_key_from(environ)
     if not raw_key:
         raise LlimitError(401, "invalid_request_error",
                           "No API key provided. Send your llimit key as"
                           " 'Authorization: Bearer llimit-...'.", code="missing_api_key")
-    find_key = functools.partial(state.keys.row, state.database())
+    find_key = functools.partial(state.keys.row, state.database(),
+                                 verified_later=verified_later)
     try:
         return authenticate_key(find_key, raw_key, hash_secret(raw_key), state.config.clock())
     except LlimitError as error:
@@ -4527,6 +5571,49 @@ def secrets_match(presented, expected):
     so this holds by construction: one helper, no other comparison of secrets.
     """
     return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))
+
+
+# Sealing for a browser: text that waits in the database for a browser's next
+# page (a new key's secret), readable only with the raw session id that browser
+# holds, never by whoever holds a copy of the database (it keeps the id's
+# hash). HMAC-SHA256 keyed by the raw id gives two keys; the text is XORed with
+# HMAC(encryption key, nonce || counter) blocks and tagged with HMAC(MAC key,
+# nonce || ciphertext): encrypt-then-MAC from the standard library alone.
+
+def _session_keys(raw_session_id):
+    root = raw_session_id.encode("utf-8")
+    return (hmac.new(root, b"llimit seal: encrypt", hashlib.sha256).digest(),
+            hmac.new(root, b"llimit seal: authenticate", hashlib.sha256).digest())
+
+
+def _keystream(key, nonce, length):
+    blocks = (hmac.new(key, nonce + counter.to_bytes(8, "big"), hashlib.sha256).digest()
+              for counter in range((length + 31) // 32))
+    return b"".join(blocks)[:length]
+
+
+def seal_for_session(raw_session_id, text):
+    """`text` sealed for the browser holding `raw_session_id` (URL-safe base64)."""
+    encrypt_key, mac_key = _session_keys(raw_session_id)
+    nonce, plain = secrets.token_bytes(16), text.encode("utf-8")
+    cipher = bytes(a ^ b for a, b in zip(plain, _keystream(encrypt_key, nonce, len(plain))))
+    tag = hmac.new(mac_key, nonce + cipher, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(nonce + cipher + tag).decode("ascii")
+
+
+def open_for_session(raw_session_id, sealed):
+    """The text seal_for_session sealed, or None if it was not sealed for this id (or altered)."""
+    encrypt_key, mac_key = _session_keys(raw_session_id)
+    try:
+        blob = base64.urlsafe_b64decode(sealed.encode("ascii"))
+    except (ValueError, UnicodeError):
+        return None
+    nonce, cipher, tag = blob[:16], blob[16:-32], blob[-32:]
+    if len(blob) < 48 or not hmac.compare_digest(
+            tag, hmac.new(mac_key, nonce + cipher, hashlib.sha256).digest()):
+        return None
+    plain = bytes(a ^ b for a, b in zip(cipher, _keystream(encrypt_key, nonce, len(cipher))))
+    return plain.decode("utf-8")
 
 
 def admin_token_matches(db, presented):
@@ -4603,6 +5690,9 @@ class PageSession:
     csrf_token: str | None = None
     pending: dict | None = None       # an OIDC sign-in under way
     sees_reports: bool = False
+    # The browser's own session id (its cookie), to open what was sealed for it; never shown.
+    raw_id: str | None = dataclasses.field(default=None, repr=False)
+    new_key_waiting: bool = False     # a new key's sealed secret waits for this page
 
     @property
     def signed_in(self):
@@ -4638,7 +5728,7 @@ def page_session(state):
     if row is not None and row["is_admin"] and not secrets_match(
             row["admin_token_fingerprint"] or "", _admin_token_fingerprint(db)):
         row = None  # signed in with an admin token that has since changed
-    session = _session_view(config, row, row["user_name"] if row else None)
+    session = _session_view(config, row, row["user_name"] if row else None, raw_id)
     if row is None:
         # No session row for a browser that only looks at /login: its form's CSRF
         # token is a double-submit cookie until a form is posted.
@@ -4653,7 +5743,7 @@ def page_session(state):
                     "HTTP_" + config.plan_claim.upper().replace("-", "_"), "")
                 refresh_plan(state, user_name, _header_text(groups).split(","))
         elif user_name is None and session.user_name:
-            session = _session_view(config, row, None)  # the proxy vouches for no one now
+            session = _session_view(config, row, None, raw_id)  # the proxy vouches for no one now
     return session
 
 
@@ -4673,7 +5763,7 @@ def login_csrf(state, session):
     return dataclasses.replace(session, csrf_token=token)
 
 
-def _session_view(config, row, user_name):
+def _session_view(config, row, user_name, raw_id):
     if row is None:
         return PageSession()
     token_admin = bool(row["is_admin"])
@@ -4683,7 +5773,9 @@ def _session_view(config, row, user_name):
         id_hash=row["id_hash"], user_name=user_name, token_admin=token_admin,
         is_admin=is_admin, csrf_token=row["csrf_token"],
         pending=json.loads(row["pending"]) if row["pending"] else None,
-        sees_reports=is_admin or bool(config.reports_public and user_name))
+        sees_reports=is_admin or bool(config.reports_public and user_name),
+        raw_id=raw_id,
+        new_key_waiting="new_key_sealed" in row.keys() and bool(row["new_key_sealed"]))
 
 
 def admin_user_names(config):
@@ -4720,7 +5812,7 @@ def _new_session(state, old, user_name, token_admin, seconds):
     bottle.response.set_cookie(SESSION_COOKIE, raw_id, max_age=seconds, path="/",
                                httponly=True, samesite="lax",
                                secure=state.config.base_url.startswith("https:"))
-    return _session_view(state.config, row, user_name)
+    return _session_view(state.config, row, user_name, raw_id)
 
 
 def sign_out(state, session):
@@ -5311,60 +6403,51 @@ def proxy_azure_plain(state, path):
     return _proxy(state, path)
 
 
+CONFIG_MOVED_ATTEMPTS = 5  # admissions tried while keys and limits keep changing under a call
+
+
 def _proxy(state, path, deployment=None, azure_v1=False, version=None):
     started = time.perf_counter()
     config = state.config
     environ = bottle.request.environ
     db = state.database()
-    key = requested_model = payload = None
+    key = payload = None
     try:
         if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             raise LlimitError(501, "not_implemented",
                               "WebSocket upgrades (such as the Realtime API) are not supported:"
                               " llimit could not meter them.", code="websocket_not_supported")
-        key = authenticate_call(state, environ)
-        kind = environ["llimit.dialect"] = key["upstream_kind"] or "openai"  # errors speak it
-        body = read_body(environ, config.max_body_bytes)
-        payload = parse_json_body(body, environ)
-        route = match_route(environ["REQUEST_METHOD"], path, payload, kind, version)
-        _refuse_route(route, key, environ, payload)
-        upstream = resolve_upstream(key, config)
-        requested_model = _check_models(key, payload, deployment, kind, route)
-        if requested_model is None:  # a multipart upload (audio) names it in a form field
-            requested_model = multipart_field(body, environ.get("CONTENT_TYPE", ""), "model")
-        owner = owner_of(key)
-        owned_row = _check_ownership(db, route, key["project_id"], owner,
-                                     environ["REQUEST_METHOD"], payload)
-        sent_body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment,
-                                                    upstream.kind)
-        rewritten, body = sent_body is not body, sent_body
-        # The URL first: a path it refuses must not leave a reservation behind.
-        url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
-                           requested_model, azure_v1, version)
-        call = _new_call(state, key, environ, payload, body, path, requested_model, started)
-        call.route, call.owner, call.owned_row = route, owner, owned_row
-        if config.upstream_user and route.cls == "generate":
-            body, named = _with_upstream_user(state, call, payload, body, path, kind)
-            rewritten = rewritten or named
-        if route.cls != "generate":
-            call.worst.priced = True  # a look-up costs nothing; async work is charged when done
-        state.slots.take(call.key_id, call.user_name)  # given back when the call is metered
-        try:
-            if route.cls == "lookup":
-                call.admission = Admission([], [], {})  # never charged, never refused by limits
-            else:
-                call.admission = state.limits.admit(
-                    db, call, state.limits.for_call(db, key["config_version"], call.project_id,
-                                                    call.user_name, call.key_id, call.plan_id),
-                    state.writer.healthy)
-        except LlimitError:
-            state.slots.give_back(call.key_id, call.user_name)
-            raise
+        key = authenticate_call(state, environ, state.versions_checked_by_admission)
+        environ["llimit.dialect"] = key["upstream_kind"] or "openai"  # errors speak it
+        received = read_body(environ, config.max_body_bytes)
+        for attempt in range(CONFIG_MOVED_ATTEMPTS):
+            try:
+                payload = parse_json_body(received, environ)
+                call, upstream, url, body, rewritten, hide_usage_chunk = _admit_call(
+                    state, db, environ, key, received, payload, path, deployment, azure_v1,
+                    version, started)
+                break
+            except ConfigMoved as moved:
+                # Keys, projects or limits changed since the key was read (on any
+                # instance): read them again and decide afresh.
+                if attempt == CONFIG_MOVED_ATTEMPTS - 1:
+                    raise LlimitError(503, "service_unavailable", "Keys and limits are being"
+                                      " changed right now; try again shortly.") from None
+                state.keys.advance(moved.version)
+                key = authenticate_call(state, environ, state.versions_checked_by_admission)
+                environ["llimit.dialect"] = key["upstream_kind"] or "openai"
+    except DatabaseUnavailable:
+        # Fail closed: with no ledger, no call can be checked against its limits.
+        log.exception("proxy: the database does not answer")
+        error = _ledger_unavailable()
+        _log_refused(environ, error.status, started, key, environ.get("llimit.model"))
+        raise error from None
     except LlimitError as error:
         key = key or getattr(error, "key_row", None)
-        _log_refused(environ, error.status, started, key, requested_model)
+        _log_refused(environ, error.status, started, key, environ.get("llimit.model"))
         if key is not None and error.status in REFUSALS_COUNTED:
             _count_refusal(state, key, environ, payload, error.code)
+        raise
         raise
     sent = time.perf_counter()
     try:
@@ -5385,6 +6468,49 @@ def _proxy(state, path, deployment=None, azure_v1=False, version=None):
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
         return _relay_stream(state, call, resp, upstream.kind, hide_usage_chunk)
     return _relay_whole(state, call, resp, upstream)
+
+
+def _admit_call(state, db, environ, key, received, payload, path, deployment, azure_v1,
+                version, started):
+    # Everything decided about a call before it goes upstream, from its key
+    # row and body: (call, upstream, url, body to send, rewritten?, hide the
+    # usage chunk?). Raises LlimitError, or ConfigMoved (PostgreSQL) when the
+    # key row is older than the database's config.
+    config = state.config
+    body, kind = received, environ["llimit.dialect"]
+    route = match_route(environ["REQUEST_METHOD"], path, payload, kind, version)
+    _refuse_route(route, key, environ, payload)
+    upstream = resolve_upstream(key, config)
+    requested_model = _check_models(key, payload, deployment, kind, route)
+    if requested_model is None:  # a multipart upload (audio) names it in a form field
+        requested_model = multipart_field(body, environ.get("CONTENT_TYPE", ""), "model")
+    environ["llimit.model"] = requested_model  # for the log line of a refusal
+    owner = owner_of(key)
+    owned_row = _check_ownership(db, route, key["project_id"], owner,
+                                 environ["REQUEST_METHOD"], payload)
+    sent_body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
+    rewritten, body = sent_body is not body, sent_body
+    # The URL first: a path it refuses must not leave a reservation behind.
+    url = upstream_url(upstream, path, environ.get("QUERY_STRING", ""), deployment,
+                       requested_model, azure_v1, version)
+    call = _new_call(state, key, environ, payload, body, path, requested_model, started)
+    call.route, call.owner, call.owned_row = route, owner, owned_row
+    if config.upstream_user and route.cls == "generate":
+        body, named = _with_upstream_user(state, call, payload, body, path, kind)
+        rewritten = rewritten or named
+    if route.cls != "generate":
+        call.worst.priced = True  # a look-up costs nothing; async work is charged when done
+    # A look-up is never charged nor refused by limits; it is admitted with
+    # none, which on PostgreSQL still checks the config version.
+    limits = [] if route.cls == "lookup" else state.limits.for_call(
+        db, key["config_version"], call.project_id, call.user_name, call.key_id, call.plan_id)
+    state.slots.take(call.key_id, call.user_name)  # given back when the call is metered
+    try:
+        call.admission = state.limits.admit(db, call, limits, state.writer.healthy)
+    except BaseException:
+        state.slots.give_back(call.key_id, call.user_name)
+        raise
+    return call, upstream, url, body, rewritten, hide_usage_chunk
 
 
 def _rewrite_body(payload, body, path, deployment, kind):
@@ -7150,49 +8276,31 @@ def page_logout(state, session, form):
 
 # --- a user's keys and usage ----------------------------------------------------------
 
-class NewKeyStash:
-    """A new key's secret between the POST that made it and the one GET that shows it.
-
-    POST/redirect/GET, so a reload makes no second key: the secret waits here,
-    in memory only (never in the database), for its session's next page, for
-    a few minutes at most, and is dropped as it is shown.
-    """
-    SECONDS = 300
-    MAX_ENTRIES = 10000
-
-    def __init__(self, clock):
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._entries = {}   # session id hash -> (expires, what to show)
-
-    def put(self, session_id_hash, shown):
-        now = self.clock()
-        with self._lock:
-            self._entries = {ident: entry for ident, entry in self._entries.items()
-                             if entry[0] > now}
-            if len(self._entries) >= self.MAX_ENTRIES:
-                self._entries.pop(next(iter(self._entries)))
-            self._entries[session_id_hash] = (now + self.SECONDS, shown)
-
-    def take(self, session_id_hash):
-        """What was put for this session, once; None when nothing (or too late)."""
-        with self._lock:
-            entry = self._entries.pop(session_id_hash, None)
-        return entry[1] if entry and entry[0] > self.clock() else None
+NEW_KEY_SHOWN_SECONDS = 300  # how long a new key's secret waits for the page that shows it
 
 
 def _show_new_key_once(state, session, row, raw_key, page_path):
-    state.new_keys.put(session.id_hash, {
-        "raw_key": raw_key, "project_id": row["project_id"],
-        "owner": row["user_name"] or f"project {row['project_id']}"})
+    # POST/redirect/GET, so a reload makes no second key: the secret waits,
+    # sealed for this browser, in its session row (the GET may reach another
+    # llimit instance), and is cleared as it is shown.
+    shown = {"raw_key": raw_key, "project_id": row["project_id"],
+             "owner": row["user_name"] or f"project {row['project_id']}",
+             "until": state.config.clock() + NEW_KEY_SHOWN_SECONDS}
+    set_session_new_key(state.database(), session.id_hash,
+                        seal_for_session(session.raw_id, json.dumps(shown)))
     raise see_other(page_path + "#new")
 
 
 def _new_key_shown(state, session):
-    shown = state.new_keys.take(session.id_hash) if session.id_hash else None
-    if shown is None:
+    if not (session.new_key_waiting and session.id_hash and session.raw_id):
         return ""
-    project = get_project(state.database(), shown["project_id"])
+    db = state.database()
+    sealed = take_session_new_key(db, session.id_hash)
+    opened = open_for_session(session.raw_id, sealed) if sealed else None
+    shown = json.loads(opened) if opened else None
+    if shown is None or shown["until"] <= state.config.clock():
+        return ""
+    project = get_project(db, shown["project_id"])
     return _new_key_html(state, project, shown["raw_key"], shown["owner"])
 
 
@@ -8087,7 +9195,7 @@ def admin_limit_update(state, limit_id):
     with transaction(db):
         current = dict(_must_exist(get_limit(db, limit_id), "limit", limit_id))
         _not_in_plan(current)
-        update_limit(db, validate_limit(data, current, state.user_domains))
+        change_limit(db, validate_limit(data, current, state.user_domains))
     return admin_limit_get(state, limit_id)
 
 
@@ -8690,14 +9798,20 @@ class State:
 
     def __init__(self, config):
         self.config = config
-        self.database = Database(config.db_path)
+        self.database = open_database(config.db_path, pool_size=min(config.threads, 16))
         migrate(self.database())
         self.user_domains = user_domains(config)
         apply_identity_rule(self.database(), self.user_domains)
         self.file_prices = load_price_file(config.pricing_path)
         self.pricebook = Pricebook(self.file_prices, list_price_overrides(self.database()))
         self.metrics = Metrics()
-        self.limits = Limits(self.database, config.clock)
+        if self.database.engine == "postgres":
+            self.limits = SharedLimits(self.database, config.clock, config.reservation_seconds
+                                       or config.upstream_timeout + 60)
+        else:
+            self.limits = Limits(self.database, config.clock)
+        # PostgreSQL: a proxied call's one statement checks the config version too.
+        self.versions_checked_by_admission = isinstance(self.limits, SharedLimits)
         self.slots = CallSlots(config.max_concurrent_per_key, config.max_concurrent_per_user,
                                config.threads - RESERVED_THREADS)
         self.auth_throttle = AuthThrottle(config.clock)
@@ -8712,7 +9826,6 @@ class State:
         if config.chartjs and not os.path.isfile(config.chartjs):
             raise ValueError(f"LLIMIT_CHARTJS names no file: {config.chartjs}")
         self.chartjs_path = chartjs_file(config)
-        self.new_keys = NewKeyStash(config.clock)
         self.sweeper = AsyncSweeper(self)
         self.generated_admin_token = None
         self.upstream_user_secret = None  # set by make_app, from the database
@@ -8737,6 +9850,7 @@ class State:
         self.sweeper.stop()
         written = self.writer.close(self.config.writer_close_seconds)
         self.pool.close()
+        self.database.close()
         return written
 
 
@@ -9165,9 +10279,12 @@ def _check_keys_before_bodies(server, state):
                 environ = {"HTTP_" + name: value for name, value in self.headers.items()}
                 environ["REMOTE_ADDR"] = self.early_address
                 try:
-                    authenticate_call(state, environ)
+                    # Only a first look: the call's own check follows once the body is in.
+                    authenticate_call(state, environ, state.versions_checked_by_admission)
                 except LlimitError as error:
                     self.error, self.completed = _EarlyRefusal(error), True
+                except DatabaseError:
+                    pass  # the call's own check answers (503) once the body is in
             return consumed
 
     class KeyCheckingChannel(waitress.channel.HTTPChannel):
@@ -9301,7 +10418,7 @@ def open_admin_database(config, reading):
         raise LlimitError(404, "invalid_request_error",
                           f"no database at {config.db_path}: run this where llimit.db is,"
                           " or give --db PATH (or LLIMIT_DB)")
-    db = connect(config.db_path)
+    db = open_database(config.db_path, pool_size=2)()
     migrate(db)
     if not existed:
         print(f"llimit: created a new database at {config.db_path}", file=sys.stderr)
@@ -9457,6 +10574,42 @@ def cli_pricing(config, args):
     return 0
 
 
+def cli_migrate_db(config, args):
+    """migrate-db --from SOURCE --to TARGET: copy every table, idempotently."""
+    if args.source == args.target:
+        raise LlimitError(400, "invalid_request_error", "--from and --to name the same database")
+    source_database, target_database = open_database(args.source), open_database(args.target)
+    source, target = source_database(), target_database()
+    try:
+        for database, db in (("--from", source), ("--to", target)):
+            applied = migrate(db)
+            if applied:
+                print(f"{database}: applied {len(applied)} migrations first")
+        foreign = foreign_usage_event(source, target)
+        if foreign is not None:
+            raise LlimitError(409, "invalid_request_error",
+                              f"--to already holds usage that is not from --from (event"
+                              f" {foreign}); migrate-db fills an unused database (or runs"
+                              " again over its own copy): point --to at an empty one")
+        tables = [table for table in list_tables(source) if table not in UNCOPIED_TABLES]
+        known = set(list_tables(target))
+        total = 0
+        with transaction(target):
+            for table in tables:
+                if table not in known:
+                    raise LlimitError(400, "invalid_request_error",
+                                      f"the target has no table {table}")
+                copied, read = copy_table(source, target, table)
+                total += copied
+                print(f"{table}: {copied} of {read} rows copied")
+            follow_copied_ids(target)
+        print(f"copied {total} rows" if total else "nothing new to copy")
+    finally:
+        source_database.close()
+        target_database.close()
+    return 0
+
+
 # The settings each admin subcommand reads (it works on the database, not as a server).
 ADMIN_FLAG_FIELDS = ("db_path",)
 PRICING_FLAG_FIELDS = ("db_path", "pricing_path")
@@ -9557,11 +10710,15 @@ def build_parser():
     pricing.add_argument("action", choices=("missing", "list", "check"),
                          help="missing: models seen without a price; list: every price;"
                          " check: validate the prices file against its schema")
+    migrate_db = command(commands, "migrate-db", (), help="copy one database into another"
+                         " (SQLite file or postgresql:// URL), idempotently")
+    migrate_db.add_argument("--from", dest="source", required=True, help="database to read")
+    migrate_db.add_argument("--to", dest="target", required=True, help="database to fill")
     return parser
 
 
 COMMANDS = {"keys": cli_keys, "projects": cli_projects, "limits": cli_limits, "plans": cli_plans,
-            "usage": cli_usage, "pricing": cli_pricing}
+            "usage": cli_usage, "pricing": cli_pricing, "migrate-db": cli_migrate_db}
 
 
 def main(argv=None):

@@ -2,8 +2,11 @@
 format, and llimit itself under waitress, both on 127.0.0.1 port 0."""
 
 import dataclasses
+import os
+import secrets
 import threading
 import time
+import urllib.parse
 
 import pytest
 import requests
@@ -53,6 +56,7 @@ class LlimitServer:
         self.thread.start()
         self.admin = requests.Session()
         self.admin.headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
+        self._reader = None
 
     def _serve(self):
         # waitress's loop in slices of at most 50 ms, so that it sees stop() soon and
@@ -73,7 +77,25 @@ class LlimitServer:
 
     def db(self):
         """A connection to llimit's database, for reading rows back."""
+        if llimit.is_postgres_url(self.config.db_path):
+            if self._reader is None:  # its own pool, so it outlives stop()
+                self._reader = llimit.open_database(self.config.db_path, pool_size=2)
+            return self._reader()
         return llimit.connect(self.config.db_path)
+
+    def close_reader(self):
+        if self._reader is not None:
+            self._reader.close()
+
+    def reservations_held(self):
+        """Calls under way that hold a reservation: in memory (SQLite) or shared (PostgreSQL)."""
+        if isinstance(self.state.limits, llimit.SharedLimits):
+            # Settled by the usage writer's commit, which may still be under way.
+            deadline = time.monotonic() + 10
+            while llimit.count_reservations(self.db()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return llimit.count_reservations(self.db())
+        return len(self.state.limits._reserved)
 
     def events(self):
         """Every stored usage event, oldest first, once the writer is idle."""
@@ -107,13 +129,98 @@ def clock():
     return Clock()
 
 
+# --- the database engines ------------------------------------------------------
+# A test module that sets ENGINES = ("sqlite", "postgres") runs each test that
+# starts llimit on both. PostgreSQL is the server at LLIMIT_TEST_POSTGRES_URL,
+# or else the local one tests/install.sh starts (database llimit_test, made
+# when missing); each test gets schemas of its own, dropped after it.
+
+POSTGRES_URL_ENV = "LLIMIT_TEST_POSTGRES_URL"
+LOCAL_POSTGRES = "postgresql:///llimit_test?host=/var/run/postgresql"
+
+
+def pytest_generate_tests(metafunc):
+    engines = getattr(metafunc.module, "ENGINES", None)
+    if engines and "engine" in metafunc.fixturenames:
+        metafunc.parametrize("engine", engines)
+
+
 @pytest.fixture
-def make_llimit(tmp_path, fake, clock):
-    """Start llimit with config overrides; stopped after the test."""
+def engine():
+    """The database engine a test runs on: sqlite unless its module lists ENGINES."""
+    return "sqlite"
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """The URL of a PostgreSQL database the tests make schemas in; fails in CI if none."""
+    import psycopg
+
+    url = os.environ.get(POSTGRES_URL_ENV) or LOCAL_POSTGRES
+    try:
+        try:
+            psycopg.connect(url, connect_timeout=5).close()
+        except psycopg.OperationalError as error:
+            if os.environ.get(POSTGRES_URL_ENV) or "does not exist" not in str(error):
+                raise
+            with psycopg.connect(url.replace("/llimit_test?", "/postgres?"),
+                                 autocommit=True, connect_timeout=5) as admin:
+                admin.execute("create database llimit_test")
+    except psycopg.OperationalError as error:
+        message = (f"no PostgreSQL at {url} (run tests/install.sh, or set"
+                   f" {POSTGRES_URL_ENV}): {error}")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture
+def databases(request, engine, tmp_path):
+    """databases(name): a SQLite file in tmp_path, or the URL of a fresh PostgreSQL schema
+    (the test's engine, unless `engine=` says).
+
+    The same name gives the same database within a test.
+    """
+    made = {}
+    schemas = []
+
+    def location(name, engine=engine):
+        if engine == "sqlite":
+            return str(tmp_path / name)
+        if name not in made:
+            import psycopg
+
+            base = request.getfixturevalue("postgres_url")
+            schema = "t_" + secrets.token_hex(6)
+            with psycopg.connect(base, autocommit=True) as admin:
+                admin.execute(f"create schema {schema}")
+            schemas.append((base, schema))
+            options = urllib.parse.quote(f"-csearch_path={schema}")
+            made[name] = base + ("&" if "?" in base else "?") + f"options={options}"
+        return made[name]
+
+    yield location
+    for base, schema in schemas:
+        import psycopg
+
+        with psycopg.connect(base, autocommit=True) as admin:
+            admin.execute(f"drop schema {schema} cascade")
+
+
+@pytest.fixture
+def make_llimit(databases, fake, clock):
+    """Start llimit with config overrides; stopped after the test.
+
+    A `db_path` override names a database (a file in tmp_path, or on
+    PostgreSQL a schema of that name); servers given the same one share it.
+    """
     servers = []
 
     def start(**overrides):
-        settings = dict(db_path=str(tmp_path / f"llimit{len(servers)}.db"),
+        if "db_path" in overrides and not llimit.is_postgres_url(overrides["db_path"]):
+            overrides["db_path"] = databases(os.path.basename(overrides["db_path"]))
+        settings = dict(db_path=databases(f"llimit{len(servers)}.db"),
                         admin_token=ADMIN_TOKEN, upstream_url=fake.url + "/v1",
                         upstream_key=UPSTREAM_KEY, threads=48, clock=clock,
                         upstream_timeout=5.0, connect_timeout=2.0)
@@ -125,6 +232,7 @@ def make_llimit(tmp_path, fake, clock):
     yield start
     for server in servers:
         server.stop()
+        server.close_reader()
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ class LlimitProcess:
 
     def __init__(self, tmp_path, upstream_url, db_path=None, name="llimit", cwd=ROOT,
                  **settings):
-        self.db_path = str(db_path or tmp_path / f"{name}.db")
+        self.db_path = str(db_path or tmp_path / f"{name}.db")  # or a postgresql:// URL
         self.log_path = str(tmp_path / f"{name}-{time.monotonic_ns()}.log")
         env = {key: value for key, value in os.environ.items()
                if not key.startswith("LLIMIT_") and key != "OPENAI_API_KEY"}
@@ -104,6 +104,12 @@ class LlimitProcess:
 
     def events(self):
         """Every usage row in the database, oldest first (the process may be gone)."""
+        if self.db_path.startswith("postgresql://"):
+            import psycopg
+            import psycopg.rows
+
+            with psycopg.connect(self.db_path, row_factory=psycopg.rows.dict_row) as db:
+                return db.execute("select * from usage_events order by id").fetchall()
         db = sqlite3.connect(self.db_path, timeout=30)
         db.row_factory = sqlite3.Row
         try:

@@ -6,6 +6,8 @@ import io
 
 import requests
 
+ENGINES = ("sqlite", "postgres")
+
 import llimit
 
 

@@ -107,7 +107,8 @@ def test_dockerignore_keeps_databases_out_and_lets_the_copied_files_in():
     copied = set()
     for sources in re.findall(r"^COPY (?!--from)(.*) \S+$", read("Dockerfile"), re.M):
         copied.update(sources.split())
-    assert copied == let_in == {"requirements.txt", "llimit.py", "pricing.json"}
+    assert copied == let_in == {"requirements.txt", "requirements-postgres.txt", "llimit.py",
+                                  "pricing.json"}
 
 
 def test_the_docker_healthcheck_asks_the_port_llimit_listens_on(processes):

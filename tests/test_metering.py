@@ -7,6 +7,8 @@ import sys
 import pytest
 import requests
 
+ENGINES = ("sqlite", "postgres")
+
 import llimit
 
 ROUTES = {
