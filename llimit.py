@@ -2911,11 +2911,6 @@ def _string_start(content, closing):
             return at
 
 
-def usage_from_response_body(content):
-    """(model, Usage or None) from a non-stream body."""
-    return usage_from_body(response_fields(content))
-
-
 def _usage_from_body_ends(content):
     tail = content[-4096:]
     at = tail.rfind(b'"usage"')
