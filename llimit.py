@@ -9587,10 +9587,22 @@ def _openapi_spec():
     date = {"type": "string", "oneOf": [{"format": "date"}, {"maxLength": 0}],
             "description": "a UTC date; empty or absent: the default"}
     dates = (query("start", date), query("end", date))
-    key_id, project_id, limit_id, plan_id = (path_param("id"),) * 4
+    by_id = (path_param("id"),)
     # A user name the Identity rule leaves something of.
     user_param = {**path_param("user"), "schema": {
         "type": "string", "pattern": r"[\s\S]*[^\s\x00-\x1f\x7f-\x9f][\s\S]*"}}
+
+    def resource(path, name, lists, creates, changes, deletes=None, filters=(), also=()):
+        """The paths of one kind of record: `path` lists and creates, `path/{id}` gets,
+        changes and (given a summary) deletes. `creates` and `changes` are (summary, body)."""
+        return {
+            path: {"get": op(lists, data_of(name), params=filters),
+                   "post": op(creates[0], ref(name), creates[1], status="201", also=also)},
+            f"{path}/{{id}}": {
+                "get": op(f"Get a {name.lower()}", ref(name), params=by_id),
+                "patch": op(changes[0], ref(name), changes[1], params=by_id),
+                **({"delete": op(deletes, deleted, params=by_id)} if deletes else {})}}
+
     return {
         "openapi": "3.0.3",
         "info": {"title": "llimit admin API", "version": __version__},
@@ -9603,47 +9615,25 @@ def _openapi_spec():
                     "message": string, "type": string, "code": nullable_string,
                     "param": nullable_string}}}}}},
         "paths": {
-            "/admin/keys": {
-                "get": op("List keys", data_of("Key"), params=(query("user"), query("project"),
-                                               query("active", {
-                                                   "type": "string", "pattern": any_case(
-                                                       "true|false|1|0|yes|no|")}))),
-                "post": op("Create a key; the secret is returned once", ref("Key"), key_input,
-                           status="201")},
-            "/admin/keys/{id}": {
-                "get": op("Get a key", ref("Key"), params=(key_id,)),
-                "patch": op("Change a key", ref("Key"), key_patch, params=(key_id,))},
-            "/admin/keys/{id}/revoke": {"post": op("Revoke a key", ref("Key"), params=(key_id,))},
-            "/admin/projects": {
-                "get": op("List projects", data_of("Project")),
-                "post": op("Create a project", ref("Project"), project_input, status="201",
-                           also=("409",))},
-            "/admin/projects/{id}": {
-                "get": op("Get a project", ref("Project"), params=(project_id,)),
-                "patch": op("Change a project", ref("Project"), project_patch,
-                            params=(project_id,)),
-                "delete": op("Delete a project (its keys are revoked)", deleted,
-                             params=(project_id,))},
-            "/admin/limits": {
-                "get": op("List limits with used and resets_at", data_of("Limit")),
-                "post": op("Create a limit", ref("Limit"), limit_input, status="201")},
-            "/admin/limits/{id}": {
-                "get": op("Get a limit", ref("Limit"), params=(limit_id,)),
-                "patch": op("Change a limit", ref("Limit"), limit_patch, params=(limit_id,)),
-                "delete": op("Delete a limit", deleted, params=(limit_id,))},
+            **resource("/admin/keys", "Key", "List keys",
+                       ("Create a key; the secret is returned once", key_input),
+                       ("Change a key", key_patch), filters=(
+                           query("user"), query("project"), query("active", {
+                               "type": "string",
+                               "pattern": any_case("true|false|1|0|yes|no|")}))),
+            "/admin/keys/{id}/revoke": {"post": op("Revoke a key", ref("Key"), params=by_id)},
+            **resource("/admin/projects", "Project", "List projects",
+                       ("Create a project", project_input), ("Change a project", project_patch),
+                       "Delete a project (its keys are revoked)", also=("409",)),
+            **resource("/admin/limits", "Limit", "List limits with used and resets_at",
+                       ("Create a limit", limit_input), ("Change a limit", limit_patch),
+                       "Delete a limit"),
             "/admin/limits/{id}/reset": {"post": op(
                 "Start the limit's current period now (history stays)", ref("Limit"),
-                params=(limit_id,))},
-            "/admin/plans": {
-                "get": op("List plans", data_of("Plan")),
-                "post": op("Create a plan", ref("Plan"), plan_input, status="201",
-                           also=("409",))},
-            "/admin/plans/{id}": {
-                "get": op("Get a plan", ref("Plan"), params=(plan_id,)),
-                "patch": op("Rename a plan or replace its limits", ref("Plan"), plan_patch,
-                            params=(plan_id,)),
-                "delete": op("Delete a plan (its members fall back to the default)", deleted,
-                             params=(plan_id,))},
+                params=by_id)},
+            **resource("/admin/plans", "Plan", "List plans", ("Create a plan", plan_input),
+                       ("Rename a plan or replace its limits", plan_patch),
+                       "Delete a plan (its members fall back to the default)", also=("409",)),
             "/admin/users/{user}": {
                 "get": op("A user's plan and its limits", ref("User"), params=(user_param,)),
                 "put": op("Put a user on a plan (null: the default plan)", ref("User"),
