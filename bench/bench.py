@@ -1057,9 +1057,12 @@ def _statement_origin(text, source):
         at = source.find("\nclass transaction")
         return None if at < 0 else f"transaction (llimit.py:{source.count(chr(10), 0, at) + 2})"
     head = re.split(r"\$\d|%s|\?|\(", words)[0].strip()[:40]
-    at = source.find(head) if len(head) >= 8 else -1
-    if at < 0:
+    found = [m.start() for m in re.finditer(re.escape(head), source)] if len(head) >= 8 else []
+    if not found:
         return None
+    # Python's own SQL starts a string literal; the same words inside a migration's
+    # SQL (a PostgreSQL function's body) do not.
+    at = next((i for i in found if source[i - 1] in "\"'"), found[0])
     definitions = list(re.finditer(r"^\s*def (\w+)|^([A-Z][A-Z0-9_]*) = \(", source[:at], re.M))
     if not definitions:
         return None
@@ -1089,33 +1092,50 @@ def count_round_trips(postgres, script, tmpdir, threads, stream_gap_ms, calls=20
     """PostgreSQL round trips per call, through the counting proxy, on a llimit of its
     own (so the timed phases do not pay for the proxy): sequential calls, each call's
     round trips before upstream being those between the client sending it and the fake
-    upstream receiving it (one monotonic clock for all three processes)."""
+    upstream receiving it (one monotonic clock for all three processes). Measured on a
+    key without limits, then again once the key has two block limits (a daily dollar
+    budget and requests per minute, never reached), whose calls reserve their worst case."""
     proxy, socket_dir, log_path = start_pg_proxy(postgres, tmpdir)
     arrivals_path = os.path.join(tmpdir, "arrivals.log")
     upstream = llimit = None
+    sets, made = [], [0]
     try:
         upstream, upstream_port = start_upstream(stream_gap_ms, tmpdir, arrivals_path)
         url, _schema = postgres.new_schema(through=socket_dir)
         llimit = Llimit(script, url, upstream_port, os.path.join(tmpdir, "llimit-rt.log"),
                         threads)
         llimit.start()
-        raw_key, _ = llimit.create_key()
-        sent = []
-        conn = http.client.HTTPConnection(HOST, llimit.port, timeout=15)
+        raw_key, key_id = llimit.create_key()
         headers = {"Authorization": f"Bearer {raw_key}", "Content-Type": "application/json"}
-        for i in range(warm + calls):
-            stream = i % 4 == 3
-            started = time.monotonic_ns()
-            conn.request("POST", "/v1/chat/completions", body=_chat_body(stream),
-                         headers=headers)
-            response = conn.getresponse()
-            response.read()
-            if response.status != 200:
-                raise RuntimeError(f"round trips: HTTP {response.status}")
-            if i >= warm:
-                sent.append((started, time.monotonic_ns()))
-        conn.close()
-        time.sleep(1.0)   # the last usage write
+
+        def send(label):
+            conn = http.client.HTTPConnection(HOST, llimit.port, timeout=15)
+            sent = []
+            for i in range(warm + calls):
+                stream = i % 4 == 3
+                started = time.monotonic_ns()
+                conn.request("POST", "/v1/chat/completions", body=_chat_body(stream),
+                             headers=headers)
+                response = conn.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"round trips: HTTP {response.status}: {body[:300]!r}")
+                if i >= warm:
+                    sent.append((made[0], started, time.monotonic_ns()))
+                made[0] += 1
+            conn.close()
+            time.sleep(1.0)   # the last usage write
+            sets.append((label, sent))
+
+        send("no limits")
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        for limit in ({"metric": "usd", "window": "day", "amount": 1e6},
+                      {"metric": "requests", "window": "minute", "amount": 1e6}):
+            status, answer = http_request(llimit.port, "POST", "/admin/limits", dict(
+                limit, scope="key", target=key_id, action="block"), auth)
+            if status not in (200, 201):
+                raise RuntimeError(f"POST /admin/limits: HTTP {status}: {answer[:300]!r}")
+        send("two block limits (key: USD per day, requests per minute)")
         log_progress("round trips: stopping llimit")
         llimit.stop()
         llimit = None
@@ -1125,7 +1145,7 @@ def count_round_trips(postgres, script, tmpdir, threads, stream_gap_ms, calls=20
         kill(upstream)
         kill(proxy)
     with open(arrivals_path) as f:
-        arrivals = [int(line) for line in f if line.strip()][-calls:]
+        arrivals = [int(line) for line in f if line.strip()]
     trips = []
     with open(log_path) as f:
         for line in f:
@@ -1133,36 +1153,46 @@ def count_round_trips(postgres, script, tmpdir, threads, stream_gap_ms, calls=20
             trips.append((int(stamp), int(conn_id), json.loads(statements)))
     with open(script) as f:
         source = f.read()
-    before, during, first, last = {}, {}, sent[0][0], sent[-1][1] + 10**9
-    per_call_before = []
-    for (start, end), arrived in zip(sent, arrivals):
-        if not start <= arrived <= end:
-            raise RuntimeError("round trips: upstream arrivals do not match the calls")
-        n = 0
-        for stamp, _conn, statements in trips:
-            if start <= stamp <= arrived:
-                n += 1
-                key = _round_trip_name(statements)
-                before[key] = before.get(key, 0) + 1
-        per_call_before.append(n)
-    total = 0
-    for stamp, _conn, statements in trips:
-        if first <= stamp <= last:
-            total += 1
-            key = _round_trip_name(statements)
-            during[key] = during.get(key, 0) + 1
+    if len(arrivals) != made[0]:
+        raise RuntimeError(f"round trips: {len(arrivals)} calls reached the upstream, "
+                           f"{made[0]} were made")
 
     def described(counts):
         return [{"statements": key, "per_call": count / calls,
                  "from": _statement_origin(key.split(" | ")[0].split(" ×")[0]
                                            .removeprefix("prepare: "), source)}
                 for key, count in sorted(counts.items(), key=lambda kv: -kv[1])]
-    return {"calls": calls, "streams": sum(1 for i in range(warm, warm + calls) if i % 4 == 3),
+
+    results = []
+    for label, sent in sets:
+        before, during, per_call_before = {}, {}, []
+        for index, start, end in sent:
+            arrived = arrivals[index]
+            if not start <= arrived <= end:
+                raise RuntimeError("round trips: upstream arrivals do not match the calls")
+            n = 0
+            for stamp, _conn, statements in trips:
+                if start <= stamp <= arrived:
+                    n += 1
+                    key = _round_trip_name(statements)
+                    before[key] = before.get(key, 0) + 1
+            per_call_before.append(n)
+        first, last = sent[0][1], sent[-1][2] + 900_000_000
+        total = 0
+        for stamp, _conn, statements in trips:
+            if first <= stamp <= last:
+                total += 1
+                key = _round_trip_name(statements)
+                during[key] = during.get(key, 0) + 1
+        results.append({
+            "label": label, "calls": calls,
+            "streams": sum(1 for i in range(warm, warm + calls) if i % 4 == 3),
             "before_upstream_per_call": sum(per_call_before) / calls,
             "before_upstream_max": max(per_call_before),
             "before_upstream_min": min(per_call_before),
             "before_upstream": described(before),
-            "all_per_call": total / calls, "all": described(during)}
+            "all_per_call": total / calls, "all": described(during)})
+    return results
 
 
 # =============================================================================
@@ -1455,13 +1485,13 @@ def render_postgres(results):
         return sum(parts) if parts and None not in parts else None
     extra(f"llimit + database server CPU per call, c={conc} (ms)",
           [_fmt(total(r), 3) for _, r in columns])
-    trips = pg.get("round_trips")
-    if trips:
-        extra("PostgreSQL round trips before upstream per call",
+    sets = pg.get("round_trips") or []
+    for trips in sets:
+        extra(f"PostgreSQL round trips before upstream per call, {trips['label']}",
               ["0 (in-process)"] + [
                   f"{trips['before_upstream_per_call']:.2f} (min {trips['before_upstream_min']},"
                   f" max {trips['before_upstream_max']})"] + [""] * (len(columns) - 2))
-        extra("PostgreSQL round trips per call, all (usage write included)",
+        extra(f"PostgreSQL round trips per call, all (usage write included), {trips['label']}",
               [""] + [f"{trips['all_per_call']:.2f}"] + [""] * (len(columns) - 2))
     out.append("")
     out.append("llimit CPU is every llimit process's utime+stime from /proc (both, with two "
@@ -1469,24 +1499,21 @@ def render_postgres(results):
                "the bench database, and its background processes (WAL writer, checkpointer..."
                "), which also serve anything else running on the cluster. \"added\" is "
                "against the round's direct run, measured before SQLite.")
-    if trips:
+    for trips in sets:
         out.append("")
-        out.append(f"Round trips, counted by a proxy that reads the PostgreSQL protocol "
-                   f"(one per Sync or simple Query), on a llimit instance of their own: "
-                   f"{trips['calls']} sequential calls ({trips['streams']} streams), those "
-                   f"between the client sending a call and the upstream receiving it:")
+        out.append(f"Round trips to PostgreSQL, {trips['label']}: counted by a proxy that reads "
+                   f"the protocol (one per Sync or simple Query), on a llimit instance of their "
+                   f"own, {trips['calls']} sequential calls ({trips['streams']} streams); "
+                   f"before upstream = between the client sending a call and the upstream "
+                   f"receiving it.")
         out.append("")
-        out.append("| before upstream, per call | statements | from |")
-        out.append("|---:|---|---|")
-        for item in trips["before_upstream"]:
-            out.append(f"| {item['per_call']:.2f} | `{item['statements']}` | "
-                       f"{item['from'] or '?'} |")
-        out.append("")
-        out.append("| all, per call | statements | from |")
-        out.append("|---:|---|---|")
-        for item in trips["all"]:
-            out.append(f"| {item['per_call']:.2f} | `{item['statements']}` | "
-                       f"{item['from'] or '?'} |")
+        out.append("| per call | before upstream / all | statements | sent by |")
+        out.append("|---:|---|---|---|")
+        for group, items in (("before upstream", trips["before_upstream"]),
+                             ("all", trips["all"])):
+            for item in items:
+                out.append(f"| {item['per_call']:.2f} | {group} | `{item['statements']}` | "
+                           f"{item['from'] or '?'} |")
     return "\n".join(out)
 
 
