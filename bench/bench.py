@@ -1165,18 +1165,25 @@ def count_round_trips(postgres, script, tmpdir, threads, stream_gap_ms, calls=20
 
     results = []
     for label, sent in sets:
-        before, during, per_call_before = {}, {}, []
+        before, during, per_call_before, per_call_after, waits = {}, {}, [], [], []
         for index, start, end in sent:
             arrived = arrivals[index]
             if not start <= arrived <= end:
                 raise RuntimeError("round trips: upstream arrivals do not match the calls")
-            n = 0
+            n, after = 0, []
             for stamp, _conn, statements in trips:
                 if start <= stamp <= arrived:
                     n += 1
                     key = _round_trip_name(statements)
                     before[key] = before.get(key, 0) + 1
+                elif arrived < stamp <= end:
+                    after.append(stamp)
             per_call_before.append(n)
+            # Round trips after the upstream was reached and before the answer's end
+            # (the usage write the answer waits for), and their span.
+            per_call_after.append(len(after))
+            if after:
+                waits.append((max(after) - min(after)) / 1e6)
         first, last = sent[0][1], sent[-1][2] + 900_000_000
         total = 0
         for stamp, _conn, statements in trips:
@@ -1191,6 +1198,8 @@ def count_round_trips(postgres, script, tmpdir, threads, stream_gap_ms, calls=20
             "before_upstream_max": max(per_call_before),
             "before_upstream_min": min(per_call_before),
             "before_upstream": described(before),
+            "answer_waits_per_call": sum(per_call_after) / calls,
+            "answer_waits_span_p50_ms": percentile(sorted(waits), 50) if waits else None,
             "all_per_call": total / calls, "all": described(during)})
     return results
 
@@ -1491,6 +1500,10 @@ def render_postgres(results):
               ["0 (in-process)"] + [
                   f"{trips['before_upstream_per_call']:.2f} (min {trips['before_upstream_min']},"
                   f" max {trips['before_upstream_max']})"] + [""] * (len(columns) - 2))
+        extra(f"PostgreSQL round trips after upstream that the answer waits for, per call"
+              f" (their span p50, ms), {trips['label']}",
+              [""] + [f"{trips['answer_waits_per_call']:.2f} "
+                      f"({_fmt(trips['answer_waits_span_p50_ms'])})"] + [""] * (len(columns) - 2))
         extra(f"PostgreSQL round trips per call, all (usage write included), {trips['label']}",
               [""] + [f"{trips['all_per_call']:.2f}"] + [""] * (len(columns) - 2))
     out.append("")
