@@ -193,9 +193,19 @@ def serve_upstream(port, stream_gap_ms, arrivals_path=None):
         finally:
             writer.close()
 
-    async def main():
+    async def start():
         server = await asyncio.start_server(handle, HOST, port, backlog=1024)
-        print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
+        return server, server.sockets[0].getsockname()[1]
+
+    serve_until_killed(start)
+
+
+def serve_until_killed(start):
+    """Run the asyncio server that `start()` makes, saying `ready PORT` on stdout once it
+    listens (start returns (server, port)), until SIGTERM."""
+    async def main():
+        server, port = await start()
+        print(f"ready {port}", flush=True)
         async with server:
             await server.serve_forever()
 
@@ -943,7 +953,8 @@ def serve_pg_proxy(socket_dir, target, log_path):
     log = open(log_path, "w", buffering=1)
     counter = [0]
 
-    async def pipe(reader, writer):
+    async def pipe(reader, writer, seen=None):
+        """Copy bytes from reader to writer, handing each piece to `seen` once sent."""
         try:
             while True:
                 data = await reader.read(65536)
@@ -951,6 +962,8 @@ def serve_pg_proxy(socket_dir, target, log_path):
                     break
                 writer.write(data)
                 await writer.drain()
+                if seen is not None:
+                    seen(data)
         except (ConnectionError, OSError):
             pass
         finally:
@@ -966,68 +979,55 @@ def serve_pg_proxy(socket_dir, target, log_path):
             server_reader, server_writer = await asyncio.open_connection(host, int(port))
         back = asyncio.ensure_future(pipe(server_reader, client_writer))
         prepared, batch, current = {}, [], [None]
-        buffer, started = b"", False
-        try:
-            while True:
-                data = await client_reader.read(65536)
-                if not data:
-                    break
-                server_writer.write(data)
-                await server_writer.drain()
-                now = time.monotonic_ns()
-                buffer += data
-                while True:
-                    if not started:
-                        if len(buffer) < 8:
-                            break
-                        length = int.from_bytes(buffer[:4], "big")
-                        if len(buffer) < length:
-                            break
-                        code = int.from_bytes(buffer[4:8], "big")
-                        buffer = buffer[length:]
-                        started = code not in (SSL_REQUEST, GSSENC_REQUEST)
-                        continue
-                    if len(buffer) < 5:
-                        break
-                    kind, length = buffer[:1], int.from_bytes(buffer[1:5], "big")
-                    if len(buffer) < 1 + length:
-                        break
-                    body, buffer = buffer[5:1 + length], buffer[1 + length:]
-                    if kind == b"P":
-                        name, query = body.split(b"\0", 2)[:2]
-                        prepared[name] = query.decode("utf-8", "replace")
-                        current[0] = prepared[name]
-                    elif kind == b"B":
-                        statement = body.split(b"\0", 2)[1]
-                        current[0] = prepared.get(statement, "?")
-                    elif kind == b"E":
-                        batch.append(current[0] or "?")
-                    elif kind == b"Q":
-                        batch.append(body.rstrip(b"\0").decode("utf-8", "replace"))
-                    if kind in (b"S", b"Q"):
-                        if not batch:
-                            batch.append("prepare: " + (current[0] or "?"))
-                        log.write(f"{now} {conn_id} {json.dumps(batch)}\n")
-                        batch = []
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            server_writer.close()
-            await back
+        state = {"buffer": b"", "started": False}
 
-    async def main():
+        def seen(data):
+            """Parse the client's messages; log a round trip at each Sync or Query."""
+            now = time.monotonic_ns()
+            buffer = state["buffer"] + data
+            while True:
+                if not state["started"]:
+                    if len(buffer) < 8:
+                        break
+                    length = int.from_bytes(buffer[:4], "big")
+                    if len(buffer) < length:
+                        break
+                    code = int.from_bytes(buffer[4:8], "big")
+                    buffer = buffer[length:]
+                    state["started"] = code not in (SSL_REQUEST, GSSENC_REQUEST)
+                    continue
+                if len(buffer) < 5:
+                    break
+                kind, length = buffer[:1], int.from_bytes(buffer[1:5], "big")
+                if len(buffer) < 1 + length:
+                    break
+                body, buffer = buffer[5:1 + length], buffer[1 + length:]
+                if kind == b"P":
+                    name, query = body.split(b"\0", 2)[:2]
+                    prepared[name] = query.decode("utf-8", "replace")
+                    current[0] = prepared[name]
+                elif kind == b"B":
+                    current[0] = prepared.get(body.split(b"\0", 2)[1], "?")
+                elif kind == b"E":
+                    batch.append(current[0] or "?")
+                elif kind == b"Q":
+                    batch.append(body.rstrip(b"\0").decode("utf-8", "replace"))
+                if kind in (b"S", b"Q"):
+                    if not batch:
+                        batch.append("prepare: " + (current[0] or "?"))
+                    log.write(f"{now} {conn_id} {json.dumps(batch)}\n")
+                    batch.clear()
+            state["buffer"] = buffer
+
+        await pipe(client_reader, server_writer, seen)
+        await back
+
+    async def start():
         port = target.rsplit(".", 1)[-1] if target.startswith("/") else target.rsplit(":", 1)[1]
         path = os.path.join(socket_dir, f".s.PGSQL.{port}")
-        server = await asyncio.start_unix_server(handle, path)
-        print(f"ready {port}", flush=True)
-        async with server:
-            await server.serve_forever()
+        return await asyncio.start_unix_server(handle, path), port
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        asyncio.run(main())
-    except (KeyboardInterrupt, SystemExit):
-        pass
+    serve_until_killed(start)
 
 
 def start_pg_proxy(postgres, tmpdir):
