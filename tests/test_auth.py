@@ -16,6 +16,8 @@ from selenium.webdriver.common.by import By
 import llimit
 from tests.browser import click_and_wait, csrf_token, fresh
 
+ENGINES = ("sqlite", "postgres")
+
 CLIENT_ID = "llimit-test"
 CLIENT_SECRET = "s3cret-for-tests"
 

@@ -17,6 +17,8 @@ import sseclient
 from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
 from tests.process import WAIT, chat, complete_stream, wait_until
 
+ENGINES = ("sqlite", "postgres")
+
 def rows_by_key(proc):
     counts = {}
     for row in proc.events():

@@ -20,6 +20,8 @@ from tests.browser import (VENDOR_CHARTJS, click_and_wait, csrf_token, fresh, ht
                            sign_in_admin, sign_in_open)
 from tests.conftest import ADMIN_TOKEN
 
+ENGINES = ("sqlite", "postgres")
+
 # 11 prompt + 7 completion tokens (the fake upstream's answer) at these prices: $0.025.
 PRICE = {"input": 1000.0, "output": 2000.0}
 CALL_USD = 0.025

@@ -10,6 +10,8 @@ import requests
 
 from tests.conftest import UPSTREAM_KEY
 
+ENGINES = ("sqlite", "postgres")
+
 
 def client(gateway, raw_key, **kwargs):
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key=raw_key, max_retries=0,

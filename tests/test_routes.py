@@ -18,6 +18,8 @@ import requests
 from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
 from tests.fake_upstream import EXPECTED
 
+ENGINES = ("sqlite", "postgres")
+
 P, C = EXPECTED["prompt_tokens"], EXPECTED["completion_tokens"]  # 11 and 7
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
 

@@ -22,6 +22,8 @@ from tests.browser import csrf_token, http_sign_in
 from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
 from tests.process import LLIMIT, ROOT, chat, wait_until
 
+ENGINES = ("sqlite", "postgres")
+
 
 def call(server, raw_key, model="gpt-4o", stream=False, **headers):
     return requests.post(server.url + "/v1/chat/completions", timeout=60, stream=stream,
@@ -236,7 +238,7 @@ def test_admins_cannot_read_llimits_own_secrets_through_env_keys(gateway, fake, 
         assert refused.status_code == 400 and "upstream_key" in refused.text, name
     assert create(id="team", upstream_key="env:LLIMIT_UPSTREAM_KEY_TEAM").status_code == 201
     # A project stored before the rule (or by hand) is refused at call time.
-    with gateway.db() as db:
+    with llimit.transaction(gateway.db()) as db:
         db.execute("update projects set upstream_key = 'env:LLIMIT_ADMIN_TOKEN'"
                    " where id = 'team'")
     raw_key, _ = gateway.create_key(project="team")
