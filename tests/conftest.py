@@ -253,13 +253,20 @@ def gateway(make_llimit):
 
 
 @pytest.fixture
-def processes(tmp_path, fake):
-    """Start `python llimit.py serve` processes (tests/process.py); stopped after the test."""
+def processes(request, tmp_path, fake):
+    """Start `python llimit.py serve` processes (tests/process.py); stopped after the test.
+
+    A test that takes `engine` runs them on it: each `name` gets its database of
+    `databases`, unless `db_path` names one.
+    """
     from tests.process import LlimitProcess  # not at the top: it imports this module
 
     started = []
 
     def start(**settings):
+        if "db_path" not in settings and "engine" in request.fixturenames:
+            databases = request.getfixturevalue("databases")
+            settings["db_path"] = databases(settings.get("name", "llimit") + ".db")
         proc = LlimitProcess(tmp_path, fake.url + "/v1", **settings)
         started.append(proc)
         return proc

@@ -158,3 +158,40 @@ def test_a_reprice_rebuilds_the_minute_totals_every_instance_reads(pair, fake):
     for server in (a, b):
         used = server.admin.get(f"{server.url}/admin/limits/{minute['id']}").json()["used"]
         assert used == pytest.approx(2 * (11 * 1.0 + 7 * 2.0) / 1e6)
+
+
+def test_an_outage_fails_every_call_closed_before_it_goes_upstream_and_recovers(
+        make_llimit, databases, fake, tmp_path_factory):
+    # b reaches PostgreSQL through a relay that can cut it; a directly.
+    relay = PostgresRelay(databases("ledger"), str(tmp_path_factory.mktemp("relay")))
+    try:
+        a, b = make_llimit(db_path=databases("ledger")), make_llimit(db_path=relay.url)
+        raw_key, key_id = a.create_key(user="alice")  # no limit applies to it
+        other_key, _ = a.create_key(user="bob", note="never revoked")
+        for key in (raw_key, other_key):
+            assert call(b, key).status_code == 200  # b holds both key rows in its cache
+        assert a.admin.post(f"{a.url}/admin/keys/{key_id}/revoke").status_code == 200
+        relay.cut()  # b's next call finds the database gone, the revoked row still cached
+        seen = len(fake.requests)
+        for key in (raw_key, other_key):
+            refused = call(b, key)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "ledger_unavailable"
+            assert refused.json()["error"]["type"] == "service_unavailable"
+        listed = requests.get(b.url + "/v1/models", headers={"Authorization": f"Bearer {other_key}"})
+        assert listed.status_code == 503
+        assert len(fake.requests) == seen, "nothing went upstream while the ledger was gone"
+        health = requests.get(b.url + "/healthz")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "ledger_unavailable"
+        assert requests.get(a.url + "/healthz").status_code == 200
+        relay.restore()  # b recovers by itself: no restart
+        deadline = time.monotonic() + 30
+        while call(b, other_key).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert call(b, other_key).status_code == 200
+        revoked = call(b, raw_key)
+        assert revoked.status_code == 403 and revoked.json()["error"]["code"] == "key_revoked"
+        assert requests.get(b.url + "/healthz").status_code == 200
+        assert len(fake.requests) == seen + 2
+    finally:
+        relay.close()

@@ -274,6 +274,7 @@ def test_fail_closed_when_usage_cannot_be_written(make_llimit, fake, engine):
     gateway = make_llimit(commit_wait_seconds=1.0)  # the answer need not wait 10 s
     raw_key, key_id = gateway.create_key()
     add_limit(gateway, scope="key", target=key_id, metric="usd", window="day", amount=100)
+    free_key, _ = gateway.create_key(user="no-limits")
     blocker = sqlite3.connect(gateway.config.db_path, isolation_level=None)
     blocker.execute("begin exclusive")
     try:
@@ -284,15 +285,24 @@ def test_fail_closed_when_usage_cannot_be_written(make_llimit, fake, engine):
         deadline = time.monotonic() + 20
         while gateway.state.writer.healthy and time.monotonic() < deadline:
             time.sleep(0.1)
-        refused = call(gateway, raw_key)
-        assert refused.status_code == 503
-        assert refused.json()["error"]["code"] == "ledger_unavailable"
+        # Now known: every call is refused before it goes upstream (an answer
+        # paid for would be withheld), limits or none, and /healthz says so.
+        seen = len(fake.requests)
+        for key in (raw_key, free_key):
+            refused = call(gateway, key)
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "ledger_unavailable"
+        assert len(fake.requests) == seen
+        health = requests.get(gateway.url + "/healthz")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "ledger_unavailable"
     finally:
         blocker.execute("rollback")
         blocker.close()
     gateway.wait_idle()
     assert len(gateway.events()) == 1, "the queued usage was written, not lost"
     assert call(gateway, raw_key).status_code == 200
+    assert call(gateway, free_key).status_code == 200
+    assert requests.get(gateway.url + "/healthz").status_code == 200
 
 
 @pytest.mark.parametrize("body,field", [
