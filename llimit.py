@@ -4507,6 +4507,7 @@ class CallSlots:
     LLIMIT_MAX_CONCURRENT_PER_KEY / _PER_USER bound them, and proxied calls
     together may use all threads but RESERVED_THREADS, so /healthz and the
     pages always find a free one. Past a bound a call gets 429 at once.
+    Per instance, as the threads are (docs/running.md: several instances).
     """
 
     def __init__(self, per_key, per_user, total):
