@@ -4556,6 +4556,7 @@ class AlertSender:
         self.webhook_url = webhook_url
         self._queue = queue.SimpleQueue()
         self._session = requests.Session()
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llimit-alerts", daemon=True)
 
     def start(self):
@@ -4574,22 +4575,40 @@ class AlertSender:
             if self.webhook_url:
                 self._queue.put(alert)
 
+    def close(self, timeout=15.0):
+        """Stop delivering before the database closes: a post under way is still noted
+        delivered (else the next start would send it again); queued ones wait for it."""
+        self._stopping.set()
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def _run(self):
-        while True:
+        while not self._stopping.is_set():
             alert = self._queue.get()
             for attempt in range(self.RETRIES):
+                if alert is None or self._stopping.is_set():
+                    return
                 try:
                     resp = self._session.post(self.webhook_url, timeout=10, json={
                         "text": alert["text"], "limit_id": alert["limit_id"],
                         "subject": alert["subject"], "threshold": alert["threshold"],
                         "window_start": alert["window_start"]})
                     if resp.status_code < 300:
-                        mark_alert_delivered(self.database(), alert, utc_iso(time.time()))
+                        self._mark_delivered(alert)
                         break
                     log.warning("alert webhook answered %s", resp.status_code)
                 except requests.RequestException as error:
                     log.warning("alert webhook failed: %s", type(error).__name__)
-                time.sleep(min(2 ** attempt, 30))
+                self._stopping.wait(min(2 ** attempt, 30))
+
+    def _mark_delivered(self, alert):
+        try:
+            mark_alert_delivered(self.database(), alert, utc_iso(time.time()))
+        except DatabaseError:
+            # Delivered, but not noted: the next start sends it again. The thread
+            # goes on, or no later alert would be delivered.
+            log.exception("alert delivered, but not noted so in the database")
 
 
 # =============================================================================
@@ -9869,6 +9888,7 @@ class State:
         """Write all queued usage and close upstream connections; False if usage is left."""
         self.sweeper.stop()
         written = self.writer.close(self.config.writer_close_seconds)
+        self.alerts.close()
         self.pool.close()
         self.database.close()
         return written
