@@ -2439,6 +2439,7 @@ PRICE_TIERS = {"long_context": ("above_input_tokens", *PRICE_FIELDS, "cache_writ
                "service_tiers": (*PRICE_FIELDS, "cache_write_1h")}
 IMAGE_SIZE = re.compile(r"^(?:(?:standard|hd|low|medium|high)/)?(?:\d{2,5}x\d{2,5}|auto)$")
 TOOL_UNITS = ("web_search",)
+MAX_REMEMBERED_MODELS = 1000  # price look-ups a Pricebook keeps, at most
 FALLBACK_PRICE = "*"   # PUT /admin/pricing/*: the price of every model without its own
 FINE_TUNED_MODEL = re.compile(r"^ft:([^:]+):|^(.+?)\.ft-")  # OpenAI ft:BASE:..., Azure BASE.ft-...
 MAX_PRICE = 1e6  # USD per 1M tokens; far above any real price, and costs stay within int64
@@ -2542,6 +2543,7 @@ class Pricebook:
             model: {**{field: value for field, value in self.file_prices.get(model, {}).items()
                        if field not in PRICE_FIELDS}, **price}
             for model, price in self.overrides.items()}}
+        self._entries = {}  # model -> entry(model); a new Pricebook replaces this one on change
 
     def table(self):
         """{model: price dict} as in force now."""
@@ -2568,10 +2570,21 @@ class Pricebook:
         """(name, the pricing.json entry in force) for a model, as `resolve` finds it; or None."""
         if not model:
             return None
+        try:
+            return self._entries[model]
+        except KeyError:
+            pass
+        found = self._find_entry(model)
+        if len(self._entries) >= MAX_REMEMBERED_MODELS:  # model names are client-chosen
+            self._entries.clear()
+        self._entries[model] = found
+        return found
+
+    def _find_entry(self, model):
         table = self.table()
         fine_tuned = FINE_TUNED_MODEL.match(model)
         if fine_tuned:
-            base = self.entry(fine_tuned.group(1) or fine_tuned.group(2))
+            base = self._find_entry(fine_tuned.group(1) or fine_tuned.group(2))
             if base and base[0] != FALLBACK_PRICE and base[1].get(FINE_TUNED_FIELD):
                 return base[0] + " (fine-tuned)", base[1][FINE_TUNED_FIELD]
         else:
@@ -3447,11 +3460,10 @@ NANO = 1_000_000_000
 # A request naming any of these makes the upstream read input llimit cannot see:
 # a stored response or conversation, an uploaded file, an image or file by URL,
 # a stored prompt, or a server-side tool that reads documents or the web.
-SERVER_SIDE_INPUT_MARKERS = (
-    b'"previous_response_id"', b'"conversation"', b'"file_id"', b'"file_url"', b'"image_url"',
-    b'"input_image"', b'"input_file"', b'"input_audio"', b'"document"', b'"url"',
-    b'"container_upload"', b'"file_search', b'"web_search', b'"mcp', b'"code_interpreter',
-    b'"vector_store_ids"')
+SERVER_SIDE_INPUT_MARKERS = re.compile(
+    rb'"(?:previous_response_id"|conversation"|file_id"|file_url"|image_url"|input_image"'
+    rb'|input_file"|input_audio"|document"|url"|container_upload"|file_search|web_search|mcp'
+    rb'|code_interpreter|vector_store_ids")')
 
 
 @dataclasses.dataclass
@@ -3484,7 +3496,7 @@ def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_
     max_input, max_output = pricebook.sizes(model)
     prompt = len(body) // 3
     if (isinstance(payload.get("prompt"), dict)
-            or any(marker in body for marker in SERVER_SIDE_INPUT_MARKERS)):
+            or SERVER_SIDE_INPUT_MARKERS.search(body)):
         prompt = max(prompt, max_input or default_max_input_tokens)
     asked = next((payload[name] for name in
                   ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -3494,7 +3506,8 @@ def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_
         min(asked, max_output) if max_output else asked)
     n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 0) > 1 else 1
     request = request_usage(endpoint, payload)
-    bound = dataclasses.replace(request, prompt_tokens=prompt, completion_tokens=output * n)
+    bound = Usage(prompt_tokens=prompt, completion_tokens=output * n, images=request.images,
+                  image_kind=request.image_kind, characters=request.characters)
     if endpoint in TRANSCRIPTION_ENDPOINTS:
         bound.audio_seconds = len(body) / AUDIO_BYTES_PER_SECOND
     tools = payload.get("tools")
@@ -3526,6 +3539,13 @@ def window_bounds(window, now):
     first = date.replace(day=1)
     following = (first + dt.timedelta(days=32)).replace(day=1)
     return int(first.timestamp()), int(following.timestamp())
+
+
+@functools.lru_cache(maxsize=4)
+def window_starts(minute_start):
+    """((window, start), ...) for every calendar window holding a minute: what the usage
+    writer counts each event into (cached, as a batch's events mostly share a minute)."""
+    return tuple((window, window_bounds(window, minute_start)[0]) for window in WINDOWS)
 
 
 def rolling_seconds(window):
@@ -3781,7 +3801,7 @@ class Limits:
             if event.reservation is not None:
                 self._release(event.reservation.reservation)
             seconds = event.created_ms / 1000
-            bounds = [(window, window_bounds(window, seconds)[0]) for window in WINDOWS]
+            bounds = window_starts(int(seconds // 60 * 60))
             tokens, cost = event.prompt_tokens + event.completion_tokens, event.cost_nusd or 0
             for subject in event.subjects:
                 for window, start in bounds:
@@ -6659,7 +6679,7 @@ def _new_call(state, key, environ, payload, body, path, model, started):
                   "n": options.get("candidateCount")}
     worst = worst_case(state.pricebook, _mapped_model(key, model), bounds, body,
                        config.default_max_tokens, config.default_max_input_tokens, path)
-    return Call(request_id=secrets.token_hex(6), started=started, endpoint=path[:100],
+    return Call(request_id=os.urandom(6).hex(), started=started, endpoint=path[:100],
                 key=key, project_id=key["project_id"], user_name=user_name, key_id=key["id"],
                 limit_message=key["limit_message"], model=model, worst=worst,
                 method=environ["REQUEST_METHOD"], path=logged_path(environ),
@@ -10223,10 +10243,17 @@ def configure_logging(config):
     listener = logging.handlers.QueueListener(records, handler)
     listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(records)]
+    root.handlers[:] = [_DeferredQueueHandler(records)]
     root.setLevel(config.log_level.upper())
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     return listener
+
+
+class _DeferredQueueHandler(logging.handlers.QueueHandler):
+    # Hands the record over as it is: the listener thread formats it, once, off
+    # the request's thread (our log arguments are strings and numbers).
+    def prepare(self, record):
+        return record
 
 
 class _JsonLogFormatter(logging.Formatter):
