@@ -4266,8 +4266,8 @@ class SharedLimits(Limits):
         db = db or self.database()
         if not _regular_period(window, start):
             # Its running total once an admission has made it, else read as SQLite does.
-            return (get_period_total(db, subject, window, start)
-                    or _period_total(db, subject, start, end))
+            total = get_period_total(db, subject, window, start)
+            return _period_total(db, subject, start, end) if total is None else total
         if window == "minute":
             return get_minute_total(db, subject, start)
         if window == "total":

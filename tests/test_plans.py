@@ -105,6 +105,29 @@ def test_reset_starts_the_current_period_now_and_keeps_history(gateway, fake, cl
     assert admin(gateway, "POST", "/admin/limits/lim_nope/reset").status_code == 404
 
 
+def test_reset_of_a_minute_and_a_total_window_counts_from_the_reset(gateway, fake, clock):
+    clock.now = MIDNIGHT + 10 * 3600 + 30  # 10:00:30
+    raw_key, key_id = gateway.create_key()
+    total = add_limit(gateway, scope="key", target=key_id, metric="requests", window="total",
+                      amount=3)
+    minute = add_limit(gateway, scope="key", target=key_id, metric="requests",
+                       window="minute", amount=2)
+    assert [call(gateway, raw_key).status_code for _ in range(3)] == [200, 200, 429]
+    clock.now += 10  # 10:00:40: the minute starts again, the 2 calls stay in the total
+    assert admin(gateway, "POST", f"/admin/limits/{minute['id']}/reset").json()["used"] == 0
+    assert call(gateway, raw_key).status_code == 200       # minute 1 of 2, total 3 of 3
+    refused = call(gateway, raw_key)
+    assert refused.status_code == 429 and refused.headers["X-LLimit-Limit-Id"] == total["id"]
+    clock.now += 10  # 10:00:50: the total starts again; the minute holds 1 call
+    assert admin(gateway, "POST", f"/admin/limits/{total['id']}/reset").json()["used"] == 0
+    assert [call(gateway, raw_key).status_code for _ in range(2)] == [200, 429]  # minute: 2
+    assert used(gateway, minute["id"]) == 2 and used(gateway, total["id"]) == 1
+    clock.now = MIDNIGHT + DAY + 3 * 3600  # the next day: 1 call on the reset day, then 2
+    assert [call(gateway, raw_key).status_code for _ in range(3)] == [200, 200, 429]
+    assert used(gateway, total["id"]) == 3 and used(gateway, minute["id"]) == 2
+    assert len(gateway.events()) == 6
+
+
 # --- the warning the key holder reads ------------------------------------------------
 
 def test_warning_at_alert_thresholds_reads_for_the_key_holder(gateway, fake, clock):
