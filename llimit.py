@@ -3625,7 +3625,8 @@ def reprice_all(state):
 #    every block limit it falls under, and settles to the real usage once the
 #    usage writer has committed it. Running totals live in SQLite
 #    (usage_counters, written with each event) and are cached here per window,
-#    so a check costs the same with ten stored events or ten million.
+#    so a check costs the same with ten stored events or ten million; on
+#    PostgreSQL (SharedLimits) they stay in the database, read by one statement.
 #    Knows nothing of HTTP beyond raising LlimitError.
 # =============================================================================
 
