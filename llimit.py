@@ -2041,6 +2041,7 @@ def _check_columns(check):
 
 
 def _utc_day(seconds):
+    """The UTC day of epoch seconds, as usage_counters names it: '2026-11-19'."""
     return time.strftime("%Y-%m-%d", time.gmtime(seconds))
 
 
@@ -3758,10 +3759,6 @@ def _regular_period(window, start):
     return window in WINDOWS and window_bounds(window, start)[0] == start
 
 
-def _day(seconds):
-    return time.strftime("%Y-%m-%d", time.gmtime(seconds))
-
-
 def call_subjects(project_id, user_name, key_id):
     """The running totals a call counts toward."""
     subjects = [SUBJECT_ALL, subject_of("project", project_id), subject_of("key", key_id)]
@@ -4030,7 +4027,8 @@ class Limits:
                           in self._used.items() if window == "minute"
                           and entry_start == start and subject.startswith(prefix)]
                 return max(values, default=0), end
-        first, last = ("total", "total") if end is None else (_day(start), _day(end - 1))
+        first, last = (("total", "total") if end is None
+                       else (_utc_day(start), _utc_day(end - 1)))
         return get_counter_max_member(db, prefix, first, last, field), end
 
     def status(self, db, limit):
@@ -4068,7 +4066,7 @@ class Limits:
             elif window == "total":
                 entry = get_lifetime_total(db, subject)
             else:
-                entry = get_counter(db, subject, _day(start), _day(end - 1))
+                entry = get_counter(db, subject, _utc_day(start), _utc_day(end - 1))
             self._used[key] = entry
         return entry
 
@@ -4273,7 +4271,7 @@ class SharedLimits(Limits):
             return get_minute_total(db, subject, start)
         if window == "total":
             return get_lifetime_total(db, subject)
-        return get_counter(db, subject, _day(start), _day(end - 1))
+        return get_counter(db, subject, _utc_day(start), _utc_day(end - 1))
 
 
 def _ledger_unavailable():
@@ -4301,8 +4299,8 @@ def _period_total(db, subject, start, end):
         last = next_day if end is None else min(next_day, end)
         total.add(get_events_total(db, subject, start * 1000, last * 1000))
     if end is None or next_day < end:
-        total.add(get_counter(db, subject, _day(next_day),
-                              "9999-12-31" if end is None else _day(end - 1)))
+        total.add(get_counter(db, subject, _utc_day(next_day),
+                              "9999-12-31" if end is None else _utc_day(end - 1)))
     return total
 
 
@@ -8624,9 +8622,9 @@ def page_usage(state, session):
     user_name = _signed_in_user(session)
     db = state.database()
     now = state.config.clock()
-    today = _day(now)
+    today = _utc_day(now)
     subject = subject_of("user", user_name)
-    month = get_counter(db, subject, _day(window_bounds("month", now)[0]), today)
+    month = get_counter(db, subject, _utc_day(window_bounds("month", now)[0]), today)
     active_keys = list_keys(db, user_name=user_name, active_at=utc_iso(now))
     start, end = report_range({}, now)
     by_day = usage_report(db, "day", start, end, user_name)["rows"]
@@ -8933,8 +8931,8 @@ def page_admin_post(state, session, form):
 def _render_admin(state, session, notice=None, form=None, form_error=None):
     db = state.database()
     now = state.config.clock()
-    today = _day(now)
-    month_start = _day(window_bounds("month", now)[0])
+    today = _utc_day(now)
+    month_start = _utc_day(window_bounds("month", now)[0])
     today_total = get_counter(db, SUBJECT_ALL, today, today)
     month_total = get_counter(db, SUBJECT_ALL, month_start, today)
     limit_rows = [_limit_row(state.limits.status(db, row)) for row in list_limits(db)
@@ -8979,7 +8977,7 @@ def _render_admin(state, session, notice=None, form=None, form_error=None):
         missing=missing_prices(db, book), prices=prices, upstream_kinds=UPSTREAM_KINDS,
         budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=LIMIT_METRICS,
         windows=WINDOWS + ROLLING_EXAMPLES, plans=plans, default_plan=state.config.default_plan,
-        refused_calls=refused_report(db, _day(now - DEFAULT_REPORT_DAYS * 86400), today),
+        refused_calls=refused_report(db, _utc_day(now - DEFAULT_REPORT_DAYS * 86400), today),
         refused_days=DEFAULT_REPORT_DAYS, reasons=REFUSAL_REASONS)
 
 
@@ -9550,7 +9548,7 @@ def llimit_me(state):
     # Spend is the user's (every key), or this key's for a project key naming no one.
     subject = subject_of("user", user_name) if user_name else subject_of("key", key["id"])
     now = state.config.clock()
-    today, month_start = _day(now), _day(window_bounds("month", now)[0])
+    today, month_start = _utc_day(now), _utc_day(window_bounds("month", now)[0])
     return {"user": user_name, "project": key["project_id"], "key": key["masked_key"],
             "key_id": key["id"], "plan": plan_id, "limits": limits,
             "spend": {"today_usd": nusd_to_usd(get_counter(db, subject, today, today).cost_nusd),

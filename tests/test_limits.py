@@ -210,6 +210,20 @@ def _spend(gateway):
     return sum(event["cost_nusd"] for event in gateway.events())
 
 
+def _call_at_once(fake, instances, raw_key, max_tokens, calls=48):
+    # Calls at once, spread over the instances, each held a little upstream; their statuses.
+    fake.behaviour["delay_first"] = 0.05
+    extra = {"max_tokens": max_tokens} if max_tokens else {}
+    with concurrent.futures.ThreadPoolExecutor(calls) as pool:
+        statuses = list(pool.map(
+            lambda n: call(instances[n % len(instances)], raw_key, **extra).status_code,
+            range(calls)))
+    for instance in instances:
+        instance.wait_idle()
+    assert set(statuses) <= {200, 429} and 429 in statuses
+    return statuses
+
+
 @pytest.mark.parametrize("max_tokens", [7, None], ids=["max_tokens", "unbounded"])
 def test_concurrent_calls_do_not_overrun_a_budget(make_llimit, fake, max_tokens, engine):
     gateway = make_llimit()
@@ -220,15 +234,7 @@ def test_concurrent_calls_do_not_overrun_a_budget(make_llimit, fake, max_tokens,
     raw_key, key_id = gateway.create_key()
     add_limit(gateway, scope="key", target=key_id, metric="usd", window="day",
               amount=budget_nusd / 1e9)
-    fake.behaviour["delay_first"] = 0.05
-    extra = {"max_tokens": max_tokens} if max_tokens else {}
-    with concurrent.futures.ThreadPoolExecutor(48) as pool:
-        statuses = list(pool.map(
-            lambda n: call(instances[n % len(instances)], raw_key, **extra).status_code,
-            range(48)))
-    for instance in instances:
-        instance.wait_idle()
-    assert set(statuses) <= {200, 429} and 429 in statuses
+    statuses = _call_at_once(fake, instances, raw_key, max_tokens)
     spend = _spend(gateway)
     if max_tokens:
         assert spend <= budget_nusd
@@ -262,15 +268,7 @@ def test_concurrent_calls_do_not_overrun_a_rolling_window(make_llimit, fake, clo
                       amount=budget_nusd / 1e9, starts_at="2026-11-18T22:00:00Z")
     assert limit["resets_at"] == "2026-11-19T03:00:00Z"
     assert limit["used"] == pytest.approx(2 * CALL_NUSD / 1e9)  # 23:00 and 01:00, not 21:00
-    fake.behaviour["delay_first"] = 0.05
-    extra = {"max_tokens": max_tokens} if max_tokens else {}
-    with concurrent.futures.ThreadPoolExecutor(48) as pool:
-        statuses = list(pool.map(
-            lambda n: call(instances[n % len(instances)], raw_key, **extra).status_code,
-            range(48)))
-    for instance in instances:
-        instance.wait_idle()
-    assert set(statuses) <= {200, 429} and 429 in statuses
+    statuses = _call_at_once(fake, instances, raw_key, max_tokens)
     admitted = statuses.count(200)
     if max_tokens:
         # Each call reserves its bound: 52 bytes of body / 3 = 17 prompt tokens and 7
