@@ -2638,6 +2638,7 @@ PRICE_TIERS = {"long_context": ("above_input_tokens", *PRICE_FIELDS, "cache_writ
                "service_tiers": (*PRICE_FIELDS, "cache_write_1h")}
 IMAGE_SIZE = re.compile(r"^(?:(?:standard|hd|low|medium|high)/)?(?:\d{2,5}x\d{2,5}|auto)$")
 TOOL_UNITS = ("web_search",)
+MAX_REMEMBERED_MODELS = 1000  # price look-ups a Pricebook keeps, at most
 FALLBACK_PRICE = "*"   # PUT /admin/pricing/*: the price of every model without its own
 FINE_TUNED_MODEL = re.compile(r"^ft:([^:]+):|^(.+?)\.ft-")  # OpenAI ft:BASE:..., Azure BASE.ft-...
 MAX_PRICE = 1e6  # USD per 1M tokens; far above any real price, and costs stay within int64
@@ -2741,6 +2742,7 @@ class Pricebook:
             model: {**{field: value for field, value in self.file_prices.get(model, {}).items()
                        if field not in PRICE_FIELDS}, **price}
             for model, price in self.overrides.items()}}
+        self._entries = {}  # model -> entry(model); a new Pricebook replaces this one on change
 
     def table(self):
         """{model: price dict} as in force now."""
@@ -2767,10 +2769,21 @@ class Pricebook:
         """(name, the pricing.json entry in force) for a model, as `resolve` finds it; or None."""
         if not model:
             return None
+        try:
+            return self._entries[model]
+        except KeyError:
+            pass
+        found = self._find_entry(model)
+        if len(self._entries) >= MAX_REMEMBERED_MODELS:  # model names are client-chosen
+            self._entries.clear()
+        self._entries[model] = found
+        return found
+
+    def _find_entry(self, model):
         table = self.table()
         fine_tuned = FINE_TUNED_MODEL.match(model)
         if fine_tuned:
-            base = self.entry(fine_tuned.group(1) or fine_tuned.group(2))
+            base = self._find_entry(fine_tuned.group(1) or fine_tuned.group(2))
             if base and base[0] != FALLBACK_PRICE and base[1].get(FINE_TUNED_FIELD):
                 return base[0] + " (fine-tuned)", base[1][FINE_TUNED_FIELD]
         else:
@@ -3647,11 +3660,10 @@ NANO = 1_000_000_000
 # A request naming any of these makes the upstream read input llimit cannot see:
 # a stored response or conversation, an uploaded file, an image or file by URL,
 # a stored prompt, or a server-side tool that reads documents or the web.
-SERVER_SIDE_INPUT_MARKERS = (
-    b'"previous_response_id"', b'"conversation"', b'"file_id"', b'"file_url"', b'"image_url"',
-    b'"input_image"', b'"input_file"', b'"input_audio"', b'"document"', b'"url"',
-    b'"container_upload"', b'"file_search', b'"web_search', b'"mcp', b'"code_interpreter',
-    b'"vector_store_ids"')
+SERVER_SIDE_INPUT_MARKERS = re.compile(
+    rb'"(?:previous_response_id"|conversation"|file_id"|file_url"|image_url"|input_image"'
+    rb'|input_file"|input_audio"|document"|url"|container_upload"|file_search|web_search|mcp'
+    rb'|code_interpreter|vector_store_ids")')
 
 
 @dataclasses.dataclass
@@ -3684,7 +3696,7 @@ def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_
     max_input, max_output = pricebook.sizes(model)
     prompt = len(body) // 3
     if (isinstance(payload.get("prompt"), dict)
-            or any(marker in body for marker in SERVER_SIDE_INPUT_MARKERS)):
+            or SERVER_SIDE_INPUT_MARKERS.search(body)):
         prompt = max(prompt, max_input or default_max_input_tokens)
     asked = next((payload[name] for name in
                   ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -3694,7 +3706,8 @@ def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_
         min(asked, max_output) if max_output else asked)
     n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 0) > 1 else 1
     request = request_usage(endpoint, payload)
-    bound = dataclasses.replace(request, prompt_tokens=prompt, completion_tokens=output * n)
+    bound = Usage(prompt_tokens=prompt, completion_tokens=output * n, images=request.images,
+                  image_kind=request.image_kind, characters=request.characters)
     if endpoint in TRANSCRIPTION_ENDPOINTS:
         bound.audio_seconds = len(body) / AUDIO_BYTES_PER_SECOND
     tools = payload.get("tools")
@@ -3726,6 +3739,13 @@ def window_bounds(window, now):
     first = date.replace(day=1)
     following = (first + dt.timedelta(days=32)).replace(day=1)
     return int(first.timestamp()), int(following.timestamp())
+
+
+@functools.lru_cache(maxsize=4)
+def window_starts(minute_start):
+    """((window, start), ...) for every calendar window holding a minute: what the usage
+    writer counts each event into (cached, as a batch's events mostly share a minute)."""
+    return tuple((window, window_bounds(window, minute_start)[0]) for window in WINDOWS)
 
 
 def rolling_seconds(window):
@@ -3979,7 +3999,7 @@ class Limits:
             if event.reservation is not None:
                 self._release(event.reservation.reservation)
             seconds = event.created_ms / 1000
-            bounds = [(window, window_bounds(window, seconds)[0]) for window in WINDOWS]
+            bounds = window_starts(int(seconds // 60 * 60))
             tokens, cost = event.prompt_tokens + event.completion_tokens, event.cost_nusd or 0
             for subject in event.subjects:
                 for window, start in bounds:
@@ -6793,7 +6813,7 @@ def _new_call(state, key, environ, payload, body, path, model, started):
                   "n": options.get("candidateCount")}
     worst = worst_case(state.pricebook, _mapped_model(key, model), bounds, body,
                        config.default_max_tokens, config.default_max_input_tokens, path)
-    return Call(request_id=secrets.token_hex(6), started=started, endpoint=path[:100],
+    return Call(request_id=os.urandom(6).hex(), started=started, endpoint=path[:100],
                 key=key, project_id=key["project_id"], user_name=user_name, key_id=key["id"],
                 limit_message=key["limit_message"], model=model, worst=worst,
                 method=environ["REQUEST_METHOD"], path=logged_path(environ),
@@ -9740,10 +9760,22 @@ def _openapi_spec():
     date = {"type": "string", "oneOf": [{"format": "date"}, {"maxLength": 0}],
             "description": "a UTC date; empty or absent: the default"}
     dates = (query("start", date), query("end", date))
-    key_id, project_id, limit_id, plan_id = (path_param("id"),) * 4
+    by_id = (path_param("id"),)
     # A user name the Identity rule leaves something of.
     user_param = {**path_param("user"), "schema": {
         "type": "string", "pattern": r"[\s\S]*[^\s\x00-\x1f\x7f-\x9f][\s\S]*"}}
+
+    def resource(path, name, lists, creates, changes, deletes=None, filters=(), also=()):
+        """The paths of one kind of record: `path` lists and creates, `path/{id}` gets,
+        changes and (given a summary) deletes. `creates` and `changes` are (summary, body)."""
+        return {
+            path: {"get": op(lists, data_of(name), params=filters),
+                   "post": op(creates[0], ref(name), creates[1], status="201", also=also)},
+            f"{path}/{{id}}": {
+                "get": op(f"Get a {name.lower()}", ref(name), params=by_id),
+                "patch": op(changes[0], ref(name), changes[1], params=by_id),
+                **({"delete": op(deletes, deleted, params=by_id)} if deletes else {})}}
+
     return {
         "openapi": "3.0.3",
         "info": {"title": "llimit admin API", "version": __version__},
@@ -9756,47 +9788,25 @@ def _openapi_spec():
                     "message": string, "type": string, "code": nullable_string,
                     "param": nullable_string}}}}}},
         "paths": {
-            "/admin/keys": {
-                "get": op("List keys", data_of("Key"), params=(query("user"), query("project"),
-                                               query("active", {
-                                                   "type": "string", "pattern": any_case(
-                                                       "true|false|1|0|yes|no|")}))),
-                "post": op("Create a key; the secret is returned once", ref("Key"), key_input,
-                           status="201")},
-            "/admin/keys/{id}": {
-                "get": op("Get a key", ref("Key"), params=(key_id,)),
-                "patch": op("Change a key", ref("Key"), key_patch, params=(key_id,))},
-            "/admin/keys/{id}/revoke": {"post": op("Revoke a key", ref("Key"), params=(key_id,))},
-            "/admin/projects": {
-                "get": op("List projects", data_of("Project")),
-                "post": op("Create a project", ref("Project"), project_input, status="201",
-                           also=("409",))},
-            "/admin/projects/{id}": {
-                "get": op("Get a project", ref("Project"), params=(project_id,)),
-                "patch": op("Change a project", ref("Project"), project_patch,
-                            params=(project_id,)),
-                "delete": op("Delete a project (its keys are revoked)", deleted,
-                             params=(project_id,))},
-            "/admin/limits": {
-                "get": op("List limits with used and resets_at", data_of("Limit")),
-                "post": op("Create a limit", ref("Limit"), limit_input, status="201")},
-            "/admin/limits/{id}": {
-                "get": op("Get a limit", ref("Limit"), params=(limit_id,)),
-                "patch": op("Change a limit", ref("Limit"), limit_patch, params=(limit_id,)),
-                "delete": op("Delete a limit", deleted, params=(limit_id,))},
+            **resource("/admin/keys", "Key", "List keys",
+                       ("Create a key; the secret is returned once", key_input),
+                       ("Change a key", key_patch), filters=(
+                           query("user"), query("project"), query("active", {
+                               "type": "string",
+                               "pattern": any_case("true|false|1|0|yes|no|")}))),
+            "/admin/keys/{id}/revoke": {"post": op("Revoke a key", ref("Key"), params=by_id)},
+            **resource("/admin/projects", "Project", "List projects",
+                       ("Create a project", project_input), ("Change a project", project_patch),
+                       "Delete a project (its keys are revoked)", also=("409",)),
+            **resource("/admin/limits", "Limit", "List limits with used and resets_at",
+                       ("Create a limit", limit_input), ("Change a limit", limit_patch),
+                       "Delete a limit"),
             "/admin/limits/{id}/reset": {"post": op(
                 "Start the limit's current period now (history stays)", ref("Limit"),
-                params=(limit_id,))},
-            "/admin/plans": {
-                "get": op("List plans", data_of("Plan")),
-                "post": op("Create a plan", ref("Plan"), plan_input, status="201",
-                           also=("409",))},
-            "/admin/plans/{id}": {
-                "get": op("Get a plan", ref("Plan"), params=(plan_id,)),
-                "patch": op("Rename a plan or replace its limits", ref("Plan"), plan_patch,
-                            params=(plan_id,)),
-                "delete": op("Delete a plan (its members fall back to the default)", deleted,
-                             params=(plan_id,))},
+                params=by_id)},
+            **resource("/admin/plans", "Plan", "List plans", ("Create a plan", plan_input),
+                       ("Rename a plan or replace its limits", plan_patch),
+                       "Delete a plan (its members fall back to the default)", also=("409",)),
             "/admin/users/{user}": {
                 "get": op("A user's plan and its limits", ref("User"), params=(user_param,)),
                 "put": op("Put a user on a plan (null: the default plan)", ref("User"),
@@ -10351,10 +10361,17 @@ def configure_logging(config):
     listener = logging.handlers.QueueListener(records, handler)
     listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(records)]
+    root.handlers[:] = [_DeferredQueueHandler(records)]
     root.setLevel(config.log_level.upper())
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     return listener
+
+
+class _DeferredQueueHandler(logging.handlers.QueueHandler):
+    # Hands the record over as it is: the listener thread formats it, once, off
+    # the request's thread (our log arguments are strings and numbers).
+    def prepare(self, record):
+        return record
 
 
 class _JsonLogFormatter(logging.Formatter):

@@ -165,7 +165,10 @@ def postgres_url():
                 raise
             with psycopg.connect(url.replace("/llimit_test?", "/postgres?"),
                                  autocommit=True, connect_timeout=5) as admin:
-                admin.execute("create database llimit_test")
+                try:
+                    admin.execute("create database llimit_test")
+                except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+                    pass  # another test process (pytest -n) made it first
     except psycopg.OperationalError as error:
         message = (f"no PostgreSQL at {url} (run tests/install.sh, or set"
                    f" {POSTGRES_URL_ENV}): {error}")
