@@ -792,6 +792,26 @@ begin;
 alter table sessions add column new_key_sealed text;
 commit;
 """),
+    ("0014 running totals of rolling and reset periods", """
+begin;
+-- For several llimit instances on one PostgreSQL database: the running total
+-- of a period that does not start at midnight (a rolling window's, or one a
+-- reset started), read once from the events of its partial first day and the
+-- daily totals after it, then counted on by the usage writer with each event
+-- inside [window_start, window_end), as one SQLite process does in memory.
+-- window_end null: no end (a reset 'total' window). On SQLite it stays empty.
+create table period_totals (
+    subject text not null,
+    window_name text not null,
+    window_start bigint not null,   -- epoch seconds
+    window_end bigint,              -- epoch seconds
+    requests bigint not null,
+    tokens bigint not null,
+    cost_nusd bigint not null,
+    primary key (subject, window_name, window_start)
+);
+commit;
+"""),
 ]
 
 # The PostgreSQL side of migrations whose SQLite script PostgreSQL cannot run
@@ -1052,6 +1072,121 @@ begin
             union all
             select c.requests, c.tokens, c.cost_nusd from usage_counters c
             where p_windows[i] <> 'minute' and c.subject = p_subjects[i]
+            and c.day >= p_first_days[i] and c.day <= p_last_days[i]) u;
+        v_out := v_out || v_row;
+        if p_blocks[i] then
+            v_taken := v_row[p_metrics[i]] + v_row[p_metrics[i] + 3];
+            if (p_stricts[i] and v_taken + p_need[p_metrics[i]] > p_amounts[i])
+                    or (not p_stricts[i] and v_taken >= p_amounts[i]) then
+                v_out[1] := i;
+                return v_out;
+            end if;
+        end if;
+    end loop;
+    for i in 1 .. coalesce(array_length(p_subjects, 1), 0) loop
+        if p_blocks[i] then
+            insert into reservations (id, subject, window_name, window_start, requests,
+                                      tokens, cost_nusd, expires_ms)
+            values (p_reservation, p_subjects[i], p_windows[i], p_starts[i], p_need[1],
+                    p_need[2], p_need[3], p_expires_ms)
+            on conflict do nothing;
+        end if;
+    end loop;
+    return v_out;
+end $$;
+""")
+POSTGRES_MIGRATIONS["0014 running totals of rolling and reset periods"] = (
+    dict(MIGRATIONS)["0014 running totals of rolling and reset periods"].strip()
+    .removeprefix("begin;").removesuffix("commit;").replace(
+        "subject text not null,", 'subject text collate "C" not null,') + """
+-- llimit_admit as in 0012, with periods that do not start at midnight
+-- (p_irregular): such a check reads its period_totals row, made here on first
+-- use from the events of [start, the next midnight or the end) that match the
+-- subject (p_projects, p_users, p_keys; null: any) and the daily totals of
+-- p_first_days .. p_last_days. Making it holds the subject's advisory lock
+-- (hashtextextended(subject, 1)), which the usage writer holds shared while it
+-- counts events into period_totals: each event is either in the first read or
+-- counted on, never both nor neither. Subjects are locked in the caller's sorted
+-- order, after every window lock. The 0012 function stays for instances of the
+-- previous version during a rolling upgrade (they refuse such periods).
+create function llimit_admit(
+    p_version bigint, p_reservation text, p_now_ms bigint, p_expires_ms bigint,
+    p_subjects text[], p_windows text[], p_starts bigint[], p_ends bigint[],
+    p_first_days text[], p_last_days text[], p_irregular boolean[], p_projects text[],
+    p_users text[], p_keys text[], p_metrics integer[], p_amounts double precision[],
+    p_blocks boolean[], p_stricts boolean[], p_need bigint[]) returns bigint[]
+    language plpgsql as $$
+declare
+    v_version bigint;
+    v_out bigint[];
+    v_row bigint[];
+    v_taken bigint;
+    v_head_end bigint;
+    i integer;
+begin
+    select version into v_version from config_version;
+    if v_version is distinct from p_version then
+        return array[-1::bigint, v_version];
+    end if;
+    v_out := array[0::bigint, v_version];
+    for i in 1 .. coalesce(array_length(p_subjects, 1), 0) loop
+        perform pg_advisory_xact_lock(hashtextextended(
+            p_subjects[i] || chr(31) || p_windows[i] || chr(31) || p_starts[i]::text, 0));
+    end loop;
+    for i in 1 .. coalesce(array_length(p_subjects, 1), 0) loop
+        if p_irregular[i] then
+            perform 1 from period_totals t where t.subject = p_subjects[i]
+                and t.window_name = p_windows[i] and t.window_start = p_starts[i];
+            if not found then
+                perform pg_advisory_xact_lock(hashtextextended(p_subjects[i], 1));
+                v_head_end := (p_starts[i] + 86399) / 86400 * 86400;
+                if p_ends[i] is not null and p_ends[i] < v_head_end then
+                    v_head_end := p_ends[i];
+                end if;
+                insert into period_totals (subject, window_name, window_start, window_end,
+                                           requests, tokens, cost_nusd)
+                select p_subjects[i], p_windows[i], p_starts[i], p_ends[i],
+                       e.requests + c.requests, e.tokens + c.tokens, e.cost_nusd + c.cost_nusd
+                from (select count(*) as requests,
+                             coalesce(sum(u.prompt_tokens + u.completion_tokens), 0) as tokens,
+                             coalesce(sum(u.cost_nusd), 0) as cost_nusd
+                      from usage_events u
+                      where u.created_ms >= p_starts[i] * 1000
+                      and u.created_ms < v_head_end * 1000
+                      and (p_projects[i] is null or u.project_id = p_projects[i])
+                      and (p_users[i] is null or u.user_name = p_users[i])
+                      and (p_keys[i] is null or u.key_id = p_keys[i])) e,
+                     (select coalesce(sum(d.requests), 0) as requests,
+                             coalesce(sum(d.tokens), 0) as tokens,
+                             coalesce(sum(d.cost_nusd), 0) as cost_nusd
+                      from usage_counters d where d.subject = p_subjects[i]
+                      and d.day >= p_first_days[i] and d.day <= p_last_days[i]) c
+                on conflict do nothing;
+            end if;
+        end if;
+        select array[coalesce(sum(u.requests), 0), coalesce(sum(u.tokens), 0),
+                     coalesce(sum(u.cost_nusd), 0),
+                     (select coalesce(sum(r.requests), 0) from reservations r
+                      where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                      and r.window_start = p_starts[i] and r.expires_ms > p_now_ms),
+                     (select coalesce(sum(r.tokens), 0) from reservations r
+                      where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                      and r.window_start = p_starts[i] and r.expires_ms > p_now_ms),
+                     (select coalesce(sum(r.cost_nusd), 0) from reservations r
+                      where r.subject = p_subjects[i] and r.window_name = p_windows[i]
+                      and r.window_start = p_starts[i] and r.expires_ms > p_now_ms)]
+        into v_row from (
+            select t.requests, t.tokens, t.cost_nusd from period_totals t
+            where p_irregular[i] and t.subject = p_subjects[i]
+            and t.window_name = p_windows[i] and t.window_start = p_starts[i]
+            union all
+            select m.requests, m.tokens, m.cost_nusd from usage_minutes m
+            where not p_irregular[i] and p_windows[i] = 'minute'
+            and m.subject = p_subjects[i] and m.minute_start = p_starts[i]
+            union all
+            select c.requests, c.tokens, c.cost_nusd from usage_counters c
+            where not p_irregular[i] and p_windows[i] <> 'minute'
+            and c.subject = p_subjects[i]
             and c.day >= p_first_days[i] and c.day <= p_last_days[i]) u;
         v_out := v_out || v_row;
         if p_blocks[i] then
@@ -1452,8 +1587,9 @@ def _sql_quote(text):
 # --- copying a database (migrate-db) ----------------------------------------------
 
 # Kept by each database itself, never copied: migrations applied, the trigger-kept
-# version, and calls under way (live only in the instance that admitted them).
-UNCOPIED_TABLES = ("_migrations", "config_version", "reservations")
+# version, calls under way (live only in the instance that admitted them), and
+# the totals of rolling and reset periods (read afresh from the copied events).
+UNCOPIED_TABLES = ("_migrations", "config_version", "reservations", "period_totals")
 # Rows the target may hold already (the default project; settings of a first
 # start): the source's values win. Every other table only gains rows it lacks.
 REPLACED_TABLES = {"settings": "name", "projects": "id"}
@@ -1809,6 +1945,14 @@ UPSERT_USAGE_COUNTER_SQL = (
     " cost_nusd = usage_counters.cost_nusd + excluded.cost_nusd")
 
 
+# Counts an event on into the running totals of rolling and reset periods holding
+# it (PostgreSQL); window_* are in seconds, created_ms in milliseconds.
+COUNT_PERIOD_TOTALS_SQL = (
+    "update period_totals set requests = requests + 1, tokens = tokens + ?,"
+    " cost_nusd = cost_nusd + ? where subject = ? and window_start * 1000 <= ?"
+    " and (window_end is null or ? < window_end * 1000)")
+
+
 UPSERT_USAGE_MINUTE_SQL = (
     "insert into usage_minutes (subject, minute_start, requests, tokens, cost_nusd)"
     " values (?, ?, 1, ?, ?) on conflict (subject, minute_start) do update set"
@@ -1820,11 +1964,13 @@ def insert_usage_events(db, events, price_ids, reservation_ids=()):
     """Store a batch of usage events with their daily rollups and running totals.
 
     The caller holds the transaction; `price_ids[i]` is the snapshot of events[i].
-    On PostgreSQL the minute totals are written too, and the batch's
-    reservations deleted in the same transaction, so an admission sees each
-    call either reserved or used, never both nor neither.
+    On PostgreSQL the minute totals and the totals of rolling and reset periods
+    are written too, and the batch's reservations deleted in the same
+    transaction, so an admission sees each call either reserved or used, never
+    both nor neither.
     """
     event_rows, daily_rows, counter_rows, minute_rows, key_touches = [], [], [], [], {}
+    period_rows = []
     for event, price_id in zip(events, price_ids):
         cost = event.cost_nusd or 0
         tokens = event.prompt_tokens + event.completion_tokens
@@ -1846,6 +1992,7 @@ def insert_usage_events(db, events, price_ids, reservation_ids=()):
             counter_rows.append((subject, day, tokens, cost))
             counter_rows.append((subject, "total", tokens, cost))
             minute_rows.append((subject, minute, tokens, cost))
+            period_rows.append((tokens, cost, subject, event.created_ms, event.created_ms))
         if event.key_id:
             key_touches[event.key_id] = _iso_from_ms(event.created_ms)
     db.executemany(INSERT_USAGE_EVENT_SQL, event_rows)
@@ -1855,34 +2002,72 @@ def insert_usage_events(db, events, price_ids, reservation_ids=()):
                    [(used_at, key_id) for key_id, used_at in key_touches.items()])
     if engine_of(db) == "postgres":  # SQLite's one process counts minutes in memory
         db.executemany(UPSERT_USAGE_MINUTE_SQL, minute_rows)
+        if period_rows:
+            # Shared subject locks: llimit_admit holds one exclusive while it
+            # reads a new period's first total, so each event is in that read
+            # or counted on here, never both nor neither.
+            lock_subjects(db, sorted({row[2] for row in period_rows}))
+            db.executemany(COUNT_PERIOD_TOTALS_SQL, period_rows)
         db.executemany("delete from reservations where id = ?",
                        [(reservation_id,) for reservation_id in reservation_ids])
 
 
 # --- shared reservations (PostgreSQL) -----------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class SharedCheck:
+    """One limit's window as llimit_admit reads it; `end` None for none."""
+    subject: str
+    window: str
+    start: int              # epoch seconds
+    end: int
+    irregular: bool         # not a calendar window's own period: read from period_totals
+    metric: int             # 1 requests, 2 tokens, 3 nusd
+    amount: int             # counter units
+    block: bool
+    strict: bool            # refuse if used + held + need > amount (else used + held >= amount)
+
+
+def _check_columns(check):
+    # The days whose daily totals the check reads: a calendar window's own,
+    # or for a period from period_totals, the whole days after its first.
+    if check.end is None and not check.irregular:
+        first, last = "total", "total"
+    else:
+        first = _utc_day(-(-check.start // 86400) * 86400 if check.irregular else check.start)
+        last = "9999-12-31" if check.end is None else _utc_day(check.end - 1)
+    kind, names = parse_subject(check.subject)
+    matches = dict(zip(SUBJECT_COLUMNS.get(kind, ()), names))
+    return (check.subject, check.window, check.start, check.end, first, last, check.irregular,
+            matches.get("project_id"), matches.get("user_name"), matches.get("key_id"),
+            check.metric, float(check.amount), check.block, check.strict)
+
+
+def _utc_day(seconds):
+    """The UTC day of epoch seconds, as usage_counters names it: '2026-11-19'."""
+    return time.strftime("%Y-%m-%d", time.gmtime(seconds))
+
+
 def admit_reservation(db, config_version, reservation_id, now_ms, expires_ms, checks, need):
     """Check the config version, and a call against shared totals, reserving `need`: one round trip.
 
-    `checks` are (subject, window, start, first_day, last_day, metric 1-3,
-    amount, block, strict) in a sorted order (the advisory locks are taken in
-    it); `need` is [requests, tokens, nusd]. Returns (refused, version,
+    `checks` are SharedChecks in a sorted order (the advisory locks are taken
+    in it); `need` is [requests, tokens, nusd]. Returns (refused, version,
     totals): refused is "moved" when the database's config_version is not
     `config_version` (nothing read or reserved), else the index of the first
     check refused or None; totals are [used requests, tokens, nusd, held
     requests, tokens, nusd] per check read. Reserves under `reservation_id`
     only if none refused.
     """
-    columns = list(zip(*checks)) or [[]] * 9
+    columns = [list(column) for column in zip(*map(_check_columns, checks))] or [[]] * 14
     row = db.execute(
         "select llimit_admit(?, ?, ?, ?, cast(? as text[]), cast(? as text[]),"
-        " cast(? as bigint[]), cast(? as text[]), cast(? as text[]), cast(? as integer[]),"
-        " cast(? as double precision[]), cast(? as boolean[]), cast(? as boolean[]),"
-        " cast(? as bigint[]))",
-        (config_version, reservation_id, now_ms, expires_ms, list(columns[0]),
-         list(columns[1]), list(columns[2]), list(columns[3]), list(columns[4]),
-         list(columns[5]), [float(x) for x in columns[6]], list(columns[7]),
-         list(columns[8]), list(need))).fetchone()[0]
+        " cast(? as bigint[]), cast(? as bigint[]), cast(? as text[]), cast(? as text[]),"
+        " cast(? as boolean[]), cast(? as text[]), cast(? as text[]), cast(? as text[]),"
+        " cast(? as integer[]), cast(? as double precision[]), cast(? as boolean[]),"
+        " cast(? as boolean[]), cast(? as bigint[]))",
+        (config_version, reservation_id, now_ms, expires_ms, *columns,
+         list(need))).fetchone()[0]
     if row[0] < 0:
         return "moved", row[1], []
     totals = [row[first:first + 6] for first in range(2, len(row), 6)]
@@ -1890,9 +2075,25 @@ def admit_reservation(db, config_version, reservation_id, now_ms, expires_ms, ch
 
 
 def delete_stale_reservations(db, now_ms, minute_before):
-    """Forget reservations past their expiry (an instance died) and minute totals before a time."""
+    """Forget reservations past their expiry (an instance died), and minute totals
+    and periods' totals that ended before a time."""
     db.execute("delete from reservations where expires_ms <= ?", (now_ms,))
     db.execute("delete from usage_minutes where minute_start < ?", (minute_before,))
+    db.execute("delete from period_totals where window_end < ?", (minute_before,))
+
+
+def lock_subjects(db, subjects):
+    """Within the open transaction, hold each subject's advisory lock shared (sorted order)."""
+    db.execute("select count(pg_advisory_xact_lock_shared(hashtextextended(s, 1)))"
+               " from unnest(cast(? as text[])) as s", (subjects,))
+
+
+def get_period_total(db, subject, window, start):
+    """The running total of a rolling or reset period from period_totals, or None if not made."""
+    row = db.execute("select requests, tokens, cost_nusd from period_totals"
+                     " where subject = ? and window_name = ? and window_start = ?",
+                     (subject, window, start)).fetchone()
+    return Totals(*row) if row else None
 
 
 def count_reservations(db):
@@ -2115,6 +2316,7 @@ def rebuild_rollups(db, now_ms):
     minutes = engine_of(db) == "postgres"  # SQLite's one process counts minutes in memory
     if minutes:
         db.execute("delete from usage_minutes")
+        db.execute("delete from period_totals")  # made again from the events on first use
     db.execute("delete from usage_daily")
     db.execute(
         f"insert into usage_daily select {event_day},"
@@ -3440,7 +3642,8 @@ def reprice_all(state):
 #    every block limit it falls under, and settles to the real usage once the
 #    usage writer has committed it. Running totals live in SQLite
 #    (usage_counters, written with each event) and are cached here per window,
-#    so a check costs the same with ten stored events or ten million.
+#    so a check costs the same with ten stored events or ten million; on
+#    PostgreSQL (SharedLimits) they stay in the database, read by one statement.
 #    Knows nothing of HTTP beyond raising LlimitError.
 # =============================================================================
 
@@ -3577,10 +3780,6 @@ def _regular_period(window, start):
     # Whether a period is a calendar window's own, kept by count_committed's
     # running totals; any other (rolling, or started by a reset) is irregular.
     return window in WINDOWS and window_bounds(window, start)[0] == start
-
-
-def _day(seconds):
-    return time.strftime("%Y-%m-%d", time.gmtime(seconds))
 
 
 def call_subjects(project_id, user_name, key_id):
@@ -3849,7 +4048,8 @@ class Limits:
                           in self._used.items() if window == "minute"
                           and entry_start == start and subject.startswith(prefix)]
                 return max(values, default=0), end
-        first, last = ("total", "total") if end is None else (_day(start), _day(end - 1))
+        first, last = (("total", "total") if end is None
+                       else (_utc_day(start), _utc_day(end - 1)))
         return get_counter_max_member(db, prefix, first, last, field), end
 
     def status(self, db, limit):
@@ -3887,7 +4087,7 @@ class Limits:
             elif window == "total":
                 entry = get_lifetime_total(db, subject)
             else:
-                entry = get_counter(db, subject, _day(start), _day(end - 1))
+                entry = get_counter(db, subject, _utc_day(start), _utc_day(end - 1))
             self._used[key] = entry
         return entry
 
@@ -3973,9 +4173,12 @@ class SharedLimits(Limits):
     overtake it: a call's admission is one statement (admit_reservation) that
     reads each window's used total and the reservations of calls under way
     on every instance, and reserves this call's worst case, under a lock per
-    window. The usage writer deletes the reservation in the transaction that
-    stores the call's usage; one left by an instance that died expires after
-    `reservation_seconds`.
+    window. A rolling or reset period's total is kept in the database too
+    (period_totals: read once from its partial first day's events and the
+    daily totals, then counted on by every instance's usage writer), so it is
+    exact to the millisecond as on SQLite. The usage writer deletes the
+    reservation in the transaction that stores the call's usage; one left by
+    an instance that died expires after `reservation_seconds`.
     """
 
     PRUNE_SECONDS = 60
@@ -4006,10 +4209,6 @@ class SharedLimits(Limits):
                     raise _user_required(limit)
                 continue
             start, end = limit_period(limit, now)
-            if not _regular_period(limit["window"], start):
-                # A rolling or reset period (copied in by migrate-db: the admin
-                # API refuses them here) is not counted: fail closed, not open.
-                raise _not_on_postgresql(f"The limit {limit['id']}'s period") from None
             if limit["alert_at"] or self._alerts_full(limit):
                 alert_checks.append((limit, subject))
             block = limit["action"] == "block"
@@ -4017,12 +4216,13 @@ class SharedLimits(Limits):
                 if not worst.priced:
                     raise _not_priced(limit, call.model)
                 usd_bound = True
-            first, last = ("total", "total") if end is None else (_day(start), _day(end - 1))
-            checks.append(((subject, limit["window"], start, first, last,
-                            SHARED_METRIC_POSITION[limit["metric"]], limit_amount_units(limit),
-                            block, worst.strict or limit["metric"] == "requests"), limit, end))
-        checks.sort(key=lambda check: check[0][:3])
-        blocks = any(check[0][7] for check in checks)
+            checks.append((SharedCheck(
+                subject, limit["window"], start, end,
+                not _regular_period(limit["window"], start),
+                SHARED_METRIC_POSITION[limit["metric"]], limit_amount_units(limit), block,
+                worst.strict or limit["metric"] == "requests"), limit))
+        checks.sort(key=lambda check: (check[0].subject, check[0].window, check[0].start))
+        blocks = any(check[0].block for check in checks)
         shared_id = secrets.token_hex(12) if blocks else None
         need = worst.need
         refused, version, totals = admit_reservation(
@@ -4031,13 +4231,13 @@ class SharedLimits(Limits):
             [need.requests, need.tokens, need.cost_nusd])
         if refused == "moved":
             raise ConfigMoved(version)
-        for (row, limit, end), total in zip(checks, totals):
-            position, amount = row[5] - 1, row[6]
+        for (check, limit), total in zip(checks, totals):
+            position, amount, end = check.metric - 1, check.amount, check.end
             used, in_flight = total[position], total[position + 3]
-            if refused is not None and row is checks[refused][0]:
+            if refused is not None and check is checks[refused][0]:
                 raise self._refusal(limit, used, in_flight, end, now, call.limit_message)
             _limit_headers(headers, limit, amount, used + in_flight,
-                           getattr(need, METRIC_FIELDS[limit["metric"]]), row[2], end, now)
+                           getattr(need, METRIC_FIELDS[limit["metric"]]), check.start, end, now)
             warning = warning_text(limit, amount, used, end)
             if warning:
                 warnings.append(warning)
@@ -4061,7 +4261,7 @@ class SharedLimits(Limits):
 
     def used(self, db, limit, subject):
         """(used in counter units, window end or None) of a limit for one subject."""
-        start, end = window_bounds(limit["window"], self.clock())
+        start, end = limit_period(limit, self.clock())
         entry = self._committed_entry(subject, limit["window"], start, end, db)
         return entry.metric(limit["metric"]), end
 
@@ -4078,11 +4278,15 @@ class SharedLimits(Limits):
 
     def _committed_entry(self, subject, window, start, end, db=None):
         db = db or self.database()
+        if not _regular_period(window, start):
+            # Its running total once an admission has made it, else read as SQLite does.
+            total = get_period_total(db, subject, window, start)
+            return _period_total(db, subject, start, end) if total is None else total
         if window == "minute":
             return get_minute_total(db, subject, start)
         if window == "total":
             return get_lifetime_total(db, subject)
-        return get_counter(db, subject, _day(start), _day(end - 1))
+        return get_counter(db, subject, _utc_day(start), _utc_day(end - 1))
 
 
 def _ledger_unavailable():
@@ -4109,8 +4313,8 @@ def _period_total(db, subject, start, end):
         last = next_day if end is None else min(next_day, end)
         total.add(get_events_total(db, subject, start * 1000, last * 1000))
     if end is None or next_day < end:
-        total.add(get_counter(db, subject, _day(next_day),
-                              "9999-12-31" if end is None else _day(end - 1)))
+        total.add(get_counter(db, subject, _utc_day(next_day),
+                              "9999-12-31" if end is None else _utc_day(end - 1)))
     return total
 
 
@@ -4368,15 +4572,8 @@ def add_limit(db, limit, now_iso):
     """Store a validated limit under a fresh id; returns the id."""
     limit = {"starts_at": None, "reset_at": None, **limit,
              "id": "lim_" + secrets.token_hex(6), "created_at": now_iso}
-    enforceable_limit(db, limit)
     insert_limit(db, limit)
     return limit["id"]
-
-
-def change_limit(db, limit):
-    """Write back a validated limit (all its fields)."""
-    enforceable_limit(db, limit)
-    update_limit(db, limit)
 
 
 def reset_limit(db, limit, now_iso):
@@ -4385,34 +4582,10 @@ def reset_limit(db, limit, now_iso):
     A rolling window's periods are counted from now on; a calendar window's
     current period starts now, and the next one at its usual time.
     """
-    if engine_of(db) == "postgres":
-        raise _not_on_postgresql("Resetting a limit's period")
     limit = dict(limit)
     limit["starts_at" if rolling_seconds(limit["window"]) else "reset_at"] = now_iso
     update_limit(db, limit)
     return limit
-
-
-def enforceable_limit(db, limit):
-    """400 for a limit this database's admission would not enforce as written.
-
-    SharedLimits (PostgreSQL) counts calendar windows from their usual start
-    only: a rolling window or a reset period would be stored yet not
-    enforced, so it is refused instead.
-    """
-    if engine_of(db) != "postgres":
-        return
-    if rolling_seconds(limit["window"]) is not None:
-        raise _not_on_postgresql(f"A rolling window ({limit['window']!r})")
-    if limit.get("reset_at"):
-        raise _not_on_postgresql("A limit whose period was reset")
-
-
-def _not_on_postgresql(what):
-    return LlimitError(400, "invalid_request_error",
-                       f"{what} is not supported on PostgreSQL yet: llimit could not enforce"
-                       f" it there. Use a calendar window ({', '.join(WINDOWS)}).",
-                       code="not_supported_on_postgresql")
 
 
 PLAN_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -4482,7 +4655,7 @@ def change_plan(db, plan_id, data, now_iso):
             if item.get("id") is not None:
                 if item["id"] not in current:
                     raise _field_error("limits", f"names {item['id']!r}, not a limit of this plan")
-                change_limit(db, validate_plan_limit(item, plan_id, current[item["id"]]))
+                update_limit(db, validate_plan_limit(item, plan_id, current[item["id"]]))
                 kept.add(item["id"])
             else:
                 add_limit(db, validate_plan_limit(item, plan_id), now_iso)
@@ -8508,9 +8681,9 @@ def page_usage(state, session):
     user_name = _signed_in_user(session)
     db = state.database()
     now = state.config.clock()
-    today = _day(now)
+    today = _utc_day(now)
     subject = subject_of("user", user_name)
-    month = get_counter(db, subject, _day(window_bounds("month", now)[0]), today)
+    month = get_counter(db, subject, _utc_day(window_bounds("month", now)[0]), today)
     active_keys = list_keys(db, user_name=user_name, active_at=utc_iso(now))
     start, end = report_range({}, now)
     by_day = usage_report(db, "day", start, end, user_name)["rows"]
@@ -8817,8 +8990,8 @@ def page_admin_post(state, session, form):
 def _render_admin(state, session, notice=None, form=None, form_error=None):
     db = state.database()
     now = state.config.clock()
-    today = _day(now)
-    month_start = _day(window_bounds("month", now)[0])
+    today = _utc_day(now)
+    month_start = _utc_day(window_bounds("month", now)[0])
     today_total = get_counter(db, SUBJECT_ALL, today, today)
     month_total = get_counter(db, SUBJECT_ALL, month_start, today)
     limit_rows = [_limit_row(state.limits.status(db, row)) for row in list_limits(db)
@@ -8863,7 +9036,7 @@ def _render_admin(state, session, notice=None, form=None, form_error=None):
         missing=missing_prices(db, book), prices=prices, upstream_kinds=UPSTREAM_KINDS,
         budget_windows=BUDGET_WINDOWS, scopes=SCOPES, metrics=LIMIT_METRICS,
         windows=WINDOWS + ROLLING_EXAMPLES, plans=plans, default_plan=state.config.default_plan,
-        refused_calls=refused_report(db, _day(now - DEFAULT_REPORT_DAYS * 86400), today),
+        refused_calls=refused_report(db, _utc_day(now - DEFAULT_REPORT_DAYS * 86400), today),
         refused_days=DEFAULT_REPORT_DAYS, reasons=REFUSAL_REASONS)
 
 
@@ -9249,7 +9422,7 @@ def admin_limit_update(state, limit_id):
     with transaction(db):
         current = dict(_must_exist(get_limit(db, limit_id), "limit", limit_id))
         _not_in_plan(current)
-        change_limit(db, validate_limit(data, current, state.user_domains))
+        update_limit(db, validate_limit(data, current, state.user_domains))
     return admin_limit_get(state, limit_id)
 
 
@@ -9434,7 +9607,7 @@ def llimit_me(state):
     # Spend is the user's (every key), or this key's for a project key naming no one.
     subject = subject_of("user", user_name) if user_name else subject_of("key", key["id"])
     now = state.config.clock()
-    today, month_start = _day(now), _day(window_bounds("month", now)[0])
+    today, month_start = _utc_day(now), _utc_day(window_bounds("month", now)[0])
     return {"user": user_name, "project": key["project_id"], "key": key["masked_key"],
             "key_id": key["id"], "plan": plan_id, "limits": limits,
             "spend": {"today_usd": nusd_to_usd(get_counter(db, subject, today, today).cost_nusd),

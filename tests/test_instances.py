@@ -103,7 +103,7 @@ def test_a_sealed_key_opens_only_with_its_own_session_id():
     assert llimit.open_for_session("session-one", tampered) is None
 
 
-@pytest.mark.parametrize("limits", ["none", "warn", "block"])
+@pytest.mark.parametrize("limits", ["none", "warn", "block", "rolling"])
 def test_a_call_costs_one_round_trip_to_postgresql_before_going_upstream(
         make_llimit, databases, fake, tmp_path_factory, limits):
     relay = PostgresRelay(databases("ledger"), str(tmp_path_factory.mktemp("relay")))
@@ -111,10 +111,17 @@ def test_a_call_costs_one_round_trip_to_postgresql_before_going_upstream(
         gateway = make_llimit(db_path=relay.url)
         raw_key, key_id = gateway.create_key()
         if limits != "none":
+            action = "warn" if limits == "warn" else "block"
             add_limit(gateway, scope="key", target=key_id, metric="usd", window="day",
-                      amount=100, action=limits)
+                      amount=100, action=action)
             add_limit(gateway, scope="global", metric="requests", window="minute",
-                      amount=10_000, action=limits)
+                      amount=10_000, action=action)
+        if limits == "rolling":  # a rolling window and a reset day: their totals too
+            add_limit(gateway, scope="key", target=key_id, metric="tokens", window="5h",
+                      amount=10_000_000)
+            reset = add_limit(gateway, scope="global", metric="usd", window="day", amount=100)
+            assert gateway.admin.post(
+                f"{gateway.url}/admin/limits/{reset['id']}/reset").status_code == 200
         for _ in range(8):  # warm: the key row cached, the statements prepared
             assert call(gateway, raw_key).status_code == 200
         for route in ("chat", "models"):

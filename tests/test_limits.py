@@ -210,6 +210,20 @@ def _spend(gateway):
     return sum(event["cost_nusd"] for event in gateway.events())
 
 
+def _call_at_once(fake, instances, raw_key, max_tokens, calls=48):
+    # Calls at once, spread over the instances, each held a little upstream; their statuses.
+    fake.behaviour["delay_first"] = 0.05
+    extra = {"max_tokens": max_tokens} if max_tokens else {}
+    with concurrent.futures.ThreadPoolExecutor(calls) as pool:
+        statuses = list(pool.map(
+            lambda n: call(instances[n % len(instances)], raw_key, **extra).status_code,
+            range(calls)))
+    for instance in instances:
+        instance.wait_idle()
+    assert set(statuses) <= {200, 429} and 429 in statuses
+    return statuses
+
+
 @pytest.mark.parametrize("max_tokens", [7, None], ids=["max_tokens", "unbounded"])
 def test_concurrent_calls_do_not_overrun_a_budget(make_llimit, fake, max_tokens, engine):
     gateway = make_llimit()
@@ -220,15 +234,7 @@ def test_concurrent_calls_do_not_overrun_a_budget(make_llimit, fake, max_tokens,
     raw_key, key_id = gateway.create_key()
     add_limit(gateway, scope="key", target=key_id, metric="usd", window="day",
               amount=budget_nusd / 1e9)
-    fake.behaviour["delay_first"] = 0.05
-    extra = {"max_tokens": max_tokens} if max_tokens else {}
-    with concurrent.futures.ThreadPoolExecutor(48) as pool:
-        statuses = list(pool.map(
-            lambda n: call(instances[n % len(instances)], raw_key, **extra).status_code,
-            range(48)))
-    for instance in instances:
-        instance.wait_idle()
-    assert set(statuses) <= {200, 429} and 429 in statuses
+    statuses = _call_at_once(fake, instances, raw_key, max_tokens)
     spend = _spend(gateway)
     if max_tokens:
         assert spend <= budget_nusd
@@ -236,6 +242,48 @@ def test_concurrent_calls_do_not_overrun_a_budget(make_llimit, fake, max_tokens,
         assert spend <= budget_nusd + CALL_NUSD
     assert statuses.count(200) == len(gateway.events())
     assert_running_totals_match_events(gateway)
+    assert gateway.reservations_held() == 0, "no reservation may leak"
+
+
+@pytest.mark.parametrize("max_tokens", [7, None], ids=["max_tokens", "unbounded"])
+def test_concurrent_calls_do_not_overrun_a_rolling_window(make_llimit, fake, clock, max_tokens,
+                                                          engine):
+    # A 5h window from 22:00 holds 02:00 the next day: its period is [22:00, 03:00),
+    # a partial first day (22:00-24:00) and a day counted from midnight.
+    midnight = 1_795_046_400.0  # 2026-11-19T00:00:00Z
+    clock.now = midnight - 3 * 3600  # 21:00, before the period
+    gateway = make_llimit()
+    # On PostgreSQL the calls are spread over two instances sharing the ledger.
+    instances = [gateway] + ([make_llimit(db_path=gateway.config.db_path)]
+                             if engine == "postgres" else [])
+    raw_key, key_id = gateway.create_key()
+    assert call(gateway, raw_key).status_code == 200
+    clock.now = midnight - 3600  # 23:00: in the first (partial) day
+    assert call(instances[-1], raw_key).status_code == 200
+    clock.now = midnight + 3600  # 01:00: the next day
+    assert call(gateway, raw_key).status_code == 200
+    clock.now = midnight + 2 * 3600  # 02:00
+    budget_nusd = 5 * CALL_NUSD + CALL_NUSD // 2
+    limit = add_limit(gateway, scope="key", target=key_id, metric="usd", window="5h",
+                      amount=budget_nusd / 1e9, starts_at="2026-11-18T22:00:00Z")
+    assert limit["resets_at"] == "2026-11-19T03:00:00Z"
+    assert limit["used"] == pytest.approx(2 * CALL_NUSD / 1e9)  # 23:00 and 01:00, not 21:00
+    statuses = _call_at_once(fake, instances, raw_key, max_tokens)
+    admitted = statuses.count(200)
+    if max_tokens:
+        # Each call reserves its bound: 52 bytes of body / 3 = 17 prompt tokens and 7
+        # output, $0.0001125. With 2 calls used ($0.000195), a 3rd new one fits beside
+        # 2 held ($0.0005325 <= $0.00053625); a 4th beside 3 settled ($0.0006) never.
+        assert admitted == 3
+    period_spend = (2 + admitted) * CALL_NUSD
+    assert period_spend <= budget_nusd + (0 if max_tokens else CALL_NUSD)
+    events = gateway.events()
+    assert len(events) == 3 + admitted
+    assert sum(event["cost_nusd"] for event in events
+               if event["created_ms"] >= (midnight - 2 * 3600) * 1000) == period_spend
+    for instance in instances:
+        shown = instance.admin.get(f"{instance.url}/admin/limits/{limit['id']}").json()
+        assert shown["used"] == pytest.approx(period_spend / 1e9)
     assert gateway.reservations_held() == 0, "no reservation may leak"
 
 

@@ -18,7 +18,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 import llimit
 from tests.browser import (VENDOR_CHARTJS, click_and_wait, csrf_token, fresh, http_sign_in,
                            sign_in_admin, sign_in_open)
-from tests.conftest import ADMIN_TOKEN, sqlite_only
+from tests.conftest import ADMIN_TOKEN
 
 ENGINES = ("sqlite", "postgres")
 
@@ -199,7 +199,6 @@ def database_state(server):
             for table in tables}
 
 
-@sqlite_only  # its forms reset a limit and make a 24h plan, which PostgreSQL refuses for now
 def test_every_state_changing_post_needs_the_csrf_token_and_our_origin(gateway, fake):
     """Each page form that changes something, /login included, is refused without its
     session's token, with a forged or another session's token, and from another site,
@@ -777,7 +776,6 @@ def test_a_bad_project_edit_reopens_that_projects_form_with_what_was_typed(gatew
     assert gateway.admin.get(gateway.url + "/admin/projects/default").json()["name"] != "Main <1>"
 
 
-@sqlite_only  # its plan has a rolling window (24h), which PostgreSQL does not enforce yet
 def test_plans_on_the_admin_page_and_the_members_usage(gateway, fake, browser):
     gateway.admin.post(gateway.url + "/admin/limits", json={
         "scope": "user", "target": "kim", "metric": "requests", "window": "day", "amount": 1})

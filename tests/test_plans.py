@@ -26,8 +26,6 @@ def used(server, limit_id):
 # --- rolling windows ---------------------------------------------------------------
 
 def test_a_rolling_window_counts_exactly_its_period_across_midnight(make_llimit, fake, clock, engine):
-    if engine == "postgres":
-        pytest.skip("refused on PostgreSQL: test_postgres_refuses_what_it_cannot_enforce")
     clock.now = MIDNIGHT + 6 * 3600  # 06:00: two calls before the limit exists
     server = make_llimit()
     raw_key, key_id = server.create_key()
@@ -60,8 +58,6 @@ def test_a_rolling_window_counts_exactly_its_period_across_midnight(make_llimit,
 
 
 def test_a_rolling_window_from_a_given_start_and_its_usd_budget(gateway, fake, clock, engine):
-    if engine == "postgres":
-        pytest.skip("refused on PostgreSQL: test_postgres_refuses_what_it_cannot_enforce")
     clock.now = MIDNIGHT + 10 * DAY + 5 * 3600
     raw_key, key_id = gateway.create_key()
     limit = add_limit(gateway, scope="user", target="alice", metric="usd", window="7d",
@@ -85,8 +81,6 @@ def test_a_bad_rolling_window_is_a_clear_400(gateway, window):
 # --- resets ------------------------------------------------------------------------
 
 def test_reset_starts_the_current_period_now_and_keeps_history(gateway, fake, clock, engine):
-    if engine == "postgres":
-        pytest.skip("refused on PostgreSQL: test_postgres_refuses_what_it_cannot_enforce")
     clock.now = MIDNIGHT + 8 * 3600
     raw_key, key_id = gateway.create_key()
     daily = add_limit(gateway, scope="key", target=key_id, metric="requests", window="day",
@@ -111,47 +105,30 @@ def test_reset_starts_the_current_period_now_and_keeps_history(gateway, fake, cl
     assert admin(gateway, "POST", "/admin/limits/lim_nope/reset").status_code == 404
 
 
+def test_reset_of_a_minute_and_a_total_window_counts_from_the_reset(gateway, fake, clock):
+    clock.now = MIDNIGHT + 10 * 3600 + 30  # 10:00:30
+    raw_key, key_id = gateway.create_key()
+    total = add_limit(gateway, scope="key", target=key_id, metric="requests", window="total",
+                      amount=3)
+    minute = add_limit(gateway, scope="key", target=key_id, metric="requests",
+                       window="minute", amount=2)
+    assert [call(gateway, raw_key).status_code for _ in range(3)] == [200, 200, 429]
+    clock.now += 10  # 10:00:40: the minute starts again, the 2 calls stay in the total
+    assert admin(gateway, "POST", f"/admin/limits/{minute['id']}/reset").json()["used"] == 0
+    assert call(gateway, raw_key).status_code == 200       # minute 1 of 2, total 3 of 3
+    refused = call(gateway, raw_key)
+    assert refused.status_code == 429 and refused.headers["X-LLimit-Limit-Id"] == total["id"]
+    clock.now += 10  # 10:00:50: the total starts again; the minute holds 1 call
+    assert admin(gateway, "POST", f"/admin/limits/{total['id']}/reset").json()["used"] == 0
+    assert [call(gateway, raw_key).status_code for _ in range(2)] == [200, 429]  # minute: 2
+    assert used(gateway, minute["id"]) == 2 and used(gateway, total["id"]) == 1
+    clock.now = MIDNIGHT + DAY + 3 * 3600  # the next day: 1 call on the reset day, then 2
+    assert [call(gateway, raw_key).status_code for _ in range(3)] == [200, 200, 429]
+    assert used(gateway, total["id"]) == 3 and used(gateway, minute["id"]) == 2
+    assert len(gateway.events()) == 6
+
+
 # --- the warning the key holder reads ------------------------------------------------
-
-def test_postgres_refuses_what_it_cannot_enforce(gateway, fake, clock, engine):
-    # SharedLimits counts calendar windows from their usual start only: a
-    # rolling window or a reset must be refused, never stored unenforced.
-    clock.now = MIDNIGHT + 3600
-    raw_key, key_id = gateway.create_key(user="alice")
-    daily = add_limit(gateway, scope="key", target=key_id, metric="requests", window="day",
-                      amount=1)
-    attempts = [
-        admin(gateway, "POST", "/admin/limits", json={
-            "scope": "key", "target": key_id, "metric": "requests", "window": "24h",
-            "amount": 1}),
-        admin(gateway, "PATCH", f"/admin/limits/{daily['id']}", json={"window": "7d"}),
-        admin(gateway, "POST", f"/admin/limits/{daily['id']}/reset"),
-        admin(gateway, "POST", "/admin/plans", json={"id": "rolling", "limits": [
-            {"metric": "requests", "window": "30d", "amount": 1}]}),
-    ]
-    make_plan(gateway, "calendar", {"metric": "requests", "window": "day", "amount": 5})
-    plan_limit = admin(gateway, "GET", "/admin/plans/calendar").json()["limits"][0]
-    attempts.append(admin(gateway, "PATCH", "/admin/plans/calendar", json={"limits": [
-        {"id": plan_limit["id"], "window": "1h"}]}))
-    for resp in attempts:
-        if engine == "sqlite":
-            assert resp.status_code in (200, 201), resp.text
-            continue
-        assert resp.status_code == 400, resp.text
-        error = resp.json()["error"]
-        assert error["code"] == "not_supported_on_postgresql"
-        assert "not supported on PostgreSQL" in error["message"]
-    if engine == "postgres":
-        # Nothing was stored but the calendar limits, and they still hold.
-        windows = sorted(lim["window"] for lim in admin(gateway, "GET", "/admin/limits")
-                         .json()["data"])
-        assert windows == ["day"]
-        assert admin(gateway, "GET", "/admin/plans/rolling").status_code == 404
-        assert admin(gateway, "GET", "/admin/plans/calendar").json()["limits"][0][
-            "window"] == "day"
-        assert call(gateway, raw_key).status_code == 200
-        assert call(gateway, raw_key).status_code == 429
-
 
 def test_warning_at_alert_thresholds_reads_for_the_key_holder(gateway, fake, clock):
     clock.now = MIDNIGHT + 3600
@@ -180,18 +157,15 @@ def test_warning_at_alert_thresholds_reads_for_the_key_holder(gateway, fake, clo
 def test_warn_limit_reached_is_said_on_every_answer_and_streams(gateway, fake, clock, engine):
     clock.now = MIDNIGHT + 3600
     raw_key, key_id = gateway.create_key()
-    rolling = engine == "sqlite"  # PostgreSQL refuses rolling windows
-    add_limit(gateway, scope="key", target=key_id, metric="tokens",
-              window="24h" if rolling else "day", amount=18, action="warn")
+    add_limit(gateway, scope="key", target=key_id, metric="tokens", window="24h", amount=18,
+              action="warn")
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=raw_key, max_retries=0)
     client.chat.completions.create(model="gpt-4o", messages=[])
     with client.chat.completions.with_streaming_response.create(
             model="gpt-4o", messages=[], stream=True) as stream:
         assert stream.headers["X-LLimit-Warning"] == (
             "You have used 100% of your allowance per 24 hours of 18 tokens; it resets at"
-            " 2026-11-20 01:00 UTC." if rolling else
-            "You have used 100% of your daily allowance of 18 tokens; it resets on"
-            " 2026-11-20.")
+            " 2026-11-20 01:00 UTC.")
         list(stream.iter_lines())
 
 
