@@ -1338,7 +1338,8 @@ def _numeric_loader(psycopg):
 
 
 # `?` and `:name` (sqlite3's parameters) become psycopg's `%s` and `%(name)s`,
-# and a literal % is doubled; quoted text and `::` casts are left alone.
+# and a literal % is doubled, in quoted text too (psycopg's placeholders know no
+# quotes: `like 'u:%'` would fail); otherwise quoted text and `::` casts are left alone.
 _SQL_TOKEN = re.compile(r"'(?:[^']|'')*'|\"[^\"]*\"|::|\?|%|:([A-Za-z_]\w*)")
 
 
@@ -1350,6 +1351,8 @@ def _postgres_sql(sql):
             return "%s"
         if token == "%":
             return "%%"
+        if token.startswith("'"):
+            return token.replace("%", "%%")
         if match.group(1):
             return f"%({match.group(1)})s"
         return token
@@ -3746,14 +3749,14 @@ class Limits:
                 self._plan_ids = frozenset(row["id"] for row in list_plans(db))
                 self._rows_by_target, self._rows_version = by_target, version
 
-    def admit(self, db, call, limits, ledger_healthy):
+    def admit(self, db, call, limits):
         """Check a call against its limits and reserve its worst case.
 
         `call` has project_id, user_name, key_id, limit_message, model and
         worst (its WorstCase). Raises LlimitError 429 when a block limit is
         reached, 403 when a USD block limit applies and no price covers the
-        call, 400 when a per-user limit applies and the call names no user, 503
-        when a block limit applies but usage cannot be written.
+        call, 400 when a per-user limit applies and the call names no user.
+        (A call is refused before admission while usage cannot be written.)
         """
         now = self.clock()
         block_keys, alert_checks, headers, warnings = {}, [], {}, []
@@ -3788,8 +3791,6 @@ class Limits:
                     if not worst.priced:
                         raise _not_priced(limit, call.model)
                     usd_bound = True
-                if not ledger_healthy:
-                    raise _ledger_unavailable()
                 need = getattr(worst.need, field)
                 strict = worst.strict or limit["metric"] == "requests"
                 if (used + in_flight + need > amount) if strict else (used + in_flight >= amount):
@@ -3998,12 +3999,15 @@ class SharedLimits(Limits):
         self.reservation_seconds = reservation_seconds
         self._pruned_at = 0
 
-    def admit(self, db, call, limits, ledger_healthy):
+    def admit(self, db, call, limits):
         """Check a call against its limits and reserve its worst case (see Limits.admit).
 
         The same statement checks that the config version is still the one
         the call's key (and so `limits`) was read at: a call costs one round
-        trip to the database, limits or none. Raises ConfigMoved if it is not.
+        trip to the database, limits or none. Raises ConfigMoved if it is not,
+        and DatabaseUnavailable if the database does not answer: limits or
+        none, a call then fails closed, since its key row (cached) may have
+        been revoked on another instance and its usage could not be written.
         """
         now = self.clock()
         checks, alert_checks, headers, warnings = [], [], {}, []
@@ -4027,8 +4031,6 @@ class SharedLimits(Limits):
                 if not worst.priced:
                     raise _not_priced(limit, call.model)
                 usd_bound = True
-            if block and not ledger_healthy:
-                raise _ledger_unavailable()
             first, last = ("total", "total") if end is None else (_day(start), _day(end - 1))
             checks.append(((subject, limit["window"], start, first, last,
                             SHARED_METRIC_POSITION[limit["metric"]], limit_amount_units(limit),
@@ -4037,17 +4039,10 @@ class SharedLimits(Limits):
         blocks = any(check[0][7] for check in checks)
         shared_id = secrets.token_hex(12) if blocks else None
         need = worst.need
-        try:
-            refused, version, totals = admit_reservation(
-                db, call.key["config_version"], shared_id, int(now * 1000),
-                int((now + self.reservation_seconds) * 1000), [check[0] for check in checks],
-                [need.requests, need.tokens, need.cost_nusd])
-        except DatabaseUnavailable:
-            if blocks:
-                raise
-            # Warn-only limits (or none): the call is not held up by the ledger.
-            log.exception("admission: the shared ledger does not answer")
-            return Admission([], alert_checks, headers)
+        refused, version, totals = admit_reservation(
+            db, call.key["config_version"], shared_id, int(now * 1000),
+            int((now + self.reservation_seconds) * 1000), [check[0] for check in checks],
+            [need.requests, need.tokens, need.cost_nusd])
         if refused == "moved":
             raise ConfigMoved(version)
         for (row, limit, end), total in zip(checks, totals):
@@ -4107,8 +4102,7 @@ class SharedLimits(Limits):
 def _ledger_unavailable():
     return LlimitError(503, "service_unavailable",
                        "The usage ledger cannot be written right now, so calls"
-                       " under a spending limit are refused. Try again shortly.",
-                       code="ledger_unavailable")
+                       " are refused. Try again shortly.", code="ledger_unavailable")
 
 
 def _warning_header(headers, warnings, limit_message):
@@ -4547,6 +4541,7 @@ class CallSlots:
     LLIMIT_MAX_CONCURRENT_PER_KEY / _PER_USER bound them, and proxied calls
     together may use all threads but RESERVED_THREADS, so /healthz and the
     pages always find a free one. Past a bound a call gets 429 at once.
+    Per instance, as the threads are (docs/running.md: several instances).
     """
 
     def __init__(self, per_key, per_user, total):
@@ -4595,6 +4590,7 @@ class AlertSender:
         self.webhook_url = webhook_url
         self._queue = queue.SimpleQueue()
         self._session = requests.Session()
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llimit-alerts", daemon=True)
 
     def start(self):
@@ -4613,22 +4609,40 @@ class AlertSender:
             if self.webhook_url:
                 self._queue.put(alert)
 
+    def close(self, timeout=15.0):
+        """Stop delivering before the database closes: a post under way is still noted
+        delivered (else the next start would send it again); queued ones wait for it."""
+        self._stopping.set()
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def _run(self):
-        while True:
+        while not self._stopping.is_set():
             alert = self._queue.get()
             for attempt in range(self.RETRIES):
+                if alert is None or self._stopping.is_set():
+                    return
                 try:
                     resp = self._session.post(self.webhook_url, timeout=10, json={
                         "text": alert["text"], "limit_id": alert["limit_id"],
                         "subject": alert["subject"], "threshold": alert["threshold"],
                         "window_start": alert["window_start"]})
                     if resp.status_code < 300:
-                        mark_alert_delivered(self.database(), alert, utc_iso(time.time()))
+                        self._mark_delivered(alert)
                         break
                     log.warning("alert webhook answered %s", resp.status_code)
                 except requests.RequestException as error:
                     log.warning("alert webhook failed: %s", type(error).__name__)
-                time.sleep(min(2 ** attempt, 30))
+                self._stopping.wait(min(2 ** attempt, 30))
+
+    def _mark_delivered(self, alert):
+        try:
+            mark_alert_delivered(self.database(), alert, utc_iso(time.time()))
+        except DatabaseError:
+            # Delivered, but not noted: the next start sends it again. The thread
+            # goes on, or no later alert would be delivered.
+            log.exception("alert delivered, but not noted so in the database")
 
 
 # =============================================================================
@@ -6505,6 +6519,41 @@ def _admit_call(state, db, environ, key, received, payload, path, deployment, az
     # row and body: (call, upstream, url, body to send, rewritten?, hide the
     # usage chunk?). Raises LlimitError, or ConfigMoved (PostgreSQL) when the
     # key row is older than the database's config.
+    try:
+        decided = _decide_call(state, db, environ, key, received, payload, path, deployment,
+                               azure_v1, version, started)
+    except LlimitError:
+        # On PostgreSQL the key row may be the cache's, unchecked (admission checks
+        # it): a refusal made before admission is checked first, so that a stale row
+        # neither refuses what a change allows nor names the wrong reason (a revoked
+        # key refused for its model).
+        if state.versions_checked_by_admission:
+            current = config_version(db)
+            if current != key["config_version"]:
+                raise ConfigMoved(current) from None
+        raise
+    call = decided[0]
+    if not state.writer.healthy:
+        # Usage cannot be written (the database is locked, full or gone): an answer
+        # would be withheld after the upstream was paid for it, so the call is
+        # refused before it goes there, whatever its limits.
+        raise _ledger_unavailable()
+    # A look-up is never charged nor refused by limits; it is admitted with
+    # none, which on PostgreSQL still checks the config version.
+    limits = [] if call.route.cls == "lookup" else state.limits.for_call(
+        db, key["config_version"], call.project_id, call.user_name, call.key_id, call.plan_id)
+    state.slots.take(call.key_id, call.user_name)  # given back when the call is metered
+    try:
+        call.admission = state.limits.admit(db, call, limits)
+    except BaseException:
+        state.slots.give_back(call.key_id, call.user_name)
+        raise
+    return decided
+
+
+def _decide_call(state, db, environ, key, received, payload, path, deployment, azure_v1,
+                 version, started):
+    # _admit_call's checks of the key row and body, up to admission by the limits.
     config = state.config
     body, kind = received, environ["llimit.dialect"]
     route = match_route(environ["REQUEST_METHOD"], path, payload, kind, version)
@@ -6529,16 +6578,6 @@ def _admit_call(state, db, environ, key, received, payload, path, deployment, az
         rewritten = rewritten or named
     if route.cls != "generate":
         call.worst.priced = True  # a look-up costs nothing; async work is charged when done
-    # A look-up is never charged nor refused by limits; it is admitted with
-    # none, which on PostgreSQL still checks the config version.
-    limits = [] if route.cls == "lookup" else state.limits.for_call(
-        db, key["config_version"], call.project_id, call.user_name, call.key_id, call.plan_id)
-    state.slots.take(call.key_id, call.user_name)  # given back when the call is metered
-    try:
-        call.admission = state.limits.admit(db, call, limits, state.writer.healthy)
-    except BaseException:
-        state.slots.give_back(call.key_id, call.user_name)
-        raise
     return call, upstream, url, body, rewritten, hide_usage_chunk
 
 
@@ -9601,10 +9640,22 @@ def _openapi_spec():
     date = {"type": "string", "oneOf": [{"format": "date"}, {"maxLength": 0}],
             "description": "a UTC date; empty or absent: the default"}
     dates = (query("start", date), query("end", date))
-    key_id, project_id, limit_id, plan_id = (path_param("id"),) * 4
+    by_id = (path_param("id"),)
     # A user name the Identity rule leaves something of.
     user_param = {**path_param("user"), "schema": {
         "type": "string", "pattern": r"[\s\S]*[^\s\x00-\x1f\x7f-\x9f][\s\S]*"}}
+
+    def resource(path, name, lists, creates, changes, deletes=None, filters=(), also=()):
+        """The paths of one kind of record: `path` lists and creates, `path/{id}` gets,
+        changes and (given a summary) deletes. `creates` and `changes` are (summary, body)."""
+        return {
+            path: {"get": op(lists, data_of(name), params=filters),
+                   "post": op(creates[0], ref(name), creates[1], status="201", also=also)},
+            f"{path}/{{id}}": {
+                "get": op(f"Get a {name.lower()}", ref(name), params=by_id),
+                "patch": op(changes[0], ref(name), changes[1], params=by_id),
+                **({"delete": op(deletes, deleted, params=by_id)} if deletes else {})}}
+
     return {
         "openapi": "3.0.3",
         "info": {"title": "llimit admin API", "version": __version__},
@@ -9617,47 +9668,25 @@ def _openapi_spec():
                     "message": string, "type": string, "code": nullable_string,
                     "param": nullable_string}}}}}},
         "paths": {
-            "/admin/keys": {
-                "get": op("List keys", data_of("Key"), params=(query("user"), query("project"),
-                                               query("active", {
-                                                   "type": "string", "pattern": any_case(
-                                                       "true|false|1|0|yes|no|")}))),
-                "post": op("Create a key; the secret is returned once", ref("Key"), key_input,
-                           status="201")},
-            "/admin/keys/{id}": {
-                "get": op("Get a key", ref("Key"), params=(key_id,)),
-                "patch": op("Change a key", ref("Key"), key_patch, params=(key_id,))},
-            "/admin/keys/{id}/revoke": {"post": op("Revoke a key", ref("Key"), params=(key_id,))},
-            "/admin/projects": {
-                "get": op("List projects", data_of("Project")),
-                "post": op("Create a project", ref("Project"), project_input, status="201",
-                           also=("409",))},
-            "/admin/projects/{id}": {
-                "get": op("Get a project", ref("Project"), params=(project_id,)),
-                "patch": op("Change a project", ref("Project"), project_patch,
-                            params=(project_id,)),
-                "delete": op("Delete a project (its keys are revoked)", deleted,
-                             params=(project_id,))},
-            "/admin/limits": {
-                "get": op("List limits with used and resets_at", data_of("Limit")),
-                "post": op("Create a limit", ref("Limit"), limit_input, status="201")},
-            "/admin/limits/{id}": {
-                "get": op("Get a limit", ref("Limit"), params=(limit_id,)),
-                "patch": op("Change a limit", ref("Limit"), limit_patch, params=(limit_id,)),
-                "delete": op("Delete a limit", deleted, params=(limit_id,))},
+            **resource("/admin/keys", "Key", "List keys",
+                       ("Create a key; the secret is returned once", key_input),
+                       ("Change a key", key_patch), filters=(
+                           query("user"), query("project"), query("active", {
+                               "type": "string",
+                               "pattern": any_case("true|false|1|0|yes|no|")}))),
+            "/admin/keys/{id}/revoke": {"post": op("Revoke a key", ref("Key"), params=by_id)},
+            **resource("/admin/projects", "Project", "List projects",
+                       ("Create a project", project_input), ("Change a project", project_patch),
+                       "Delete a project (its keys are revoked)", also=("409",)),
+            **resource("/admin/limits", "Limit", "List limits with used and resets_at",
+                       ("Create a limit", limit_input), ("Change a limit", limit_patch),
+                       "Delete a limit"),
             "/admin/limits/{id}/reset": {"post": op(
                 "Start the limit's current period now (history stays)", ref("Limit"),
-                params=(limit_id,))},
-            "/admin/plans": {
-                "get": op("List plans", data_of("Plan")),
-                "post": op("Create a plan", ref("Plan"), plan_input, status="201",
-                           also=("409",))},
-            "/admin/plans/{id}": {
-                "get": op("Get a plan", ref("Plan"), params=(plan_id,)),
-                "patch": op("Rename a plan or replace its limits", ref("Plan"), plan_patch,
-                            params=(plan_id,)),
-                "delete": op("Delete a plan (its members fall back to the default)", deleted,
-                             params=(plan_id,))},
+                params=by_id)},
+            **resource("/admin/plans", "Plan", "List plans", ("Create a plan", plan_input),
+                       ("Rename a plan or replace its limits", plan_patch),
+                       "Delete a plan (its members fall back to the default)", also=("409",)),
             "/admin/users/{user}": {
                 "get": op("A user's plan and its limits", ref("User"), params=(user_param,)),
                 "put": op("Put a user on a plan (null: the default plan)", ref("User"),
@@ -9742,12 +9771,17 @@ class Metrics:
 
 
 def ops_healthz(state):
-    """GET /healthz: 200 when the database answers, 503 otherwise."""
+    """GET /healthz: 200 when the database answers and usage can be written, 503 otherwise
+    (proxied calls are then refused: a load balancer sends them elsewhere)."""
     try:
         ping(state.database())
     except DatabaseError:
         log.exception("health check: database does not answer")
-        raise LlimitError(503, "service_unavailable", "The database does not answer.")
+        raise LlimitError(503, "service_unavailable", "The database does not answer.",
+                          code="ledger_unavailable")
+    if not state.writer.healthy:
+        raise LlimitError(503, "service_unavailable", "The usage ledger cannot be written"
+                          " (the usage writer is retrying).", code="ledger_unavailable")
     return {"status": "ok", "version": __version__, "usage_queue": state.writer.depth(),
             "usage_writer_healthy": state.writer.healthy}
 
@@ -9878,6 +9912,7 @@ class State:
         """Write all queued usage and close upstream connections; False if usage is left."""
         self.sweeper.stop()
         written = self.writer.close(self.config.writer_close_seconds)
+        self.alerts.close()
         self.pool.close()
         self.database.close()
         return written

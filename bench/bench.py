@@ -119,8 +119,10 @@ def _response(status, reason, body, content_type=b"application/json"):
             b"x-request-id: req_bench\r\n\r\n" % (status, reason, content_type, len(body))) + body
 
 
-def serve_upstream(port, stream_gap_ms):
-    """Run the fake upstream until killed."""
+def serve_upstream(port, stream_gap_ms, arrivals_path=None):
+    """Run the fake upstream until killed; with `arrivals_path`, write there the
+    monotonic time (ns) each chat completion request arrived."""
+    arrivals = open(arrivals_path, "w", buffering=1) if arrivals_path else None
     completion = _response(200, b"OK", _completion_body())
     large_answer = _response(200, b"OK", _large_answer_body())
     models = _response(200, b"OK", _dumps({"object": "list", "data": [
@@ -143,6 +145,8 @@ def serve_upstream(port, stream_gap_ms):
                     head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
+                if arrivals is not None:
+                    arrivals.write(f"{time.monotonic_ns()}\n")
                 first_line, headers = _parse_head(head)
                 method, path, version = first_line.split(b" ", 2)
                 if b"content-length" in headers:
@@ -189,9 +193,19 @@ def serve_upstream(port, stream_gap_ms):
         finally:
             writer.close()
 
-    async def main():
+    async def start():
         server = await asyncio.start_server(handle, HOST, port, backlog=1024)
-        print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
+        return server, server.sockets[0].getsockname()[1]
+
+    serve_until_killed(start)
+
+
+def serve_until_killed(start):
+    """Run the asyncio server that `start()` makes, saying `ready PORT` on stdout once it
+    listens (start returns (server, port)), until SIGTERM."""
+    async def main():
+        server, port = await start()
+        print(f"ready {port}", flush=True)
         async with server:
             await server.serve_forever()
 
@@ -277,7 +291,7 @@ def _timeout(seconds):
     raise RuntimeError("Python 3.11+ is needed for the client (asyncio.timeout)")
 
 
-async def _run_phase(port, request, count, concurrency, warm_per_worker, pids,
+async def _run_phase(ports, requests, count, concurrency, warm_per_worker, readers,
                      phase_timeout, request_timeout=15.0):
     latencies, ttfbs, overheads = [], [], []
     errors = []
@@ -288,55 +302,64 @@ async def _run_phase(port, request, count, concurrency, warm_per_worker, pids,
 
     async def one(conn):
         t0 = time.perf_counter()
-        reader, writer = conn
-        writer.write(request)
+        reader, writer, port = conn
+        writer.write(requests[port])
         async with _timeout(request_timeout):
             status, headers, body, first_data, must_close = await _read_response(reader)
         t1 = time.perf_counter()
         return t0, t1, status, headers, body, first_data, must_close
 
-    async def connect():
+    async def connect(port):
         reader, writer = await asyncio.open_connection(HOST, port)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return reader, writer
+        return reader, writer, port
 
     def close(conn):
         if conn is not None:
             conn[1].close()
 
-    async def worker():
-        conn = None
+    async def worker(first):
+        # One persistent connection per instance, taken in turn call by call
+        # (client-side round robin); with one instance, one connection.
+        conns = [None] * len(ports)
+        turn = [first]
+
+        def pick():
+            turn[0] = (turn[0] + 1) % len(ports)
+            return turn[0]
         try:
-            for _ in range(warm_per_worker):
+            for _ in range(warm_per_worker * len(ports)):
+                i = pick()
                 try:
-                    if conn is None:
-                        conn = await connect()
-                    *_, must_close = await one(conn)
+                    if conns[i] is None:
+                        conns[i] = await connect(ports[i])
+                    *_, must_close = await one(conns[i])
                     if must_close:
-                        close(conn)
-                        conn = None
+                        close(conns[i])
+                        conns[i] = None
                 except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
-                    close(conn)
-                    conn = None
+                    close(conns[i])
+                    conns[i] = None
             state["ready"] += 1
             if state["ready"] == concurrency:
                 marks["start"] = time.perf_counter()
-                marks["cpu_start"] = [proc_cpu_seconds(pid) for pid in pids]
+                marks["cpu_start"] = [read_cpu(reader) for reader in readers]
                 marks["self_start"] = _self_cpu()
                 go.set()
             await go.wait()
             while state["issued"] < count and time.monotonic() < deadline:
                 state["issued"] += 1
+                i = pick()
                 try:
-                    if conn is None:
-                        conn = await connect()
-                    t0, t1, status, headers, body, first_data, must_close = await one(conn)
+                    if conns[i] is None:
+                        conns[i] = await connect(ports[i])
+                    t0, t1, status, headers, body, first_data, must_close = await one(conns[i])
                 except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
                     errors.append(f"{type(exc).__name__}: {exc}")
-                    close(conn)
-                    conn = None
+                    close(conns[i])
+                    conns[i] = None
                     if len(errors) > max(20, count // 10):
                         return
                     continue
@@ -353,37 +376,41 @@ async def _run_phase(port, request, count, concurrency, warm_per_worker, pids,
                         except ValueError:
                             pass
                 if must_close:
-                    close(conn)
-                    conn = None
+                    close(conns[i])
+                    conns[i] = None
         finally:
-            close(conn)
+            for conn in conns:
+                close(conn)
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(n) for n in range(concurrency)))
     end = time.perf_counter()
-    cpu_end = [proc_cpu_seconds(pid) for pid in pids]
+    cpu_end = [read_cpu(reader) for reader in readers]
     self_end = _self_cpu()
     return {
         "latencies": latencies, "ttfbs": ttfbs, "overheads": overheads, "errors": errors,
         "wall_s": end - marks.get("start", end), "cpu_start": marks.get("cpu_start"),
         "cpu_end": cpu_end, "self_cpu_s": self_end - marks.get("self_start", self_end),
-        "warm_calls": warm_per_worker * concurrency,
+        "warm_calls": warm_per_worker * concurrency * len(ports),
         "timed_out": state["issued"] < count and time.monotonic() >= deadline,
     }
 
 
 def run_phase(port, path, token, stream, count, concurrency, pids=None, settle_s=0.0,
               phase_timeout=60.0):
-    """Send `count` chat/completions at `concurrency`; latencies in ms and CPU deltas."""
-    request = build_request(port, path, token, _chat_body(stream))
+    """Send `count` chat/completions at `concurrency` (to `port`, or in turn to each of a
+    list of ports); latencies in ms and CPU deltas of `pids` ({name: pid or an object
+    whose cpu() gives cumulative seconds})."""
+    ports = port if isinstance(port, (list, tuple)) else [port]
+    requests = {p: build_request(p, path, token, _chat_body(stream)) for p in ports}
     warm = max(3, 50 // concurrency)
     pids = dict(pids or {})
-    raw = asyncio.run(_run_phase(port, request, count, concurrency, warm,
+    raw = asyncio.run(_run_phase(ports, requests, count, concurrency, warm,
                                  list(pids.values()), phase_timeout))
     if settle_s and pids:
         # Usage rows are written after the response; let that tail finish so
         # its CPU is counted (an idle process adds next to nothing).
         time.sleep(settle_s)
-        raw["cpu_end"] = [proc_cpu_seconds(pid) for pid in pids.values()]
+        raw["cpu_end"] = [read_cpu(reader) for reader in pids.values()]
     ok = len(raw["latencies"])
     result = {
         "requests": count, "ok": ok, "errors": len(raw["errors"]),
@@ -439,6 +466,11 @@ def proc_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def read_cpu(reader):
+    """Cumulative CPU seconds of a pid, or of an object with cpu() (several processes)."""
+    return proc_cpu_seconds(reader) if isinstance(reader, int) else reader.cpu()
+
+
 def _self_cpu():
     times = os.times()
     return times.user + times.system
@@ -485,13 +517,14 @@ def http_request(port, method, path, body=None, headers=None, timeout=5.0):
         conn.close()
 
 
-def start_upstream(stream_gap_ms, tmpdir):
+def start_upstream(stream_gap_ms, tmpdir, arrivals_path=None):
     """The fake upstream on a port of its own choosing: (process, port)."""
-    out_path = os.path.join(tmpdir, "upstream.out")
+    out_path = os.path.join(tmpdir, "upstream-arrivals.out" if arrivals_path else "upstream.out")
+    extra = ["--arrivals", arrivals_path] if arrivals_path else []
     with open(out_path, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--serve-upstream", "0",
-             "--stream-gap-ms", str(stream_gap_ms)],
+             "--stream-gap-ms", str(stream_gap_ms)] + extra,
             stdout=out, stderr=None, env=child_env({}))
     return proc, wait_for_port(out_path, READY, proc, 10, "fake upstream")
 
@@ -785,6 +818,393 @@ def _column_getter(name, ctype, notnull, default, pool, rnd):
 
 
 # =============================================================================
+# PostgreSQL: a fresh schema, the server's CPU, a round-trip counting proxy
+# =============================================================================
+
+DEFAULT_POSTGRES = "postgresql:///llimit_bench?host=/var/run/postgresql"
+SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST = 80877103, 80877104, 80877102
+
+
+def _postgres_url(params):
+    """A postgresql:// URL (llimit takes no other form) of libpq connection parameters."""
+    import urllib.parse
+    params = dict(params)
+    user, password = params.pop("user", None), params.pop("password", None)
+    dbname = params.pop("dbname", "")
+    auth = ""
+    if user:
+        auth = urllib.parse.quote(user, safe="")
+        if password:
+            auth += ":" + urllib.parse.quote(password, safe="")
+        auth += "@"
+    query = urllib.parse.urlencode(params, quote_via=urllib.parse.quote)
+    return f"postgresql://{auth}/{urllib.parse.quote(dbname)}" + (f"?{query}" if query else "")
+
+
+class Postgres:
+    """The bench's PostgreSQL database: fresh schemas for llimit, their size and rows, and
+    the CPU of the server processes (read from /proc, so that cost is not hidden)."""
+
+    def __init__(self, url):
+        try:
+            import psycopg
+            from psycopg.conninfo import conninfo_to_dict
+        except ImportError:
+            raise RuntimeError('--postgres needs the driver: pip install -r '
+                               'requirements-postgres.txt') from None
+        self.psycopg = psycopg
+        self.params = conninfo_to_dict(url)
+        self.url = _postgres_url(self.params)
+        self.schemas = []
+        try:
+            self.admin = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+        except psycopg.OperationalError as error:
+            if "does not exist" not in str(error):
+                raise RuntimeError(f"no PostgreSQL at {url}: {error}") from None
+            with psycopg.connect(_postgres_url({**self.params, "dbname": "postgres"}),
+                                 autocommit=True, connect_timeout=5) as server:
+                server.execute(f'create database "{self.params["dbname"]}"')
+            log_progress(f"created database {self.params['dbname']}")
+            self.admin = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+        self.dbname = self.admin.execute("select current_database()").fetchone()[0]
+        self.own_pid = self.admin.execute("select pg_backend_pid()").fetchone()[0]
+        self.version = self.admin.execute("show server_version").fetchone()[0]
+
+    def new_schema(self, through=None):
+        """(URL of llimit's fresh schema, schema); `through` replaces the host (a proxy's
+        socket directory) so its connections pass through it."""
+        schema = f"bench_{os.getpid()}_{len(self.schemas)}_{random.randrange(1 << 24):06x}"
+        self.admin.execute(f"create schema {schema}")
+        self.schemas.append(schema)
+        params = {**self.params, "options": f"-csearch_path={schema}"}
+        if through is not None:
+            params["host"] = through
+            params.pop("hostaddr", None)
+        return _postgres_url(params), schema
+
+    def drop_schemas(self):
+        for schema in self.schemas:
+            try:
+                self.admin.execute(f"drop schema if exists {schema} cascade")
+            except self.psycopg.Error as error:
+                log_progress(f"could not drop schema {schema}: {error}")
+        self.schemas = []
+        self.admin.close()
+
+    def stats(self, schema):
+        """Bytes of the schema's tables (with indexes and TOAST) and usage_events rows."""
+        size = self.admin.execute(
+            "select coalesce(sum(pg_total_relation_size(c.oid)), 0) from pg_class c"
+            " join pg_namespace n on n.oid = c.relnamespace"
+            " where n.nspname = %s and c.relkind in ('r', 'm')", (schema,)).fetchone()[0]
+        try:
+            rows = self.admin.execute(f"select count(*) from {schema}.usage_events").fetchone()[0]
+        except self.psycopg.Error:
+            rows = None
+        return {"file_bytes": int(size), "logical_bytes": int(size), "usage_events": rows}
+
+    def backend_pids(self):
+        """{pid: kind}: the backends connected to the bench database (but this one) and
+        the server's background processes (WAL writer, checkpointer...), which also serve
+        whatever else runs on the cluster."""
+        pids = {}
+        for pid, datname, backend_type in self.admin.execute(
+                "select pid, datname, backend_type from pg_stat_activity"):
+            if pid == self.own_pid:
+                continue
+            if datname == self.dbname and backend_type == "client backend":
+                pids[pid] = "backends"
+            elif datname is None:
+                pids[pid] = "background"
+        return pids
+
+
+class ServerCpu:
+    """Cumulative CPU seconds of a changing set of processes (PostgreSQL backends come and
+    go with llimit's pool); one reader per kind ("backends" or "background")."""
+
+    def __init__(self, postgres, kind):
+        self.postgres = postgres
+        self.kind = kind
+        self.seen = self._now()
+        self.total = 0.0
+
+    def _now(self):
+        now = {}
+        for pid, kind in self.postgres.backend_pids().items():
+            seconds = proc_cpu_seconds(pid) if kind == self.kind else None
+            if seconds is not None:
+                now[pid] = seconds
+        return now
+
+    def cpu(self):
+        now = self._now()
+        # A process not seen before started since the last reading: all its CPU counts.
+        # One that exited since then loses its last stretch (pools keep theirs open).
+        self.total += sum(seconds - self.seen.get(pid, 0.0) for pid, seconds in now.items())
+        self.seen.update(now)
+        return self.total
+
+
+def serve_pg_proxy(socket_dir, target, log_path):
+    """A PostgreSQL wire protocol proxy on `socket_dir`/.s.PGSQL.<port> that forwards
+    to `target` (a Unix socket path, or host:port) and writes one line per round trip
+    (a Sync or a simple Query from the client): monotonic ns, connection, statements."""
+    log = open(log_path, "w", buffering=1)
+    counter = [0]
+
+    async def pipe(reader, writer, seen=None):
+        """Copy bytes from reader to writer, handing each piece to `seen` once sent."""
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+                if seen is not None:
+                    seen(data)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(client_reader, client_writer):
+        counter[0] += 1
+        conn_id = counter[0]
+        if target.startswith("/"):
+            server_reader, server_writer = await asyncio.open_unix_connection(target)
+        else:
+            host, port = target.rsplit(":", 1)
+            server_reader, server_writer = await asyncio.open_connection(host, int(port))
+        back = asyncio.ensure_future(pipe(server_reader, client_writer))
+        prepared, batch, current = {}, [], [None]
+        state = {"buffer": b"", "started": False}
+
+        def seen(data):
+            """Parse the client's messages; log a round trip at each Sync or Query."""
+            now = time.monotonic_ns()
+            buffer = state["buffer"] + data
+            while True:
+                if not state["started"]:
+                    if len(buffer) < 8:
+                        break
+                    length = int.from_bytes(buffer[:4], "big")
+                    if len(buffer) < length:
+                        break
+                    code = int.from_bytes(buffer[4:8], "big")
+                    buffer = buffer[length:]
+                    state["started"] = code not in (SSL_REQUEST, GSSENC_REQUEST)
+                    continue
+                if len(buffer) < 5:
+                    break
+                kind, length = buffer[:1], int.from_bytes(buffer[1:5], "big")
+                if len(buffer) < 1 + length:
+                    break
+                body, buffer = buffer[5:1 + length], buffer[1 + length:]
+                if kind == b"P":
+                    name, query = body.split(b"\0", 2)[:2]
+                    prepared[name] = query.decode("utf-8", "replace")
+                    current[0] = prepared[name]
+                elif kind == b"B":
+                    current[0] = prepared.get(body.split(b"\0", 2)[1], "?")
+                elif kind == b"E":
+                    batch.append(current[0] or "?")
+                elif kind == b"Q":
+                    batch.append(body.rstrip(b"\0").decode("utf-8", "replace"))
+                if kind in (b"S", b"Q"):
+                    if not batch:
+                        batch.append("prepare: " + (current[0] or "?"))
+                    log.write(f"{now} {conn_id} {json.dumps(batch)}\n")
+                    batch.clear()
+            state["buffer"] = buffer
+
+        await pipe(client_reader, server_writer, seen)
+        await back
+
+    async def start():
+        port = target.rsplit(".", 1)[-1] if target.startswith("/") else target.rsplit(":", 1)[1]
+        path = os.path.join(socket_dir, f".s.PGSQL.{port}")
+        return await asyncio.start_unix_server(handle, path), port
+
+    serve_until_killed(start)
+
+
+def start_pg_proxy(postgres, tmpdir):
+    """The counting proxy in front of `postgres`: (process, socket directory, log path)."""
+    host = postgres.params.get("host") or "/var/run/postgresql"
+    port = postgres.params.get("port") or "5432"
+    target = (os.path.join(host, f".s.PGSQL.{port}") if host.startswith("/")
+              else f"{host}:{port}")
+    socket_dir = tempfile.mkdtemp(prefix="pgproxy-", dir=tmpdir)
+    log_path = os.path.join(tmpdir, "pgproxy.log")
+    out_path = os.path.join(tmpdir, "pgproxy.out")
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--serve-pg-proxy", socket_dir,
+             "--pg-target", target, "--pg-log", log_path],
+            stdout=out, stderr=None, env=child_env({}))
+    wait_for_port(out_path, READY, proc, 10, "PostgreSQL proxy")
+    return proc, socket_dir, log_path
+
+
+def _statement_origin(text, source):
+    """`function (llimit.py:line)` that sends a statement, found by its first words in
+    llimit.py (psycopg sends `$1` where llimit wrote `?`): the function around them, or
+    for a module-level SQL constant the first function that uses it."""
+    words = " ".join(text.split())
+    if words.lower() in ("begin", "commit", "rollback"):
+        at = source.find("\nclass transaction")
+        return None if at < 0 else f"transaction (llimit.py:{source.count(chr(10), 0, at) + 2})"
+    head = re.split(r"\$\d|%s|\?|\(", words)[0].strip()[:40]
+    found = [m.start() for m in re.finditer(re.escape(head), source)] if len(head) >= 8 else []
+    if not found:
+        return None
+    # Python's own SQL starts a string literal; the same words inside a migration's
+    # SQL (a PostgreSQL function's body) do not.
+    at = next((i for i in found if source[i - 1] in "\"'"), found[0])
+    definitions = list(re.finditer(r"^\s*def (\w+)|^([A-Z][A-Z0-9_]*) = \(", source[:at], re.M))
+    if not definitions:
+        return None
+    last = definitions[-1]
+    if last.group(2):                  # a constant: where it is used
+        used = re.search(r"\b%s\b" % last.group(2), source[last.end():])
+        if used is None:
+            return last.group(2)
+        at = last.end() + used.start()
+        last = list(re.finditer(r"^\s*def (\w+)", source[:at], re.M))[-1]
+    return f"{last.group(1)} (llimit.py:{source.count(chr(10), 0, at) + 1})"
+
+
+def _round_trip_name(statements):
+    """The statements of one round trip, each once with how many times it was sent."""
+    names, counts = [], {}
+    for statement in statements:
+        text = " ".join(statement.split())[:90]
+        if text not in counts:
+            names.append(text)
+        counts[text] = counts.get(text, 0) + 1
+    return " | ".join(name + (f" ×{counts[name]}" if counts[name] > 1 else "")
+                      for name in names)
+
+
+def count_round_trips(postgres, script, tmpdir, threads, stream_gap_ms, calls=200, warm=30):
+    """PostgreSQL round trips per call, through the counting proxy, on a llimit of its
+    own (so the timed phases do not pay for the proxy): sequential calls, each call's
+    round trips before upstream being those between the client sending it and the fake
+    upstream receiving it (one monotonic clock for all three processes). Measured on a
+    key without limits, then again once the key has two block limits (a daily dollar
+    budget and requests per minute, never reached), whose calls reserve their worst case."""
+    proxy, socket_dir, log_path = start_pg_proxy(postgres, tmpdir)
+    arrivals_path = os.path.join(tmpdir, "arrivals.log")
+    upstream = llimit = None
+    sets, made = [], [0]
+    try:
+        upstream, upstream_port = start_upstream(stream_gap_ms, tmpdir, arrivals_path)
+        url, _schema = postgres.new_schema(through=socket_dir)
+        llimit = Llimit(script, url, upstream_port, os.path.join(tmpdir, "llimit-rt.log"),
+                        threads)
+        llimit.start()
+        raw_key, key_id = llimit.create_key()
+        headers = {"Authorization": f"Bearer {raw_key}", "Content-Type": "application/json"}
+
+        def send(label):
+            conn = http.client.HTTPConnection(HOST, llimit.port, timeout=15)
+            sent = []
+            for i in range(warm + calls):
+                stream = i % 4 == 3
+                started = time.monotonic_ns()
+                conn.request("POST", "/v1/chat/completions", body=_chat_body(stream),
+                             headers=headers)
+                response = conn.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"round trips: HTTP {response.status}: {body[:300]!r}")
+                if i >= warm:
+                    sent.append((made[0], started, time.monotonic_ns()))
+                made[0] += 1
+            conn.close()
+            time.sleep(1.0)   # the last usage write
+            sets.append((label, sent))
+
+        send("no limits")
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        for limit in ({"metric": "usd", "window": "day", "amount": 1e6},
+                      {"metric": "requests", "window": "minute", "amount": 1e6}):
+            status, answer = http_request(llimit.port, "POST", "/admin/limits", dict(
+                limit, scope="key", target=key_id, action="block"), auth)
+            if status not in (200, 201):
+                raise RuntimeError(f"POST /admin/limits: HTTP {status}: {answer[:300]!r}")
+        send("two block limits (key: USD per day, requests per minute)")
+        log_progress("round trips: stopping llimit")
+        llimit.stop()
+        llimit = None
+    finally:
+        if llimit is not None:
+            llimit.stop()
+        kill(upstream)
+        kill(proxy)
+    with open(arrivals_path) as f:
+        arrivals = [int(line) for line in f if line.strip()]
+    trips = []
+    with open(log_path) as f:
+        for line in f:
+            stamp, conn_id, statements = line.split(" ", 2)
+            trips.append((int(stamp), int(conn_id), json.loads(statements)))
+    with open(script) as f:
+        source = f.read()
+    if len(arrivals) != made[0]:
+        raise RuntimeError(f"round trips: {len(arrivals)} calls reached the upstream, "
+                           f"{made[0]} were made")
+
+    def described(counts):
+        return [{"statements": key, "per_call": count / calls,
+                 "from": _statement_origin(key.split(" | ")[0].split(" ×")[0]
+                                           .removeprefix("prepare: "), source)}
+                for key, count in sorted(counts.items(), key=lambda kv: -kv[1])]
+
+    results = []
+    for label, sent in sets:
+        before, during, per_call_before, per_call_after, waits = {}, {}, [], [], []
+        for index, start, end in sent:
+            arrived = arrivals[index]
+            if not start <= arrived <= end:
+                raise RuntimeError("round trips: upstream arrivals do not match the calls")
+            n, after = 0, []
+            for stamp, _conn, statements in trips:
+                if start <= stamp <= arrived:
+                    n += 1
+                    key = _round_trip_name(statements)
+                    before[key] = before.get(key, 0) + 1
+                elif arrived < stamp <= end:
+                    after.append(stamp)
+            per_call_before.append(n)
+            # Round trips after the upstream was reached and before the answer's end
+            # (the usage write the answer waits for), and their span.
+            per_call_after.append(len(after))
+            if after:
+                waits.append((max(after) - min(after)) / 1e6)
+        first, last = sent[0][1], sent[-1][2] + 900_000_000
+        total = 0
+        for stamp, _conn, statements in trips:
+            if first <= stamp <= last:
+                total += 1
+                key = _round_trip_name(statements)
+                during[key] = during.get(key, 0) + 1
+        results.append({
+            "label": label, "calls": calls,
+            "streams": sum(1 for i in range(warm, warm + calls) if i % 4 == 3),
+            "before_upstream_per_call": sum(per_call_before) / calls,
+            "before_upstream_max": max(per_call_before),
+            "before_upstream_min": min(per_call_before),
+            "before_upstream": described(before),
+            "answer_waits_per_call": sum(per_call_after) / calls,
+            "answer_waits_span_p50_ms": percentile(sorted(waits), 50) if waits else None,
+            "all_per_call": total / calls, "all": described(during)})
+    return results
+
+
+# =============================================================================
 # A round: direct and through llimit
 # =============================================================================
 
@@ -833,8 +1253,12 @@ def run_round(label, events, upstream, upstream_port, llimit, raw_key, sizes, ar
     if result["llimit_exit_code"] not in (0, None):
         log_progress(f"llimit exited with code {result['llimit_exit_code']} on SIGTERM:\n"
                      + llimit.log_tail(6))
-    after = db_stats(llimit.db_path)
-    result["db"] = {
+    result["db"] = db_growth(before, db_stats(llimit.db_path), calls)
+    return result
+
+
+def db_growth(before, after, calls):
+    return {
         "before": before, "after": after, "calls_through_llimit": calls,
         "rows_added": (after["usage_events"] - before["usage_events"]
                        if after["usage_events"] is not None and before["usage_events"] is not None
@@ -843,7 +1267,45 @@ def run_round(label, events, upstream, upstream_port, llimit, raw_key, sizes, ar
                            if calls and after["logical_bytes"] is not None else None),
         "file_bytes_per_call": after["file_bytes"] / calls if calls else None,
     }
-    return result
+
+
+def run_postgres(postgres, instances, upstream, upstream_port, sizes, args, tmpdir):
+    """The phases through `instances` llimit processes on one fresh PostgreSQL schema, the
+    load spread over them in turn; CPU of every llimit process (summed as "llimit"), and
+    of the PostgreSQL server's backends and background processes, each on its own."""
+    name = f"postgres x{instances}"
+    url, schema = postgres.new_schema()
+    servers = []
+    try:
+        for n in range(instances):
+            server = Llimit(args.llimit, url, upstream_port,
+                            os.path.join(tmpdir, f"llimit-pg{instances}-{n + 1}.log"),
+                            args.threads)
+            server.start()
+            servers.append(server)
+        raw_key, key_id = servers[0].create_key()
+        log_progress(f"{name}: llimit on ports {[s.port for s in servers]} "
+                     f"(pids {[s.proc.pid for s in servers]}), key {key_id}, schema {schema}")
+        pids = {f"llimit-{n + 1}": s.proc.pid for n, s in enumerate(servers)}
+        pids["upstream"] = upstream.pid
+        pids["postgres"] = ServerCpu(postgres, "backends")
+        pids["postgres_background"] = ServerCpu(postgres, "background")
+        before = postgres.stats(schema)
+        result = measure_target(name, [s.port for s in servers], "/v1/chat/completions",
+                                raw_key, sizes, pids, args.phase_timeout)
+        for phase in result.values():
+            cpu = phase.get("cpu_ms_per_call") or {}
+            parts = [cpu.get(f"llimit-{n + 1}") for n in range(instances)]
+            cpu["llimit"] = sum(parts) if None not in parts else None
+        calls = calls_made(result)
+        log_progress(f"{name}: stopping llimit to read the database")
+        codes = [s.stop() for s in servers]
+        out = {"instances": instances, "llimit": result, "llimit_exit_codes": codes,
+               "db": db_growth(before, postgres.stats(schema), calls)}
+        return out
+    finally:
+        for server in servers:
+            server.stop()
 
 
 # =============================================================================
@@ -986,6 +1448,88 @@ def render_markdown(results):
     return "\n".join(out)
 
 
+def render_postgres(results):
+    """SQLite, PostgreSQL and PostgreSQL with two instances side by side, against the
+    direct run of the same round; then the round trips to PostgreSQL per call."""
+    conc = results["config"]["concurrency"]
+    machine = results["machine"]
+    pg = results["postgres"]
+    base = results["rounds"][0]
+    columns = [("SQLite", base)] + [
+        ("PostgreSQL" if run["instances"] == 1 else f"PostgreSQL, {run['instances']} instances",
+         {"direct": base["direct"], "llimit": run["llimit"], "db": run["db"]})
+        for run in pg["runs"]]
+    tables = [table_rows(round_, conc) for _, round_ in columns]
+    out = [f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), "
+           f"Python {machine['python']}, {machine['platform']}, PostgreSQL "
+           f"{pg['server_version']} at {pg['url']}; {results['config']['c1']} / "
+           f"{results['config']['cN']} / {results['config']['stream']} requests (c=1 / "
+           f"c={conc} / stream), fake upstream stream gap "
+           f"{results['config']['stream_gap_ms']} ms.", ""]
+    head = "| metric | direct | " + " | ".join(f"{name} | added" for name, _ in columns)
+    out.append(head + " | target |")
+    out.append("|---|---:|" + "---:|---:|" * len(columns) + "---|")
+    for rows in zip(*tables):
+        target = rows[0][4]
+        checks = " / ".join(row[5] for row in rows) if target else ""
+        out.append(f"| {rows[0][0]} | {rows[0][1]} | "
+                   + " | ".join(f"{row[2]} | {row[3]}" for row in rows)
+                   + f" | {target} {'(' + checks + ')' if checks else ''} |")
+
+    def extra(label, values):
+        out.append(f"| {label} | | " + " | ".join(f"{v} | " for v in values) + " |")
+
+    for phase, label in (("cN", f"c={conc}"), ("c1", "c=1")):
+        extra(f"PostgreSQL backends CPU per call, {label} (ms)",
+              [""] + [_fmt(_get(r, "llimit", phase, "cpu_ms_per_call", "postgres"), 3)
+                      for _, r in columns[1:]])
+    extra(f"PostgreSQL background processes CPU per call, c={conc} (ms)",
+          [""] + [_fmt(_get(r, "llimit", "cN", "cpu_ms_per_call", "postgres_background"), 3)
+                  for _, r in columns[1:]])
+
+    def total(round_):
+        cpu = _get(round_, "llimit", "cN", "cpu_ms_per_call") or {}
+        parts = [cpu.get(k) for k in ("llimit", "postgres", "postgres_background")
+                 if k in cpu or k == "llimit"]
+        return sum(parts) if parts and None not in parts else None
+    extra(f"llimit + database server CPU per call, c={conc} (ms)",
+          [_fmt(total(r), 3) for _, r in columns])
+    sets = pg.get("round_trips") or []
+    for trips in sets:
+        extra(f"PostgreSQL round trips before upstream per call, {trips['label']}",
+              ["0 (in-process)"] + [
+                  f"{trips['before_upstream_per_call']:.2f} (min {trips['before_upstream_min']},"
+                  f" max {trips['before_upstream_max']})"] + [""] * (len(columns) - 2))
+        extra(f"PostgreSQL round trips after upstream that the answer waits for, per call"
+              f" (their span p50, ms), {trips['label']}",
+              [""] + [f"{trips['answer_waits_per_call']:.2f} "
+                      f"({_fmt(trips['answer_waits_span_p50_ms'])})"] + [""] * (len(columns) - 2))
+        extra(f"PostgreSQL round trips per call, all (usage write included), {trips['label']}",
+              [""] + [f"{trips['all_per_call']:.2f}"] + [""] * (len(columns) - 2))
+    out.append("")
+    out.append("llimit CPU is every llimit process's utime+stime from /proc (both, with two "
+               "instances); the PostgreSQL server's is reported apart: its backends serving "
+               "the bench database, and its background processes (WAL writer, checkpointer..."
+               "), which also serve anything else running on the cluster. \"added\" is "
+               "against the round's direct run, measured before SQLite.")
+    for trips in sets:
+        out.append("")
+        out.append(f"Round trips to PostgreSQL, {trips['label']}: counted by a proxy that reads "
+                   f"the protocol (one per Sync or simple Query), on a llimit instance of their "
+                   f"own, {trips['calls']} sequential calls ({trips['streams']} streams); "
+                   f"before upstream = between the client sending a call and the upstream "
+                   f"receiving it.")
+        out.append("")
+        out.append("| per call | before upstream / all | statements | sent by |")
+        out.append("|---:|---|---|---|")
+        for group, items in (("before upstream", trips["before_upstream"]),
+                             ("all", trips["all"])):
+            for item in items:
+                out.append(f"| {item['per_call']:.2f} | {group} | `{item['statements']}` | "
+                           f"{item['from'] or '?'} |")
+    return "\n".join(out)
+
+
 def machine_info():
     model = platform.processor() or "unknown CPU"
     try:
@@ -1033,8 +1577,20 @@ def parse_args(argv):
     parser.add_argument("--large-answer", type=int, default=0, metavar="N",
                         help="only measure llimit's CPU per call for N non-stream calls"
                              " whose answer is a ~1 MiB embeddings body")
+    parser.add_argument("--postgres", nargs="?", const=DEFAULT_POSTGRES, metavar="URL",
+                        help="also run the phases on PostgreSQL (default URL: the local"
+                             f" server of tests/install.sh, {DEFAULT_POSTGRES}; the database"
+                             " is made if missing, llimit gets fresh schemas, dropped after)"
+                             " and count its round trips per call")
+    parser.add_argument("--instances", type=int, default=1, choices=(1, 2),
+                        help="2: also two llimit processes on one PostgreSQL database, the"
+                             " load spread over both (implies --postgres)")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT",
                         help=argparse.SUPPRESS)
+    parser.add_argument("--arrivals", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-pg-proxy", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--pg-target", help=argparse.SUPPRESS)
+    parser.add_argument("--pg-log", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -1051,12 +1607,19 @@ def sizes_for(args):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.serve_upstream is not None:
-        serve_upstream(args.serve_upstream, args.stream_gap_ms)
+        serve_upstream(args.serve_upstream, args.stream_gap_ms, args.arrivals)
         return 0
+    if args.serve_pg_proxy is not None:
+        serve_pg_proxy(args.serve_pg_proxy, args.pg_target, args.pg_log)
+        return 0
+    if args.instances > 1 and not args.postgres:
+        args.postgres = DEFAULT_POSTGRES
+    if args.postgres and (args.direct_only or args.large_answer):
+        raise RuntimeError("--postgres measures llimit: not with --direct-only or --large-answer")
     sizes = sizes_for(args)
     started = time.monotonic()
     tmpdir = tempfile.mkdtemp(prefix="llimit-bench-")
-    upstream = llimit = None
+    upstream = llimit = postgres = None
     results = {"machine": machine_info(),
                "config": {"c1": sizes["c1"], "cN": sizes["cN"], "stream": sizes["stream"],
                           "concurrency": sizes["conc"], "threads": args.threads,
@@ -1105,7 +1668,24 @@ def main(argv=None):
             results["rounds"].append(round_)
         elif args.events:
             log_progress("--events needs llimit; ignored with --direct-only")
+        if args.postgres:
+            if llimit is not None:
+                llimit.stop()   # its CPU and threads are no part of what follows
+            postgres = Postgres(args.postgres)
+            results["postgres"] = {"url": _postgres_url(
+                {k: ("***" if k == "password" else v) for k, v in postgres.params.items()}),
+                "server_version": postgres.version, "runs": []}
+            if args.events:
+                log_progress("--events fills SQLite only: PostgreSQL is measured empty")
+            for instances in range(1, args.instances + 1):
+                results["postgres"]["runs"].append(run_postgres(
+                    postgres, instances, upstream, upstream_port, sizes, args, tmpdir))
+            log_progress("postgres: counting round trips per call through a proxy")
+            results["postgres"]["round_trips"] = count_round_trips(
+                postgres, args.llimit, tmpdir, args.threads, args.stream_gap_ms)
     finally:
+        if postgres is not None:
+            postgres.drop_schemas()
         if llimit is not None:
             llimit.stop()
         kill(upstream)
@@ -1116,6 +1696,8 @@ def main(argv=None):
     results["elapsed_s"] = time.monotonic() - started
     if args.json:
         print(json.dumps(results, indent=2))
+    elif "postgres" in results:
+        print(render_postgres(results))
     else:
         print(render_markdown(results))
     log_progress(f"done in {results['elapsed_s']:.0f}s")

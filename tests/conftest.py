@@ -23,6 +23,9 @@ UPSTREAM_KEY = "sk-upstream-secret-123"
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: a long load test; CI runs it, `-m \"not slow\"` skips it locally")
+    config.addinivalue_line(
+        "markers", "engines(*names): the engines this test runs on, instead of its module's"
+        " ENGINES (sqlite_only: a test of input or of SQLite itself)")
 
 
 class Clock:
@@ -131,7 +134,8 @@ def clock():
 
 # --- the database engines ------------------------------------------------------
 # A test module that sets ENGINES = ("sqlite", "postgres") runs each test that
-# starts llimit on both. PostgreSQL is the server at LLIMIT_TEST_POSTGRES_URL,
+# starts llimit on both; a test marked `sqlite_only` (its input reaches no
+# storage, or it tests SQLite itself) runs on SQLite alone. PostgreSQL is the server at LLIMIT_TEST_POSTGRES_URL,
 # or else the local one tests/install.sh starts (database llimit_test, made
 # when missing); each test gets schemas of its own, dropped after it.
 
@@ -141,8 +145,15 @@ LOCAL_POSTGRES = "postgresql:///llimit_test?host=/var/run/postgresql"
 
 def pytest_generate_tests(metafunc):
     engines = getattr(metafunc.module, "ENGINES", None)
+    marker = metafunc.definition.get_closest_marker("engines")
+    if marker is not None:
+        engines = marker.args
     if engines and "engine" in metafunc.fixturenames:
         metafunc.parametrize("engine", engines)
+
+
+# Set on a test: it runs on SQLite only, even in a module whose ENGINES lists both.
+sqlite_only = pytest.mark.engines("sqlite")
 
 
 @pytest.fixture
@@ -245,13 +256,20 @@ def gateway(make_llimit):
 
 
 @pytest.fixture
-def processes(tmp_path, fake):
-    """Start `python llimit.py serve` processes (tests/process.py); stopped after the test."""
+def processes(request, tmp_path, fake):
+    """Start `python llimit.py serve` processes (tests/process.py); stopped after the test.
+
+    A test that takes `engine` runs them on it: each `name` gets its database of
+    `databases`, unless `db_path` names one.
+    """
     from tests.process import LlimitProcess  # not at the top: it imports this module
 
     started = []
 
     def start(**settings):
+        if "db_path" not in settings and "engine" in request.fixturenames:
+            databases = request.getfixturevalue("databases")
+            settings["db_path"] = databases(settings.get("name", "llimit") + ".db")
         proc = LlimitProcess(tmp_path, fake.url + "/v1", **settings)
         started.append(proc)
         return proc

@@ -455,12 +455,8 @@ def chat_body(call):
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
     body = {"id": "chatcmpl-fake" + call.serial, "object": "chat.completion",
             "created": call.created, "model": call.model, "choices": [choice]}
-    if call.usage:
-        body["usage"] = chat_usage(call)
-    if call.azure:
-        choice["content_filter_results"] = AZURE_COMPLETION_FILTER
-        body["prompt_filter_results"] = AZURE_PROMPT_FILTER_RESULTS
-    else:
+    _add_usage_and_azure_filters(call, body, choice, chat_usage)
+    if not call.azure:
         body["service_tier"] = "default"
     body["system_fingerprint"] = FINGERPRINT
     return body
@@ -470,12 +466,17 @@ def completion_body(call):
     choice = {"text": call.text, "index": 0, "logprobs": None, "finish_reason": "stop"}
     body = {"id": "cmpl-fake" + call.serial, "object": "text_completion",
             "created": call.created, "model": call.model, "choices": [choice]}
+    _add_usage_and_azure_filters(call, body, choice, completion_usage)
+    return body
+
+
+def _add_usage_and_azure_filters(call, body, choice, usage_of):
+    """The usage (unless the call has none) and, on Azure, the content filter results."""
     if call.usage:
-        body["usage"] = completion_usage(call)
+        body["usage"] = usage_of(call)
     if call.azure:
         choice["content_filter_results"] = AZURE_COMPLETION_FILTER
         body["prompt_filter_results"] = AZURE_PROMPT_FILTER_RESULTS
-    return body
 
 
 def chat_events(call):
@@ -916,6 +917,14 @@ def _protocol_error(call):
 BATCH_MODEL = "gpt-4o-mini"  # a batch whose input file names no model
 
 
+class NoSuchObject(Exception):
+    """A call names an object the upstream account does not have: a 404."""
+
+    def __init__(self, object_id):
+        super().__init__(object_id)
+        self.object_id = object_id
+
+
 class ObjectStore:
     """Files, batches, stored responses and completions, vector stores and
     Anthropic message batches of the one upstream account, in the providers'
@@ -943,7 +952,10 @@ class ObjectStore:
         kind, rest = parts[0], parts[1:]
         handler = getattr(self, f"_{kind.replace('/', '_')}", None)
         with self.lock:
-            reply = handler(call, method, rest) if handler else None
+            try:
+                reply = handler(call, method, rest) if handler else None
+            except NoSuchObject as missing:
+                reply = 404, call.error_body(404, f"No such object: {missing.object_id}")
         if reply is None:
             return json_reply(call, 404, call.error_body(404, f"Invalid URL ({method} "
                                                                f"{call.request.path})"))
@@ -965,14 +977,22 @@ class ObjectStore:
     def _shown(obj):
         return {k: v for k, v in obj.items() if not k.startswith("_")}
 
-    def _get(self, call, kind, object_id):
+    def _get(self, kind, object_id):
+        """The stored object of this kind, or NoSuchObject (answered with a 404)."""
         obj = self.objects.get(object_id)
         if obj is None or obj["_kind"] != kind:
-            return None
+            raise NoSuchObject(object_id)
         return obj
 
-    def _missing(self, call, object_id):
-        return 404, call.error_body(404, f"No such object: {object_id}")
+    def _read_or_delete(self, method, rest, obj, deleted=None):
+        """GET of one object, or its DELETE answered as an object named `deleted` (kinds
+        that cannot be deleted give none); None for any other call on it."""
+        if method == "GET" and len(rest) == 1:
+            return 200, self._shown(obj)
+        if method == "DELETE" and len(rest) == 1 and deleted:
+            del self.objects[obj["id"]]
+            return 200, {"id": obj["id"], "object": deleted, "deleted": True}
+        return None
 
     def _poll(self, object_id):
         self.polls[object_id] = self.polls.get(object_id, 0) + 1
@@ -992,18 +1012,11 @@ class ObjectStore:
             return 200, self._shown(self.objects[file_id])
         if method == "GET" and not rest:
             return self._list("files")
-        obj = self._get(call, "files", rest[0])
-        if obj is None:
-            return self._missing(call, rest[0])
+        obj = self._get("files", rest[0])
         if method == "GET" and rest[1:] == ["content"]:
             return Reply(200, [("Content-Type", "application/octet-stream"), *call.headers()],
                          self.contents[rest[0]])
-        if method == "GET" and len(rest) == 1:
-            return 200, self._shown(obj)
-        if method == "DELETE" and len(rest) == 1:
-            del self.objects[rest[0]]
-            return 200, {"id": rest[0], "object": "file", "deleted": True}
-        return None
+        return self._read_or_delete(method, rest, obj, deleted="file")
 
     # batches (OpenAI)
     def _batches(self, call, method, rest):
@@ -1030,9 +1043,7 @@ class ObjectStore:
             return 200, self._shown(batch)
         if method == "GET" and not rest:
             return self._list("batches")
-        batch = self._get(call, "batches", rest[0])
-        if batch is None:
-            return self._missing(call, rest[0])
+        batch = self._get("batches", rest[0])
         if method == "POST" and rest[1:] == ["cancel"]:
             batch.update(status="cancelling", cancelling_at=call.created)
             return 200, self._shown(batch)
@@ -1085,9 +1096,7 @@ class ObjectStore:
             return 200, queued
         if not rest:
             return None
-        response = self._get(call, "responses", rest[0])
-        if response is None:
-            return self._missing(call, rest[0])
+        response = self._get("responses", rest[0])
         if method == "GET" and len(rest) == 1:
             if response["status"] in ("queued", "in_progress"):
                 if self._poll(rest[0]) == 1:
@@ -1104,10 +1113,7 @@ class ObjectStore:
             if response["background"] and response["status"] in ("queued", "in_progress"):
                 response["status"] = "cancelled"
             return 200, self._shown(response)
-        if method == "DELETE" and len(rest) == 1:
-            del self.objects[rest[0]]
-            return 200, {"id": rest[0], "object": "response", "deleted": True}
-        return None
+        return self._read_or_delete(method, rest, response, deleted="response")
 
     # stored chat completions
     def _chat_completions(self, call, method, rest):
@@ -1115,15 +1121,8 @@ class ObjectStore:
             return self._list("chat/completions")
         if not rest:
             return None
-        completion = self._get(call, "chat/completions", rest[0])
-        if completion is None:
-            return self._missing(call, rest[0])
-        if method == "GET" and len(rest) == 1:
-            return 200, self._shown(completion)
-        if method == "DELETE" and len(rest) == 1:
-            del self.objects[rest[0]]
-            return 200, {"object": "chat.completion.deleted", "id": rest[0], "deleted": True}
-        return None
+        completion = self._get("chat/completions", rest[0])
+        return self._read_or_delete(method, rest, completion, deleted="chat.completion.deleted")
 
     # vector stores
     def _vector_stores(self, call, method, rest):
@@ -1139,15 +1138,8 @@ class ObjectStore:
             return 200, self._shown(self.objects[store_id])
         if method == "GET" and not rest:
             return self._list("vector_stores")
-        store = self._get(call, "vector_stores", rest[0])
-        if store is None:
-            return self._missing(call, rest[0])
-        if method == "GET" and len(rest) == 1:
-            return 200, self._shown(store)
-        if method == "DELETE" and len(rest) == 1:
-            del self.objects[rest[0]]
-            return 200, {"id": rest[0], "object": "vector_store.deleted", "deleted": True}
-        return None
+        store = self._get("vector_stores", rest[0])
+        return self._read_or_delete(method, rest, store, deleted="vector_store.deleted")
 
     # Anthropic message batches
     def _messages_batches(self, call, method, rest):
@@ -1171,9 +1163,7 @@ class ObjectStore:
             return 200, self._shown(self.objects[batch_id])
         if method == "GET" and not rest:
             return self._list("messages/batches", anthropic=True)
-        batch = self._get(call, "messages/batches", rest[0])
-        if batch is None:
-            return self._missing(call, rest[0])
+        batch = self._get("messages/batches", rest[0])
         if method == "GET" and len(rest) == 1:
             if batch["processing_status"] == "in_progress":
                 total = self.polls[rest[0]]
@@ -1247,7 +1237,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.command, url.path,
             dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True)),
             Headers(self.headers.items()), body, payload)
-        fake._record(request)
+        fake._note(fake.requests, request)
         call = Call(request, dict(fake.behaviour))
         call.store = fake.store
         fake.last_completion_text = call.text
@@ -1258,7 +1248,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client left
             request.reply.end("client left")
-            fake._client_left(request)
+            fake._note(fake.left, request)
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
@@ -1340,13 +1330,10 @@ class FakeUpstream:
                                         name="fake-upstream")
         self._thread.start()
 
-    def _record(self, request):
+    def _note(self, requests, request):
+        """Append to `requests` (self.requests or self.left) under the lock."""
         with self._lock:
-            self.requests.append(request)
-
-    def _client_left(self, request):
-        with self._lock:
-            self.left.append(request)
+            requests.append(request)
 
     def reset(self):
         """Forget recorded requests and behaviour (the same list and dict are kept)."""

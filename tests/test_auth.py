@@ -15,6 +15,9 @@ from selenium.webdriver.common.by import By
 
 import llimit
 from tests.browser import click_and_wait, csrf_token, fresh
+from tests.conftest import sqlite_only
+
+ENGINES = ("sqlite", "postgres")
 
 CLIENT_ID = "llimit-test"
 CLIENT_SECRET = "s3cret-for-tests"
@@ -22,6 +25,7 @@ CLIENT_SECRET = "s3cret-for-tests"
 
 # --- header ----------------------------------------------------------------------
 
+@sqlite_only  # input checks: no storage
 def test_header_sign_in_trusts_only_the_proxy_addresses(make_llimit):
     # trusted by default: 127.0.0.1 and ::1
     server = make_llimit(auth="header", user_domains=("example.com",))
@@ -163,6 +167,7 @@ def _oidc_start(llimit_url, next_path="/keys", **headers):
     return session, started.headers["Location"]
 
 
+@sqlite_only  # redirects: no storage
 @pytest.mark.parametrize("next_path", ["/%09/evil.example/phish", "//evil.example",
                                        "/\\evil.example", "https://evil.example/"])
 def test_oidc_sign_in_never_ends_on_another_site(oidc_llimit, next_path):
@@ -190,6 +195,7 @@ def test_oidc_accepts_only_email_verified_true(oidc_llimit, verified):
         "select count(*) from sessions where user_name is not null").fetchone()[0] == 0
 
 
+@sqlite_only  # redirects: no storage
 def test_the_oidc_redirect_never_comes_from_the_host_header(oidc_llimit):
     _session, authorize = _oidc_start(oidc_llimit.url, Host="evil.example")
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(authorize).query)

@@ -11,6 +11,8 @@ import requests
 
 from tests.test_limits import add_limit
 
+ENGINES = ("sqlite", "postgres")
+
 TINY_BUDGET = 0.0002  # USD a day
 
 

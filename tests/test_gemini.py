@@ -40,6 +40,14 @@ def usd(event):
     return None if event["cost_nusd"] is None else event["cost_nusd"] / 1e9
 
 
+def assert_one_priced_stream(gateway, prompt_tokens, completion_tokens, cost_usd):
+    """The gateway metered one call, a stream priced from its usage, at cost_usd."""
+    [event] = gateway.events()
+    assert (event["stream"], event["pricing"], event["prompt_tokens"],
+            event["completion_tokens"]) == (1, "priced", prompt_tokens, completion_tokens)
+    assert usd(event) == pytest.approx(cost_usd)
+
+
 def test_generate_content_with_the_sdk_is_metered_from_usage_metadata(gateway, fake):
     raw_key, key_id = gemini_key(gateway, fake)
     fake.behaviour.update(prompt_tokens=1000, cached_tokens=400, completion_tokens=300,
@@ -73,10 +81,7 @@ def test_streaming_with_the_sdk_passes_each_chunk_and_meters_the_last_usage(gate
     sent = fake.requests[-1]
     assert sent.path == "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
     assert sent.query == {"alt": "sse"}
-    [event] = gateway.events()
-    assert (event["stream"], event["pricing"], event["prompt_tokens"],
-            event["completion_tokens"]) == (1, "priced", 50, 20)
-    assert usd(event) == pytest.approx((50 * 0.30 + 20 * 2.50) / 1e6)
+    assert_one_priced_stream(gateway, 50, 20, cost_usd=(50 * 0.30 + 20 * 2.50) / 1e6)
 
 
 def test_a_stream_without_alt_sse_is_one_json_array_metered_from_its_last_chunk(gateway, fake):
@@ -234,10 +239,7 @@ def test_gemini_openai_compatible_endpoint_as_an_openai_project(gateway, fake):
     assert sent.headers["authorization"] == "Bearer " + GEMINI_UPSTREAM_KEY
     assert sent.json["stream_options"] == {"include_usage": True}  # injected
     assert all(chunk.choices for chunk in chunks)  # the usage-only chunk hidden again
-    [event] = gateway.events()
-    assert (event["stream"], event["pricing"], event["prompt_tokens"],
-            event["completion_tokens"]) == (1, "priced", 100, 40)
-    assert usd(event) == pytest.approx((100 * 0.30 + 40 * 2.50) / 1e6)
+    assert_one_priced_stream(gateway, 100, 40, cost_usd=(100 * 0.30 + 40 * 2.50) / 1e6)
 
 
 def test_the_upstream_refusing_llimits_gemini_key_reads_as_llimits_own_error(gateway, fake):

@@ -7,6 +7,8 @@ import llimit
 from tests.test_limits import add_limit
 from tests.test_limits import call as chat
 
+ENGINES = ("sqlite", "postgres")
+
 CORP = ("corp.example",)
 
 

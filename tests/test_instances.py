@@ -3,6 +3,7 @@ instance changes holds on the others' next call, usage from all shows on every
 one, a page session or a new key's page moves between them, and a proxied call
 costs one round trip to the database before it goes upstream."""
 
+import concurrent.futures
 import re
 import threading
 import time
@@ -158,3 +159,72 @@ def test_a_reprice_rebuilds_the_minute_totals_every_instance_reads(pair, fake):
     for server in (a, b):
         used = server.admin.get(f"{server.url}/admin/limits/{minute['id']}").json()["used"]
         assert used == pytest.approx(2 * (11 * 1.0 + 7 * 2.0) / 1e6)
+
+
+def test_an_outage_fails_every_call_closed_before_it_goes_upstream_and_recovers(
+        make_llimit, databases, fake, tmp_path_factory):
+    # b reaches PostgreSQL through a relay that can cut it; a directly.
+    relay = PostgresRelay(databases("ledger"), str(tmp_path_factory.mktemp("relay")))
+    try:
+        a, b = make_llimit(db_path=databases("ledger")), make_llimit(db_path=relay.url)
+        raw_key, key_id = a.create_key(user="alice")  # no limit applies to it
+        other_key, _ = a.create_key(user="bob", note="never revoked")
+        for key in (raw_key, other_key):
+            assert call(b, key).status_code == 200  # b holds both key rows in its cache
+        assert a.admin.post(f"{a.url}/admin/keys/{key_id}/revoke").status_code == 200
+        relay.cut()  # b's next call finds the database gone, the revoked row still cached
+        seen = len(fake.requests)
+        for key in (raw_key, other_key):
+            refused = call(b, key)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "ledger_unavailable"
+            assert refused.json()["error"]["type"] == "service_unavailable"
+        listed = requests.get(b.url + "/v1/models", headers={"Authorization": f"Bearer {other_key}"})
+        assert listed.status_code == 503
+        assert len(fake.requests) == seen, "nothing went upstream while the ledger was gone"
+        health = requests.get(b.url + "/healthz")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "ledger_unavailable"
+        assert requests.get(a.url + "/healthz").status_code == 200
+        relay.restore()  # b recovers by itself: no restart
+        deadline = time.monotonic() + 30
+        while call(b, other_key).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert call(b, other_key).status_code == 200
+        revoked = call(b, raw_key)
+        assert revoked.status_code == 403 and revoked.json()["error"]["code"] == "key_revoked"
+        assert requests.get(b.url + "/healthz").status_code == 200
+        assert len(fake.requests) == seen + 2
+    finally:
+        relay.close()
+
+
+def test_the_concurrency_caps_hold_per_instance(make_llimit, fake):
+    # LLIMIT_MAX_CONCURRENT_PER_KEY / _PER_USER keep one key holder from holding an
+    # instance's worker threads, so each instance counts its own (README: a key may
+    # have instances x the cap under way); spend across instances is the limits' job.
+    a, b = (make_llimit(db_path="shared.db", max_concurrent_per_key=2,
+                        max_concurrent_per_user=3) for _ in range(2))
+    raw_key, _ = a.create_key(user="hog")
+    second_key, _ = a.create_key(user="hog")
+    fake.behaviour["delay_first"] = 3
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        held = [pool.submit(call, a, raw_key) for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while len(fake.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(fake.requests) == 2  # a's two slots of this key are taken
+        capped = call(a, raw_key)
+        assert capped.status_code == 429, capped.text
+        assert capped.json()["error"]["code"] == "too_many_concurrent_calls"
+        assert capped.headers["Retry-After"] == "1"
+        held.append(pool.submit(call, a, second_key))  # the user's third call on a
+        while len(fake.requests) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        over_user = call(a, second_key)
+        assert over_user.status_code == 429 and "User hog has 3" in over_user.text
+        # b counts its own: the same key and user still get its slots.
+        on_b = [pool.submit(call, b, raw_key) for _ in range(2)]
+        assert [future.result().status_code for future in held + on_b] == [200] * 5
+    assert len(fake.requests) == 5
+    a.wait_idle()
+    assert len(a.events()) == 5 and a.reservations_held() == 0 and b.reservations_held() == 0

@@ -274,6 +274,7 @@ def test_fail_closed_when_usage_cannot_be_written(make_llimit, fake, engine):
     gateway = make_llimit(commit_wait_seconds=1.0)  # the answer need not wait 10 s
     raw_key, key_id = gateway.create_key()
     add_limit(gateway, scope="key", target=key_id, metric="usd", window="day", amount=100)
+    free_key, _ = gateway.create_key(user="no-limits")
     blocker = sqlite3.connect(gateway.config.db_path, isolation_level=None)
     blocker.execute("begin exclusive")
     try:
@@ -284,15 +285,24 @@ def test_fail_closed_when_usage_cannot_be_written(make_llimit, fake, engine):
         deadline = time.monotonic() + 20
         while gateway.state.writer.healthy and time.monotonic() < deadline:
             time.sleep(0.1)
-        refused = call(gateway, raw_key)
-        assert refused.status_code == 503
-        assert refused.json()["error"]["code"] == "ledger_unavailable"
+        # Now known: every call is refused before it goes upstream (an answer
+        # paid for would be withheld), limits or none, and /healthz says so.
+        seen = len(fake.requests)
+        for key in (raw_key, free_key):
+            refused = call(gateway, key)
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "ledger_unavailable"
+        assert len(fake.requests) == seen
+        health = requests.get(gateway.url + "/healthz")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "ledger_unavailable"
     finally:
         blocker.execute("rollback")
         blocker.close()
     gateway.wait_idle()
     assert len(gateway.events()) == 1, "the queued usage was written, not lost"
     assert call(gateway, raw_key).status_code == 200
+    assert call(gateway, free_key).status_code == 200
+    assert requests.get(gateway.url + "/healthz").status_code == 200
 
 
 @pytest.mark.parametrize("body,field", [
@@ -316,7 +326,7 @@ def test_bad_limits_get_a_400_naming_the_field(gateway, body, field):
 class Webhook:
     """A real HTTP endpoint that collects alert posts."""
 
-    def __init__(self, fail_first=0):
+    def __init__(self, fail_first=0, answer_delay=0.0):
         self.posts, self.fail_first = [], fail_first
         hook = self
 
@@ -328,6 +338,7 @@ class Webhook:
                     self.send_response(500)
                 else:
                     hook.posts.append(body)
+                    time.sleep(answer_delay)  # seen here before llimit hears it was delivered
                     self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -347,7 +358,9 @@ class Webhook:
 
 
 def test_alerts_fire_once_per_threshold_even_across_restart(make_llimit, fake, tmp_path):
-    hook = Webhook(fail_first=1)
+    # A stop just after the webhook has a post, before its answer: the stopping
+    # instance still notes the alert delivered (it was resent by the next start).
+    hook = Webhook(fail_first=1, answer_delay=0.5)
     db_path = str(tmp_path / "alerts.db")
     gateway = make_llimit(db_path=db_path, alert_webhook=hook.url)
     raw_key, key_id = gateway.create_key(user="ola")

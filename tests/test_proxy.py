@@ -8,7 +8,9 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import UPSTREAM_KEY
+from tests.conftest import UPSTREAM_KEY, sqlite_only
+
+ENGINES = ("sqlite", "postgres")
 
 
 def client(gateway, raw_key, **kwargs):
@@ -50,6 +52,7 @@ def test_every_openai_endpoint_passes(gateway, fake, call):
     assert event["status_code"] == 200
 
 
+@sqlite_only  # what goes upstream: no storage
 def test_query_string_and_headers_pass_both_ways(gateway, fake):
     raw_key, _ = gateway.create_key()
     upstream_wait_ms = 500
@@ -79,6 +82,7 @@ def test_query_string_and_headers_pass_both_ways(gateway, fake):
     assert 0 < overhead_ms <= elapsed_ms - upstream_wait_ms
 
 
+@sqlite_only  # what goes upstream: no storage
 def test_upstream_api_version_is_added_when_missing(make_llimit, fake):
     gateway = make_llimit(upstream_api_version="2024-10-21")
     raw_key, _ = gateway.create_key()
@@ -101,6 +105,7 @@ def assert_openai_error(resp, status, error_type=None, code=None):
     return error
 
 
+@sqlite_only  # input checks: no storage
 def test_missing_and_wrong_keys_get_401(gateway, fake):
     url = gateway.url + "/v1/chat/completions"
     assert_openai_error(requests.post(url, json={}), 401, code="missing_api_key")
@@ -145,6 +150,7 @@ def test_model_allow_list(gateway, fake):
         api.chat.completions.create(model="gpt-4o", messages=[])
 
 
+@sqlite_only  # input checks: no storage
 def test_malformed_json_is_a_400_and_nothing_goes_upstream(gateway, fake):
     raw_key, _ = gateway.create_key()
     resp = requests.post(gateway.url + "/v1/chat/completions", data=b'{"model": "gpt-4o",',
@@ -154,6 +160,7 @@ def test_malformed_json_is_a_400_and_nothing_goes_upstream(gateway, fake):
     assert fake.requests == []
 
 
+@sqlite_only  # input checks: no storage
 def test_oversized_body_is_a_413(make_llimit, fake):
     gateway = make_llimit(max_body_bytes=1000)
     raw_key, _ = gateway.create_key()
@@ -211,5 +218,6 @@ def test_garbage_from_upstream_passes_and_is_metered_unpriced(gateway, fake):
     assert event["pricing"] == "unpriced" and event["prompt_tokens"] == 0
 
 
+@sqlite_only  # input checks: no storage
 def test_unknown_urls_get_openai_shaped_404(gateway):
     assert_openai_error(requests.get(gateway.url + "/admin/nothing-here"), 404)

@@ -15,8 +15,10 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
+from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY, sqlite_only
 from tests.fake_upstream import EXPECTED
+
+ENGINES = ("sqlite", "postgres")
 
 P, C = EXPECTED["prompt_tokens"], EXPECTED["completion_tokens"]  # 11 and 7
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
@@ -168,6 +170,7 @@ def test_a_background_response_and_a_fine_tuning_job_are_refused_without_allow_a
     assert gateway.events() == []
 
 
+@sqlite_only  # input checks: no storage
 def test_a_websocket_upgrade_is_a_clear_501(gateway, fake):
     raw_key, _ = gateway.create_key()
     resp = requests.get(gateway.url + "/v1/realtime?model=gpt-realtime", headers={
@@ -406,6 +409,7 @@ def test_an_anthropic_message_batch_is_charged_once_from_its_results(gateway, fa
 
 # --- 7. the model allow-list covers every model the upstream acts on ------------------------
 
+@sqlite_only  # input checks: no storage
 def test_a_deployment_in_the_url_cannot_smuggle_another_model_in_the_body(gateway, fake):
     raw_key, _ = gateway.create_key(models=["gpt-4o-mini"])
     headers = {"Authorization": f"Bearer {raw_key}"}
@@ -452,6 +456,7 @@ def test_a_project_key_without_its_url_is_refused_and_never_sent_to_the_default(
 
 # --- 9. streams get include_usage whatever the Content-Type says ------------------------------
 
+@sqlite_only  # what goes upstream: no storage
 @pytest.mark.parametrize("content_type, prefix", [
     ("text/plain", b""), ("Application/JSON", b""), ("application/json", b"\n  \t"),
     ("text/plain", b" \n"), ("", b"\t")])
@@ -469,6 +474,7 @@ def test_include_usage_is_injected_whatever_the_content_type(gateway, fake, cont
         "priced", P, C)
 
 
+@sqlite_only  # what goes upstream: no storage
 def test_anthropic_projects_openai_compatible_streams_get_include_usage(gateway, fake):
     raw_key, _ = anthropic_key(gateway, fake)
     chunks = list(client(gateway, raw_key).chat.completions.create(

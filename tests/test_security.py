@@ -19,8 +19,10 @@ import requests
 
 import llimit
 from tests.browser import csrf_token, http_sign_in
-from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
+from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY, sqlite_only
 from tests.process import LLIMIT, ROOT, chat, wait_until
+
+ENGINES = ("sqlite", "postgres")
 
 
 def call(server, raw_key, model="gpt-4o", stream=False, **headers):
@@ -84,6 +86,7 @@ HOSTILE_NEXT = ["/%09/evil.example/phish", "/\n/evil.example", "/\t/evil.example
                 "javascript:alert(1)", "/\x00/evil"]
 
 
+@sqlite_only  # input checks: no storage
 @pytest.mark.parametrize("next_path", HOSTILE_NEXT)
 def test_sign_in_never_sends_the_browser_to_another_site(gateway, next_path):
     session = requests.Session()
@@ -94,6 +97,7 @@ def test_sign_in_never_sends_the_browser_to_another_site(gateway, next_path):
     assert urllib.parse.urljoin(gateway.url, signed_in.headers["Location"]) == gateway.url + "/"
 
 
+@sqlite_only  # input checks: no storage
 def test_sign_in_keeps_a_path_of_its_own(gateway):
     session = requests.Session()
     page = session.get(gateway.url + "/login")
@@ -161,6 +165,7 @@ def test_300_idle_connections_leave_llimit_serving(processes, settings):
 
 # --- 8: concurrency per key and per user; /healthz never waits ------------------------
 
+@sqlite_only  # one process's threads (test_instances has the caps on PostgreSQL)
 def test_one_key_cannot_hold_every_worker(make_llimit, fake):
     server = make_llimit(threads=24)
     raw_key, _ = server.create_key(user="hog")
@@ -182,6 +187,7 @@ def test_one_key_cannot_hold_every_worker(make_llimit, fake):
     assert len(fake.requests) == len(ok)
 
 
+@sqlite_only  # one process's threads (test_instances has the caps on PostgreSQL)
 def test_per_user_cap_and_threads_kept_for_health(make_llimit, fake):
     server = make_llimit(threads=8, max_concurrent_per_user=3)  # proxied calls: 8 - 4
     keys = [server.create_key(user="carl")[0] for _ in range(3)]
@@ -202,6 +208,7 @@ def test_per_user_cap_and_threads_kept_for_health(make_llimit, fake):
 
 # --- 9: client-chosen strings are bounded ---------------------------------------------
 
+@sqlite_only  # metric labels in memory: no storage
 def test_huge_and_countless_model_names_stay_bounded(gateway, fake):
     raw_key, _ = gateway.create_key()
     huge = call(gateway, raw_key, model="m" * 1_000_000)
@@ -236,7 +243,7 @@ def test_admins_cannot_read_llimits_own_secrets_through_env_keys(gateway, fake, 
         assert refused.status_code == 400 and "upstream_key" in refused.text, name
     assert create(id="team", upstream_key="env:LLIMIT_UPSTREAM_KEY_TEAM").status_code == 201
     # A project stored before the rule (or by hand) is refused at call time.
-    with gateway.db() as db:
+    with llimit.transaction(gateway.db()) as db:
         db.execute("update projects set upstream_key = 'env:LLIMIT_ADMIN_TOKEN'"
                    " where id = 'team'")
     raw_key, _ = gateway.create_key(project="team")
@@ -261,6 +268,7 @@ def test_a_new_upstream_url_needs_the_key_again(gateway, fake):
         "upstream_url": "http://10.1.2.3/v1", "upstream_key": "sk-new"}).status_code == 200
 
 
+@sqlite_only  # input checks: no storage
 @pytest.mark.parametrize("url", ["http://169.254.169.254/latest", "http://[fe80::1]:8080",
                                  "http://metadata.google.internal/v1", "http://[fd00:ec2::254]",
                                  "http://[::ffff:169.254.169.254]/", "http://169.254.1.1"])
@@ -270,6 +278,7 @@ def test_upstream_urls_never_name_metadata_or_link_local_addresses(gateway, url)
     assert resp.status_code == 400 and "upstream_url" in resp.text
 
 
+@sqlite_only  # input checks: no storage
 def test_private_and_named_upstreams_stay_allowed(gateway):
     for n, url in enumerate(("http://10.0.0.5/v1", "http://192.168.1.2:8080",
                              "http://localhost:9000/v1", "https://api.openai.com/v1")):
@@ -279,6 +288,7 @@ def test_private_and_named_upstreams_stay_allowed(gateway):
 
 # --- 12: only an allowlist of headers goes upstream --------------------------------------
 
+@sqlite_only  # what goes upstream: no storage
 def test_only_allowed_headers_go_upstream(gateway, fake):
     raw_key, _ = gateway.create_key()
     sent = {"Cookie": "llimit_session=abc", "X-Forwarded-Email": "boss@example.com",
@@ -301,6 +311,7 @@ def test_only_allowed_headers_go_upstream(gateway, fake):
 
 # --- 13: upstream auth errors are llimit's own --------------------------------------------
 
+@sqlite_only  # upstream errors: no storage
 def test_upstream_auth_errors_show_no_trace_of_the_upstream_key(gateway, fake, caplog):
     raw_key, _ = gateway.create_key()
     masked = UPSTREAM_KEY[:3] + "*" * 10 + UPSTREAM_KEY[-4:]
@@ -403,6 +414,7 @@ def test_admin_dashboard_forms_need_the_csrf_token(gateway):
     assert gateway.admin.get(gateway.url + "/admin/projects/sneaky").status_code == 200
 
 
+@sqlite_only  # input checks: no storage
 def test_the_next_field_of_the_login_page_is_escaped(gateway):
     hostile = '/x"><script>alert(1)</script>'
     page = requests.get(gateway.url + "/login", params={"next": hostile})
@@ -420,6 +432,7 @@ def test_page_sessions_end_at_their_expiry(gateway, clock):
     assert expired.status_code == 303 and "/login?" in expired.headers["Location"]
 
 
+@sqlite_only  # the upstream connection: no storage
 def test_a_client_leaving_mid_stream_closes_the_upstream_at_once(gateway, fake):
     raw_key, _ = gateway.create_key()
     fake.behaviour.update(chunks=100, chunk_delay=0.1)  # 10 s of stream
@@ -497,6 +510,7 @@ def test_peak_memory_of_a_32_mb_body(processes):
     assert grown_mb < 4 * 32 + 16
 
 
+@sqlite_only  # upstream errors: no storage
 def test_anthropic_upstream_auth_errors_are_llimits_own_in_anthropics_shape(gateway, fake):
     ant_key = "sk-ant-api03-secret-upstream-key"
     assert gateway.admin.post(gateway.url + "/admin/projects", json={
