@@ -9,7 +9,7 @@
 # and removes its containers and volume at the end (KEEP=1 leaves them running).
 # Checks: /healthz through nginx; a key made with the admin API works; calls reach the
 # upstream through both replicas; each replica's /admin/usage counts the calls of both;
-# with one replica killed the other answers every call; `down` then `up` keeps the data.
+# with one replica killed the other answers every call; new containers keep the data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -96,8 +96,8 @@ docker kill "$(dc ps -q llimit-1)" >/dev/null
 calls 6
 expect_usage 14 llimit-2
 
-step "down, then up: the pgdata volume keeps keys and usage"
-dc down
+step "every container removed, then up: the pgdata volume keeps keys and usage"
+dc rm -f -s -v  # -v: the containers' anonymous volumes (the image's unused /data), not pgdata
 dc up -d
 for _ in $(seq 120); do curl -sf "$base/healthz" >/dev/null && break; sleep 1; done
 expect_usage 14 llimit-1 llimit-2
