@@ -1256,6 +1256,20 @@ def is_postgres_url(location):
     return location.startswith(("postgresql://", "postgres://"))
 
 
+def database_label(location):
+    """LLIMIT_DB as logs and messages show it: a PostgreSQL URL without its password."""
+    if not is_postgres_url(location):
+        return location
+    parts = urllib.parse.urlsplit(location)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    # Put together by hand: urlunsplit drops the empty host of postgresql:///db.
+    return (f"{parts.scheme}://{userinfo}{at}{hostport}{parts.path}"
+            + (f"?{query}" if query else ""))
+
+
 def open_database(location, pool_size=16):
     """The Database of LLIMIT_DB: a SQLite file, or a PostgreSQL URL (`pool_size` connections)."""
     if is_postgres_url(location):
@@ -10479,7 +10493,7 @@ def serve(config):
     state.start()
     signal.signal(signal.SIGTERM, lambda *_: _graceful_stop(server, state, log_writer))
     log.info("llimit %s serving on http://%s:%s (database %s)", __version__,
-             config.host, server.effective_port, config.db_path)
+             config.host, server.effective_port, database_label(config.db_path))
     try:
         server.run()
     except KeyboardInterrupt:
@@ -10646,12 +10660,13 @@ def open_admin_database(config, reading):
     existed = database_exists(config.db_path)
     if reading and not existed:
         raise LlimitError(404, "invalid_request_error",
-                          f"no database at {config.db_path}: run this where llimit.db is,"
-                          " or give --db PATH (or LLIMIT_DB)")
+                          f"no database at {database_label(config.db_path)}: run this where"
+                          " llimit.db is, or give --db PATH (or LLIMIT_DB)")
     db = open_database(config.db_path, pool_size=2)()
     migrate(db)
     if not existed:
-        print(f"llimit: created a new database at {config.db_path}", file=sys.stderr)
+        print(f"llimit: created a new database at {database_label(config.db_path)}",
+              file=sys.stderr)
     return db
 
 
@@ -10976,7 +10991,7 @@ def main(argv=None):
         print(f"llimit: {error.message}", file=sys.stderr)
         return 2
     except DatabaseError as error:
-        print(f"llimit: database {config.db_path}: {error}", file=sys.stderr)
+        print(f"llimit: database {database_label(config.db_path)}: {error}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # The reader has what it wanted; silence the flush at exit (Python's advice).
