@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 import argparse
 import base64
 import collections
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
@@ -1345,13 +1346,20 @@ class PostgresConnection:
         self._pool = pool
         self._psycopg = psycopg
         self._held = None       # the connection of the open transaction
+        self._pipeline = None   # its pipeline, for a batch of writes (begin(pipelined=True))
+        self._leave_pipeline = None
 
     @property
     def in_transaction(self):
         return self._held is not None
 
     def execute(self, sql, params=()):
-        return self._run(lambda conn: _fetched(conn.execute(_postgres_sql(sql), params)))
+        def run(conn):
+            cursor = conn.execute(_postgres_sql(sql), params)
+            if self._pipeline is not None:
+                self._pipeline.sync()  # its result is read now: what was queued goes too
+            return _fetched(cursor)
+        return self._run(run)
 
     def executemany(self, sql, rows):
         rows = list(rows)
@@ -1368,17 +1376,37 @@ class PostgresConnection:
         """Run statements that take no parameters, as they are (migrations)."""
         return self._run(lambda conn: conn.execute(script))
 
-    def begin(self):
-        """Take a connection for a transaction and open it."""
+    def begin(self, pipelined=False):
+        """Take a connection for a transaction and open it. `pipelined`: statements
+        whose results are not read (executemany) are sent together at the next
+        execute or at the end, not a round trip each (not for migrations'
+        multi-statement scripts, which pipeline mode cannot run)."""
         self._held = self._take()
-        self._run(lambda conn: conn.execute("begin"))
+        try:
+            if pipelined:
+                stack = contextlib.ExitStack()
+                self._pipeline = self._translate(
+                    lambda: stack.enter_context(self._held.pipeline()))
+                self._leave_pipeline = stack.__exit__
+            self._run(lambda conn: conn.execute("begin"))
+        except BaseException:
+            self.end("rollback")
+            raise
 
     def end(self, statement):
         """COMMIT or ROLLBACK the open transaction and hand its connection back."""
-        conn, self._held = self._held, None
+        conn, leave_pipeline = self._held, self._leave_pipeline
+        self._held = self._pipeline = self._leave_pipeline = None
         try:
             conn.execute(statement)
+            if leave_pipeline is not None:
+                leave_pipeline(None, None, None)  # sends what is queued, reads the results
         except self._psycopg.Error as error:
+            if leave_pipeline is not None:
+                try:  # leave pipeline mode; the error that matters is this one
+                    leave_pipeline(type(error), error, None)
+                except Exception:
+                    pass
             if statement != "rollback":  # a broken connection's transaction is gone anyway
                 raise EngineUnavailable(str(error).strip()) from error
         finally:
@@ -1509,10 +1537,13 @@ class transaction:
         return False
 
 
-def begin_write(db):
-    """Start a write transaction now (BEGIN IMMEDIATE on SQLite), not at its first write."""
+def begin_write(db, batch=False):
+    """Start a write transaction now (BEGIN IMMEDIATE on SQLite), not at its first write.
+
+    `batch`: the usage writer's, whose inserts PostgreSQL takes in one round trip.
+    """
     if engine_of(db) == "postgres":
-        db.begin()
+        db.begin(pipelined=batch)
     else:
         db.execute("begin immediate")
 
@@ -3567,7 +3598,7 @@ class UsageWriter:
             event.done.set()
 
     def _write(self, db, batch):
-        begin_write(db)
+        begin_write(db, batch=True)
         # A charge for an async object is stored only if this transaction is
         # the one that marks the object charged: concurrent polls charge once.
         refusals = [item for item in batch if isinstance(item, Refusal)]
