@@ -1292,6 +1292,9 @@ def engine_of(db):
 # database comes back.
 
 POSTGRES_CONNECT_SECONDS = 5  # longest wait for a pooled connection before a call fails closed
+# After PostgreSQL failed to answer, calls fail closed at once for this long instead
+# of each holding a worker thread for POSTGRES_CONNECT_SECONDS; then one tries again.
+POSTGRES_RETRY_SECONDS = 1.0
 
 
 class PostgresDatabase:
@@ -1325,11 +1328,12 @@ class PostgresDatabase:
             self.pool.close()
             raise EngineUnavailable(f"PostgreSQL does not answer: {error}") from error
         self._local = threading.local()
+        self._outage = _Outage()
 
     def __call__(self):
         db = getattr(self._local, "db", None)
         if db is None:
-            db = self._local.db = PostgresConnection(self.pool, self._psycopg)
+            db = self._local.db = PostgresConnection(self.pool, self._psycopg, self._outage)
         return db
 
     def close(self):
@@ -1337,14 +1341,43 @@ class PostgresDatabase:
         self.pool.close()
 
 
+class _Outage:
+    """When the pool last failed to hand out a connection: for POSTGRES_RETRY_SECONDS
+    after that, taking one fails at once with the same error (one thread at a time
+    tries again afterwards, so an outage costs no thread more than one wait)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._until, self._error = 0.0, None
+
+    def check(self):
+        if self._error is None:  # the usual case, without the lock
+            return
+        with self._lock:
+            if time.monotonic() < self._until:
+                raise EngineUnavailable(self._error)
+            if self._error is not None:  # this thread tries; others wait a moment more
+                self._until = time.monotonic() + POSTGRES_CONNECT_SECONDS
+
+    def began(self, error):
+        with self._lock:
+            self._until, self._error = time.monotonic() + POSTGRES_RETRY_SECONDS, str(error)
+
+    def ended(self):
+        if self._error is not None:
+            with self._lock:
+                self._until, self._error = 0.0, None
+
+
 class PostgresConnection:
     """One thread's way into the pool, with sqlite3's execute/executemany/in_transaction."""
 
     engine = "postgres"
 
-    def __init__(self, pool, psycopg):
+    def __init__(self, pool, psycopg, outage):
         self._pool = pool
         self._psycopg = psycopg
+        self._outage = outage
         self._held = None       # the connection of the open transaction
         self._pipeline = None   # its pipeline, for a batch of writes (begin(pipelined=True))
         self._leave_pipeline = None
@@ -1422,7 +1455,14 @@ class PostgresConnection:
             self._pool.putconn(conn)
 
     def _take(self):
-        return self._translate(self._pool.getconn)
+        self._outage.check()
+        try:
+            conn = self._translate(self._pool.getconn)
+        except EngineUnavailable as error:
+            self._outage.began(error)
+            raise
+        self._outage.ended()
+        return conn
 
     def _translate(self, work):
         try:

@@ -11,6 +11,8 @@ import time
 import pytest
 import requests
 
+import llimit
+
 from tests.browser import csrf_token, http_sign_in
 from tests.conftest import ADMIN_TOKEN
 from tests.pg_proxy import PostgresRelay
@@ -181,6 +183,7 @@ def test_an_outage_fails_every_call_closed_before_it_goes_upstream_and_recovers(
         assert a.admin.post(f"{a.url}/admin/keys/{key_id}/revoke").status_code == 200
         relay.cut()  # b's next call finds the database gone, the revoked row still cached
         seen = len(fake.requests)
+        outage_began = time.monotonic()
         for key in (raw_key, other_key):
             refused = call(b, key)
             assert refused.status_code == 503, refused.text
@@ -192,6 +195,9 @@ def test_an_outage_fails_every_call_closed_before_it_goes_upstream_and_recovers(
         health = requests.get(b.url + "/healthz")
         assert health.status_code == 503 and health.json()["error"]["code"] == "ledger_unavailable"
         assert requests.get(a.url + "/healthz").status_code == 200
+        # Only the first waits for a connection; the rest fail at once rather than
+        # each hold a thread (4 waits would take 4 x POSTGRES_CONNECT_SECONDS).
+        assert time.monotonic() - outage_began < 2 * llimit.POSTGRES_CONNECT_SECONDS
         relay.restore()  # b recovers by itself: no restart
         deadline = time.monotonic() + 30
         while call(b, other_key).status_code == 503 and time.monotonic() < deadline:
