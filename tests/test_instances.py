@@ -207,6 +207,7 @@ def test_an_outage_fails_every_call_closed_before_it_goes_upstream_and_recovers(
         assert revoked.status_code == 403 and revoked.json()["error"]["code"] == "key_revoked"
         assert requests.get(b.url + "/healthz").status_code == 200
         assert len(fake.requests) == seen + 2
+        b.wait_idle()  # the revoked key's refusal counted before the relay goes
     finally:
         relay.close()
 
