@@ -6820,9 +6820,23 @@ def _decide_call(state, db, environ, key, received, payload, path, deployment, a
     if config.upstream_user and route.cls == "generate":
         body, named = _with_upstream_user(state, call, payload, body, path, kind)
         rewritten = rewritten or named
-    if route.cls != "generate":
-        call.worst.priced = True  # a look-up costs nothing; async work is charged when done
+    if route.cls == "lookup" or route.kind == "batch":
+        # A look-up costs nothing. An OpenAI batch names its models in its input
+        # file, which llimit does not read: it is charged at settlement (README).
+        call.worst.priced = True
+    elif route.kind == "message_batch":  # charged when done, at each request's model's price
+        unpriced = [model for model in _message_batch_models(payload)
+                    if not state.pricebook.entry(_mapped_model(key, model))]
+        call.worst.priced = not unpriced
+        call.model = call.model or (unpriced[0] if unpriced else None)  # named if refused
     return call, upstream, url, body, rewritten, hide_usage_chunk
+
+
+def _message_batch_models(payload):
+    requests = payload.get("requests") if isinstance(payload.get("requests"), list) else []
+    params = [request.get("params") for request in requests if isinstance(request, dict)]
+    return [_text(each.get("model")) if isinstance(each, dict) else None for each in params] \
+        or [None]
 
 
 def _rewrite_body(payload, body, path, deployment, kind):

@@ -542,3 +542,37 @@ def test_a_job_nobody_polls_is_charged_once_by_the_sweeper(make_llimit, fake):
     assert usd(charges[1]) == pytest.approx(
         (charges[1]["prompt_tokens"] * 2.5 + charges[1]["completion_tokens"] * 10) / 1e6)
     assert charges[1]["prompt_tokens"] > 0
+
+
+def test_async_work_of_an_unpriced_model_is_refused_under_a_usd_budget(gateway, fake):
+    # Charged when it is done, at its model's price: with none, a USD budget would
+    # count it as nothing, so it is refused before it starts, as a call would be.
+    project = async_project(gateway, fake)
+    raw_key, key_id = gateway.create_key(user="erin", project=project)
+    budget = gateway.admin.post(gateway.url + "/admin/limits", json={
+        "scope": "key", "target": key_id, "metric": "usd", "window": "day", "amount": 5})
+    assert budget.status_code == 201, budget.text
+    seen = len(fake.requests)
+    resp = requests.post(gateway.url + "/v1/responses", json={
+        "model": "acme-unpriced-1", "input": "Hi", "background": True},
+        headers={"Authorization": f"Bearer {raw_key}"})
+    assert "acme-unpriced-1" in refused(resp, code="model_not_priced")
+    claude_key, claude_id = anthropic_key(gateway, fake, user="erin", allow_async=True)
+    gateway.admin.post(gateway.url + "/admin/limits", json={
+        "scope": "key", "target": claude_id, "metric": "usd", "window": "day", "amount": 5})
+    priced = {"model": "claude-haiku-4-5", "max_tokens": 10,
+              "messages": [{"role": "user", "content": "Hi"}]}
+    resp = requests.post(gateway.url + "/v1/messages/batches", json={"requests": [
+        {"custom_id": "a", "params": priced},
+        {"custom_id": "b", "params": {**priced, "model": "acme-unpriced-2"}}]},
+        headers={"x-api-key": claude_key, "anthropic-version": "2023-06-01"})
+    assert resp.status_code == 403, resp.text
+    error = resp.json()["error"]  # Anthropic's error shape, which has no code
+    assert error["type"] == "permission_error" and "No price covers" in error["message"]
+    assert "acme-unpriced-2" in error["message"]
+    assert len(fake.requests) == seen, "nothing unpriced went upstream"
+    # Priced, both start.
+    api = client(gateway, raw_key)
+    assert api.responses.create(model="gpt-4o", input="Hi", background=True).status == "queued"
+    batch = anthropic.Anthropic(base_url=gateway.url, api_key=claude_key, max_retries=0)
+    assert batch.messages.batches.create(requests=[{"custom_id": "a", "params": priced}]).id
