@@ -6625,16 +6625,44 @@ def _refuse_route(route, key, environ, payload):
                       f"{reason}.", code="route_not_allowed")
 
 
-def _referenced_ids(payload):
-    # Ids a request body points the upstream at: they must be the caller's too.
-    ids = [payload.get(field) for field in ("previous_response_id", "input_file_id", "file_id")]
-    file_ids = payload.get("file_ids")
-    if isinstance(file_ids, list):
-        ids += file_ids
-    return [object_id for object_id in ids if isinstance(object_id, str) and object_id]
+# A body that names a file or vector store anywhere (a message's file part, a
+# file_search tool...) has them all checked; others are not walked. A \u escape
+# could spell a name the marker misses, so a body with one is walked too.
+NESTED_OBJECT_MARKERS = re.compile(rb'"(?:file_id|file_ids|vector_store_ids)"|\\u')
+MAX_REFERENCED_OBJECTS = 256  # each is one look-up before the call goes upstream
 
 
-def _check_ownership(db, route, project_id, owner, method, payload):
+def _referenced_ids(payload, body):
+    """Ids a request body points the upstream at, anywhere in it: they must be the caller's."""
+    ids = [payload.get(field) for field in ("previous_response_id", "input_file_id")]
+    if NESTED_OBJECT_MARKERS.search(body):
+        ids += _nested_object_ids(payload)
+    ids = list(dict.fromkeys(object_id for object_id in ids
+                             if isinstance(object_id, str) and object_id))
+    if len(ids) > MAX_REFERENCED_OBJECTS:
+        raise LlimitError(400, "invalid_request_error",
+                          f"The request names more than {MAX_REFERENCED_OBJECTS} files or"
+                          " vector stores.", code="too_many_objects")
+    return ids
+
+
+def _nested_object_ids(payload):
+    # Iterative, so no nesting depth makes it recurse too far.
+    found, pending = [], [payload]
+    while pending:
+        value = pending.pop()
+        children = value.items() if isinstance(value, dict) else enumerate(value)
+        for name, child in children:
+            if name == "file_id":
+                found.append(child)
+            elif name in ("file_ids", "vector_store_ids") and isinstance(child, list):
+                found += child
+            elif isinstance(child, (dict, list)):
+                pending.append(child)
+    return found
+
+
+def _check_ownership(db, route, project_id, owner, method, payload, body):
     """The owned row of the object the path names; 404 for anybody else's object.
 
     Only object routes (and bodies that name an object) read the database:
@@ -6649,7 +6677,7 @@ def _check_ownership(db, route, project_id, owner, method, payload):
                               f"{route.object_id} has not been charged yet; fetch it once it"
                               " has finished (or cancel it), then delete it.",
                               code="object_not_settled")
-    for object_id in _referenced_ids(payload):
+    for object_id in _referenced_ids(payload, body):
         referenced = get_owned_object(db, object_id)
         _must_own(referenced, object_id, project_id, owner)
         if referenced["async"] and referenced["charged_ms"] is None:
@@ -6809,7 +6837,7 @@ def _decide_call(state, db, environ, key, received, payload, path, deployment, a
     environ["llimit.model"] = requested_model  # for the log line of a refusal
     owner = owner_of(key)
     owned_row = _check_ownership(db, route, key["project_id"], owner,
-                                 environ["REQUEST_METHOD"], payload)
+                                 environ["REQUEST_METHOD"], payload, body)
     sent_body, hide_usage_chunk = _rewrite_body(payload, body, path, deployment, upstream.kind)
     rewritten, body = sent_body is not body, sent_body
     # The URL first: a path it refuses must not leave a reservation behind.

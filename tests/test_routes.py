@@ -576,3 +576,41 @@ def test_async_work_of_an_unpriced_model_is_refused_under_a_usd_budget(gateway, 
     assert api.responses.create(model="gpt-4o", input="Hi", background=True).status == "queued"
     batch = anthropic.Anthropic(base_url=gateway.url, api_key=claude_key, max_retries=0)
     assert batch.messages.batches.create(requests=[{"custom_id": "a", "params": priced}]).id
+
+
+def test_objects_named_anywhere_in_a_body_must_be_the_callers(gateway, fake):
+    # A file or vector store can be named deep inside a request: in a message's file
+    # part, a Responses input_file, a file_search tool. Another user's is as absent as
+    # when it is named at the top, however the JSON spells the name.
+    alice_key, _ = gateway.create_key(user="alice")
+    bob_key, _ = gateway.create_key(user="bob")
+    alice = client(gateway, alice_key)
+    file = alice.files.create(file=("notes.pdf", b"%PDF-1.4 secret"), purpose="user_data")
+    store = alice.vector_stores.create(name="alice's")
+    bodies = [
+        ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Summarise"},
+            {"type": "file", "file": {"file_id": file.id}}]}]}),
+        ("responses", {"model": "gpt-4o", "input": [{"role": "user", "content": [
+            {"type": "input_file", "file_id": file.id},
+            {"type": "input_text", "text": "Summarise"}]}]}),
+        ("responses", {"model": "gpt-4o", "input": "Find it", "tools": [
+            {"type": "file_search", "vector_store_ids": [store.id]}]}),
+    ]
+    seen = len(fake.requests)
+    for path, body in bodies:
+        resp = requests.post(f"{gateway.url}/v1/{path}", json=body,
+                             headers={"Authorization": f"Bearer {bob_key}"})
+        assert resp.status_code == 404, (path, resp.text)
+        assert resp.json()["error"]["code"] == "not_found"
+    escaped = json.dumps(bodies[0][1]).replace('"file_id"', '"\\u0066ile_id"')
+    resp = requests.post(gateway.url + "/v1/chat/completions", data=escaped,
+                         headers={"Authorization": f"Bearer {bob_key}",
+                                  "Content-Type": "application/json"})
+    assert resp.status_code == 404, resp.text
+    assert len(fake.requests) == seen, "none of bob's reached the upstream"
+    for path, body in bodies:  # the owner may
+        resp = requests.post(f"{gateway.url}/v1/{path}", json=body,
+                             headers={"Authorization": f"Bearer {alice_key}"})
+        assert resp.status_code == 200, (path, resp.text)
+    assert len(fake.requests) == seen + len(bodies)
