@@ -3783,8 +3783,7 @@ def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_
     """
     max_input, max_output = pricebook.sizes(model)
     prompt = len(body) // 3
-    if (isinstance(payload.get("prompt"), dict)
-            or SERVER_SIDE_INPUT_MARKERS.search(body)):
+    if isinstance(payload.get("prompt"), dict) or _reads_server_side_input(payload, body):
         prompt = max(prompt, max_input or default_max_input_tokens)
     asked = next((payload[name] for name in
                   ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -3808,6 +3807,15 @@ def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_
                      prompt_tokens=prompt, completion_tokens=output * n,
                      strict=asked is not None or bool(request.images or request.characters),
                      priced=costed is not None, asked=request)
+
+
+def _reads_server_side_input(payload, body):
+    if SERVER_SIDE_INPUT_MARKERS.search(body):
+        return True
+    # A \u escape can spell a marker the search of the bytes misses: search the
+    # parsed body again, written out without escapes (only bodies that have one).
+    return b"\\u" in body and SERVER_SIDE_INPUT_MARKERS.search(
+        json.dumps(payload, ensure_ascii=False).encode("utf-8", "surrogatepass")) is not None
 
 
 def window_bounds(window, now):

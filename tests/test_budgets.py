@@ -4,6 +4,7 @@ case under concurrency. Expected costs are worked out by hand from
 pricing.json's list prices (USD per 1M tokens; 1 token at $1/1M = 1,000 nano-dollars)."""
 
 import concurrent.futures
+import json
 import threading
 
 import pytest
@@ -166,18 +167,24 @@ def test_40_calls_without_max_tokens_stay_within_one_calls_overrun(gateway, fake
     assert_counters_equal_ledger(gateway)
 
 
-def test_40_calls_reading_a_stored_conversation_stay_within_the_budget(gateway, fake):
+@pytest.mark.parametrize("spelled", ["plain", "escaped"])
+def test_40_calls_reading_a_stored_conversation_stay_within_the_budget(gateway, fake, spelled):
     # A few bytes of request, but previous_response_id makes the upstream read a
-    # 100,000-token conversation: the reservation is gpt-4o's 128,000-token window.
+    # 100,000-token conversation: the reservation is gpt-4o's 128,000-token window,
+    # also when the client spells the name with a JSON escape ("\u0070revious...").
     raw_key, _ = gateway.create_key()
     first = post(gateway, raw_key, "/v1/responses", {"model": "gpt-4o", "input": "hello"})
     first_usd = (11 * 2.5 + 7 * 10) / 1e6               # the fake's 11 + 7 tokens
     fake.behaviour.update(prompt_tokens=100000, completion_tokens=10, delay_first=0.3)
     call_usd = (100000 * 2.5 + 10 * 10) / 1e6          # $0.2501 a call
     limit = add_limit(gateway, scope="global", metric="usd", window="day", amount=1)
-    codes = fire_at_once(40, lambda: post(gateway, raw_key, "/v1/responses", {
-        "model": "gpt-4o", "previous_response_id": first.json()["id"], "input": "go on",
-        "max_output_tokens": 10}))
+    body = json.dumps({"model": "gpt-4o", "previous_response_id": first.json()["id"],
+                       "input": "go on", "max_output_tokens": 10})
+    if spelled == "escaped":
+        body = body.replace('"previous_response_id"', '"\\u0070revious_response_id"')
+    codes = fire_at_once(40, lambda: requests.post(
+        gateway.url + "/v1/responses", data=body, timeout=30,
+        headers={"Authorization": f"Bearer {raw_key}", "Content-Type": "application/json"}))
     used = limit_used(gateway, limit["id"])
     assert first_usd + codes.count(200) * call_usd == pytest.approx(used)
     # max_output_tokens bounds the call, so the reservation is a true upper bound:
@@ -252,3 +259,12 @@ def test_a_person_holds_at_most_max_keys_per_user_active_keys(gateway):
     assert grace.post(f"{gateway.url}/keys/{key_id}/revoke",
                       data={"csrf_token": token, "confirm": "1"}).status_code == 200
     assert create().status_code == 200
+
+
+def test_a_body_with_a_lone_surrogate_escape_is_forwarded_not_a_crash(gateway, fake):
+    # JSON may escape half a surrogate pair; looking at escaped bodies again must not choke.
+    raw_key, _ = gateway.create_key()
+    resp = requests.post(gateway.url + "/v1/chat/completions", timeout=30, data=(
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\\ud800 caf\\u00e9"}]}'),
+        headers={"Authorization": f"Bearer {raw_key}", "Content-Type": "application/json"})
+    assert resp.status_code == 200, resp.text
