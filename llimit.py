@@ -2105,7 +2105,7 @@ class SharedCheck:
     subject: str
     window: str
     start: int              # epoch seconds
-    end: int
+    end: int | None
     irregular: bool         # not a calendar window's own period: read from period_totals
     metric: int             # 1 requests, 2 tokens, 3 nusd
     amount: int             # counter units
@@ -3783,7 +3783,8 @@ def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_
     """
     max_input, max_output = pricebook.sizes(model)
     prompt = len(body) // 3
-    if isinstance(payload.get("prompt"), dict) or _reads_server_side_input(payload, body):
+    if isinstance(payload.get("prompt"), dict) or body_names(SERVER_SIDE_INPUT_MARKERS,
+                                                             payload, body):
         prompt = max(prompt, max_input or default_max_input_tokens)
     asked = next((payload[name] for name in
                   ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -3809,12 +3810,13 @@ def worst_case(pricebook, model, payload, body, default_max_tokens, default_max_
                      priced=costed is not None, asked=request)
 
 
-def _reads_server_side_input(payload, body):
-    if SERVER_SIDE_INPUT_MARKERS.search(body):
+def body_names(pattern, payload, body):
+    """Whether a JSON request body holds what `pattern` finds in bytes (a key or a
+    value), also when the client spelled it with \\u escapes: a body with one is
+    searched again as parsed, written out without them."""
+    if pattern.search(body):
         return True
-    # A \u escape can spell a marker the search of the bytes misses: search the
-    # parsed body again, written out without escapes (only bodies that have one).
-    return b"\\u" in body and SERVER_SIDE_INPUT_MARKERS.search(
+    return b"\\u" in body and pattern.search(
         json.dumps(payload, ensure_ascii=False).encode("utf-8", "surrogatepass")) is not None
 
 
@@ -6634,16 +6636,15 @@ def _refuse_route(route, key, environ, payload):
 
 
 # A body that names a file or vector store anywhere (a message's file part, a
-# file_search tool...) has them all checked; others are not walked. A \u escape
-# could spell a name the marker misses, so a body with one is walked too.
-NESTED_OBJECT_MARKERS = re.compile(rb'"(?:file_id|file_ids|vector_store_ids)"|\\u')
+# file_search tool...) has them all checked; others are not walked.
+NESTED_OBJECT_MARKERS = re.compile(rb'"(?:file_id|file_ids|vector_store_ids)"')
 MAX_REFERENCED_OBJECTS = 256  # each is one look-up before the call goes upstream
 
 
 def _referenced_ids(payload, body):
     """Ids a request body points the upstream at, anywhere in it: they must be the caller's."""
     ids = [payload.get(field) for field in ("previous_response_id", "input_file_id")]
-    if NESTED_OBJECT_MARKERS.search(body):
+    if body_names(NESTED_OBJECT_MARKERS, payload, body):
         ids += _nested_object_ids(payload)
     ids = list(dict.fromkeys(object_id for object_id in ids
                              if isinstance(object_id, str) and object_id))
