@@ -5445,8 +5445,34 @@ PROJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ONE_LINE = {"type": "string", "nullable": True, "maxLength": 2000, "pattern": r"^[^\r\n]*$"}
 SINGLE_LINE = "must be a single-line string"
 # A stored key, or env:NAME with NAME a variable's name.
-ENV_OR_KEY = (r"^([^e\r\n][^\r\n]*|e([^n\r\n][^\r\n]*)?|en([^v\r\n][^\r\n]*)?"
-              r"|env([^:\r\n][^\r\n]*)?|env:[A-Za-z_][A-Za-z0-9_]*)?$")
+NOT_ENV = r"[^e\r\n][^\r\n]*|e([^n\r\n][^\r\n]*)?|en([^v\r\n][^\r\n]*)?|env([^:\r\n][^\r\n]*)?"
+ENV_OR_KEY = rf"^({NOT_ENV}|env:[A-Za-z_][A-Za-z0-9_]*)?$"
+
+
+def upstream_key_pattern(env_pattern):
+    """ENV_OR_KEY with env:NAME narrowed to the names LLIMIT_UPSTREAM_ENV_PATTERN (a
+    glob) lets through, for the spec: none if no variable's name can match the glob.
+    (llimit's own settings stay refused whatever the glob says: see OWN_VARIABLES.)"""
+    if set(env_pattern) == {"*"}:
+        return ENV_OR_KEY
+    name = ""
+    for part in filter(None, re.split(r"(\*|\?|\[!?[^\]]+\])", env_pattern)):
+        char = "[A-Za-z0-9_]" if name else "[A-Za-z_]"  # a name starts with no digit
+        if part == "*":
+            name += "[A-Za-z0-9_]*" if name else "([A-Za-z_][A-Za-z0-9_]*)?"
+        elif part == "?":
+            name += char
+        elif part.startswith("[!"):
+            name += "[^" + part[2:-1] + r"\W]"
+        elif part.startswith("["):
+            name += part
+        elif re.fullmatch(r"\w+" if name else r"[A-Za-z_]\w*", part, re.ASCII):
+            name += part
+        else:
+            return rf"^({NOT_ENV})?$"
+    return rf"^({NOT_ENV}|env:{name})?$" if name else rf"^({NOT_ENV})?$"
+
+
 PROJECT_FIELDS = {
     "id": Field({"type": "string", "pattern": PROJECT_ID.pattern},
                 "must be 1-64 letters, digits, '_', '.' or '-'"),
@@ -9751,7 +9777,7 @@ def llimit_me(state):
                           get_counter(db, subject, month_start, today).cost_nusd)}}
 
 
-def _openapi_spec():
+def _openapi_spec(upstream_env_pattern):
     # Every rule the validators apply is written here too, so a client (or a
     # fuzzer) that keeps to this spec is never refused with a 400.
     string, nullable_string = {"type": "string"}, NULLABLE_STRING
@@ -9806,7 +9832,9 @@ def _openapi_spec():
                                "note": nullable_string}}
     budget = {"oneOf": [budget_of(metric) for metric in LIMIT_METRICS]}
     project_fields = {**schemas(PROJECT_FIELDS), "budget": {
-        **PROJECT_FIELDS["budget"].schema, "oneOf": [budget, {"type": "array", "items": budget}]}}
+        **PROJECT_FIELDS["budget"].schema, "oneOf": [budget, {"type": "array", "items": budget}]},
+        "upstream_key": {**PROJECT_FIELDS["upstream_key"].schema,
+                         "pattern": upstream_key_pattern(upstream_env_pattern)}}
     project_patch = {"type": "object", "additionalProperties": False,
                      "properties": project_fields}
     # Kinds other than openai need their own upstream_url, and so does a project's own key.
@@ -10179,7 +10207,7 @@ class State:
                                   self.alerts.record)
         self.pool = UpstreamPool(config.threads, config.connect_timeout, config.upstream_timeout)
         self.streams = OpenStreams()
-        self.openapi = _openapi_spec()
+        self.openapi = _openapi_spec(config.upstream_env_pattern)
         self.oidc = OidcClient(config) if config.auth == "oidc" else None
         if config.chartjs and not os.path.isfile(config.chartjs):
             raise ValueError(f"LLIMIT_CHARTJS names no file: {config.chartjs}")

@@ -3,12 +3,14 @@
 import csv
 import hashlib
 import io
+import re
 
 import requests
 
-ENGINES = ("sqlite", "postgres")
-
 import llimit
+from tests.conftest import sqlite_only
+
+ENGINES = ("sqlite", "postgres")
 
 
 def test_admin_api_needs_the_admin_token(gateway):
@@ -128,3 +130,42 @@ def test_openapi_describes_every_admin_route(gateway):
                             .replace("<limit_id>", "{id}").replace("<model:path>", "{model}")
                             .replace("<plan_id>", "{id}").replace("<user_name>", "{user}"))
             assert method.lower() in spec["paths"][openapi_path], (method, path)
+
+
+def upstream_key_patterns(spec):
+    """Every pattern the spec gives a project's upstream_key, wherever it appears."""
+    found = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("upstream_key"), dict) and "pattern" in node["upstream_key"]:
+                found.add(node["upstream_key"]["pattern"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+    walk(spec)
+    return found
+
+
+@sqlite_only  # input rules only
+def test_the_spec_admits_exactly_the_env_upstream_keys_the_configured_glob_lets_through(
+        make_llimit):
+    # A fuzzer keeping to the spec must never be refused: with LLIMIT_UPSTREAM_ENV_PATTERN
+    # set, the spec says which env: names a project's upstream_key may give.
+    gateway = make_llimit(upstream_env_pattern="TEAM_?_KEY*")
+    spec = requests.get(gateway.url + "/admin/openapi.json").json()
+    patterns = upstream_key_patterns(spec)
+    assert len(patterns) == 1, patterns
+    pattern = re.compile(patterns.pop())
+    for index, key in enumerate(["env:TEAM_A_KEY", "env:TEAM_B_KEY_2", "env:TEAM___KEY",
+                                 "env:TEAM_AB_KEY", "env:OTHER", "env:TEAM_1_KEY",
+                                 "env:LLIMIT_ADMIN_TOKEN", "sk-plain-key", "envoy-key"]):
+        made = gateway.admin.post(gateway.url + "/admin/projects", json={
+            "id": f"p{index}", "upstream_url": "https://example.invalid/v1",
+            "upstream_key": key})
+        assert made.status_code == (201 if pattern.match(key) else 400), (key, made.text)
+        assert (made.status_code == 201) == (key in ("env:TEAM_A_KEY", "env:TEAM_B_KEY_2",
+                                                     "env:TEAM___KEY", "env:TEAM_1_KEY",
+                                                     "sk-plain-key", "envoy-key")), key
