@@ -2,7 +2,9 @@
 format, and llimit itself under waitress, both on 127.0.0.1 port 0."""
 
 import dataclasses
+import importlib.util
 import os
+import py_compile
 import secrets
 import threading
 import time
@@ -26,6 +28,11 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "engines(*names): the engines this test runs on, instead of its module's"
         " ENGINES (sqlite_only: a test of input or of SQLite itself)")
+    if not hasattr(config, "workerinput"):  # once, before pytest -n starts its workers
+        # The bytecode every `python -m llimit` of the tests reads (tests/process.py),
+        # written even under PYTHONDONTWRITEBYTECODE.
+        py_compile.compile(llimit.__file__, cfile=importlib.util.cache_from_source(
+            llimit.__file__), doraise=True)
 
 
 class Clock:

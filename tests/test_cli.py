@@ -11,16 +11,15 @@ import time
 import pytest
 import requests
 
-from tests.process import LLIMIT
+from tests.process import llimit_command, llimit_env
 from tests.test_limits import Webhook
 
 ENGINES = ("sqlite", "postgres")
 
 
 def run_cli(gateway, *args):
-    result = subprocess.run([sys.executable, "llimit.py", *args, "--db", gateway.config.db_path],
-                            capture_output=True, text=True, timeout=60)
-    return result
+    return subprocess.run(llimit_command(*args, "--db", gateway.config.db_path),
+                          env=llimit_env(), capture_output=True, text=True, timeout=60)
 
 
 def test_keys_create_list_revoke(gateway, fake):
@@ -128,9 +127,9 @@ def test_what_the_cli_changes_holds_from_the_servers_next_call(gateway, fake):
 
 
 def run_llimit(*args, cwd=None, env=None, timeout=60):
-    """`python llimit.py ARGS` as a user types it, from `cwd`."""
-    return subprocess.run([sys.executable, LLIMIT, *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+    """`python llimit.py ARGS` (tests/process.py llimit_command) from `cwd`."""
+    return subprocess.run(llimit_command(*args), capture_output=True, text=True,
+                          cwd=cwd, env=llimit_env(env), timeout=timeout)
 
 
 READ_COMMANDS = [("keys", "list"), ("keys", "revoke", "key_x"), ("projects", "list"),
@@ -237,9 +236,8 @@ def test_each_subcommands_help_gives_its_options_with_help_and_only_its_settings
 
 def test_a_reader_that_leaves_early_gets_no_traceback(gateway):
     # `pricing list | head -1`: the reader closes before llimit writes.
-    proc = subprocess.Popen([sys.executable, LLIMIT, "pricing", "list", "--db",
-                             gateway.config.db_path], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(llimit_command("pricing", "list", "--db", gateway.config.db_path),
+                            env=llimit_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()
     stderr = proc.stderr.read().decode()
     assert proc.wait(60) != 0 or stderr == ""
