@@ -30,6 +30,7 @@ import functools
 import hashlib
 import hmac
 import html
+import importlib.util
 import io
 import ipaddress
 import json
@@ -49,7 +50,6 @@ import time
 import urllib.parse
 
 import bottle
-import requests
 import urllib3
 import sseclient
 import waitress
@@ -58,6 +58,21 @@ import waitress.parser
 import waitress.utilities
 import waitress.wasyncore
 
+
+def _import_on_first_use(name):
+    """Module `name`, imported when first used (importlib's LazyLoader recipe)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Only a server uses requests (alert webhooks, OIDC, proxy settings); importing it
+# would add 0.1 s to every CLI command.
+requests = _import_on_first_use("requests")
 log = logging.getLogger("llimit")
 
 UTC = dt.timezone.utc
