@@ -286,9 +286,11 @@ def processes(request, tmp_path, fake):
         proc.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser(tmp_path_factory):
-    """A headless Chromium (tests/browser.py), one for each test module that asks."""
+    """A headless Chromium (tests/browser.py), one for each test process that asks
+    (starting one costs 1.5 s of CPU); a test leaves it at the desktop width, and
+    tests/browser.py fresh() opens a page without an earlier test's cookies."""
     from tests.browser import start_chromium
 
     driver = start_chromium(tmp_path_factory.mktemp("chromium"))
