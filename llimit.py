@@ -2700,7 +2700,14 @@ def _iso_from_ms(ms):
 
 
 def utc_iso(seconds):
-    """Seconds since the epoch as ISO 8601 UTC, e.g. 2026-11-23T07:00:00Z."""
+    """Seconds since the epoch as ISO 8601 UTC, e.g. 2026-11-23T07:00:00Z.
+
+    Always four digits of year (glibc's %Y does not pad), within 0001-9999: stored
+    times are compared as text and read back with fromisoformat.
+    """
+    if not -30610224000 <= seconds <= 253402300799:  # outside 1000-01-01 .. 9999-12-31
+        moment = time.gmtime(min(max(seconds, -62135596800), 253402300799))
+        return f"{moment.tm_year:04d}" + time.strftime("-%m-%dT%H:%M:%SZ", moment)
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
@@ -5384,7 +5391,7 @@ def parse_time_input(value, field):
         raise _field_error(field, "must be an ISO 8601 date or time, e.g. 2026-12-31")
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_iso(moment.timestamp())
 
 
 SHORT_TEXT = {"type": "string", "nullable": True, "maxLength": 1000}
@@ -5507,7 +5514,8 @@ PROJECT_FIELDS = {
     "model_map": Field({"type": "object", "additionalProperties": {"type": "string"},
                         "nullable": True}, "must map deployment names to model names"),
     # keeps_to has no integers; validate_project checks it is a whole number.
-    "max_keys_per_user": Field({"type": "integer", "minimum": 0, "nullable": True},
+    "max_keys_per_user": Field({"type": "integer", "minimum": 0, "maximum": 2**63 - 1,
+                                "nullable": True},
                                "must be a whole number >= 0, or null for no cap"),
     "plans_allowed": Field({"type": "array", "nullable": True, "items": {
         "type": "string", "pattern": PROJECT_ID.pattern}, "description": "plans a project"
@@ -5572,7 +5580,8 @@ def validate_project(data, current=None, env_pattern=Config().upstream_env_patte
     else:
         project["plans_allowed"] = None  # an empty list allows none, as null does
     cap = project.get("max_keys_per_user")
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int)
+                            or not 0 <= cap < 2**63):
         raise _field_error("max_keys_per_user", "must be a whole number >= 0, or null for no cap")
     return project
 
@@ -9458,6 +9467,12 @@ def _json_input():
                           code="invalid_json") from None
     if not isinstance(data, dict):
         raise LlimitError(400, "invalid_request_error", "The body must be a JSON object.")
+    try:  # a lone surrogate escape (\\ud800) reads, but no database can store it
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LlimitError(400, "invalid_request_error", "The body has a lone surrogate"
+                          " escape (\\ud800-\\udfff); strings must be Unicode text.",
+                          code="invalid_json") from None
     return data
 
 
@@ -9811,6 +9826,8 @@ def _openapi_spec(upstream_env_pattern):
 
     def limit_of_scope(scope, each):
         target = nullable_string if scope == "global" else {"type": "string", "minLength": 1}
+        if scope == "user":  # a name the Identity rule leaves something of
+            target = {**target, "pattern": r"[\s\S]*[^\s\x00-\x1f\x7f-\x9f][\s\S]*"}
         return {"type": "object", "additionalProperties": False,
                 "required": ["scope", "metric", "window", "amount"] + (
                     [] if scope == "global" else ["target"]),

@@ -169,3 +169,47 @@ def test_the_spec_admits_exactly_the_env_upstream_keys_the_configured_glob_lets_
         assert (made.status_code == 201) == (key in ("env:TEAM_A_KEY", "env:TEAM_B_KEY_2",
                                                      "env:TEAM___KEY", "env:TEAM_1_KEY",
                                                      "sk-plain-key", "envoy-key")), key
+
+
+def test_times_of_any_year_the_spec_allows_are_stored_with_four_digits_and_hold(gateway,
+                                                                               fake):
+    # date-time admits years 0001-9999 and any offset. glibc writes year 638 as "638",
+    # which sorts after "2026" as text: a limit starting then broke every call with a
+    # 500, and a key that expired in 638 counted as active.
+    made = gateway.admin.post(gateway.url + "/admin/limits", json={
+        "scope": "global", "metric": "requests", "window": "84h", "amount": 1000,
+        "starts_at": "0638-08-16T09:16:26.7Z"})
+    assert made.status_code == 201, made.text
+    assert made.json()["starts_at"] == "0638-08-16T09:16:26Z"
+    listed = gateway.admin.get(gateway.url + "/admin/limits")
+    assert listed.status_code == 200 and "0638-08-16T09:16:26Z" in listed.text
+    live_key, _ = gateway.create_key(user="ann", expires_at="9999-12-31T23:00:00-05:00")
+    assert requests.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                         headers={"Authorization": f"Bearer {live_key}"}).status_code == 200
+    for expires_at, stored in (("0638-01-01", "0638-01-01T00:00:00Z"),
+                               ("0001-01-01T00:00:00+01:00", "0001-01-01T00:00:00Z")):
+        raw_key, key_id = gateway.create_key(user="bob", expires_at=expires_at)
+        key = gateway.admin.get(f"{gateway.url}/admin/keys/{key_id}").json()
+        assert key["expires_at"] == stored and key["active"] is False
+        refused = requests.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                                headers={"Authorization": f"Bearer {raw_key}"})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "key_expired"
+    assert [key["expires_at"] for key in gateway.admin.get(
+        gateway.url + "/admin/keys?user=ann").json()["data"]] == ["9999-12-31T23:59:59Z"]
+
+
+@sqlite_only  # the spec alone
+def test_the_spec_gives_a_user_limit_a_target_the_identity_rule_leaves_something_of(gateway):
+    spec = requests.get(gateway.url + "/admin/openapi.json").json()
+    limit_input = spec["paths"]["/admin/limits"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]
+    user_scope = next(schema for schema in limit_input["oneOf"]
+                      if schema["properties"]["scope"]["enum"] == ["user"])
+    pattern = re.compile(user_scope["properties"]["target"]["pattern"])
+    for target in (" ", "\t\n", "\x85"):
+        assert not pattern.search(target)
+        refused = gateway.admin.post(gateway.url + "/admin/limits", json={
+            "scope": "user", "target": target, "metric": "requests", "window": "day",
+            "amount": 1})
+        assert refused.status_code == 400
+    assert pattern.search(" ann ")

@@ -160,6 +160,10 @@ ADMIN_MISTAKES = [
     ("GET", "/admin/usage?end=0001-01-01", b""),
     ("GET", "/admin/usage.csv?end=9999-12-31", b""),
     ("GET", "/admin/keys?active=maybe", b""),
+    # A lone surrogate reads as JSON but is no text a database can store.
+    ("POST", "/admin/keys", b'{"user": "\\ud800"}'),
+    ("POST", "/admin/keys", b'{"user": "a", "note": "\\udfff"}'),
+    ("POST", "/admin/projects", b'{"id": "p", "max_keys_per_user": 100000000000000000000}'),
 ]
 
 
