@@ -18,7 +18,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 import llimit
 from tests.browser import (VENDOR_CHARTJS, click_and_wait, csrf_token, fresh, http_sign_in,
                            sign_in_admin, sign_in_open)
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, sqlite_only
 
 ENGINES = ("sqlite", "postgres")
 
@@ -519,6 +519,7 @@ def in_view_horizontally(driver, element):
         " return r.width > 0 && r.left >= 0 && r.right <= window.innerWidth;", element)
 
 
+@sqlite_only  # what a page shows when Chart.js fails; the numbers' storage is tested apart
 def test_offline_reports_say_charts_did_not_load_and_keep_every_number(
         make_llimit, browser, tmp_path, processes):
     broken = tmp_path / "chart.umd.js"
@@ -541,6 +542,7 @@ def test_offline_reports_say_charts_did_not_load_and_keep_every_number(
     assert f"Chart.js for /reports: served by llimit from {broken}" in proc.log()
 
 
+@sqlite_only  # how the charts label their axes
 def test_chart_axis_ticks_never_read_alike(make_llimit, browser, clock):
     server = make_llimit(chartjs=VENDOR_CHARTJS)
     priced(server)
@@ -598,6 +600,7 @@ def run_snippet(command, cwd):
     return done.stdout
 
 
+@sqlite_only  # the snippets' text and what they send; the SDKs cost 7 s of CPU a run
 def test_new_key_snippets_speak_the_projects_dialect_and_run(gateway, fake, tmp_path):
     for project, kind, url in (("claude-team", "anthropic", fake.url + "/v1"),
                                ("azure-team", "azure", fake.url),
@@ -713,6 +716,7 @@ def test_the_default_project_shows_the_upstream_in_force(gateway):
     assert gateway.config.upstream_url in row and "LLIMIT_UPSTREAM_KEY" in row
 
 
+@sqlite_only  # layout
 @pytest.mark.parametrize("size", [DESKTOP, PHONE], ids=["desktop", "phone"])
 def test_keys_and_usage_fit_the_screen(make_llimit, browser, size):
     server = priced(make_llimit())
