@@ -155,7 +155,7 @@ def test_a_command_that_creates_says_it_made_a_new_database(tmp_path):
     assert run_llimit("limits", "list", cwd=tmp_path).stdout.count("global") == 1
 
 
-def test_cli_commands_post_nothing_to_the_alert_webhook(make_llimit, fake, tmp_path):
+def test_cli_commands_post_nothing_to_the_alert_webhook(make_llimit, processes, fake, tmp_path):
     # One alert stored and not delivered (no webhook when it fired).
     db_path = str(tmp_path / "alerts.db")
     gateway = make_llimit(db_path=db_path)
@@ -182,13 +182,14 @@ def test_cli_commands_post_nothing_to_the_alert_webhook(make_llimit, fake, tmp_p
     time.sleep(0.5)  # a sender thread of a CLI process would have posted by now
     assert hook.posts == []
     assert gateway.db().execute(undelivered).fetchone()[0] == 1
-    # The listener and the alert are real: a server delivers it, once.
-    server = make_llimit(db_path=db_path, alert_webhook=hook.url)
+    # The listener and the alert are real: `python llimit.py serve` delivers it, once
+    # (through requests, which llimit imports on first use).
+    processes(db_path=gateway.config.db_path, LLIMIT_ALERT_WEBHOOK=hook.url)
     assert len(hook.wait_for(1)) == 1 and "una" in hook.posts[0]["text"]
     deadline = time.monotonic() + 10
-    while server.db().execute(undelivered).fetchone()[0] and time.monotonic() < deadline:
+    while gateway.db().execute(undelivered).fetchone()[0] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert server.db().execute(undelivered).fetchone()[0] == 0
+    assert gateway.db().execute(undelivered).fetchone()[0] == 0
 
 
 def test_settings_before_the_subcommand_apply_to_it(gateway, fake):
