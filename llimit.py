@@ -486,6 +486,10 @@ class EngineUnavailable(EngineError):
     """PostgreSQL cannot be reached, or dropped the connection: try again later."""
 
 
+class EngineDataError(EngineError):
+    """PostgreSQL cannot store a value it was given (a NUL in text, say)."""
+
+
 # What other sections catch when the database fails, so none of them names the engine.
 DatabaseError = (sqlite3.Error, EngineError)                     # any failure of the database
 DatabaseUnavailable = (sqlite3.OperationalError, EngineUnavailable)  # busy or gone: retry later
@@ -1484,6 +1488,8 @@ class PostgresConnection:
             return work()
         except self._psycopg.OperationalError as error:
             raise EngineUnavailable(str(error).strip()) from error
+        except self._psycopg.DataError as error:
+            raise EngineDataError(str(error).strip()) from error
         except self._psycopg.Error as error:
             raise EngineError(str(error).strip()) from error
 
@@ -2917,7 +2923,7 @@ class Pricebook:
 
 def save_price(db, model, price, now_iso):
     """Store an admin's price for a model (USD per 1M tokens); 400 when it is malformed."""
-    error = validate_price(price)
+    error = validate_price(price, ())  # only token prices are stored; the rest would be lost
     if error:
         raise LlimitError(400, "invalid_request_error", error, code="invalid_price")
     if not model or len(model) > 200:
@@ -3514,6 +3520,19 @@ class UsageEvent:
     claim: str | None = None           # an async object this event charges, at most once
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
+    def __post_init__(self):
+        # Both come from clients and upstreams (a body's "model", a path, an answer):
+        # a lone surrogate escape or a NUL, which no database stores (PostgreSQL
+        # refuses NUL), would stop the usage writer for everyone.
+        self.model, self.endpoint = _db_text(self.model), _db_text(self.endpoint)
+
+
+def _db_text(value):
+    """Text as every database stores it: NUL and lone surrogates replaced."""
+    if not isinstance(value, str):
+        return value
+    return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
 
 @dataclasses.dataclass
 class Refusal:
@@ -3620,6 +3639,14 @@ class UsageWriter:
         return flushed.wait(timeout)
 
     def _run(self):
+        try:
+            self._loop()
+        except BaseException:
+            self.healthy = False  # no ledger: calls are refused and /healthz says 503
+            log.critical("the usage writer stopped; restart llimit", exc_info=True)
+            raise
+
+    def _loop(self):
         db = self.database()
         stopping = False
         while not stopping:
@@ -5319,7 +5346,8 @@ def sse_error_event(kind, message, error_type="upstream_error", code="upstream_s
 KEY_PREFIX = "llimit-"
 MAX_USER_NAME = 200
 MAX_MODEL_NAME = 200
-USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters
+# C0 and C1 control characters, and lone surrogates (no database stores them)
+USER_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def user_domains(config):
@@ -6189,7 +6217,11 @@ def checked_form(state, session):
     if int(environ.get("CONTENT_LENGTH") or 0) > FORM_MAX_BYTES:
         raise LlimitError(413, "invalid_request_error", "This form is too large.",
                           code="request_too_large")
-    form = bottle.request.forms.decode()
+    try:
+        form = bottle.request.forms.decode()
+    except UnicodeDecodeError:
+        raise LlimitError(400, "invalid_request_error", "This form is not UTF-8 text.",
+                          code="invalid_form") from None
     token = form.get("csrf_token", "")
     if not (session.csrf_token and token and secrets_match(token, session.csrf_token)):
         raise LlimitError(403, "permission_denied",
@@ -9274,7 +9306,8 @@ def _project_form(form):
                                  if part.strip()]
     if "max_keys_per_user" in form:
         cap = form.get("max_keys_per_user", "").strip()
-        data["max_keys_per_user"] = int(cap) if cap.isdigit() else (cap or None)
+        data["max_keys_per_user"] = int(cap) if cap.isascii() and cap.isdigit() \
+            else (cap or None)
     for field in ("upstream_kind", "upstream_key"):
         if form.get(field, "").strip():
             data[field] = form[field].strip()
@@ -9505,8 +9538,7 @@ def admin_keys_list(state):
     if active not in ("", "1", "true", "yes", "0", "false", "no"):
         raise _field_error("active", "must be true or false")  # found by the fuzzer
     db = state.database()
-    rows = list_keys(db, canonical_user_name(query.get("user"), state.user_domains),
-                     query.get("project") or None,
+    rows = list_keys(db, _user_filter(state, query), _query_text(query, "project") or None,
                      utc_iso(state.config.clock()) if active in ("1", "true", "yes") else None)
     if active in ("0", "false", "no"):
         rows = [row for row in rows if row["revoked_at"] or
@@ -9720,7 +9752,23 @@ def admin_usage(state):
     query = bottle.request.query
     start, end = report_range(query, state.config.clock())
     return usage_report(state.database(), query.get("group_by") or "user", start, end,
-                        query.get("user") or None)
+                        _user_filter(state, query))
+
+
+def _query_text(query, name):
+    # A query parameter as the UTF-8 it is sent in (bottle's .get() reads it as
+    # latin-1); one that is not UTF-8 stays as read, so it matches no name.
+    return query.getunicode(name, default=query.get(name))
+
+
+def _user_filter(state, query):
+    # ?user= read as UTF-8 and under the Identity rule, as stored names are. A name
+    # the rule leaves nothing of filters to no one (no stored name holds a DEL),
+    # never to everyone.
+    raw = _query_text(query, "user")
+    if not raw:
+        return None
+    return canonical_user_name(raw, state.user_domains) or "\x7f"
 
 
 USAGE_CSV_COLUMNS = (
@@ -10362,6 +10410,10 @@ class ErrorPlugin:
                 return error_response(LlimitError(
                     503, "service_unavailable", "The database is busy; try again."),
                     bottle.request.path)
+            except EngineDataError as error:  # e.g. a NUL, which PostgreSQL never stores
+                return error_response(LlimitError(
+                    400, "invalid_request_error", f"The database cannot store this: {error}."),
+                    bottle.request.path)
             except bottle.HTTPResponse:
                 raise
             except Exception:
@@ -10482,8 +10534,8 @@ def routes():
         ("GET", "/admin/plans/<plan_id>", admin(admin_plan_get)),
         ("PATCH", "/admin/plans/<plan_id>", admin(admin_plan_update)),
         ("DELETE", "/admin/plans/<plan_id>", admin(admin_plan_delete)),
-        ("GET", "/admin/users/<user_name>", admin(admin_user_get)),
-        ("PUT", "/admin/users/<user_name>", admin(admin_user_put)),
+        ("GET", "/admin/users/<user_name:path>", admin(admin_user_get)),  # a name may hold a /
+        ("PUT", "/admin/users/<user_name:path>", admin(admin_user_put)),
         ("GET", "/admin/usage", admin(admin_usage)),
         ("GET", "/admin/usage.csv", admin(admin_usage_csv)),
         ("GET", "/admin/pricing", admin(admin_pricing_list)),

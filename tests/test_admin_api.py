@@ -128,7 +128,8 @@ def test_openapi_describes_every_admin_route(gateway):
         if path.startswith("/admin/") and path != "/admin/openapi.json":
             openapi_path = (path.replace("<key_id>", "{id}").replace("<project_id>", "{id}")
                             .replace("<limit_id>", "{id}").replace("<model:path>", "{model}")
-                            .replace("<plan_id>", "{id}").replace("<user_name>", "{user}"))
+                            .replace("<plan_id>", "{id}").replace("<user_name>", "{user}")
+                            .replace("<user_name:path>", "{user}"))
             assert method.lower() in spec["paths"][openapi_path], (method, path)
 
 
@@ -213,3 +214,35 @@ def test_the_spec_gives_a_user_limit_a_target_the_identity_rule_leaves_something
             "amount": 1})
         assert refused.status_code == 400
     assert pattern.search(" ann ")
+
+
+def test_user_filters_and_paths_read_names_as_stored(gateway, fake):
+    for user in ("josé", "a/b"):
+        raw_key, _ = gateway.create_key(user=user)
+        assert requests.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                             headers={"Authorization": f"Bearer {raw_key}"}).status_code == 200
+    gateway.wait_idle()
+
+    def usage_of(user):
+        resp = gateway.admin.get(gateway.url + "/admin/usage", params={"user": user})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["totals"]["requests"]
+    # As UTF-8 (not latin-1), and under the Identity rule (case, spaces) as stored.
+    assert usage_of("josé") == usage_of(" JOSÉ ") == 1
+    assert [key["user"] for key in gateway.admin.get(
+        gateway.url + "/admin/keys", params={"user": "José"}).json()["data"]] == ["josé"]
+    # A name the rule leaves nothing of is no one, never everyone.
+    for nobody in ("\x00", " "):
+        assert gateway.admin.get(gateway.url + "/admin/keys",
+                                 params={"user": nobody}).json()["data"] == []
+    # A name holding a / is reachable at /admin/users/{user}, as the spec says.
+    put = gateway.admin.put(gateway.url + "/admin/users/a%2Fb", json={"plan": None})
+    assert put.status_code in (200, 400), put.text
+    got = gateway.admin.get(gateway.url + "/admin/users/a%2Fb")
+    assert got.status_code == 200 and got.json()["user"] == "a/b", got.text
+    # A NUL, which PostgreSQL cannot even look up: an answer, never a 500.
+    for path in ("/admin/keys/a%00b", "/admin/keys?project=%00", "/admin/pricing/a%00b"):
+        method = "PUT" if "pricing" in path else "GET"
+        answer = gateway.admin.request(method, gateway.url + path,
+                                       json={"input": 1, "output": 2})
+        assert answer.status_code in (200, 400, 404), (path, answer.text)

@@ -17,7 +17,7 @@ import requests
 import schemathesis
 
 import llimit
-from tests.browser import http_sign_in
+from tests.browser import csrf_token, http_sign_in
 from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY, Clock, LlimitServer
 from tests.fake_upstream import FakeUpstream
 from tests.process import LlimitProcess
@@ -167,6 +167,9 @@ ADMIN_MISTAKES = [
     ("POST", "/admin/keys", b'{"user": "\\ud800"}'),
     ("POST", "/admin/keys", b'{"user": "a", "note": "\\udfff"}'),
     ("POST", "/admin/projects", b'{"id": "p", "max_keys_per_user": 100000000000000000000}'),
+    # Only token prices are stored: other fields would be lost (or, alone, failed with 500).
+    ("PUT", "/admin/pricing/whisper-x", b'{"per_minute": 0.006}'),
+    ("PUT", "/admin/pricing/m", b'{"input": 1, "output": 2, "max_output_tokens": 5}'),
 ]
 
 
@@ -714,3 +717,17 @@ def test_odd_keys_and_tokens_are_a_401_in_openai_shape(gateway, secret):
                         headers={"Authorization": b"Bearer " + secret})
     assert_openai_error(resp, 401)
     assert "api_keys" in tables(gateway)
+
+
+def test_page_forms_that_are_not_utf8_or_not_ascii_digits_are_a_400_not_a_500(gateway):
+    # No sign-in or token needed to reach the form decoder: it once answered 500.
+    login = requests.post(gateway.url + "/login", data=b"user=%ff",
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert login.status_code == 400
+    admin = http_sign_in(gateway.url, admin_token=ADMIN_TOKEN)
+    page = admin.get(gateway.url + "/admin").text
+    token = csrf_token(page)
+    superscript = admin.post(gateway.url + "/admin", data={
+        "csrf_token": token, "action": "update_project", "id": "default",
+        "name": "Default", "max_keys_per_user": "\u00b2"})  # a digit to str.isdigit()
+    assert superscript.status_code == 400 and "max_keys_per_user" in superscript.text

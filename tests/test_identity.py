@@ -136,3 +136,22 @@ def test_migration_merges_stored_names_keeps_every_row_and_is_idempotent(
     again = make_llimit(db_path=db_path, user_domains=CORP)
     assert llimit.apply_identity_rule(again.db(), frozenset(CORP)) == {}
     assert _ledger(again.db()) == (events, daily, counters)
+
+
+def test_text_no_database_stores_reaches_the_ledger_as_text_it_can(gateway, fake):
+    # A lone surrogate (SQLite cannot encode it) or a NUL (PostgreSQL refuses it) in a
+    # call's user or model once stopped the usage writer for good: every later call
+    # still went upstream, then was refused, and was never metered.
+    raw_key, _ = gateway.create_key(user="ann")
+    odd = [{"user": "bo\ud800b"}, {"model": "gpt-4o\udfff"}, {"model": "gpt-4o\x00x"},
+           {"user": "cy\x00"}]
+    for body in odd + [{}]:
+        resp = chat(gateway, raw_key, **body)
+        assert resp.status_code == 200, (body, resp.text)
+    assert requests.get(gateway.url + "/healthz").json()["usage_writer_healthy"] is True
+    events = gateway.events()
+    assert len(events) == len(odd) + 1 == len(fake.requests)
+    assert all("\x00" not in event["model"] for event in events)
+    models = requests.get(gateway.url + "/admin/usage?group_by=model",
+                          headers={"Authorization": gateway.admin.headers["Authorization"]})
+    assert models.status_code == 200 and models.json()["totals"]["requests"] == len(odd) + 1
