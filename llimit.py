@@ -3644,7 +3644,6 @@ class UsageWriter:
         except BaseException:
             self.healthy = False  # no ledger: calls are refused and /healthz says 503
             log.critical("the usage writer stopped; restart llimit", exc_info=True)
-            raise
 
     def _loop(self):
         db = self.database()
