@@ -2080,7 +2080,7 @@ def insert_usage_events(db, events, price_ids, reservation_ids=()):
     for event, price_id in zip(events, price_ids):
         cost = event.cost_nusd or 0
         tokens = event.prompt_tokens + event.completion_tokens
-        day = time.strftime("%Y-%m-%d", time.gmtime(event.created_ms / 1000))
+        day = _utc_day(event.created_ms / 1000)
         event_rows.append((
             event.created_ms, event.key_id, event.user_name, event.project_id, event.model,
             event.endpoint, event.status_code, int(event.stream), event.prompt_tokens,
@@ -2151,7 +2151,7 @@ def _check_columns(check):
 
 def _utc_day(seconds):
     """The UTC day of epoch seconds, as usage_counters names it: '2026-11-19'."""
-    return time.strftime("%Y-%m-%d", time.gmtime(seconds))
+    return utc_iso(seconds)[:10]
 
 
 def admit_reservation(db, config_version, reservation_id, now_ms, expires_ms, checks, need):
@@ -2702,14 +2702,15 @@ def delete_expired_sessions(db, now_iso):
 
 
 def _iso_from_ms(ms):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+    return utc_iso(ms / 1000)
 
 
 def utc_iso(seconds):
     """Seconds since the epoch as ISO 8601 UTC, e.g. 2026-11-23T07:00:00Z.
 
     Always four digits of year (glibc's %Y does not pad), within 0001-9999: stored
-    times are compared as text and read back with fromisoformat.
+    times and days are compared as text and read back with fromisoformat. The one
+    formatter of times and days (_utc_day, _iso_from_ms).
     """
     if not -30610224000 <= seconds <= 253402300799:  # outside 1000-01-01 .. 9999-12-31
         moment = time.gmtime(min(max(seconds, -62135596800), 253402300799))
