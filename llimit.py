@@ -50,8 +50,6 @@ import time
 import urllib.parse
 
 import bottle
-import urllib3
-import sseclient
 import waitress
 import waitress.channel
 import waitress.parser
@@ -70,9 +68,21 @@ def _import_on_first_use(name):
     return module
 
 
-# Only a server uses requests (alert webhooks, OIDC, proxy settings); importing it
-# would add 0.1 s to every CLI command.
+# Only a server uses these (upstream calls, alert webhooks, OIDC, proxy settings):
+# importing them would add 0.1 s of CPU to every CLI command.
 requests = _import_on_first_use("requests")
+sseclient = _import_on_first_use("sseclient")
+urllib3 = _import_on_first_use("urllib3")
+
+
+def finish_put_off_imports():
+    """Import now what the CLI does without. A server does, before its threads start:
+    LazyLoader is not thread-safe on Python 3.11, and a thread could use a module
+    that another thread is still loading."""
+    for module in (requests, sseclient, urllib3):
+        module.__name__  # noqa: B018 (touching any attribute loads it)
+
+
 log = logging.getLogger("llimit")
 
 UTC = dt.timezone.utc
@@ -10302,6 +10312,7 @@ class State:
         Only a server starts them: building a State has no side effects
         beyond the database, so the same parts serve tests and tools.
         """
+        finish_put_off_imports()
         self.writer.start()
         self.alerts.start()
         self.sweeper.start()

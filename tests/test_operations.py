@@ -7,6 +7,7 @@ import re
 import secrets
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +16,7 @@ import requests
 import sseclient
 
 from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
-from tests.process import WAIT, chat, complete_stream, wait_until
+from tests.process import WAIT, chat, complete_stream, llimit_env, wait_until
 
 ENGINES = ("sqlite", "postgres")
 
@@ -382,3 +383,23 @@ def test_sigterm_with_the_database_locked_past_the_writers_wait_exits_1_and_says
     assert code == 1
     assert "stopped with usage unwritten" in proc.log()
     assert "every finished call is metered" not in proc.log()
+
+
+# --- imports put off until a server needs them ---------------------------------------------
+
+def test_a_server_finishes_the_imports_it_put_off_before_its_threads_start(tmp_path):
+    # CLI commands skip importing urllib3, sseclient and requests. importlib's LazyLoader
+    # is not thread-safe on Python 3.11: two first streams at once found sseclient
+    # half-loaded, and one was answered 500 (yet metered).
+    script = ("import dataclasses, sys, types, llimit\n"
+              "names = ('requests', 'sseclient', 'urllib3')\n"
+              "def loaded(): return [type(sys.modules[name]) is types.ModuleType for name in names]\n"
+              "config = dataclasses.replace(llimit.Config(), db_path=sys.argv[1],"
+              " admin_token='t' * 32)\n"
+              "state = llimit.make_app(config).llimit.start()\n"
+              "print(loaded())\n"
+              "state.close()\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "llimit.db")],
+                          env=llimit_env(), capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "[True, True, True]"
