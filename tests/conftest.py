@@ -18,6 +18,11 @@ import waitress.wasyncore
 import llimit
 from tests.fake_upstream import FakeUpstream
 
+# Every server of the tests listens on 127.0.0.1: so that requests does not look
+# through the environment for a proxy on each call (a sixth of a call's CPU).
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
+
 ADMIN_TOKEN = "test-admin-token"
 UPSTREAM_KEY = "sk-upstream-secret-123"
 
