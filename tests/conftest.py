@@ -147,9 +147,10 @@ def clock():
 # --- the database engines ------------------------------------------------------
 # A test module that sets ENGINES = ("sqlite", "postgres") runs each test that
 # starts llimit on both; a test marked `sqlite_only` (its input reaches no
-# storage, or it tests SQLite itself) runs on SQLite alone. PostgreSQL is the server at LLIMIT_TEST_POSTGRES_URL,
-# or else the local one tests/install.sh starts (database llimit_test, made
-# when missing); each test gets schemas of its own, dropped after it.
+# storage, or it tests SQLite itself) runs on SQLite alone. PostgreSQL is the
+# server at LLIMIT_TEST_POSTGRES_URL, or else the local one tests/install.sh
+# starts (database llimit_test, made when missing); each test gets schemas of
+# its own, which no other test uses at the same time (SchemaPool).
 
 POSTGRES_URL_ENV = "LLIMIT_TEST_POSTGRES_URL"
 LOCAL_POSTGRES = "postgresql:///llimit_test?host=/var/run/postgresql"
@@ -201,37 +202,166 @@ def postgres_url():
     return url
 
 
+# The catalog of a schema as text, with the schema's own name taken out: two
+# schemas with the same fingerprint have the same tables, columns, defaults,
+# constraints, indexes, functions and triggers.
+SCHEMA_FINGERPRINT_SQL = """
+select md5(string_agg(item, E'\\n' order by item)) from (
+  select replace(item, %(schema)s::text, '~') as item from (
+    select format('%%s %%s', relname, relkind) as item from pg_class
+     where relnamespace = %(schema)s::text::regnamespace
+    union all
+    select format('%%s.%%s %%s %%s %%s %%s', a.attrelid::regclass, a.attname,
+                  format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attidentity,
+                  pg_get_expr(d.adbin, d.adrelid))
+      from pg_attribute a join pg_class c on c.oid = a.attrelid
+      left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
+     where c.relnamespace = %(schema)s::text::regnamespace and a.attnum > 0
+       and not a.attisdropped
+    union all
+    select format('%%s %%s', conname, pg_get_constraintdef(oid)) from pg_constraint
+     where connamespace = %(schema)s::text::regnamespace
+    union all
+    select pg_get_indexdef(i.indexrelid) from pg_index i
+      join pg_class c on c.oid = i.indexrelid
+     where c.relnamespace = %(schema)s::text::regnamespace
+    union all
+    select pg_get_functiondef(oid) from pg_proc
+     where pronamespace = %(schema)s::text::regnamespace
+    union all
+    select pg_get_triggerdef(t.oid) from pg_trigger t join pg_class c on c.oid = t.tgrelid
+     where c.relnamespace = %(schema)s::text::regnamespace and not t.tgisinternal
+  ) as named
+) as catalog
+"""
+
+
+def schema_url(base, schema):
+    """The URL of `base` whose connections see only `schema`."""
+    options = urllib.parse.quote(f"-csearch_path={schema}")
+    return base + ("&" if "?" in base else "?") + f"options={options}"
+
+
+class SchemaPool:
+    """Migrated PostgreSQL schemas that the tests of one process take turns at.
+
+    Making, migrating and dropping a schema costs PostgreSQL about 100 ms; giving
+    one back costs 15: its rows are replaced by those of a template migrated once,
+    after a check that its catalog is still exactly the template's. A schema a
+    test altered (or could not be reset) is dropped instead, as are all at the end.
+    """
+
+    def __init__(self, base):
+        import psycopg
+
+        self.psycopg = psycopg
+        self.base = base
+        self.admin = psycopg.connect(base, autocommit=True)
+        self.free = []
+        self.template = self._make()
+        self.fingerprint = self._fingerprint(self.template)
+        relations = self.admin.execute(
+            "select relname, relkind from pg_class where relnamespace = %s::regnamespace"
+            " and relkind in ('r', 'S') order by relname", (self.template,)).fetchall()
+        self.tables = [name for name, kind in relations if kind == "r"]
+        self.sequences = [name for name, kind in relations if kind == "S"]
+        self.seeded = [table for table in self.tables if self.admin.execute(
+            f"select exists (select from {self.template}.{table})").fetchone()[0]]
+
+    def create(self):
+        """A new empty schema: its name."""
+        schema = "t_" + secrets.token_hex(6)
+        self.admin.execute(f"create schema {schema}")
+        return schema
+
+    def _make(self):
+        schema = self.create()
+        database = llimit.open_database(schema_url(self.base, schema), pool_size=2)
+        try:
+            llimit.migrate(database())
+        finally:
+            database.close()
+        return schema
+
+    def _fingerprint(self, schema):
+        return self.admin.execute(SCHEMA_FINGERPRINT_SQL, {"schema": schema}).fetchone()[0]
+
+    def take(self):
+        """A migrated schema holding only what migrating wrote: its name."""
+        return self.free.pop() if self.free else self._make()
+
+    def give_back(self, schema):
+        """Reset a schema that take() gave for the next test, or drop it."""
+        try:
+            if self._fingerprint(schema) == self.fingerprint:
+                self._reset(schema)
+                self.free.append(schema)
+                return
+        except self.psycopg.Error:  # as a role that may not disable triggers
+            self.admin.rollback()
+        self.drop(schema)
+
+    def _reset(self, schema):
+        # As the template holds them: no trigger (nor foreign key) fires while its
+        # rows are copied in, so config_version and the rest are copied, not bumped.
+        statements = ["begin", "set local lock_timeout = '10s'",
+                      "set local session_replication_role = replica"]
+        statements += [f"delete from {schema}.{table}" for table in self.tables]
+        statements += [f"insert into {schema}.{table} overriding system value"
+                       f" select * from {self.template}.{table}" for table in self.seeded]
+        statements += [f"select setval('{schema}.{sequence}', last_value, is_called)"
+                       f" from {self.template}.{sequence}" for sequence in self.sequences]
+        self.admin.execute(";\n".join(statements + ["commit"]))
+
+    def drop(self, schema):
+        self.admin.execute(f"drop schema {schema} cascade")
+
+    def close(self):
+        for schema in self.free + [self.template]:
+            self.drop(schema)
+        self.admin.close()
+
+
+@pytest.fixture(scope="session")
+def schema_pool(postgres_url):
+    pool = SchemaPool(postgres_url)
+    yield pool
+    pool.close()
+
+
 @pytest.fixture
 def databases(request, engine, tmp_path):
-    """databases(name): a SQLite file in tmp_path, or the URL of a fresh PostgreSQL schema
-    (the test's engine, unless `engine=` says).
+    """databases(name): a SQLite file in tmp_path, or the URL of a PostgreSQL schema
+    of the test's own (the test's engine, unless `engine=` says).
 
-    The same name gives the same database within a test.
+    The same name gives the same database within a test. On PostgreSQL,
+    `migrated=True` gives a schema migrated already (from the pool, so it
+    costs less), else an empty one: what a first start finds.
     """
     made = {}
-    schemas = []
+    taken, created = [], []
 
-    def location(name, engine=engine):
+    def location(name, engine=engine, migrated=False):
         if engine == "sqlite":
             return str(tmp_path / name)
         if name not in made:
-            import psycopg
-
-            base = request.getfixturevalue("postgres_url")
-            schema = "t_" + secrets.token_hex(6)
-            with psycopg.connect(base, autocommit=True) as admin:
-                admin.execute(f"create schema {schema}")
-            schemas.append((base, schema))
-            options = urllib.parse.quote(f"-csearch_path={schema}")
-            made[name] = base + ("&" if "?" in base else "?") + f"options={options}"
+            pool = request.getfixturevalue("schema_pool")
+            if migrated:
+                schema = pool.take()
+                taken.append(schema)
+            else:
+                schema = pool.create()
+                created.append(schema)
+            made[name] = schema_url(pool.base, schema)
         return made[name]
 
     yield location
-    for base, schema in schemas:
-        import psycopg
-
-        with psycopg.connect(base, autocommit=True) as admin:
-            admin.execute(f"drop schema {schema} cascade")
+    if taken or created:
+        pool = request.getfixturevalue("schema_pool")
+        for schema in taken:
+            pool.give_back(schema)
+        for schema in created:
+            pool.drop(schema)
 
 
 @pytest.fixture
@@ -245,8 +375,9 @@ def make_llimit(databases, fake, clock):
 
     def start(**overrides):
         if "db_path" in overrides and not llimit.is_postgres_url(overrides["db_path"]):
-            overrides["db_path"] = databases(os.path.basename(overrides["db_path"]))
-        settings = dict(db_path=databases(f"llimit{len(servers)}.db"),
+            overrides["db_path"] = databases(os.path.basename(overrides["db_path"]),
+                                             migrated=True)
+        settings = dict(db_path=databases(f"llimit{len(servers)}.db", migrated=True),
                         admin_token=ADMIN_TOKEN, upstream_url=fake.url + "/v1",
                         upstream_key=UPSTREAM_KEY, threads=48, clock=clock,
                         upstream_timeout=5.0, connect_timeout=2.0)

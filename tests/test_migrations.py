@@ -2,7 +2,11 @@
 
 import sqlite3
 
+import psycopg
+import pytest
+
 import llimit
+from tests.conftest import schema_url
 
 ENGINES = ("sqlite", "postgres")
 
@@ -73,3 +77,31 @@ def test_database_uses_wal_and_a_busy_timeout(tmp_path):
     assert db.execute("pragma journal_mode").fetchone()[0] == "wal"
     assert db.execute("pragma busy_timeout").fetchone()[0] >= 1000
     assert isinstance(db.execute("select 1 as one").fetchone(), sqlite3.Row)
+
+
+@pytest.mark.engines("postgres")
+def test_the_tests_reuse_a_schema_only_as_migrating_left_it(schema_pool, engine):
+    # tests/conftest.py hands the same PostgreSQL schemas from test to test.
+    admin, template = schema_pool.admin, schema_pool.template
+
+    def contents(schema):
+        rows = {table: admin.execute(f"select * from {schema}.{table} order by 1").fetchall()
+                for table in schema_pool.tables}
+        rows.update({sequence: admin.execute(
+            f"select last_value, is_called from {schema}.{sequence}").fetchall()
+            for sequence in schema_pool.sequences})
+        return rows
+
+    written, altered = schema_pool.take(), schema_pool.take()
+    assert contents(written) == contents(template)
+    with psycopg.connect(schema_url(schema_pool.base, written), autocommit=True) as test:
+        test.execute("delete from projects")  # triggers bump config_version
+        test.execute("insert into settings select 'left', 'behind'")
+        test.execute("select setval('usage_events_id_seq', 99)")
+    admin.execute(f"create index left_behind on {altered}.usage_events (user_name)")
+    schema_pool.give_back(written)
+    schema_pool.give_back(altered)
+    assert contents(written) == contents(template) != {}
+    assert written in schema_pool.free and altered not in schema_pool.free
+    assert admin.execute("select count(*) from pg_namespace where nspname = %s",
+                         (altered,)).fetchone()[0] == 0
