@@ -2,6 +2,7 @@
 format, and llimit itself under waitress, both on 127.0.0.1 port 0."""
 
 import dataclasses
+import importlib
 import importlib.util
 import os
 import py_compile
@@ -38,6 +39,21 @@ def pytest_configure(config):
         # written even under PYTHONDONTWRITEBYTECODE.
         py_compile.compile(llimit.__file__, cfile=importlib.util.cache_from_source(
             llimit.__file__), doraise=True)
+
+
+class LazyModule:
+    """A client SDK, imported when a test first uses one of its names: at collection,
+    the SDKs cost each pytest worker 3 s of CPU (anthropic alone 1.7 s), also a
+    worker that runs none of their tests. Names with a leading underscore never
+    import it: pytest looks at every module-level object while collecting."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attribute):
+        if attribute.startswith("_"):
+            raise AttributeError(attribute)
+        return getattr(importlib.import_module(self._name), attribute)
 
 
 class Clock:

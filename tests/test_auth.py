@@ -8,14 +8,15 @@ import re
 import time
 import urllib.parse
 
-import oidc_provider_mock
 import pytest
 import requests
 from selenium.webdriver.common.by import By
 
 import llimit
 from tests.browser import click_and_wait, csrf_token, fresh
-from tests.conftest import sqlite_only
+from tests.conftest import LazyModule, sqlite_only
+
+oidc_provider_mock = LazyModule("oidc_provider_mock")
 
 ENGINES = ("sqlite", "postgres")
 

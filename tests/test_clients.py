@@ -4,12 +4,14 @@ they show at once, in which error shape, and what a base URL without /v1 gets.""
 import logging
 import re
 
-import anthropic
-import openai
 import pytest
 import requests
 
+from tests.conftest import LazyModule
 from tests.test_providers import anthropic_project  # noqa: F401 (a fixture)
+
+anthropic = LazyModule("anthropic")
+openai = LazyModule("openai")
 
 MINUTE_START = 1_795_000_020.0   # a whole minute (divisible by 60)
 

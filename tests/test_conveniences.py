@@ -9,13 +9,14 @@ import shutil
 import subprocess
 import sys
 
-import anthropic
-import openai
 import pytest
 import requests
 
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, LazyModule
 from tests.process import ROOT, LlimitProcess
+
+anthropic = LazyModule("anthropic")
+openai = LazyModule("openai")
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
 APP = "https://app.example"

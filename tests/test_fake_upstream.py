@@ -7,13 +7,15 @@ import socket
 import struct
 import time
 
-import anthropic
-import openai
 import pytest
 import requests
 
+from tests.conftest import LazyModule
 from tests.fake_upstream import (EXPECTED, FakeUpstream, anthropic_error, content_pieces,
                                  openai_error)
+
+anthropic = LazyModule("anthropic")
+openai = LazyModule("openai")
 
 
 @pytest.fixture

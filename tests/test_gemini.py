@@ -8,13 +8,14 @@ gemini-embedding-001 $0.15 in."""
 import logging
 import urllib.parse
 
-import openai
 import pytest
 import requests
-from google import genai
-from google.genai import errors, types
 
+from tests.conftest import LazyModule
 from tests.fake_upstream import EXPECTED
+
+genai = LazyModule("google.genai")
+openai = LazyModule("openai")
 
 GEMINI_UPSTREAM_KEY = "AIza-upstream-secret-gemini"
 P, C = EXPECTED["prompt_tokens"], EXPECTED["completion_tokens"]  # 11 and 7
@@ -31,8 +32,8 @@ def gemini_key(gateway, fake, user="alice", project="gem", **key_fields):
 
 
 def sdk(gateway, raw_key, api_version=None):
-    options = types.HttpOptions(base_url=gateway.url, api_version=api_version,
-                                retry_options=types.HttpRetryOptions(attempts=1))
+    options = genai.types.HttpOptions(base_url=gateway.url, api_version=api_version,
+                                retry_options=genai.types.HttpRetryOptions(attempts=1))
     return genai.Client(api_key=raw_key, http_options=options)
 
 
@@ -129,7 +130,7 @@ def test_count_tokens_and_model_lists_are_free_lookups(make_llimit, fake):
     assert {e["pricing"] for e in gateway.events()} == {"free"}
     assert all(usd(e) in (None, 0) for e in gateway.events())
     client.models.generate_content(model="gemini-2.5-flash", contents="Hi")  # the one
-    with pytest.raises(errors.ClientError) as refused:
+    with pytest.raises(genai.errors.ClientError) as refused:
         client.models.generate_content(model="gemini-2.5-flash", contents="Hi")
     assert refused.value.code == 429 and refused.value.status == "RESOURCE_EXHAUSTED"
 
@@ -174,11 +175,11 @@ def test_a_key_in_the_query_works_never_goes_upstream_and_is_never_logged(
 def test_llimit_errors_on_gemini_routes_speak_gemini(gateway, fake):
     raw_key, _ = gemini_key(gateway, fake, models=["gemini-2.5-flash"])
     client = sdk(gateway, raw_key)
-    with pytest.raises(errors.ClientError) as denied:
+    with pytest.raises(genai.errors.ClientError) as denied:
         client.models.generate_content(model="gemini-2.5-pro", contents="Hi")
     assert (denied.value.code, denied.value.status) == (403, "PERMISSION_DENIED")
     assert "gemini-2.5-flash" in denied.value.message
-    with pytest.raises(errors.ClientError) as unknown:
+    with pytest.raises(genai.errors.ClientError) as unknown:
         stranger = sdk(gateway, "llimit-" + "n" * 40)
         stranger.models.generate_content(model="gemini-2.5-flash", contents="Hi")
     assert (unknown.value.code, unknown.value.status) == (401, "UNAUTHENTICATED")
@@ -251,7 +252,7 @@ def test_the_upstream_refusing_llimits_gemini_key_reads_as_llimits_own_error(gat
         "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
                      "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}})
     client = sdk(gateway, raw_key)
-    with pytest.raises(errors.ClientError) as refused:
+    with pytest.raises(genai.errors.ClientError) as refused:
         client.models.generate_content(model="gemini-2.5-flash", contents="Hi")
     assert refused.value.code == 400 and refused.value.status == "INVALID_ARGUMENT"
     assert "refused llimit's credentials" in refused.value.message

@@ -8,9 +8,12 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import openai
 import pytest
 import requests
+
+from tests.conftest import LazyModule
+
+openai = LazyModule("openai")
 
 ENGINES = ("sqlite", "postgres")
 CALL_NUSD = round((11 * 2.5 + 7 * 10.0) * 1000)  # the fake's usage at gpt-4o list prices

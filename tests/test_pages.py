@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 
-import openai
 import pytest
 import requests
 from selenium.common.exceptions import NoAlertPresentException
@@ -18,7 +17,9 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 import llimit
 from tests.browser import (VENDOR_CHARTJS, click_and_wait, csrf_token, fresh, http_sign_in,
                            sign_in_admin, sign_in_open)
-from tests.conftest import ADMIN_TOKEN, sqlite_only
+from tests.conftest import ADMIN_TOKEN, LazyModule, sqlite_only
+
+openai = LazyModule("openai")
 
 ENGINES = ("sqlite", "postgres")
 

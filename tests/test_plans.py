@@ -2,11 +2,13 @@
 starts_at, limit resets, and the X-LLimit-Warning sentence, against a real
 llimit with real clients. The fake upstream's chat answer is 11 + 7 tokens."""
 
-import openai
 import pytest
 import requests
 
+from tests.conftest import LazyModule
 from tests.test_limits import CALL_NUSD, add_limit, call
+
+openai = LazyModule("openai")
 
 ENGINES = ("sqlite", "postgres")
 

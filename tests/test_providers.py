@@ -1,11 +1,13 @@
 """Azure OpenAI, Anthropic and one upstream per project, with the official clients."""
 
-import anthropic
-import openai
 import pytest
 import requests
 
 import llimit
+from tests.conftest import LazyModule
+
+anthropic = LazyModule("anthropic")
+openai = LazyModule("openai")
 
 AZURE_KEY = "azure-secret-key-xyz"
 ANTHROPIC_KEY = "sk-ant-secret-abc"

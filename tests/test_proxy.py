@@ -4,11 +4,12 @@ import json
 import socket
 import time
 
-import openai
 import pytest
 import requests
 
-from tests.conftest import UPSTREAM_KEY, sqlite_only
+from tests.conftest import UPSTREAM_KEY, LazyModule, sqlite_only
+
+openai = LazyModule("openai")
 
 ENGINES = ("sqlite", "postgres")
 

@@ -3,6 +3,7 @@ credential, refused), objects belong to whoever made them, async jobs are
 charged once when they finish. Real llimit, real fake upstream, the official
 SDKs. Expected costs are hand arithmetic on pricing.json's published prices."""
 
+import importlib
 import io
 import json
 import pathlib
@@ -10,13 +11,14 @@ import re
 import threading
 import time
 
-import anthropic
-import openai
 import pytest
 import requests
 
-from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY, sqlite_only
+from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY, LazyModule, sqlite_only
 from tests.fake_upstream import EXPECTED
+
+anthropic = LazyModule("anthropic")
+openai = LazyModule("openai")
 
 ENGINES = ("sqlite", "postgres")
 
@@ -65,7 +67,6 @@ def batch_file(*models):
 
 # --- 1. every route the SDKs can send has a class --------------------------------------------
 
-SITE = pathlib.Path(openai.__file__).parent.parent
 CALL = re.compile(r'self\._(get|post|delete|patch|put|get_api_list)\(\s*(?:path_template\()?'
                   r'\s*f?"([^"]+)"')
 
@@ -74,7 +75,8 @@ def sdk_routes():
     """(sdk, method, path) of every request the installed openai and anthropic SDKs make."""
     found = set()
     for package in ("openai", "anthropic"):
-        for source in (SITE / package / "resources").rglob("*.py"):
+        sources = pathlib.Path(importlib.import_module(package).__file__).parent / "resources"
+        for source in sources.rglob("*.py"):
             for method, path in CALL.findall(source.read_text()):
                 path = re.sub(r"\{[^}]*\}", "obj_x1", path.split("?")[0])
                 path = path if path.startswith("/v1/") else "/v1" + path

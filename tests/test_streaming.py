@@ -3,9 +3,12 @@
 import json
 import time
 
-import openai
 import requests
 import sseclient
+
+from tests.conftest import LazyModule
+
+openai = LazyModule("openai")
 
 
 def stream_request(gateway, raw_key, body, path="/v1/chat/completions"):
