@@ -301,6 +301,7 @@ class SchemaPool:
         self.base = base
         self.admin = psycopg.connect(base, autocommit=True)
         self.free = []
+        self.made = set()  # every schema not yet dropped, even one a failed test kept
         self.template = self._make()
         self.fingerprint = self._fingerprint(self.template)
         relations = self.admin.execute(
@@ -315,6 +316,7 @@ class SchemaPool:
         """A new empty schema: its name."""
         schema = "t_" + secrets.token_hex(6)
         self.admin.execute(f"create schema {schema}")
+        self.made.add(schema)
         return schema
 
     def _make(self):
@@ -358,9 +360,10 @@ class SchemaPool:
 
     def drop(self, schema):
         self.admin.execute(f"drop schema {schema} cascade")
+        self.made.discard(schema)
 
     def close(self):
-        for schema in self.free + [self.template]:
+        for schema in list(self.made):
             self.drop(schema)
         self.admin.close()
 
