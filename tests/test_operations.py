@@ -226,7 +226,9 @@ def test_metrics_of_a_real_process_after_a_mix_of_calls(processes, fake, engine)
     assert chat(proc, limited_key)[0] == 200
     assert chat(proc, limited_key)[0] == 429
 
-    wait_until(lambda: len(proc.events()) == 5, what="five rows")
+    # The 429's refusal count is written after the five rows: idle means an empty queue.
+    wait_until(lambda: len(proc.events()) == 5
+               and proc.metrics()["llimit_usage_queue_depth"] == 0, what="five rows, idle")
     metrics = proc.metrics()
     calls = lambda model, status: metrics.get(  # noqa: E731
         f'llimit_requests_total{{project="default",model="{model}",status="{status}"}}')
